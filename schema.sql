@@ -1,0 +1,1 @@
+smsbatch/schema.sql

@@ -1,0 +1,123 @@
+"""Responders: turn a batch (with its conversation) into one reply.
+
+A responder has `answer(messages) -> str`, where `messages` is an OpenAI-style list
+of {"role", "content"} dicts, and raises DeliveryError on failure.
+"""
+
+import json
+import re
+import threading
+
+from smsbatch.config import OPENAI_MAX_RETRIES
+from smsbatch.errors import DeliveryError
+
+
+def describe_text(body, media):
+    """A text as the AI should read it, with picture messages spelled out."""
+    urls = json.loads(media) if media else []
+    parts = [body.strip()] if body and body.strip() else []
+    if urls:
+        noun = "picture/attachment" if len(urls) == 1 else f"{len(urls)} pictures/attachments"
+        parts.append(f"[sent {noun}: {', '.join(urls)}]")
+    return " ".join(parts) or "[empty message]"
+
+
+def build_prompt(system_prompt, history, texts):
+    """The chat messages for one batch: system prompt, recent conversation, then the burst.
+
+    `history` is [(time, role, text, media)], `texts` the batch's rows (body, media).
+    """
+    messages = [{"role": "system", "content": system_prompt}]
+    for _, role, text, media in history:
+        content = describe_text(text, media) if role == "user" else text
+        messages.append({"role": role, "content": content})
+    burst = [describe_text(t["body"], t["media"]) for t in texts]
+    if len(burst) == 1:
+        content = burst[0]
+    else:
+        content = f"(The customer sent {len(burst)} texts in a row; answer them together.)\n" + "\n".join(
+            f"{i}. {line}" for i, line in enumerate(burst, 1)
+        )
+    messages.append({"role": "user", "content": content})
+    return messages
+
+
+class OfflineResponder:
+    """A deterministic stand-in: no network, no key. Echoes what it was told, so tests
+    and the demo can see that one reply covered every text in the burst."""
+
+    name = "offline"
+
+    def __init__(self):
+        self.calls = 0
+        self._lock = threading.Lock()
+
+    def answer(self, messages):
+        with self._lock:
+            self.calls += 1
+        last = messages[-1]["content"]
+        lines = [ln for ln in last.splitlines() if not ln.startswith("(The customer sent")]
+        said = " / ".join(ln.split(". ", 1)[-1] if ln[:1].isdigit() else ln for ln in lines)
+        earlier = sum(1 for m in messages[1:-1] if m["role"] == "user")
+        context = f" (with {earlier} earlier texts in mind)" if earlier else ""
+        return f"Thanks for your message{'s' if len(lines) > 1 else ''}{context}. You said: {said}"
+
+
+class OpenAIResponder:
+    """Chat completions through the `openai` package; the client is built on first use
+    so a cron run with nothing to do never pays for importing it."""
+
+    name = "openai"
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.calls = 0
+        self._client = None
+        self._lock = threading.Lock()
+
+    def _get_client(self):
+        with self._lock:
+            if self._client is None:
+                import openai
+
+                self._client = openai.OpenAI(
+                    api_key=self.settings.openai_api_key,
+                    base_url=self.settings.openai_base_url or None,
+                    timeout=self.settings.ai_timeout_seconds,
+                    max_retries=OPENAI_MAX_RETRIES,
+                )
+            self.calls += 1
+            return self._client
+
+    def answer(self, messages):
+        """Raises: DeliveryError, transient or not."""
+        import openai
+
+        client = self._get_client()
+        try:
+            completion = client.chat.completions.create(model=self.settings.ai_model, messages=messages)
+        except openai.APIStatusError as exc:
+            status = exc.status_code
+            transient = status in (408, 409, 429) or status >= 500
+            raise DeliveryError(f"AI returned HTTP {status}: {_short(exc.message)}", transient=transient) from None
+        except openai.APIConnectionError as exc:  # includes APITimeoutError
+            kind = "timed out" if isinstance(exc, openai.APITimeoutError) else "unreachable"
+            raise DeliveryError(f"AI {kind}: {_short(str(exc))}", transient=True) from None
+        except openai.OpenAIError as exc:
+            raise DeliveryError(f"AI error: {_short(str(exc))}", transient=False) from None
+        choices = completion.choices or []
+        text = (choices[0].message.content or "").strip() if choices else ""
+        if not text:
+            raise DeliveryError("AI returned an empty reply", transient=True)
+        return text
+
+
+def _short(text, limit=200):
+    # Providers echo part of a rejected key ("Incorrect API key provided: sk-ab***yz"): never pass it on.
+    text = re.sub(r"sk-[\w*.-]+", "sk-***", " ".join(str(text).split()))
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def make_responder(settings):
+    """The responder the settings ask for."""
+    return OfflineResponder() if settings.ai == "offline" else OpenAIResponder(settings)

@@ -1,0 +1,264 @@
+"""The command line: parse, build, call one library function, render. The only module importing click."""
+
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+
+import click
+
+from smsbatch.config import Settings
+from smsbatch.errors import SmsbatchError
+
+EXIT_SOME_FAILED = 3
+
+
+class TimeParam(click.ParamType):
+    """Epoch seconds or ISO-8601."""
+
+    name = "TIME"
+
+    def convert(self, value, param, ctx):
+        from smsbatch.inputs import parse_time
+
+        try:
+            return parse_time(value)
+        except SmsbatchError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class PhoneParam(click.ParamType):
+    name = "PHONE"
+
+    def convert(self, value, param, ctx):
+        from smsbatch.inputs import check_phone
+
+        try:
+            return check_phone(value)
+        except SmsbatchError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+TIME, PHONE = TimeParam(), PhoneParam()
+
+
+class Group(click.Group):
+    """Turns smsbatch errors into one line and exit status 1, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except SmsbatchError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+def settings_from(ctx, **changes):
+    """Settings from the environment, with --db and any command options applied."""
+    try:
+        settings = Settings.from_env()
+        return settings.replace(db_path=ctx.obj["db"], **changes)
+    except SmsbatchError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def open_store(settings, migrate=False):
+    from smsbatch.db import Store
+
+    store = Store(settings.db_path)
+    if migrate:
+        store.migrate()
+    else:
+        store.require_schema()
+    return store
+
+
+def emit_json(data):
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+@click.group(cls=Group)
+@click.option("--db", envvar="SMSBATCH_DB", default="smsbatch.db", show_default=True,
+              type=click.Path(dir_okay=False), help="SQLite database file (env SMSBATCH_DB).")
+@click.version_option(package_name="smsbatch")
+@click.pass_context
+def cli(ctx, db):
+    """Batch rapid-fire inbound SMS and answer each burst with one AI reply."""
+    ctx.obj = {"db": db}
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+
+
+@cli.command()
+@click.pass_context
+def migrate(ctx):
+    """Create or upgrade the database (safe to run again)."""
+    settings = settings_from(ctx)
+    version = open_store(settings, migrate=True).version()
+    click.echo(f"{settings.db_path}: schema version {version}")
+
+
+@cli.command()
+@click.option("--from", "phone", type=PHONE, help="The sender's number.")
+@click.option("--to", "our_number", type=PHONE, help="The number they wrote to.")
+@click.option("--body", help="The text.")
+@click.option("--sid", help="Twilio MessageSid (default: derived from the text, so a repeat is stored once).")
+@click.option("--at", type=TIME, help="When it arrived: epoch seconds or ISO-8601 (default now).")
+@click.option("--jsonl", type=click.File("r"), help="Store many: one JSON object a line (from, to, body, sid, at); - for stdin.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def ingest(ctx, phone, our_number, body, sid, at, jsonl, as_json):
+    """Store inbound texts as the webhook would."""
+    from smsbatch.ingest import ingest_lines, ingest_one
+
+    settings = settings_from(ctx)
+    store = open_store(settings)
+    if jsonl is not None:
+        if phone or our_number or body is not None or sid or at is not None:
+            raise click.UsageError("--jsonl cannot be combined with --from/--to/--body/--sid/--at")
+        result = ingest_lines(store, jsonl, settings)
+    else:
+        if not (phone and our_number and body is not None):
+            raise click.UsageError("give --from, --to and --body (or --jsonl FILE)")
+        result = ingest_one(store, settings, phone, our_number, body, sid, at)
+    if as_json:
+        emit_json(result)
+    else:
+        click.echo(f"stored {result['stored']}, repeats {result['duplicates']}, bad lines {len(result['errors'])}")
+    for line_no, error in result["errors"]:
+        click.echo(f"line {line_no}: {error}", err=True)
+    if result["errors"]:
+        ctx.exit(1)
+
+
+@cli.command()
+@click.option("--now", type=TIME, help="Act as if it were this time (epoch seconds or ISO-8601).")
+@click.option("--limit", type=click.IntRange(1), default=1000, show_default=True, help="Most batches this run.")
+@click.option("--for", "seconds", type=click.FloatRange(0), default=0, show_default=True,
+              help="Keep picking up batches as they fall due for this many seconds (cron: 55).")
+@click.option("--concurrency", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="Batches answered at once.")
+@click.option("--system-prompt-file", type=click.File("r"), help="System prompt (else SMSBATCH_SYSTEM_PROMPT).")
+@click.option("--ai", type=click.Choice(["openai", "offline"]), help="AI provider (env SMSBATCH_AI).")
+@click.option("--sms", type=click.Choice(["twilio", "console"]), help="SMS provider (env SMSBATCH_SMS).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.pass_context
+def process(ctx, now, limit, seconds, concurrency, system_prompt_file, ai, sms, as_json):
+    """Answer due batches: one AI reply each, sent by SMS (run by cron every minute)."""
+    from smsbatch.processor import Clock, Processor
+
+    changes = {k: v for k, v in (("ai", ai), ("sms", sms)) if v}
+    if system_prompt_file is not None:
+        changes["system_prompt"] = system_prompt_file.read().strip()
+    settings = settings_from(ctx, **changes)
+    missing = settings.missing_credentials()
+    if missing:
+        raise click.ClickException(
+            "missing " + ", ".join(missing) + " (or use --ai offline --sms console for the stand-ins)"
+        )
+    open_store(settings).close()
+    from smsbatch.ai import make_responder
+    from smsbatch.sms import make_sender
+
+    clock = Clock(now, advancing=bool(seconds)) if now is not None else time.time
+    processor = Processor(settings.db_path, settings, make_responder(settings), make_sender(settings), clock=clock)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    report = processor.run(limit=limit, concurrency=concurrency, seconds=seconds, stop=stop)
+    if as_json:
+        emit_json(report.as_dict())
+    else:
+        click.echo(summary_line(report))
+    if report.failed:
+        ctx.exit(EXIT_SOME_FAILED)
+
+
+def summary_line(report):
+    if report.paused:
+        return "paused: ENABLE_AI_SMS_AGENT is off; texts are stored, nothing is answered"
+    c = report.counts
+    parts = [f"claimed {report.claimed}", f"sent {c['sent']}", f"skipped {c['skipped']}", f"failed {c['failed']}"]
+    extra = [(n, c[n]) for n in ("superseded", "retrying", "unknown", "lost") if c[n]]
+    extra += [("expired", report.expired)] if report.expired else []
+    return ", ".join(parts + [f"{name} {n}" for name, n in extra])
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@click.option("--now", type=TIME, help="Measure ages from this time.")
+@click.option("--latest", type=click.IntRange(1, 1000), default=15, show_default=True, help="How many recent batches.")
+@click.pass_context
+def status(ctx, as_json, now, latest):
+    """Batches by state, the oldest pending batch, the latest batches, texts in the last hour."""
+    settings = settings_from(ctx)
+    info = open_store(settings).status(time.time() if now is None else now, latest)
+    if as_json:
+        emit_json(info)
+    else:
+        from smsbatch import render
+
+        render.status(info)
+
+
+@cli.command()
+@click.argument("batch_id")
+@click.option("--now", type=TIME, help="Requeue as of this time.")
+@click.pass_context
+def retry(ctx, batch_id, now):
+    """Requeue a failed, skipped, expired or unknown batch."""
+    settings = settings_from(ctx)
+    batch = open_store(settings).retry(batch_id.strip(), time.time() if now is None else now)
+    click.echo(f"batch {batch['id']} requeued ({batch['message_count']} texts from {batch['phone']})")
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="Port (0: any free).")
+@click.option("--threads", type=click.IntRange(1, 256), default=16, show_default=True, help="Worker threads.")
+@click.option("--insecure-no-signature", is_flag=True, help="Accept unsigned requests (testing only).")
+@click.pass_context
+def serve(ctx, host, port, threads, insecure_no_signature):
+    """Run the Twilio webhook (POST /sms, GET /health) on wsgiref."""
+    from smsbatch.web import make_app, make_server_for
+
+    settings = settings_from(ctx)
+    open_store(settings).close()
+    if insecure_no_signature and not settings.twilio_auth_token:
+        click.echo("WARNING: signatures are NOT checked; anyone can post texts.", err=True)
+    app = make_app(settings, insecure=insecure_no_signature)
+    server = make_server_for(app, host, port, threads)
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    click.echo(f"listening on http://{host}:{server.server_port}/sms", err=True)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--keep", type=click.Path(file_okay=False), help="Keep the demo database in this folder.")
+def demo(as_json, keep):
+    """Run the whole job on built-in defaults: no keys, no network."""
+    import tempfile
+
+    from smsbatch.demo import run_demo
+
+    if keep:
+        import os
+
+        os.makedirs(keep, exist_ok=True)
+        result = run_demo(keep)
+    else:
+        with tempfile.TemporaryDirectory(prefix="smsbatch-demo-") as folder:
+            result = run_demo(folder)
+    if as_json:
+        emit_json(result)
+    else:
+        from smsbatch import render
+
+        render.demo(result)

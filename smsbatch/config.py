@@ -1,0 +1,168 @@
+"""Settings: the only place the environment is read."""
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+from smsbatch.errors import ConfigError
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful assistant answering customers by SMS. The customer may have "
+    "sent several texts in a row; answer all of them in one short, friendly reply. "
+    "Plain text only, no markdown."
+)
+OPENAI_MAX_RETRIES = 2  # the openai client's own retries on 429/5xx/timeouts
+OPENAI_MAX_BACKOFF = 8.0  # the openai client's longest pause between those retries
+LEASE_MARGIN_SECONDS = 15.0
+
+
+def _flag(value, name):
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"{name} must be true or false, not {value!r}")
+
+
+def _number(env, name, default, kind=float, minimum=0):
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, not {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, not {raw}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything smsbatch can be told through the environment.
+
+    Secrets are excluded from repr so a Settings object can be logged safely.
+    """
+
+    db_path: str = "smsbatch.db"
+    quiet_seconds: float = 10.0
+    max_wait_seconds: float = 45.0
+    max_messages: int = 10
+    urgent_keywords: tuple = ("urgent", "emergency")
+    supersede: bool = True
+    max_supersede: int = 2
+    max_age_seconds: float = 3600.0
+    enabled: bool = True
+    test_number: str = ""
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    history_messages: int = 20
+    ai: str = "openai"
+    sms: str = "twilio"
+    ai_model: str = "gpt-4o-mini"
+    openai_api_key: str = field(default="", repr=False)
+    openai_base_url: str = ""
+    twilio_account_sid: str = ""
+    twilio_auth_token: str = field(default="", repr=False)
+    twilio_from_number: str = ""
+    twilio_messaging_service_sid: str = ""
+    twilio_base_url: str = ""
+    public_url: str = ""
+    retry_base_seconds: float = 30.0
+    max_attempts: int = 5
+    ai_timeout_seconds: float = 30.0
+    sms_timeout_seconds: float = 10.0
+    lease_seconds: float = 0.0  # 0 means derived from the timeouts
+
+    @classmethod
+    def from_env(cls, env=None):
+        """Build Settings from a mapping (default os.environ).
+
+        Raises:
+            ConfigError: a value cannot be parsed or the lease is too short.
+        """
+        env = os.environ if env is None else env
+        g = env.get
+        keywords = g("SMSBATCH_URGENT_KEYWORDS", "urgent,emergency")
+        settings = cls(
+            db_path=g("SMSBATCH_DB") or "smsbatch.db",
+            quiet_seconds=_number(env, "SMSBATCH_QUIET_SECONDS", 10.0),
+            max_wait_seconds=_number(env, "SMSBATCH_MAX_WAIT_SECONDS", 45.0),
+            max_messages=_number(env, "SMSBATCH_MAX_MESSAGES", 10, int, 1),
+            urgent_keywords=tuple(k.strip().lower() for k in keywords.split(",") if k.strip()),
+            supersede=_flag(g("SMSBATCH_SUPERSEDE", "1"), "SMSBATCH_SUPERSEDE"),
+            max_age_seconds=_number(env, "SMSBATCH_MAX_AGE_SECONDS", 3600.0),
+            enabled=_flag(g("ENABLE_AI_SMS_AGENT", "true"), "ENABLE_AI_SMS_AGENT"),
+            test_number=(g("AI_SMS_TEST_NUMBER") or "").strip(),
+            system_prompt=g("SMSBATCH_SYSTEM_PROMPT") or DEFAULT_SYSTEM_PROMPT,
+            history_messages=_number(env, "SMSBATCH_HISTORY_MESSAGES", 20, int),
+            ai=_choice(env, "SMSBATCH_AI", ("openai", "offline")),
+            sms=_choice(env, "SMSBATCH_SMS", ("twilio", "console")),
+            ai_model=g("SMSBATCH_AI_MODEL") or "gpt-4o-mini",
+            openai_api_key=g("OPENAI_API_KEY", ""),
+            openai_base_url=g("OPENAI_BASE_URL", ""),
+            twilio_account_sid=g("TWILIO_ACCOUNT_SID", ""),
+            twilio_auth_token=g("TWILIO_AUTH_TOKEN", ""),
+            twilio_from_number=g("TWILIO_FROM_NUMBER", ""),
+            twilio_messaging_service_sid=g("TWILIO_MESSAGING_SERVICE_SID", ""),
+            twilio_base_url=g("SMSBATCH_TWILIO_BASE_URL", ""),
+            public_url=g("SMSBATCH_PUBLIC_URL", ""),
+            retry_base_seconds=_number(env, "SMSBATCH_RETRY_BASE_SECONDS", 30.0),
+            max_attempts=_number(env, "SMSBATCH_MAX_ATTEMPTS", 5, int, 1),
+            ai_timeout_seconds=_number(env, "SMSBATCH_AI_TIMEOUT_SECONDS", 30.0, float, 0.1),
+            sms_timeout_seconds=_number(env, "SMSBATCH_SMS_TIMEOUT_SECONDS", 10.0, float, 0.1),
+            lease_seconds=_number(env, "SMSBATCH_LEASE_SECONDS", 0.0),
+        )
+        return settings.checked()
+
+    def replace(self, **changes):
+        """A copy with some fields changed, checked again."""
+        return dataclasses.replace(self, **changes).checked()
+
+    @property
+    def min_lease_seconds(self):
+        """The longest one claimed batch can legitimately take: every AI try, the send, a check."""
+        ai = self.ai_timeout_seconds * (OPENAI_MAX_RETRIES + 1) + OPENAI_MAX_BACKOFF * OPENAI_MAX_RETRIES
+        return ai + 2 * self.sms_timeout_seconds + LEASE_MARGIN_SECONDS
+
+    @property
+    def lease(self):
+        """The lease a claim takes: SMSBATCH_LEASE_SECONDS, or derived from the timeouts."""
+        return self.lease_seconds or round(self.min_lease_seconds + 60)
+
+    def checked(self):
+        """Return self if consistent.
+
+        Raises:
+            ConfigError: the lease is shorter than the worst case of timeouts times tries.
+        """
+        if self.lease_seconds and self.lease_seconds < self.min_lease_seconds:
+            raise ConfigError(
+                f"SMSBATCH_LEASE_SECONDS={self.lease_seconds:g} is shorter than the "
+                f"{self.min_lease_seconds:g} s one batch may take with the AI and SMS timeouts "
+                "and retries; raise it or lower the timeouts"
+            )
+        return self
+
+    def missing_credentials(self):
+        """Names of the environment variables the chosen AI and SMS providers still need."""
+        missing = []
+        if self.ai == "openai" and not self.openai_api_key:
+            missing.append("OPENAI_API_KEY")
+        if self.sms == "twilio":
+            for name, value in (
+                ("TWILIO_ACCOUNT_SID", self.twilio_account_sid),
+                ("TWILIO_AUTH_TOKEN", self.twilio_auth_token),
+            ):
+                if not value:
+                    missing.append(name)
+            if not (self.twilio_from_number or self.twilio_messaging_service_sid):
+                missing.append("TWILIO_FROM_NUMBER or TWILIO_MESSAGING_SERVICE_SID")
+        return missing
+
+
+def _choice(env, name, choices):
+    value = (env.get(name) or choices[0]).strip().lower()
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
+    return value

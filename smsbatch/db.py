@@ -1,0 +1,480 @@
+"""The store: connection setup, migrations, every SQL statement, transactions, claiming."""
+
+import json
+import os
+import secrets
+import sqlite3
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import Enum
+from importlib import resources
+
+from smsbatch import batching
+from smsbatch.errors import InvalidTransition, NotFound, SmsbatchError
+
+SCHEMA_VERSION = 1
+# Later schema versions go here as {version: "SQL"}; migrate() applies them in order.
+MIGRATIONS = {}
+ID_ALPHABET = "23456789abcdefghjkmnpqrstuvwxyz"  # no 0/o, 1/l/i: easy to read aloud and type
+BUSY_TIMEOUT_SECONDS = 30.0
+
+
+class State(str, Enum):
+    """A batch's state, stored verbatim in batches.state."""
+
+    OPEN = "open"  # collecting texts
+    QUEUED = "queued"  # closed, waiting for a processor (full, retry, requeued)
+    PROCESSING = "processing"  # claimed; the AI is answering
+    SENDING = "sending"  # committed before calling Twilio; outcome not yet recorded
+    SENT = "sent"
+    SUPERSEDED = "superseded"  # texts folded into a newer batch of the same phone
+    SKIPPED = "skipped"  # opted out, test-number filter, keyword text
+    EXPIRED = "expired"  # too old to answer
+    FAILED = "failed"  # gave up; `smsbatch retry` brings it back
+    UNKNOWN = "unknown"  # send outcome cannot be checked; a person decides
+
+
+PENDING = (State.OPEN, State.QUEUED, State.PROCESSING, State.SENDING)
+CLAIMABLE = PENDING  # open/queued when due; processing/sending when the lease ran out
+RETRYABLE = (State.FAILED, State.SKIPPED, State.EXPIRED, State.UNKNOWN)
+
+
+@dataclass(frozen=True)
+class Added:
+    """What storing one inbound text did."""
+
+    batch_id: str
+    duplicate: bool
+    kind: str
+
+
+def new_id():
+    """A short random batch id such as 'b7k2mq9xza'."""
+    return "".join(secrets.choice(ID_ALPHABET) for _ in range(10))
+
+
+def placeholders(items):
+    return ",".join("?" for _ in items)
+
+
+class Store:
+    """One SQLite connection and the statements smsbatch runs on it. Not thread-safe."""
+
+    def __init__(self, path, busy_timeout=BUSY_TIMEOUT_SECONDS):
+        self.path = str(path)
+        _create_private(self.path)
+        self.conn = sqlite3.connect(
+            self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+        )
+        self.conn.row_factory = sqlite3.Row
+        self.conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        self.conn.execute("PRAGMA journal_mode = WAL")
+        self.conn.execute("PRAGMA synchronous = NORMAL")
+        self.conn.execute("PRAGMA foreign_keys = ON")
+
+    def close(self):
+        self.conn.close()
+
+    @contextmanager
+    def transaction(self):
+        """BEGIN IMMEDIATE ... COMMIT: one writer at a time, waiting its turn (busy timeout)."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    # -- schema -----------------------------------------------------------------
+
+    def version(self):
+        return self.conn.execute("PRAGMA user_version").fetchone()[0]
+
+    def migrate(self):
+        """Create or upgrade the schema; safe to run again. Returns the schema version."""
+        with self.transaction() as conn:
+            current = conn.execute("PRAGMA user_version").fetchone()[0]
+            if current > SCHEMA_VERSION:
+                raise SmsbatchError(
+                    f"database schema version {current} is newer than this smsbatch ({SCHEMA_VERSION})"
+                )
+            if current == 0:
+                for statement in _statements(resources.files("smsbatch").joinpath("schema.sql").read_text()):
+                    conn.execute(statement)
+                current = 1
+            for version in sorted(v for v in MIGRATIONS if v > current):
+                for statement in _statements(MIGRATIONS[version]):
+                    conn.execute(statement)
+                current = version
+            conn.execute(f"PRAGMA user_version = {current}")
+        return current
+
+    def require_schema(self):
+        """Raises: SmsbatchError when the database was never migrated."""
+        if self.version() != SCHEMA_VERSION:
+            raise SmsbatchError(f"database {self.path} is not ready: run `smsbatch migrate` first")
+
+    # -- inbound ----------------------------------------------------------------
+
+    def add_message(self, sid, phone, our_number, body, received_at, rules, media=()):
+        """Store one inbound text exactly once and put it in its phone's open batch.
+
+        Opt-out/opt-in keywords update the opt-out list and get a batch of their own,
+        skipped at once, so they never reach the AI.
+        """
+        kind = batching.keyword_kind(body) if not media else None
+        with self.transaction() as conn:
+            seen = conn.execute("SELECT batch_id FROM messages WHERE sid = ?", (sid,)).fetchone()
+            if seen:
+                return Added(seen[0], True, kind or "text")
+            if kind:
+                batch_id = self._add_keyword(conn, phone, our_number, body, received_at, kind)
+            else:
+                urgent = batching.is_urgent(body, rules.urgent_keywords)
+                batch_id = self._join_open(conn, phone, our_number, received_at, urgent, rules)
+            conn.execute(
+                "INSERT INTO messages (sid, phone, our_number, body, media, kind, received_at, batch_id)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (sid, phone, our_number, body, json.dumps(list(media)) if media else None,
+                 kind or "text", received_at, batch_id),
+            )
+        return Added(batch_id, False, kind or "text")
+
+    def _add_keyword(self, conn, phone, our_number, body, at, kind):
+        word = body.strip().upper()
+        if kind == "opt_out":
+            conn.execute(
+                "INSERT INTO opt_outs (phone, since, keyword) VALUES (?, ?, ?)"
+                " ON CONFLICT (phone) DO UPDATE SET since = excluded.since, keyword = excluded.keyword",
+                (phone, at, word),
+            )
+        else:
+            conn.execute("DELETE FROM opt_outs WHERE phone = ?", (phone,))
+        return self._insert_batch(
+            conn, phone, our_number, at, State.SKIPPED, None, last_error=f"keyword {word}: not for the AI"
+        )
+
+    def _join_open(self, conn, phone, our_number, at, urgent, rules):
+        row = conn.execute(
+            "SELECT id, first_at, last_at, message_count, urgent FROM batches"
+            " WHERE phone = ? AND state = 'open'",
+            (phone,),
+        ).fetchone()
+        if row is None:
+            due = batching.due_at(rules, at, at, 1, urgent)
+            state = State.QUEUED if rules.max_messages <= 1 else State.OPEN
+            return self._insert_batch(conn, phone, our_number, at, state, due, urgent=urgent)
+        first, last = min(row["first_at"], at), max(row["last_at"], at)
+        count, urgent = row["message_count"] + 1, bool(row["urgent"]) or urgent
+        # A full batch closes: the next text opens a new one.
+        state = State.QUEUED if count >= rules.max_messages else State.OPEN
+        conn.execute(
+            "UPDATE batches SET message_count = ?, first_at = ?, last_at = ?, urgent = ?, due_at = ?,"
+            " state = ? WHERE id = ?",
+            (count, first, last, int(urgent), batching.due_at(rules, first, last, count, urgent),
+             state, row["id"]),
+        )
+        return row["id"]
+
+    def _insert_batch(self, conn, phone, our_number, at, state, due, urgent=False, last_error=None):
+        final = due is None
+        for _ in range(5):
+            batch_id = new_id()
+            try:
+                conn.execute(
+                    "INSERT INTO batches (id, phone, our_number, state, message_count, first_at, last_at,"
+                    " urgent, due_at, last_error, completed_at, created_at)"
+                    " VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?)",
+                    (batch_id, phone, our_number, state, at, at, int(urgent), due, last_error,
+                     at if final else None, at),
+                )
+                return batch_id
+            except sqlite3.IntegrityError as exc:
+                if "batches.id" not in str(exc):
+                    raise
+        raise SmsbatchError("could not pick a unique batch id")  # pragma: no cover
+
+    # -- claiming ---------------------------------------------------------------
+
+    def claim_due(self, now, limit, lease, max_age):
+        """Atomically claim up to `limit` due batches; returns (claimed rows, expired count).
+
+        Open/queued batches whose last text is older than `max_age` are expired
+        instead. A batch found processing or sending past its lease is claimed again
+        (its holder died); a sending one keeps its state so it is reconciled, not resent.
+        """
+        token = secrets.token_hex(8)
+        with self.transaction() as conn:
+            expired = conn.execute(
+                "UPDATE batches SET state = 'expired', due_at = NULL, claim = NULL, completed_at = ?,"
+                " last_error = 'not answered: older than SMSBATCH_MAX_AGE_SECONDS'"
+                " WHERE state IN ('open', 'queued') AND due_at <= ? AND last_at < ?",
+                (now, now, now - max_age),
+            ).rowcount
+            rows = conn.execute(
+                "UPDATE batches SET claim = ?, due_at = ?, started_at = ?,"
+                " state = CASE state WHEN 'sending' THEN 'sending' ELSE 'processing' END,"
+                " attempts = attempts + (state != 'sending')"
+                " WHERE seq IN (SELECT seq FROM batches WHERE state IN ('open', 'queued', 'processing',"
+                " 'sending') AND due_at <= ? ORDER BY due_at LIMIT ?) RETURNING *",
+                (token, now + lease, now, now, limit),
+            ).fetchall()
+        return [dict(r) for r in rows], expired
+
+    def next_due(self):
+        """The earliest due_at among pending batches, or None."""
+        row = self.conn.execute(
+            "SELECT min(due_at) FROM batches WHERE state IN ('open', 'queued', 'processing', 'sending')"
+        ).fetchone()
+        return row[0]
+
+    # -- one batch's life -------------------------------------------------------
+
+    def batch_texts(self, batch_id):
+        """The texts of a batch, oldest first."""
+        return [dict(r) for r in self.conn.execute(
+            "SELECT sid, body, media, received_at FROM messages WHERE batch_id = ?"
+            " ORDER BY received_at, id", (batch_id,))]
+
+    def history(self, phone, batch_id, before, limit):
+        """The phone's recent conversation before this batch: (time, role, text), oldest first."""
+        texts = self.conn.execute(
+            "SELECT received_at, 'user', body, media FROM messages WHERE phone = ? AND batch_id != ?"
+            " AND kind = 'text' AND received_at <= ? ORDER BY received_at DESC LIMIT ?",
+            (phone, batch_id, before, limit),
+        ).fetchall()
+        replies = self.conn.execute(
+            "SELECT sent_at, 'assistant', response_text, NULL FROM batches WHERE phone = ?"
+            " AND state = 'sent' AND sent_at <= ? ORDER BY sent_at DESC LIMIT ?",
+            (phone, before, limit),
+        ).fetchall()
+        merged = sorted([tuple(r) for r in texts] + [tuple(r) for r in replies])
+        return merged[-limit:] if limit else []
+
+    def is_opted_out(self, phone):
+        return self.conn.execute("SELECT 1 FROM opt_outs WHERE phone = ?", (phone,)).fetchone() is not None
+
+    def record_opt_out(self, phone, now, keyword="21610"):
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT OR IGNORE INTO opt_outs (phone, since, keyword) VALUES (?, ?, ?)", (phone, now, keyword)
+            )
+
+    def begin_send(self, batch, response, now, settings):
+        """Commit the reply as *sending* before Twilio is called.
+
+        In the same transaction, a STOP that arrived meanwhile skips the batch, and
+        (with `supersede`) a newer unclaimed batch of the same phone takes this
+        batch's texts instead. Returns the state the batch is now in, or None
+        if this processor no longer holds the lease.
+        """
+        with self.transaction() as conn:
+            if not self._holds(conn, batch, State.PROCESSING):
+                return None
+            if conn.execute("SELECT 1 FROM opt_outs WHERE phone = ?", (batch["phone"],)).fetchone():
+                self._finish(conn, batch, State.SKIPPED, now, error="opted out before the reply was sent")
+                return State.SKIPPED
+            if settings.supersede and batch["fold_depth"] < settings.max_supersede:
+                newer = conn.execute(
+                    "SELECT * FROM batches WHERE phone = ? AND state IN ('open', 'queued') AND seq > ?"
+                    " ORDER BY seq LIMIT 1",
+                    (batch["phone"], batch["seq"]),
+                ).fetchone()
+                if newer:
+                    self._fold(conn, batch, newer, now, batching.Rules.from_settings(settings))
+                    return State.SUPERSEDED
+            conn.execute(
+                "UPDATE batches SET state = 'sending', response_text = ?, send_started_at = ?, due_at = ?"
+                " WHERE id = ? AND claim = ?",
+                (response, now, now + settings.lease, batch["id"], batch["claim"]),
+            )
+        return State.SENDING
+
+    def _fold(self, conn, batch, newer, now, rules):
+        conn.execute("UPDATE messages SET batch_id = ? WHERE batch_id = ?", (newer["id"], batch["id"]))
+        first = min(newer["first_at"], batch["first_at"])
+        count = newer["message_count"] + batch["message_count"]
+        urgent = bool(newer["urgent"] or batch["urgent"])
+        due = newer["due_at"]
+        if newer["state"] == State.OPEN:
+            due = batching.due_at(rules, first, newer["last_at"], count, urgent)
+        conn.execute(
+            "UPDATE batches SET message_count = ?, first_at = ?, urgent = ?, due_at = ?,"
+            " fold_depth = max(fold_depth, ?) WHERE id = ?",
+            (count, first, int(urgent), due, batch["fold_depth"] + 1, newer["id"]),
+        )
+        conn.execute(
+            "UPDATE batches SET state = 'superseded', superseded_by = ?, due_at = NULL, claim = NULL,"
+            " completed_at = ?, last_error = NULL WHERE id = ?",
+            (newer["id"], now, batch["id"]),
+        )
+
+    def mark_sent(self, batch, provider_sid, now):
+        """Record that the reply went out. Returns False if the lease was lost."""
+        with self.transaction() as conn:
+            cur = conn.execute(
+                "UPDATE batches SET state = 'sent', provider_sid = ?, sent_at = ?, completed_at = ?,"
+                " due_at = NULL, claim = NULL, last_error = NULL WHERE id = ? AND claim = ? AND state = 'sending'",
+                (provider_sid, now, now, batch["id"], batch["claim"]),
+            )
+        return cur.rowcount == 1
+
+    def finish(self, batch, state, now, error=None):
+        """Move a claimed batch to a final state (skipped, failed, expired, unknown).
+
+        Returns False if this processor no longer holds the lease.
+        """
+        with self.transaction() as conn:
+            return self._finish(conn, batch, state, now, error)
+
+    def _finish(self, conn, batch, state, now, error):
+        cur = conn.execute(
+            "UPDATE batches SET state = ?, last_error = ?, completed_at = ?, due_at = NULL, claim = NULL"
+            " WHERE id = ? AND claim = ? AND state IN ('processing', 'sending')",
+            (State(state).value, error, now, batch["id"], batch["claim"]),
+        )
+        return cur.rowcount == 1
+
+    def requeue(self, batch, due, error):
+        """Put a claimed batch back in the queue to try again at `due` (backoff)."""
+        with self.transaction() as conn:
+            cur = conn.execute(
+                "UPDATE batches SET state = 'queued', due_at = ?, last_error = ?, claim = NULL"
+                " WHERE id = ? AND claim = ? AND state IN ('processing', 'sending')",
+                (due, error, batch["id"], batch["claim"]),
+            )
+        return cur.rowcount == 1
+
+    def release_sending(self, batch, due, error):
+        """Leave a batch in *sending* (outcome unknown) to be reconciled at `due`."""
+        with self.transaction() as conn:
+            cur = conn.execute(
+                "UPDATE batches SET due_at = ?, last_error = ?, claim = NULL"
+                " WHERE id = ? AND claim = ? AND state = 'sending'",
+                (due, error, batch["id"], batch["claim"]),
+            )
+        return cur.rowcount == 1
+
+    def release(self, batch):
+        """Give a claimed batch back untouched (shutting down), due again at once."""
+        with self.transaction() as conn:
+            conn.execute(
+                "UPDATE batches SET claim = NULL, due_at = started_at,"
+                " attempts = max(attempts - (state = 'processing'), 0),"
+                " state = CASE state WHEN 'processing' THEN 'queued' ELSE state END"
+                " WHERE id = ? AND claim = ?",
+                (batch["id"], batch["claim"]),
+            )
+
+    def _holds(self, conn, batch, state):
+        row = conn.execute("SELECT state, claim FROM batches WHERE id = ?", (batch["id"],)).fetchone()
+        return row is not None and row["claim"] == batch["claim"] and row["state"] == state
+
+    # -- operators --------------------------------------------------------------
+
+    def get_batch(self, batch_id):
+        """Raises: NotFound."""
+        row = self.conn.execute("SELECT * FROM batches WHERE id = ?", (batch_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no batch with id {batch_id!r}")
+        return dict(row)
+
+    def retry(self, batch_id, now):
+        """Requeue a failed, skipped, expired or unknown batch, due at once.
+
+        Raises:
+            NotFound: no such batch.
+            InvalidTransition: the batch went out, is pending, or only holds a keyword.
+        """
+        with self.transaction() as conn:
+            batch = self.get_batch(batch_id)
+            state = State(batch["state"])
+            if state not in RETRYABLE:
+                raise InvalidTransition(_why_not_retryable(batch))
+            keyword = conn.execute(
+                "SELECT 1 FROM messages WHERE batch_id = ? AND kind != 'text'", (batch_id,)
+            ).fetchone()
+            if keyword:
+                raise InvalidTransition(f"batch {batch_id} holds an opt-out/opt-in keyword; nothing to answer")
+            conn.execute(
+                "UPDATE batches SET state = 'queued', due_at = ?, attempts = 0, claim = NULL,"
+                " last_error = NULL, completed_at = NULL, last_at = max(last_at, ?) WHERE id = ?",
+                # last_at moves up so a requeued old batch is not expired again at once
+                (now, now, batch_id),
+            )
+        return self.get_batch(batch_id)
+
+    def status(self, now, latest=10):
+        """Counts by state, oldest pending age, latest batches, texts in the last hour."""
+        counts = {s.value: 0 for s in State}
+        for state, n in self.conn.execute("SELECT state, count(*) FROM batches GROUP BY state"):
+            counts[state] = n
+        oldest = self.conn.execute(
+            f"SELECT min(first_at) FROM batches WHERE state IN ({placeholders(PENDING)})",
+            [s.value for s in PENDING],
+        ).fetchone()[0]
+        rows = self.conn.execute(
+            "SELECT id, phone, message_count, state, first_at, last_at, attempts, last_error, provider_sid"
+            " FROM batches ORDER BY seq DESC LIMIT ?",
+            (latest,),
+        ).fetchall()
+        last_hour = self.conn.execute(
+            "SELECT count(*) FROM messages WHERE received_at >= ?", (now - 3600,)
+        ).fetchone()[0]
+        return {
+            "counts": counts,
+            "pending": sum(counts[s.value] for s in PENDING),
+            "oldest_pending_age_seconds": None if oldest is None else round(now - oldest, 1),
+            "messages_last_hour": last_hour,
+            "latest": [dict(r) | {"age_seconds": round(now - r["last_at"], 1)} for r in rows],
+        }
+
+    def health(self, now):
+        """Pending count and the oldest pending batch's age, from one cheap query."""
+        row = self.conn.execute(
+            f"SELECT count(*), min(first_at) FROM batches WHERE state IN ({placeholders(PENDING)})",
+            [s.value for s in PENDING],
+        ).fetchone()
+        return {"pending": row[0], "oldest_pending_age_seconds": None if row[1] is None else round(now - row[1], 1)}
+
+    def messages_since(self, since):
+        """Inbound texts received at or after `since`, oldest first (for export)."""
+        return self.conn.execute(
+            "SELECT phone, our_number, body, sid, received_at, media FROM messages"
+            " WHERE received_at >= ? ORDER BY received_at, id",
+            (since,),
+        )
+
+
+def _why_not_retryable(batch):
+    state = batch["state"]
+    if state == State.SENT:
+        return f"batch {batch['id']} was already sent ({batch['provider_sid']}); not sending it twice"
+    if state == State.SUPERSEDED:
+        return f"batch {batch['id']} was folded into batch {batch['superseded_by']}; retry that one"
+    return f"batch {batch['id']} is {state}, already waiting to be answered"
+
+
+def _statements(script):
+    """Split a schema script into statements (sqlite3.complete_statement knows where they end)."""
+    statement = ""
+    for line in script.splitlines(keepends=True):
+        statement += line
+        if sqlite3.complete_statement(statement):
+            if statement.strip():
+                yield statement.strip()
+            statement = ""
+
+
+def _create_private(path):
+    """Create the database file readable by its owner only, before SQLite opens it."""
+    if path == ":memory:" or os.path.exists(path):
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise SmsbatchError(f"cannot create database {path}: folder {directory} does not exist")
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    except OSError as exc:
+        raise SmsbatchError(f"cannot create database {path}: {exc.strerror}") from None

@@ -1,0 +1,38 @@
+"""Storing texts from the command line: one, or many from a JSONL trace."""
+
+import time
+
+from smsbatch.batching import Rules
+from smsbatch.errors import InvalidInput
+from smsbatch.inputs import derived_sid, parse_record
+
+
+def ingest_one(store, settings, phone, our_number, body, sid=None, at=None):
+    """Store one text like the webhook would. Returns counts like ingest_lines."""
+    at = time.time() if at is None else at
+    sid = sid or derived_sid(phone, our_number, body, at)
+    added = store.add_message(sid, phone, our_number, body, at, Rules.from_settings(settings))
+    return {"stored": int(not added.duplicate), "duplicates": int(added.duplicate), "errors": [],
+            "batch_id": added.batch_id}
+
+
+def ingest_lines(store, lines, settings):
+    """Store every good line of a JSONL trace; bad lines are reported by number and skipped.
+
+    Returns {"stored", "duplicates", "errors": [(line number, reason)]}.
+    """
+    rules = Rules.from_settings(settings)
+    stored = duplicates = 0
+    errors = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = parse_record(line)
+        except InvalidInput as exc:
+            errors.append((number, str(exc)))
+            continue
+        added = store.add_message(r["sid"], r["phone"], r["our_number"], r["body"], r["at"], rules)
+        duplicates += added.duplicate
+        stored += not added.duplicate
+    return {"stored": stored, "duplicates": duplicates, "errors": errors}

@@ -1,0 +1,76 @@
+"""Operator input: times, phone numbers and JSONL trace lines, checked with clear errors."""
+
+import datetime
+import json
+import re
+
+from smsbatch.errors import InvalidInput
+
+PHONE = re.compile(r"^(whatsapp:)?\+?[0-9]{2,15}$")
+
+
+def parse_time(text):
+    """Epoch seconds or ISO-8601 (naive means UTC) -> epoch seconds.
+
+    Raises:
+        InvalidInput: neither form.
+    """
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return float(text)
+    raw = str(text).strip()
+    try:
+        return float(raw)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidInput(f"bad time {raw!r}: use epoch seconds or ISO-8601 like 2026-01-31T09:30:00Z") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return moment.timestamp()
+
+
+def check_phone(text, what="phone number"):
+    """A phone number as Twilio writes it (+15551234567); spaces, dashes and dots are dropped.
+
+    Raises:
+        InvalidInput: not a phone number.
+    """
+    raw = str(text or "").strip()
+    cleaned = re.sub(r"[\s().-]", "", raw)
+    if not PHONE.match(cleaned):
+        raise InvalidInput(f"bad {what} {raw!r}: expected digits like +15551234567")
+    return cleaned
+
+
+def parse_record(line):
+    """One JSONL trace line -> dict(sid, phone, our_number, body, at).
+
+    Raises:
+        InvalidInput: not JSON, not an object, or a bad field.
+    """
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"not JSON ({exc.msg})") from None
+    if not isinstance(record, dict):
+        raise InvalidInput("not a JSON object")
+    body = record.get("body", "")
+    if not isinstance(body, str):
+        raise InvalidInput("body must be a string")
+    if "at" not in record:
+        raise InvalidInput("missing 'at'")
+    phone = check_phone(record.get("from"), "'from'")
+    our_number = check_phone(record.get("to"), "'to'")
+    at = parse_time(record["at"])
+    sid = str(record.get("sid") or derived_sid(phone, our_number, body, at))
+    return {"sid": sid, "phone": phone, "our_number": our_number, "body": body, "at": at}
+
+
+def derived_sid(phone, our_number, body, at):
+    """A stable MessageSid for a text given without one, so importing a file twice stores it once."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{phone}|{our_number}|{body}|{at!r}".encode()).hexdigest()
+    return "SMimport" + digest[:24]

@@ -1,0 +1,208 @@
+"""Processing: claim due batches, answer each with one AI reply, send it, record it.
+
+`Processor.handle` is one batch's life, written as one readable step; `Processor.run`
+is the loop around it (claim as many as there are free workers, wait, repeat).
+"""
+
+import logging
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+
+from smsbatch import ai, batching
+from smsbatch.db import State, Store
+from smsbatch.errors import CannotReconcile, DeliveryError
+
+log = logging.getLogger("smsbatch.processor")
+POLL_SECONDS = 1.0  # with --for, new work is picked up within about this long
+OUTCOMES = ("sent", "skipped", "superseded", "retrying", "failed", "unknown", "lost")
+
+
+@dataclass
+class RunReport:
+    """What one `smsbatch process` run did."""
+
+    claimed: int = 0
+    expired: int = 0
+    ai_calls: int = 0
+    counts: dict = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
+    paused: bool = False
+
+    def add(self, outcome):
+        self.counts[outcome] += 1
+
+    @property
+    def failed(self):
+        return self.counts["failed"]
+
+    def as_dict(self):
+        return {"claimed": self.claimed, "expired": self.expired, "ai_calls": self.ai_calls,
+                "paused": self.paused, **self.counts}
+
+
+class Clock:
+    """Wall time, or a chosen start time that advances with real time (`--now` with `--for`),
+    or a frozen time (`--now` alone, for deterministic replays)."""
+
+    def __init__(self, start=None, advancing=True):
+        self.offset = 0.0 if start is None else start - time.time()
+        self.frozen = start if (start is not None and not advancing) else None
+
+    def __call__(self):
+        return self.frozen if self.frozen is not None else time.time() + self.offset
+
+
+class Processor:
+    """Answers batches. Each worker thread gets its own SQLite connection."""
+
+    def __init__(self, db_path, settings, responder, sender, clock=time.time, rng=None):
+        self.db_path = db_path
+        self.settings = settings
+        self.responder = responder
+        self.sender = sender
+        self.clock = clock
+        self.rng = rng
+        self._local = threading.local()
+
+    def store(self):
+        if not hasattr(self._local, "store"):
+            self._local.store = Store(self.db_path)
+        return self._local.store
+
+    # -- one batch --------------------------------------------------------------
+
+    def handle(self, batch):
+        """Take one claimed batch as far as it can go; returns its outcome (see OUTCOMES)."""
+        store, s = self.store(), self.settings
+        if batch["state"] == State.SENDING:
+            return self._reconcile(store, batch)
+        if batch["attempts"] > s.max_attempts:
+            return self._finish(store, batch, State.FAILED, f"gave up after {s.max_attempts} attempts")
+        if store.is_opted_out(batch["phone"]):
+            return self._finish(store, batch, State.SKIPPED, "opted out")
+        if s.test_number and batch["phone"] != s.test_number:
+            return self._finish(store, batch, State.SKIPPED, "not the AI_SMS_TEST_NUMBER")
+        texts = store.batch_texts(batch["id"])
+        history = store.history(batch["phone"], batch["id"], texts[0]["received_at"], s.history_messages)
+        try:
+            reply = self.responder.answer(ai.build_prompt(s.system_prompt, history, texts))
+        except DeliveryError as exc:
+            return self._failed_attempt(store, batch, exc)
+        reply = batching.shorten(reply)
+        state = store.begin_send(batch, reply, self.clock(), s)
+        if state is None:
+            return "lost"
+        if state != State.SENDING:
+            return State(state).value
+        return self._send(store, batch, reply)
+
+    def _send(self, store, batch, reply):
+        try:
+            sid = self.sender.send(batch["phone"], reply)
+        except DeliveryError as exc:
+            if exc.opted_out:
+                store.record_opt_out(batch["phone"], self.clock())
+                return self._finish(store, batch, State.SKIPPED, str(exc))
+            if exc.ambiguous:
+                # Twilio may have it: keep *sending* so the next claim asks before resending.
+                due = self.clock() + self._backoff(batch)
+                return "retrying" if store.release_sending(batch, due, str(exc)) else "lost"
+            return self._failed_attempt(store, batch, exc)
+        return "sent" if store.mark_sent(batch, sid, self.clock()) else "lost"
+
+    def _reconcile(self, store, batch):
+        """A batch left in *sending* by a processor that died: ask before resending."""
+        try:
+            sid = self.sender.find_sent(batch["phone"], batch["send_started_at"], batch["response_text"])
+        except CannotReconcile as exc:
+            return self._finish(store, batch, State.UNKNOWN, f"send outcome unknown: {exc}; check, then retry")
+        except DeliveryError as exc:
+            due = self.clock() + self._backoff(batch)
+            ok = store.release_sending(batch, due, f"could not check the earlier send: {exc}")
+            return "retrying" if ok else "lost"
+        if sid:
+            return "sent" if store.mark_sent(batch, sid, self.clock()) else "lost"
+        if store.is_opted_out(batch["phone"]):
+            return self._finish(store, batch, State.SKIPPED, "opted out before the reply was sent")
+        return self._send(store, batch, batch["response_text"])
+
+    def _failed_attempt(self, store, batch, exc):
+        if exc.transient and batch["attempts"] < self.settings.max_attempts:
+            due = self.clock() + self._backoff(batch)
+            return "retrying" if store.requeue(batch, due, str(exc)) else "lost"
+        note = f" (after {batch['attempts']} attempts)" if exc.transient else ""
+        return self._finish(store, batch, State.FAILED, f"{exc}{note}")
+
+    def _finish(self, store, batch, state, error):
+        ok = store.finish(batch, state, self.clock(), error)
+        return State(state).value if ok else "lost"
+
+    def _backoff(self, batch):
+        base = self.settings.retry_base_seconds
+        if self.rng is None:
+            return batching.backoff_seconds(batch["attempts"], base)
+        return batching.backoff_seconds(batch["attempts"], base, self.rng)
+
+    def _safe_handle(self, batch):
+        """handle() for a worker thread: a bug must not kill the run, and must leave the
+        batch to its lease (retried later) rather than half-finished."""
+        try:
+            return self.handle(batch)
+        except Exception:
+            log.exception("batch %s: unexpected error; it will be retried when its lease ends", batch["id"])
+            return "lost"
+
+    # -- the loop ---------------------------------------------------------------
+
+    def claim(self, limit):
+        """Claim up to `limit` due batches now. Returns (rows, expired count)."""
+        s = self.settings
+        return self.store().claim_due(self.clock(), limit, s.lease, s.max_age_seconds)
+
+    def run(self, limit=1000, concurrency=4, seconds=0.0, stop=None):
+        """Process due batches until none is due (or, with `seconds`, until that long has
+        passed), at most `limit` in all, `concurrency` at a time. Returns a RunReport.
+
+        `stop` (a threading.Event) ends the run early: nothing new is claimed and the
+        batches in hand are finished.
+        """
+        stop = stop or threading.Event()
+        report = RunReport(paused=not self.settings.enabled)
+        if report.paused:
+            return report
+        deadline = time.monotonic() + seconds
+        calls_before = getattr(self.responder, "calls", 0)
+        with ThreadPoolExecutor(concurrency, thread_name_prefix="smsbatch") as pool:
+            inflight = set()
+            while not stop.is_set():
+                room = min(concurrency - len(inflight), limit - report.claimed)
+                claimed = 0
+                if room > 0:
+                    rows, expired = self.claim(room)
+                    report.claimed += len(rows)
+                    report.expired += expired
+                    claimed = len(rows)
+                    inflight |= {pool.submit(self._safe_handle, row) for row in rows}
+                if inflight:
+                    done, inflight = wait(inflight, timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        report.add(future.result())
+                    continue
+                if claimed:
+                    continue
+                left = deadline - time.monotonic()
+                if left <= 0 or report.claimed >= limit:
+                    break
+                stop.wait(min(left, self._idle_wait()))
+            for future in wait(inflight).done:
+                report.add(future.result())
+        report.ai_calls = getattr(self.responder, "calls", 0) - calls_before
+        return report
+
+    def _idle_wait(self):
+        """How long to sleep when nothing is due: until the next batch is due, at most POLL_SECONDS."""
+        due = self.store().next_due()
+        if due is None:
+            return POLL_SECONDS
+        return max(0.02, min(POLL_SECONDS, due - self.clock()))

@@ -1,0 +1,144 @@
+"""Senders: deliver one reply by SMS.
+
+A sender has `send(to, body) -> provider_sid` and `find_sent(to, since, body) -> sid | None`
+(did an earlier send go out?); both raise DeliveryError, and find_sent raises
+CannotReconcile when the sender cannot be asked.
+"""
+
+import datetime
+import secrets
+import sys
+import threading
+
+from smsbatch.errors import CannotReconcile, DeliveryError
+
+# Twilio error codes worth trying again later: rate limit, unreachable handset, unknown carrier error.
+TRANSIENT_CODES = frozenset({20429, 30003, 30008})
+OPTED_OUT_CODE = 21610
+RECONCILE_SLACK_SECONDS = 300  # clocks differ; look a little before the send started
+
+
+class ConsoleSender:
+    """A stand-in that records replies and prints them to stderr instead of sending."""
+
+    name = "console"
+
+    def __init__(self, stream=None, quiet=False):
+        self.sent = []
+        self.stream = stream or sys.stderr
+        self.quiet = quiet
+        self._lock = threading.Lock()
+
+    def send(self, to, body):
+        sid = "SMconsole" + secrets.token_hex(12)
+        with self._lock:
+            self.sent.append((sid, to, body))
+        if not self.quiet:
+            print(f"[console sms to {to}] {body}", file=self.stream)
+        return sid
+
+    def find_sent(self, to, since, body):
+        raise CannotReconcile("the console sender keeps no record between runs")
+
+
+class TwilioSender:
+    """Messages through the `twilio` package, built on first use, with a timeout on every call."""
+
+    name = "twilio"
+
+    def __init__(self, settings):
+        self.settings = settings
+        self._client = None
+        self._lock = threading.Lock()
+
+    def _get_client(self):
+        with self._lock:
+            if self._client is None:
+                from twilio.http.http_client import TwilioHttpClient
+                from twilio.rest import Client
+
+                s = self.settings
+                client = Client(
+                    s.twilio_account_sid,
+                    s.twilio_auth_token,
+                    http_client=TwilioHttpClient(timeout=s.sms_timeout_seconds),
+                )
+                if s.twilio_base_url:
+                    client.api.base_url = s.twilio_base_url.rstrip("/")
+                self._client = client
+            return self._client
+
+    def _sender_fields(self):
+        s = self.settings
+        if s.twilio_messaging_service_sid:
+            return {"messaging_service_sid": s.twilio_messaging_service_sid}
+        return {"from_": s.twilio_from_number}
+
+    def send(self, to, body):
+        """Raises: DeliveryError (ambiguous when the request may have reached Twilio)."""
+        client = self._get_client()
+        try:
+            return client.messages.create(to=to, body=body, **self._sender_fields()).sid
+        except Exception as exc:
+            raise classify(exc) from None
+
+    def find_sent(self, to, since, body):
+        """Look for our reply among the recipient's recent messages.
+
+        Filters on recipient and compares body and creation time here rather than
+        with Twilio's DateSent filter: a message Twilio accepted but has not yet
+        handed to the carrier has no DateSent, and must still count as sent.
+        """
+        client = self._get_client()
+        after = since - RECONCILE_SLACK_SECONDS
+        try:
+            for message in client.messages.list(to=to, limit=50):
+                created = message.date_created
+                if message.body == body and (created is None or _epoch(created) >= after):
+                    return message.sid
+        except Exception as exc:
+            raise classify(exc) from None
+        return None
+
+
+def _epoch(moment):
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return moment.timestamp()
+
+
+def classify(exc):
+    """Map an exception from the twilio/requests stack to a DeliveryError."""
+    from twilio.base.exceptions import TwilioRestException
+
+    if isinstance(exc, TwilioRestException):
+        code, status = exc.code, exc.status
+        message = f"Twilio error {code or status}: {' '.join(str(exc.msg).split())[:200]}"
+        if code == OPTED_OUT_CODE:
+            return DeliveryError(message, transient=False, opted_out=True)
+        transient = code in TRANSIENT_CODES or status == 429 or status >= 500
+        return DeliveryError(message, transient=transient)
+    name = type(exc).__name__
+    if _never_connected(exc):
+        return DeliveryError(f"Twilio unreachable ({name})", transient=True)
+    # Timed out or cut off after the request went out: Twilio may have accepted it.
+    return DeliveryError(f"Twilio call failed ({name}); outcome unknown", transient=True, ambiguous=True)
+
+
+def _never_connected(exc):
+    """True when the request certainly never reached Twilio (refused, DNS, connect timeout)."""
+    import requests
+
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return True
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        from urllib3.exceptions import NameResolutionError, NewConnectionError
+
+        reason = getattr(exc.args[0], "reason", None) if exc.args else None
+        return isinstance(reason, (NewConnectionError, NameResolutionError))
+    return False
+
+
+def make_sender(settings):
+    """The sender the settings ask for."""
+    return ConsoleSender() if settings.sms == "console" else TwilioSender(settings)
