@@ -8,7 +8,6 @@ import json
 import re
 import threading
 
-from smsbatch.config import OPENAI_MAX_RETRIES
 from smsbatch.errors import DeliveryError
 
 
@@ -84,7 +83,7 @@ class OpenAIResponder:
                     api_key=self.settings.openai_api_key,
                     base_url=self.settings.openai_base_url or None,
                     timeout=self.settings.ai_timeout_seconds,
-                    max_retries=OPENAI_MAX_RETRIES,
+                    max_retries=self.settings.ai_client_retries,
                 )
             self.calls += 1
             return self._client

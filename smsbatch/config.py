@@ -11,7 +11,7 @@ DEFAULT_SYSTEM_PROMPT = (
     "sent several texts in a row; answer all of them in one short, friendly reply. "
     "Plain text only, no markdown."
 )
-OPENAI_MAX_RETRIES = 2  # the openai client's own retries on 429/5xx/timeouts
+OPENAI_MAX_RETRIES = 2  # the openai client's own retries on 429/5xx/timeouts (its default)
 OPENAI_MAX_BACKOFF = 8.0  # the openai client's longest pause between those retries
 LEASE_MARGIN_SECONDS = 15.0
 
@@ -71,6 +71,7 @@ class Settings:
     retry_base_seconds: float = 30.0
     max_attempts: int = 5
     ai_timeout_seconds: float = 30.0
+    ai_client_retries: int = OPENAI_MAX_RETRIES
     sms_timeout_seconds: float = 10.0
     lease_seconds: float = 0.0  # 0 means derived from the timeouts
 
@@ -110,6 +111,7 @@ class Settings:
             retry_base_seconds=_number(env, "SMSBATCH_RETRY_BASE_SECONDS", 30.0),
             max_attempts=_number(env, "SMSBATCH_MAX_ATTEMPTS", 5, int, 1),
             ai_timeout_seconds=_number(env, "SMSBATCH_AI_TIMEOUT_SECONDS", 30.0, float, 0.1),
+            ai_client_retries=_number(env, "SMSBATCH_AI_CLIENT_RETRIES", OPENAI_MAX_RETRIES, int),
             sms_timeout_seconds=_number(env, "SMSBATCH_SMS_TIMEOUT_SECONDS", 10.0, float, 0.1),
             lease_seconds=_number(env, "SMSBATCH_LEASE_SECONDS", 0.0),
         )
@@ -122,7 +124,8 @@ class Settings:
     @property
     def min_lease_seconds(self):
         """The longest one claimed batch can legitimately take: every AI try, the send, a check."""
-        ai = self.ai_timeout_seconds * (OPENAI_MAX_RETRIES + 1) + OPENAI_MAX_BACKOFF * OPENAI_MAX_RETRIES
+        tries = self.ai_client_retries + 1
+        ai = self.ai_timeout_seconds * tries + OPENAI_MAX_BACKOFF * self.ai_client_retries
         return ai + 2 * self.sms_timeout_seconds + LEASE_MARGIN_SECONDS
 
     @property

@@ -5,6 +5,8 @@ is the loop around it (claim as many as there are free workers, wait, repeat).
 """
 
 import logging
+import os
+import signal
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -17,6 +19,15 @@ from smsbatch.errors import CannotReconcile, DeliveryError
 log = logging.getLogger("smsbatch.processor")
 POLL_SECONDS = 1.0  # with --for, new work is picked up within about this long
 OUTCOMES = ("sent", "skipped", "superseded", "retrying", "failed", "unknown", "lost")
+# Fault injection for the crash tests: SMSBATCH_FAULT_INJECT=<point> makes the process
+# kill itself (SIGKILL, no cleanup) when a batch reaches that point. Read once, at import.
+_FAULT_POINT = os.environ.get("SMSBATCH_FAULT_INJECT", "")
+
+
+def fault_point(name):
+    """Die here, abruptly, if the crash tests asked for it."""
+    if _FAULT_POINT == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -83,6 +94,7 @@ class Processor:
             return self._finish(store, batch, State.SKIPPED, "opted out")
         if s.test_number and batch["phone"] != s.test_number:
             return self._finish(store, batch, State.SKIPPED, "not the AI_SMS_TEST_NUMBER")
+        fault_point("before_ai")
         texts = store.batch_texts(batch["id"])
         history = store.history(batch["phone"], batch["id"], texts[0]["received_at"], s.history_messages)
         try:
@@ -90,6 +102,7 @@ class Processor:
         except DeliveryError as exc:
             return self._failed_attempt(store, batch, exc)
         reply = batching.shorten(reply)
+        fault_point("after_ai")
         state = store.begin_send(batch, reply, self.clock(), s)
         if state is None:
             return "lost"
@@ -98,6 +111,7 @@ class Processor:
         return self._send(store, batch, reply)
 
     def _send(self, store, batch, reply):
+        fault_point("before_twilio")
         try:
             sid = self.sender.send(batch["phone"], reply)
         except DeliveryError as exc:
@@ -109,6 +123,7 @@ class Processor:
                 due = self.clock() + self._backoff(batch)
                 return "retrying" if store.release_sending(batch, due, str(exc)) else "lost"
             return self._failed_attempt(store, batch, exc)
+        fault_point("after_twilio")
         return "sent" if store.mark_sent(batch, sid, self.clock()) else "lost"
 
     def _reconcile(self, store, batch):

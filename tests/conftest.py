@@ -1,0 +1,99 @@
+import os
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from fakes import FakeOpenAI, FakeTwilio, provider_env  # noqa: E402
+from smsbatch.ai import OfflineResponder, OpenAIResponder  # noqa: E402
+from smsbatch.batching import Rules  # noqa: E402
+from smsbatch.cli import cli  # noqa: E402
+from smsbatch.config import Settings  # noqa: E402
+from smsbatch.db import Store  # noqa: E402
+from smsbatch.processor import Processor  # noqa: E402
+from smsbatch.sms import ConsoleSender, TwilioSender  # noqa: E402
+
+T0 = 1_800_000_000.0  # a fixed "now" for tests
+
+
+@pytest.fixture
+def db_path(tmp_path):
+    path = str(tmp_path / "smsbatch.db")
+    Store(path).migrate()
+    return path
+
+
+@pytest.fixture
+def store(db_path):
+    s = Store(db_path)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def settings(db_path):
+    return Settings(db_path=db_path, ai="offline", sms="console")
+
+
+@pytest.fixture
+def rules():
+    return Rules()
+
+
+@pytest.fixture
+def openai_standin():
+    with FakeOpenAI() as server:
+        yield server
+
+
+@pytest.fixture
+def twilio_standin():
+    with FakeTwilio() as server:
+        yield server
+
+
+@pytest.fixture
+def real_settings(db_path, openai_standin, twilio_standin):
+    """Settings whose real openai/twilio clients talk to the stand-ins."""
+    env = provider_env(openai_standin, twilio_standin, SMSBATCH_DB=db_path,
+                       SMSBATCH_AI_TIMEOUT_SECONDS=2, SMSBATCH_SMS_TIMEOUT_SECONDS=2)
+    return Settings.from_env(env)
+
+
+class Clock:
+    def __init__(self, now=T0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+def offline_processor(settings, clock, responder=None, sender=None):
+    return Processor(settings.db_path, settings, responder or OfflineResponder(),
+                     sender or ConsoleSender(quiet=True), clock=clock)
+
+
+def real_processor(settings, clock):
+    return Processor(settings.db_path, settings, OpenAIResponder(settings), TwilioSender(settings), clock=clock)
+
+
+def add(store, phone, body, at, sid=None, rules=Rules(), to="+15550000000", media=()):
+    add.counter += 1
+    return store.add_message(sid or f"SMt{add.counter:030d}", phone, to, body, at, rules, media)
+
+
+add.counter = 0
+
+
+def invoke(args, env=None, input=None):
+    """Run the CLI in-process with a clean environment (plus `env`)."""
+    clean = {k: None for k in os.environ if k.startswith(("SMSBATCH_", "TWILIO_", "OPENAI_", "ENABLE_AI", "AI_SMS"))}
+    clean.update(env or {})
+    return CliRunner().invoke(cli, args, env=clean, input=input, catch_exceptions=False)

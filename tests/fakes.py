@@ -1,0 +1,211 @@
+"""Small stand-in servers for OpenAI and Twilio, on 127.0.0.1 port 0.
+
+The real `openai` and `twilio` clients talk to them over HTTP, so auth, serialisation
+and error mapping are exercised. Each server takes a script of answers (consumed in
+order, then "ok" forever) and records what it received.
+"""
+
+import json
+import secrets
+import threading
+import time
+from email.utils import format_datetime
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
+
+
+class QuietServer(ThreadingHTTPServer):
+    """Clients that time out and hang up are part of the tests, not errors to print."""
+
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        pass
+
+
+class StandIn:
+    """Base: a threading HTTP server with a script of answers and a record of requests."""
+
+    def __init__(self, script=()):
+        self.script = list(script)
+        self.lock = threading.Lock()
+        self.requests = []
+        standin = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                standin.dispatch(self, "GET")
+
+            def do_POST(self):
+                standin.dispatch(self, "POST")
+
+        self.server = QuietServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True)
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.server.server_port}"
+
+    def next_action(self):
+        with self.lock:
+            return self.script.pop(0) if self.script else "ok"
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+    @staticmethod
+    def reply(handler, status, payload):
+        body = json.dumps(payload).encode()
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    @staticmethod
+    def read_body(handler):
+        length = int(handler.headers.get("Content-Length") or 0)
+        return handler.rfile.read(length) if length else b""
+
+
+class FakeOpenAI(StandIn):
+    """POST /v1/chat/completions. Script items: "ok", an HTTP status (int),
+    ("delay", seconds) then ok, or "hang" (never answers within any sane timeout)."""
+
+    def __init__(self, script=(), delay=0.0):
+        super().__init__(script)
+        self.delay = delay
+        self.calls = []  # the messages of each successful call
+
+    def dispatch(self, handler, method):
+        body = self.read_body(handler)
+        if method != "POST" or not handler.path.endswith("/chat/completions"):
+            return self.reply(handler, 404, {"error": {"message": "not found"}})
+        action = self.next_action()
+        with self.lock:
+            self.requests.append(body)
+        if action == "hang":
+            time.sleep(30)
+            return
+        if isinstance(action, tuple) and action[0] == "delay":
+            time.sleep(action[1])
+        elif self.delay:
+            time.sleep(self.delay)
+        if isinstance(action, int):
+            return self.reply(handler, action, {"error": {"message": f"scripted {action}", "type": "x"}})
+        request = json.loads(body)
+        with self.lock:
+            self.calls.append(request["messages"])
+        last = request["messages"][-1]["content"]
+        self.reply(handler, 200, {
+            "id": "chatcmpl-" + secrets.token_hex(6), "object": "chat.completion", "created": int(time.time()),
+            "model": request["model"],
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": f"AI reply to: {last}"}}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        })
+
+
+class FakeTwilio(StandIn):
+    """Twilio's Messages resource: POST creates, GET lists (filtered by To).
+
+    Script items: "ok"; (status, code) for a Twilio error; "hang" (accept nothing,
+    answer nothing); "accept-then-hang" (record the message as sent, then never answer,
+    like a connection cut after Twilio accepted).
+    """
+
+    ACCOUNT = "AC" + "0" * 32
+    TOKEN = "twilio-test-token"
+
+    def __init__(self, script=(), list_script=()):
+        super().__init__(script)
+        self.list_script = list(list_script)
+        self.sent = []  # dicts: sid, to, from, body, date_created
+
+    def dispatch(self, handler, method):
+        body = self.read_body(handler)
+        path = urlparse(handler.path)
+        if not path.path.startswith(f"/2010-04-01/Accounts/{self.ACCOUNT}/Messages"):
+            return self.reply(handler, 404, {"code": 20404, "message": "not found", "status": 404})
+        if handler.headers.get("Authorization", "") != self._basic():
+            return self.reply(handler, 401, {"code": 20003, "message": "Authenticate", "status": 401})
+        if method == "GET":
+            return self.list(handler, parse_qs(path.query))
+        form = {k: v[0] for k, v in parse_qs(body.decode(), keep_blank_values=True).items()}
+        action = self.next_action()
+        with self.lock:
+            self.requests.append(form)
+        if action == "hang":
+            time.sleep(30)
+            return
+        if isinstance(action, tuple):
+            status, code = action
+            return self.reply(handler, status, {"code": code, "message": f"scripted {code}", "status": status})
+        message = self.record(form)
+        if action == "accept-then-hang":
+            time.sleep(30)
+            return
+        self.reply(handler, 201, self.resource(message))
+
+    def record(self, form, at=None):
+        created = datetime.fromtimestamp(time.time() if at is None else at, timezone.utc)
+        message = {"sid": "SM" + secrets.token_hex(16), "to": form.get("To"), "from": form.get("From"),
+                   "messaging_service_sid": form.get("MessagingServiceSid"), "body": form.get("Body"),
+                   "date_created": created}
+        with self.lock:
+            self.sent.append(message)
+        return message
+
+    def list(self, handler, query):
+        with self.lock:
+            action = self.list_script.pop(0) if self.list_script else "ok"
+        if isinstance(action, tuple):
+            status, code = action
+            return self.reply(handler, status, {"code": code, "message": f"scripted {code}", "status": status})
+        to = query.get("To", [None])[0]
+        with self.lock:
+            found = [m for m in reversed(self.sent) if to is None or m["to"] == to]
+        self.reply(handler, 200, {"messages": [self.resource(m) for m in found], "next_page_uri": None,
+                                  "page": 0, "page_size": 50, "start": 0, "end": len(found), "uri": handler.path,
+                                  "first_page_uri": handler.path, "previous_page_uri": None})
+
+    def resource(self, m):
+        return {"sid": m["sid"], "to": m["to"], "from": m["from"], "body": m["body"], "status": "queued",
+                "account_sid": self.ACCOUNT, "direction": "outbound-api", "num_segments": "1",
+                "date_created": format_datetime(m["date_created"]), "date_sent": None, "date_updated": None}
+
+    def _basic(self):
+        import base64
+
+        return "Basic " + base64.b64encode(f"{self.ACCOUNT}:{self.TOKEN}".encode()).decode()
+
+    def bodies_to(self, phone):
+        with self.lock:
+            return [m["body"] for m in self.sent if m["to"] == phone]
+
+
+def provider_env(openai, twilio, **extra):
+    """Environment that points the real clients at the stand-ins."""
+    env = {
+        "OPENAI_API_KEY": "sk-test-standin-key",
+        "OPENAI_BASE_URL": openai.url + "/v1",
+        "TWILIO_ACCOUNT_SID": FakeTwilio.ACCOUNT,
+        "TWILIO_AUTH_TOKEN": FakeTwilio.TOKEN,
+        "TWILIO_FROM_NUMBER": "+15550000000",
+        "SMSBATCH_TWILIO_BASE_URL": twilio.url,
+        "SMSBATCH_AI": "openai",
+        "SMSBATCH_SMS": "twilio",
+    }
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
