@@ -1,0 +1,234 @@
+"""The webhook: the WSGI app called directly, and once through a real server on port 0."""
+
+import io
+import json
+import sqlite3
+import threading
+import urllib.request
+from urllib.error import HTTPError
+from urllib.parse import urlencode
+
+import pytest
+from twilio.request_validator import RequestValidator
+
+from conftest import T0
+from smsbatch.config import Settings
+from smsbatch.errors import ConfigError
+from smsbatch.web import make_app, make_server_for
+
+TOKEN = "webhook-test-token"
+URL = "https://hooks.example.com/sms"
+
+
+@pytest.fixture
+def wsettings(db_path):
+    return Settings(db_path=db_path, twilio_auth_token=TOKEN, public_url=URL)
+
+
+@pytest.fixture
+def app(wsettings):
+    return make_app(wsettings, clock=lambda: T0)
+
+
+def form(**extra):
+    params = {"MessageSid": "SM" + "a" * 32, "From": "+15553330001", "To": "+15550000000", "Body": "hi",
+              "NumMedia": "0", "AccountSid": "AC123", "SmsStatus": "received", "FromCity": ""}
+    params.update(extra)
+    return params
+
+
+def call(app, method="POST", path="/sms", body=b"", headers=None, ctype="application/x-www-form-urlencoded"):
+    environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "CONTENT_TYPE": ctype,
+               "CONTENT_LENGTH": str(len(body)), "wsgi.input": io.BytesIO(body), "SERVER_NAME": "x",
+               "SERVER_PORT": "80", "wsgi.url_scheme": "http"}
+    environ.update(headers or {})
+    seen = {}
+    out = b"".join(app(environ, lambda status, hdrs: seen.update(status=status, headers=dict(hdrs))))
+    return int(seen["status"][:3]), seen["headers"], out
+
+
+def signed(params, url=URL, token=TOKEN):
+    body = urlencode(params).encode()
+    return body, {"HTTP_X_TWILIO_SIGNATURE": RequestValidator(token).compute_signature(url, params)}
+
+
+def count(db_path, table="messages"):
+    return sqlite3.connect(db_path).execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+
+def test_signed_text_is_stored_and_answered_with_empty_twiml(app, db_path):
+    status, headers, body = call(app, body=signed(form())[0], headers=signed(form())[1])
+    assert status == 200 and headers["Content-Type"] == "text/xml" and b"<Response/>" in body
+    row = sqlite3.connect(db_path).execute("SELECT sid, phone, body, received_at FROM messages").fetchone()
+    assert row == ("SM" + "a" * 32, "+15553330001", "hi", T0)
+
+
+def test_redelivery_is_stored_once(app, db_path):
+    body, headers = signed(form())
+    assert call(app, body=body, headers=headers)[0] == 200
+    assert call(app, body=body, headers=headers)[0] == 200
+    assert count(db_path) == 1 and count(db_path, "batches") == 1
+
+
+def test_blank_fields_are_signed_too(app, db_path):
+    """Dropping blank fields (FromCity="") would break the signature."""
+    body, headers = signed(form(FromState="", Body="x"))
+    assert call(app, body=body, headers=headers)[0] == 200
+
+
+@pytest.mark.parametrize("headers", [{}, {"HTTP_X_TWILIO_SIGNATURE": "bm90IGEgc2lnbmF0dXJl"}])
+def test_bad_or_missing_signature_is_403_and_stores_nothing(app, db_path, headers):
+    assert call(app, body=urlencode(form()).encode(), headers=headers)[0] == 403
+    assert count(db_path) == 0
+
+
+def test_signature_for_another_url_or_token_is_refused(app, db_path):
+    for kwargs in ({"url": "https://evil.example.com/sms"}, {"token": "other"}):
+        body, headers = signed(form(), **kwargs)
+        assert call(app, body=body, headers=headers)[0] == 403
+    assert count(db_path) == 0
+
+
+def test_tampered_body_is_refused(app, db_path):
+    _, headers = signed(form())
+    assert call(app, body=urlencode(form(Body="changed")).encode(), headers=headers)[0] == 403
+
+
+@pytest.mark.parametrize("missing", ["From", "MessageSid"])
+def test_missing_from_or_sid_is_400(app, db_path, missing):
+    params = form()
+    del params[missing]
+    body, headers = signed(params)
+    status, _, reason = call(app, body=body, headers=headers)
+    assert status == 400 and b"missing" in reason and count(db_path) == 0
+
+
+def test_oversized_body_is_413(app, db_path):
+    body, headers = signed(form(Body="x" * 70_000))
+    assert call(app, body=body, headers=headers)[0] == 413 and count(db_path) == 0
+
+
+@pytest.mark.parametrize("method,path,status", [("GET", "/sms", 405), ("PUT", "/sms", 405), ("POST", "/nope", 404),
+                                                ("POST", "/health", 405)])
+def test_wrong_method_or_path(app, method, path, status):
+    assert call(app, method=method, path=path)[0] == status
+
+
+def test_wrong_content_type_is_415(app, db_path):
+    body, headers = signed(form())
+    assert call(app, body=body, headers=headers, ctype="application/json")[0] == 415
+
+
+@pytest.mark.parametrize("raw", [b"\xff\xfe=\x00", b"Body=%FF%FE&From=1", b"%zz"])
+def test_undecodable_body_is_400_or_403_never_500(app, db_path, raw):
+    assert call(app, body=raw)[0] in (400, 403) and count(db_path) == 0
+
+
+def test_duplicate_fields_are_refused(app, db_path):
+    pairs = list(form().items()) + [("From", "+15559999999")]
+    body = urlencode(pairs).encode()
+    params = {}
+    for k, v in pairs:
+        params.setdefault(k, []).append(v)
+
+    class Multi(dict):
+        def getall(self, k):
+            return self[k]
+
+    headers = {"HTTP_X_TWILIO_SIGNATURE": RequestValidator(TOKEN).compute_signature(URL, Multi(params))}
+    status, _, reason = call(app, body=body, headers=headers)
+    assert status == 400 and b"more than once" in reason and count(db_path) == 0
+
+
+def test_picture_message_with_empty_body_is_a_text(app, db_path):
+    params = form(Body="", NumMedia="2", MediaUrl0="https://m/1", MediaUrl1="https://m/2",
+                  MediaContentType0="image/jpeg", MediaContentType1="image/png")
+    body, headers = signed(params)
+    assert call(app, body=body, headers=headers)[0] == 200
+    media = sqlite3.connect(db_path).execute("SELECT media FROM messages").fetchone()[0]
+    assert json.loads(media) == ["https://m/1", "https://m/2"]
+
+
+def test_bad_num_media_is_400(app, db_path):
+    body, headers = signed(form(NumMedia="lots"))
+    assert call(app, body=body, headers=headers)[0] == 400
+
+
+def test_unwritable_database_answers_503_and_acknowledges_nothing(wsettings, db_path):
+    app = make_app(wsettings, clock=lambda: T0)
+    blocker = sqlite3.connect(db_path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # another writer holds the lock past the busy timeout
+    import smsbatch.web as web
+
+    old, web.WEB_BUSY_TIMEOUT = web.WEB_BUSY_TIMEOUT, 0.2
+    try:
+        body, headers = signed(form())
+        assert call(app, body=body, headers=headers)[0] == 503
+    finally:
+        web.WEB_BUSY_TIMEOUT = old
+        blocker.execute("ROLLBACK")
+    assert count(db_path) == 0
+    assert call(app, body=body, headers=headers)[0] == 200  # recovers once the lock is gone
+
+
+def test_health_reports_pending_batches(app, db_path):
+    body, headers = signed(form())
+    call(app, body=body, headers=headers)
+    status, headers, out = call(app, method="GET", path="/health")
+    info = json.loads(out)
+    assert status == 200 and info["database"] == "ok" and info["pending"] == 1
+    assert info["oldest_pending_age_seconds"] == 0
+
+
+def test_health_is_503_when_the_database_cannot_be_read(tmp_path):
+    path = tmp_path / "broken.db"
+    path.write_bytes(b"this is not a database" * 100)
+    app = make_app(Settings(db_path=str(path), twilio_auth_token=TOKEN), clock=lambda: T0)
+    status, _, out = call(app, method="GET", path="/health")
+    assert status == 503 and json.loads(out)["ok"] is False
+
+
+def test_refuses_to_run_without_a_token_unless_insecure(db_path):
+    with pytest.raises(ConfigError, match="TWILIO_AUTH_TOKEN"):
+        make_app(Settings(db_path=db_path))
+    app = make_app(Settings(db_path=db_path), insecure=True, clock=lambda: T0)
+    assert call(app, body=urlencode(form()).encode())[0] == 200
+
+
+def test_through_a_real_server_on_port_0(wsettings, db_path):
+    """Signatures over the URL the server really has, no SMSBATCH_PUBLIC_URL."""
+    app = make_app(wsettings.replace(public_url=""))
+    server = make_server_for(app, "127.0.0.1", 0, threads=4)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/sms"
+    try:
+        params = form()
+        request = urllib.request.Request(url, data=urlencode(params).encode(), headers={
+            "X-Twilio-Signature": RequestValidator(TOKEN).compute_signature(url, params),
+            "Content-Type": "application/x-www-form-urlencoded"})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            assert response.status == 200 and b"<Response/>" in response.read()
+        with pytest.raises(HTTPError) as err:
+            urllib.request.urlopen(urllib.request.Request(url, data=b"From=1", headers={
+                "Content-Type": "application/x-www-form-urlencoded"}), timeout=5)
+        assert err.value.code == 403
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert count(db_path) == 1
+
+
+def test_a_stalled_client_does_not_block_others(wsettings, db_path):
+    import socket
+
+    server = make_server_for(make_app(wsettings.replace(public_url="")), "127.0.0.1", 0, threads=4)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    stalled = socket.create_connection(("127.0.0.1", server.server_port))
+    stalled.sendall(b"POST /sms HTTP/1.1\r\nContent-Length: 100\r\n")  # and then nothing
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.server_port}/health", timeout=3) as response:
+            assert response.status == 200
+    finally:
+        stalled.close()
+        server.shutdown()
+        server.server_close()
