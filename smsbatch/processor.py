@@ -151,6 +151,9 @@ class Processor:
 
     def _finish(self, store, batch, state, error):
         ok = store.finish(batch, state, self.clock(), error)
+        if ok and state in (State.FAILED, State.UNKNOWN):
+            # stderr: cron mails it, so a person hears about batches that need them
+            log.warning("batch %s %s: %s (smsbatch retry %s)", batch["id"], State(state).value, error, batch["id"])
         return State(state).value if ok else "lost"
 
     def _backoff(self, batch):

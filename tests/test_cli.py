@@ -183,3 +183,27 @@ def test_database_file_is_private(tmp_path):
     path = tmp_path / "p.db"
     invoke(["--db", str(path), "migrate"])
     assert os.stat(path).st_mode & 0o777 == 0o600
+
+
+def test_serve_refuses_to_start_without_a_token(db_path):
+    result = invoke(["serve", "--port", "0"], db_env(db_path))
+    assert result.exit_code == 1 and "TWILIO_AUTH_TOKEN" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_serve_answers_health_as_a_real_process(db_path):
+    env = {**os.environ, "SMSBATCH_DB": db_path}
+    server = subprocess.Popen([sys.executable, "-m", "smsbatch", "serve", "--port", "0", "--insecure-no-signature"],
+                              env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        warning = server.stderr.readline()
+        listening = server.stderr.readline()
+        assert "WARNING" in warning and "listening on http://127.0.0.1:" in listening
+        url = listening.split()[-1].replace("/sms", "/health")
+        import urllib.request
+
+        with urllib.request.urlopen(url, timeout=5) as response:
+            assert json.loads(response.read())["database"] == "ok"
+    finally:
+        server.terminate()
+        assert server.wait(timeout=10) == 0
