@@ -128,6 +128,8 @@ class Store:
             seen = conn.execute("SELECT batch_id FROM messages WHERE sid = ?", (sid,)).fetchone()
             if seen:
                 return Added(seen[0], True, kind or "text")
+            if kind == "opt_in" and body.strip().strip(".!").upper() == "YES" and not self._opted_out(conn, phone):
+                kind = None  # "yes" answering the AI's question is a text, not a re-subscription
             if kind:
                 batch_id = self._add_keyword(conn, phone, our_number, body, received_at, kind)
             else:
@@ -203,6 +205,7 @@ class Store:
         Open/queued batches whose last text is older than `max_age` are expired
         instead. A batch found processing or sending past its lease is claimed again
         (its holder died); a sending one keeps its state so it is reconciled, not resent.
+        Every claim counts as an attempt.
         """
         token = secrets.token_hex(8)
         with self.transaction() as conn:
@@ -215,7 +218,7 @@ class Store:
             rows = conn.execute(
                 "UPDATE batches SET claim = ?, due_at = ?, started_at = ?,"
                 " state = CASE state WHEN 'sending' THEN 'sending' ELSE 'processing' END,"
-                " attempts = attempts + (state != 'sending')"
+                " attempts = attempts + 1"
                 " WHERE seq IN (SELECT seq FROM batches WHERE state IN ('open', 'queued', 'processing',"
                 " 'sending') AND due_at <= ? ORDER BY due_at LIMIT ?) RETURNING *",
                 (token, now + lease, now, now, limit),
@@ -253,7 +256,11 @@ class Store:
         return merged[-limit:] if limit else []
 
     def is_opted_out(self, phone):
-        return self.conn.execute("SELECT 1 FROM opt_outs WHERE phone = ?", (phone,)).fetchone() is not None
+        return self._opted_out(self.conn, phone)
+
+    @staticmethod
+    def _opted_out(conn, phone):
+        return conn.execute("SELECT 1 FROM opt_outs WHERE phone = ?", (phone,)).fetchone() is not None
 
     def record_opt_out(self, phone, now, keyword="21610"):
         with self.transaction() as conn:
@@ -272,7 +279,7 @@ class Store:
         with self.transaction() as conn:
             if not self._holds(conn, batch, State.PROCESSING):
                 return None
-            if conn.execute("SELECT 1 FROM opt_outs WHERE phone = ?", (batch["phone"],)).fetchone():
+            if self._opted_out(conn, batch["phone"]):
                 self._finish(conn, batch, State.SKIPPED, now, error="opted out before the reply was sent")
                 return State.SKIPPED
             if settings.supersede and batch["fold_depth"] < settings.max_supersede:
@@ -355,17 +362,6 @@ class Store:
                 (due, error, batch["id"], batch["claim"]),
             )
         return cur.rowcount == 1
-
-    def release(self, batch):
-        """Give a claimed batch back untouched (shutting down), due again at once."""
-        with self.transaction() as conn:
-            conn.execute(
-                "UPDATE batches SET claim = NULL, due_at = started_at,"
-                " attempts = max(attempts - (state = 'processing'), 0),"
-                " state = CASE state WHEN 'processing' THEN 'queued' ELSE state END"
-                " WHERE id = ? AND claim = ?",
-                (batch["id"], batch["claim"]),
-            )
 
     def _holds(self, conn, batch, state):
         row = conn.execute("SELECT state, claim FROM batches WHERE id = ?", (batch["id"],)).fetchone()

@@ -127,7 +127,11 @@ class Processor:
         return "sent" if store.mark_sent(batch, sid, self.clock()) else "lost"
 
     def _reconcile(self, store, batch):
-        """A batch left in *sending* by a processor that died: ask before resending."""
+        """A batch left in *sending* (its processor died, or the send's outcome was unclear):
+        ask Twilio before resending."""
+        if batch["attempts"] > self.settings.max_attempts:
+            return self._finish(store, batch, State.UNKNOWN,
+                                f"could not confirm the send after {self.settings.max_attempts} attempts; check, then retry")
         try:
             sid = self.sender.find_sent(batch["phone"], batch["send_started_at"], batch["response_text"])
         except CannotReconcile as exc:

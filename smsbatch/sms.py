@@ -117,7 +117,8 @@ def classify(exc):
         if code == OPTED_OUT_CODE:
             return DeliveryError(message, transient=False, opted_out=True)
         transient = code in TRANSIENT_CODES or status == 429 or status >= 500
-        return DeliveryError(message, transient=transient)
+        # A 5xx may come after Twilio queued the message: check before sending again.
+        return DeliveryError(message, transient=transient, ambiguous=status >= 500)
     name = type(exc).__name__
     if _never_connected(exc):
         return DeliveryError(f"Twilio unreachable ({name})", transient=True)

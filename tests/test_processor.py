@@ -232,3 +232,39 @@ def test_offline_stand_in_answers_every_text(settings, store, clock):
     reply = store.conn.execute("SELECT response_text FROM batches").fetchone()[0]
     assert report.ai_calls == 1 and "one" in reply and "two" in reply
     assert json.dumps(report.as_dict())
+
+
+def test_yes_is_an_answer_unless_the_number_opted_out(fast, store, clock, openai_standin):
+    add(store, A, "yes", T0)
+    assert run(fast, clock, T0 + 10).counts["sent"] == 1
+    assert openai_standin.calls[0][-1]["content"] == "yes"
+    add(store, B, "STOP", T0)
+    add(store, B, "YES", T0 + 5)
+    assert not store.is_opted_out(B)
+
+
+def test_twilio_5xx_is_checked_before_sending_again(fast, store, clock, twilio_standin):
+    """A 500 may come after Twilio queued the message: the retry asks first, so no double send."""
+    twilio_standin.script = [(500, 20500)]
+    batch = add(store, A, "hi", T0).batch_id
+    assert run(fast, clock, T0 + 10).counts["retrying"] == 1
+    row = store.get_batch(batch)
+    assert row["state"] == "sending"
+    twilio_standin.record({"To": A, "From": "+15550000000", "Body": row["response_text"]}, at=T0 + 10)
+    assert run(fast, clock, row["due_at"]).counts["sent"] == 1
+    assert len(twilio_standin.requests) == 1 and len(twilio_standin.sent) == 1
+
+
+def test_reconcile_gives_up_as_unknown_after_max_attempts(fast, store, clock, twilio_standin):
+    settings = fast.replace(max_attempts=2)
+    twilio_standin.list_script = [(503, 20500)] * 5
+    batch = add(store, A, "hi", T0).batch_id
+    rows, _ = store.claim_due(T0 + 10, 1, settings.lease, 3600)
+    store.begin_send(rows[0], "the reply", T0 + 11, settings)
+    outcomes = []
+    at = T0 + 11 + settings.lease
+    for _ in range(2):
+        outcomes.append(run(settings, clock, at).as_dict())
+        at = store.get_batch(batch)["due_at"]
+    assert outcomes[0]["retrying"] == 1 and outcomes[1]["unknown"] == 1
+    assert store.get_batch(batch)["state"] == "unknown" and twilio_standin.sent == []
