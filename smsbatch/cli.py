@@ -45,13 +45,21 @@ TIME, PHONE = TimeParam(), PhoneParam()
 
 
 class Group(click.Group):
-    """Turns smsbatch errors into one line and exit status 1, never a traceback."""
+    """Turns smsbatch and database errors into one line and exit status 1, never a traceback."""
 
     def invoke(self, ctx):
+        import sqlite3
+
         try:
             return super().invoke(ctx)
         except SmsbatchError as exc:
             raise click.ClickException(str(exc)) from None
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise click.ClickException("database is busy: another writer held it too long; try again") from None
+            raise click.ClickException(f"database error: {exc}") from None
+        except sqlite3.DatabaseError as exc:
+            raise click.ClickException(f"database error: {exc}") from None
 
 
 def settings_from(ctx, **changes):
@@ -64,8 +72,12 @@ def settings_from(ctx, **changes):
 
 
 def open_store(settings, migrate=False):
+    import os
+
     from smsbatch.db import Store
 
+    if not migrate and not os.path.exists(settings.db_path):
+        raise click.ClickException(f"database {settings.db_path} does not exist: run `smsbatch migrate` first")
     store = Store(settings.db_path)
     if migrate:
         store.migrate()
@@ -86,7 +98,9 @@ def emit_json(data):
 def cli(ctx, db):
     """Batch rapid-fire inbound SMS and answer each burst with one AI reply."""
     ctx.obj = {"db": db}
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    # Only warnings reach stderr (cron mails it); the twilio and HTTP clients log every
+    # request, headers included, at INFO.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
 
 
@@ -103,9 +117,11 @@ def migrate(ctx):
 @click.option("--from", "phone", type=PHONE, help="The sender's number.")
 @click.option("--to", "our_number", type=PHONE, help="The number they wrote to.")
 @click.option("--body", help="The text.")
-@click.option("--sid", help="Twilio MessageSid (default: derived from the text, so a repeat is stored once).")
+@click.option("--sid", help="Twilio MessageSid (default: derived from from/to/body/--at, so importing "
+              "the same text with the same --at twice stores it once).")
 @click.option("--at", type=TIME, help="When it arrived: epoch seconds or ISO-8601 (default now).")
-@click.option("--jsonl", type=click.File("r"), help="Store many: one JSON object a line (from, to, body, sid, at); - for stdin.")
+@click.option("--jsonl", type=click.File("rb"),
+              help="Store many: one JSON object a line (from, to, at required; body, sid optional); - for stdin.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
 def ingest(ctx, phone, our_number, body, sid, at, jsonl, as_json):
@@ -125,7 +141,7 @@ def ingest(ctx, phone, our_number, body, sid, at, jsonl, as_json):
     if as_json:
         emit_json(result)
     else:
-        click.echo(f"stored {result['stored']}, repeats {result['duplicates']}, bad lines {len(result['errors'])}")
+        click.echo(f"stored {result['stored']}, duplicates {result['duplicates']}, bad lines {len(result['errors'])}")
     for line_no, error in result["errors"]:
         click.echo(f"line {line_no}: {error}", err=True)
     if result["errors"]:
@@ -151,6 +167,8 @@ def process(ctx, now, limit, seconds, concurrency, system_prompt_file, ai, sms, 
     changes = {k: v for k, v in (("ai", ai), ("sms", sms)) if v}
     if system_prompt_file is not None:
         changes["system_prompt"] = system_prompt_file.read().strip()
+        if not changes["system_prompt"]:
+            raise click.BadParameter("the file is empty", param_hint="--system-prompt-file")
     settings = settings_from(ctx, **changes)
     missing = settings.missing_credentials()
     if missing:
@@ -210,7 +228,8 @@ def retry(ctx, batch_id, now):
     """Requeue a failed, skipped, expired or unknown batch."""
     settings = settings_from(ctx)
     batch = open_store(settings).retry(batch_id.strip(), time.time() if now is None else now)
-    click.echo(f"batch {batch['id']} requeued ({batch['message_count']} texts from {batch['phone']})")
+    texts = "1 text" if batch["message_count"] == 1 else f"{batch['message_count']} texts"
+    click.echo(f"batch {batch['id']} requeued ({texts} from {batch['phone']})")
 
 
 @cli.command()
@@ -255,7 +274,7 @@ def demo(as_json, keep):
         result = run_demo(keep)
     else:
         with tempfile.TemporaryDirectory(prefix="smsbatch-demo-") as folder:
-            result = run_demo(folder)
+            result = run_demo(folder) | {"db_path": None}
     if as_json:
         emit_json(result)
     else:

@@ -14,6 +14,9 @@ DEFAULT_SYSTEM_PROMPT = (
 OPENAI_MAX_RETRIES = 2  # the openai client's own retries on 429/5xx/timeouts (its default)
 OPENAI_MAX_BACKOFF = 8.0  # the openai client's longest pause between those retries
 LEASE_MARGIN_SECONDS = 15.0
+# A test aid for the crash tests: SMSBATCH_FAULT_INJECT=<point> makes `process` kill
+# itself with SIGKILL when a batch reaches that point (see processor.fault_point).
+FAULT_POINT = os.environ.get("SMSBATCH_FAULT_INJECT", "")
 
 
 def _flag(value, name):
@@ -22,7 +25,7 @@ def _flag(value, name):
         return True
     if text in ("0", "false", "no", "off", ""):
         return False
-    raise ConfigError(f"{name} must be true or false, not {value!r}")
+    raise ConfigError(f"{name} must be true or false (1 or 0), not {value!r}")
 
 
 def _number(env, name, default, kind=float, minimum=0):
@@ -32,7 +35,8 @@ def _number(env, name, default, kind=float, minimum=0):
     try:
         value = kind(raw)
     except ValueError:
-        raise ConfigError(f"{name} must be a number, not {raw!r}") from None
+        what = "a whole number" if kind is int else "a number"
+        raise ConfigError(f"{name} must be {what}, not {raw!r}") from None
     if value < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, not {raw}")
     return value

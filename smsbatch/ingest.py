@@ -24,11 +24,15 @@ def ingest_lines(store, lines, settings):
     rules = Rules.from_settings(settings)
     stored = duplicates = 0
     errors = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for number, raw in enumerate(lines, 1):
         try:
+            line = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+            if not line.strip():
+                continue
             r = parse_record(line)
+        except UnicodeDecodeError:
+            errors.append((number, "not UTF-8"))
+            continue
         except InvalidInput as exc:
             errors.append((number, str(exc)))
             continue

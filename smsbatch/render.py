@@ -73,9 +73,10 @@ def demo(result):
     totals = result["totals"]
     out.print(
         f"texts in: [bold]{totals['texts']}[/]   batches: {totals['batches']}   "
-        f"AI calls made: [bold]{totals['ai_calls']}[/]   replies out: [bold]{totals['replies']}[/]   "
-        f"(database: {result['db_path']})"
+        f"AI calls made: [bold]{totals['ai_calls']}[/]   replies out: [bold]{totals['replies']}[/]"
     )
+    where = result["db_path"] or "a temporary folder, now removed (--keep DIR keeps it)"
+    out.print(f"[dim]database: {where}[/]")
 
 
 def when(epoch):

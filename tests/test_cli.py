@@ -207,3 +207,34 @@ def test_serve_answers_health_as_a_real_process(db_path):
     finally:
         server.terminate()
         assert server.wait(timeout=10) == 0
+
+
+def test_retry_answers_an_expired_batch_however_old(db_path):
+    store = Store(db_path)
+    batch = add(store, A, "hi", T0).batch_id
+    env = db_env(db_path, SMSBATCH_AI="offline", SMSBATCH_SMS="console")
+    late = str(T0 + 7200)
+    assert "expired 1" in invoke(["process", "--now", late], env).stdout
+    assert invoke(["retry", batch, "--now", late], env).exit_code == 0
+    assert "sent 1" in invoke(["process", "--now", late], env).stdout
+    row = store.get_batch(batch)
+    assert row["state"] == "sent" and row["last_at"] == T0  # the text's own time is kept
+
+
+def test_jsonl_line_that_is_not_utf8_is_reported(db_path, tmp_path):
+    trace = tmp_path / "t.jsonl"
+    good = json.dumps({"from": A, "to": "+15550000000", "body": "ok", "at": T0}).encode()
+    trace.write_bytes(good + b"\n" + b'{"body": "\xff\xfe"}\n')
+    result = invoke(["ingest", "--jsonl", str(trace)], db_env(db_path))
+    assert result.exit_code == 1 and "line 2: not UTF-8" in result.output and "Traceback" not in result.output
+    assert sqlite3.connect(db_path).execute("SELECT count(*) FROM messages").fetchone()[0] == 1
+
+
+@pytest.mark.parametrize("content,message", [(None, "does not exist"), (b"not a database" * 300, "not an SQLite")])
+def test_missing_or_broken_database_is_one_line(tmp_path, content, message):
+    path = tmp_path / "x.db"
+    if content:
+        path.write_bytes(content)
+    result = invoke(["--db", str(path), "status"])
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+    assert path.exists() == bool(content)
