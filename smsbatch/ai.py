@@ -92,18 +92,19 @@ class OpenAIResponder:
         """Raises: DeliveryError, transient or not."""
         import openai
 
-        client = self._get_client()
+        client, key = self._get_client(), self.settings.openai_api_key
         try:
             completion = client.chat.completions.create(model=self.settings.ai_model, messages=messages)
         except openai.APIStatusError as exc:
             status = exc.status_code
             transient = status in (408, 409, 429) or status >= 500
-            raise DeliveryError(f"AI returned HTTP {status}: {_short(exc.message)}", transient=transient) from None
+            message = _short(exc.message, secret=key)
+            raise DeliveryError(f"AI returned HTTP {status}: {message}", transient=transient) from None
         except openai.APIConnectionError as exc:  # includes APITimeoutError
             kind = "timed out" if isinstance(exc, openai.APITimeoutError) else "unreachable"
-            raise DeliveryError(f"AI {kind}: {_short(str(exc))}", transient=True) from None
+            raise DeliveryError(f"AI {kind}: {_short(str(exc), secret=key)}", transient=True) from None
         except openai.OpenAIError as exc:
-            raise DeliveryError(f"AI error: {_short(str(exc))}", transient=False) from None
+            raise DeliveryError(f"AI error: {_short(str(exc), secret=key)}", transient=False) from None
         choices = completion.choices or []
         text = (choices[0].message.content or "").strip() if choices else ""
         if not text:
@@ -111,9 +112,13 @@ class OpenAIResponder:
         return text
 
 
-def _short(text, limit=200):
+def _short(text, limit=200, secret=""):
     # Providers echo part of a rejected key ("Incorrect API key provided: sk-ab***yz"): never pass it on.
-    text = re.sub(r"sk-[\w*.-]+", "sk-***", " ".join(str(text).split()))
+    # Not every OpenAI-compatible provider's key starts with sk-: the configured key goes too.
+    text = " ".join(str(text).split())
+    if secret:
+        text = text.replace(secret, "***")
+    text = re.sub(r"sk-[\w*.-]+", "sk-***", text)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 

@@ -68,7 +68,12 @@ class Store:
         )
         self.conn.row_factory = sqlite3.Row
         self.conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-        self.conn.execute("PRAGMA journal_mode = WAL")
+        try:
+            self.conn.execute("PRAGMA journal_mode = WAL")
+        except sqlite3.DatabaseError as exc:
+            if "not a database" not in str(exc):
+                raise
+            raise SmsbatchError(f"{self.path} is not an SQLite database") from None
         self.conn.execute("PRAGMA synchronous = NORMAL")
         self.conn.execute("PRAGMA foreign_keys = ON")
 
@@ -112,7 +117,11 @@ class Store:
 
     def require_schema(self):
         """Raises: SmsbatchError when the database was never migrated."""
-        if self.version() != SCHEMA_VERSION:
+        version = self.version()
+        if version > SCHEMA_VERSION:
+            raise SmsbatchError(f"database {self.path} has schema version {version}, newer than this smsbatch "
+                                f"({SCHEMA_VERSION}): upgrade smsbatch")
+        if version != SCHEMA_VERSION:
             raise SmsbatchError(f"database {self.path} is not ready: run `smsbatch migrate` first")
 
     # -- inbound ----------------------------------------------------------------
@@ -159,7 +168,8 @@ class Store:
 
     def _join_open(self, conn, phone, our_number, at, urgent, rules):
         row = conn.execute(
-            "SELECT id, first_at, last_at, message_count, urgent FROM batches"
+            # The partial index finds the one open batch directly (batches_phone has no state).
+            "SELECT id, first_at, last_at, message_count, urgent FROM batches INDEXED BY batches_one_open"
             " WHERE phone = ? AND state = 'open'",
             (phone,),
         ).fetchone()
@@ -212,7 +222,11 @@ class Store:
             expired = conn.execute(
                 "UPDATE batches SET state = 'expired', due_at = NULL, claim = NULL, completed_at = ?,"
                 " last_error = 'not answered: older than SMSBATCH_MAX_AGE_SECONDS'"
-                " WHERE state IN ('open', 'queued') AND due_at <= ? AND last_at < ?",
+                # +due_at: search by last_at (index batches_state_last), so the sweep reads only
+                # batches old enough to expire, not every due one (flat with a large backlog).
+                " WHERE state IN ('open', 'queued') AND +due_at <= ? AND last_at < ?"
+                # a batch an operator requeued is answered, however old its texts
+                " AND retried_at IS NULL",
                 (now, now, now - max_age),
             ).rowcount
             rows = conn.execute(
@@ -252,8 +266,13 @@ class Store:
             " AND state = 'sent' AND sent_at <= ? ORDER BY sent_at DESC LIMIT ?",
             (phone, before, limit),
         ).fetchall()
-        merged = sorted([tuple(r) for r in texts] + [tuple(r) for r in replies])
+        merged = sorted([tuple(r) for r in texts] + [tuple(r) for r in replies], key=lambda r: r[0])
         return merged[-limit:] if limit else []
+
+    def reply_sids(self, phone):
+        """The provider SIDs already recorded for replies to this phone."""
+        return {r[0] for r in self.conn.execute(
+            "SELECT provider_sid FROM batches WHERE phone = ? AND provider_sid IS NOT NULL", (phone,))}
 
     def is_opted_out(self, phone):
         return self._opted_out(self.conn, phone)
@@ -283,10 +302,12 @@ class Store:
                 self._finish(conn, batch, State.SKIPPED, now, error="opted out before the reply was sent")
                 return State.SKIPPED
             if settings.supersede and batch["fold_depth"] < settings.max_supersede:
+                # Only texts written after this batch was claimed supersede it (a batch closed
+                # by max messages is not held back by texts that were already waiting).
                 newer = conn.execute(
                     "SELECT * FROM batches WHERE phone = ? AND state IN ('open', 'queued') AND seq > ?"
-                    " ORDER BY seq LIMIT 1",
-                    (batch["phone"], batch["seq"]),
+                    " AND created_at >= ? ORDER BY seq LIMIT 1",
+                    (batch["phone"], batch["seq"], batch["started_at"]),
                 ).fetchone()
                 if newer:
                     self._fold(conn, batch, newer, now, batching.Rules.from_settings(settings))
@@ -395,8 +416,7 @@ class Store:
                 raise InvalidTransition(f"batch {batch_id} holds an opt-out/opt-in keyword; nothing to answer")
             conn.execute(
                 "UPDATE batches SET state = 'queued', due_at = ?, attempts = 0, claim = NULL,"
-                " last_error = NULL, completed_at = NULL, last_at = max(last_at, ?) WHERE id = ?",
-                # last_at moves up so a requeued old batch is not expired again at once
+                " last_error = NULL, completed_at = NULL, retried_at = ? WHERE id = ?",
                 (now, now, batch_id),
             )
         return self.get_batch(batch_id)

@@ -13,20 +13,18 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from smsbatch import ai, batching
+from smsbatch.config import FAULT_POINT
 from smsbatch.db import State, Store
 from smsbatch.errors import CannotReconcile, DeliveryError
 
 log = logging.getLogger("smsbatch.processor")
 POLL_SECONDS = 1.0  # with --for, new work is picked up within about this long
 OUTCOMES = ("sent", "skipped", "superseded", "retrying", "failed", "unknown", "lost")
-# Fault injection for the crash tests: SMSBATCH_FAULT_INJECT=<point> makes the process
-# kill itself (SIGKILL, no cleanup) when a batch reaches that point. Read once, at import.
-_FAULT_POINT = os.environ.get("SMSBATCH_FAULT_INJECT", "")
 
 
 def fault_point(name):
-    """Die here, abruptly, if the crash tests asked for it."""
-    if _FAULT_POINT == name:
+    """Die here, abruptly (SIGKILL, no cleanup), if the crash tests asked for it."""
+    if FAULT_POINT == name:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -133,7 +131,8 @@ class Processor:
             return self._finish(store, batch, State.UNKNOWN,
                                 f"could not confirm the send after {self.settings.max_attempts} attempts; check, then retry")
         try:
-            sid = self.sender.find_sent(batch["phone"], batch["send_started_at"], batch["response_text"])
+            sid = self.sender.find_sent(batch["phone"], batch["send_started_at"], batch["response_text"],
+                                        exclude=store.reply_sids(batch["phone"]))
         except CannotReconcile as exc:
             return self._finish(store, batch, State.UNKNOWN, f"send outcome unknown: {exc}; check, then retry")
         except DeliveryError as exc:

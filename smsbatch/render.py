@@ -81,3 +81,97 @@ def demo(result):
 
 def when(epoch):
     return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+SIMULATION_ROWS = (
+    ("texts", "texts"), ("batches", "batches"), ("AI calls", "ai_calls"),
+    ("AI calls per text", "ai_calls_per_text"), ("replies", "replies"),
+    ("AI answers superseded (not sent)", "superseded"),
+    ("replies sent while still typing", "replies_while_typing"),
+    ("texts whose burst got 2+ replies", "split_texts"), ("texts never answered", "never_answered"),
+)
+LATENCY_ROWS = (("latency p50", "p50"), ("latency p95", "p95"), ("latency max", "max"))
+
+
+def simulation(report):
+    """`smsbatch simulate`: one column per run (or one row per sweep value) and latency histograms."""
+    out = console()
+    t = report["trace"]
+    repeats = f", {t['repeats']} repeated sids ignored" if t["repeats"] else ""
+    out.print(f"trace: [bold]{t['texts']}[/] texts from {t['phones']} phones over {t['minutes']:g} minutes"
+              f" ({when(t['first'])} to {when(t['last'])}{repeats})")
+    results, swept = report["results"], report["sweep"]
+    # A sweep's rows share every setting but the swept one: describe them once.
+    described = results[:1] + [r for r in results if r["model"] == "seed"] if swept else results
+    for result in described:
+        name = f"smsbatch ({swept}: one row each)" if swept and result["model"] != "seed" else result["label"]
+        out.print(f"  [bold]{name}[/]: {_simulated_settings(result, skip=swept)}")
+    out.print(_sweep_table(report) if report["sweep"] else _simulation_table(results))
+    if not report["sweep"]:
+        out.print(_latency_histogram(results))
+    gap = f"{report['burst_gap']:g} s"
+    out.print(f"[dim]burst: a phone's texts less than {gap} apart. typing: a reply with a newer text less "
+              f"than {gap} before it. split: texts whose burst got 2+ replies. latency: last text to reply.[/]")
+
+
+def _simulated_settings(result, skip=None):
+    s = result["settings"]
+    if result["model"] == "seed":
+        return (f"{s['slot']:g} s slots, cron every {s['cron']:g} s (+{s['offset']:g} s), answered "
+                f"{s['min_age']:g} s after a slot's first text, {s['per_run']} per run, AI {s['ai_latency']:g} s")
+    parts = {"quiet": f"quiet {s['quiet']:g} s", "max-wait": f"max wait {s['max_wait']:g} s",
+             "max-messages": f"max {s['max_messages']} texts", "tick": f"tick {s['tick']:g} s",
+             "ai-latency": f"AI {s['ai_latency']:g} s", "concurrency": f"concurrency {s['concurrency']}"}
+    return ", ".join(text for name, text in parts.items() if name != skip)
+
+
+def _cell(value, seconds=False):
+    if value is None:
+        return "-"
+    return f"{value:g} s" if seconds else f"{value:g}"
+
+
+def _simulation_table(results):
+    table = Table(box=box.SIMPLE_HEAD)
+    table.add_column("")
+    for result in results:
+        table.add_column(result["label"], justify="right")
+    for name, key in SIMULATION_ROWS:
+        table.add_row(name, *[_cell(r[key]) for r in results])
+    for name, key in LATENCY_ROWS:
+        table.add_row(name, *[_cell(r["latency"][key], seconds=True) for r in results])
+    return table
+
+
+def _sweep_table(report):
+    seed = any(r["model"] == "seed" for r in report["results"])
+    caption = ("seed: the seed design. " if seed else "") + "latency in seconds, last text to reply."
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, padding=0, caption=caption,
+                  caption_justify="left")
+    keys = ("ai_calls", "ai_calls_per_text", "replies", "superseded", "replies_while_typing", "split_texts",
+            "never_answered")
+    columns = (report["sweep"], "AI\ncalls", "per\ntext", "replies", "super-\nseded", "while\ntyping",
+               "split\ntexts", "not\nanswered", "p50", "p95", "max")
+    for i, column in enumerate(columns):
+        table.add_column(column, justify="right" if i else "left")
+    for r in report["results"]:
+        value = "seed" if r["model"] == "seed" else r["label"].partition("=")[2]
+        table.add_row(value, *[_cell(r[k]) for k in keys], *[_cell(r["latency"][k]) for k in ("p50", "p95", "max")])
+    return table
+
+
+def _latency_histogram(results, width=20):
+    table = Table(box=box.SIMPLE_HEAD, title="replies by latency", title_justify="left")
+    table.add_column("seconds", justify="right")
+    for result in results:
+        table.add_column(result["label"])
+    top = max([b["replies"] for r in results for b in r["latency"]["histogram"]] + [1])
+    for i, bucket in enumerate(results[0]["latency"]["histogram"]):
+        span = f"{bucket['from']}-{bucket['to']}" if bucket["to"] is not None else f"{bucket['from']}+"
+        cells = []
+        for result in results:
+            n = result["latency"]["histogram"][i]["replies"]
+            bar = "█" * max(1, round(n * width / top)) if n else ""
+            cells.append(f"{n:>6} [cyan]{bar}[/]")
+        table.add_row(span, *cells)
+    return table

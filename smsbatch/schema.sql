@@ -30,11 +30,13 @@ CREATE TABLE IF NOT EXISTS batches (
     last_error      TEXT,                     -- why it failed, was skipped or expired
     fold_depth      INTEGER NOT NULL DEFAULT 0, -- superseded batches folded into this one, in a row
     superseded_by   TEXT REFERENCES batches(id),
+    retried_at      REAL,                     -- last requeued by `smsbatch retry`
     created_at      REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS batches_state_due ON batches(state, due_at);
+CREATE INDEX IF NOT EXISTS batches_state_last ON batches(state, last_at);  -- expiry sweep: O(expired), not O(backlog)
 CREATE UNIQUE INDEX IF NOT EXISTS batches_one_open ON batches(phone) WHERE state = 'open';
-CREATE INDEX IF NOT EXISTS batches_phone ON batches(phone, state);
+CREATE INDEX IF NOT EXISTS batches_phone ON batches(phone);  -- no state: claiming and finishing do not rewrite it
 
 -- Every inbound text, stored once per Twilio MessageSid.
 CREATE TABLE IF NOT EXISTS messages (

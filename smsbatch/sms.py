@@ -1,8 +1,8 @@
 """Senders: deliver one reply by SMS.
 
-A sender has `send(to, body) -> provider_sid` and `find_sent(to, since, body) -> sid | None`
-(did an earlier send go out?); both raise DeliveryError, and find_sent raises
-CannotReconcile when the sender cannot be asked.
+A sender has `send(to, body) -> provider_sid` and `find_sent(to, since, body, exclude) -> sid | None`
+(did an earlier send go out? `exclude`: SIDs already recorded for other replies); both raise
+DeliveryError, and find_sent raises CannotReconcile when the sender cannot be asked.
 """
 
 import datetime
@@ -37,7 +37,7 @@ class ConsoleSender:
             print(f"[console sms to {to}] {body}", file=self.stream)
         return sid
 
-    def find_sent(self, to, since, body):
+    def find_sent(self, to, since, body, exclude=frozenset()):
         raise CannotReconcile("the console sender keeps no record between runs")
 
 
@@ -82,8 +82,11 @@ class TwilioSender:
         except Exception as exc:
             raise classify(exc) from None
 
-    def find_sent(self, to, since, body):
+    def find_sent(self, to, since, body, exclude=frozenset()):
         """Look for our reply among the recipient's recent messages.
+
+        A message whose SID is in `exclude` is already recorded as another batch's reply:
+        the same text sent earlier (a repeated question gets the same answer) is not this one.
 
         Filters on recipient and compares body and creation time here rather than
         with Twilio's DateSent filter: a message Twilio accepted but has not yet
@@ -94,7 +97,9 @@ class TwilioSender:
         try:
             for message in client.messages.list(to=to, limit=50):
                 created = message.date_created
-                if message.body == body and (created is None or _epoch(created) >= after):
+                if message.sid in exclude or message.body != body:
+                    continue
+                if created is None or _epoch(created) >= after:
                     return message.sid
         except Exception as exc:
             raise classify(exc) from None

@@ -81,7 +81,8 @@ class StandIn:
 
 class FakeOpenAI(StandIn):
     """POST /v1/chat/completions. Script items: "ok", an HTTP status (int),
-    ("delay", seconds) then ok, or "hang" (never answers within any sane timeout)."""
+    ("delay", seconds) then ok, "hang" (never answers within any sane timeout), or
+    ("echo-key", status): that error, its message quoting the API key it was sent."""
 
     def __init__(self, script=(), delay=0.0):
         super().__init__(script)
@@ -104,6 +105,11 @@ class FakeOpenAI(StandIn):
             time.sleep(self.delay)
         if isinstance(action, int):
             return self.reply(handler, action, {"error": {"message": f"scripted {action}", "type": "x"}})
+        if isinstance(action, tuple) and action[0] == "echo-key":
+            # like "Incorrect API key provided: ...", but echoing the whole key: the worst case
+            key = handler.headers.get("Authorization", "").removeprefix("Bearer ")
+            return self.reply(handler, action[1], {"error": {"message": f"Incorrect API key provided: {key}",
+                                                             "type": "invalid_request_error", "code": "invalid_api_key"}})
         request = json.loads(body)
         with self.lock:
             self.calls.append(request["messages"])
@@ -122,7 +128,8 @@ class FakeTwilio(StandIn):
 
     Script items: "ok"; (status, code) for a Twilio error; "hang" (accept nothing,
     answer nothing); "accept-then-hang" (record the message as sent, then never answer,
-    like a connection cut after Twilio accepted).
+    like a connection cut after Twilio accepted); ("accept-then", status, code) (record
+    the message as sent, then answer that error).
     """
 
     ACCOUNT = "AC" + "0" * 32
@@ -149,6 +156,9 @@ class FakeTwilio(StandIn):
         if action == "hang":
             time.sleep(30)
             return
+        if isinstance(action, tuple) and action[0] == "accept-then":
+            self.record(form)  # Twilio queued it, then the answer was an error anyway
+            action = action[1:]
         if isinstance(action, tuple):
             status, code = action
             return self.reply(handler, status, {"code": code, "message": f"scripted {code}", "status": status})

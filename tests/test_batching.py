@@ -180,3 +180,16 @@ def test_backoff_grows_and_is_jittered():
     values = [batching.backoff_seconds(n, 30, rng) for n in (1, 2, 3, 4)]
     for n, value in enumerate(values, 1):
         assert 15 * 2 ** (n - 1) <= value <= 30 * 2 ** (n - 1)
+
+
+def test_texts_waiting_before_the_claim_do_not_supersede_a_full_batch(settings, store, clock):
+    """Only texts written after the claim hold a reply back: a batch closed by max
+    messages is answered even though the person kept typing before it was claimed."""
+    small = settings.replace(max_messages=2)
+    rules = Rules(max_messages=2)
+    full = {add(store, A, f"t{i}", T0 + i, rules=rules).batch_id for i in range(2)}
+    newer = add(store, A, "t2", T0 + 2, rules=rules).batch_id
+    clock.now = T0 + 3
+    report = offline_processor(small, clock).run()
+    assert report.counts["sent"] == 1 and report.counts["superseded"] == 0
+    assert store.get_batch(full.pop())["state"] == "sent" and store.get_batch(newer)["state"] == "open"
