@@ -168,15 +168,20 @@ class Store:
 
     def _join_open(self, conn, phone, our_number, at, urgent, rules):
         row = conn.execute(
-            # The partial index finds the one open batch directly (batches_phone has no state).
-            "SELECT id, first_at, last_at, message_count, urgent FROM batches INDEXED BY batches_one_open"
-            " WHERE phone = ? AND state = 'open'",
+            "SELECT b.id, b.first_at, b.last_at, b.message_count, b.urgent FROM phones p"
+            " JOIN batches b ON b.id = p.open_batch WHERE p.phone = ? AND b.state = 'open'",
             (phone,),
         ).fetchone()
         if row is None:
             due = batching.due_at(rules, at, at, 1, urgent)
             state = State.QUEUED if rules.max_messages <= 1 else State.OPEN
-            return self._insert_batch(conn, phone, our_number, at, state, due, urgent=urgent)
+            batch_id = self._insert_batch(conn, phone, our_number, at, state, due, urgent=urgent)
+            conn.execute(
+                "INSERT INTO phones (phone, open_batch) VALUES (?, ?)"
+                " ON CONFLICT (phone) DO UPDATE SET open_batch = excluded.open_batch",
+                (phone, batch_id),
+            )
+            return batch_id
         first, last = min(row["first_at"], at), max(row["last_at"], at)
         count, urgent = row["message_count"] + 1, bool(row["urgent"]) or urgent
         # A full batch closes: the next text opens a new one.

@@ -35,8 +35,15 @@ CREATE TABLE IF NOT EXISTS batches (
 );
 CREATE INDEX IF NOT EXISTS batches_state_due ON batches(state, due_at);
 CREATE INDEX IF NOT EXISTS batches_state_last ON batches(state, last_at);  -- expiry sweep: O(expired), not O(backlog)
-CREATE UNIQUE INDEX IF NOT EXISTS batches_one_open ON batches(phone) WHERE state = 'open';
 CREATE INDEX IF NOT EXISTS batches_phone ON batches(phone);  -- no state: claiming and finishing do not rewrite it
+
+-- Each phone's open batch. Texts join it while that batch is still open; claiming a
+-- batch does not touch this table (a pointer to a closed batch is simply stale), so
+-- claims stay cheap however many batches wait. One row per phone: one open batch.
+CREATE TABLE IF NOT EXISTS phones (
+    phone       TEXT PRIMARY KEY,
+    open_batch  TEXT NOT NULL REFERENCES batches(id)
+);
 
 -- Every inbound text, stored once per Twilio MessageSid.
 CREATE TABLE IF NOT EXISTS messages (
