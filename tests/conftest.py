@@ -1,5 +1,6 @@
 import os
 import sys
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -97,3 +98,34 @@ def invoke(args, env=None, input=None):
     clean = {k: None for k in os.environ if k.startswith(("SMSBATCH_", "TWILIO_", "OPENAI_", "ENABLE_AI", "AI_SMS"))}
     clean.update(env or {})
     return CliRunner().invoke(cli, args, env=clean, input=input, catch_exceptions=False)
+
+
+def wait_for(predicate, timeout=10.0):
+    """Poll for an outside event (a stand-in got a request), bounded in time."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.005)
+    return False
+
+
+class TextMeanwhile:
+    """A responder during whose answer the person writes again (or sends STOP).
+
+    `at` is the new text's time: a number, or a callable of the call number.
+    """
+
+    def __init__(self, db_path, phone, body, at, reply="ok"):
+        self.db_path, self.phone, self.body, self.at, self.reply = db_path, phone, body, at, reply
+        self.calls = 0
+        self.prompts = []
+
+    def answer(self, messages):
+        self.calls += 1
+        at = self.at(self.calls) if callable(self.at) else self.at
+        body = self.body(self.calls) if callable(self.body) else self.body
+        if body is not None:
+            add(Store(self.db_path), self.phone, body, at)
+        self.prompts.append(messages[-1]["content"])
+        return self.reply

@@ -2,10 +2,9 @@
 
 import pytest
 
-from conftest import T0, add, offline_processor
+from conftest import T0, TextMeanwhile, add, offline_processor
 from smsbatch import batching
 from smsbatch.batching import Rules
-from smsbatch.db import Store
 
 A, B = "+15551110001", "+15551110002"
 
@@ -98,63 +97,36 @@ def test_claim_takes_the_earliest_due_first(store):
 def test_text_during_processing_supersedes_and_folds_into_the_next_batch(settings, store, clock):
     """A late text arrives while the AI answers: that reply is not sent; the next one covers both."""
     first = add(store, A, "hi", T0).batch_id
-    sent = []
-
-    class LateTextResponder:
-        calls = 0
-
-        def answer(self, messages):
-            LateTextResponder.calls += 1
-            if LateTextResponder.calls == 1:  # the person writes again while the AI is answering
-                add(Store(settings.db_path), A, "and one more thing", T0 + 12)
-            sent.append(messages[-1]["content"])
-            return "reply " + str(LateTextResponder.calls)
-
+    late = TextMeanwhile(settings.db_path, A, lambda n: "and one more thing" if n == 1 else None, T0 + 12)
     clock.now = T0 + 10
-    report = offline_processor(settings, clock, LateTextResponder()).run()
+    report = offline_processor(settings, clock, late).run()
     assert report.counts["superseded"] == 1 and report.counts["sent"] == 0
     assert store.get_batch(first)["state"] == "superseded"
     clock.now = T0 + 22
-    report = offline_processor(settings, clock, LateTextResponder()).run()
+    report = offline_processor(settings, clock, late).run()
     assert report.counts["sent"] == 1
     second = store.get_batch(store.get_batch(first)["superseded_by"])
     assert second["state"] == "sent" and second["message_count"] == 2
-    assert "hi" in sent[-1] and "and one more thing" in sent[-1]
+    assert "hi" in late.prompts[-1] and "and one more thing" in late.prompts[-1]
 
 
 def test_supersede_stops_after_two_in_a_row(settings, store, clock):
     """A person who keeps typing during every answer still gets the third reply."""
     add(store, A, "t0", T0)
-    state = {"n": 0}
-
-    class AlwaysLate:
-        calls = 0
-
-        def answer(self, messages):
-            state["n"] += 1
-            add(Store(settings.db_path), A, f"late {state['n']}", clock.now + 1)
-            return "ok"
-
+    always_late = TextMeanwhile(settings.db_path, A, lambda n: f"late {n}", lambda n: clock.now + 1)
     outcomes = []
     for tick in range(3):
         clock.now = T0 + 10 + tick * 11
-        report = offline_processor(settings, clock, AlwaysLate()).run()
+        report = offline_processor(settings, clock, always_late).run()
         outcomes.append((report.counts["superseded"], report.counts["sent"]))
     assert outcomes == [(1, 0), (1, 0), (0, 1)]
 
 
 def test_supersede_can_be_turned_off(settings, store, clock):
     add(store, A, "hi", T0)
-
-    class Late:
-        calls = 0
-
-        def answer(self, messages):
-            add(Store(settings.db_path), A, "late", T0 + 11)
-            return "ok"
-
     clock.now = T0 + 10
-    report = offline_processor(settings.replace(supersede=False), clock, Late()).run()
+    late = TextMeanwhile(settings.db_path, A, "late", T0 + 11)
+    report = offline_processor(settings.replace(supersede=False), clock, late).run()
     assert report.counts["sent"] == 1 and report.counts["superseded"] == 0
 
 

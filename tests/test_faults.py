@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import add
+from conftest import add, wait_for
 from smsbatch.db import Store
 
 PHONES = [f"+1555330{i:04d}" for i in range(4)]
@@ -66,16 +66,6 @@ def start(env, now, concurrency=1):
          "--concurrency", str(concurrency)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-
-
-def wait_for(predicate, timeout):
-    """Poll for an outside event (the stand-in got a request), bounded in time."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.005)
-    return False
 
 
 def finish(proc):

@@ -4,9 +4,8 @@ import json
 
 import pytest
 
-from conftest import T0, add, offline_processor, real_processor
+from conftest import T0, TextMeanwhile, add, offline_processor, real_processor
 from smsbatch.config import Settings
-from smsbatch.db import Store
 
 A, B = "+15552220001", "+15552220002"
 
@@ -78,20 +77,13 @@ def test_opted_out_number_gets_no_reply_and_keywords_skip_the_ai(fast, store, cl
 
 
 def test_stop_arriving_while_the_ai_answers_wins(fast, store, clock, twilio_standin):
-    add(store, A, "hi", T0)
-
-    class StopMeanwhile:
-        calls = 0
-
-        def answer(self, messages):
-            add(Store(fast.db_path), A, "stop", T0 + 11)
-            return "hello"
-
-    clock.now = T0 + 10
-    from smsbatch.sms import TwilioSender
     from smsbatch.processor import Processor
+    from smsbatch.sms import TwilioSender
 
-    report = Processor(fast.db_path, fast, StopMeanwhile(), TwilioSender(fast), clock=clock).run()
+    add(store, A, "hi", T0)
+    clock.now = T0 + 10
+    stop_meanwhile = TextMeanwhile(fast.db_path, A, "stop", T0 + 11, reply="hello")
+    report = Processor(fast.db_path, fast, stop_meanwhile, TwilioSender(fast), clock=clock).run()
     assert report.counts["skipped"] == 1 and twilio_standin.sent == []
 
 

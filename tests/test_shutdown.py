@@ -7,18 +7,9 @@ import subprocess
 import sys
 import time
 
-from conftest import add
+from conftest import add, wait_for
 from fakes import FakeOpenAI, FakeTwilio, provider_env
 from smsbatch.db import Store
-
-
-def wait_for(predicate, timeout=10.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_sigterm_finishes_batches_in_hand_then_exits(db_path):
