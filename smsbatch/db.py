@@ -221,6 +221,11 @@ class Store:
         instead. A batch found processing or sending past its lease is claimed again
         (its holder died); a sending one keeps its state so it is reconciled, not resent.
         Every claim counts as an attempt.
+
+        One batch per phone at a time: a batch is not claimed while another batch of
+        its phone is in flight (lease still running) or an older one is also due, so
+        a phone never gets two replies racing each other; the later texts fold into
+        the newer batch instead (begin_send).
         """
         token = secrets.token_hex(8)
         with self.transaction() as conn:
@@ -235,12 +240,16 @@ class Store:
                 (now, now, now - max_age),
             ).rowcount
             rows = conn.execute(
-                "UPDATE batches SET claim = ?, due_at = ?, started_at = ?,"
+                "UPDATE batches SET claim = ?, due_at = ?, started_at = ?, claimed_at = coalesce(claimed_at, ?),"
                 " state = CASE state WHEN 'sending' THEN 'sending' ELSE 'processing' END,"
                 " attempts = attempts + 1"
-                " WHERE seq IN (SELECT seq FROM batches WHERE state IN ('open', 'queued', 'processing',"
-                " 'sending') AND due_at <= ? ORDER BY due_at LIMIT ?) RETURNING *",
-                (token, now + lease, now, now, limit),
+                " WHERE seq IN (SELECT seq FROM batches b WHERE state IN ('open', 'queued', 'processing',"
+                " 'sending') AND due_at <= ? AND NOT EXISTS (SELECT 1 FROM batches o"
+                " WHERE o.phone = b.phone AND o.seq != b.seq AND o.state IN ('open', 'queued', 'processing',"
+                " 'sending') AND (o.due_at > ? AND o.state IN ('processing', 'sending')"
+                " OR o.due_at <= ? AND o.seq < b.seq))"
+                " ORDER BY due_at LIMIT ?) RETURNING *",
+                (token, now + lease, now, now, now, now, now, limit),
             ).fetchall()
         return [dict(r) for r in rows], expired
 
@@ -295,10 +304,12 @@ class Store:
     def begin_send(self, batch, response, now, settings):
         """Commit the reply as *sending* before Twilio is called.
 
-        In the same transaction, a STOP that arrived meanwhile skips the batch, and
-        (with `supersede`) a newer unclaimed batch of the same phone takes this
-        batch's texts instead. Returns the state the batch is now in, or None
-        if this processor no longer holds the lease.
+        In the same transaction: a STOP that arrived meanwhile skips the batch; a newer
+        batch of the same phone that is already answered (this one was backing off)
+        takes this batch's texts, since a late, stale reply helps nobody; and (with
+        `supersede`) a newer unclaimed batch written after this one was claimed takes
+        its texts so the next reply covers both. Returns the state the batch is now
+        in, or None if this processor no longer holds the lease.
         """
         with self.transaction() as conn:
             if not self._holds(conn, batch, State.PROCESSING):
@@ -306,16 +317,25 @@ class Store:
             if self._opted_out(conn, batch["phone"]):
                 self._finish(conn, batch, State.SKIPPED, now, error="opted out before the reply was sent")
                 return State.SKIPPED
+            rules = batching.Rules.from_settings(settings)
+            answered = conn.execute(
+                "SELECT * FROM batches WHERE phone = ? AND seq > ? AND state IN ('sending', 'sent')"
+                " ORDER BY seq DESC LIMIT 1",
+                (batch["phone"], batch["seq"]),
+            ).fetchone()
+            if answered:
+                self._fold(conn, batch, answered, now, rules)
+                return State.SUPERSEDED
             if settings.supersede and batch["fold_depth"] < settings.max_supersede:
-                # Only texts written after this batch was claimed supersede it (a batch closed
-                # by max messages is not held back by texts that were already waiting).
+                # Only texts written after this batch was first claimed supersede it (a batch
+                # closed by max messages is not held back by texts that were already waiting).
                 newer = conn.execute(
                     "SELECT * FROM batches WHERE phone = ? AND state IN ('open', 'queued') AND seq > ?"
                     " AND created_at >= ? ORDER BY seq LIMIT 1",
-                    (batch["phone"], batch["seq"], batch["started_at"]),
+                    (batch["phone"], batch["seq"], batch["claimed_at"]),
                 ).fetchone()
                 if newer:
-                    self._fold(conn, batch, newer, now, batching.Rules.from_settings(settings))
+                    self._fold(conn, batch, newer, now, rules)
                     return State.SUPERSEDED
             conn.execute(
                 "UPDATE batches SET state = 'sending', response_text = ?, send_started_at = ?, due_at = ?"

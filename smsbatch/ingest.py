@@ -1,15 +1,17 @@
 """Storing texts from the command line: one, or many from a JSONL trace."""
 
+import sqlite3
 import time
 
 from smsbatch.batching import Rules
 from smsbatch.errors import InvalidInput
-from smsbatch.inputs import derived_sid, parse_record
+from smsbatch.inputs import check_body, derived_sid, parse_record
 
 
 def ingest_one(store, settings, phone, our_number, body, sid=None, at=None):
     """Store one text like the webhook would. Returns counts like ingest_lines."""
     at = time.time() if at is None else at
+    body = check_body(body)
     sid = sid or derived_sid(phone, our_number, body, at)
     added = store.add_message(sid, phone, our_number, body, at, Rules.from_settings(settings))
     return {"stored": int(not added.duplicate), "duplicates": int(added.duplicate), "errors": [],
@@ -36,7 +38,11 @@ def ingest_lines(store, lines, settings):
         except InvalidInput as exc:
             errors.append((number, str(exc)))
             continue
-        added = store.add_message(r["sid"], r["phone"], r["our_number"], r["body"], r["at"], rules)
+        try:
+            added = store.add_message(r["sid"], r["phone"], r["our_number"], r["body"], r["at"], rules)
+        except sqlite3.IntegrityError as exc:  # the line is bad; the file goes on
+            errors.append((number, f"not stored: {exc}"))
+            continue
         duplicates += added.duplicate
         stored += not added.duplicate
     return {"stored": stored, "duplicates": duplicates, "errors": errors}

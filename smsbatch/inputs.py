@@ -2,26 +2,32 @@
 
 import datetime
 import json
+import math
 import re
 
 from smsbatch.errors import InvalidInput
 
 PHONE = re.compile(r"^(whatsapp:)?\+?[0-9]{2,15}$")
+LATEST = 253402300799.0  # 9999-12-31T23:59:59Z
 
 
 def parse_time(text):
-    """Epoch seconds or ISO-8601 (naive means UTC) -> epoch seconds.
+    """Epoch seconds or ISO-8601 (naive means UTC) -> epoch seconds, between 1970 and 9999.
 
     Raises:
-        InvalidInput: neither form.
+        InvalidInput: neither form, or out of range (nan, inf, negative).
     """
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        return float(text)
-    raw = str(text).strip()
+    raw = text if isinstance(text, (int, float)) and not isinstance(text, bool) else str(text).strip()
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
-        pass
+        value = _iso_time(raw)
+    if not (math.isfinite(value) and 0 <= value <= LATEST):
+        raise InvalidInput(f"bad time {text!r}: out of range (1970 to 9999)")
+    return value
+
+
+def _iso_time(raw):
     try:
         moment = datetime.datetime.fromisoformat(raw.replace("Z", "+00:00"))
     except ValueError:
@@ -29,6 +35,21 @@ def parse_time(text):
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=datetime.timezone.utc)
     return moment.timestamp()
+
+
+def check_body(body):
+    """A text body that can be stored as UTF-8.
+
+    Raises:
+        InvalidInput: not a string, or holding characters UTF-8 cannot carry (lone surrogates).
+    """
+    if not isinstance(body, str):
+        raise InvalidInput("body must be a string")
+    try:
+        body.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput("body is not valid text (not UTF-8)") from None
+    return body
 
 
 def check_phone(text, what="phone number"):
@@ -56,15 +77,15 @@ def parse_record(line):
         raise InvalidInput(f"not JSON ({exc.msg})") from None
     if not isinstance(record, dict):
         raise InvalidInput("not a JSON object")
-    body = record.get("body", "")
-    if not isinstance(body, str):
-        raise InvalidInput("body must be a string")
+    body = check_body(record.get("body", ""))
     if "at" not in record:
         raise InvalidInput("missing 'at'")
     phone = check_phone(record.get("from"), "'from'")
     our_number = check_phone(record.get("to"), "'to'")
     at = parse_time(record["at"])
-    sid = str(record.get("sid") or derived_sid(phone, our_number, body, at))
+    sid = record.get("sid") or derived_sid(phone, our_number, body, at)
+    if not isinstance(sid, str) or len(sid) > 64:
+        raise InvalidInput("sid must be a string of at most 64 characters")
     return {"sid": sid, "phone": phone, "our_number": our_number, "body": body, "at": at}
 
 

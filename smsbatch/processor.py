@@ -6,6 +6,7 @@ is the loop around it (claim as many as there are free workers, wait, repeat).
 
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -20,6 +21,14 @@ from smsbatch.errors import CannotReconcile, DeliveryError
 log = logging.getLogger("smsbatch.processor")
 POLL_SECONDS = 1.0  # with --for, new work is picked up within about this long
 OUTCOMES = ("sent", "skipped", "superseded", "retrying", "failed", "unknown", "lost")
+
+
+PHONE_DIGITS = re.compile(r"\+?\d[\d ().-]{6,}\d")
+
+
+def _digits(phone):
+    """Compare numbers by their digits: '+1 555 123 4567' is '15551234567'."""
+    return re.sub(r"\D", "", phone or "")
 
 
 def fault_point(name):
@@ -42,8 +51,9 @@ class RunReport:
         self.counts[outcome] += 1
 
     @property
-    def failed(self):
-        return self.counts["failed"]
+    def need_a_person(self):
+        """Batches that need a person: failed, or unknown whether the reply went out."""
+        return self.counts["failed"] + self.counts["unknown"]
 
     def as_dict(self):
         return {"claimed": self.claimed, "expired": self.expired, "ai_calls": self.ai_calls,
@@ -90,7 +100,7 @@ class Processor:
             return self._finish(store, batch, State.FAILED, f"gave up after {s.max_attempts} attempts")
         if store.is_opted_out(batch["phone"]):
             return self._finish(store, batch, State.SKIPPED, "opted out")
-        if s.test_number and batch["phone"] != s.test_number:
+        if s.test_number and _digits(batch["phone"]) != _digits(s.test_number):
             return self._finish(store, batch, State.SKIPPED, "not the AI_SMS_TEST_NUMBER")
         fault_point("before_ai")
         texts = store.batch_texts(batch["id"])
@@ -126,16 +136,17 @@ class Processor:
 
     def _reconcile(self, store, batch):
         """A batch left in *sending* (its processor died, or the send's outcome was unclear):
-        ask Twilio before resending."""
-        if batch["attempts"] > self.settings.max_attempts:
-            return self._finish(store, batch, State.UNKNOWN,
-                                f"could not confirm the send after {self.settings.max_attempts} attempts; check, then retry")
+        ask Twilio before resending. *unknown* only when Twilio cannot be asked."""
+        out_of_attempts = batch["attempts"] > self.settings.max_attempts
         try:
             sid = self.sender.find_sent(batch["phone"], batch["send_started_at"], batch["response_text"],
                                         exclude=store.reply_sids(batch["phone"]))
         except CannotReconcile as exc:
             return self._finish(store, batch, State.UNKNOWN, f"send outcome unknown: {exc}; check, then retry")
         except DeliveryError as exc:
+            if out_of_attempts:
+                return self._finish(store, batch, State.UNKNOWN,
+                                    f"could not check whether the reply went out: {exc}; check, then retry")
             due = self.clock() + self._backoff(batch)
             ok = store.release_sending(batch, due, f"could not check the earlier send: {exc}")
             return "retrying" if ok else "lost"
@@ -143,6 +154,8 @@ class Processor:
             return "sent" if store.mark_sent(batch, sid, self.clock()) else "lost"
         if store.is_opted_out(batch["phone"]):
             return self._finish(store, batch, State.SKIPPED, "opted out before the reply was sent")
+        if out_of_attempts:  # Twilio says it never went out: nothing sent, so a plain failure
+            return self._finish(store, batch, State.FAILED, f"not sent after {self.settings.max_attempts} attempts")
         return self._send(store, batch, batch["response_text"])
 
     def _failed_attempt(self, store, batch, exc):
@@ -156,7 +169,9 @@ class Processor:
         ok = store.finish(batch, state, self.clock(), error)
         if ok and state in (State.FAILED, State.UNKNOWN):
             # stderr: cron mails it, so a person hears about batches that need them
-            log.warning("batch %s %s: %s (smsbatch retry %s)", batch["id"], State(state).value, error, batch["id"])
+            # Provider errors may quote the number: the log (cron mail) gets the batch id instead.
+            log.warning("batch %s %s: %s (smsbatch retry %s)", batch["id"], State(state).value,
+                        PHONE_DIGITS.sub("[number]", error), batch["id"])
         return State(state).value if ok else "lost"
 
     def _backoff(self, batch):
@@ -197,7 +212,9 @@ class Processor:
         with ThreadPoolExecutor(concurrency, thread_name_prefix="smsbatch") as pool:
             inflight = set()
             while not stop.is_set():
-                room = min(concurrency - len(inflight), limit - report.claimed)
+                # With --for, nothing new is claimed past the deadline: finish what is in hand.
+                claiming = not seconds or time.monotonic() < deadline
+                room = min(concurrency - len(inflight), limit - report.claimed) if claiming else 0
                 claimed = 0
                 if room > 0:
                     rows, expired = self.claim(room)

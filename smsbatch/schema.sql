@@ -21,6 +21,7 @@ CREATE TABLE IF NOT EXISTS batches (
     due_at          REAL,
     claim           TEXT,                     -- token of the current lease holder
     attempts        INTEGER NOT NULL DEFAULT 0,
+    claimed_at      REAL,                     -- first claimed: texts after this are "late"
     started_at      REAL,                     -- processing started (latest claim)
     completed_at    REAL,                     -- reached a final state
     response_text   TEXT,                     -- the AI reply

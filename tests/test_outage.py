@@ -142,7 +142,7 @@ def test_outage_longer_than_the_attempts_fails_then_retry_answers_once(fast, db_
     for _ in range(3):
         report, [row] = tick(settings, store, {PHONES[0]: batch}, at)
         at = row["due_at"] or at
-    assert report.failed == 1 and row["state"] == "failed" and row["attempts"] == 3
+    assert report.counts["failed"] == 1 and row["state"] == "failed" and row["attempts"] == 3
     assert "503" in row["last_error"] and "after 3 attempts" in row["last_error"]
     assert tick(settings, store, {PHONES[0]: batch}, at + 3600)[0].claimed == 0  # dead, not retried by itself
     store.retry(batch, at + 10)

@@ -124,7 +124,7 @@ def test_permanent_ai_error_fails_at_once(fast, store, clock, openai_standin, tw
     openai_standin.script = [401]
     batch = add(store, A, "hi", T0).batch_id
     report = run(fast, clock, T0 + 10)
-    assert report.failed == 1
+    assert report.counts["failed"] == 1
     row = store.get_batch(batch)
     assert row["state"] == "failed" and "401" in row["last_error"] and "sk-test" not in row["last_error"]
 
@@ -136,7 +136,7 @@ def test_gives_up_after_max_attempts(fast, store, clock, openai_standin):
     run(settings, clock, T0 + 10)
     report = run(settings, clock, store.get_batch(batch)["due_at"])
     row = store.get_batch(batch)
-    assert report.failed == 1 and row["state"] == "failed" and row["attempts"] == 2
+    assert report.counts["failed"] == 1 and row["state"] == "failed" and row["attempts"] == 2
     assert "after 2 attempts" in row["last_error"]
 
 
@@ -260,3 +260,99 @@ def test_reconcile_gives_up_as_unknown_after_max_attempts(fast, store, clock, tw
         at = store.get_batch(batch)["due_at"]
     assert outcomes[0]["retrying"] == 1 and outcomes[1]["unknown"] == 1
     assert store.get_batch(batch)["state"] == "unknown" and twilio_standin.sent == []
+
+
+def sending_batch(store, settings, phone=A, reply="the reply"):
+    """A batch whose processor died after committing *sending*, before recording the send."""
+    batch = add(store, phone, "hi", T0).batch_id
+    rows, _ = store.claim_due(T0 + 10, 1, settings.lease, 3600)
+    assert store.begin_send(rows[0], reply, T0 + 11, settings) == "sending"
+    return batch
+
+
+def test_reconcile_rechecks_opt_out_before_resending(fast, store, clock, twilio_standin):
+    batch = sending_batch(store, fast)
+    add(store, A, "STOP", T0 + 12)
+    report = run(fast, clock, T0 + 11 + fast.lease)
+    assert report.counts["skipped"] == 1 and twilio_standin.sent == []
+    assert store.get_batch(batch)["state"] == "skipped"
+
+
+def test_reconcile_ignores_an_identical_reply_from_long_before(fast, store, clock, twilio_standin):
+    twilio_standin.record({"To": A, "From": "+15550000000", "Body": "the reply"}, at=T0 - 3600)
+    batch = sending_batch(store, fast)
+    run(fast, clock, T0 + 11 + fast.lease)
+    assert twilio_standin.bodies_to(A) == ["the reply", "the reply"]
+    assert store.get_batch(batch)["provider_sid"] == twilio_standin.sent[1]["sid"]
+
+
+def test_a_batch_whose_processor_keeps_dying_fails_after_max_attempts(fast, store, clock, openai_standin):
+    settings = fast.replace(max_attempts=2)
+    batch = add(store, A, "hi", T0).batch_id
+    at = T0 + 10
+    for _ in range(2):  # claimed, then the processor dies (the lease runs out)
+        store.claim_due(at, 1, settings.lease, 3600)
+        at += settings.lease
+    report = run(settings, clock, at)
+    row = store.get_batch(batch)
+    assert report.counts["failed"] == 1 and row["state"] == "failed" and "gave up after 2" in row["last_error"]
+    assert openai_standin.requests == []
+
+
+def test_reconcile_out_of_attempts_asks_twilio_first(fast, store, clock, twilio_standin):
+    """Even on the last attempt the reply is looked for, and found, rather than given up on."""
+    settings = fast.replace(max_attempts=1)
+    batch = sending_batch(store, settings)
+    twilio_standin.record({"To": A, "From": "+15550000000", "Body": "the reply"}, at=T0 + 11)
+    assert run(settings, clock, T0 + 11 + settings.lease).counts["sent"] == 1
+    assert store.get_batch(batch)["state"] == "sent" and len(twilio_standin.sent) == 1
+
+
+def test_one_batch_per_phone_in_flight(fast, store, clock, openai_standin, twilio_standin):
+    """A newer batch of a phone waits while an older one is with the AI, then takes its texts."""
+    first = add(store, A, "hi", T0).batch_id
+    [claimed], _ = store.claim_due(T0 + 10, 10, fast.lease, 3600)
+    add(store, A, "about my claim", T0 + 11)
+    rows, _ = store.claim_due(T0 + 30, 10, fast.lease, 3600)
+    assert rows == []  # the first is still in flight
+    assert store.begin_send(claimed, "stale reply", T0 + 31, fast) == "superseded"
+    assert run(fast, clock, T0 + 40).counts["sent"] == 1
+    [sms] = twilio_standin.sent
+    assert "hi" in openai_standin.calls[0][-1]["content"] and "about my claim" in openai_standin.calls[0][-1]["content"]
+    assert store.get_batch(first)["state"] == "superseded"
+
+
+def test_an_older_batch_retried_after_a_newer_reply_is_not_sent(fast, store, clock, openai_standin, twilio_standin):
+    openai_standin.script = [503]
+    first = add(store, A, "hello??", T0).batch_id
+    run(fast, clock, T0 + 10)  # fails, backs off 15-30 s
+    add(store, A, "what time do you open?", T0 + 12)
+    assert run(fast, clock, T0 + 23).counts["sent"] == 1  # the newer batch is answered
+    assert run(fast, clock, T0 + 100).counts["superseded"] == 1
+    assert len(twilio_standin.sent) == 1 and store.get_batch(first)["state"] == "superseded"
+
+
+def test_test_number_compares_digits(fast, store, clock, twilio_standin):
+    add(store, "+15551234567", "hi", T0)
+    report = run(fast.replace(test_number="1 (555) 123-4567"), clock, T0 + 10)
+    assert report.counts["sent"] == 1
+
+
+def test_for_stops_claiming_at_its_deadline(settings, store):
+    """With texts falling due all the time, `--for` still ends on time."""
+    import time
+
+    now = time.time()
+    for i in range(200):
+        add(store, f"+1555800{i:04d}", "hi", now - 60)
+
+    class Slow:
+        calls = 0
+
+        def answer(self, messages):
+            time.sleep(0.05)
+            return "ok"
+
+    started = time.monotonic()
+    report = offline_processor(settings, time.time, Slow()).run(concurrency=2, seconds=0.3)
+    assert time.monotonic() - started < 1.0 and 0 < report.claimed < 200
