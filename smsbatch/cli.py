@@ -189,7 +189,7 @@ def process(ctx, now, limit, seconds, concurrency, system_prompt_file, ai, sms, 
         emit_json(report.as_dict())
     else:
         click.echo(summary_line(report))
-    if report.failed:
+    if report.need_a_person:
         ctx.exit(EXIT_SOME_FAILED)
 
 

@@ -1,6 +1,7 @@
 """Settings: the only place the environment is read."""
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -37,6 +38,8 @@ def _number(env, name, default, kind=float, minimum=0):
     except ValueError:
         what = "a whole number" if kind is int else "a number"
         raise ConfigError(f"{name} must be {what}, not {raw!r}") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, not {raw!r}")
     if value < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, not {raw}")
     return value

@@ -238,3 +238,18 @@ def test_missing_or_broken_database_is_one_line(tmp_path, content, message):
     result = invoke(["--db", str(path), "status"])
     assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
     assert path.exists() == bool(content)
+
+
+@pytest.mark.parametrize("at", ["NaN", "1e400", "-5", "inf"])
+def test_jsonl_times_out_of_range_are_bad_lines_and_later_lines_are_kept(db_path, at):
+    lines = [json.dumps({"from": A, "to": "+15550000000", "body": "x", "at": at}),
+             '{"from": "%s", "to": "+15550000000", "body": "\\udcff", "at": 1}' % A,
+             json.dumps({"from": A, "to": "+15550000000", "body": "kept", "at": T0})]
+    result = invoke(["ingest", "--jsonl", "-"], db_env(db_path), input="\n".join(lines) + "\n")
+    assert result.exit_code == 1 and "line 1: bad time" in result.output and "line 2: body is not valid" in result.output
+    assert [r[0] for r in sqlite3.connect(db_path).execute("SELECT body FROM messages")] == ["kept"]
+
+
+def test_non_finite_setting_is_refused(db_path):
+    result = invoke(["status"], db_env(db_path, SMSBATCH_QUIET_SECONDS="nan"))
+    assert result.exit_code == 1 and "finite" in result.output
