@@ -13,7 +13,9 @@ DEFAULT_SYSTEM_PROMPT = (
     "Plain text only, no markdown."
 )
 OPENAI_MAX_RETRIES = 2  # the openai client's own retries on 429/5xx/timeouts (its default)
-OPENAI_MAX_BACKOFF = 8.0  # the openai client's longest pause between those retries
+# The openai client's longest pause between those retries: its own backoff stops at 8 s,
+# but it honours a server's Retry-After of up to 120 s (openai._constants.MAX_RETRY_AFTER_DELAY).
+OPENAI_MAX_BACKOFF = 120.0
 LEASE_MARGIN_SECONDS = 15.0
 # A test aid for the crash tests: SMSBATCH_FAULT_INJECT=<point> makes `process` kill
 # itself with SIGKILL when a batch reaches that point (see processor.fault_point).

@@ -149,7 +149,7 @@ def test_a_failed_batch_does_not_block_the_next_one(fast, store, clock, openai_s
 
 
 @pytest.mark.parametrize("code,status,outcome", [(21610, 400, "skipped"), (21211, 400, "failed"),
-                                                 (20429, 429, "retrying"), (30008, 500, "retrying")])
+                                                 (20429, 429, "retrying"), (30003, 400, "retrying")])
 def test_twilio_errors_are_classified(fast, store, clock, twilio_standin, code, status, outcome):
     twilio_standin.script = [(status, code)]
     batch = add(store, A, "hi", T0).batch_id
