@@ -1,7 +1,7 @@
 """`smsbatch simulate` on a 100,000-text trace: target under a minute (2 cores).
 
-    /work/venv/bin/python bench/bench_simulate.py                 # 100,000 texts, 1 run
-    /work/venv/bin/python bench/bench_simulate.py --texts 20000 --runs 3
+    python bench/bench_simulate.py                 # 100,000 texts, 1 run
+    python bench/bench_simulate.py --texts 20000 --runs 3
 
 The trace comes from the built-in burst model (`simulate --generate`, seed 7, 5 hours
 of traffic), cut to exactly `--texts` lines. Figures, wall clock:

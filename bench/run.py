@@ -1,9 +1,11 @@
 """Run the smsbatch benchmarks and print one table of figures (target, median, spread).
 
-    /work/venv/bin/python bench/run.py                  # every part (about 5 minutes)
-    /work/venv/bin/python bench/run.py webhook          # one part (or several: webhook idle)
-    /work/venv/bin/python bench/run.py --runs 5 claim
-    /work/venv/bin/python bench/run.py --wait-idle 300  # first let other processes calm down
+Run with the Python of the virtualenv smsbatch is installed in, e.g. `.venv/bin/python`:
+
+    python bench/run.py                  # every part (about 5 minutes)
+    python bench/run.py webhook          # one part (or several: webhook idle)
+    python bench/run.py --runs 5 claim
+    python bench/run.py --wait-idle 300  # first let other processes calm down
 
 Parts:
     webhook   `smsbatch serve` under wrk, signatures checked: >= 3,000 req/s, p99 <= 20 ms

@@ -240,14 +240,21 @@ def retry(ctx, batch_id, now):
 @click.pass_context
 def serve(ctx, host, port, threads, insecure_no_signature):
     """Run the Twilio webhook (POST /sms, GET /health) on wsgiref."""
+    from smsbatch.errors import ConfigError
     from smsbatch.web import make_app, make_server_for
 
     settings = settings_from(ctx)
     open_store(settings).close()
     if insecure_no_signature and not settings.twilio_auth_token:
         click.echo("WARNING: signatures are NOT checked; anyone can post texts.", err=True)
-    app = make_app(settings, insecure=insecure_no_signature)
-    server = make_server_for(app, host, port, threads)
+    try:
+        app = make_app(settings, insecure=insecure_no_signature)
+    except ConfigError as exc:  # no TWILIO_AUTH_TOKEN: say how this command allows that
+        raise click.ClickException(f"{exc} (--insecure-no-signature to allow, for testing)") from None
+    try:
+        server = make_server_for(app, host, port, threads)
+    except OSError as exc:  # port in use, an address this machine does not have, a name that does not resolve
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     click.echo(f"listening on http://{host}:{server.server_port}/sms", err=True)
     try:

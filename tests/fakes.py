@@ -16,9 +16,12 @@ from urllib.parse import parse_qs, urlparse
 
 
 class QuietServer(ThreadingHTTPServer):
-    """Clients that time out and hang up are part of the tests, not errors to print."""
+    """Clients that time out and hang up are part of the tests, not errors to print.
+    A listen backlog of 64, not socketserver's 5: with more simultaneous new connections
+    than that, the kernel drops SYNs and the client waits a second to send it again."""
 
     daemon_threads = True
+    request_queue_size = 64
 
     def handle_error(self, request, client_address):
         pass
@@ -35,6 +38,7 @@ class StandIn:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body go out in two writes: no 40 ms wait for an ACK
 
             def log_message(self, *args):
                 pass

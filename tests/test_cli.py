@@ -253,3 +253,18 @@ def test_jsonl_times_out_of_range_are_bad_lines_and_later_lines_are_kept(db_path
 def test_non_finite_setting_is_refused(db_path):
     result = invoke(["status"], db_env(db_path, SMSBATCH_QUIET_SECONDS="nan"))
     assert result.exit_code == 1 and "finite" in result.output
+
+
+def test_serve_on_a_port_in_use_is_one_line(db_path):
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        port = taken.getsockname()[1]
+        result = invoke(["serve", "--port", str(port)], db_env(db_path, TWILIO_AUTH_TOKEN="t"))
+    finally:
+        taken.close()
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1 and f"cannot listen on 127.0.0.1:{port}" in result.output

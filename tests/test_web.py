@@ -155,13 +155,13 @@ def test_bad_num_media_is_400(app, db_path):
 
 
 def test_unwritable_database_answers_503_and_acknowledges_nothing(wsettings, db_path):
-    app = make_app(wsettings, clock=lambda: T0)
-    blocker = sqlite3.connect(db_path, isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")  # another writer holds the lock past the busy timeout
     import smsbatch.web as web
 
-    old, web.WEB_BUSY_TIMEOUT = web.WEB_BUSY_TIMEOUT, 0.2
+    blocker = sqlite3.connect(db_path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # another writer holds the lock past the busy timeout
+    old, web.WEB_BUSY_TIMEOUT = web.WEB_BUSY_TIMEOUT, 0.2  # read when the app is made
     try:
+        app = make_app(wsettings, clock=lambda: T0)
         body, headers = signed(form())
         assert call(app, body=body, headers=headers)[0] == 503
     finally:
@@ -232,3 +232,51 @@ def test_a_stalled_client_does_not_block_others(wsettings, db_path):
         stalled.close()
         server.shutdown()
         server.server_close()
+
+
+def test_module_level_app_without_a_token_says_what_to_set(db_path, monkeypatch):
+    """`smsbatch.web:app` runs under gunicorn and the like: no command-line flag to point at."""
+    import smsbatch.web as web
+
+    for name in [k for k in __import__("os").environ if k.startswith(("SMSBATCH_", "TWILIO_"))]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("SMSBATCH_DB", db_path)
+    monkeypatch.setattr(web, "_default_app", None)
+    with pytest.raises(ConfigError) as err:
+        call(web.app, method="GET", path="/health")
+    assert "TWILIO_AUTH_TOKEN" in str(err.value) and "--insecure" not in str(err.value)
+
+
+def test_queued_writes_commit_together_and_a_bad_one_fails_alone(db_path):
+    """Pool threads' writes queue while the connection is busy and are then committed by
+    one of them; a write that fails is rolled back and run alone, failing only itself."""
+    import time
+
+    from smsbatch.batching import Rules
+    from smsbatch.writer import Writer
+
+    writer = Writer(db_path)
+    outcomes = {}
+
+    def submit(i):
+        rules = None if i == 3 else Rules()  # None: add_message fails inside its transaction
+        try:
+            outcomes[i] = writer.submit(lambda store: store.add_message(
+                f"SM{i:032d}", f"+1555000{i:04d}", "+15550000000", "hi", T0, rules))
+        except Exception as exc:
+            outcomes[i] = exc
+
+    with writer.burst() as burst:  # holds the connection: the threads below queue up
+        threads = [threading.Thread(target=submit, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 5
+        while len(writer._waiting) < 8 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert not burst.failed
+    for t in threads:
+        t.join(5)
+    assert isinstance(outcomes.pop(3), AttributeError)
+    assert all(not added.duplicate for added in outcomes.values()) and len(outcomes) == 7
+    sids = {row[0] for row in sqlite3.connect(db_path).execute("SELECT sid FROM messages")}
+    assert sids == {f"SM{i:032d}" for i in range(8) if i != 3} and count(db_path, "batches") == 7
