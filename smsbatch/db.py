@@ -126,18 +126,20 @@ class Store:
 
     # -- inbound ----------------------------------------------------------------
 
-    def add_message(self, sid, phone, our_number, body, received_at, rules, media=()):
+    def add_message(self, sid, phone, our_number, body, received_at, rules, media=(), carrier_kind=None):
         """Store one inbound text exactly once and put it in its phone's open batch.
 
         Opt-out/opt-in keywords update the opt-out list and get a batch of their own,
-        skipped at once, so they never reach the AI.
+        skipped at once, so they never reach the AI. `carrier_kind` ('opt_out'/'opt_in')
+        is Twilio's own verdict (OptOutType), for keywords configured in Twilio.
         """
-        kind = batching.keyword_kind(body) if not media else None
+        kind = carrier_kind or (batching.keyword_kind(body) if not media else None)
         with self.transaction() as conn:
             seen = conn.execute("SELECT batch_id FROM messages WHERE sid = ?", (sid,)).fetchone()
             if seen:
                 return Added(seen[0], True, kind or "text")
-            if kind == "opt_in" and body.strip().strip(".!").upper() == "YES" and not self._opted_out(conn, phone):
+            yes = body.strip().strip(".!").upper() == "YES"
+            if kind == "opt_in" and yes and not carrier_kind and not self._opted_out(conn, phone):
                 kind = None  # "yes" answering the AI's question is a text, not a re-subscription
             if kind:
                 batch_id = self._add_keyword(conn, phone, our_number, body, received_at, kind)

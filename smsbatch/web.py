@@ -29,6 +29,7 @@ log = logging.getLogger("smsbatch.web")
 MAX_BODY = 64 * 1024
 TWIML_EMPTY = b'<?xml version="1.0" encoding="UTF-8"?><Response/>'
 MAX_MEDIA = 10  # Twilio sends at most 10 media per message
+CARRIER_KINDS = {"STOP": "opt_out", "START": "opt_in"}  # OptOutType; HELP is an ordinary text
 SINGLE_FIELDS = ("MessageSid", "From", "To", "Body", "NumMedia")
 
 
@@ -154,9 +155,11 @@ class Webhook:
             raise Reject("400 Bad Request", "From or MessageSid too long")
         media = media_urls(params)
         to, body, rules, clock = params.one("To").strip(), params.one("Body"), self.rules, self.clock
+        # Twilio's Advanced Opt-Out names the keywords configured in the console.
+        carrier = CARRIER_KINDS.get(params.one("OptOutType").strip().upper())
         try:
             added = self.writer.submit(
-                lambda store: store.add_message(sid, phone, to, body, clock(), rules, media)
+                lambda store: store.add_message(sid, phone, to, body, clock(), rules, media, carrier)
             )
         except (sqlite3.Error, SmsbatchError) as exc:
             # Twilio retries or uses its fallback URL on 5xx; never acknowledge a lost text.

@@ -280,3 +280,12 @@ def test_queued_writes_commit_together_and_a_bad_one_fails_alone(db_path):
     assert all(not added.duplicate for added in outcomes.values()) and len(outcomes) == 7
     sids = {row[0] for row in sqlite3.connect(db_path).execute("SELECT sid FROM messages")}
     assert sids == {f"SM{i:032d}" for i in range(8) if i != 3} and count(db_path, "batches") == 7
+
+
+def test_twilio_opt_out_type_counts_as_an_opt_out(app, db_path):
+    """A keyword configured in Twilio's Advanced Opt-Out ("ARRET") arrives with OptOutType=STOP."""
+    body, headers = signed(form(Body="ARRET", OptOutType="STOP"))
+    assert call(app, body=body, headers=headers)[0] == 200
+    conn = sqlite3.connect(db_path)
+    assert conn.execute("SELECT kind FROM messages").fetchone()[0] == "opt_out"
+    assert conn.execute("SELECT count(*) FROM opt_outs").fetchone()[0] == 1
