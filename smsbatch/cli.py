@@ -15,33 +15,23 @@ from smsbatch.errors import SmsbatchError
 EXIT_SOME_FAILED = 3
 
 
-class TimeParam(click.ParamType):
-    """Epoch seconds or ISO-8601."""
+class InputParam(click.ParamType):
+    """A click type around one of smsbatch.inputs' checks, so bad input is click's usage error."""
 
-    name = "TIME"
+    def __init__(self, name, check):
+        self.name, self.check = name, check
 
     def convert(self, value, param, ctx):
-        from smsbatch.inputs import parse_time
+        from smsbatch import inputs
 
         try:
-            return parse_time(value)
+            return getattr(inputs, self.check)(value)
         except SmsbatchError as exc:
             self.fail(str(exc), param, ctx)
 
 
-class PhoneParam(click.ParamType):
-    name = "PHONE"
-
-    def convert(self, value, param, ctx):
-        from smsbatch.inputs import check_phone
-
-        try:
-            return check_phone(value)
-        except SmsbatchError as exc:
-            self.fail(str(exc), param, ctx)
-
-
-TIME, PHONE = TimeParam(), PhoneParam()
+TIME = InputParam("TIME", "parse_time")  # epoch seconds or ISO-8601
+PHONE = InputParam("PHONE", "check_phone")
 
 
 class Group(click.Group):
