@@ -6,6 +6,7 @@ DeliveryError, and find_sent raises CannotReconcile when the sender cannot be as
 """
 
 import datetime
+import re
 import secrets
 import sys
 import threading
@@ -97,13 +98,19 @@ class TwilioSender:
         try:
             for message in client.messages.list(to=to, limit=50):
                 created = message.date_created
-                if message.sid in exclude or message.body != body:
+                if message.sid in exclude or fingerprint(message.body) != fingerprint(body):
                     continue
                 if created is None or _epoch(created) >= after:
                     return message.sid
         except Exception as exc:
             raise classify(exc) from None
         return None
+
+
+def fingerprint(text):
+    """A body's letters and digits only. Twilio's Smart Encoding may store our reply with
+    curly quotes, dashes and "…" replaced by plain ones; that is still our reply."""
+    return re.sub(r"[\W_]+", "", (text or "").casefold())
 
 
 def _epoch(moment):

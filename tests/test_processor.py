@@ -356,3 +356,11 @@ def test_for_stops_claiming_at_its_deadline(settings, store):
     started = time.monotonic()
     report = offline_processor(settings, time.time, Slow()).run(concurrency=2, seconds=0.3)
     assert time.monotonic() - started < 1.0 and 0 < report.claimed < 200
+
+
+def test_reconcile_recognises_a_reply_twilio_re_encoded(fast, store, clock, twilio_standin):
+    """Smart Encoding stores curly quotes and "…" as plain ones: still our reply, not resent."""
+    batch = sending_batch(store, fast, reply="We’re open “all day” — see you…")
+    twilio_standin.record({"To": A, "From": "+15550000000", "Body": 'We\'re open "all day" - see you...'}, at=T0 + 11)
+    assert run(fast, clock, T0 + 11 + fast.lease).counts["sent"] == 1
+    assert len(twilio_standin.sent) == 1 and store.get_batch(batch)["state"] == "sent"
