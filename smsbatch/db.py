@@ -248,7 +248,7 @@ class Store:
                 " WHERE seq IN (SELECT seq FROM batches b WHERE state IN ('open', 'queued', 'processing',"
                 " 'sending') AND due_at <= ? AND NOT EXISTS (SELECT 1 FROM batches o"
                 " WHERE o.phone = b.phone AND o.seq != b.seq AND o.state IN ('open', 'queued', 'processing',"
-                " 'sending') AND (o.due_at > ? AND o.state IN ('processing', 'sending')"
+                " 'sending') AND (o.due_at > ? AND o.state IN ('processing', 'sending') AND o.claim IS NOT NULL"
                 " OR o.due_at <= ? AND o.seq < b.seq))"
                 " ORDER BY due_at LIMIT ?) RETURNING *",
                 (token, now + lease, now, now, now, now, now, limit),
@@ -320,13 +320,7 @@ class Store:
                 self._finish(conn, batch, State.SKIPPED, now, error="opted out before the reply was sent")
                 return State.SKIPPED
             rules = batching.Rules.from_settings(settings)
-            answered = conn.execute(
-                "SELECT * FROM batches WHERE phone = ? AND seq > ? AND state IN ('sending', 'sent')"
-                " ORDER BY seq DESC LIMIT 1",
-                (batch["phone"], batch["seq"]),
-            ).fetchone()
-            if answered:
-                self._fold(conn, batch, answered, now, rules)
+            if self._fold_into_answered(conn, batch, now, settings):
                 return State.SUPERSEDED
             if settings.supersede and batch["fold_depth"] < settings.max_supersede:
                 # Only texts written after this batch was first claimed supersede it (a batch
@@ -345,6 +339,39 @@ class Store:
                 (response, now, now + settings.lease, batch["id"], batch["claim"]),
             )
         return State.SENDING
+
+    def fold_if_answered(self, batch, now, settings):
+        """Before answering an older batch (it was backing off): if a newer batch of the
+        phone already went out with these texts in its prompt, fold into it instead of
+        sending a stale reply. Returns True if folded."""
+        with self.transaction() as conn:
+            return self._holds(conn, batch, State(batch["state"])) and self._fold_into_answered(
+                conn, batch, now, settings)
+
+    def _fold_into_answered(self, conn, batch, now, settings):
+        if batch["retried_at"] is not None:  # an operator asked for this one to be answered
+            return False
+        answered = conn.execute(
+            "SELECT * FROM batches WHERE phone = ? AND seq > ? AND state IN ('sending', 'sent')"
+            " ORDER BY seq DESC LIMIT 1",
+            (batch["phone"], batch["seq"]),
+        ).fetchone()
+        if answered is None or not self._in_prompt_of(conn, batch, answered, settings.history_messages):
+            return False
+        self._fold(conn, batch, answered, now, batching.Rules.from_settings(settings))
+        return True
+
+    @staticmethod
+    def _in_prompt_of(conn, batch, answered, history):
+        """Were this batch's texts in the newer batch's prompt (within its history window)?"""
+        between = conn.execute(
+            "SELECT (SELECT count(*) FROM messages WHERE phone = ? AND kind = 'text' AND batch_id != ?"
+            " AND received_at >= ? AND received_at <= ?) + (SELECT count(*) FROM batches WHERE phone = ?"
+            " AND state = 'sent' AND sent_at >= ? AND sent_at <= ?)",
+            (batch["phone"], answered["id"], batch["first_at"], answered["first_at"],
+             batch["phone"], batch["first_at"], answered["first_at"]),
+        ).fetchone()[0]
+        return 0 < between <= history
 
     def _fold(self, conn, batch, newer, now, rules):
         conn.execute("UPDATE messages SET batch_id = ? WHERE batch_id = ?", (newer["id"], batch["id"]))

@@ -102,6 +102,8 @@ class Processor:
             return self._finish(store, batch, State.SKIPPED, "opted out")
         if s.test_number and _digits(batch["phone"]) != _digits(s.test_number):
             return self._finish(store, batch, State.SKIPPED, "not the AI_SMS_TEST_NUMBER")
+        if batch["attempts"] > 1 and store.fold_if_answered(batch, self.clock(), s):
+            return "superseded"  # a retry overtaken by a newer reply that covered it
         fault_point("before_ai")
         texts = store.batch_texts(batch["id"])
         history = store.history(batch["phone"], batch["id"], texts[0]["received_at"], s.history_messages)
@@ -154,6 +156,8 @@ class Processor:
             return "sent" if store.mark_sent(batch, sid, self.clock()) else "lost"
         if store.is_opted_out(batch["phone"]):
             return self._finish(store, batch, State.SKIPPED, "opted out before the reply was sent")
+        if store.fold_if_answered(batch, self.clock(), self.settings):
+            return "superseded"  # not sent, and a newer reply has covered it meanwhile
         if out_of_attempts:  # Twilio says it never went out: nothing sent, so a plain failure
             return self._finish(store, batch, State.FAILED, f"not sent after {self.settings.max_attempts} attempts")
         return self._send(store, batch, batch["response_text"])
@@ -241,6 +245,6 @@ class Processor:
     def _idle_wait(self):
         """How long to sleep when nothing is due: until the next batch is due, at most POLL_SECONDS."""
         due = self.store().next_due()
-        if due is None:
+        if due is None or due <= self.clock():  # due but not claimable: its phone is busy
             return POLL_SECONDS
         return max(0.02, min(POLL_SECONDS, due - self.clock()))

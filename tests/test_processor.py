@@ -364,3 +364,39 @@ def test_reconcile_recognises_a_reply_twilio_re_encoded(fast, store, clock, twil
     twilio_standin.record({"To": A, "From": "+15550000000", "Body": 'We\'re open "all day" - see you...'}, at=T0 + 11)
     assert run(fast, clock, T0 + 11 + fast.lease).counts["sent"] == 1
     assert len(twilio_standin.sent) == 1 and store.get_batch(batch)["state"] == "sent"
+
+
+def test_an_operator_retry_is_answered_even_after_a_newer_reply(fast, store, clock, openai_standin, twilio_standin):
+    openai_standin.script = [400]
+    first = add(store, A, "cancel my 3pm appointment", T0).batch_id
+    run(fast, clock, T0 + 10)  # fails at once
+    add(store, A, "thanks!", T0 + 20)
+    run(fast, clock, T0 + 30)  # the newer batch is answered
+    store.retry(first, T0 + 40)
+    assert run(fast, clock, T0 + 40).counts["sent"] == 1
+    assert len(twilio_standin.sent) == 2 and store.get_batch(first)["state"] == "sent"
+
+
+def test_a_retry_is_only_folded_into_a_reply_that_saw_its_texts(fast, store, clock, openai_standin, twilio_standin):
+    """Without history the newer reply never saw the older texts: the older one is answered."""
+    openai_standin.script = [503]
+    settings = fast.replace(history_messages=0)
+    first = add(store, A, "cancel my 3pm appointment", T0).batch_id
+    run(settings, clock, T0 + 10)
+    add(store, A, "thanks!", T0 + 12)
+    run(settings, clock, T0 + 23)
+    assert run(settings, clock, T0 + 100).counts["sent"] == 1
+    assert store.get_batch(first)["state"] == "sent" and len(twilio_standin.sent) == 2
+
+
+def test_a_send_waiting_to_be_checked_does_not_hold_back_newer_texts(fast, store, clock, twilio_standin):
+    """A batch left in *sending* during backoff holds no lease: the phone's newer batch goes
+    ahead, and the older one, found not sent, folds into it rather than going out stale."""
+    twilio_standin.script = [(503, 20500)]  # maybe sent: check later
+    first = add(store, A, "hi", T0).batch_id
+    run(fast, clock, T0 + 10)
+    assert store.get_batch(first)["state"] == "sending"
+    add(store, A, "URGENT: pipe burst", T0 + 11)
+    assert run(fast, clock, T0 + 11).counts["sent"] == 1  # not held behind the backoff
+    report = run(fast, clock, store.get_batch(first)["due_at"])
+    assert report.counts["superseded"] == 1 and len(twilio_standin.sent) == 1
