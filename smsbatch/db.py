@@ -35,7 +35,6 @@ class State(str, Enum):
 
 
 PENDING = (State.OPEN, State.QUEUED, State.PROCESSING, State.SENDING)
-CLAIMABLE = PENDING  # open/queued when due; processing/sending when the lease ran out
 RETRYABLE = (State.FAILED, State.SKIPPED, State.EXPIRED, State.UNKNOWN)
 
 
