@@ -394,12 +394,9 @@ class Store:
     def mark_sent(self, batch, provider_sid, now):
         """Record that the reply went out. Returns False if the lease was lost."""
         with self.transaction() as conn:
-            cur = conn.execute(
-                "UPDATE batches SET state = 'sent', provider_sid = ?, sent_at = ?, completed_at = ?,"
-                " due_at = NULL, claim = NULL, last_error = NULL WHERE id = ? AND claim = ? AND state = 'sending'",
-                (provider_sid, now, now, batch["id"], batch["claim"]),
-            )
-        return cur.rowcount == 1
+            return self._update_held(
+                conn, batch, "state = 'sent', provider_sid = ?, sent_at = ?, completed_at = ?, due_at = NULL,"
+                " last_error = NULL", (provider_sid, now, now), (State.SENDING,))
 
     def finish(self, batch, state, now, error=None):
         """Move a claimed batch to a final state (skipped, failed, expired, unknown).
@@ -410,31 +407,29 @@ class Store:
             return self._finish(conn, batch, state, now, error)
 
     def _finish(self, conn, batch, state, now, error):
-        cur = conn.execute(
-            "UPDATE batches SET state = ?, last_error = ?, completed_at = ?, due_at = NULL, claim = NULL"
-            " WHERE id = ? AND claim = ? AND state IN ('processing', 'sending')",
-            (State(state).value, error, now, batch["id"], batch["claim"]),
-        )
-        return cur.rowcount == 1
+        return self._update_held(conn, batch, "state = ?, last_error = ?, completed_at = ?, due_at = NULL",
+                                 (State(state).value, error, now))
 
     def requeue(self, batch, due, error):
         """Put a claimed batch back in the queue to try again at `due` (backoff)."""
         with self.transaction() as conn:
-            cur = conn.execute(
-                "UPDATE batches SET state = 'queued', due_at = ?, last_error = ?, claim = NULL"
-                " WHERE id = ? AND claim = ? AND state IN ('processing', 'sending')",
-                (due, error, batch["id"], batch["claim"]),
-            )
-        return cur.rowcount == 1
+            return self._update_held(conn, batch, "state = 'queued', due_at = ?, last_error = ?", (due, error))
 
     def release_sending(self, batch, due, error):
         """Leave a batch in *sending* (outcome unknown) to be reconciled at `due`."""
         with self.transaction() as conn:
-            cur = conn.execute(
-                "UPDATE batches SET due_at = ?, last_error = ?, claim = NULL"
-                " WHERE id = ? AND claim = ? AND state = 'sending'",
-                (due, error, batch["id"], batch["claim"]),
-            )
+            return self._update_held(conn, batch, "due_at = ?, last_error = ?", (due, error), (State.SENDING,))
+
+    @staticmethod
+    def _update_held(conn, batch, assignments, values, states=(State.PROCESSING, State.SENDING)):
+        """One move of a batch by the processor holding it: applied only while the claim is
+        still this processor's and the batch is in one of `states`; the claim ends with it.
+        Returns False (nothing changed) if the lease was lost."""
+        cur = conn.execute(
+            f"UPDATE batches SET {assignments}, claim = NULL"
+            f" WHERE id = ? AND claim = ? AND state IN ({placeholders(states)})",
+            (*values, batch["id"], batch["claim"], *[State(x).value for x in states]),
+        )
         return cur.rowcount == 1
 
     def _holds(self, conn, batch, state):

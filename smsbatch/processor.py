@@ -6,6 +6,7 @@ is the loop around it (claim as many as there are free workers, wait, repeat).
 
 import logging
 import os
+import random
 import re
 import signal
 import threading
@@ -81,7 +82,7 @@ class Processor:
         self.responder = responder
         self.sender = sender
         self.clock = clock
-        self.rng = rng
+        self.rng = rng or random
         self._local = threading.local()
 
     def store(self):
@@ -130,8 +131,7 @@ class Processor:
                 return self._finish(store, batch, State.SKIPPED, str(exc))
             if exc.ambiguous:
                 # Twilio may have it: keep *sending* so the next claim asks before resending.
-                due = self.clock() + self._backoff(batch)
-                return "retrying" if store.release_sending(batch, due, str(exc)) else "lost"
+                return self._later(store.release_sending, batch, str(exc))
             return self._failed_attempt(store, batch, exc)
         fault_point("after_twilio")
         return "sent" if store.mark_sent(batch, sid, self.clock()) else "lost"
@@ -149,9 +149,7 @@ class Processor:
             if out_of_attempts:
                 return self._finish(store, batch, State.UNKNOWN,
                                     f"could not check whether the reply went out: {exc}; check, then retry")
-            due = self.clock() + self._backoff(batch)
-            ok = store.release_sending(batch, due, f"could not check the earlier send: {exc}")
-            return "retrying" if ok else "lost"
+            return self._later(store.release_sending, batch, f"could not check the earlier send: {exc}")
         if sid:
             return "sent" if store.mark_sent(batch, sid, self.clock()) else "lost"
         if store.is_opted_out(batch["phone"]):
@@ -164,8 +162,7 @@ class Processor:
 
     def _failed_attempt(self, store, batch, exc):
         if exc.transient and batch["attempts"] < self.settings.max_attempts:
-            due = self.clock() + self._backoff(batch)
-            return "retrying" if store.requeue(batch, due, str(exc)) else "lost"
+            return self._later(store.requeue, batch, str(exc))
         note = f" (after {batch['attempts']} attempts)" if exc.transient else ""
         return self._finish(store, batch, State.FAILED, f"{exc}{note}")
 
@@ -178,11 +175,10 @@ class Processor:
                         PHONE_DIGITS.sub("[number]", error), batch["id"])
         return State(state).value if ok else "lost"
 
-    def _backoff(self, batch):
-        base = self.settings.retry_base_seconds
-        if self.rng is None:
-            return batching.backoff_seconds(batch["attempts"], base)
-        return batching.backoff_seconds(batch["attempts"], base, self.rng)
+    def _later(self, move, batch, error):
+        """Try again after the backoff: `move` is store.requeue or store.release_sending."""
+        due = self.clock() + batching.backoff_seconds(batch["attempts"], self.settings.retry_base_seconds, self.rng)
+        return "retrying" if move(batch, due, error) else "lost"
 
     def _safe_handle(self, batch):
         """handle() for a worker thread: a bug must not kill the run, and must leave the
