@@ -62,17 +62,12 @@ def settings_from(ctx, **changes):
 
 
 def open_store(settings, migrate=False):
-    import os
-
     from smsbatch.db import Store
 
-    if not migrate and not os.path.exists(settings.db_path):
-        raise click.ClickException(f"database {settings.db_path} does not exist: run `smsbatch migrate` first")
+    if not migrate:
+        return Store.open_ready(settings.db_path)
     store = Store(settings.db_path)
-    if migrate:
-        store.migrate()
-    else:
-        store.require_schema()
+    store.migrate()
     return store
 
 

@@ -76,6 +76,23 @@ class Store:
         self.conn.execute("PRAGMA synchronous = NORMAL")
         self.conn.execute("PRAGMA foreign_keys = ON")
 
+    @classmethod
+    def open_ready(cls, path, busy_timeout=BUSY_TIMEOUT_SECONDS):
+        """Open an existing, migrated database (never creates one).
+
+        Raises:
+            SmsbatchError: missing, not an SQLite database, or not migrated.
+        """
+        if str(path) != ":memory:" and not os.path.exists(path):
+            raise SmsbatchError(f"database {path} does not exist: run `smsbatch migrate` first")
+        store = cls(path, busy_timeout=busy_timeout)
+        try:
+            store.require_schema()
+        except Exception:
+            store.close()
+            raise
+        return store
+
     def close(self):
         self.conn.close()
 

@@ -21,7 +21,7 @@ from smsbatch.config import Settings
 from smsbatch.db import Store
 from smsbatch.errors import ConfigError, SmsbatchError
 from smsbatch.server import make_server_for
-from smsbatch.writer import WEB_BUSY_TIMEOUT, Writer, open_store
+from smsbatch.writer import WEB_BUSY_TIMEOUT, Writer
 
 __all__ = ["app", "make_app", "make_server_for"]  # make_server_for: from smsbatch.server
 
@@ -190,7 +190,7 @@ class Webhook:
         try:
             with self._health_lock:
                 if self._health_store is None:
-                    self._health_store = open_store(Store, self.settings.db_path, WEB_BUSY_TIMEOUT)
+                    self._health_store = Store.open_ready(self.settings.db_path, WEB_BUSY_TIMEOUT)
                 try:
                     info = self._health_store.health(self.clock())
                 except Exception:

@@ -24,22 +24,6 @@ CHECKPOINT_IDLE_ROUNDS = 5  # the checkpoint thread ends after this many rounds 
 WAL_CATCH_UP_FRAMES = 10_000  # WAL this long (~40 MB): the writer checkpoints it once itself
 
 
-def open_store(cls, path, busy_timeout):
-    """A `cls` (Store or WebStore) on the database at `path`.
-
-    Raises:
-        SmsbatchError: not an SQLite database, or not migrated (the connection is closed).
-        sqlite3.Error: it could not be opened.
-    """
-    store = cls(path, busy_timeout=busy_timeout)
-    try:
-        store.require_schema()
-    except Exception:
-        store.close()
-        raise
-    return store
-
-
 class WebStore(Store):
     """The webhook's Store: between begin_group() and end_group(), every `transaction()`
     joins the group's one transaction, so many texts share one BEGIN IMMEDIATE ... COMMIT."""
@@ -237,7 +221,7 @@ class Writer:
     def _open(self):
         """The shared connection, opened on first use (and after a failure)."""
         if self._store is None:
-            store = open_store(WebStore, self.path, self.busy_timeout)
+            store = WebStore.open_ready(self.path, self.busy_timeout)
             store.conn.execute("PRAGMA wal_autocheckpoint = 0")  # see Checkpointer
             self._store = store
         return self._store
