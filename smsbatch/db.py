@@ -96,6 +96,12 @@ class Store:
     def close(self):
         self.conn.close()
 
+    def make_throwaway(self):
+        """Make a scratch database (simulate's) fast: it need not survive a crash nor be
+        shared. The journal stays, in memory, so a rolled-back transaction still rolls back."""
+        for pragma in ("locking_mode = EXCLUSIVE", "journal_mode = MEMORY", "synchronous = OFF"):
+            self.conn.execute(f"PRAGMA {pragma}").fetchall()
+
     @contextmanager
     def transaction(self):
         """BEGIN IMMEDIATE ... COMMIT: one writer at a time, waiting its turn (busy timeout)."""

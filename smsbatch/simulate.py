@@ -194,7 +194,7 @@ class Replay:
         # One connection for texts and processing alike: SQLite drops a connection's page
         # cache whenever another one writes, which would double the cost of every step.
         self.store = self.processor.store()
-        _throwaway(self.store.conn)
+        self.store.make_throwaway()
         self.arrivals = Arrivals(self.store, records, Rules.from_settings(settings))
         self.processor.responder = SlowResponder(OfflineResponder(), self.clock, self.arrivals, setup.ai_latency)
         self.sent, self.folded = {}, {}  # batch id -> sent_at / -> the batch it was folded into
@@ -253,13 +253,6 @@ class Replay:
     def close(self):
         """Close the database connection (the folder is the caller's to remove)."""
         self.store.close()
-
-
-def _throwaway(conn):
-    """Make the throwaway database fast: it need not survive a crash nor be shared.
-    The journal stays (in memory) so a rolled-back transaction still rolls back."""
-    for pragma in ("locking_mode = EXCLUSIVE", "journal_mode = MEMORY", "synchronous = OFF"):
-        conn.execute(f"PRAGMA {pragma}").fetchall()
 
 
 def replay(records, setup):
