@@ -56,9 +56,14 @@ class StandIn:
     def url(self):
         return f"http://127.0.0.1:{self.server.server_port}"
 
-    def next_action(self):
+    def take(self, request):
+        """Record a request and return the next scripted action; "hang" never answers."""
         with self.lock:
-            return self.script.pop(0) if self.script else "ok"
+            self.requests.append(request)
+            action = self.script.pop(0) if self.script else "ok"
+        if action == "hang":
+            time.sleep(30)
+        return action
 
     def __enter__(self):
         self.thread.start()
@@ -97,11 +102,8 @@ class FakeOpenAI(StandIn):
         body = self.read_body(handler)
         if method != "POST" or not handler.path.endswith("/chat/completions"):
             return self.reply(handler, 404, {"error": {"message": "not found"}})
-        action = self.next_action()
-        with self.lock:
-            self.requests.append(body)
+        action = self.take(body)
         if action == "hang":
-            time.sleep(30)
             return
         if isinstance(action, tuple) and action[0] == "delay":
             time.sleep(action[1])
@@ -154,11 +156,8 @@ class FakeTwilio(StandIn):
         if method == "GET":
             return self.list(handler, parse_qs(path.query))
         form = {k: v[0] for k, v in parse_qs(body.decode(), keep_blank_values=True).items()}
-        action = self.next_action()
-        with self.lock:
-            self.requests.append(form)
+        action = self.take(form)
         if action == "hang":
-            time.sleep(30)
             return
         if isinstance(action, tuple) and action[0] == "accept-then":
             self.record(form)  # Twilio queued it, then the answer was an error anyway
