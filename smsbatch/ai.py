@@ -7,8 +7,34 @@ of {"role", "content"} dicts, and raises DeliveryError on failure.
 import json
 import re
 import threading
+from dataclasses import dataclass
 
+from smsbatch import deadline
 from smsbatch.errors import DeliveryError
+
+
+@dataclass
+class Usage:
+    """What answering cost: HTTP requests made (retries included) and the tokens billed."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def ask(responder, messages):
+    """(reply, Usage) from any responder. The openai responder counts its HTTP requests and
+    tokens; others (offline, test stand-ins) count one request and no tokens.
+
+    Raises: DeliveryError, with the Usage of the failed call as `.usage`.
+    """
+    if hasattr(responder, "ask"):
+        return responder.ask(messages)
+    try:
+        return responder.answer(messages), Usage(requests=1)
+    except DeliveryError as exc:
+        exc.usage = Usage(requests=1)
+        raise
 
 
 def describe_text(body, media):
@@ -77,24 +103,53 @@ class OpenAIResponder:
     def _get_client(self):
         with self._lock:
             if self._client is None:
+                import httpx2
                 import openai
 
+                # Every request the client makes, its own retries included, passes this hook:
+                # requests are counted where they happen, not per answer.
+                http = httpx2.Client(event_hooks={"request": [deadline.count_request]})
                 self._client = openai.OpenAI(
                     api_key=self.settings.openai_api_key,
                     base_url=self.settings.openai_base_url or None,
                     timeout=self.settings.ai_timeout_seconds,
                     max_retries=self.settings.ai_client_retries,
+                    http_client=http,
                 )
             self.calls += 1
             return self._client
 
     def answer(self, messages):
-        """Raises: DeliveryError, transient or not."""
+        """The reply. Raises: DeliveryError, transient or not."""
+        return self.ask(messages)[0]
+
+    def ask(self, messages):
+        """(reply, Usage), within the settings' total AI deadline (every try and wait included).
+
+        Raises: DeliveryError (its `.usage` says what the failed call cost).
+        """
+        state = deadline.Call()
+        try:
+            completion = deadline.call(lambda: self._create(messages), self.settings.ai_deadline, state=state)
+        except deadline.DeadlineExceeded as exc:
+            raise _with_usage(DeliveryError(f"AI timed out: {exc}", transient=True), state) from None
+        except DeliveryError as exc:
+            raise _with_usage(exc, state) from None
+        usage = completion.usage
+        spent = Usage(state.requests, getattr(usage, "prompt_tokens", 0) or 0,
+                      getattr(usage, "completion_tokens", 0) or 0)
+        choices = completion.choices or []
+        text = (choices[0].message.content or "").strip() if choices else ""
+        if not text:
+            raise _with_usage(DeliveryError("AI returned an empty reply", transient=True), state, spent)
+        return text, spent
+
+    def _create(self, messages):
         import openai
 
         client, key = self._get_client(), self.settings.openai_api_key
         try:
-            completion = client.chat.completions.create(model=self.settings.ai_model, messages=messages)
+            return client.chat.completions.create(model=self.settings.ai_model, messages=messages)
         except openai.APIStatusError as exc:
             status = exc.status_code
             transient = status in (408, 409, 429) or status >= 500
@@ -105,11 +160,11 @@ class OpenAIResponder:
             raise DeliveryError(f"AI {kind}: {_short(str(exc), secret=key)}", transient=True) from None
         except openai.OpenAIError as exc:
             raise DeliveryError(f"AI error: {_short(str(exc), secret=key)}", transient=False) from None
-        choices = completion.choices or []
-        text = (choices[0].message.content or "").strip() if choices else ""
-        if not text:
-            raise DeliveryError("AI returned an empty reply", transient=True)
-        return text
+
+
+def _with_usage(exc, state, spent=None):
+    exc.usage = spent or Usage(requests=state.requests)
+    return exc
 
 
 def _short(text, limit=200, secret=""):

@@ -17,6 +17,14 @@ OPENAI_MAX_RETRIES = 2  # the openai client's own retries on 429/5xx/timeouts (i
 # but it honours a server's Retry-After of up to 120 s (openai._constants.MAX_RETRY_AFTER_DELAY).
 OPENAI_MAX_BACKOFF = 120.0
 LEASE_MARGIN_SECONDS = 15.0
+# Heartbeat leases: a processor renews every batch it holds this often, each renewal
+# lasting HEARTBEAT_LEASE_SECONDS, so a dead processor's batches are free again within
+# that long (and a frozen one stops sending: see lease.Leases.holds).
+HEARTBEAT_SECONDS = 1.0
+HEARTBEAT_LEASE_SECONDS = 4.0
+# A send starts only with at least this much of the heartbeat lease left: room for the
+# clocks of two hosts to differ, and for the request to reach Twilio before a taker asks.
+FENCE_MARGIN_SECONDS = 1.0
 # A test aid for the crash tests: SMSBATCH_FAULT_INJECT=<point> makes `process` kill
 # itself with SIGKILL when a batch reaches that point (see processor.fault_point).
 FAULT_POINT = os.environ.get("SMSBATCH_FAULT_INJECT", "")
@@ -131,15 +139,26 @@ class Settings:
         return dataclasses.replace(self, **changes).checked()
 
     @property
-    def min_lease_seconds(self):
-        """The longest one claimed batch can legitimately take: every AI try, the send, a check."""
+    def ai_deadline(self):
+        """The total deadline of one AI answer (smsbatch ends it there): every try of the
+        openai client timing out, and its longest waits (a server's Retry-After) between them."""
         tries = self.ai_client_retries + 1
-        ai = self.ai_timeout_seconds * tries + OPENAI_MAX_BACKOFF * self.ai_client_retries
-        return ai + 2 * self.sms_timeout_seconds + LEASE_MARGIN_SECONDS
+        return self.ai_timeout_seconds * tries + OPENAI_MAX_BACKOFF * self.ai_client_retries
+
+    @property
+    def sms_deadline(self):
+        """The total deadline of one Twilio call: connect and every read (twilio-python does not retry)."""
+        return self.sms_timeout_seconds
+
+    @property
+    def min_lease_seconds(self):
+        """The longest one claimed batch can legitimately take: the AI answer, the send, a check."""
+        return self.ai_deadline + 2 * self.sms_deadline + LEASE_MARGIN_SECONDS
 
     @property
     def lease(self):
-        """The lease a claim takes: SMSBATCH_LEASE_SECONDS, or derived from the timeouts."""
+        """The most one claim may hold a batch, heartbeats included (SMSBATCH_LEASE_SECONDS,
+        or derived from the deadlines). Past it the heartbeat stops and the batch is freed."""
         return self.lease_seconds or round(self.min_lease_seconds + 60)
 
     def checked(self):

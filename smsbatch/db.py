@@ -10,11 +10,23 @@ from enum import Enum
 from importlib import resources
 
 from smsbatch import batching
+from smsbatch.config import HEARTBEAT_LEASE_SECONDS
 from smsbatch.errors import InvalidTransition, NotFound, SmsbatchError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # Later schema versions go here as {version: "SQL"}; migrate() applies them in order.
-MIGRATIONS = {}
+MIGRATIONS = {
+    # Heartbeat leases and what the AI cost: who holds a batch in flight and when it last
+    # renewed; the AI's HTTP requests (retries included) and tokens, per batch.
+    2: """
+        ALTER TABLE batches ADD COLUMN holder TEXT;
+        ALTER TABLE batches ADD COLUMN heartbeat_at REAL;
+        ALTER TABLE batches ADD COLUMN ai_requests INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE batches ADD COLUMN prompt_tokens INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE batches ADD COLUMN completion_tokens INTEGER NOT NULL DEFAULT 0;
+        CREATE INDEX IF NOT EXISTS batches_claim ON batches(claim);
+    """,
+}
 ID_ALPHABET = "23456789abcdefghjkmnpqrstuvwxyz"  # no 0/o, 1/l/i: easy to read aloud and type
 BUSY_TIMEOUT_SECONDS = 30.0
 
@@ -238,8 +250,10 @@ class Store:
 
     # -- claiming ---------------------------------------------------------------
 
-    def claim_due(self, now, limit, lease, max_age):
-        """Atomically claim up to `limit` due batches; returns (claimed rows, expired count).
+    def claim_due(self, now, limit, lease, max_age, holder=None):
+        """Atomically claim up to `limit` due batches for `lease` seconds (renewed by the
+        holder's heartbeat, see lease.py); returns (claimed rows, expired count).
+        `holder` ("host:pid") is recorded for `status`.
 
         Open/queued batches whose last text is older than `max_age` are expired
         instead. A batch found processing or sending past its lease is claimed again
@@ -265,6 +279,7 @@ class Store:
             ).rowcount
             rows = conn.execute(
                 "UPDATE batches SET claim = ?, due_at = ?, started_at = ?, claimed_at = coalesce(claimed_at, ?),"
+                " holder = ?, heartbeat_at = ?,"
                 " state = CASE state WHEN 'sending' THEN 'sending' ELSE 'processing' END,"
                 " attempts = attempts + 1"
                 " WHERE seq IN (SELECT seq FROM batches b WHERE state IN ('open', 'queued', 'processing',"
@@ -273,9 +288,29 @@ class Store:
                 " 'sending') AND (o.due_at > ? AND o.state IN ('processing', 'sending') AND o.claim IS NOT NULL"
                 " OR o.due_at <= ? AND o.seq < b.seq))"
                 " ORDER BY due_at LIMIT ?) RETURNING *",
-                (token, now + lease, now, now, now, now, now, limit),
+                (token, now + lease, now, now, holder, now, now, now, now, limit),
             ).fetchall()
         return [dict(r) for r in rows], expired
+
+    def renew_claims(self, claims, due, now):
+        """Extend the leases of these claims to `due` (a heartbeat); returns the (claim, batch id)
+        pairs renewed. A batch another processor took over, or that ended, is not renewed."""
+        with self.transaction() as conn:
+            rows = conn.execute(
+                f"UPDATE batches SET due_at = ?, heartbeat_at = ? WHERE claim IN ({placeholders(claims)})"
+                " AND state IN ('processing', 'sending') RETURNING claim, id",
+                (due, now, *claims),
+            ).fetchall()
+        return {(r[0], r[1]) for r in rows}
+
+    def record_usage(self, batch_id, requests, prompt_tokens, completion_tokens):
+        """Add what one AI call cost (HTTP requests, tokens) to the batch's totals."""
+        with self.transaction() as conn:
+            conn.execute(
+                "UPDATE batches SET ai_requests = ai_requests + ?, prompt_tokens = prompt_tokens + ?,"
+                " completion_tokens = completion_tokens + ? WHERE id = ?",
+                (requests, prompt_tokens, completion_tokens, batch_id),
+            )
 
     def next_due(self):
         """The earliest due_at among pending batches, or None."""
@@ -358,7 +393,7 @@ class Store:
             conn.execute(
                 "UPDATE batches SET state = 'sending', response_text = ?, send_started_at = ?, due_at = ?"
                 " WHERE id = ? AND claim = ?",
-                (response, now, now + settings.lease, batch["id"], batch["claim"]),
+                (response, now, now + HEARTBEAT_LEASE_SECONDS, batch["id"], batch["claim"]),
             )
         return State.SENDING
 
@@ -509,13 +544,29 @@ class Store:
         last_hour = self.conn.execute(
             "SELECT count(*) FROM messages WHERE received_at >= ?", (now - 3600,)
         ).fetchone()[0]
-        return {
+        return self._in_flight_and_cost(now) | {
             "counts": counts,
             "pending": sum(counts[s.value] for s in PENDING),
             "oldest_pending_age_seconds": None if oldest is None else round(now - oldest, 1),
             "messages_last_hour": last_hour,
             "latest": [dict(r) | {"age_seconds": round(now - r["last_at"], 1)} for r in rows],
         }
+
+    def _in_flight_and_cost(self, now):
+        """Who holds each batch in flight and when it last renewed; what the AI cost in all."""
+        rows = self.conn.execute(
+            "SELECT id, state, holder, heartbeat_at, due_at FROM batches"
+            " WHERE state IN ('processing', 'sending') AND claim IS NOT NULL ORDER BY seq LIMIT 100"
+        ).fetchall()
+        in_flight = [dict(r) | {"renewed_seconds_ago": None if r["heartbeat_at"] is None
+                                else round(now - r["heartbeat_at"], 1),
+                                "lease_left_seconds": round(r["due_at"] - now, 1)} for r in rows]
+        cost = self.conn.execute(
+            "SELECT coalesce(sum(ai_requests), 0), coalesce(sum(prompt_tokens), 0),"
+            " coalesce(sum(completion_tokens), 0) FROM batches"
+        ).fetchone()
+        return {"in_flight": in_flight,
+                "ai": {"requests": cost[0], "prompt_tokens": cost[1], "completion_tokens": cost[2]}}
 
     def health(self, now):
         """Pending count and the oldest pending batch's age, from one cheap query."""

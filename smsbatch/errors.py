@@ -38,3 +38,7 @@ class DeliveryError(SmsbatchError):
 
 class CannotReconcile(SmsbatchError):
     """The sender cannot be asked whether an earlier send went out."""
+
+
+class LeaseLost(SmsbatchError):
+    """This processor can no longer prove it holds a batch's lease: it must not act on it."""

@@ -4,6 +4,7 @@
 is the loop around it (claim as many as there are free workers, wait, repeat).
 """
 
+import dataclasses
 import logging
 import os
 import random
@@ -15,9 +16,10 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from smsbatch import ai, batching
-from smsbatch.config import FAULT_POINT
+from smsbatch.config import FAULT_POINT, HEARTBEAT_LEASE_SECONDS
 from smsbatch.db import State, Store
-from smsbatch.errors import CannotReconcile, DeliveryError
+from smsbatch.errors import CannotReconcile, DeliveryError, LeaseLost
+from smsbatch.lease import Leases
 
 log = logging.getLogger("smsbatch.processor")
 POLL_SECONDS = 1.0  # with --for, new work is picked up within about this long
@@ -33,9 +35,12 @@ def _digits(phone):
 
 
 def fault_point(name):
-    """Die here, abruptly (SIGKILL, no cleanup), if the crash tests asked for it."""
+    """Die here, abruptly (SIGKILL, no cleanup), if the crash tests asked for it; or, for
+    SMSBATCH_FAULT_INJECT=stop:<point>, freeze here (SIGSTOP) until a SIGCONT."""
     if FAULT_POINT == name:
         os.kill(os.getpid(), signal.SIGKILL)
+    elif FAULT_POINT == "stop:" + name:
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 @dataclass
@@ -45,6 +50,9 @@ class RunReport:
     claimed: int = 0
     expired: int = 0
     ai_calls: int = 0
+    ai_requests: int = 0  # HTTP requests to the AI, its client's own retries included
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
     counts: dict = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
     paused: bool = False
 
@@ -58,7 +66,13 @@ class RunReport:
 
     def as_dict(self):
         return {"claimed": self.claimed, "expired": self.expired, "ai_calls": self.ai_calls,
-                "paused": self.paused, **self.counts}
+                "ai_requests": self.ai_requests, "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens, "paused": self.paused, **self.counts}
+
+    def add_usage(self, usage):
+        self.ai_requests += usage.requests
+        self.prompt_tokens += usage.prompt_tokens
+        self.completion_tokens += usage.completion_tokens
 
 
 class Clock:
@@ -84,6 +98,9 @@ class Processor:
         self.clock = clock
         self.rng = rng or random
         self._local = threading.local()
+        self.leases = Leases(db_path, clock, settings.lease)
+        self.usage = ai.Usage()  # what the AI calls of this processor cost, so far
+        self._usage_lock = threading.Lock()
 
     def store(self):
         if not hasattr(self._local, "store"):
@@ -94,6 +111,12 @@ class Processor:
 
     def handle(self, batch):
         """Take one claimed batch as far as it can go; returns its outcome (see OUTCOMES)."""
+        try:
+            return self._handle(batch)
+        finally:
+            self.leases.drop(batch)
+
+    def _handle(self, batch):
         store, s = self.store(), self.settings
         if batch["state"] == State.SENDING:
             return self._reconcile(store, batch)
@@ -109,9 +132,11 @@ class Processor:
         texts = store.batch_texts(batch["id"])
         history = store.history(batch["phone"], batch["id"], texts[0]["received_at"], s.history_messages)
         try:
-            reply = self.responder.answer(ai.build_prompt(s.system_prompt, history, texts))
+            reply, usage = ai.ask(self.responder, ai.build_prompt(s.system_prompt, history, texts))
         except DeliveryError as exc:
+            self._record_usage(store, batch, getattr(exc, "usage", None))
             return self._failed_attempt(store, batch, exc)
+        self._record_usage(store, batch, usage)
         reply = batching.shorten(reply)
         fault_point("after_ai")
         state = store.begin_send(batch, reply, self.clock(), s)
@@ -121,10 +146,30 @@ class Processor:
             return State(state).value
         return self._send(store, batch, reply)
 
+    def _record_usage(self, store, batch, usage):
+        if usage is None:
+            return
+        store.record_usage(batch["id"], usage.requests, usage.prompt_tokens, usage.completion_tokens)
+        with self._usage_lock:
+            for name in ("requests", "prompt_tokens", "completion_tokens"):
+                setattr(self.usage, name, getattr(self.usage, name) + getattr(usage, name))
+
     def _send(self, store, batch, reply):
         fault_point("before_twilio")
+        # The fence: this processor may have been frozen since it last looked at the
+        # database. Only its own monotonic clock can say the lease still runs.
+        fence = lambda: self.leases.holds(batch)  # noqa: E731
+        if not fence():
+            log.warning("batch %s: lease no longer held (taken over); not sending", batch["id"])
+            return "lost"
         try:
-            sid = self.sender.send(batch["phone"], reply)
+            if getattr(self.sender, "takes_fence", False):
+                sid = self.sender.send(batch["phone"], reply, fence=fence)
+            else:
+                sid = self.sender.send(batch["phone"], reply)
+        except LeaseLost as exc:
+            log.warning("batch %s: %s", batch["id"], exc)
+            return "lost"
         except DeliveryError as exc:
             if exc.opted_out:
                 store.record_opt_out(batch["phone"], self.clock())
@@ -192,9 +237,13 @@ class Processor:
     # -- the loop ---------------------------------------------------------------
 
     def claim(self, limit):
-        """Claim up to `limit` due batches now. Returns (rows, expired count)."""
-        s = self.settings
-        return self.store().claim_due(self.clock(), limit, s.lease, s.max_age_seconds)
+        """Claim up to `limit` due batches now, leases tracked (and renewed while `run` runs).
+        Returns (rows, expired count)."""
+        confirmed = time.monotonic()
+        rows, expired = self.store().claim_due(self.clock(), limit, HEARTBEAT_LEASE_SECONDS,
+                                               self.settings.max_age_seconds, holder=self.leases.holder)
+        self.leases.add(rows, confirmed)
+        return rows, expired
 
     def run(self, limit=1000, concurrency=4, seconds=0.0, stop=None):
         """Process due batches until none is due (or, with `seconds`, until that long has
@@ -209,7 +258,8 @@ class Processor:
             return report
         deadline = time.monotonic() + seconds
         calls_before = getattr(self.responder, "calls", 0)
-        with ThreadPoolExecutor(concurrency, thread_name_prefix="smsbatch") as pool:
+        usage_before = dataclasses.replace(self.usage)
+        with self.leases.running(), ThreadPoolExecutor(concurrency, thread_name_prefix="smsbatch") as pool:
             inflight = set()
             while not stop.is_set():
                 # With --for, nothing new is claimed past the deadline: finish what is in hand.
@@ -236,6 +286,9 @@ class Processor:
             for future in wait(inflight).done:
                 report.add(future.result())
         report.ai_calls = getattr(self.responder, "calls", 0) - calls_before
+        report.add_usage(ai.Usage(self.usage.requests - usage_before.requests,
+                                  self.usage.prompt_tokens - usage_before.prompt_tokens,
+                                  self.usage.completion_tokens - usage_before.completion_tokens))
         return report
 
     def _idle_wait(self):

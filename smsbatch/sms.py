@@ -11,12 +11,14 @@ import secrets
 import sys
 import threading
 
-from smsbatch.errors import CannotReconcile, DeliveryError
+from smsbatch import deadline
+from smsbatch.errors import CannotReconcile, DeliveryError, LeaseLost
 
 # Twilio error codes worth trying again later: rate limit, unreachable handset, unknown carrier error.
 TRANSIENT_CODES = frozenset({20429, 30003, 30008})
 OPTED_OUT_CODE = 21610
 RECONCILE_SLACK_SECONDS = 300  # clocks differ; look a little before the send started
+RECONCILE_PAGE_SIZE = 50
 
 
 class ConsoleSender:
@@ -46,6 +48,7 @@ class TwilioSender:
     """Messages through the `twilio` package, built on first use, with a timeout on every call."""
 
     name = "twilio"
+    takes_fence = True  # send(..., fence=): asked right before the request is written
 
     def __init__(self, settings):
         self.settings = settings
@@ -59,11 +62,10 @@ class TwilioSender:
                 from twilio.rest import Client
 
                 s = self.settings
-                client = Client(
-                    s.twilio_account_sid,
-                    s.twilio_auth_token,
-                    http_client=TwilioHttpClient(timeout=s.sms_timeout_seconds),
-                )
+                http = TwilioHttpClient(timeout=s.sms_timeout_seconds)
+                for prefix in ("http://", "https://"):
+                    http.session.mount(prefix, _fenced_adapter())
+                client = Client(s.twilio_account_sid, s.twilio_auth_token, http_client=http)
                 if s.twilio_base_url:
                     client.api.base_url = s.twilio_base_url.rstrip("/")
                 self._client = client
@@ -75,36 +77,122 @@ class TwilioSender:
             return {"messaging_service_sid": s.twilio_messaging_service_sid}
         return {"from_": s.twilio_from_number}
 
-    def send(self, to, body):
-        """Raises: DeliveryError (ambiguous when the request may have reached Twilio)."""
-        client = self._get_client()
+    def send(self, to, body, fence=None):
+        """Send within the total SMS deadline; `fence` is asked right before the request is
+        written (after connecting), and a False answer stops the send.
+
+        Raises: DeliveryError (ambiguous when the request may have reached Twilio),
+        LeaseLost (the fence failed: nothing was sent).
+        """
+        client, fields = self._get_client(), self._sender_fields()
+        if self.settings.public_url:
+            fields["status_callback"] = status_callback_url(self.settings.public_url)
+        return self._call(lambda: client.messages.create(to=to, body=body, **fields).sid, fence)
+
+    def _call(self, fn, fence=None, seconds=None):
+        """One Twilio call under its total deadline (the SMS deadline unless given), its
+        errors as DeliveryError."""
+        def guarded():
+            try:
+                return fn()
+            except LeaseLost:
+                raise
+            except Exception as exc:
+                raise classify(exc) from None
+
         try:
-            return client.messages.create(to=to, body=body, **self._sender_fields()).sid
-        except Exception as exc:
-            raise classify(exc) from None
+            return deadline.call(guarded, seconds or self.settings.sms_deadline, fence)
+        except deadline.DeadlineExceeded as exc:
+            if exc.written:
+                raise DeliveryError(f"Twilio call timed out: {exc}; outcome unknown", transient=True,
+                                    ambiguous=True) from None
+            raise DeliveryError(f"Twilio unreachable (timed out: {exc}); request not sent", transient=True) from None
 
     def find_sent(self, to, since, body, exclude=frozenset()):
-        """Look for our reply among the recipient's recent messages.
+        """Our reply's SID if Twilio has it, else None: the messages to `to` from our sender
+        created in the send's time window, following Twilio's pages to the end of the window.
 
-        A message whose SID is in `exclude` is already recorded as another batch's reply:
-        the same text sent earlier (a repeated question gets the same answer) is not this one.
+        A message whose SID is in `exclude` is recorded already (another batch's reply, a
+        manual send). One candidate left is ours, whatever its body says (Link Shortening
+        and Smart Encoding rewrite bodies); among several the body is a tie-break.
 
-        Filters on recipient and compares body and creation time here rather than
-        with Twilio's DateSent filter: a message Twilio accepted but has not yet
-        handed to the carrier has no DateSent, and must still count as sent.
+        The window is matched on date_created here, not with Twilio's DateSent filter: a
+        message Twilio accepted but still queues has no DateSent, and must count as sent.
+
+        Raises: CannotReconcile (several candidates: a person decides), DeliveryError.
         """
-        client = self._get_client()
-        after = since - RECONCILE_SLACK_SECONDS
-        try:
-            for message in client.messages.list(to=to, limit=50):
-                created = message.date_created
-                if message.sid in exclude or fingerprint(message.body) != fingerprint(body):
-                    continue
-                if created is None or _epoch(created) >= after:
-                    return message.sid
-        except Exception as exc:
-            raise classify(exc) from None
-        return None
+        client, fields = self._get_client(), self._sender_fields()
+        start, end = since - RECONCILE_SLACK_SECONDS, since + self.settings.sms_deadline + RECONCILE_SLACK_SECONDS
+
+        def scan():
+            return list(_in_window(client, to, fields, start, end, exclude))
+
+        candidates = self._call(scan, None, self.settings.sms_deadline * 2)
+        return pick_reply(candidates, body)
+
+def _in_window(client, to, fields, start, end, exclude):
+    """Messages to `to` from our sender created within [start, end], not in `exclude`."""
+    sender = {"from_": fields["from_"]} if "from_" in fields else {}
+    service = fields.get("messaging_service_sid")
+    for message in client.messages.stream(to=to, page_size=RECONCILE_PAGE_SIZE, **sender):
+        sent = message.date_sent
+        if sent is not None and _epoch(sent) < start:
+            break  # newest first: every later message was sent, so created, before the window
+        created = message.date_created
+        if message.sid in exclude or (service and message.messaging_service_sid != service):
+            continue
+        if created is None or start <= _epoch(created) <= end:
+            yield message
+
+
+def pick_reply(candidates, body):
+    """Which of the candidate messages is our reply: the only one, or else the only one
+    whose body matches ours. Returns its SID or None (no candidate).
+
+    Raises: CannotReconcile when several remain.
+    """
+    if len(candidates) <= 1:
+        return candidates[0].sid if candidates else None
+    same = [m for m in candidates if fingerprint(m.body) == fingerprint(body)]
+    if len(same) == 1:
+        return same[0].sid
+    raise CannotReconcile(f"{len(candidates)} messages to this number in the send's time window "
+                          "could be this reply")
+
+
+def status_callback_url(public_url):
+    """Where Twilio posts delivery receipts: the webhook's URL + /status."""
+    return public_url.rstrip("/") + "/status"
+
+
+def _fenced_adapter():
+    """A requests adapter whose connections ask deadline.before_write() after connecting and
+    right before writing each request: a frozen or abandoned send never goes out late."""
+    from requests.adapters import HTTPAdapter
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+    def fenced(base):
+        class Fenced(base):
+            def request(self, *args, **kwargs):
+                if self.sock is None:
+                    self.connect()  # so the fence is asked after the (slow) connect, not before it
+                deadline.before_write()
+                return super().request(*args, **kwargs)
+        return Fenced
+
+    class HTTPPool(HTTPConnectionPool):
+        ConnectionCls = fenced(HTTPConnection)
+
+    class HTTPSPool(HTTPSConnectionPool):
+        ConnectionCls = fenced(HTTPSConnection)
+
+    class Adapter(HTTPAdapter):
+        def init_poolmanager(self, *args, **kwargs):
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = {"http": HTTPPool, "https": HTTPSPool}
+
+    return Adapter()
 
 
 def fingerprint(text):

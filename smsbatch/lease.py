@@ -1,0 +1,129 @@
+"""Heartbeat leases: the batches a processor holds stay its own only while it is alive.
+
+A claim lasts HEARTBEAT_LEASE_SECONDS (4 s). While a processor works on a batch, a
+heartbeat thread renews all of its claims every HEARTBEAT_SECONDS (1 s) in one small
+UPDATE, so a slow AI answer keeps its batch, and a batch whose processor died is free
+for another processor about 4 s later.
+
+A frozen process (SIGSTOP, a VM pause, swap) freezes its heartbeat too, and when it
+wakes it may not know it lost its batches. So before a send the processor proves it
+still holds the lease with its own monotonic clock: the last renewal that succeeded,
+plus the lease, must be more than FENCE_MARGIN_SECONDS away. The Twilio connection asks
+again right before it writes the request (see deadline.before_write).
+"""
+
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+from smsbatch.config import FENCE_MARGIN_SECONDS, HEARTBEAT_LEASE_SECONDS, HEARTBEAT_SECONDS
+from smsbatch.db import Store
+
+log = logging.getLogger("smsbatch.lease")
+HEARTBEAT_BUSY_TIMEOUT = 0.5  # a renewal that cannot get the database soon is retried at the next beat
+
+
+def holder_name():
+    """Who holds a claim, as `status` shows it: host:pid."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass
+class Held:
+    """One claim this processor holds: when (monotonic) its lease was last confirmed."""
+
+    batch_id: str
+    confirmed: float  # monotonic time just before the claim or renewal that succeeded
+    taken: float  # monotonic time of the claim: renewals stop `hold_limit` after it
+    lost: bool = False
+
+
+class Leases:
+    """The claims one processor holds, renewed by a heartbeat thread while `running()`."""
+
+    def __init__(self, db_path, clock, hold_limit, lease=HEARTBEAT_LEASE_SECONDS, interval=HEARTBEAT_SECONDS,
+                 monotonic=time.monotonic):
+        self.db_path, self.clock, self.hold_limit = db_path, clock, hold_limit
+        self.lease, self.interval, self.monotonic = lease, interval, monotonic
+        self.holder = holder_name()
+        self._held = {}
+        self._lock = threading.Lock()
+        self._store = None
+
+    def add(self, rows, confirmed):
+        """Track freshly claimed rows; `confirmed` is monotonic time taken before the claim began."""
+        with self._lock:
+            for row in rows:
+                self._held[row["claim"], row["id"]] = Held(row["id"], confirmed, confirmed)
+
+    def drop(self, batch):
+        """The processor is done with this claimed batch (finished, released or lost)."""
+        with self._lock:
+            self._held.pop((batch["claim"], batch["id"]), None)
+
+    def holds(self, batch, margin=FENCE_MARGIN_SECONDS):
+        """True if this processor can prove, by its own monotonic clock, that its lease on
+        this claimed batch runs for at least `margin` more seconds."""
+        with self._lock:
+            held = self._held.get((batch["claim"], batch["id"]))
+            if held is None or held.lost:
+                return False
+            return self.monotonic() + margin < held.confirmed + self.lease
+
+    def renew(self):
+        """Renew every claim still worth holding, in one UPDATE; claims the database no
+        longer gives us are marked lost (another processor took the batch over)."""
+        with self._lock:
+            started = self.monotonic()
+            keys = [k for k, h in self._held.items() if not h.lost and started - h.taken < self.hold_limit]
+        if not keys:
+            return
+        now = self.clock()
+        renewed = self._db().renew_claims(sorted({claim for claim, _ in keys}), now + self.lease, now)
+        with self._lock:
+            for key in keys:
+                held = self._held.get(key)
+                if held is None:
+                    continue
+                if key in renewed:
+                    held.confirmed = started
+                else:
+                    held.lost = True
+
+    def _db(self):
+        if self._store is None:
+            self._store = Store(self.db_path, busy_timeout=HEARTBEAT_BUSY_TIMEOUT)
+        return self._store
+
+    def _beat(self, stop):
+        while not stop.wait(self.interval):
+            try:
+                self.renew()
+            except Exception as exc:  # a busy database: the lease has room for a few missed beats
+                log.warning("lease renewal failed: %s", exc)
+
+    def running(self):
+        """A context manager: the heartbeat thread runs inside it."""
+        return _Running(self)
+
+
+class _Running:
+    def __init__(self, leases):
+        self.leases = leases
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=leases._beat, args=(self.stop,), name="smsbatch-heartbeat",
+                                       daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self.leases
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        if self.leases._store is not None:
+            self.leases._store.close()
+            self.leases._store = None
