@@ -129,8 +129,10 @@ class OpenAIResponder:
         Raises: DeliveryError (its `.usage` says what the failed call cost).
         """
         state = deadline.Call()
+        client = self._get_client()  # importing openai is not part of the call's time
         try:
-            completion = deadline.call(lambda: self._create(messages), self.settings.ai_deadline, state=state)
+            completion = deadline.call(lambda: self._create(client, messages), self.settings.ai_deadline,
+                                       state=state)
         except deadline.DeadlineExceeded as exc:
             raise _with_usage(DeliveryError(f"AI timed out: {exc}", transient=True), state) from None
         except DeliveryError as exc:
@@ -144,10 +146,10 @@ class OpenAIResponder:
             raise _with_usage(DeliveryError("AI returned an empty reply", transient=True), state, spent)
         return text, spent
 
-    def _create(self, messages):
+    def _create(self, client, messages):
         import openai
 
-        client, key = self._get_client(), self.settings.openai_api_key
+        key = self.settings.openai_api_key
         try:
             return client.chat.completions.create(model=self.settings.ai_model, messages=messages)
         except openai.APIStatusError as exc:
