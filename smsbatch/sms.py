@@ -1,7 +1,8 @@
 """Senders: deliver one reply by SMS.
 
-A sender has `send(to, body) -> provider_sid` and `find_sent(to, since, body, exclude) -> sid | None`
-(did an earlier send go out? `exclude`: SIDs already recorded for other replies); both raise
+A sender has `send(to, body, from_) -> provider_sid` (from_: the number the person wrote to) and
+`find_sent(to, from_, since, body, exclude) -> sid | None` (did an earlier send go out? `exclude`:
+SIDs already recorded for other replies); both raise
 DeliveryError, and find_sent raises CannotReconcile when the sender cannot be asked.
 """
 
@@ -32,7 +33,7 @@ class ConsoleSender:
         self.quiet = quiet
         self._lock = threading.Lock()
 
-    def send(self, to, body):
+    def send(self, to, body, from_=None):
         sid = "SMconsole" + secrets.token_hex(12)
         with self._lock:
             self.sent.append((sid, to, body))
@@ -40,7 +41,7 @@ class ConsoleSender:
             print(f"[console sms to {to}] {body}", file=self.stream)
         return sid
 
-    def find_sent(self, to, since, body, exclude=frozenset()):
+    def find_sent(self, to, from_, since, body, exclude=frozenset()):
         raise CannotReconcile("the console sender keeps no record between runs")
 
 
@@ -71,20 +72,24 @@ class TwilioSender:
                 self._client = client
             return self._client
 
-    def _sender_fields(self):
+    def sender_fields(self, from_):
+        """Who a reply comes from: the number the person wrote to (with a messaging service,
+        the service and that number as its sender); TWILIO_FROM_NUMBER only for a text
+        whose number is unknown."""
         s = self.settings
         if s.twilio_messaging_service_sid:
-            return {"messaging_service_sid": s.twilio_messaging_service_sid}
-        return {"from_": s.twilio_from_number}
+            fields = {"messaging_service_sid": s.twilio_messaging_service_sid}
+            return fields | ({"from_": from_} if from_ else {})
+        return {"from_": from_ or s.twilio_from_number}
 
-    def send(self, to, body, fence=None):
+    def send(self, to, body, from_=None, fence=None):
         """Send within the total SMS deadline; `fence` is asked right before the request is
         written (after connecting), and a False answer stops the send.
 
         Raises: DeliveryError (ambiguous when the request may have reached Twilio),
         LeaseLost (the fence failed: nothing was sent).
         """
-        client, fields = self._get_client(), self._sender_fields()
+        client, fields = self._get_client(), self.sender_fields(from_)
         if self.settings.public_url:
             fields["status_callback"] = status_callback_url(self.settings.public_url)
         return self._call(lambda: client.messages.create(to=to, body=body, **fields).sid, fence)
@@ -108,7 +113,7 @@ class TwilioSender:
                                     ambiguous=True) from None
             raise DeliveryError(f"Twilio unreachable (timed out: {exc}); request not sent", transient=True) from None
 
-    def find_sent(self, to, since, body, exclude=frozenset()):
+    def find_sent(self, to, from_, since, body, exclude=frozenset()):
         """Our reply's SID if Twilio has it, else None: the messages to `to` from our sender
         created in the send's time window, following Twilio's pages to the end of the window.
 
@@ -121,7 +126,7 @@ class TwilioSender:
 
         Raises: CannotReconcile (several candidates: a person decides), DeliveryError.
         """
-        client, fields = self._get_client(), self._sender_fields()
+        client, fields = self._get_client(), self.sender_fields(from_)
         start, end = since - RECONCILE_SLACK_SECONDS, since + self.settings.sms_deadline + RECONCILE_SLACK_SECONDS
 
         def scan():
@@ -129,6 +134,7 @@ class TwilioSender:
 
         candidates = self._call(scan, None, self.settings.sms_deadline * 2)
         return pick_reply(candidates, body)
+
 
 def _in_window(client, to, fields, start, end, exclude):
     """Messages to `to` from our sender created within [start, end], not in `exclude`."""
