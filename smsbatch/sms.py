@@ -69,6 +69,7 @@ class TwilioSender:
                 client = Client(s.twilio_account_sid, s.twilio_auth_token, http_client=http)
                 if s.twilio_base_url:
                     client.api.base_url = s.twilio_base_url.rstrip("/")
+                client.messages  # noqa: B018 (imports the resource now, not within a send's deadline)
                 self._client = client
             return self._client
 

@@ -6,13 +6,14 @@ order, then "ok" forever) and records what it received.
 """
 
 import json
+import re
 import secrets
 import threading
 import time
 from email.utils import format_datetime
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, urlencode, urlparse
 
 
 class QuietServer(ThreadingHTTPServer):
@@ -34,6 +35,7 @@ class StandIn:
         self.script = list(script)
         self.lock = threading.Lock()
         self.requests = []
+        self.times = []  # time.monotonic() of each request, as received
         standin = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -60,6 +62,7 @@ class StandIn:
         """Record a request and return the next scripted action; "hang" never answers."""
         with self.lock:
             self.requests.append(request)
+            self.times.append(time.monotonic())
             action = self.script.pop(0) if self.script else "ok"
         if action == "hang":
             time.sleep(30)
@@ -90,8 +93,10 @@ class StandIn:
 
 class FakeOpenAI(StandIn):
     """POST /v1/chat/completions. Script items: "ok", an HTTP status (int),
-    ("delay", seconds) then ok, "hang" (never answers within any sane timeout), or
-    ("echo-key", status): that error, its message quoting the API key it was sent."""
+    ("delay", seconds) then ok, "hang" (never answers within any sane timeout),
+    ("trickle", seconds): a good answer written one byte a second for that long, then cut
+    off (no per-read timeout ever fires), or ("echo-key", status): that error, its message
+    quoting the API key it was sent. Usage counts words: prompt and reply."""
 
     def __init__(self, script=(), delay=0.0):
         super().__init__(script)
@@ -111,6 +116,8 @@ class FakeOpenAI(StandIn):
             time.sleep(self.delay)
         if isinstance(action, int):
             return self.reply(handler, action, {"error": {"message": f"scripted {action}", "type": "x"}})
+        if isinstance(action, tuple) and action[0] == "trickle":
+            return self.trickle(handler, action[1])
         if isinstance(action, tuple) and action[0] == "echo-key":
             # like "Incorrect API key provided: ...", but echoing the whole key: the worst case
             key = handler.headers.get("Authorization", "").removeprefix("Bearer ")
@@ -119,42 +126,77 @@ class FakeOpenAI(StandIn):
         request = json.loads(body)
         with self.lock:
             self.calls.append(request["messages"])
+        self.reply(handler, 200, self.completion(request))
+
+    @staticmethod
+    def completion(request):
         last = request["messages"][-1]["content"]
-        self.reply(handler, 200, {
+        content = f"AI reply to: {last}"
+        prompt = sum(len(m["content"].split()) for m in request["messages"])
+        return {
             "id": "chatcmpl-" + secrets.token_hex(6), "object": "chat.completion", "created": int(time.time()),
             "model": request["model"],
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": f"AI reply to: {last}"}}],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-        })
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": len(content.split()),
+                      "total_tokens": prompt + len(content.split())},
+        }
+
+    def trickle(self, handler, seconds):
+        """Status line, headers and body, one byte a second: every read gets a byte in time."""
+        body = b'{"choices": []}'
+        raw = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+               % (len(body) + 1000, body))
+        end = time.monotonic() + seconds
+        for byte in raw:
+            if time.monotonic() > end:
+                break
+            try:
+                handler.wfile.write(bytes([byte]))
+                handler.wfile.flush()
+            except OSError:
+                break
+            time.sleep(1.0)
+        handler.close_connection = True
 
 
 class FakeTwilio(StandIn):
-    """Twilio's Messages resource: POST creates, GET lists (filtered by To).
+    """Twilio's Messages resource: POST creates, GET lists (newest first, filtered by To,
+    From, DateSent> and DateSent<, paged by PageSize with next_page_uri) or fetches one.
 
     Script items: "ok"; (status, code) for a Twilio error; "hang" (accept nothing,
     answer nothing); "accept-then-hang" (record the message as sent, then never answer,
     like a connection cut after Twilio accepted); ("accept-then", status, code) (record
     the message as sent, then answer that error).
+
+    `link_shortening` rewrites URLs in bodies as Twilio's Link Shortening does; `page_cap`
+    lowers the largest page (Twilio's is 1000) so a test sees several pages. Each message
+    has a `status` (and `error_code`) a test may change; fetch and list report it.
     """
 
     ACCOUNT = "AC" + "0" * 32
     TOKEN = "twilio-test-token"
+    URL = re.compile(r"https?://\S+")
 
-    def __init__(self, script=(), list_script=()):
+    def __init__(self, script=(), list_script=(), link_shortening=False, page_cap=1000):
         super().__init__(script)
         self.list_script = list(list_script)
-        self.sent = []  # dicts: sid, to, from, body, date_created
+        self.link_shortening = link_shortening
+        self.page_cap = page_cap
+        self.sent = []  # dicts: sid, to, from, body, date_created, date_sent, status, error_code
+        self.fetched = []  # SIDs fetched one by one
 
     def dispatch(self, handler, method):
         body = self.read_body(handler)
         path = urlparse(handler.path)
-        if not path.path.startswith(f"/2010-04-01/Accounts/{self.ACCOUNT}/Messages"):
+        base = f"/2010-04-01/Accounts/{self.ACCOUNT}/Messages"
+        if not path.path.startswith(base):
             return self.reply(handler, 404, {"code": 20404, "message": "not found", "status": 404})
         if handler.headers.get("Authorization", "") != self._basic():
             return self.reply(handler, 401, {"code": 20003, "message": "Authenticate", "status": 401})
+        if method == "GET" and path.path.startswith(base + "/"):
+            return self.fetch(handler, path.path[len(base) + 1:].removesuffix(".json"))
         if method == "GET":
-            return self.list(handler, parse_qs(path.query))
+            return self.list(handler, path.path, parse_qs(path.query))
         form = {k: v[0] for k, v in parse_qs(body.decode(), keep_blank_values=True).items()}
         action = self.take(form)
         if action == "hang":
@@ -171,32 +213,72 @@ class FakeTwilio(StandIn):
             return
         self.reply(handler, 201, self.resource(message))
 
-    def record(self, form, at=None):
+    def record(self, form, at=None, queued=False):
+        """Store a message as Twilio would; `queued`: not handed to a carrier yet (no DateSent)."""
         created = datetime.fromtimestamp(time.time() if at is None else at, timezone.utc)
+        body = form.get("Body")
+        if self.link_shortening and body:
+            body = self.URL.sub(lambda _: "https://twil.io/" + secrets.token_hex(4), body)
         message = {"sid": "SM" + secrets.token_hex(16), "to": form.get("To"), "from": form.get("From"),
-                   "messaging_service_sid": form.get("MessagingServiceSid"), "body": form.get("Body"),
-                   "date_created": created}
+                   "messaging_service_sid": form.get("MessagingServiceSid"), "body": body,
+                   "status_callback": form.get("StatusCallback"), "date_created": created,
+                   "date_sent": None if queued else created, "status": "queued", "error_code": None}
         with self.lock:
             self.sent.append(message)
         return message
 
-    def list(self, handler, query):
+    def fetch(self, handler, sid):
+        with self.lock:
+            self.fetched.append(sid)
+            found = [m for m in self.sent if m["sid"] == sid]
+        if not found:
+            return self.reply(handler, 404, {"code": 20404, "message": "not found", "status": 404})
+        self.reply(handler, 200, self.resource(found[0]))
+
+    def list(self, handler, path, query):
         with self.lock:
             action = self.list_script.pop(0) if self.list_script else "ok"
         if isinstance(action, tuple):
             status, code = action
             return self.reply(handler, status, {"code": code, "message": f"scripted {code}", "status": status})
-        to = query.get("To", [None])[0]
+        one = {k: v[0] for k, v in query.items()}
         with self.lock:
-            found = [m for m in reversed(self.sent) if to is None or m["to"] == to]
-        self.reply(handler, 200, {"messages": [self.resource(m) for m in found], "next_page_uri": None,
-                                  "page": 0, "page_size": 50, "start": 0, "end": len(found), "uri": handler.path,
+            found = [m for m in self.sent if self.matches(m, one)]
+        # Newest first; messages not yet sent (no DateSent) first of all.
+        found.sort(key=lambda m: (m["date_sent"] is None, m["date_sent"] or m["date_created"], m["date_created"]),
+                   reverse=True)
+        size = min(int(one.get("PageSize", 50)), self.page_cap)
+        page = int(one.get("Page", 0))
+        chunk = found[page * size:(page + 1) * size]
+        more = (page + 1) * size < len(found)
+        following = urlencode({**{k: v for k, v in one.items() if k not in ("Page", "PageToken")},
+                               "Page": page + 1, "PageToken": "PA" + secrets.token_hex(8)})
+        self.reply(handler, 200, {"messages": [self.resource(m) for m in chunk],
+                                  "next_page_uri": f"{path}?{following}" if more else None,
+                                  "page": page, "page_size": size, "start": page * size,
+                                  "end": page * size + len(chunk), "uri": handler.path,
                                   "first_page_uri": handler.path, "previous_page_uri": None})
 
+    @staticmethod
+    def matches(m, query):
+        if "To" in query and m["to"] != query["To"]:
+            return False
+        if "From" in query and m["from"] != query["From"]:
+            return False
+        for name, later in (("DateSent>", True), ("DateSent<", False)):
+            if name in query:
+                bound = datetime.fromisoformat(query[name].replace("Z", "+00:00"))
+                if m["date_sent"] is None or (m["date_sent"] < bound if later else m["date_sent"] > bound):
+                    return False
+        return True
+
     def resource(self, m):
-        return {"sid": m["sid"], "to": m["to"], "from": m["from"], "body": m["body"], "status": "queued",
+        sent = m.get("date_sent")
+        return {"sid": m["sid"], "to": m["to"], "from": m["from"], "body": m["body"], "status": m.get("status", "queued"),
+                "error_code": m.get("error_code"), "messaging_service_sid": m.get("messaging_service_sid"),
                 "account_sid": self.ACCOUNT, "direction": "outbound-api", "num_segments": "1",
-                "date_created": format_datetime(m["date_created"]), "date_sent": None, "date_updated": None}
+                "date_created": format_datetime(m["date_created"]),
+                "date_sent": format_datetime(sent) if sent else None, "date_updated": None}
 
     def _basic(self):
         import base64
