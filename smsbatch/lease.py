@@ -45,9 +45,9 @@ class Leases:
     """The claims one processor holds, renewed by a heartbeat thread while `running()`."""
 
     def __init__(self, db_path, clock, hold_limit, lease=HEARTBEAT_LEASE_SECONDS, interval=HEARTBEAT_SECONDS,
-                 monotonic=time.monotonic):
+                 margin=FENCE_MARGIN_SECONDS, monotonic=time.monotonic):
         self.db_path, self.clock, self.hold_limit = db_path, clock, hold_limit
-        self.lease, self.interval, self.monotonic = lease, interval, monotonic
+        self.lease, self.interval, self.margin, self.monotonic = lease, interval, margin, monotonic
         self.holder = holder_name()
         self._held = {}
         self._lock = threading.Lock()
@@ -64,14 +64,14 @@ class Leases:
         with self._lock:
             self._held.pop((batch["claim"], batch["id"]), None)
 
-    def holds(self, batch, margin=FENCE_MARGIN_SECONDS):
+    def holds(self, batch):
         """True if this processor can prove, by its own monotonic clock, that its lease on
-        this claimed batch runs for at least `margin` more seconds."""
+        this claimed batch runs for more than the margin (FENCE_MARGIN_SECONDS) yet."""
         with self._lock:
             held = self._held.get((batch["claim"], batch["id"]))
             if held is None or held.lost:
                 return False
-            return self.monotonic() + margin < held.confirmed + self.lease
+            return self.monotonic() + self.margin < held.confirmed + self.lease
 
     def renew(self):
         """Renew every claim still worth holding, in one UPDATE; claims the database no

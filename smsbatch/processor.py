@@ -16,7 +16,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from smsbatch import ai, batching
-from smsbatch.config import FAULT_POINT, HEARTBEAT_LEASE_SECONDS
+from smsbatch.config import FAULT_POINT
 from smsbatch.db import State, Store
 from smsbatch.errors import CannotReconcile, DeliveryError, LeaseLost
 from smsbatch.lease import Leases
@@ -245,7 +245,7 @@ class Processor:
         """Claim up to `limit` due batches now, leases tracked (and renewed while `run` runs).
         Returns (rows, expired count)."""
         confirmed = time.monotonic()
-        rows, expired = self.store().claim_due(self.clock(), limit, HEARTBEAT_LEASE_SECONDS,
+        rows, expired = self.store().claim_due(self.clock(), limit, self.leases.lease,
                                                self.settings.max_age_seconds, holder=self.leases.holder)
         self.leases.add(rows, confirmed)
         return rows, expired

@@ -184,6 +184,7 @@ class FakeTwilio(StandIn):
         self.page_cap = page_cap
         self.sent = []  # dicts: sid, to, from, body, date_created, date_sent, status, error_code
         self.fetched = []  # SIDs fetched one by one
+        self.listed = []  # the query of each list request (one per page)
 
     def dispatch(self, handler, method):
         body = self.read_body(handler)
@@ -243,6 +244,7 @@ class FakeTwilio(StandIn):
             return self.reply(handler, status, {"code": code, "message": f"scripted {code}", "status": status})
         one = {k: v[0] for k, v in query.items()}
         with self.lock:
+            self.listed.append(one)
             found = [m for m in self.sent if self.matches(m, one)]
         # Newest first; messages not yet sent (no DateSent) first of all.
         found.sort(key=lambda m: (m["date_sent"] is None, m["date_sent"] or m["date_created"], m["date_created"]),
@@ -261,6 +263,7 @@ class FakeTwilio(StandIn):
 
     @staticmethod
     def matches(m, query):
+        """Twilio's list filters; DateSent> and DateSent< include the bound (Twilio's >= and <=)."""
         if "To" in query and m["to"] != query["To"]:
             return False
         if "From" in query and m["from"] != query["From"]:
