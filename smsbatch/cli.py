@@ -197,7 +197,10 @@ def summary_line(report):
     parts = [f"claimed {report.claimed}", f"sent {c['sent']}", f"skipped {c['skipped']}", f"failed {c['failed']}"]
     extra = [(n, c[n]) for n in ("superseded", "retrying", "unknown", "lost") if c[n]]
     extra += [("expired", report.expired)] if report.expired else []
-    return ", ".join(parts + [f"{name} {n}" for name, n in extra])
+    extra += [("undelivered", report.undelivered)] if report.undelivered else []
+    cost = [f"AI requests {report.ai_requests}",
+            f"tokens {report.prompt_tokens} prompt + {report.completion_tokens} completion"]
+    return ", ".join(parts + [f"{name} {n}" for name, n in extra] + cost)
 
 
 @cli.command()

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from enum import Enum
 from importlib import resources
 
-from smsbatch import batching, migrations
+from smsbatch import batching, delivery, migrations
 from smsbatch.config import HEARTBEAT_LEASE_SECONDS
 from smsbatch.errors import InvalidTransition, NotFound, SmsbatchError
 
@@ -624,7 +624,7 @@ class Store:
         last_hour = self.conn.execute(
             "SELECT count(*) FROM messages WHERE received_at >= ?", (now - 3600,)
         ).fetchone()[0]
-        return self._in_flight_and_cost(now) | {
+        return self._in_flight_and_cost(now) | self._delivery() | {
             "counts": counts,
             "pending": sum(counts[s.value] for s in PENDING),
             "oldest_pending_age_seconds": None if oldest is None else round(now - oldest, 1),
@@ -647,6 +647,53 @@ class Store:
         ).fetchone()
         return {"in_flight": in_flight,
                 "ai": {"requests": cost[0], "prompt_tokens": cost[1], "completion_tokens": cost[2]}}
+
+    # -- delivery receipts ------------------------------------------------------
+
+    def _delivery(self, latest=5):
+        """Replies by latest MessageStatus, and the latest undelivered or failed ones."""
+        # No receipt yet: Twilio answered the send itself with queued (accepted, with a
+        # messaging service); counted as queued until a receipt or a check says more.
+        counts = dict(self.conn.execute(
+            "SELECT coalesce(status, 'queued'), count(*) FROM outbound GROUP BY 1 ORDER BY 1").fetchall())
+        problems = self.conn.execute(
+            f"SELECT sid, batch_id, phone, status, error_code, status_at FROM outbound"
+            f" WHERE status IN ({placeholders(delivery.PROBLEMS)}) ORDER BY status_at DESC LIMIT ?",
+            (*delivery.PROBLEMS, latest)).fetchall()
+        return {"delivery": counts,
+                "delivery_problems": [dict(r) | {"error": delivery.explain(r["status"], r["error_code"])}
+                                      for r in problems]}
+
+    def record_delivery(self, sid, status, error_code, at):
+        """Record Twilio's latest MessageStatus (and ErrorCode) of a reply we sent, unless it
+        would move the reply backwards. Returns False for a SID we never sent (ignored)."""
+        with self.transaction() as conn:
+            row = conn.execute("SELECT status FROM outbound WHERE sid = ?", (sid,)).fetchone()
+            if row is None:
+                return False
+            if delivery.moves_forward(row["status"], status):
+                conn.execute("UPDATE outbound SET status = ?, error_code = ?, status_at = ? WHERE sid = ?",
+                             (status, error_code, at, sid))
+            return True
+
+    def deliveries_to_check(self, now, limit):
+        """Replies without a final status CHECK_AFTER_SECONDS after sending, never checked yet."""
+        return [r[0] for r in self.conn.execute(
+            f"SELECT sid FROM outbound WHERE (status IS NULL OR status NOT IN ({placeholders(delivery.FINAL)}))"
+            " AND checked_at IS NULL AND sent_at <= ? ORDER BY sent_at LIMIT ?",
+            (*sorted(delivery.FINAL), now - delivery.CHECK_AFTER_SECONDS, limit))]
+
+    def mark_checked(self, sid, now):
+        with self.transaction() as conn:
+            conn.execute("UPDATE outbound SET checked_at = ? WHERE sid = ?", (now, sid))
+
+    def take_new_problems(self, now):
+        """Replies newly known undelivered or failed, each returned once (marked reported)."""
+        with self.transaction() as conn:
+            return [dict(r) for r in conn.execute(
+                f"UPDATE outbound SET reported_at = ? WHERE reported_at IS NULL"
+                f" AND status IN ({placeholders(delivery.PROBLEMS)})"
+                " RETURNING sid, batch_id, status, error_code", (now, *delivery.PROBLEMS))]
 
     def health(self, now):
         """Pending count and the oldest pending batch's age, from one cheap query."""

@@ -15,7 +15,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
-from smsbatch import ai, batching
+from smsbatch import ai, batching, delivery
 from smsbatch.config import FAULT_POINT
 from smsbatch.db import State, Store
 from smsbatch.errors import CannotReconcile, DeliveryError, LeaseLost
@@ -53,6 +53,7 @@ class RunReport:
     ai_requests: int = 0  # HTTP requests to the AI, its client's own retries included
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    undelivered: int = 0  # replies newly known undelivered or failed (each reported once)
     counts: dict = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
     paused: bool = False
 
@@ -67,7 +68,8 @@ class RunReport:
     def as_dict(self):
         return {"claimed": self.claimed, "expired": self.expired, "ai_calls": self.ai_calls,
                 "ai_requests": self.ai_requests, "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.completion_tokens, "paused": self.paused, **self.counts}
+                "completion_tokens": self.completion_tokens, "undelivered": self.undelivered,
+                "paused": self.paused, **self.counts}
 
     def add_usage(self, usage):
         self.ai_requests += usage.requests
@@ -290,11 +292,33 @@ class Processor:
                 stop.wait(min(left, self._idle_wait()))
             for future in wait(inflight).done:
                 report.add(future.result())
+        report.undelivered = self.follow_deliveries()
         report.ai_calls = getattr(self.responder, "calls", 0) - calls_before
         report.add_usage(ai.Usage(self.usage.requests - usage_before.requests,
                                   self.usage.prompt_tokens - usage_before.prompt_tokens,
                                   self.usage.completion_tokens - usage_before.completion_tokens))
         return report
+
+    def follow_deliveries(self):
+        """Without status callbacks (no SMSBATCH_PUBLIC_URL), ask Twilio once about replies
+        still not final a few minutes after sending, a few per run; then report each reply
+        newly known undelivered or failed once, on stderr. Returns how many were reported."""
+        store, now = self.store(), self.clock()
+        fetch = getattr(self.sender, "fetch_status", None)
+        if fetch is not None and not self.settings.public_url:
+            for sid in store.deliveries_to_check(now, delivery.CHECKS_PER_RUN):
+                try:
+                    status, code = fetch(sid)
+                except DeliveryError as exc:
+                    log.warning("could not check a reply's delivery (next run tries again): %s", exc)
+                    break
+                store.mark_checked(sid, now)
+                if delivery.is_status(status):
+                    store.record_delivery(sid, status, code, now)
+        problems = store.take_new_problems(now)
+        for p in problems:
+            log.warning("batch %s: reply %s", p["batch_id"] or "(manual)", delivery.explain(p["status"], p["error_code"]))
+        return len(problems)
 
     def _idle_wait(self):
         """How long to sleep when nothing is due: until the next batch is due, at most POLL_SECONDS."""

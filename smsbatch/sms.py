@@ -137,6 +137,16 @@ class TwilioSender:
         return pick_reply(candidates, body)
 
 
+    def fetch_status(self, sid):
+        """Twilio's current (MessageStatus, ErrorCode) of a message we sent.
+
+        Raises: DeliveryError.
+        """
+        client = self._get_client()
+        message = self._call(lambda: client.messages(sid).fetch())
+        return message.status, message.error_code
+
+
 def _in_window(client, to, fields, start, end, exclude):
     """Messages to `to` from our sender created within [start, end], not in `exclude`."""
     sender = {"from_": fields["from_"]} if "from_" in fields else {}

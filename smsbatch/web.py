@@ -16,11 +16,13 @@ import threading
 import time
 from urllib.parse import unquote, urlparse
 
+from smsbatch import delivery
 from smsbatch.batching import Rules, opt_out_scope
 from smsbatch.config import Settings
 from smsbatch.db import Store
 from smsbatch.errors import ConfigError, SmsbatchError
 from smsbatch.server import make_server_for
+from smsbatch.sms import status_callback_url
 from smsbatch.writer import WEB_BUSY_TIMEOUT, Writer
 
 __all__ = ["app", "make_app", "make_server_for"]  # make_server_for: from smsbatch.server
@@ -31,6 +33,9 @@ TWIML_EMPTY = b'<?xml version="1.0" encoding="UTF-8"?><Response/>'
 MAX_MEDIA = 10  # Twilio sends at most 10 media per message
 CARRIER_KINDS = {"STOP": "opt_out", "START": "opt_in"}  # OptOutType; HELP is an ordinary text
 SINGLE_FIELDS = ("MessageSid", "From", "To", "Body", "NumMedia")
+# Delivery receipts: SMSBATCH_PUBLIC_URL + /status, which a proxy passing /sms through
+# hands us as /sms/status.
+STATUS_PATHS = ("/status", "/sms/status")
 
 
 class Reject(Exception):
@@ -135,6 +140,10 @@ class Webhook:
             if method != "POST":
                 raise Reject("405 Method Not Allowed", "use POST", [("Allow", "POST")])
             return self.inbound(environ)
+        if path in STATUS_PATHS:
+            if method != "POST":
+                raise Reject("405 Method Not Allowed", "use POST", [("Allow", "POST")])
+            return self.delivery_receipt(environ)
         if path == "/health":
             if method not in ("GET", "HEAD"):
                 raise Reject("405 Method Not Allowed", "use GET", [("Allow", "GET, HEAD")])
@@ -168,6 +177,33 @@ class Webhook:
             raise Reject("503 Service Unavailable", "could not store the message; try again") from None
         log.debug("stored %s in batch %s%s", sid, added.batch_id, " (repeat)" if added.duplicate else "")
         return "200 OK", [("Content-Type", "text/xml")], TWIML_EMPTY
+
+    def delivery_receipt(self, environ):
+        """POST /status: Twilio's status callback for a reply we sent, signed like /sms
+        (for the URL SMSBATCH_PUBLIC_URL + /status). Records the latest MessageStatus and
+        ErrorCode; a MessageSid we never sent is answered 200 and ignored.
+
+        Raises: Reject (403 unsigned or forged, 400 bad fields, 503 not stored).
+        """
+        params = parse_form(environ)
+        if self.validator is not None:
+            url = status_callback_url(self.settings.public_url) if self.settings.public_url else None
+            signature = environ.get("HTTP_X_TWILIO_SIGNATURE", "")
+            if not signature or not self.signatures.valid(url or self.signed_url(environ), params, signature):
+                raise Reject("403 Forbidden", "missing or invalid X-Twilio-Signature")
+        sid, status = params.one("MessageSid").strip(), params.one("MessageStatus").strip().lower()
+        code = params.one("ErrorCode").strip()
+        if not sid or len(sid) > 64 or not delivery.is_status(status):
+            raise Reject("400 Bad Request", "missing MessageSid or unknown MessageStatus")
+        if code and not (code.isascii() and code.isdigit() and len(code) < 10):
+            raise Reject("400 Bad Request", "bad ErrorCode")
+        at, error = self.clock(), int(code) if code and code != "0" else None
+        try:
+            self.writer.submit(lambda store: store.record_delivery(sid, status, error, at))
+        except (sqlite3.Error, SmsbatchError) as exc:
+            log.error("webhook: could not store the status of %s: %s", sid, exc)
+            raise Reject("503 Service Unavailable", "could not store the status; try again") from None
+        return "200 OK", [("Content-Type", "text/plain")], b""
 
     def check_signature(self, environ, params):
         """Raises: Reject 403 unless X-Twilio-Signature is right (or signatures are off)."""

@@ -283,6 +283,20 @@ class FakeTwilio(StandIn):
                 "date_created": format_datetime(m["date_created"]),
                 "date_sent": format_datetime(sent) if sent else None, "date_updated": None}
 
+    def callback(self, message, status, error_code=None, token=None):
+        """The signed status callback Twilio would POST to the message's StatusCallback:
+        (url, form body, headers)."""
+        from twilio.request_validator import RequestValidator
+
+        params = {"MessageSid": message["sid"], "MessageStatus": status, "AccountSid": self.ACCOUNT,
+                  "To": message["to"], "From": message["from"] or "", "SmsSid": message["sid"],
+                  "SmsStatus": status, "ApiVersion": "2010-04-01"}
+        if error_code is not None:
+            params["ErrorCode"] = str(error_code)
+        url = message["status_callback"]
+        signature = RequestValidator(token or self.TOKEN).compute_signature(url, params)
+        return url, urlencode(params).encode(), {"HTTP_X_TWILIO_SIGNATURE": signature}
+
     def _basic(self):
         import base64
 
