@@ -100,9 +100,71 @@ class OpenAIResponder:
         self._client = None
         self._lock = threading.Lock()
 
+    def warm(self):
+        """Build the client now (imports included), so a first answer does not wait for it."""
+        with self._lock:
+            self._build()
+
     def _get_client(self):
         with self._lock:
-            if self._client is None:
+            self._build()
+            self.calls += 1
+            return self._client
+
+    def _build(self):
+        if self._client is not None:
+            return
+        import httpx2
+        import openai
+
+        # Every request the client makes, its own retries included, passes this hook:
+        # requests are counted where they happen, not per answer.
+        http = httpx2.Client(event_hooks={"request": [deadline.count_request]})
+        self._client = openai.OpenAI(
+            api_key=self.settings.openai_api_key,
+            base_url=self.settings.openai_base_url or None,
+            timeout=self.settings.ai_timeout_seconds,
+            max_retries=self.settings.ai_client_retries,
+            http_client=http,
+        )
+
+    def answer(self, messages):
+        with self._lock:
+            self.calls += 1
+        last = messages[-1]["content"]
+        lines = [ln for ln in last.splitlines() if not ln.startswith("(The customer sent")]
+        said = " / ".join(ln.split(". ", 1)[-1] if ln[:1].isdigit() else ln for ln in lines)
+        earlier = sum(1 for m in messages[1:-1] if m["role"] == "user")
+        context = f" (with {earlier} earlier texts in mind)" if earlier else ""
+        return f"Thanks for your message{'s' if len(lines) > 1 else ''}{context}. You said: {said}"
+
+
+class OpenAIResponder:
+    """Chat completions through the `openai` package; the client is built on first use
+    so a cron run with nothing to do never pays for importing it."""
+
+    name = "openai"
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.calls = 0
+        self._client = None
+        self._lock = threading.Lock()
+
+    def warm(self):
+        """Build the client now (imports included), so a first answer does not wait for it."""
+        with self._lock:
+            self._build()
+
+    def _get_client(self):
+        with self._lock:
+            self._build()
+            self.calls += 1
+            return self._client
+
+    def _build(self):
+        if self._client is None:
+            if True:  # (kept indented as before: the body below builds the client once)
                 import httpx2
                 import openai
 
@@ -116,8 +178,6 @@ class OpenAIResponder:
                     max_retries=self.settings.ai_client_retries,
                     http_client=http,
                 )
-            self.calls += 1
-            return self._client
 
     def answer(self, messages):
         """The reply. Raises: DeliveryError, transient or not."""

@@ -263,6 +263,8 @@ class Processor:
         report = RunReport(paused=not self.settings.enabled)
         if report.paused:
             return report
+        if seconds:  # a long run: have the clients ready before the first batch needs them
+            threading.Thread(target=self._warm, name="smsbatch-warm", daemon=True).start()
         deadline = time.monotonic() + seconds
         calls_before = getattr(self.responder, "calls", 0)
         usage_before = dataclasses.replace(self.usage)
@@ -298,6 +300,13 @@ class Processor:
                                   self.usage.prompt_tokens - usage_before.prompt_tokens,
                                   self.usage.completion_tokens - usage_before.completion_tokens))
         return report
+
+    def _warm(self):
+        for provider in (self.responder, self.sender):
+            try:
+                getattr(provider, "warm", lambda: None)()
+            except Exception as exc:  # the batch that needs it will report the problem
+                log.debug("could not prepare %s: %s", getattr(provider, "name", provider), exc)
 
     def follow_deliveries(self):
         """Without status callbacks (no SMSBATCH_PUBLIC_URL), ask Twilio once about replies

@@ -56,6 +56,10 @@ class TwilioSender:
         self._client = None
         self._lock = threading.Lock()
 
+    def warm(self):
+        """Build the client now (imports included), so a first send does not wait for it."""
+        self._get_client()
+
     def _get_client(self):
         with self._lock:
             if self._client is None:
