@@ -3,20 +3,24 @@
 Two `smsbatch process --for` subprocesses run side by side with the real openai and
 twilio clients against tests/fakes.py's stand-ins (started in this process). Each round
 one text arrives; its AI request hangs; the processor holding it (batches.holder says
-which pid) is SIGKILLed at a random moment 0-1 s into the call (so at a random point of
-its 1 s heartbeat), and a fresh processor is started in its place for the next round.
-Measured per kill:
+which pid) is hit at a random moment 0-1 s into the call (so at a random point of its
+1 s heartbeat), and a fresh processor is started in its place for the next round.
+Rounds alternate:
 
-- kill -> reply: the SIGKILL to the reply reaching the Twilio stand-in (the other
-  processor's AI answer included: the stand-in answers at once);
-- kill -> takeover: the SIGKILL to the other processor's claim of the batch;
-- stale lease -> takeover: the lease's end (batches.due_at right after the kill: a dead
-  holder renews nothing) to that claim, i.e. how long an expired lease lies unnoticed.
+- kill (SIGKILL): the other processor, on the same machine, sees the holder's pid is
+  gone and takes the batch at its next poll (within about a second);
+- freeze (SIGSTOP): the holder is alive but renews nothing, as a dead processor on
+  another host would be: the batch is taken when its 4 s heartbeat lease ends.
+
+Measured: to the reply reaching the Twilio stand-in (the other processor's AI answer
+included: the stand-in answers at once); to the other processor's claim; and, for
+freezes, from the lease's end (batches.due_at, which nobody renews any more) to the
+claim, i.e. how long an expired lease lies unnoticed.
 
 Targets: kill -> reply within 5 s (the issue's bound, with an instant AI). Anchors from job
 queues: pgqueuer 30 s, Procrastinate 30 s + a sweep, rq about 90 s, River and Oban 1 h.
 
-    python bench/bench_takeover.py [--kills 8]       # on its own, with the anchors
+    python bench/bench_takeover.py [--kills 6]       # on its own, with the anchors
     python bench/run.py takeover [--runs 8]
 """
 
@@ -30,7 +34,7 @@ import time
 
 from common import OUR_NUMBER, ROOT, Figure, clean_env, fmt, fresh_db, log, print_table, smsbatch_cmd, tempdir
 
-KILLS = 8
+KILLS = 6
 TARGET = 5.0
 ANCHORS = "pgqueuer 30 s, Procrastinate 30 s + sweep, rq ~90 s, River/Oban 1 h"
 ROUND_TIMEOUT = 30.0
@@ -68,8 +72,9 @@ def wait(predicate, timeout=ROUND_TIMEOUT, step=0.002):
     raise RuntimeError("timed out waiting")
 
 
-def one_kill(store, openai, twilio, procs, env, n):
-    """One round: a text, its holder killed mid-AI-call; returns (reply, takeover, stale) seconds."""
+def one_round(store, openai, twilio, procs, env, n, freeze):
+    """One round: a text, its holder killed (or frozen) mid-AI-call.
+    Returns (to reply, to takeover, lease end to takeover) in seconds."""
     from smsbatch.batching import Rules
 
     phone = f"+1555880{n:04d}"
@@ -80,16 +85,20 @@ def one_kill(store, openai, twilio, procs, env, n):
     time.sleep(random.uniform(0, 1.0))
     pid = int(store.get_batch(added.batch_id)["holder"].rsplit(":", 1)[1])
     victim = next(p for p in procs if p.pid == pid)
-    os.kill(pid, signal.SIGKILL)
-    killed, killed_wall = time.monotonic(), time.time()
-    victim.wait()
-    lease_end = store.get_batch(added.batch_id)["due_at"]
+    os.kill(pid, signal.SIGSTOP if freeze else signal.SIGKILL)
+    hit, hit_wall = time.monotonic(), time.time()
+    if not freeze:
+        victim.wait()
+    lease_end = store.get_batch(added.batch_id)["due_at"]  # nobody renews it any more
     wait(lambda: twilio.bodies_to(phone))
     replied = time.monotonic()
     claimed_at = store.get_batch(added.batch_id)["started_at"]
+    if freeze:
+        victim.kill()
+        victim.wait()
     procs[procs.index(victim)] = start(env)
     assert row["claim"] != store.get_batch(added.batch_id)["claim"] and len(twilio.bodies_to(phone)) == 1
-    return replied - killed, claimed_at - killed_wall, claimed_at - lease_end
+    return replied - hit, claimed_at - hit_wall, max(0.0, claimed_at - lease_end)
 
 
 def _held(store, batch_id):
@@ -98,13 +107,18 @@ def _held(store, batch_id):
 
 
 def run(runs=KILLS, **_):
-    """Figures: kill -> reply, kill -> takeover, stale lease -> takeover (seconds, one value per kill)."""
+    """Figures over `runs` kills and `runs` freezes (seconds, one value per round)."""
     from smsbatch.db import Store
 
     f = fakes()
-    reply = Figure("takeover", "kill -> reply", "s", target=TARGET, better="lower", note=f"anchors: {ANCHORS}")
-    takeover = Figure("takeover", "kill -> takeover (claim)", "s")
-    stale = Figure("takeover", "stale lease -> takeover", "s")
+    figures = {
+        "kill": (Figure("takeover", "kill -> reply", "s", target=TARGET, better="lower", note=f"anchors: {ANCHORS}"),
+                 Figure("takeover", "kill -> takeover (claim)", "s")),
+        "freeze": (Figure("takeover", "freeze -> reply", "s", target=TARGET, better="lower",
+                          note="SIGSTOP: alive, not renewing; as a dead processor on another host"),
+                   Figure("takeover", "freeze -> takeover (claim)", "s")),
+    }
+    stale = Figure("takeover", "stale lease -> takeover", "s", note="lease end (due_at) to the claim")
     with tempdir("takeover") as folder, f.FakeOpenAI() as openai, f.FakeTwilio() as twilio:
         db = fresh_db(folder, "takeover.db")
         env = env_for(db, openai, twilio)
@@ -112,24 +126,26 @@ def run(runs=KILLS, **_):
         store = Store(db)
         try:
             time.sleep(2.0)  # both processors up
-            for n in range(runs):
-                values = one_kill(store, openai, twilio, procs, env, n)
-                for figure, value in zip((reply, takeover, stale), values):
-                    figure.values.append(value)
-                log(f"kill {n + 1}/{runs}: reply {values[0]:.2f} s, takeover {values[1]:.2f} s,"
-                    f" after the lease ended {values[2]:.2f} s")
+            for n in range(2 * runs):
+                how = "freeze" if n % 2 else "kill"
+                reply, takeover, after_lease = one_round(store, openai, twilio, procs, env, n, how == "freeze")
+                figures[how][0].values.append(reply)
+                figures[how][1].values.append(takeover)
+                if how == "freeze":
+                    stale.values.append(after_lease)
+                log(f"{how} {n // 2 + 1}/{runs}: reply {reply:.2f} s, takeover {takeover:.2f} s")
                 time.sleep(1.5)  # the replacement processor starts
         finally:
             for proc in procs:
                 proc.kill()
                 proc.wait()
             store.close()
-    return [reply, takeover, stale]
+    return [*figures["kill"], *figures["freeze"], stale]
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kills", type=int, default=KILLS, help=f"kills to measure (default {KILLS})")
+    parser.add_argument("--kills", type=int, default=KILLS, help=f"kills, and as many freezes (default {KILLS})")
     args = parser.parse_args(argv)
     figures = run(max(1, args.kills))
     print()
@@ -137,7 +153,7 @@ def main(argv=None):
     for figure in figures:
         print(f"  {figure.name}: median {fmt(figure.median)} s, worst {fmt(max(figure.values))} s")
     print(f"  anchors (dead worker's job picked up again): {ANCHORS}")
-    return 0 if figures[0].ok else 1
+    return 0 if figures[0].ok and figures[2].ok else 1
 
 
 if __name__ == "__main__":

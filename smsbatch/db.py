@@ -310,10 +310,11 @@ class Store:
 
     # -- claiming ---------------------------------------------------------------
 
-    def claim_due(self, now, limit, lease, max_age, holder=None):
+    def claim_due(self, now, limit, lease, max_age, holder=None, node=None):
         """Atomically claim up to `limit` due batches for `lease` seconds (renewed by the
         holder's heartbeat, see lease.py); returns (claimed rows, expired count).
-        `holder` ("host:pid") is recorded for `status`.
+        `holder` ("host:pid") is recorded for `status`, `node` (lease.node_id) so that a
+        processor of the same machine may tell whether the holder still lives.
 
         Open/queued batches whose last text is older than `max_age` are expired
         instead. A batch found processing or sending past its lease is claimed again
@@ -342,10 +343,10 @@ class Store:
                 return [], expired
             rows = conn.execute(
                 "UPDATE batches SET claim = ?, due_at = ?, started_at = ?, claimed_at = coalesce(claimed_at, ?),"
-                " holder = ?, heartbeat_at = ?,"
+                " holder = ?, holder_node = ?, heartbeat_at = ?,"
                 " state = CASE state WHEN 'sending' THEN 'sending' ELSE 'processing' END,"
                 f" attempts = attempts + 1 WHERE seq IN ({placeholders(candidates)}) RETURNING *",
-                (token, now + lease, now, now, holder, now, *[c["seq"] for c in candidates]),
+                (token, now + lease, now, now, holder, node, now, *[c["seq"] for c in candidates]),
             ).fetchall()
             for c in candidates:
                 taken_over = c["state"] in (State.PROCESSING, State.SENDING)
@@ -364,6 +365,21 @@ class Store:
                 (due, now, *claims),
             ).fetchall()
         return {(r[0], r[1]) for r in rows}
+
+    def free_dead_holders(self, now, node, alive):
+        """End at once the leases of batches in *processing* held by processes of `node`
+        that `alive(holder)` says are gone. Returns how many were freed."""
+        rows = self.conn.execute(
+            "SELECT id, claim, holder FROM batches WHERE state = 'processing' AND claim IS NOT NULL"
+            " AND due_at > ? AND holder_node = ?", (now, node)).fetchall()
+        dead = [r for r in rows if r["holder"] and not alive(r["holder"])]
+        if not dead:
+            return 0
+        with self.transaction() as conn:
+            for row in dead:
+                conn.execute("UPDATE batches SET due_at = ? WHERE id = ? AND claim = ? AND state = 'processing'",
+                             (now, row["id"], row["claim"]))
+        return len(dead)
 
     def record_usage(self, batch_id, requests, prompt_tokens, completion_tokens):
         """Add what one AI call cost (HTTP requests, tokens) to the batch's totals."""

@@ -31,6 +31,29 @@ def holder_name():
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def node_id():
+    """Which process-id space this process lives in: the kernel's boot id and the pid
+    namespace. Only a holder with the same node id can be judged dead by its pid; any
+    other host (or container) is judged by its heartbeat alone."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        return f"{boot}/{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return None  # not Linux: heartbeats only
+
+
+def pid_alive(pid):
+    """False only when no process has this pid (a zombie or a reused pid counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
 @dataclass
 class Held:
     """One claim this processor holds: when (monotonic) its lease was last confirmed."""
@@ -49,6 +72,7 @@ class Leases:
         self.db_path, self.clock, self.hold_limit = db_path, clock, hold_limit
         self.lease, self.interval, self.margin, self.monotonic = lease, interval, margin, monotonic
         self.holder = holder_name()
+        self.node = node_id()
         self._held = {}
         self._lock = threading.Lock()
         self._store = None
@@ -92,6 +116,15 @@ class Leases:
                     held.confirmed = started
                 else:
                     held.lost = True
+
+    def free_dead(self, store, now):
+        """Free now, rather than at their lease's end, batches in *processing* whose holder
+        was a process of this machine that no longer exists (killed, crashed). Batches in
+        *sending* wait for their lease: a request written just before the death must have
+        reached Twilio's log before anyone looks for it."""
+        if self.node is None:
+            return 0
+        return store.free_dead_holders(now, self.node, lambda holder: pid_alive(int(holder.rsplit(":", 1)[1])))
 
     def _db(self):
         if self._store is None:

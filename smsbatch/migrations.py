@@ -119,6 +119,8 @@ V3 = (
     # Heartbeat leases: who holds a batch in flight (host:pid) and when it last renewed.
     "ALTER TABLE batches ADD COLUMN holder TEXT",
     "ALTER TABLE batches ADD COLUMN heartbeat_at REAL",
+    # ...and its machine's process-id space, so a processor there can see the holder is gone.
+    "ALTER TABLE batches ADD COLUMN holder_node TEXT",
     # What the AI cost per batch: HTTP requests made (the client's retries included), tokens.
     "ALTER TABLE batches ADD COLUMN ai_requests INTEGER NOT NULL DEFAULT 0",
     "ALTER TABLE batches ADD COLUMN prompt_tokens INTEGER NOT NULL DEFAULT 0",

@@ -246,9 +246,10 @@ class Processor:
     def claim(self, limit):
         """Claim up to `limit` due batches now, leases tracked (and renewed while `run` runs).
         Returns (rows, expired count)."""
-        confirmed = time.monotonic()
-        rows, expired = self.store().claim_due(self.clock(), limit, self.leases.lease,
-                                               self.settings.max_age_seconds, holder=self.leases.holder)
+        confirmed, store, now = time.monotonic(), self.store(), self.clock()
+        self.leases.free_dead(store, now)
+        rows, expired = store.claim_due(now, limit, self.leases.lease, self.settings.max_age_seconds,
+                                        holder=self.leases.holder, node=self.leases.node)
         self.leases.add(rows, confirmed)
         return rows, expired
 

@@ -36,6 +36,7 @@ CREATE TABLE IF NOT EXISTS batches (
     retried_at      REAL,                     -- last requeued by `smsbatch retry`
     created_at      REAL NOT NULL,
     holder          TEXT,                     -- host:pid of the processor holding it (latest claim)
+    holder_node     TEXT,                     -- the holder's boot id/pid namespace: its pid can be checked there
     heartbeat_at    REAL,                     -- its holder last renewed the lease (lease.py)
     ai_requests     INTEGER NOT NULL DEFAULT 0, -- HTTP requests to the AI, its client's retries included
     prompt_tokens   INTEGER NOT NULL DEFAULT 0, -- tokens billed, every answer received for it

@@ -3,7 +3,10 @@ fences, a trickling AI is cut off at our deadline, every AI request and token is
 and reconcile finds its reply in Twilio's pages whatever Twilio did to the body."""
 
 import json
+import os
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 
@@ -13,7 +16,7 @@ from conftest import T0, add, invoke, real_processor
 from fakes import FakeTwilio, provider_env
 from legacy import make_v1_database
 from smsbatch.db import SCHEMA_VERSION, Store
-from smsbatch.lease import Leases
+from smsbatch.lease import Leases, node_id
 
 A, B = "+15556660001", "+15556660002"
 US = "+15550000000"
@@ -95,6 +98,25 @@ def test_renewals_stop_at_the_hold_limit(store, clock):
     clock.now = T0 + 41
     leases.renew()
     assert store.get_batch(row["id"])["due_at"] == T0 + 14 and not leases.holds(row)
+
+
+def test_a_dead_holder_on_this_machine_is_seen_at_once(store, clock, settings):
+    """By pid, on the same machine (same boot, same pid namespace), and only before the
+    send: elsewhere, or once *sending*, the lease has to run out."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, alive, here = f"h:{int(gone.stdout)}", f"h:{os.getpid()}", node_id()
+    batches = {}
+    for name, phone, holder, node in (("dead", A, dead, here), ("alive", B, alive, here),
+                                      ("elsewhere", "+15556660003", dead, "another-host/1"),
+                                      ("sending", "+15556660004", dead, here)):
+        batches[name] = add(store, phone, "hi", T0).batch_id
+        [row] = store.claim_due(T0 + 10, 1, 4.0, 3600, holder=holder, node=node)[0]
+        if name == "sending":
+            store.begin_send(row, "the reply", T0 + 10, settings)
+    leases = Leases(store.path, clock, hold_limit=60)
+    assert leases.free_dead(store, T0 + 11) == 1
+    due = {name: store.get_batch(b)["due_at"] for name, b in batches.items()}
+    assert due == {"dead": T0 + 11, "alive": T0 + 14, "elsewhere": T0 + 14, "sending": T0 + 14}
 
 
 def test_a_slow_live_processor_keeps_its_batch(fast, store, clock, openai_standin, twilio_standin):
