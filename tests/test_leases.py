@@ -1,6 +1,7 @@
 """Heartbeat leases with real OS processes: a killed processor's batch is taken over by a
-running one within seconds; a frozen one that wakes up sends nothing; a live one keeps
-its batch however long the AI takes.
+running one within seconds (on one machine as soon as its pid is gone; a frozen processor,
+alive but not renewing, like a dead one on another host, when its 4 s lease ends); a
+frozen one that wakes up sends nothing; a live one keeps its batch however long the AI takes.
 
 Processor A is started first and holds phone X's batch in its AI call; processor B is
 then started and proves it is running by answering phone Y. Real time (no --now): the
@@ -98,10 +99,13 @@ def test_processor_frozen_in_its_ai_call_sends_nothing_when_it_wakes(db_path, op
     openai_standin.script = [("delay", 7)]  # A's answer comes while A is frozen
     a, b, x = a_then_b(store, openai_standin, twilio_standin, env, env)
     a.send_signal(signal.SIGSTOP)
+    frozen = time.monotonic()
     try:
         assert wait_for(lambda: twilio_standin.bodies_to(X), 12.0), "nobody took the frozen batch over"
     finally:
         a.send_signal(signal.SIGCONT)
+    # Alive but not renewing, as a dead processor on another host: its 4 s lease runs out.
+    assert openai_standin.times[-1] - frozen < 5.0, "the heartbeat lease outlived 5 s"
     woken = report(a)  # A gets its AI answer, finds the batch taken over, sends nothing
     assert woken["sent"] == 0 and woken["claimed"] == 1
     assert stop(b)["sent"] == 2
