@@ -93,9 +93,20 @@ def cli(ctx, db):
 @click.pass_context
 def migrate(ctx):
     """Create or upgrade the database (safe to run again)."""
+    from smsbatch.db import Store
+
     settings = settings_from(ctx)
-    version = open_store(settings, migrate=True).version()
-    click.echo(f"{settings.db_path}: schema version {version}")
+    store = Store(settings.db_path)
+    try:
+        before, after = store.migrate()
+    finally:
+        store.close()
+    if before == 0:
+        click.echo(f"{settings.db_path}: created at version {after}")
+    elif before == after:
+        click.echo(f"{settings.db_path}: already at version {after}")
+    else:
+        click.echo(f"{settings.db_path}: upgraded from {before} to {after}")
 
 
 @cli.command()
@@ -393,3 +404,31 @@ def generate_trace(opts):
         click.echo(line)
         count += 1
     click.echo(f"generated {count} texts from {opts['phones']} phones over {opts['minutes']:g} minutes", err=True)
+
+
+# -- operators: check, backup, prune, hold, release, send (issue 10) ------------------
+
+
+@cli.command()
+@click.option("--fix-webhook", is_flag=True,
+              help="Set each reply number's incoming-message webhook to SMSBATCH_PUBLIC_URL (POST) where it differs.")
+@click.option("--json", "as_json", is_flag=True, help="Print the settings and results as JSON.")
+@click.pass_context
+def check(ctx, fix_webhook, as_json):
+    """Show the effective settings (secrets masked), then check the database, Twilio's
+    credentials, the reply numbers' webhook and OpenAI, each failure with its fix.
+    Exit status 0 when every check passes, 1 otherwise."""
+    from smsbatch import checks
+
+    settings = settings_from(ctx)
+    shown = checks.effective_settings(settings)
+    results = checks.run_checks(settings, fix_webhook=fix_webhook)
+    ok = all(r.ok for r in results)
+    if as_json:
+        emit_json({"settings": dict(shown), "checks": [r.as_dict() for r in results], "ok": ok})
+    else:
+        from smsbatch import render
+
+        render.check(shown, results)
+    if not ok:
+        ctx.exit(1)

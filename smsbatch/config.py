@@ -178,3 +178,21 @@ def _choice(env, name, choices):
     if value not in choices:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
     return value
+
+
+OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
+TWILIO_DEFAULT_BASE_URL = "https://api.twilio.com"
+
+
+def display_url(url):
+    """A URL safe to print: no user:password@ and no query string (either may hold a secret)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(unparseable URL)"
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))

@@ -119,9 +119,10 @@ class Store:
         return self.conn.execute("PRAGMA user_version").fetchone()[0]
 
     def migrate(self):
-        """Create or upgrade the schema; safe to run again. Returns the schema version."""
+        """Create or upgrade the schema; safe to run again. Returns (version before, version after):
+        before is 0 for a new database."""
         with self.transaction() as conn:
-            current = conn.execute("PRAGMA user_version").fetchone()[0]
+            current = before = conn.execute("PRAGMA user_version").fetchone()[0]
             if current > SCHEMA_VERSION:
                 raise SmsbatchError(
                     f"database schema version {current} is newer than this smsbatch ({SCHEMA_VERSION})"
@@ -135,7 +136,7 @@ class Store:
                     conn.execute(statement)
                 current = version
             conn.execute(f"PRAGMA user_version = {current}")
-        return current
+        return before, current
 
     def require_schema(self):
         """Raises: SmsbatchError when the database was never migrated."""
@@ -532,6 +533,21 @@ class Store:
             " WHERE received_at >= ? ORDER BY received_at, id",
             (since,),
         )
+
+    # -- operators' tools: check, backup, prune, hold, send (issue 10 "Act") ----------
+
+    def check_writable(self):
+        """Take the write lock and let it go, writing nothing.
+
+        Raises:
+            sqlite3.OperationalError: the file or its folder is read-only, or the lock is held too long.
+        """
+        with self.transaction():
+            pass
+
+    def our_numbers(self):
+        """Every number people have written to (the numbers replies go from)."""
+        return [r[0] for r in self.conn.execute("SELECT DISTINCT our_number FROM messages ORDER BY our_number")]
 
 
 def _why_not_retryable(batch):

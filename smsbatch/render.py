@@ -175,3 +175,26 @@ def _latency_histogram(results, width=20):
             cells.append(f"{n:>6} [cyan]{bar}[/]")
         table.add_row(span, *cells)
     return table
+
+
+def plain(*parts):
+    """A line of plain text: numbers, URLs and provider errors are never read as rich markup."""
+    from rich.text import Text
+
+    return Text.assemble(*parts)
+
+
+def check(settings, results):
+    """`smsbatch check`: the settings in force, then one line per check (and its fix)."""
+    out = console()
+    out.print("settings", style="bold")
+    width = max(len(name) for name, _ in settings)
+    for name, value in settings:
+        out.print(plain(f"  {name:<{width}}  ", str(value)), soft_wrap=True)
+    out.print("checks", style="bold")
+    for result in results:
+        mark = ("ok  ", "green") if result.ok else ("FAIL", "bold red")
+        fix = ("", "") if result.ok or not result.fix else (f"  fix: {result.fix}", "yellow")
+        out.print(plain("  ", mark, f"  {result.name}: {result.detail}", fix), soft_wrap=True)
+    failed = sum(1 for r in results if not r.ok)
+    out.print(plain(("all checks passed", "green") if not failed else (f"{failed} failed", "bold red")))

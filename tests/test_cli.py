@@ -31,7 +31,7 @@ def test_migrate_is_safe_to_run_again(tmp_path):
     path = str(tmp_path / "x.db")
     for _ in range(2):
         result = invoke(["--db", path, "migrate"])
-        assert result.exit_code == 0 and "schema version 1" in result.output
+        assert result.exit_code == 0 and "version 1" in result.output
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
