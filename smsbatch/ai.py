@@ -8,6 +8,7 @@ import json
 import re
 import threading
 
+from smsbatch.config import OPENAI_DEFAULT_BASE_URL, display_url
 from smsbatch.errors import DeliveryError
 
 
@@ -102,7 +103,9 @@ class OpenAIResponder:
             raise DeliveryError(f"AI returned HTTP {status}: {message}", transient=transient) from None
         except openai.APIConnectionError as exc:  # includes APITimeoutError
             kind = "timed out" if isinstance(exc, openai.APITimeoutError) else "unreachable"
-            raise DeliveryError(f"AI {kind}: {_short(str(exc), secret=key)}", transient=True) from None
+            # "Connection error." alone does not say which server: name it (without secrets).
+            where = display_url(self.settings.openai_base_url or OPENAI_DEFAULT_BASE_URL)
+            raise DeliveryError(f"AI {kind} at {where}: {_short(str(exc), secret=key)}", transient=True) from None
         except openai.OpenAIError as exc:
             raise DeliveryError(f"AI error: {_short(str(exc), secret=key)}", transient=False) from None
         choices = completion.choices or []

@@ -127,3 +127,24 @@ def test_migrate_says_what_it_did(tmp_path):
     path = str(tmp_path / "m.db")
     assert invoke(["--db", path, "migrate"]).output.strip() == f"{path}: created at version {SCHEMA_VERSION}"
     assert invoke(["--db", path, "migrate"]).output.strip() == f"{path}: already at version {SCHEMA_VERSION}"
+
+
+def test_an_unreachable_provider_is_named_in_the_batch_error(db_path, store, clock):
+    """A wrong OPENAI_BASE_URL / SMSBATCH_TWILIO_BASE_URL: the error says which address failed."""
+    from conftest import T0, real_processor
+    from smsbatch.config import Settings
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    settings = Settings.from_env({"SMSBATCH_DB": db_path, "OPENAI_API_KEY": "sk-x", "OPENAI_BASE_URL": dead + "/v1",
+                                  "SMSBATCH_AI_CLIENT_RETRIES": "0", "TWILIO_ACCOUNT_SID": FakeTwilio.ACCOUNT,
+                                  "TWILIO_AUTH_TOKEN": "t", "TWILIO_FROM_NUMBER": OURS,
+                                  "SMSBATCH_TWILIO_BASE_URL": dead})
+    batch_id = add(store, "+15551110000", "urgent: hi", T0).batch_id
+    clock.now = T0 + 1
+    assert real_processor(settings, clock).run().counts["retrying"] == 1
+    assert store.get_batch(batch_id)["last_error"].startswith(f"AI unreachable at {dead}/v1: Connection error")
+    from smsbatch.sms import TwilioSender
+    from smsbatch.errors import DeliveryError
+
+    with pytest.raises(DeliveryError, match=f"Twilio unreachable at {dead} "):
+        TwilioSender(settings).send("+15551110000", "hi")
