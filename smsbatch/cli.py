@@ -432,3 +432,18 @@ def check(ctx, fix_webhook, as_json):
         render.check(shown, results)
     if not ok:
         ctx.exit(1)
+
+
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--force", is_flag=True, help="Overwrite FILE if it exists.")
+@click.pass_context
+def backup(ctx, file, force):
+    """Write a consistent copy of the database to FILE (mode 0600) while serve and process
+    keep running. Never copy the .db file with cp: recent texts live in its -wal file."""
+    from smsbatch.ops import backup as make_backup
+
+    settings = settings_from(ctx)
+    info = make_backup(settings.db_path, file, force=force)
+    click.echo(f"backed up {settings.db_path} to {info['path']}: schema version {info['version']}, "
+               f"{info['texts']} texts, {info['batches']} batches, {info['bytes']} bytes")

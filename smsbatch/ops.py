@@ -1,0 +1,65 @@
+"""Operators' maintenance: an online backup, and pruning old conversations.
+
+The SQL lives in db.py; this module handles the files and the rules around it.
+"""
+
+import os
+import secrets
+
+from smsbatch.db import Store
+from smsbatch.errors import SmsbatchError
+
+
+def backup(db_path, dest, force=False):
+    """Write a consistent copy of the database to `dest` (mode 0600) while serve and process run.
+
+    The copy is made in a private temporary file next to `dest` and then put in place, so
+    `dest` is never a half-written file. Returns what the copy holds (version, texts, batches, bytes).
+
+    Raises:
+        SmsbatchError: no database, `dest` exists (without `force`), or its folder cannot be written.
+    """
+    if not os.path.exists(db_path):
+        raise SmsbatchError(f"database {db_path} does not exist")
+    dest = os.path.abspath(dest)
+    if os.path.abspath(db_path) == dest:
+        raise SmsbatchError("the backup file must not be the database itself")
+    if os.path.exists(dest) and not force:
+        raise SmsbatchError(f"{dest} already exists: choose another name, or --force to overwrite it")
+    temp = os.path.join(os.path.dirname(dest), f".{os.path.basename(dest)}.{secrets.token_hex(4)}.tmp")
+    try:
+        os.close(os.open(temp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except OSError as exc:
+        raise SmsbatchError(f"cannot write {dest}: {exc.strerror}") from None
+    try:
+        store = Store(db_path)
+        try:
+            info = store.copy_to(temp)
+        finally:
+            store.close()
+        _fsync(temp)
+        _put_in_place(temp, dest, force)
+        _fsync(os.path.dirname(dest))  # the new name, too, survives a power loss
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)
+    return info | {"path": dest, "bytes": os.path.getsize(dest)}
+
+
+def _put_in_place(temp, dest, force):
+    if force:
+        os.replace(temp, dest)
+        return
+    try:
+        os.link(temp, dest)  # fails if dest appeared meanwhile: never overwrite without --force
+    except FileExistsError:
+        raise SmsbatchError(f"{dest} already exists: choose another name, or --force to overwrite it") from None
+
+
+def _fsync(path):
+    """Flush a file (or a folder's entries) to disk: the copy survives a power loss once we say it was made."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
