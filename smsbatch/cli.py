@@ -217,15 +217,48 @@ def status(ctx, as_json, now, latest):
 
 
 @cli.command()
-@click.argument("batch_id")
+@click.argument("batch_ids", nargs=-1, metavar="[BATCH_ID]...")
+@click.option("--failed", is_flag=True, help="Every batch that ended failed since --since.")
+@click.option("--unknown", is_flag=True,
+              help="Every batch whose send outcome is unknown, since --since (check in Twilio first that it did not go out).")
+@click.option("--since", help="With --failed/--unknown: batches that ended since then: 2h, 7d, or a time.")
+@click.option("--dry-run", is_flag=True, help="List what would be requeued; change nothing.")
+@click.option("--fresh", is_flag=True, help="Ask the AI again even when only the send of its stored reply failed.")
 @click.option("--now", type=TIME, help="Requeue as of this time.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
-def retry(ctx, batch_id, now):
-    """Requeue a failed, skipped, expired or unknown batch."""
-    settings = settings_from(ctx)
-    batch = open_store(settings).retry(batch_id.strip(), time.time() if now is None else now)
-    texts = "1 text" if batch["message_count"] == 1 else f"{batch['message_count']} texts"
-    click.echo(f"batch {batch['id']} requeued ({texts} from {batch['phone']})")
+def retry(ctx, batch_ids, failed, unknown, since, dry_run, fresh, now, as_json):
+    """Requeue failed, skipped, expired or unknown batches: by id (several at once), or every
+    --failed / --unknown batch since a time. A batch whose AI reply was stored and only its
+    send failed is sent that reply again, with no new AI call, unless --fresh."""
+    from smsbatch import inputs, ops
+
+    now = time.time() if now is None else now
+    states = [name for name, wanted in (("failed", failed), ("unknown", unknown)) if wanted]
+    if batch_ids and states:
+        raise click.UsageError("give batch ids or --failed/--unknown, not both")
+    if not batch_ids and not states:
+        raise click.UsageError("give one or more batch ids, or --failed and/or --unknown with --since")
+    if states and since is None:
+        raise click.UsageError("--failed/--unknown need --since (e.g. --since 2h), so old failures are not "
+                               "answered months late by accident")
+    if since is not None and not states:
+        raise click.UsageError("--since goes with --failed/--unknown")
+    try:
+        since_at = None if since is None else inputs.parse_since(since, now)
+    except SmsbatchError as exc:
+        raise click.BadParameter(str(exc), param_hint="--since") from None
+    store = open_store(settings_from(ctx))
+    result = ops.retry_batches(store, [b.strip() for b in batch_ids], states, since_at, now, dry_run, fresh)
+    if as_json:
+        emit_json(result)
+    else:
+        for line in ops.retry_lines(result):
+            click.echo(line)
+    for error in result["refused"]:
+        click.echo(f"Error: {error}", err=True)
+    if result["refused"]:
+        ctx.exit(1)
 
 
 @cli.command()

@@ -469,8 +469,9 @@ class Store:
             raise NotFound(f"no batch with id {batch_id!r}")
         return dict(row)
 
-    def retry(self, batch_id, now):
-        """Requeue a failed, skipped, expired or unknown batch, due at once.
+    def retry(self, batch_id, now, fresh=False):
+        """Requeue a failed, skipped, expired or unknown batch, due at once. Its stored AI reply,
+        if any, is kept to be sent again (no new AI call) unless `fresh`.
 
         Raises:
             NotFound: no such batch.
@@ -488,8 +489,9 @@ class Store:
                 raise InvalidTransition(f"batch {batch_id} holds an opt-out/opt-in keyword; nothing to answer")
             conn.execute(
                 "UPDATE batches SET state = 'queued', due_at = ?, attempts = 0, claim = NULL,"
-                " last_error = NULL, completed_at = NULL, retried_at = ? WHERE id = ?",
-                (now, now, batch_id),
+                " last_error = NULL, completed_at = NULL, retried_at = ?,"
+                " response_text = CASE WHEN ? THEN NULL ELSE response_text END WHERE id = ?",
+                (now, now, int(fresh), batch_id),
             )
         return self.get_batch(batch_id)
 
@@ -566,6 +568,29 @@ class Store:
                     "batches": target.execute("SELECT count(*) FROM batches").fetchone()[0]}
         finally:
             target.close()
+
+    def retry_refusal(self, batch_id):
+        """Why `retry` would refuse this batch, or None if it can be requeued.
+
+        Raises:
+            NotFound: no such batch.
+        """
+        batch = self.get_batch(batch_id)
+        if State(batch["state"]) not in RETRYABLE:
+            return _why_not_retryable(batch)
+        if self.conn.execute("SELECT 1 FROM messages WHERE batch_id = ? AND kind != 'text'", (batch_id,)).fetchone():
+            return f"batch {batch_id} holds an opt-out/opt-in keyword; nothing to answer"
+        return None
+
+    def retry_candidates(self, states, since):
+        """Batches that ended in one of `states` at or after `since`, oldest first, without
+        keyword batches (nothing to answer): what `retry --failed/--unknown --since` requeues."""
+        values = [State(s).value for s in states]
+        return [dict(r) for r in self.conn.execute(
+            "SELECT id, phone, state, message_count, completed_at, last_error, response_text IS NOT NULL"
+            f" AS has_reply FROM batches b WHERE state IN ({placeholders(values)}) AND completed_at >= ?"
+            " AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.batch_id = b.id AND m.kind != 'text')"
+            " ORDER BY completed_at, seq", (*values, since))]
 
     def our_numbers(self):
         """Every number people have written to (the numbers replies go from)."""

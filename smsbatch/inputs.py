@@ -95,3 +95,36 @@ def derived_sid(phone, our_number, body, at):
 
     digest = hashlib.sha256(f"{phone}|{our_number}|{body}|{at!r}".encode()).hexdigest()
     return "SMimport" + digest[:24]
+
+
+DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text):
+    """'90d', '12h', '30m', '45s', '2w' -> seconds.
+
+    Raises:
+        InvalidInput: not a number followed by one of s, m, h, d, w.
+    """
+    match = DURATION.match(str(text).strip().lower())
+    if not match:
+        raise InvalidInput(f"bad duration {text!r}: use a number and a unit, like 90d, 12h, 30m")
+    return float(match.group(1)) * DURATION_UNITS[match.group(2)]
+
+
+def parse_since(text, now):
+    """A moment given as a duration before `now` ('7d', '2h') or as a time (epoch or ISO-8601).
+
+    Raises:
+        InvalidInput: neither.
+    """
+    try:
+        return now - parse_duration(text)
+    except InvalidInput:
+        pass
+    try:
+        return parse_time(text)
+    except InvalidInput:
+        raise InvalidInput(f"bad time {text!r}: use a duration before now (7d, 2h, 30m) or a time "
+                           "(epoch seconds or ISO-8601 like 2026-01-31T09:30:00Z)") from None

@@ -63,3 +63,58 @@ def _fsync(path):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# -- retry ------------------------------------------------------------------------
+
+
+def retry_batches(store, batch_ids, states, since, now, dry_run=False, fresh=False):
+    """Requeue the given batches, or every batch in `states` that ended since `since`.
+
+    Each batch is requeued on its own: one refusal (already sent, pending, no such id) does not
+    stop the others. Returns {"dry_run", "requeued": [batch summaries], "refused": [reasons]}.
+    """
+    from smsbatch.errors import NotFound
+
+    chosen, refused = [], []
+    if states:
+        chosen = store.retry_candidates(states, since)
+    for batch_id in batch_ids:
+        try:
+            reason = store.retry_refusal(batch_id)
+        except NotFound as exc:
+            reason = str(exc)
+        if reason:
+            refused.append(reason)
+        else:
+            chosen.append(store.get_batch(batch_id))
+    requeued = []
+    for batch in chosen:
+        if not dry_run:
+            store.retry(batch["id"], now, fresh=fresh)
+        requeued.append(_summary(batch, fresh))
+    return {"dry_run": dry_run, "by_filter": bool(states), "requeued": requeued, "refused": refused}
+
+
+def _summary(batch, fresh):
+    reuse = batch.get("has_reply", batch.get("response_text") is not None) and not fresh
+    return {"id": batch["id"], "phone": batch["phone"], "state": batch["state"],
+            "texts": batch["message_count"], "last_error": batch["last_error"], "reuses_reply": bool(reuse)}
+
+
+def retry_lines(result):
+    """Human lines for `smsbatch retry`: one per batch, then a total when there were several."""
+    verb = "would requeue" if result["dry_run"] else "requeued"
+    lines = []
+    for b in result["requeued"]:
+        texts = "1 text" if b["texts"] == 1 else f"{b['texts']} texts"
+        reuse = ", reusing its stored reply" if b["reuses_reply"] else ""
+        error = f": {b['last_error']}" if result["dry_run"] and b["last_error"] else ""
+        if result["dry_run"]:
+            lines.append(f"would requeue batch {b['id']} ({b['state']}, {texts} from {b['phone']}{reuse}){error}")
+        else:
+            lines.append(f"batch {b['id']} requeued ({texts} from {b['phone']}{reuse})")
+    n = len(result["requeued"])
+    if n > 1 or result["by_filter"]:
+        lines.append(f"{verb} {n} batch{'' if n == 1 else 'es'}")
+    return lines

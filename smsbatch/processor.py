@@ -73,6 +73,12 @@ class Clock:
         return self.frozen if self.frozen is not None else time.time() + self.offset
 
 
+def stored_reply(batch):
+    """The AI reply to send again without asking the AI: an operator retried a batch whose
+    reply was stored and only its send failed (`retry --fresh` clears it to ask again)."""
+    return batch["response_text"] if batch["retried_at"] is not None else None
+
+
 class Processor:
     """Answers batches. Each worker thread gets its own SQLite connection."""
 
@@ -106,13 +112,15 @@ class Processor:
         if batch["attempts"] > 1 and store.fold_if_answered(batch, self.clock(), s):
             return "superseded"  # a retry overtaken by a newer reply that covered it
         fault_point("before_ai")
-        texts = store.batch_texts(batch["id"])
-        history = store.history(batch["phone"], batch["id"], texts[0]["received_at"], s.history_messages)
-        try:
-            reply = self.responder.answer(ai.build_prompt(s.system_prompt, history, texts))
-        except DeliveryError as exc:
-            return self._failed_attempt(store, batch, exc)
-        reply = batching.shorten(reply)
+        reply = stored_reply(batch)
+        if reply is None:
+            texts = store.batch_texts(batch["id"])
+            history = store.history(batch["phone"], batch["id"], texts[0]["received_at"], s.history_messages)
+            try:
+                reply = self.responder.answer(ai.build_prompt(s.system_prompt, history, texts))
+            except DeliveryError as exc:
+                return self._failed_attempt(store, batch, exc)
+            reply = batching.shorten(reply)
         fault_point("after_ai")
         state = store.begin_send(batch, reply, self.clock(), s)
         if state is None:
