@@ -102,11 +102,12 @@ def migrate(ctx):
     finally:
         store.close()
     if before == 0:
-        click.echo(f"{settings.db_path}: created at version {after}")
-    elif before == after:
-        click.echo(f"{settings.db_path}: already at version {after}")
+        said = f"created at schema version {after}"
+    elif before < after:
+        said = f"upgraded from schema version {before} to {after}"
     else:
-        click.echo(f"{settings.db_path}: upgraded from {before} to {after}")
+        said = f"already at schema version {after}"
+    click.echo(f"{settings.db_path}: {said}")
 
 
 @cli.command()

@@ -96,6 +96,10 @@ class Processor:
             self._local.store = Store(self.db_path)
         return self._local.store
 
+    def scope(self, batch):
+        """What an opt-out must cover for this batch to be skipped (batching.opt_out_scope)."""
+        return batching.opt_out_scope(batch["our_number"], self.settings.twilio_messaging_service_sid)
+
     # -- one batch --------------------------------------------------------------
 
     def handle(self, batch):
@@ -105,7 +109,7 @@ class Processor:
             return self._reconcile(store, batch)
         if batch["attempts"] > s.max_attempts:
             return self._finish(store, batch, State.FAILED, f"gave up after {s.max_attempts} attempts")
-        if store.is_opted_out(batch["phone"]):
+        if store.is_opted_out(batch["phone"], self.scope(batch)):
             return self._finish(store, batch, State.SKIPPED, "opted out")
         if s.test_number and _digits(batch["phone"]) != _digits(s.test_number):
             return self._finish(store, batch, State.SKIPPED, "not the AI_SMS_TEST_NUMBER")
@@ -115,7 +119,8 @@ class Processor:
         reply = stored_reply(batch)
         if reply is None:
             texts = store.batch_texts(batch["id"])
-            history = store.history(batch["phone"], batch["id"], texts[0]["received_at"], s.history_messages)
+            history = store.history(batch["phone"], batch["our_number"], batch["id"], texts[0]["received_at"],
+                                    s.history_messages)
             try:
                 reply = self.responder.answer(ai.build_prompt(s.system_prompt, history, texts))
             except DeliveryError as exc:
@@ -132,10 +137,10 @@ class Processor:
     def _send(self, store, batch, reply):
         fault_point("before_twilio")
         try:
-            sid = self.sender.send(batch["phone"], reply)
+            sid = self.sender.send(batch["phone"], reply, batch["our_number"])
         except DeliveryError as exc:
             if exc.opted_out:
-                store.record_opt_out(batch["phone"], self.clock())
+                store.record_opt_out(batch["phone"], self.scope(batch), self.clock())
                 return self._finish(store, batch, State.SKIPPED, str(exc))
             if exc.ambiguous:
                 # Twilio may have it: keep *sending* so the next claim asks before resending.
@@ -149,8 +154,8 @@ class Processor:
         ask Twilio before resending. *unknown* only when Twilio cannot be asked."""
         out_of_attempts = batch["attempts"] > self.settings.max_attempts
         try:
-            sid = self.sender.find_sent(batch["phone"], batch["send_started_at"], batch["response_text"],
-                                        exclude=store.reply_sids(batch["phone"]))
+            sid = self.sender.find_sent(batch["phone"], batch["our_number"], batch["send_started_at"],
+                                        batch["response_text"], exclude=store.reply_sids(batch["phone"]))
         except CannotReconcile as exc:
             return self._finish(store, batch, State.UNKNOWN, f"send outcome unknown: {exc}; check, then retry")
         except DeliveryError as exc:
@@ -160,7 +165,7 @@ class Processor:
             return self._later(store.release_sending, batch, f"could not check the earlier send: {exc}")
         if sid:
             return "sent" if store.mark_sent(batch, sid, self.clock()) else "lost"
-        if store.is_opted_out(batch["phone"]):
+        if store.is_opted_out(batch["phone"], self.scope(batch)):
             return self._finish(store, batch, State.SKIPPED, "opted out before the reply was sent")
         if store.fold_if_answered(batch, self.clock(), self.settings):
             return "superseded"  # not sent, and a newer reply has covered it meanwhile
@@ -186,7 +191,7 @@ class Processor:
     def _later(self, move, batch, error):
         """Try again after the backoff: `move` is store.requeue or store.release_sending."""
         due = self.clock() + batching.backoff_seconds(batch["attempts"], self.settings.retry_base_seconds, self.rng)
-        return "retrying" if move(batch, due, error) else "lost"
+        return "retrying" if move(batch, due, error, self.clock()) else "lost"
 
     def _safe_handle(self, batch):
         """handle() for a worker thread: a bug must not kill the run, and must leave the

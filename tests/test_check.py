@@ -8,7 +8,6 @@ import pytest
 
 from conftest import add, invoke
 from fakes import FakeTwilio, provider_env
-from smsbatch.db import SCHEMA_VERSION
 
 PUBLIC = "https://sms.example.com/sms"
 OURS = "+15550000000"
@@ -121,12 +120,6 @@ def test_stand_ins_are_skipped(db_path):
     result = invoke(["check"], {"SMSBATCH_DB": db_path, "SMSBATCH_AI": "offline", "SMSBATCH_SMS": "console"})
     assert result.exit_code == 0, result.output
     assert "skipped: SMSBATCH_SMS=console" in result.output and "skipped: SMSBATCH_AI=offline" in result.output
-
-
-def test_migrate_says_what_it_did(tmp_path):
-    path = str(tmp_path / "m.db")
-    assert invoke(["--db", path, "migrate"]).output.strip() == f"{path}: created at version {SCHEMA_VERSION}"
-    assert invoke(["--db", path, "migrate"]).output.strip() == f"{path}: already at version {SCHEMA_VERSION}"
 
 
 def test_an_unreachable_provider_is_named_in_the_batch_error(db_path, store, clock):

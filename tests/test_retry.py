@@ -13,6 +13,10 @@ def failed_batch(store, phone, at, error="AI returned HTTP 400", state="failed")
     batch_id = add(store, phone, "hi", at).batch_id
     rows, _ = store.claim_due(at + 10, 10, 300, 10**9)
     row = next(r for r in rows if r["id"] == batch_id)
+    if state == "unknown":  # only a batch being sent can end unknown
+        from smsbatch.config import Settings
+
+        assert store.begin_send(row, "the reply", at + 10, Settings()) == "sending"
     store.finish(row, state, at + 11, error)
     return batch_id
 
