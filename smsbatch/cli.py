@@ -195,7 +195,7 @@ def summary_line(report):
         return "paused: ENABLE_AI_SMS_AGENT is off; texts are stored, nothing is answered"
     c = report.counts
     parts = [f"claimed {report.claimed}", f"sent {c['sent']}", f"skipped {c['skipped']}", f"failed {c['failed']}"]
-    extra = [(n, c[n]) for n in ("superseded", "retrying", "unknown", "lost") if c[n]]
+    extra = [(n, c[n]) for n in ("superseded", "retrying", "unknown", "lost", "held") if c[n]]
     extra += [("expired", report.expired)] if report.expired else []
     return ", ".join(parts + [f"{name} {n}" for name, n in extra])
 
@@ -481,3 +481,64 @@ def backup(ctx, file, force):
     info = make_backup(settings.db_path, file, force=force)
     click.echo(f"backed up {settings.db_path} to {info['path']}: schema version {info['version']}, "
                f"{info['texts']} texts, {info['batches']} batches, {info['bytes']} bytes")
+
+
+@cli.command()
+@click.argument("phone", type=PHONE)
+@click.option("--reason", help="Why (shown with the person's batches).")
+@click.option("--now", type=TIME, help="Act as if it were this time.")
+@click.pass_context
+def hold(ctx, phone, reason, now):
+    """Stop AI replies to PHONE until `smsbatch release`. Their texts are still stored and
+    shown, their batches end *held*, and their START does not undo it. Reply by hand with
+    `smsbatch send`."""
+    store = open_store(settings_from(ctx))
+    held = store.hold(phone, reason, time.time() if now is None else now)
+    from smsbatch import render
+
+    why = f" ({held['reason']})" if held["reason"] else ""
+    click.echo(f"{phone} on hold since {render.when(held['since'])}{why}: no AI replies until `smsbatch release {phone}`")
+
+
+@cli.command()
+@click.argument("phone", type=PHONE)
+@click.option("--answer-pending", is_flag=True,
+              help="Answer the texts that came while on hold (one reply per conversation); by default they are not answered late.")
+@click.option("--now", type=TIME, help="Act as if it were this time.")
+@click.pass_context
+def release(ctx, phone, answer_pending, now):
+    """End the hold on PHONE: AI replies resume with their next text."""
+    store = open_store(settings_from(ctx))
+    hold_, requeued = store.release(phone, time.time() if now is None else now, answer_pending)
+    texts = hold_["held_texts"]
+    said = f"{texts} text{'' if texts == 1 else 's'} came while on hold"
+    if answer_pending:
+        said += f": requeued for one reply ({', '.join(requeued)})" if requeued else ""
+    elif texts:
+        said += ", not answered (--answer-pending to answer them)"
+    click.echo(f"{phone} released; {said}")
+
+
+@cli.command()
+@click.argument("phone", type=PHONE)
+@click.argument("text")
+@click.option("--from", "our_number", type=PHONE,
+              help="Our number to send from (default: the one they last wrote to, else TWILIO_FROM_NUMBER).")
+@click.option("--now", type=TIME, help="Record it as sent at this time.")
+@click.pass_context
+def send(ctx, phone, text, our_number, now):
+    """Send TEXT to PHONE by hand through Twilio, and record it in the conversation: the AI
+    sees it as part of the history next time. Refused for a number that opted out."""
+    from smsbatch.ops import send_by_hand
+    from smsbatch.sms import make_sender
+
+    if not text.strip():
+        raise click.BadParameter("the text is empty", param_hint="TEXT")
+    settings = settings_from(ctx)
+    missing = [m for m in settings.missing_credentials() if m in ("TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN")]
+    if missing:
+        raise click.ClickException("missing " + ", ".join(missing))
+    store = open_store(settings)
+    sent = send_by_hand(store, settings, make_sender(settings), phone, text,
+                        our_number, time.time() if now is None else now)
+    click.echo(f"sent to {sent['to']} from {sent['from']} ({sent['sid']})")

@@ -43,10 +43,14 @@ TRANSITIONS = {
     _S.OPEN: {_S.QUEUED, _S.PROCESSING, _S.EXPIRED},
     _S.QUEUED: {_S.PROCESSING, _S.EXPIRED},
     _S.PROCESSING: {_S.PROCESSING, _S.SENDING, _S.QUEUED, _S.SUPERSEDED, _S.SKIPPED, _S.HELD, _S.FAILED},
-    _S.SENDING: {_S.SENDING, _S.SENT, _S.QUEUED, _S.SUPERSEDED, _S.SKIPPED, _S.FAILED, _S.UNKNOWN},
+    # a send found not to have gone out is not sent again to a person put on hold meanwhile
+    _S.SENDING: {_S.SENDING, _S.SENT, _S.QUEUED, _S.SUPERSEDED, _S.SKIPPED, _S.HELD, _S.FAILED, _S.UNKNOWN},
     _S.SENT: set(),
     _S.SUPERSEDED: set(),
     **{s: {_S.QUEUED} for s in RETRYABLE},
+    # `release --answer-pending` answers a person's held batches with one reply: the older
+    # ones fold into the newest
+    _S.HELD: {_S.QUEUED, _S.SUPERSEDED},
 }
 # Claiming moves a due batch to processing; a batch found in *sending* stays there (reconciled).
 CLAIMABLE = tuple(s for s in TRANSITIONS if _S.PROCESSING in TRANSITIONS[s]) + (_S.SENDING,)
@@ -438,6 +442,10 @@ class Store:
             if self._opted_out(conn, batch["phone"], scope):
                 self._finish(conn, batch, State.SKIPPED, now, error="opted out before the reply was sent")
                 return State.SKIPPED
+            hold = self._on_hold(conn, batch["phone"])
+            if hold is not None:
+                self._finish(conn, batch, State.HELD, now, error=held_reason(hold, "before the reply was sent"))
+                return State.HELD
             rules = batching.Rules.from_settings(settings)
             if self._fold_into_answered(conn, batch, now, settings):
                 return State.SUPERSEDED
@@ -683,9 +691,80 @@ class Store:
             " AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.batch_id = b.id AND m.kind != 'text')"
             " ORDER BY completed_at, seq", (*values, since))]
 
+    def hold(self, phone, reason, now):
+        """Put a person on hold: no AI reply to them until released (their texts are still
+        stored). Holding someone already held keeps the start and updates the reason.
+        Returns the hold (phone, since, reason)."""
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT INTO holds (phone, since, reason) VALUES (?, ?, ?)"
+                " ON CONFLICT (phone) DO UPDATE SET reason = coalesce(excluded.reason, holds.reason)",
+                (phone, now, reason))
+            return dict(self._on_hold(conn, phone))
+
+    def find_hold(self, phone):
+        """The person's hold (phone, since, reason), or None."""
+        row = self._on_hold(self.conn, phone)
+        return None if row is None else dict(row)
+
+    @staticmethod
+    def _on_hold(conn, phone):
+        return conn.execute("SELECT phone, since, reason FROM holds WHERE phone = ?", (phone,)).fetchone()
+
+    def release(self, phone, now, answer_pending=False):
+        """End a hold. With `answer_pending`, the batches that ended *held* during it are
+        answered: per conversation, the newest is requeued with the older ones' texts folded
+        in (one reply covers them all). Returns (the hold with held_batches and held_texts:
+        what ended held during it, ids of the requeued batches).
+
+        Raises:
+            NotFound: the person is not on hold.
+        """
+        with self.transaction() as conn:
+            hold = self._on_hold(conn, phone)
+            if hold is None:
+                raise NotFound(f"{phone} is not on hold")
+            conn.execute("DELETE FROM holds WHERE phone = ?", (phone,))
+            held = conn.execute("SELECT * FROM batches WHERE phone = ? AND state = 'held' AND completed_at >= ?"
+                                " ORDER BY seq", (phone, hold["since"])).fetchall()
+            requeued = self._answer_held(conn, held, now) if answer_pending else []
+        return dict(hold) | {"held_batches": len(held), "held_texts": sum(r["message_count"] for r in held)}, requeued
+
+    def _answer_held(self, conn, held, now):
+        newest = {row["our_number"]: row for row in held}
+        for row in newest.values():
+            # the stored reply, if any, predates the texts folded in: ask the AI afresh
+            self._move(conn, row["id"], State.QUEUED, now, "released: answering the texts that came while held",
+                       "due_at = ?, attempts = 0, claim = NULL, last_error = NULL, completed_at = NULL,"
+                       " retried_at = ?, response_text = NULL", (now, now))
+        for row in held:
+            target = newest[row["our_number"]]
+            if row["id"] != target["id"]:
+                fresh = conn.execute("SELECT * FROM batches WHERE id = ?", (target["id"],)).fetchone()
+                self._fold(conn, row, fresh, now, batching.Rules())
+        return [row["id"] for row in newest.values()]
+
+    def last_number(self, phone):
+        """The number this person last wrote to, or None."""
+        row = self.conn.execute("SELECT our_number FROM messages WHERE phone = ? ORDER BY received_at DESC, id DESC"
+                                " LIMIT 1", (phone,)).fetchone()
+        return None if row is None else row[0]
+
+    def record_manual(self, sid, phone, our_number, body, now):
+        """Log a reply an operator sent by hand (`smsbatch send`): the AI sees it as history."""
+        with self.transaction() as conn:
+            conn.execute("INSERT INTO outbound (sid, batch_id, phone, our_number, body, source, sent_at)"
+                         " VALUES (?, NULL, ?, ?, ?, 'manual', ?)", (sid, phone, our_number, body, now))
+
     def our_numbers(self):
         """Every number people have written to (the numbers replies go from)."""
         return [r[0] for r in self.conn.execute("SELECT DISTINCT our_number FROM messages ORDER BY our_number")]
+
+
+def held_reason(hold, when=""):
+    """A batch's last_error when it ends held: the operator's reason, if they gave one."""
+    why = f": {hold['reason']}" if hold["reason"] else ""
+    return f"on hold{' ' + when if when else ''} (smsbatch release to end it){why}"
 
 
 def _why_not_retryable(batch):

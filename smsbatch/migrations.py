@@ -115,6 +115,14 @@ V2 = (
     )""",
 )
 
+# Version 3: indexes on the two references to a batch that had none, so deleting a batch
+# (`smsbatch prune`) finds the rows pointing at it without reading the whole table
+# (SQLite looks up the children of every deleted parent row).
+V3 = (
+    "CREATE INDEX IF NOT EXISTS batches_superseded_by ON batches(superseded_by) WHERE superseded_by IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS conversations_open_batch ON conversations(open_batch)",
+)
+
 # {version: statements that bring version - 1 to it}, applied in order.
-STEPS = {2: V2}
+STEPS = {2: V2, 3: V3}
 LATEST = max(STEPS)

@@ -118,3 +118,34 @@ def retry_lines(result):
     if n > 1 or result["by_filter"]:
         lines.append(f"{verb} {n} batch{'' if n == 1 else 'es'}")
     return lines
+
+
+# -- replying by hand -------------------------------------------------------------
+
+
+def send_by_hand(store, settings, sender, phone, body, our_number, now):
+    """Send `body` to `phone` from `our_number` (default: the number they last wrote to, else
+    TWILIO_FROM_NUMBER) and log it in the conversation, where the AI will see it.
+
+    Raises:
+        SmsbatchError: the person opted out, no number to send from, or the send failed.
+    """
+    from smsbatch import batching
+    from smsbatch.errors import DeliveryError
+
+    our_number = our_number or store.last_number(phone) or settings.twilio_from_number
+    if not our_number:
+        raise SmsbatchError(f"{phone} never wrote to us and TWILIO_FROM_NUMBER is not set: give --from NUMBER")
+    scope = batching.opt_out_scope(our_number, settings.twilio_messaging_service_sid)
+    if store.is_opted_out(phone, scope):
+        raise SmsbatchError(f"{phone} opted out (STOP) of {scope}: not sending")
+    try:
+        sid = sender.send(phone, body, our_number)
+    except DeliveryError as exc:
+        if exc.opted_out:
+            store.record_opt_out(phone, scope, now)
+        if exc.ambiguous:
+            raise SmsbatchError(f"{exc}: it may have gone out; check Twilio's message log before sending again") from None
+        raise SmsbatchError(f"not sent: {exc}") from None
+    store.record_manual(sid, phone, our_number, body, now)
+    return {"sid": sid, "to": phone, "from": our_number}

@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 
 from smsbatch import ai, batching
 from smsbatch.config import FAULT_POINT
-from smsbatch.db import State, Store
+from smsbatch.db import State, Store, held_reason
 from smsbatch.errors import CannotReconcile, DeliveryError
 
 log = logging.getLogger("smsbatch.processor")
 POLL_SECONDS = 1.0  # with --for, new work is picked up within about this long
-OUTCOMES = ("sent", "skipped", "superseded", "retrying", "failed", "unknown", "lost")
+OUTCOMES = ("sent", "skipped", "superseded", "retrying", "failed", "unknown", "lost", "held")
 
 
 PHONE_DIGITS = re.compile(r"\+?\d[\d ().-]{6,}\d")
@@ -111,6 +111,9 @@ class Processor:
             return self._finish(store, batch, State.FAILED, f"gave up after {s.max_attempts} attempts")
         if store.is_opted_out(batch["phone"], self.scope(batch)):
             return self._finish(store, batch, State.SKIPPED, "opted out")
+        hold = store.find_hold(batch["phone"])
+        if hold is not None:
+            return self._finish(store, batch, State.HELD, held_reason(hold))
         if s.test_number and _digits(batch["phone"]) != _digits(s.test_number):
             return self._finish(store, batch, State.SKIPPED, "not the AI_SMS_TEST_NUMBER")
         if batch["attempts"] > 1 and store.fold_if_answered(batch, self.clock(), s):
@@ -167,6 +170,9 @@ class Processor:
             return "sent" if store.mark_sent(batch, sid, self.clock()) else "lost"
         if store.is_opted_out(batch["phone"], self.scope(batch)):
             return self._finish(store, batch, State.SKIPPED, "opted out before the reply was sent")
+        hold = store.find_hold(batch["phone"])
+        if hold is not None:
+            return self._finish(store, batch, State.HELD, held_reason(hold, "before the reply was sent"))
         if store.fold_if_answered(batch, self.clock(), self.settings):
             return "superseded"  # not sent, and a newer reply has covered it meanwhile
         if out_of_attempts:  # Twilio says it never went out: nothing sent, so a plain failure
