@@ -182,12 +182,30 @@ def process(ctx, now, limit, seconds, concurrency, system_prompt_file, ai, sms, 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     report = processor.run(limit=limit, concurrency=concurrency, seconds=seconds, stop=stop)
+    prune_after_run(settings, clock())
     if as_json:
         emit_json(report.as_dict())
     else:
         click.echo(summary_line(report))
     if report.need_a_person:
         ctx.exit(EXIT_SOME_FAILED)
+
+
+def prune_after_run(settings, now):
+    """SMSBATCH_RETENTION_DAYS: each run deletes a bounded number of batches older than that."""
+    if not settings.retention_days:
+        return
+    from smsbatch.ops import PRUNE_PER_RUN
+
+    store = open_store(settings)
+    try:
+        gone = store.prune(now - settings.retention_days * 86400, limit=PRUNE_PER_RUN)
+    finally:
+        store.close()
+    if gone["batches"] or gone["manual_replies"]:
+        click.echo(f"pruned {gone['batches']} batches, {gone['texts']} texts, "
+                   f"{gone['replies'] + gone['manual_replies']} replies older than {settings.retention_days:g} days",
+                   err=True)
 
 
 def summary_line(report):
@@ -542,3 +560,28 @@ def send(ctx, phone, text, our_number, now):
     sent = send_by_hand(store, settings, make_sender(settings), phone, text,
                         our_number, time.time() if now is None else now)
     click.echo(f"sent to {sent['to']} from {sent['from']} ({sent['sid']})")
+
+
+@cli.command()
+@click.option("--older-than", "age", type=InputParam("DURATION", "parse_duration"), required=True,
+              help="Delete what is older than this: 90d, 12w, 36h.")
+@click.option("--dry-run", is_flag=True, help="Count what would be deleted; delete nothing.")
+@click.option("--now", type=TIME, help="Measure ages from this time.")
+@click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")
+@click.pass_context
+def prune(ctx, age, dry_run, now, as_json):
+    """Delete old, finished conversation history: batches whose texts and outcome are all older
+    than --older-than, with their texts, state history and replies, and replies sent by hand
+    before then. Never a pending batch, nor anything of a person on hold or opted out."""
+    store = open_store(settings_from(ctx))
+    cutoff = (time.time() if now is None else now) - age
+    gone = store.prune(cutoff, dry_run=dry_run)
+    if as_json:
+        emit_json(gone | {"dry_run": dry_run, "cutoff": cutoff})
+        return
+    from smsbatch import render
+
+    verb = "would delete" if dry_run else "deleted"
+    click.echo(f"{verb} {gone['batches']} batches, {gone['texts']} texts, {gone['events']} history entries, "
+               f"{gone['replies']} AI replies and {gone['manual_replies']} replies sent by hand, "
+               f"older than {render.when(cutoff)}")

@@ -756,9 +756,98 @@ class Store:
             conn.execute("INSERT INTO outbound (sid, batch_id, phone, our_number, body, source, sent_at)"
                          " VALUES (?, NULL, ?, ?, ?, 'manual', ?)", (sid, phone, our_number, body, now))
 
+    def prune(self, cutoff, dry_run=False, chunk=500, limit=None):
+        """Delete what is older than `cutoff`: every finished batch whose texts and outcome are
+        all older, with its texts, state history and reply log, and replies sent by hand before
+        then. Never a pending batch, nor anything of a person on hold or opted out (their STOP
+        is the record that they did). Works in transactions of `chunk` batches so the webhook
+        never waits long; at most `limit` batches in all. Returns counts of what went (or,
+        with `dry_run`, would go).
+        """
+        totals = dict.fromkeys(("batches", "texts", "events", "replies", "manual_replies"), 0)
+        if dry_run:
+            self.conn.execute("BEGIN")  # one snapshot to count in; nothing is written
+            try:
+                doomed = self._prunable(self.conn, cutoff, None)
+                for i in range(0, len(doomed), chunk):
+                    _add(totals, self._prune_counts(self.conn, doomed[i:i + chunk]))
+                totals["manual_replies"] = self.conn.execute(
+                    f"SELECT count(*) FROM outbound WHERE {_MANUAL_PRUNABLE}", (cutoff,)).fetchone()[0]
+            finally:
+                self.conn.execute("ROLLBACK")
+            return totals
+        while limit is None or totals["batches"] < limit:
+            with self.transaction() as conn:
+                doomed = self._prunable(conn, cutoff, chunk if limit is None else min(chunk, limit - totals["batches"]))
+                _add(totals, self._prune_counts(conn, doomed))
+                self._delete_batches(conn, doomed)
+            if not doomed:
+                break
+        with self.transaction() as conn:
+            totals["manual_replies"] = conn.execute(f"DELETE FROM outbound WHERE {_MANUAL_PRUNABLE}", (cutoff,)).rowcount
+        return totals
+
+    @staticmethod
+    def _prunable(conn, cutoff, limit):
+        """Ids of finished batches older than `cutoff` that no kept batch points at (superseded_by)."""
+        finished = [s.value for s in FINAL]
+        rows = conn.execute(
+            f"SELECT id FROM batches WHERE state IN ({placeholders(finished)}) AND last_at < ?"
+            " AND coalesce(completed_at, last_at) < ? AND coalesce(retried_at, 0) < ?"
+            " AND phone NOT IN (SELECT phone FROM holds) AND phone NOT IN (SELECT phone FROM opt_outs)"
+            + (" LIMIT ?" if limit else ""), (*finished, cutoff, cutoff, cutoff, *([limit] if limit else [])))
+        doomed = {r[0] for r in rows}
+        while doomed:  # a kept batch folded into a doomed one keeps it (and what it points at)
+            kept = set()
+            for part in _chunks(sorted(doomed)):
+                kept |= {r[1] for r in conn.execute(
+                    f"SELECT id, superseded_by FROM batches WHERE superseded_by IN ({placeholders(part)})", part)
+                    if r[0] not in doomed}
+            if not kept:
+                break
+            doomed -= kept
+        return sorted(doomed)
+
+    @staticmethod
+    def _prune_counts(conn, ids):
+        if not ids:
+            return {}
+        marks = placeholders(ids)
+        return {"batches": len(ids),
+                "texts": conn.execute(f"SELECT count(*) FROM messages WHERE batch_id IN ({marks})", ids).fetchone()[0],
+                "events": conn.execute(f"SELECT count(*) FROM batch_events WHERE batch_id IN ({marks})",
+                                       ids).fetchone()[0],
+                "replies": conn.execute(f"SELECT count(*) FROM outbound WHERE batch_id IN ({marks})", ids).fetchone()[0]}
+
+    @staticmethod
+    def _delete_batches(conn, ids):
+        if not ids:
+            return
+        marks = placeholders(ids)
+        # children first; a conversation whose (stale) open-batch pointer goes is simply recreated
+        # by its next text
+        for table, column in (("conversations", "open_batch"), ("outbound", "batch_id"),
+                              ("batch_events", "batch_id"), ("messages", "batch_id"), ("batches", "id")):
+            conn.execute(f"DELETE FROM {table} WHERE {column} IN ({marks})", ids)
+
     def our_numbers(self):
         """Every number people have written to (the numbers replies go from)."""
         return [r[0] for r in self.conn.execute("SELECT DISTINCT our_number FROM messages ORDER BY our_number")]
+
+
+# Replies sent by hand (no batch) before the cutoff, to people neither held nor opted out.
+_MANUAL_PRUNABLE = ("batch_id IS NULL AND sent_at < ? AND phone NOT IN (SELECT phone FROM holds)"
+                    " AND phone NOT IN (SELECT phone FROM opt_outs)")
+
+
+def _chunks(items, size=500):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def _add(totals, counts):
+    for key, n in counts.items():
+        totals[key] += n
 
 
 def held_reason(hold, when=""):

@@ -149,3 +149,10 @@ def send_by_hand(store, settings, sender, phone, body, our_number, now):
         raise SmsbatchError(f"not sent: {exc}") from None
     store.record_manual(sid, phone, our_number, body, now)
     return {"sid": sid, "to": phone, "from": our_number}
+
+
+# -- retention --------------------------------------------------------------------
+
+# `process` with SMSBATCH_RETENTION_DAYS deletes at most this many batches a run: cron runs
+# every minute, so a large first clean-up spreads over runs instead of stalling one.
+PRUNE_PER_RUN = 500

@@ -1,5 +1,6 @@
 """`smsbatch backup` and `smsbatch prune` on real database files."""
 
+import json
 import os
 import sqlite3
 import stat
@@ -73,3 +74,90 @@ def test_backup_errors_are_one_line(tmp_path, db_path):
     assert result.exit_code == 1 and "does not exist" in result.output
     result = invoke(["--db", db_path, "backup", str(tmp_path / "no" / "such" / "dir.db")])
     assert result.exit_code == 1 and "cannot write" in result.output and "Traceback" not in result.output
+
+
+# -- prune ------------------------------------------------------------------------
+
+from conftest import T0, TextMeanwhile, add, offline_processor  # noqa: E402
+
+DAY = 86400
+OLD, RECENT, NOW = T0, T0 + 95 * DAY, T0 + 100 * DAY
+P = {name: f"+1555100{n:04d}" for n, name in enumerate(
+    ("sent", "chain", "ongoing", "stopped", "held", "pending", "manual", "kept_chain"))}
+
+
+def populate(db_path, store, settings, clock):
+    """Conversations of every kind, old and recent, made the way smsbatch makes them."""
+    add(store, P["sent"], "old question", OLD)
+    add(store, P["ongoing"], "old one", OLD)
+    add(store, P["stopped"], "hello", OLD)
+    add(store, P["kept_chain"], "a", OLD)
+    clock.now = OLD + 20
+    offline_processor(settings, clock).run()
+    add(store, P["stopped"], "STOP", OLD + 25)
+    add(store, P["chain"], "first", OLD + 30)
+    clock.now = OLD + 50  # a text arrives while the AI answers: the batch folds into the newer one
+    offline_processor(settings, clock, responder=TextMeanwhile(db_path, P["chain"], "second", OLD + 51)).run()
+    store.hold(P["held"], "legal", OLD)
+    add(store, P["held"], "why?", OLD + 60)
+    add(store, P["kept_chain"], "b", OLD + 60)
+    clock.now = OLD + 100
+    offline_processor(settings, clock).run()
+    add(store, P["pending"], "still open", OLD + 95)
+    # an old batch that a recently finished one was folded into (as version 1 could leave it)
+    a, b = [r[0] for r in store.conn.execute(
+        "SELECT id FROM batches WHERE phone = ? ORDER BY seq", (P["kept_chain"],))]
+    store.conn.execute("UPDATE batches SET state = 'superseded', superseded_by = ?, completed_at = ? WHERE id = ?",
+                       (a, RECENT, b))
+    store.record_manual("SMmanualold", P["manual"], "+15550000000", "old hand reply", OLD)
+    store.record_manual("SMmanualnew", P["manual"], "+15550000000", "new hand reply", RECENT)
+    add(store, P["ongoing"], "new one", RECENT)
+
+
+def phones_of(store, table):
+    return {r[0] for r in store.conn.execute(f"SELECT DISTINCT phone FROM {table}")}
+
+
+def test_prune_deletes_old_finished_history_and_nothing_else(db_path, store, settings, clock):
+    populate(db_path, store, settings, clock)
+    assert {r[0] for r in store.conn.execute("SELECT state FROM batches WHERE phone = ?", (P["chain"],))} == {
+        "superseded", "sent"}
+    env = {"SMSBATCH_DB": db_path}
+    before = store.conn.execute("SELECT (SELECT count(*) FROM batches), (SELECT count(*) FROM messages)").fetchone()
+    dry = invoke(["prune", "--older-than", "90d", "--now", str(NOW), "--dry-run", "--json"], env)
+    would = json.loads(dry.output)
+    assert store.conn.execute("SELECT (SELECT count(*) FROM batches), (SELECT count(*) FROM messages)").fetchone() == before
+    result = invoke(["prune", "--older-than", "90d", "--now", str(NOW), "--json"], env)
+    gone = json.loads(result.output)
+    assert result.exit_code == 0 and {k: gone[k] for k in would if k != "dry_run"} == {
+        k: would[k] for k in would if k != "dry_run"}
+    assert gone["batches"] == 4 and gone["texts"] == 4 and gone["manual_replies"] == 1 and gone["replies"] == 3
+    assert store.conn.execute("PRAGMA foreign_key_check").fetchall() == []
+    assert P["sent"] not in phones_of(store, "batches") and P["chain"] not in phones_of(store, "batches")
+    kept = {r[0]: r[1] for r in store.conn.execute("SELECT body, phone FROM messages")}
+    assert set(kept) == {"new one", "hello", "STOP", "why?", "still open", "a", "b"}
+    assert [r[0] for r in store.conn.execute("SELECT sid FROM outbound WHERE phone = ?", (P["manual"],))] == [
+        "SMmanualnew"]
+    orphans = store.conn.execute("SELECT count(*) FROM batch_events WHERE batch_id NOT IN (SELECT id FROM batches)")
+    assert orphans.fetchone()[0] == 0
+    # a conversation whose open-batch pointer was pruned starts again with its next text
+    add(store, P["sent"], "back again", NOW)
+    assert store.conn.execute("SELECT count(*) FROM batches WHERE phone = ?", (P["sent"],)).fetchone()[0] == 1
+    again = invoke(["prune", "--older-than", "90d", "--now", str(NOW)], env)
+    assert again.exit_code == 0 and again.output.startswith("deleted 0 batches, 0 texts")
+
+
+def test_process_prunes_with_retention_days(db_path, store, settings, clock):
+    populate(db_path, store, settings, clock)
+    env = {"SMSBATCH_DB": db_path, "SMSBATCH_AI": "offline", "SMSBATCH_SMS": "console",
+           "SMSBATCH_RETENTION_DAYS": "90", "SMSBATCH_MAX_AGE_SECONDS": str(200 * DAY)}
+    result = invoke(["process", "--now", str(NOW)], env)
+    assert result.exit_code == 0, result.output
+    assert "pruned 4 batches, 4 texts, 4 replies older than 90 days" in result.output
+    assert P["sent"] not in phones_of(store, "batches")
+    assert store.conn.execute("PRAGMA foreign_key_check").fetchall() == []
+
+
+def test_prune_refuses_a_bad_age(db_path):
+    result = invoke(["prune", "--older-than", "ninety days"], {"SMSBATCH_DB": db_path})
+    assert result.exit_code == 2 and "bad duration" in result.output
