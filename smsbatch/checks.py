@@ -147,7 +147,8 @@ def twilio_failure(name, exc, settings):
 
     base = twilio_base(settings)
     if isinstance(exc, TwilioRestException):
-        where = f"{base}{exc.uri}" if exc.uri and exc.uri.startswith("/") else display_url(exc.uri or base)
+        # exc.uri is relative to the API version every call here uses
+        where = f"{base}/2010-04-01{exc.uri}" if exc.uri and exc.uri.startswith("/") else display_url(exc.uri or base)
         if exc.status in (401, 403):
             return Check(name, False, f"HTTP {exc.status} from {where}: credentials rejected",
                          "copy TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN again from the Twilio console")

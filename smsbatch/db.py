@@ -425,15 +425,16 @@ class Store:
                 (phone, scope, now, keyword),
             )
 
-    def begin_send(self, batch, response, now, settings):
+    def begin_send(self, batch, response, now, settings, reused=False):
         """Commit the reply as *sending* before Twilio is called.
 
         In the same transaction: a STOP that arrived meanwhile skips the batch; a newer
         batch of the same conversation that is already answered (this one was backing
         off) takes this batch's texts, since a late, stale reply helps nobody; and (with
         `supersede`) a newer unclaimed batch written after this one was claimed takes
-        its texts so the next reply covers both. Returns the state the batch is now
-        in, or None if this processor no longer holds the lease.
+        its texts so the next reply covers both. `reused`: the reply is one stored earlier
+        (an operator's retry), not a new answer. Returns the state the batch is now in, or
+        None if this processor no longer holds the lease.
         """
         with self.transaction() as conn:
             if not self._holds(conn, batch, State.PROCESSING):
@@ -460,7 +461,8 @@ class Store:
                 if newer:
                     self._fold(conn, batch, newer, now, rules)
                     return State.SUPERSEDED
-            self._move(conn, batch["id"], State.SENDING, now, "AI answered; sending",
+            how = "sending the stored reply again (no new AI call)" if reused else "AI answered; sending"
+            self._move(conn, batch["id"], State.SENDING, now, how,
                        "response_text = ?, send_started_at = ?, due_at = ?",
                        (response, now, now + settings.lease), claim=batch["claim"])
         return State.SENDING

@@ -120,22 +120,31 @@ class Processor:
             return "superseded"  # a retry overtaken by a newer reply that covered it
         fault_point("before_ai")
         reply = stored_reply(batch)
-        if reply is None:
-            texts = store.batch_texts(batch["id"])
-            history = store.history(batch["phone"], batch["our_number"], batch["id"], texts[0]["received_at"],
-                                    s.history_messages)
+        reused = reply is not None
+        if not reused:
             try:
-                reply = self.responder.answer(ai.build_prompt(s.system_prompt, history, texts))
+                reply = self._ask_ai(store, batch)
             except DeliveryError as exc:
                 return self._failed_attempt(store, batch, exc)
-            reply = batching.shorten(reply)
         fault_point("after_ai")
-        state = store.begin_send(batch, reply, self.clock(), s)
+        state = store.begin_send(batch, reply, self.clock(), s, reused=reused)
         if state is None:
             return "lost"
         if state != State.SENDING:
             return State(state).value
         return self._send(store, batch, reply)
+
+    def _ask_ai(self, store, batch):
+        """The AI's one reply to the batch's texts, with the conversation so far.
+
+        Raises:
+            DeliveryError: the AI failed (transient or not).
+        """
+        s = self.settings
+        texts = store.batch_texts(batch["id"])
+        history = store.history(batch["phone"], batch["our_number"], batch["id"], texts[0]["received_at"],
+                                s.history_messages)
+        return batching.shorten(self.responder.answer(ai.build_prompt(s.system_prompt, history, texts)))
 
     def _send(self, store, batch, reply):
         fault_point("before_twilio")

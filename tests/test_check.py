@@ -79,7 +79,7 @@ def test_rejected_twilio_credentials_name_the_url_not_the_token(env):
     result = invoke(["check"], env)
     assert result.exit_code == 1
     line = next(ln for ln in result.output.splitlines() if "twilio credentials" in ln)
-    assert "HTTP 401 from http://127.0.0.1:" in line and f"/Accounts/{FakeTwilio.ACCOUNT}.json" in line
+    assert f"HTTP 401 from {env['SMSBATCH_TWILIO_BASE_URL']}/2010-04-01/Accounts/{FakeTwilio.ACCOUNT}.json:" in line
     assert "fix: copy TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN" in line
     assert "wrong-token-123" not in result.output
 
@@ -141,3 +141,11 @@ def test_an_unreachable_provider_is_named_in_the_batch_error(db_path, store, clo
 
     with pytest.raises(DeliveryError, match=f"Twilio unreachable at {dead} "):
         TwilioSender(settings).send("+15551110000", "hi")
+
+
+def test_a_twilio_base_url_with_a_path_is_caught(env):
+    env = env | {"SMSBATCH_TWILIO_BASE_URL": env["SMSBATCH_TWILIO_BASE_URL"] + "/2010-04-01"}
+    result = invoke(["check", "--json"], env)
+    twilio = json.loads(result.output)["checks"][1]
+    assert result.exit_code == 1 and twilio["detail"].startswith("HTTP 404 from ")
+    assert "scheme+host only" in twilio["fix"]

@@ -88,6 +88,14 @@ def test_retry_of_a_failed_send_reuses_the_stored_reply(db_path, openai_standin,
     assert len(openai_standin.requests) == 1  # no second AI call
     assert twilio_standin.bodies_to(A) == ["AI reply to: where is my claim"]
     assert store.get_batch(batch_id)["state"] == "sent"
+    # the retry extends the batch's history: why it failed is still there
+    history = [(r["to_state"], r["reason"]) for r in store.conn.execute(
+        "SELECT to_state, reason FROM batch_events WHERE batch_id = ? ORDER BY id", (batch_id,))]
+    failed_at = next(i for i, (state, why) in enumerate(history)
+                     if state == "failed" and why.startswith("Twilio error 21211"))
+    assert history[failed_at + 1] == ("queued", "requeued by an operator (smsbatch retry)")
+    assert ("sending", "sending the stored reply again (no new AI call)") in history[failed_at:]
+    assert history[-1][0] == "sent"
 
 
 def test_retry_fresh_asks_the_ai_again(db_path, openai_standin, twilio_standin, clock):
