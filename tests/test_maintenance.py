@@ -161,3 +161,32 @@ def test_process_prunes_with_retention_days(db_path, store, settings, clock):
 def test_prune_refuses_a_bad_age(db_path):
     result = invoke(["prune", "--older-than", "ninety days"], {"SMSBATCH_DB": db_path})
     assert result.exit_code == 2 and "bad duration" in result.output
+
+
+# -- the README's upgrade procedure on a database of the first release ----------------
+
+
+def test_upgrade_procedure_backup_then_migrate_keeps_everything(tmp_path):
+    from legacy import BATCHES, MESSAGES, T, make_v1_database
+    from smsbatch.db import SCHEMA_VERSION
+
+    path, copy = str(tmp_path / "v1.db"), str(tmp_path / "before-upgrade.db")
+    counts = make_v1_database(path)
+    backed = invoke(["--db", path, "backup", copy])  # a database not yet migrated can be backed up
+    assert backed.exit_code == 0 and "schema version 1" in backed.output
+    result = invoke(["--db", path, "migrate"])
+    assert result.exit_code == 0 and result.output.strip() == f"{path}: upgraded from schema version 1 to {SCHEMA_VERSION}"
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT count(*) FROM batches").fetchone()[0] == counts["batches"] == len(BATCHES)
+    assert sorted(r for r in conn.execute("SELECT sid, body FROM messages")) == sorted((m[0], m[2]) for m in MESSAGES)
+    assert conn.execute("SELECT phone, scope FROM opt_outs").fetchall() == [("+15551110004", "*")]
+    indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert {"batches_superseded_by", "conversations_open_batch"} <= indexes
+    assert sqlite3.connect(copy).execute("PRAGMA user_version").fetchone()[0] == 1  # the way back
+    # the upgraded history prunes cleanly: the sent, the failed and the superseded batch go; the
+    # batch it was folded into is still pending and stays, and so does the opted-out person
+    gone = json.loads(invoke(["--db", path, "prune", "--older-than", "1d", "--now", str(T + 30 * 86400),
+                              "--json"]).output)
+    assert gone["batches"] == 3 and conn.execute("PRAGMA foreign_key_check").fetchall() == []
+    left = {r[0] for r in conn.execute("SELECT state FROM batches")}
+    assert left == {"skipped", "queued", "open"}  # the STOP, and the two pending batches
