@@ -83,6 +83,8 @@ class Settings:
     ai_client_retries: int = OPENAI_MAX_RETRIES
     sms_timeout_seconds: float = 10.0
     lease_seconds: float = 0.0  # 0 means derived from the timeouts
+    backfill: bool = True  # look in Twilio's message log for texts the webhook never got
+    prompts_dir: str = ""  # one system prompt per number: <dir>/+15550001111.txt
 
     @classmethod
     def from_env(cls, env=None):
@@ -123,6 +125,8 @@ class Settings:
             ai_client_retries=_number(env, "SMSBATCH_AI_CLIENT_RETRIES", OPENAI_MAX_RETRIES, int),
             sms_timeout_seconds=_number(env, "SMSBATCH_SMS_TIMEOUT_SECONDS", 10.0, float, 0.1),
             lease_seconds=_number(env, "SMSBATCH_LEASE_SECONDS", 0.0),
+            backfill=_flag(g("SMSBATCH_BACKFILL", "1"), "SMSBATCH_BACKFILL"),
+            prompts_dir=g("SMSBATCH_PROMPTS_DIR", ""),
         )
         return settings.checked()
 
