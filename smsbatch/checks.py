@@ -171,7 +171,7 @@ def reply_numbers(settings):
         except SmsbatchError:
             return numbers
         try:
-            numbers += [n for n in store.our_numbers() if n not in numbers]
+            numbers += [n for n in sorted(store.known_numbers()) if n not in numbers]
         finally:
             store.close()
     return numbers

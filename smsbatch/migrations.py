@@ -113,6 +113,11 @@ V2 = (
         since   REAL NOT NULL,
         reason  TEXT
     )""",
+    """CREATE TABLE backfill (
+        id              INTEGER PRIMARY KEY CHECK (id = 1),
+        checked_until   REAL,
+        claimed_at      REAL
+    )""",
 )
 
 # Version 3: indexes on the two references to a batch that had none, so deleting a batch

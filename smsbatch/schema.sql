@@ -116,3 +116,11 @@ CREATE TABLE IF NOT EXISTS holds (
     since   REAL NOT NULL,
     reason  TEXT
 );
+
+-- The backfill's progress (one row): texts in Twilio's log up to checked_until were
+-- looked for; claimed_at is when a processor last took the turn (once a minute, for all).
+CREATE TABLE IF NOT EXISTS backfill (
+    id              INTEGER PRIMARY KEY CHECK (id = 1),
+    checked_until   REAL,
+    claimed_at      REAL
+);
