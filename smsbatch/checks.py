@@ -58,6 +58,9 @@ def effective_settings(settings):
         ("batching", f"quiet {s.quiet_seconds:g} s, max wait {s.max_wait_seconds:g} s, "
                      f"max {s.max_messages} texts, max age {s.max_age_seconds:g} s"),
         ("retries", f"{s.max_attempts} attempts, base {s.retry_base_seconds:g} s, lease {s.lease:g} s"),
+        ("SMSBATCH_PROMPTS_DIR", s.prompts_dir or "(not set: one system prompt for every number)"),
+        ("SMSBATCH_BACKFILL", "on" if s.backfill else "off"),
+        ("SMSBATCH_RETENTION_DAYS", f"{s.retention_days:g}" if s.retention_days else "(not set: keep everything)"),
     ]
 
 

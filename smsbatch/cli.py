@@ -624,6 +624,9 @@ def send(ctx, phone, text, our_number, now):
     sent = send_by_hand(store, settings, make_sender(settings), phone, text,
                         our_number, time.time() if now is None else now)
     click.echo(f"sent to {sent['to']} from {sent['from']} ({sent['sid']})")
+    if store.find_hold(phone) is None:
+        click.echo(f"note: {phone} is not on hold, so the AI still answers their next texts "
+                   f"(`smsbatch hold {phone}` to take over)", err=True)
 
 
 @cli.command()

@@ -712,17 +712,21 @@ class Store:
             return _why_not_retryable(batch)
         if self.conn.execute("SELECT 1 FROM messages WHERE batch_id = ? AND kind != 'text'", (batch_id,)).fetchone():
             return f"batch {batch_id} holds an opt-out/opt-in keyword; nothing to answer"
+        if self._on_hold(self.conn, batch["phone"]):
+            return (f"batch {batch_id}: {batch['phone']} is on hold; `smsbatch release {batch['phone']}` first "
+                    "(--answer-pending answers what came meanwhile)")
         return None
 
     def retry_candidates(self, states, since):
         """Batches that ended in one of `states` at or after `since`, oldest first, without
-        keyword batches (nothing to answer): what `retry --failed/--unknown --since` requeues."""
+        keyword batches (nothing to answer) or people on hold: what `retry --failed/--unknown
+        --since` requeues."""
         values = [State(s).value for s in states]
         return [dict(r) for r in self.conn.execute(
             "SELECT id, phone, state, message_count, completed_at, last_error, response_text IS NOT NULL"
             f" AS has_reply FROM batches b WHERE state IN ({placeholders(values)}) AND completed_at >= ?"
             " AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.batch_id = b.id AND m.kind != 'text')"
-            " ORDER BY completed_at, seq", (*values, since))]
+            " AND phone NOT IN (SELECT phone FROM holds) ORDER BY completed_at, seq", (*values, since))]
 
     def hold(self, phone, reason, now):
         """Put a person on hold: no AI reply to them until released (their texts are still

@@ -124,6 +124,7 @@ def test_send_by_hand_goes_through_twilio_and_the_ai_sees_it(env, store, clock, 
 def test_send_from_a_chosen_number(env, twilio_standin):
     result = invoke(["send", A, "hello", "--from", "+15550000007"], env)
     assert result.exit_code == 0 and twilio_standin.sent[-1]["from"] == "+15550000007"
+    assert f"note: {A} is not on hold" in result.output  # the AI would still answer them
 
 
 def test_send_is_refused_for_an_opted_out_number(env, store, twilio_standin):

@@ -105,3 +105,12 @@ def test_retry_fresh_asks_the_ai_again(db_path, openai_standin, twilio_standin, 
     clock.now = T0 + 31
     assert real_processor(settings, clock).run().counts["sent"] == 1
     assert len(openai_standin.requests) == 2 and len(twilio_standin.bodies_to(A)) == 1
+
+
+def test_retry_refuses_a_batch_of_a_person_on_hold(db_path, store):
+    batch_id = failed_batch(store, A, T0)
+    store.hold(A, None, T0 + 20)
+    result = invoke(["retry", batch_id], env_for(db_path))
+    assert result.exit_code == 1 and f"{A} is on hold; `smsbatch release {A}` first" in result.output
+    listed = invoke(["retry", "--failed", "--since", "1d", "--now", str(T0 + 30), "--dry-run"], env_for(db_path))
+    assert batch_id not in listed.output and store.get_batch(batch_id)["state"] == "failed"
