@@ -649,6 +649,12 @@ def prune(ctx, age, dry_run, now, as_json):
     from smsbatch import render
 
     verb = "would delete" if dry_run else "deleted"
-    click.echo(f"{verb} {gone['batches']} batches, {gone['texts']} texts, {gone['events']} history entries, "
-               f"{gone['replies']} AI replies and {gone['manual_replies']} replies sent by hand, "
-               f"older than {render.when(cutoff)}")
+    click.echo(f"{verb} {count(gone['batches'], 'batch', 'batches')}, {count(gone['texts'], 'text')}, "
+               f"{count(gone['events'], 'history entry', 'history entries')}, "
+               f"{count(gone['replies'], 'AI reply', 'AI replies')} and "
+               f"{count(gone['manual_replies'], 'reply', 'replies')} sent by hand, older than {render.when(cutoff)}")
+
+
+def count(n, one, many=None):
+    """'1 text', '3 texts'."""
+    return f"{n} {one if n == 1 else many or one + 's'}"
