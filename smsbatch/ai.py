@@ -138,6 +138,9 @@ class OpenAIResponder:
             status = exc.status_code
             transient = status in (408, 409, 429) or status >= 500
             message = _short(exc.message, secret=key)
+            if status == 404:  # most often a wrong OPENAI_BASE_URL (no /v1) or model: say where
+                where = display_url(self.settings.openai_base_url or OPENAI_DEFAULT_BASE_URL)
+                message += f" (from {where}; OPENAI_BASE_URL ends in /v1, `smsbatch check` tests it)"
             raise DeliveryError(f"AI returned HTTP {status}: {message}", transient=transient) from None
         except openai.APIConnectionError as exc:  # includes APITimeoutError
             kind = "timed out" if isinstance(exc, openai.APITimeoutError) else "unreachable"

@@ -114,7 +114,7 @@ class FakeOpenAI(StandIn):
         body = self.read_body(handler)
         if method == "GET" and urlparse(handler.path).path.startswith("/v1/models/"):
             return self.model(handler, urlparse(handler.path).path.removeprefix("/v1/models/"))
-        if method != "POST" or not handler.path.endswith("/chat/completions"):
+        if method != "POST" or urlparse(handler.path).path != "/v1/chat/completions":  # like OpenAI: /v1 or 404
             return self.reply(handler, 404, {"error": {"message": "not found"}})
         action = self.take(body)
         if action == "hang":

@@ -149,3 +149,18 @@ def test_a_twilio_base_url_with_a_path_is_caught(env):
     twilio = json.loads(result.output)["checks"][1]
     assert result.exit_code == 1 and twilio["detail"].startswith("HTTP 404 from ")
     assert "scheme+host only" in twilio["fix"]
+
+
+def test_an_openai_base_url_without_v1_is_named_in_the_batch_error(db_path, store, clock, openai_standin,
+                                                                   twilio_standin):
+    from conftest import T0, real_processor
+    from smsbatch.config import Settings
+
+    env = provider_env(openai_standin, twilio_standin, SMSBATCH_DB=db_path, SMSBATCH_AI_CLIENT_RETRIES=0)
+    settings = Settings.from_env(env | {"OPENAI_BASE_URL": openai_standin.url})  # no /v1
+    batch_id = add(store, "+15551110000", "urgent: hi", T0).batch_id
+    clock.now = T0 + 1
+    assert real_processor(settings, clock).run().counts["failed"] == 1
+    error = store.get_batch(batch_id)["last_error"]
+    assert error.startswith("AI returned HTTP 404") and f"(from {openai_standin.url};" in error
+    assert "sk-test-standin-key" not in error
