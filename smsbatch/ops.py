@@ -1,4 +1,5 @@
-"""Operators' maintenance: an online backup, and pruning old conversations.
+"""Operators' tools that take more than one store call: an online backup, bulk retry,
+a reply sent by hand, and how much `process` prunes per run.
 
 The SQL lives in db.py; this module handles the files and the rules around it.
 """
