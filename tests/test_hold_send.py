@@ -144,3 +144,20 @@ def test_send_failure_is_one_line_and_records_nothing(env, store, twilio_standin
     twilio_standin.script = [(400, 21610)]  # Twilio says they unsubscribed: remembered
     assert invoke(["send", A, "hello"], env).exit_code == 1
     assert store.is_opted_out(A, US)
+
+
+def test_a_send_found_not_to_have_gone_out_is_not_resent_to_a_person_put_on_hold(
+        store, real_settings, clock, openai_standin, twilio_standin):
+    """Twilio answered 500 (maybe sent): the next run asks Twilio, finds nothing, and the hold wins."""
+    batch_id = add(store, A, "hi", T0).batch_id
+    twilio_standin.script = [(500, 20500)]
+    settings = real_settings.replace(retry_base_seconds=1)
+    clock.now = T0 + 20
+    assert real_processor(settings, clock).run().counts["retrying"] == 1
+    assert store.get_batch(batch_id)["state"] == "sending" and twilio_standin.sent == []
+    store.hold(A, "taking over", T0 + 21)
+    clock.now = T0 + 30
+    assert real_processor(settings, clock).run().counts["held"] == 1
+    row = store.get_batch(batch_id)
+    assert row["state"] == "held" and row["last_error"].startswith("on hold before the reply was sent")
+    assert twilio_standin.sent == []
