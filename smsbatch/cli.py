@@ -348,7 +348,7 @@ def export(ctx, jsonl, since, anonymize, key, output):
         count = write_lines(output, lines)
     except OSError as exc:
         where = "stdout" if output == "-" else output
-        raise click.ClickException(f"cannot write {where}: {exc.strerror or exc}; nothing exported") from None
+        raise click.ClickException(f"cannot write {where}: {exc.strerror or exc}") from None
     click.echo(f"exported {count} texts", err=True)
 
 

@@ -9,6 +9,7 @@ import re
 # every OpenAI-compatible provider's key starts with sk-: both the pattern and the configured
 # secrets go.
 KEY_SHAPE = re.compile(r"sk-[\w*.-]+")
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 MIN_SECRET = 4  # a shorter "secret" would blank out ordinary words; real ones are 32+ characters
 
 
@@ -53,10 +54,11 @@ class CannotReconcile(SmsbatchError):
 
 def redact(text, secrets=(), limit=None):
     """`text` with every secret in `secrets` (see Settings.secrets) and anything shaped like an
-    OpenAI key replaced by ***. With `limit`: also on one line, cut to that many characters."""
+    OpenAI key replaced by ***. With `limit`: also on one line, control characters replaced by ?,
+    cut to that many characters (for provider error text, before it is stored or logged)."""
     text = str(text)
-    if limit is not None:
-        text = " ".join(text.split())
+    if limit is not None:  # one line, and nothing a terminal would obey (escape sequences)
+        text = CONTROL.sub("?", " ".join(text.split()))
     for secret in sorted(secrets, key=len, reverse=True):  # longest first: one may contain another
         if len(secret) >= MIN_SECRET:
             text = text.replace(secret, "***")
