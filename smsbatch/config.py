@@ -182,7 +182,7 @@ class Settings:
         found = [self.openai_api_key, self.twilio_auth_token]
         if self.twilio_auth_token:
             basic = base64.b64encode(f"{self.twilio_account_sid}:{self.twilio_auth_token}".encode()).decode()
-            found.append(basic.rstrip("="))  # unpadded: also matches where the padding was dropped
+            found += [basic, basic.rstrip("=")]  # unpadded too: where the padding was dropped
         for url in (self.openai_base_url, self.twilio_base_url):
             try:
                 found.append(urlsplit(url or "").password or "")

@@ -142,7 +142,8 @@ class FakeTwilio(StandIn):
     answer nothing); "accept-then-hang" (record the message as sent, then never answer,
     like a connection cut after Twilio accepted); ("accept-then", status, code) (record
     the message as sent, then answer that error); ("echo-auth", status) (an error whose
-    message quotes the Authorization header it got and the token, like a misbehaving proxy).
+    message quotes the Authorization header it got and the token, like a misbehaving proxy);
+    "accept-then-garbage" (record the message as sent, then answer 201 with a body that is not JSON).
     """
 
     ACCOUNT = "AC" + "0" * 32
@@ -176,6 +177,8 @@ class FakeTwilio(StandIn):
             status, code = action
             return self.reply(handler, status, {"code": code, "message": f"scripted {code}", "status": status})
         message = self.record(form)
+        if action == "accept-then-garbage":
+            return self.raw(handler, 201, b"<html>upstream hiccup</html>")
         if action == "accept-then-hang":
             time.sleep(30)
             return
