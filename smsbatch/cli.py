@@ -32,6 +32,8 @@ class InputParam(click.ParamType):
 
 TIME = InputParam("TIME", "parse_time")  # epoch seconds or ISO-8601
 PHONE = InputParam("PHONE", "check_phone")  # normalised to E.164
+SID = InputParam("SID", "check_sid")
+TEXT = InputParam("TEXT", "check_text")  # any text, as long as it is UTF-8
 
 
 class Finite(click.FloatRange):
@@ -74,6 +76,8 @@ class Group(click.Group):
             raise click.ClickException(f"database error: {exc}") from None
         except sqlite3.DatabaseError as exc:
             raise click.ClickException(f"database error: {exc}") from None
+        except UnicodeEncodeError:  # an argument or setting holding bytes that are not UTF-8
+            raise click.ClickException("an argument or setting is not valid text (not UTF-8)") from None
 
 
 def settings_from(ctx, **changes):
@@ -126,7 +130,7 @@ def migrate(ctx):
 @click.option("--from", "phone", type=PHONE, help="The sender's number.")
 @click.option("--to", "our_number", type=PHONE, help="The number they wrote to.")
 @click.option("--body", help="The text.")
-@click.option("--sid", help="Twilio MessageSid (default: derived from from/to/body/--at, so importing "
+@click.option("--sid", type=SID, help="Twilio MessageSid (default: derived from from/to/body/--at, so importing "
               "the same text with the same --at twice stores it once).")
 @click.option("--at", type=TIME, help="When it arrived: epoch seconds or ISO-8601 (default now; "
               "at most a few minutes ahead of --now).")
@@ -234,7 +238,7 @@ def status(ctx, as_json, now, latest):
 
 
 @cli.command()
-@click.argument("batch_id")
+@click.argument("batch_id", type=TEXT)
 @click.option("--now", type=TIME, help="Requeue as of this time.")
 @click.pass_context
 def retry(ctx, batch_id, now):
@@ -328,7 +332,7 @@ class SweepParam(click.ParamType):
 @click.option("--since", type=TIME, help="Only texts received at or after this time.")
 @click.option("--anonymize", is_flag=True,
               help="Pseudonyms for numbers and sids, same-length placeholders for bodies (STOP etc. kept).")
-@click.option("--key", help="Secret for --anonymize: the same key gives the same pseudonyms (default: random).")
+@click.option("--key", type=TEXT, help="Secret for --anonymize: the same key gives the same pseudonyms (default: random).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, allow_dash=True), default="-",
               help="Write here instead of stdout; a new file is readable by its owner only (0600).")
 @click.pass_context

@@ -78,6 +78,32 @@ def check_body(body):
     return body
 
 
+def check_text(text, what="argument"):
+    """A string that can be stored and compared as UTF-8 (a command-line argument with bytes
+    that are not UTF-8 arrives holding lone surrogates).
+
+    Raises:
+        InvalidInput: not valid UTF-8 text.
+    """
+    text = str(text)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput(f"{what} is not valid text (not UTF-8)") from None
+    return text
+
+
+def check_sid(sid):
+    """A MessageSid as given by an operator or a trace: printable text, at most 64 characters.
+
+    Raises:
+        InvalidInput: not such a string.
+    """
+    if not isinstance(sid, str) or len(sid) > 64 or not sid.isprintable():
+        raise InvalidInput("sid must be a string of at most 64 printable characters")
+    return check_text(sid, "sid")
+
+
 def check_phone(text, what="phone number"):
     """A phone number in E.164, as Twilio sends it (+15551234567): the one place numbers given
     by an operator are normalised, so 5551234567 and +1 555 123 4567 are the same person.
@@ -133,9 +159,7 @@ def parse_record(line):
     phone = check_phone(record.get("from"), "'from'")
     our_number = check_phone(record.get("to"), "'to'")
     at = parse_time(record["at"])
-    sid = record.get("sid") or derived_sid(phone, our_number, body, at)
-    if not isinstance(sid, str) or len(sid) > 64 or not sid.isprintable():
-        raise InvalidInput("sid must be a string of at most 64 printable characters")
+    sid = check_sid(record.get("sid") or derived_sid(phone, our_number, body, at))
     return {"sid": sid, "phone": phone, "our_number": our_number, "body": body, "at": at}
 
 

@@ -226,3 +226,17 @@ def test_demo_and_simulation_tables_print_bodies_and_replies_as_plain_text(capsy
     out = capsys.readouterr().out
     assert HOSTILE in out and "reply " + HOSTILE in out and "/tmp/[/]db" in out and "b[/]x" in out
 
+
+
+@pytest.mark.parametrize("args", [
+    ["ingest", "--from", A, "--to", US, "--body", "hi", "--sid", "\udcff"],
+    ["ingest", "--from", A, "--to", US, "--body", "hi", "--sid", "S" * 65],
+    ["export", "--anonymize", "--key", "\udcff"],
+    ["retry", "b\udcff"],
+])
+def test_arguments_that_cannot_be_stored_are_one_line(db_path, args):
+    """Bytes that are not UTF-8 on the command line arrive as lone surrogates."""
+    add(Store(db_path), A, "hi", PAST)
+    result = invoke(args, env_of(db_path))
+    assert result.exit_code == 2 and no_traceback(result)
+    assert result.output.strip().splitlines()[-1].startswith("Error: Invalid value")
