@@ -34,8 +34,9 @@ class ConsoleSender:
         sid = "SMconsole" + secrets.token_hex(12)
         with self._lock:
             self.sent.append((sid, to, body))
-        if not self.quiet:
-            print(f"[console sms to {to}] {body}", file=self.stream)
+        if not self.quiet:  # a reply may quote the customer: escape sequences are shown, not obeyed
+            shown = re.sub(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]", "?", f"[console sms to {to}] {body}")
+            print(shown, file=self.stream)
         return sid
 
     def find_sent(self, to, since, body, exclude=frozenset()):
