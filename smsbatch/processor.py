@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from smsbatch import ai, batching
 from smsbatch.config import FAULT_POINT
 from smsbatch.db import State, Store
-from smsbatch.errors import CannotReconcile, DeliveryError, redact
+from smsbatch.errors import CannotReconcile, DeliveryError, InvalidInput, redact
+from smsbatch.inputs import check_phone
 
 log = logging.getLogger("smsbatch.processor")
 POLL_SECONDS = 1.0  # with --for, new work is picked up within about this long
@@ -34,6 +35,15 @@ PHONE_DIGITS = re.compile(r"\+?\d[\d ().-]{6,}\d")
 def _digits(phone):
     """Compare numbers by their digits: '+1 555 123 4567' is '15551234567'."""
     return re.sub(r"\D", "", phone or "")
+
+
+def same_number(phone, other):
+    """Two numbers compared as E.164 (AI_SMS_TEST_NUMBER=5551234567 is +15551234567, as on the
+    command line), or by their digits when either is not a number check_phone takes."""
+    try:
+        return check_phone(phone) == check_phone(other)
+    except InvalidInput:
+        return _digits(phone) == _digits(other)
 
 
 def fault_point(name):
@@ -105,7 +115,7 @@ class Processor:
             return self._finish(store, batch, State.FAILED, f"gave up after {s.max_attempts} attempts")
         if store.is_opted_out(batch["phone"]):
             return self._finish(store, batch, State.SKIPPED, "opted out")
-        if s.test_number and _digits(batch["phone"]) != _digits(s.test_number):
+        if s.test_number and not same_number(batch["phone"], s.test_number):
             return self._finish(store, batch, State.SKIPPED, "not the AI_SMS_TEST_NUMBER")
         if batch["attempts"] > 1 and store.fold_if_answered(batch, self.clock(), s):
             return "superseded"  # a retry overtaken by a newer reply that covered it

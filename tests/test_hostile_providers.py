@@ -156,3 +156,11 @@ def test_a_batch_taken_over_by_another_processor_is_named_so_and_is_harmless(set
     report = RunReport(claimed=1)
     report.add("taken_over")
     assert not report.need_a_person and summary_line(report) == "claimed 1, sent 0, skipped 0, failed 0, taken_over 1"
+
+
+def test_the_test_number_is_normalised_like_the_command_line(settings, store, clock):
+    add(store, "+15552220001", "hi", T0)
+    add(store, "+15552220002", "hi", T0)
+    clock.now = T0 + 20
+    report = offline_processor(settings.replace(test_number="5552220001"), clock).run()
+    assert report.counts["sent"] == 1 and report.counts["skipped"] == 1
