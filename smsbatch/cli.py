@@ -50,14 +50,12 @@ class Finite(click.FloatRange):
 
 def read_text_file(file, option):
     """The text of a file opened in binary mode, or one usage error naming `option`."""
-    data = file.read()
+    from smsbatch.inputs import decode_text
+
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise click.BadParameter(f"{file.name} is not a UTF-8 text file", param_hint=option) from None
-    if "\x00" in text:
-        raise click.BadParameter(f"{file.name} is a binary file, not text", param_hint=option)
-    return text
+        return decode_text(file.read(), file.name)
+    except SmsbatchError as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from None
 
 
 class Group(click.Group):
@@ -76,8 +74,9 @@ class Group(click.Group):
             raise click.ClickException(f"database error: {exc}") from None
         except sqlite3.DatabaseError as exc:
             raise click.ClickException(f"database error: {exc}") from None
-        except UnicodeEncodeError:  # an argument or setting holding bytes that are not UTF-8
-            raise click.ClickException("an argument or setting is not valid text (not UTF-8)") from None
+        except UnicodeEncodeError as exc:  # a setting with bytes that are not UTF-8, or a terminal that is not
+            raise click.ClickException(f"cannot encode text as {exc.encoding}: a setting holds bytes that are "
+                                       "not UTF-8, or the terminal cannot show a character") from None
 
 
 def settings_from(ctx, **changes):
@@ -136,7 +135,7 @@ def migrate(ctx):
               "at most a few minutes ahead of --now).")
 @click.option("--jsonl", type=click.File("rb"),
               help="Store many: one JSON object a line (from, to, at required; body, sid optional); - for stdin.")
-@click.option("--now", type=TIME, help="Take this as the present when refusing times in the future (default: the clock).")
+@click.option("--now", type=TIME, help="Refuse times more than 5 minutes after this (default: the clock).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
 def ingest(ctx, phone, our_number, body, sid, at, jsonl, now, as_json):
@@ -332,7 +331,8 @@ class SweepParam(click.ParamType):
 @click.option("--since", type=TIME, help="Only texts received at or after this time.")
 @click.option("--anonymize", is_flag=True,
               help="Pseudonyms for numbers and sids, same-length placeholders for bodies (STOP etc. kept).")
-@click.option("--key", type=TEXT, help="Secret for --anonymize: the same key gives the same pseudonyms (default: random).")
+@click.option("--key", type=TEXT,
+              help="Secret for --anonymize: the same key gives the same pseudonyms (default: random).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, allow_dash=True), default="-",
               help="Write here instead of stdout; a new file is readable by its owner only (0600).")
 @click.pass_context

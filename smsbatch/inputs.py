@@ -93,6 +93,21 @@ def check_text(text, what="argument"):
     return text
 
 
+def decode_text(data, name):
+    """The bytes of a text file (`name` for the message) as str.
+
+    Raises:
+        InvalidInput: not UTF-8, or binary (holding NUL bytes).
+    """
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInput(f"{name} is not a UTF-8 text file") from None
+    if "\x00" in text:
+        raise InvalidInput(f"{name} is a binary file, not text")
+    return text
+
+
 def check_sid(sid):
     """A MessageSid as given by an operator or a trace: printable text, at most 64 characters.
 
