@@ -92,7 +92,11 @@ def retry_batches(store, batch_ids, states, since, now, dry_run=False, fresh=Fal
     requeued = []
     for batch in chosen:
         if not dry_run:
-            store.retry(batch["id"], now, fresh=fresh)
+            try:
+                store.retry(batch["id"], now, fresh=fresh)
+            except SmsbatchError as exc:  # it moved meanwhile (a processor took it, say)
+                refused.append(str(exc))
+                continue
         requeued.append(_summary(batch, fresh))
     return {"dry_run": dry_run, "by_filter": bool(states), "requeued": requeued, "refused": refused}
 
