@@ -5,12 +5,16 @@ of {"role", "content"} dicts, and raises DeliveryError on failure.
 """
 
 import json
+import os
 import re
 import threading
 from dataclasses import dataclass
 
 from smsbatch import deadline
-from smsbatch.errors import DeliveryError
+from smsbatch.config import OPENAI_DEFAULT_BASE_URL, display_url
+from smsbatch.errors import ConfigError, DeliveryError, redact
+
+PROMPT_FILE_NAME = re.compile(r"^(whatsapp:)?\+?[0-9]{2,15}$")
 
 
 @dataclass
@@ -35,6 +39,41 @@ def ask(responder, messages):
     except DeliveryError as exc:
         exc.usage = Usage(requests=1)
         raise
+
+
+class SystemPrompts:
+    """The system prompt for each of our numbers: `<folder>/<number>.txt` (for example
+    `+15550001111.txt`) when that file exists, else the default. Files are read once."""
+
+    def __init__(self, default, folder=""):
+        """Raises: ConfigError if `folder` is given but is not a folder."""
+        if folder and not os.path.isdir(folder):
+            raise ConfigError(f"SMSBATCH_PROMPTS_DIR={folder} is not a folder")
+        self.default, self.folder = default, folder
+        self._cache = {}
+        self._lock = threading.Lock()
+
+    def for_number(self, number):
+        """The prompt for replies from `number`.
+
+        Raises: ConfigError if its file exists but cannot be read as UTF-8 text.
+        """
+        if not self.folder or not PROMPT_FILE_NAME.match(number or ""):  # never a path from outside
+            return self.default
+        with self._lock:
+            if number not in self._cache:
+                self._cache[number] = self._read(os.path.join(self.folder, number + ".txt"))
+            return self._cache[number] or self.default
+
+    @staticmethod
+    def _read(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read().strip()
+        except FileNotFoundError:
+            return ""
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read the system prompt {path}: {exc}") from None
 
 
 def describe_text(body, media):
@@ -129,57 +168,6 @@ class OpenAIResponder:
         )
 
     def answer(self, messages):
-        with self._lock:
-            self.calls += 1
-        last = messages[-1]["content"]
-        lines = [ln for ln in last.splitlines() if not ln.startswith("(The customer sent")]
-        said = " / ".join(ln.split(". ", 1)[-1] if ln[:1].isdigit() else ln for ln in lines)
-        earlier = sum(1 for m in messages[1:-1] if m["role"] == "user")
-        context = f" (with {earlier} earlier texts in mind)" if earlier else ""
-        return f"Thanks for your message{'s' if len(lines) > 1 else ''}{context}. You said: {said}"
-
-
-class OpenAIResponder:
-    """Chat completions through the `openai` package; the client is built on first use
-    so a cron run with nothing to do never pays for importing it."""
-
-    name = "openai"
-
-    def __init__(self, settings):
-        self.settings = settings
-        self.calls = 0
-        self._client = None
-        self._lock = threading.Lock()
-
-    def warm(self):
-        """Build the client now (imports included), so a first answer does not wait for it."""
-        with self._lock:
-            self._build()
-
-    def _get_client(self):
-        with self._lock:
-            self._build()
-            self.calls += 1
-            return self._client
-
-    def _build(self):
-        if self._client is None:
-            if True:  # (kept indented as before: the body below builds the client once)
-                import httpx2
-                import openai
-
-                # Every request the client makes, its own retries included, passes this hook:
-                # requests are counted where they happen, not per answer.
-                http = httpx2.Client(event_hooks={"request": [deadline.count_request]})
-                self._client = openai.OpenAI(
-                    api_key=self.settings.openai_api_key,
-                    base_url=self.settings.openai_base_url or None,
-                    timeout=self.settings.ai_timeout_seconds,
-                    max_retries=self.settings.ai_client_retries,
-                    http_client=http,
-                )
-
-    def answer(self, messages):
         """The reply. Raises: DeliveryError, transient or not."""
         return self.ask(messages)[0]
 
@@ -191,37 +179,47 @@ class OpenAIResponder:
         state = deadline.Call()
         client = self._get_client()  # importing openai is not part of the call's time
         try:
-            completion = deadline.call(lambda: self._create(client, messages), self.settings.ai_deadline,
-                                       state=state)
+            body = deadline.call(lambda: self._create(client, messages), self.settings.ai_deadline, state=state)
         except deadline.DeadlineExceeded as exc:
             raise _with_usage(DeliveryError(f"AI timed out: {exc}", transient=True), state) from None
         except DeliveryError as exc:
             raise _with_usage(exc, state) from None
-        usage = completion.usage
-        spent = Usage(state.requests, getattr(usage, "prompt_tokens", 0) or 0,
-                      getattr(usage, "completion_tokens", 0) or 0)
-        choices = completion.choices or []
-        text = (choices[0].message.content or "").strip() if choices else ""
+        spent = usage_of(body, state.requests)
+        text = reply_text(body)
+        if text is None:
+            # A 200 whose body is cut off or garbled (a proxy's error page, an overloaded
+            # server): like a 5xx, worth another try after the backoff.
+            error = DeliveryError("AI answered 200 without a readable chat completion", transient=True)
+            raise _with_usage(error, state, spent)
         if not text:
             raise _with_usage(DeliveryError("AI returned an empty reply", transient=True), state, spent)
         return text, spent
 
     def _create(self, client, messages):
+        """The chat completion's JSON body. Raises: DeliveryError."""
         import openai
 
-        key = self.settings.openai_api_key
+        secrets = self.settings.secrets()
         try:
-            return client.chat.completions.create(model=self.settings.ai_model, messages=messages)
+            # The raw response: its body is read here, so an answer that is not the JSON
+            # promised is named as the provider's fault, not mistaken for a bug of ours.
+            raw = client.chat.completions.with_raw_response.create(model=self.settings.ai_model, messages=messages)
+            return raw.text
         except openai.APIStatusError as exc:
             status = exc.status_code
             transient = status in (408, 409, 429) or status >= 500
-            message = _short(exc.message, secret=key)
+            message = redact(exc.message, secrets, limit=200)
+            if status == 404:  # most often a wrong OPENAI_BASE_URL (no /v1) or model: say where
+                where = display_url(self.settings.openai_base_url or OPENAI_DEFAULT_BASE_URL)
+                message += f" (from {where}; OPENAI_BASE_URL ends in /v1, `smsbatch check` tests it)"
             raise DeliveryError(f"AI returned HTTP {status}: {message}", transient=transient) from None
         except openai.APIConnectionError as exc:  # includes APITimeoutError
             kind = "timed out" if isinstance(exc, openai.APITimeoutError) else "unreachable"
-            raise DeliveryError(f"AI {kind}: {_short(str(exc), secret=key)}", transient=True) from None
+            # "Connection error." alone does not say which server: name it (without secrets).
+            where = display_url(self.settings.openai_base_url or OPENAI_DEFAULT_BASE_URL)
+            raise DeliveryError(f"AI {kind} at {where}: {redact(exc, secrets, limit=200)}", transient=True) from None
         except openai.OpenAIError as exc:
-            raise DeliveryError(f"AI error: {_short(str(exc), secret=key)}", transient=False) from None
+            raise DeliveryError(f"AI error: {redact(exc, secrets, limit=200)}", transient=False) from None
 
 
 def _with_usage(exc, state, spent=None):
@@ -229,14 +227,35 @@ def _with_usage(exc, state, spent=None):
     return exc
 
 
-def _short(text, limit=200, secret=""):
-    # Providers echo part of a rejected key ("Incorrect API key provided: sk-ab***yz"): never pass it on.
-    # Not every OpenAI-compatible provider's key starts with sk-: the configured key goes too.
-    text = " ".join(str(text).split())
-    if secret:
-        text = text.replace(secret, "***")
-    text = re.sub(r"sk-[\w*.-]+", "sk-***", text)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+def usage_of(body, requests):
+    """What a chat completion cost: `requests` HTTP requests and the body's usage tokens."""
+    try:
+        usage = json.loads(body).get("usage")
+    except (ValueError, AttributeError, RecursionError):
+        usage = None
+    usage = usage if isinstance(usage, dict) else {}
+
+    def tokens(name):
+        value = usage.get(name)
+        return value if isinstance(value, int) and value >= 0 else 0
+
+    return Usage(requests, tokens("prompt_tokens"), tokens("completion_tokens"))
+
+
+def reply_text(body):
+    """The first choice's message content from a chat completion's JSON body ("" if empty),
+    or None when the body is not a chat completion at all."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    choices = data.get("choices") if isinstance(data, dict) else None
+    first = choices[0] if isinstance(choices, list) and choices else None
+    message = first.get("message") if isinstance(first, dict) else None
+    content = message.get("content") if isinstance(message, dict) else None
+    if content is None:
+        return None if not isinstance(message, dict) else ""
+    return content.strip() if isinstance(content, str) else None
 
 
 def make_responder(settings):

@@ -31,7 +31,31 @@ class InputParam(click.ParamType):
 
 
 TIME = InputParam("TIME", "parse_time")  # epoch seconds or ISO-8601
-PHONE = InputParam("PHONE", "check_phone")
+PHONE = InputParam("PHONE", "check_phone")  # normalised to E.164
+SID = InputParam("SID", "check_sid")
+TEXT = InputParam("TEXT", "check_text")  # any text, as long as it is UTF-8
+
+
+class Finite(click.FloatRange):
+    """click.FloatRange that also refuses nan and inf (which pass any range check, or never end)."""
+
+    def convert(self, value, param, ctx):
+        import math
+
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return super().convert(number, param, ctx)
+
+
+def read_text_file(file, option):
+    """The text of a file opened in binary mode, or one usage error naming `option`."""
+    from smsbatch.inputs import decode_text
+
+    try:
+        return decode_text(file.read(), file.name)
+    except SmsbatchError as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from None
 
 
 class Group(click.Group):
@@ -50,6 +74,9 @@ class Group(click.Group):
             raise click.ClickException(f"database error: {exc}") from None
         except sqlite3.DatabaseError as exc:
             raise click.ClickException(f"database error: {exc}") from None
+        except UnicodeEncodeError as exc:  # a setting with bytes that are not UTF-8, or a terminal that is not
+            raise click.ClickException(f"cannot encode text as {exc.encoding}: a setting holds bytes that are "
+                                       "not UTF-8, or the terminal cannot show a character") from None
 
 
 def settings_from(ctx, **changes):
@@ -114,15 +141,18 @@ def migrate(ctx):
 @click.option("--from", "phone", type=PHONE, help="The sender's number.")
 @click.option("--to", "our_number", type=PHONE, help="The number they wrote to.")
 @click.option("--body", help="The text.")
-@click.option("--sid", help="Twilio MessageSid (default: derived from from/to/body/--at, so importing "
+@click.option("--sid", type=SID, help="Twilio MessageSid (default: derived from from/to/body/--at, so importing "
               "the same text with the same --at twice stores it once).")
-@click.option("--at", type=TIME, help="When it arrived: epoch seconds or ISO-8601 (default now).")
+@click.option("--at", type=TIME, help="When it arrived: epoch seconds or ISO-8601 (default now; "
+              "at most a few minutes ahead of --now).")
 @click.option("--jsonl", type=click.File("rb"),
               help="Store many: one JSON object a line (from, to, at required; body, sid optional); - for stdin.")
+@click.option("--now", type=TIME, help="Refuse times more than 5 minutes after this (default: the clock).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
-def ingest(ctx, phone, our_number, body, sid, at, jsonl, as_json):
-    """Store inbound texts as the webhook would."""
+def ingest(ctx, phone, our_number, body, sid, at, jsonl, now, as_json):
+    """Store inbound texts as the webhook would. Numbers are normalised to E.164 (+15551234567):
+    a 10-digit number is taken as North American (+1); others need their country code."""
     from smsbatch.ingest import ingest_lines, ingest_one
 
     settings = settings_from(ctx)
@@ -130,11 +160,11 @@ def ingest(ctx, phone, our_number, body, sid, at, jsonl, as_json):
     if jsonl is not None:
         if phone or our_number or body is not None or sid or at is not None:
             raise click.UsageError("--jsonl cannot be combined with --from/--to/--body/--sid/--at")
-        result = ingest_lines(store, jsonl, settings)
+        result = ingest_lines(store, jsonl, settings, now)
     else:
         if not (phone and our_number and body is not None):
             raise click.UsageError("give --from, --to and --body (or --jsonl FILE)")
-        result = ingest_one(store, settings, phone, our_number, body, sid, at)
+        result = ingest_one(store, settings, phone, our_number, body, sid, at, now)
     if as_json:
         emit_json(result)
     else:
@@ -148,11 +178,11 @@ def ingest(ctx, phone, our_number, body, sid, at, jsonl, as_json):
 @cli.command()
 @click.option("--now", type=TIME, help="Act as if it were this time (epoch seconds or ISO-8601).")
 @click.option("--limit", type=click.IntRange(1), default=1000, show_default=True, help="Most batches this run.")
-@click.option("--for", "seconds", type=click.FloatRange(0), default=0, show_default=True,
+@click.option("--for", "seconds", type=Finite(0), default=0, show_default=True,
               help="Keep picking up batches as they fall due for this many seconds (cron: 55).")
 @click.option("--concurrency", type=click.IntRange(1, 64), default=4, show_default=True,
               help="Batches answered at once.")
-@click.option("--system-prompt-file", type=click.File("r"), help="System prompt (else SMSBATCH_SYSTEM_PROMPT).")
+@click.option("--system-prompt-file", type=click.File("rb"), help="System prompt (else SMSBATCH_SYSTEM_PROMPT).")
 @click.option("--ai", type=click.Choice(["openai", "offline"]), help="AI provider (env SMSBATCH_AI).")
 @click.option("--sms", type=click.Choice(["twilio", "console"]), help="SMS provider (env SMSBATCH_SMS).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
@@ -163,7 +193,7 @@ def process(ctx, now, limit, seconds, concurrency, system_prompt_file, ai, sms, 
 
     changes = {k: v for k, v in (("ai", ai), ("sms", sms)) if v}
     if system_prompt_file is not None:
-        changes["system_prompt"] = system_prompt_file.read().strip()
+        changes["system_prompt"] = read_text_file(system_prompt_file, "--system-prompt-file").strip()
         if not changes["system_prompt"]:
             raise click.BadParameter("the file is empty", param_hint="--system-prompt-file")
     settings = settings_from(ctx, **changes)
@@ -177,27 +207,67 @@ def process(ctx, now, limit, seconds, concurrency, system_prompt_file, ai, sms, 
     from smsbatch.sms import make_sender
 
     clock = Clock(now, advancing=bool(seconds)) if now is not None else time.time
-    processor = Processor(settings.db_path, settings, make_responder(settings), make_sender(settings), clock=clock)
+    sender = make_sender(settings)
+    processor = Processor(settings.db_path, settings, make_responder(settings), sender, clock=clock)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    backfilled = periodic_backfill(processor.store(), sender, settings, clock())
     report = processor.run(limit=limit, concurrency=concurrency, seconds=seconds, stop=stop)
+    report.backfilled = backfilled
+    prune_after_run(settings, clock())
     if as_json:
         emit_json(report.as_dict())
     else:
         click.echo(summary_line(report))
-    if report.need_a_person:
+    if report.need_a_person:  # failed, unknown, or an unexpected error (its traceback is on stderr)
         ctx.exit(EXIT_SOME_FAILED)
 
 
+def prune_after_run(settings, now):
+    """SMSBATCH_RETENTION_DAYS: each run deletes a bounded number of batches older than that."""
+    if not settings.retention_days:
+        return
+    from smsbatch.ops import PRUNE_PER_RUN
+
+    store = open_store(settings)
+    try:
+        gone = store.prune(now - settings.retention_days * 86400, limit=PRUNE_PER_RUN)
+    finally:
+        store.close()
+    if gone["batches"] or gone["manual_replies"]:
+        click.echo(f"pruned {gone['batches']} batches, {gone['texts']} texts, "
+                   f"{gone['replies'] + gone['manual_replies']} replies older than {settings.retention_days:g} days",
+                   err=True)
+
+
+def periodic_backfill(store, sender, settings, now):
+    """`process`'s look into Twilio's log for texts the webhook never got (see smsbatch.backfill).
+    Returns how many it stored; a Twilio failure is logged and processing goes on."""
+    if not settings.backfill or settings.sms != "twilio":
+        return 0
+    from smsbatch.backfill import backfill_if_due
+    from smsbatch.errors import DeliveryError
+    from smsbatch.sms import TwilioLog
+
+    try:
+        report = backfill_if_due(store, TwilioLog(sender), settings, now)
+    except DeliveryError as exc:
+        logging.getLogger("smsbatch.backfill").warning("backfill: could not read Twilio's message log: %s", exc)
+        return 0
+    return report.stored if report else 0
+
+
 def summary_line(report):
+    """The one line `process` prints: claimed, sent, skipped, failed, then any other outcome seen."""
     if report.paused:
         return "paused: ENABLE_AI_SMS_AGENT is off; texts are stored, nothing is answered"
     c = report.counts
     parts = [f"claimed {report.claimed}", f"sent {c['sent']}", f"skipped {c['skipped']}", f"failed {c['failed']}"]
-    extra = [(n, c[n]) for n in ("superseded", "retrying", "unknown", "lost") if c[n]]
+    extra = [(n, c[n]) for n in ("superseded", "retrying", "unknown", "taken_over", "error", "held") if c[n]]
     extra += [("expired", report.expired)] if report.expired else []
     extra += [("undelivered", report.undelivered)] if report.undelivered else []
+    extra += [("backfilled", report.backfilled)] if report.backfilled else []
     cost = [f"AI requests {report.ai_requests}",
             f"tokens {report.prompt_tokens} prompt + {report.completion_tokens} completion"]
     return ", ".join(parts + [f"{name} {n}" for name, n in extra] + cost)
@@ -221,15 +291,91 @@ def status(ctx, as_json, now, latest):
 
 
 @cli.command()
-@click.argument("batch_id")
+@click.argument("batch_ids", nargs=-1, metavar="[BATCH_ID]...", type=TEXT)
+@click.option("--failed", is_flag=True, help="Every batch that ended failed since --since.")
+@click.option("--unknown", is_flag=True,
+              help="Every batch whose send outcome is unknown, since --since (check in Twilio first that it did not go out).")
+@click.option("--since", help="With --failed/--unknown: batches that ended since then: 2h, 7d, or a time.")
+@click.option("--dry-run", is_flag=True, help="List what would be requeued; change nothing.")
+@click.option("--fresh", is_flag=True, help="Ask the AI again even when only the send of its stored reply failed.")
 @click.option("--now", type=TIME, help="Requeue as of this time.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
-def retry(ctx, batch_id, now):
-    """Requeue a failed, skipped, expired or unknown batch."""
+def retry(ctx, batch_ids, failed, unknown, since, dry_run, fresh, now, as_json):
+    """Requeue failed, skipped, expired or unknown batches: by id (several at once), or every
+    --failed / --unknown batch since a time. A batch whose AI reply was stored and only its
+    send failed is sent that reply again, with no new AI call, unless --fresh."""
+    from smsbatch import inputs, ops
+
+    now = time.time() if now is None else now
+    states = [name for name, wanted in (("failed", failed), ("unknown", unknown)) if wanted]
+    if batch_ids and states:
+        raise click.UsageError("give batch ids or --failed/--unknown, not both")
+    if not batch_ids and not states:
+        raise click.UsageError("give one or more batch ids, or --failed and/or --unknown with --since")
+    if states and since is None:
+        raise click.UsageError("--failed/--unknown need --since (e.g. --since 2h), so old failures are not "
+                               "answered months late by accident")
+    if since is not None and not states:
+        raise click.UsageError("--since goes with --failed/--unknown")
+    try:
+        since_at = None if since is None else inputs.parse_since(since, now)
+    except SmsbatchError as exc:
+        raise click.BadParameter(str(exc), param_hint="--since") from None
+    store = open_store(settings_from(ctx))
+    result = ops.retry_batches(store, [b.strip() for b in batch_ids], states, since_at, now, dry_run, fresh)
+    if as_json:
+        emit_json(result)
+    else:
+        for line in ops.retry_lines(result):
+            click.echo(line)
+    for error in result["refused"]:
+        click.echo(f"Error: {error}", err=True)
+    if result["refused"]:
+        ctx.exit(1)
+
+
+@cli.command()
+@click.option("--since", type=TIME, required=True, help="From this time (epoch seconds or ISO-8601).")
+@click.option("--until", type=TIME, help="Up to this time (default now).")
+@click.option("--dry-run", is_flag=True, help="Only list the texts we do not have; store nothing.")
+@click.option("--now", type=TIME, help="Act as if it were this time (what counts as too old to answer).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def backfill(ctx, since, until, dry_run, now, as_json):
+    """Find texts in Twilio's message log that the webhook never stored, and store them.
+
+    Texts older than SMSBATCH_MAX_AGE_SECONDS are stored as expired (not answered late);
+    the others are answered by the next `process` run.
+    """
+    from smsbatch.backfill import backfill as run_backfill
+    from smsbatch.sms import TwilioLog, TwilioSender
+
     settings = settings_from(ctx)
-    batch = open_store(settings).retry(batch_id.strip(), time.time() if now is None else now)
-    texts = "1 text" if batch["message_count"] == 1 else f"{batch['message_count']} texts"
-    click.echo(f"batch {batch['id']} requeued ({texts} from {batch['phone']})")
+    missing = [m for m in settings.missing_credentials() if m.startswith("TWILIO_ACCOUNT") or m == "TWILIO_AUTH_TOKEN"]
+    if missing:
+        raise click.ClickException("missing " + ", ".join(missing))
+    now = time.time() if now is None else now
+    until = now if until is None else until
+    if until < since:
+        raise click.BadParameter("must not be before --since", param_hint="--until")
+    store = open_store(settings)
+    report = run_backfill(store, TwilioLog(TwilioSender(settings)), settings, since, until, now, dry_run)
+    if as_json:
+        emit_json(report.as_dict() | {"dry_run": dry_run})
+        return
+    verb = "would store" if dry_run else "stored"
+    count = len(report.found) if dry_run else report.stored
+    click.echo(f"looked at {report.seen} texts to {len(report.numbers)} number(s); {report.already} already stored; "
+               f"{verb} {count}" + ("" if dry_run else f" ({report.expired} too old to answer, stored as expired)"))
+    for sid, phone, to, at in report.found:
+        click.echo(f"  {sid} from {phone} to {to} at {_iso(at)}")
+
+
+def _iso(epoch):
+    import datetime
+
+    return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @cli.command()
@@ -315,8 +461,10 @@ class SweepParam(click.ParamType):
 @click.option("--since", type=TIME, help="Only texts received at or after this time.")
 @click.option("--anonymize", is_flag=True,
               help="Pseudonyms for numbers and sids, same-length placeholders for bodies (STOP etc. kept).")
-@click.option("--key", help="Secret for --anonymize: the same key gives the same pseudonyms (default: random).")
-@click.option("-o", "--output", type=click.File("w"), default="-", help="Write here instead of stdout.")
+@click.option("--key", type=TEXT,
+              help="Secret for --anonymize: the same key gives the same pseudonyms (default: random).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, allow_dash=True), default="-",
+              help="Write here instead of stdout; a new file is readable by its owner only (0600).")
 @click.pass_context
 def export(ctx, jsonl, since, anonymize, key, output):
     """Write stored inbound texts as a trace for `simulate` or `ingest --jsonl`."""
@@ -326,42 +474,46 @@ def export(ctx, jsonl, since, anonymize, key, output):
         raise click.UsageError("--key only makes sense with --anonymize")
     settings = settings_from(ctx)
     store = open_store(settings)
+    from smsbatch.files import write_lines
+
     anonymizer = Anonymizer(key, settings.urgent_keywords) if anonymize else None
-    count = 0
-    for line in export_lines(store.messages_since(0 if since is None else since), anonymizer):
-        output.write(line + "\n")
-        count += 1
+    lines = export_lines(store.messages_since(0 if since is None else since), anonymizer)
+    try:
+        count = write_lines(output, lines)
+    except OSError as exc:
+        where = "stdout" if output == "-" else output
+        raise click.ClickException(f"cannot write {where}: {exc.strerror or exc}") from None
     click.echo(f"exported {count} texts", err=True)
 
 
 @cli.command()
-@click.argument("trace", type=click.File("r"), required=False)
-@click.option("--quiet", type=click.FloatRange(0), help="Quiet period, seconds (default SMSBATCH_QUIET_SECONDS or 10).")
-@click.option("--max-wait", type=click.FloatRange(0), help="Maximum wait, seconds (default SMSBATCH_MAX_WAIT_SECONDS or 45).")
+@click.argument("trace", type=click.File("rb"), required=False)
+@click.option("--quiet", type=Finite(0), help="Quiet period, seconds (default SMSBATCH_QUIET_SECONDS or 10).")
+@click.option("--max-wait", type=Finite(0), help="Maximum wait, seconds (default SMSBATCH_MAX_WAIT_SECONDS or 45).")
 @click.option("--max-messages", type=click.IntRange(1), help="Texts that close a batch (default SMSBATCH_MAX_MESSAGES or 10).")
-@click.option("--tick", type=click.FloatRange(0.01, 3600), default=1.0, show_default=True,
+@click.option("--tick", type=Finite(0.01, 3600), default=1.0, show_default=True,
               help="Seconds between processing runs: 1 for `process --for`, 60 for plain cron.")
-@click.option("--ai-latency", type=click.FloatRange(0, 300), default=0.0, show_default=True,
+@click.option("--ai-latency", type=Finite(0, 300), default=0.0, show_default=True,
               help="Virtual seconds per AI answer; texts arriving meanwhile supersede the reply.")
 @click.option("--concurrency", type=click.IntRange(1, 64), default=4, show_default=True, help="Batches answered at once.")
 @click.option("--compare", is_flag=True, help="Add the seed design (15 s slots, cron each minute, 5 per run) side by side.")
-@click.option("--seed-cron-offset", type=click.FloatRange(0, 59.999), default=0.0, show_default=True,
+@click.option("--seed-cron-offset", type=Finite(0, 59.999), default=0.0, show_default=True,
               help="With --compare: seconds after each minute the seed design's cron fires.")
 @click.option("--sweep", type=SweepParam(),
               help="One run per value, e.g. quiet=4,6,8,10,15 (also max-wait, max-messages, tick, ai-latency, concurrency).")
-@click.option("--burst-gap", type=click.FloatRange(0, min_open=True), default=10.0, show_default=True,
+@click.option("--burst-gap", type=Finite(0, min_open=True), default=10.0, show_default=True,
               help="For the metrics: a phone's texts closer together than this are one burst.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--generate", is_flag=True, help="Write a synthetic trace to stdout instead (see the --generate options).")
 @click.option("--phones", type=click.IntRange(1, 1_000_000), default=50, show_default=True, help="--generate: people texting.")
-@click.option("--minutes", type=click.FloatRange(0, min_open=True), default=60.0, show_default=True,
+@click.option("--minutes", type=Finite(0, min_open=True), default=60.0, show_default=True,
               help="--generate: length of the trace.")
 @click.option("--seed", type=int, default=1, show_default=True, help="--generate: random seed (same seed, same trace).")
-@click.option("--burst-mean", type=click.FloatRange(1), default=2.5, show_default=True,
+@click.option("--burst-mean", type=Finite(1), default=2.5, show_default=True,
               help="--generate: mean texts per burst (geometric).")
-@click.option("--gap-mean", type=click.FloatRange(1), default=4.0, show_default=True,
+@click.option("--gap-mean", type=Finite(1), default=4.0, show_default=True,
               help="--generate: mean seconds between texts of a burst (1 s + exponential).")
-@click.option("--pause-mean", type=click.FloatRange(1), default=600.0, show_default=True,
+@click.option("--pause-mean", type=Finite(1), default=600.0, show_default=True,
               help="--generate: mean seconds between a phone's bursts (exponential).")
 @click.option("--start", type=TIME, default="2026-01-05T09:00:00Z", show_default=True, help="--generate: first moment.")
 @click.pass_context
@@ -386,7 +538,7 @@ def simulate(ctx, trace, generate, as_json, **opts):
 
     names = {"quiet": "quiet_seconds", "max_wait": "max_wait_seconds", "max_messages": "max_messages"}
     settings = settings_from(ctx, **{names[k]: opts[k] for k in names if opts[k] is not None})
-    records, repeats = read_trace(trace, trace.name)
+    records, repeats = read_trace(trace, getattr(trace, "name", "trace"))
     setup = simulation.Setup(settings, opts["tick"], opts["ai_latency"], opts["concurrency"])
     report = simulation.simulate(records, setup, compare=opts["compare"], sweep=opts["sweep"],
                                  burst_gap=opts["burst_gap"], seed_offset=opts["seed_cron_offset"], repeats=repeats)
@@ -408,3 +560,141 @@ def generate_trace(opts):
         click.echo(line)
         count += 1
     click.echo(f"generated {count} texts from {opts['phones']} phones over {opts['minutes']:g} minutes", err=True)
+
+
+# -- operators: check, backup, prune, hold, release, send (issue 10) ------------------
+
+
+@cli.command()
+@click.option("--fix-webhook", is_flag=True,
+              help="Set each reply number's incoming-message webhook to SMSBATCH_PUBLIC_URL (POST) where it differs.")
+@click.option("--json", "as_json", is_flag=True, help="Print the settings and results as JSON.")
+@click.pass_context
+def check(ctx, fix_webhook, as_json):
+    """Show the effective settings (secrets masked), then check the database, Twilio's
+    credentials, the reply numbers' webhook and OpenAI, each failure with its fix.
+    Exit status 0 when every check passes, 1 otherwise."""
+    from smsbatch import checks
+
+    settings = settings_from(ctx)
+    shown = checks.effective_settings(settings)
+    results = checks.run_checks(settings, fix_webhook=fix_webhook)
+    ok = all(r.ok for r in results)
+    if as_json:
+        emit_json({"settings": dict(shown), "checks": [r.as_dict() for r in results], "ok": ok})
+    else:
+        from smsbatch import render
+
+        render.check(shown, results)
+    if not ok:
+        ctx.exit(1)
+
+
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--force", is_flag=True, help="Overwrite FILE if it exists.")
+@click.pass_context
+def backup(ctx, file, force):
+    """Write a consistent copy of the database to FILE (mode 0600) while serve and process
+    keep running. Never copy the .db file with cp: recent texts live in its -wal file."""
+    from smsbatch.ops import backup as make_backup
+
+    settings = settings_from(ctx)
+    info = make_backup(settings.db_path, file, force=force)
+    click.echo(f"backed up {settings.db_path} to {info['path']}: schema version {info['version']}, "
+               f"{info['texts']} texts, {info['batches']} batches, {info['bytes']} bytes")
+
+
+@cli.command()
+@click.argument("phone", type=PHONE)
+@click.option("--reason", type=TEXT, help="Why (shown with the person's batches).")
+@click.option("--now", type=TIME, help="Act as if it were this time.")
+@click.pass_context
+def hold(ctx, phone, reason, now):
+    """Stop AI replies to PHONE until `smsbatch release`. Their texts are still stored and
+    shown, their batches end *held*, and their START does not undo it. Reply by hand with
+    `smsbatch send`."""
+    store = open_store(settings_from(ctx))
+    held = store.hold(phone, reason, time.time() if now is None else now)
+    from smsbatch import render
+
+    why = f" ({held['reason']})" if held["reason"] else ""
+    click.echo(f"{phone} on hold since {render.when(held['since'])}{why}: no AI replies until `smsbatch release {phone}`")
+
+
+@cli.command()
+@click.argument("phone", type=PHONE)
+@click.option("--answer-pending", is_flag=True,
+              help="Answer the texts that came while on hold (one reply per conversation); by default they are not answered late.")
+@click.option("--now", type=TIME, help="Act as if it were this time.")
+@click.pass_context
+def release(ctx, phone, answer_pending, now):
+    """End the hold on PHONE: AI replies resume with their next text."""
+    store = open_store(settings_from(ctx))
+    hold_, requeued = store.release(phone, time.time() if now is None else now, answer_pending)
+    texts = hold_["held_texts"]
+    said = f"{texts} text{'' if texts == 1 else 's'} came while on hold"
+    if answer_pending:
+        said += f": requeued for one reply ({', '.join(requeued)})" if requeued else ""
+    elif texts:
+        said += ", not answered (--answer-pending to answer them)"
+    click.echo(f"{phone} released; {said}")
+
+
+@cli.command()
+@click.argument("phone", type=PHONE)
+@click.argument("text", type=TEXT)
+@click.option("--from", "our_number", type=PHONE,
+              help="Our number to send from (default: the one they last wrote to, else TWILIO_FROM_NUMBER).")
+@click.option("--now", type=TIME, help="Record it as sent at this time.")
+@click.pass_context
+def send(ctx, phone, text, our_number, now):
+    """Send TEXT to PHONE by hand through Twilio, and record it in the conversation: the AI
+    sees it as part of the history next time. Refused for a number that opted out."""
+    from smsbatch.ops import send_by_hand
+    from smsbatch.sms import make_sender
+
+    if not text.strip():
+        raise click.BadParameter("the text is empty", param_hint="TEXT")
+    settings = settings_from(ctx)
+    missing = [m for m in settings.missing_credentials() if m in ("TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN")]
+    if missing:
+        raise click.ClickException("missing " + ", ".join(missing))
+    store = open_store(settings)
+    sent = send_by_hand(store, settings, make_sender(settings), phone, text,
+                        our_number, time.time() if now is None else now)
+    click.echo(f"sent to {sent['to']} from {sent['from']} ({sent['sid']})")
+    if store.find_hold(phone) is None:
+        click.echo(f"note: {phone} is not on hold, so the AI still answers their next texts "
+                   f"(`smsbatch hold {phone}` to take over)", err=True)
+
+
+@cli.command()
+@click.option("--older-than", "age", type=InputParam("DURATION", "parse_duration"), required=True,
+              help="Delete what is older than this: 90d, 12w, 36h.")
+@click.option("--dry-run", is_flag=True, help="Count what would be deleted; delete nothing.")
+@click.option("--now", type=TIME, help="Measure ages from this time.")
+@click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")
+@click.pass_context
+def prune(ctx, age, dry_run, now, as_json):
+    """Delete old, finished conversation history: batches whose texts and outcome are all older
+    than --older-than, with their texts, state history and replies, and replies sent by hand
+    before then. Never a pending batch, nor anything of a person on hold or opted out."""
+    store = open_store(settings_from(ctx))
+    cutoff = (time.time() if now is None else now) - age
+    gone = store.prune(cutoff, dry_run=dry_run)
+    if as_json:
+        emit_json(gone | {"dry_run": dry_run, "cutoff": cutoff})
+        return
+    from smsbatch import render
+
+    verb = "would delete" if dry_run else "deleted"
+    click.echo(f"{verb} {count(gone['batches'], 'batch', 'batches')}, {count(gone['texts'], 'text')}, "
+               f"{count(gone['events'], 'history entry', 'history entries')}, "
+               f"{count(gone['replies'], 'AI reply', 'AI replies')} and "
+               f"{count(gone['manual_replies'], 'reply', 'replies')} sent by hand, older than {render.when(cutoff)}")
+
+
+def count(n, one, many=None):
+    """'1 text', '3 texts'."""
+    return f"{n} {one if n == 1 else many or one + 's'}"

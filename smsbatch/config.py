@@ -91,6 +91,9 @@ class Settings:
     ai_client_retries: int = OPENAI_MAX_RETRIES
     sms_timeout_seconds: float = 10.0
     lease_seconds: float = 0.0  # 0 means derived from the timeouts
+    retention_days: float = 0.0  # 0: `process` prunes nothing (SMSBATCH_RETENTION_DAYS)
+    backfill: bool = True  # look in Twilio's message log for texts the webhook never got
+    prompts_dir: str = ""  # one system prompt per number: <dir>/+15550001111.txt
 
     @classmethod
     def from_env(cls, env=None):
@@ -131,6 +134,9 @@ class Settings:
             ai_client_retries=_number(env, "SMSBATCH_AI_CLIENT_RETRIES", OPENAI_MAX_RETRIES, int),
             sms_timeout_seconds=_number(env, "SMSBATCH_SMS_TIMEOUT_SECONDS", 10.0, float, 0.1),
             lease_seconds=_number(env, "SMSBATCH_LEASE_SECONDS", 0.0),
+            retention_days=_number(env, "SMSBATCH_RETENTION_DAYS", 0.0),
+            backfill=_flag(g("SMSBATCH_BACKFILL", "1"), "SMSBATCH_BACKFILL"),
+            prompts_dir=g("SMSBATCH_PROMPTS_DIR", ""),
         )
         return settings.checked()
 
@@ -191,9 +197,45 @@ class Settings:
                 missing.append("TWILIO_FROM_NUMBER or TWILIO_MESSAGING_SERVICE_SID")
         return missing
 
+    def secrets(self):
+        """Every configured secret, in each form a provider's error text could echo it:
+        the OpenAI key (also inside "Bearer ..."), the Twilio auth token, HTTP Basic auth's
+        base64 of sid:token, and any password inside a base URL."""
+        import base64
+        from urllib.parse import urlsplit
+
+        found = [self.openai_api_key, self.twilio_auth_token]
+        if self.twilio_auth_token:
+            basic = base64.b64encode(f"{self.twilio_account_sid}:{self.twilio_auth_token}".encode()).decode()
+            found += [basic, basic.rstrip("=")]  # unpadded too: where the padding was dropped
+        for url in (self.openai_base_url, self.twilio_base_url):
+            try:
+                found.append(urlsplit(url or "").password or "")
+            except ValueError:
+                pass
+        return tuple(s for s in found if s)
+
 
 def _choice(env, name, choices):
     value = (env.get(name) or choices[0]).strip().lower()
     if value not in choices:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
     return value
+
+
+OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
+TWILIO_DEFAULT_BASE_URL = "https://api.twilio.com"
+
+
+def display_url(url):
+    """A URL safe to print: no user:password@ and no query string (either may hold a secret)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(unparseable URL)"
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))

@@ -113,9 +113,23 @@ V2 = (
         since   REAL NOT NULL,
         reason  TEXT
     )""",
+    """CREATE TABLE backfill (
+        id              INTEGER PRIMARY KEY CHECK (id = 1),
+        checked_until   REAL,
+        claimed_at      REAL
+    )""",
 )
 
+# Version 3: indexes on the two references to a batch that had none, so deleting a batch
+# (`smsbatch prune`) finds the rows pointing at it without reading the whole table
+# (SQLite looks up the children of every deleted parent row).
 V3 = (
+    "CREATE INDEX IF NOT EXISTS batches_superseded_by ON batches(superseded_by) WHERE superseded_by IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS conversations_open_batch ON conversations(open_batch)",
+)
+
+# Version 4: heartbeat leases, what the AI cost, delivery receipts reported (issue 9).
+V4 = (
     # Heartbeat leases: who holds a batch in flight (host:pid) and when it last renewed.
     "ALTER TABLE batches ADD COLUMN holder TEXT",
     "ALTER TABLE batches ADD COLUMN heartbeat_at REAL",
@@ -132,5 +146,5 @@ V3 = (
 )
 
 # {version: statements that bring version - 1 to it}, applied in order.
-STEPS = {2: V2, 3: V3}
+STEPS = {2: V2, 3: V3, 4: V4}
 LATEST = max(STEPS)

@@ -12,18 +12,23 @@ import re
 import signal
 import threading
 import time
+import traceback
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from smsbatch import ai, batching, delivery
 from smsbatch.config import FAULT_POINT
-from smsbatch.db import State, Store
-from smsbatch.errors import CannotReconcile, DeliveryError, LeaseLost
+from smsbatch.db import State, Store, held_reason
+from smsbatch.errors import CannotReconcile, DeliveryError, InvalidInput, LeaseLost, redact
+from smsbatch.inputs import check_phone
 from smsbatch.lease import Leases
 
 log = logging.getLogger("smsbatch.processor")
 POLL_SECONDS = 1.0  # with --for, new work is picked up within about this long
-OUTCOMES = ("sent", "skipped", "superseded", "retrying", "failed", "unknown", "lost")
+# taken_over: this processor's lease ran out and another took the batch over (harmless: it goes on there).
+# error: an unexpected exception (a bug) while handling it; logged with its traceback, and the
+# batch is left to its lease (then retried, or failed after its attempts).
+OUTCOMES = ("sent", "skipped", "superseded", "retrying", "failed", "unknown", "taken_over", "error", "held")
 
 
 PHONE_DIGITS = re.compile(r"\+?\d[\d ().-]{6,}\d")
@@ -32,6 +37,15 @@ PHONE_DIGITS = re.compile(r"\+?\d[\d ().-]{6,}\d")
 def _digits(phone):
     """Compare numbers by their digits: '+1 555 123 4567' is '15551234567'."""
     return re.sub(r"\D", "", phone or "")
+
+
+def same_number(phone, other):
+    """Two numbers compared as E.164 (AI_SMS_TEST_NUMBER=5551234567 is +15551234567, as on the
+    command line), or by their digits when either is not a number check_phone takes."""
+    try:
+        return check_phone(phone) == check_phone(other)
+    except InvalidInput:
+        return _digits(phone) == _digits(other)
 
 
 def fault_point(name):
@@ -56,20 +70,21 @@ class RunReport:
     undelivered: int = 0  # replies newly known undelivered or failed (each reported once)
     counts: dict = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
     paused: bool = False
+    backfilled: int = 0  # texts found in Twilio's log that the webhook never got
 
     def add(self, outcome):
         self.counts[outcome] += 1
 
     @property
     def need_a_person(self):
-        """Batches that need a person: failed, or unknown whether the reply went out."""
-        return self.counts["failed"] + self.counts["unknown"]
+        """Batches that need a person: failed, unknown whether the reply went out, or hit by a bug."""
+        return self.counts["failed"] + self.counts["unknown"] + self.counts["error"]
 
     def as_dict(self):
         return {"claimed": self.claimed, "expired": self.expired, "ai_calls": self.ai_calls,
                 "ai_requests": self.ai_requests, "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens, "undelivered": self.undelivered,
-                "paused": self.paused, **self.counts}
+                "paused": self.paused, "backfilled": self.backfilled, **self.counts}
 
     def add_usage(self, usage):
         self.ai_requests += usage.requests
@@ -89,6 +104,12 @@ class Clock:
         return self.frozen if self.frozen is not None else time.time() + self.offset
 
 
+def stored_reply(batch):
+    """The AI reply to send again without asking the AI: an operator retried a batch whose
+    reply was stored and only its send failed (`retry --fresh` clears it to ask again)."""
+    return batch["response_text"] if batch["retried_at"] is not None else None
+
+
 class Processor:
     """Answers batches. Each worker thread gets its own SQLite connection."""
 
@@ -99,6 +120,7 @@ class Processor:
         self.sender = sender
         self.clock = clock
         self.rng = rng or random
+        self.prompts = ai.SystemPrompts(settings.system_prompt, settings.prompts_dir)
         self._local = threading.local()
         self.leases = Leases(db_path, clock, settings.lease)
         self.usage = ai.Usage()  # what the AI calls of this processor cost, so far
@@ -130,28 +152,47 @@ class Processor:
             return self._finish(store, batch, State.FAILED, f"gave up after {s.max_attempts} attempts")
         if store.is_opted_out(batch["phone"], self.scope(batch)):
             return self._finish(store, batch, State.SKIPPED, "opted out")
-        if s.test_number and _digits(batch["phone"]) != _digits(s.test_number):
+        hold = store.find_hold(batch["phone"])
+        if hold is not None:
+            return self._finish(store, batch, State.HELD, held_reason(hold))
+        if s.test_number and not same_number(batch["phone"], s.test_number):
             return self._finish(store, batch, State.SKIPPED, "not the AI_SMS_TEST_NUMBER")
         if batch["attempts"] > 1 and store.fold_if_answered(batch, self.clock(), s):
             return "superseded"  # a retry overtaken by a newer reply that covered it
         fault_point("before_ai")
-        texts = store.batch_texts(batch["id"])
-        history = store.history(batch["phone"], batch["our_number"], batch["id"], texts[0]["received_at"],
-                                s.history_messages)
-        try:
-            reply, usage = ai.ask(self.responder, ai.build_prompt(s.system_prompt, history, texts))
-        except DeliveryError as exc:
-            self._record_usage(store, batch, getattr(exc, "usage", None))
-            return self._failed_attempt(store, batch, exc)
-        self._record_usage(store, batch, usage)
-        reply = batching.shorten(reply)
+        reply = stored_reply(batch)
+        reused = reply is not None
+        if not reused:
+            try:
+                reply = self._ask_ai(store, batch)
+            except DeliveryError as exc:
+                return self._failed_attempt(store, batch, exc)
         fault_point("after_ai")
-        state = store.begin_send(batch, reply, self.clock(), s)
+        state = store.begin_send(batch, reply, self.clock(), s, reused=reused)
         if state is None:
-            return "lost"
+            return "taken_over"
         if state != State.SENDING:
             return State(state).value
         return self._send(store, batch, reply)
+
+    def _ask_ai(self, store, batch):
+        """The AI's one reply to the batch's texts, with the conversation so far.
+
+        Raises:
+            DeliveryError: the AI failed (transient or not).
+        """
+        s = self.settings
+        texts = store.batch_texts(batch["id"])
+        history = store.history(batch["phone"], batch["our_number"], batch["id"], texts[0]["received_at"],
+                                s.history_messages)
+        system_prompt = self.prompts.for_number(batch["our_number"])
+        try:
+            reply, usage = ai.ask(self.responder, ai.build_prompt(system_prompt, history, texts))
+        except DeliveryError as exc:
+            self._record_usage(store, batch, getattr(exc, "usage", None))
+            raise
+        self._record_usage(store, batch, usage)
+        return batching.shorten(reply)
 
     def _record_usage(self, store, batch, usage):
         if usage is None:
@@ -168,7 +209,7 @@ class Processor:
         fence = lambda: self.leases.holds(batch)  # noqa: E731
         if not fence():
             log.warning("batch %s: lease no longer held (taken over); not sending", batch["id"])
-            return "lost"
+            return "taken_over"
         try:
             if getattr(self.sender, "takes_fence", False):
                 sid = self.sender.send(batch["phone"], reply, batch["our_number"], fence=fence)
@@ -176,7 +217,7 @@ class Processor:
                 sid = self.sender.send(batch["phone"], reply, batch["our_number"])
         except LeaseLost as exc:
             log.warning("batch %s: %s", batch["id"], exc)
-            return "lost"
+            return "taken_over"
         except DeliveryError as exc:
             if exc.opted_out:
                 store.record_opt_out(batch["phone"], self.scope(batch), self.clock())
@@ -186,7 +227,7 @@ class Processor:
                 return self._later(store.release_sending, batch, str(exc))
             return self._failed_attempt(store, batch, exc)
         fault_point("after_twilio")
-        return "sent" if store.mark_sent(batch, sid, self.clock()) else "lost"
+        return "sent" if store.mark_sent(batch, sid, self.clock()) else "taken_over"
 
     def _reconcile(self, store, batch):
         """A batch left in *sending* (its processor died, or the send's outcome was unclear):
@@ -203,9 +244,12 @@ class Processor:
                                     f"could not check whether the reply went out: {exc}; check, then retry")
             return self._later(store.release_sending, batch, f"could not check the earlier send: {exc}")
         if sid:
-            return "sent" if store.mark_sent(batch, sid, self.clock()) else "lost"
+            return "sent" if store.mark_sent(batch, sid, self.clock()) else "taken_over"
         if store.is_opted_out(batch["phone"], self.scope(batch)):
             return self._finish(store, batch, State.SKIPPED, "opted out before the reply was sent")
+        hold = store.find_hold(batch["phone"])
+        if hold is not None:
+            return self._finish(store, batch, State.HELD, held_reason(hold, "before the reply was sent"))
         if store.fold_if_answered(batch, self.clock(), self.settings):
             return "superseded"  # not sent, and a newer reply has covered it meanwhile
         if out_of_attempts:  # Twilio says it never went out: nothing sent, so a plain failure
@@ -225,12 +269,12 @@ class Processor:
             # Provider errors may quote the number: the log (cron mail) gets the batch id instead.
             log.warning("batch %s %s: %s (smsbatch retry %s)", batch["id"], State(state).value,
                         PHONE_DIGITS.sub("[number]", error), batch["id"])
-        return State(state).value if ok else "lost"
+        return State(state).value if ok else "taken_over"
 
     def _later(self, move, batch, error):
         """Try again after the backoff: `move` is store.requeue or store.release_sending."""
         due = self.clock() + batching.backoff_seconds(batch["attempts"], self.settings.retry_base_seconds, self.rng)
-        return "retrying" if move(batch, due, error, self.clock()) else "lost"
+        return "retrying" if move(batch, due, error, self.clock()) else "taken_over"
 
     def _safe_handle(self, batch):
         """handle() for a worker thread: a bug must not kill the run, and must leave the
@@ -238,8 +282,11 @@ class Processor:
         try:
             return self.handle(batch)
         except Exception:
-            log.exception("batch %s: unexpected error; it will be retried when its lease ends", batch["id"])
-            return "lost"
+            # Redacted like provider errors: an exception's text may quote a secret or a number.
+            trace = PHONE_DIGITS.sub("[number]", redact(traceback.format_exc(), self.settings.secrets()))
+            log.error("batch %s: unexpected error (a bug); the batch is left to its lease, then retried "
+                      "or failed after its attempts\n%s", batch["id"], trace.rstrip())
+            return "error"
 
     # -- the loop ---------------------------------------------------------------
 
@@ -327,7 +374,8 @@ class Processor:
                     store.record_delivery(sid, status, code, now)
         problems = store.take_new_problems(now)
         for p in problems:
-            log.warning("batch %s: reply %s", p["batch_id"] or "(manual)", delivery.explain(p["status"], p["error_code"]))
+            log.warning("batch %s: reply %s", p["batch_id"] or "(manual)",
+                        delivery.explain(p["status"], p["error_code"]))
         return len(problems)
 
     def _idle_wait(self):

@@ -45,6 +45,7 @@ CREATE TABLE IF NOT EXISTS batches (
 CREATE INDEX IF NOT EXISTS batches_state_due ON batches(state, due_at);
 CREATE INDEX IF NOT EXISTS batches_state_last ON batches(state, last_at);  -- expiry sweep: O(expired), not O(backlog)
 CREATE INDEX IF NOT EXISTS batches_conversation ON batches(phone, our_number);  -- no state: claiming does not rewrite it
+CREATE INDEX IF NOT EXISTS batches_superseded_by ON batches(superseded_by) WHERE superseded_by IS NOT NULL;  -- prune
 
 -- Every state change of every batch, oldest first: `smsbatch show` reads it, `retry`
 -- adds to it. from_state is NULL for the move that created the batch.
@@ -67,6 +68,7 @@ CREATE TABLE IF NOT EXISTS conversations (
     open_batch  TEXT NOT NULL REFERENCES batches(id),
     PRIMARY KEY (phone, our_number)
 );
+CREATE INDEX IF NOT EXISTS conversations_open_batch ON conversations(open_batch);  -- prune: who points at a batch
 
 -- Every inbound text, stored once per Twilio MessageSid.
 CREATE TABLE IF NOT EXISTS messages (
@@ -121,4 +123,12 @@ CREATE TABLE IF NOT EXISTS holds (
     phone   TEXT PRIMARY KEY,
     since   REAL NOT NULL,
     reason  TEXT
+);
+
+-- The backfill's progress (one row): texts in Twilio's log up to checked_until were
+-- looked for; claimed_at is when a processor last took the turn (once a minute, for all).
+CREATE TABLE IF NOT EXISTS backfill (
+    id              INTEGER PRIMARY KEY CHECK (id = 1),
+    checked_until   REAL,
+    claimed_at      REAL
 );

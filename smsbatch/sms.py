@@ -13,7 +13,7 @@ import sys
 import threading
 
 from smsbatch import deadline
-from smsbatch.errors import CannotReconcile, DeliveryError, LeaseLost
+from smsbatch.errors import CannotReconcile, DeliveryError, redact
 
 # Twilio error codes worth trying again later: rate limit, unreachable handset, unknown carrier error.
 TRANSIENT_CODES = frozenset({20429, 30003, 30008})
@@ -37,8 +37,9 @@ class ConsoleSender:
         sid = "SMconsole" + secrets.token_hex(12)
         with self._lock:
             self.sent.append((sid, to, body))
-        if not self.quiet:
-            print(f"[console sms to {to}] {body}", file=self.stream)
+        if not self.quiet:  # a reply may quote the customer: escape sequences are shown, not obeyed
+            shown = re.sub(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]", "?", f"[console sms to {to}] {body}")
+            print(shown, file=self.stream)
         return sid
 
     def find_sent(self, to, from_, since, body, exclude=frozenset()):
@@ -73,6 +74,7 @@ class TwilioSender:
                 client = Client(s.twilio_account_sid, s.twilio_auth_token, http_client=http)
                 if s.twilio_base_url:
                     client.api.base_url = s.twilio_base_url.rstrip("/")
+                    client.messaging.base_url = s.twilio_base_url.rstrip("/")
                 client.messages  # noqa: B018 (imports the resource now, not within a send's deadline)
                 self._client = client
             return self._client
@@ -105,10 +107,15 @@ class TwilioSender:
         def guarded():
             try:
                 return fn()
-            except LeaseLost:
-                raise
-            except Exception as exc:
-                raise classify(exc) from None
+            except provider_errors() as exc:
+                raise classify(exc, self.settings.secrets()) from None
+            # Anything else (a TypeError: a bug, ours or the library's) propagates: the processor
+            # logs its traceback and leaves the batch to its lease, rather than calling a bug a
+            # Twilio outage and retrying it as "maybe sent" for ever. That is safe even when the
+            # bug struck after Twilio accepted the message (say, while reading its answer): the
+            # batch was committed as *sending* before this call, and a *sending* batch is never
+            # sent again without first asking Twilio (Processor._reconcile). LeaseLost (the
+            # fence) passes through the same way.
 
         try:
             return deadline.call(guarded, seconds or self.settings.sms_deadline, fence)
@@ -149,6 +156,56 @@ class TwilioSender:
         client = self._get_client()
         message = self._call(lambda: client.messages(sid).fetch())
         return message.status, message.error_code
+
+
+class TwilioLog:
+    """Reads Twilio's message log: the texts it received for our numbers (the backfill)."""
+
+    def __init__(self, sender):
+        self.sender = sender
+
+    def service_numbers(self):
+        """The phone numbers of the configured messaging service (none without one).
+
+        Raises: DeliveryError.
+        """
+        sid = self.sender.settings.twilio_messaging_service_sid
+        if not sid:
+            return set()
+        client = self.sender._get_client()
+        try:
+            return {n.phone_number for n in client.messaging.v1.services(sid).phone_numbers.stream(page_size=1000)}
+        except provider_errors() as exc:
+            raise classify(exc, self.sender.settings.secrets()) from None
+
+    def received(self, to, since, until):
+        """Inbound texts to `to` that Twilio sent to the webhook between `since` and `until`
+        (epoch seconds), following every page: dicts of sid, phone, to, body, at, media.
+
+        Twilio's DateSent filters are asked for the window, and the window is checked here
+        too, since the API documents them to the day only.
+
+        Raises: DeliveryError.
+        """
+        client = self.sender._get_client()
+        after = datetime.datetime.fromtimestamp(since, datetime.timezone.utc)
+        before = datetime.datetime.fromtimestamp(until, datetime.timezone.utc)
+        try:
+            for m in client.messages.stream(to=to, date_sent_after=after, date_sent_before=before, page_size=1000):
+                at = _epoch(m.date_sent or m.date_created)
+                if (m.direction or "").startswith("inbound") and since <= at <= until:
+                    yield {"sid": m.sid, "phone": m.from_, "to": m.to, "body": m.body or "", "at": at,
+                           "media": self._media(client, m)}
+        except provider_errors() as exc:
+            raise classify(exc, self.sender.settings.secrets()) from None
+
+    @staticmethod
+    def _media(client, message):
+        """The media URLs of a picture message, as the webhook's MediaUrl{N} give them."""
+        if not int(message.num_media or 0):
+            return []
+        base = client.api.base_url.rstrip("/")
+        return [base + item.uri.removesuffix(".json") for item in client.messages(message.sid).media.list()]
 
 
 def _in_window(client, to, fields, start, end, exclude):
@@ -228,23 +285,49 @@ def _epoch(moment):
     return moment.timestamp()
 
 
-def classify(exc):
-    """Map an exception from the twilio/requests stack to a DeliveryError."""
+def provider_errors():
+    """The exceptions a failed Twilio call raises: the twilio, requests and urllib3 stack's own,
+    and a JSON error from reading an answer that is not JSON. classify() maps only these."""
+    import json
+
+    import requests
+    import urllib3
+    from twilio.base.exceptions import TwilioException
+
+    return (TwilioException, requests.exceptions.RequestException, urllib3.exceptions.HTTPError,
+            json.JSONDecodeError)
+
+
+def classify(exc, secrets=()):
+    """Map an exception of provider_errors() to a DeliveryError, its text redacted of `secrets`."""
+    import json
+
     from twilio.base.exceptions import TwilioRestException
 
     if isinstance(exc, TwilioRestException):
         code, status = exc.code, exc.status
-        message = f"Twilio error {code or status}: {' '.join(str(exc.msg).split())[:200]}"
+        message = f"Twilio error {code or status}: {redact(exc.msg, secrets, limit=200)}"
         if code == OPTED_OUT_CODE:
             return DeliveryError(message, transient=False, opted_out=True)
         transient = code in TRANSIENT_CODES or status == 429 or status >= 500
         # A 5xx may come after Twilio queued the message: check before sending again.
         return DeliveryError(message, transient=transient, ambiguous=status >= 500)
     name = type(exc).__name__
+    if isinstance(exc, json.JSONDecodeError):  # Twilio answered (2xx), unreadably: it may have queued it
+        return DeliveryError("Twilio's answer could not be read; outcome unknown", transient=True, ambiguous=True)
     if _never_connected(exc):
-        return DeliveryError(f"Twilio unreachable ({name})", transient=True)
+        return DeliveryError(f"Twilio unreachable at {_server(exc)} ({name})", transient=True)
     # Timed out or cut off after the request went out: Twilio may have accepted it.
     return DeliveryError(f"Twilio call failed ({name}); outcome unknown", transient=True, ambiguous=True)
+
+
+def _server(exc):
+    """The scheme and host a requests error was about (never a path, query or credentials)."""
+    from urllib.parse import urlsplit
+
+    url = getattr(getattr(exc, "request", None), "url", None) or ""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}" if parts.netloc else "(unknown address)"
 
 
 def _never_connected(exc):

@@ -76,9 +76,12 @@ class StandIn:
         self.server.shutdown()
         self.server.server_close()
 
+    @classmethod
+    def reply(cls, handler, status, payload):
+        cls.raw(handler, status, json.dumps(payload).encode())
+
     @staticmethod
-    def reply(handler, status, payload):
-        body = json.dumps(payload).encode()
+    def raw(handler, status, body):
         handler.send_response(status)
         handler.send_header("Content-Type", "application/json")
         handler.send_header("Content-Length", str(len(body)))
@@ -94,18 +97,33 @@ class StandIn:
 class FakeOpenAI(StandIn):
     """POST /v1/chat/completions. Script items: "ok", an HTTP status (int),
     ("delay", seconds) then ok, "hang" (never answers within any sane timeout),
-    ("trickle", seconds): a good answer written one byte a second for that long, then cut
-    off (no per-read timeout ever fires), or ("echo-key", status): that error, its message
-    quoting the API key it was sent. Usage counts words: prompt and reply."""
+    ("echo-key", status): that error, its message quoting the API key it was sent,
+    ("200", text): a 200 whose JSON body is `text` as is (cut-off JSON, or JSON without choices),
+    or ("trickle", seconds): a good answer written one byte a second for that long, then cut
+    off (no per-read timeout ever fires). Usage counts words: prompt and reply."""
 
     def __init__(self, script=(), delay=0.0):
         super().__init__(script)
         self.delay = delay
         self.calls = []  # the messages of each successful call
+        self.models = {"gpt-4o-mini"}  # what GET /v1/models/{id} finds
+        self.api_key = None  # when set, GET /v1/models/{id} answers 401 to any other key
+
+    def model(self, handler, model_id):
+        """GET /v1/models/{id}, as OpenAI answers it (404 model_not_found for an unknown id)."""
+        if self.api_key and handler.headers.get("Authorization", "") != f"Bearer {self.api_key}":
+            return self.reply(handler, 401, {"error": {"message": "Incorrect API key provided",
+                                                       "type": "invalid_request_error", "code": "invalid_api_key"}})
+        if model_id not in self.models:
+            return self.reply(handler, 404, {"error": {"message": f"The model `{model_id}` does not exist",
+                                                       "type": "invalid_request_error", "code": "model_not_found"}})
+        self.reply(handler, 200, {"id": model_id, "object": "model", "created": 1700000000, "owned_by": "standin"})
 
     def dispatch(self, handler, method):
         body = self.read_body(handler)
-        if method != "POST" or not handler.path.endswith("/chat/completions"):
+        if method == "GET" and urlparse(handler.path).path.startswith("/v1/models/"):
+            return self.model(handler, urlparse(handler.path).path.removeprefix("/v1/models/"))
+        if method != "POST" or urlparse(handler.path).path != "/v1/chat/completions":  # like OpenAI: /v1 or 404
             return self.reply(handler, 404, {"error": {"message": "not found"}})
         action = self.take(body)
         if action == "hang":
@@ -116,6 +134,8 @@ class FakeOpenAI(StandIn):
             time.sleep(self.delay)
         if isinstance(action, int):
             return self.reply(handler, action, {"error": {"message": f"scripted {action}", "type": "x"}})
+        if isinstance(action, tuple) and action[0] == "200":
+            return self.raw(handler, 200, action[1].encode())
         if isinstance(action, tuple) and action[0] == "trickle":
             return self.trickle(handler, action[1])
         if isinstance(action, tuple) and action[0] == "echo-key":
@@ -160,48 +180,60 @@ class FakeOpenAI(StandIn):
 
 
 class FakeTwilio(StandIn):
-    """Twilio's Messages resource: POST creates, GET lists (newest first, filtered by To,
-    From, DateSent> and DateSent<, paged by PageSize with next_page_uri) or fetches one.
+    """Twilio's Messages resource: POST creates, GET lists (filtered by To).
 
     Script items: "ok"; (status, code) for a Twilio error; "hang" (accept nothing,
     answer nothing); "accept-then-hang" (record the message as sent, then never answer,
     like a connection cut after Twilio accepted); ("accept-then", status, code) (record
-    the message as sent, then answer that error).
+    the message as sent, then answer that error); ("echo-auth", status) (an error whose
+    message quotes the Authorization header it got and the token, like a misbehaving proxy);
+    "accept-then-garbage" (record the message as sent, then answer 201 with a body that is not JSON).
 
-    `link_shortening` rewrites URLs in bodies as Twilio's Link Shortening does; `page_cap`
-    lowers the largest page (Twilio's is 1000) so a test sees several pages. Each message
-    has a `status` (and `error_code`) a test may change; fetch and list report it.
+    GET Messages/{sid}.json fetches one message. `link_shortening` rewrites URLs in bodies as
+    Twilio's Link Shortening does; `page_cap` lowers the largest page so a test sees several
+    pages. Each message has a `status` (and `error_code`) a test may change; fetch and list
+    report it; callback() builds the signed status callback Twilio would post.
     """
+    URL = re.compile(r"https?://\S+")
 
     ACCOUNT = "AC" + "0" * 32
     TOKEN = "twilio-test-token"
-    URL = re.compile(r"https?://\S+")
 
     def __init__(self, script=(), list_script=(), link_shortening=False, page_cap=1000):
         super().__init__(script)
         self.list_script = list(list_script)
         self.link_shortening = link_shortening
         self.page_cap = page_cap
-        self.sent = []  # dicts: sid, to, from, body, date_created, date_sent, status, error_code
         self.fetched = []  # SIDs fetched one by one
         self.listed = []  # the query of each list request (one per page)
+        self.sent = []  # dicts: sid, to, from, body, date_created
+        self.numbers = []  # IncomingPhoneNumbers: dicts sid, phone_number, sms_url, sms_method
+        self.account_requests = []  # (method, path?query) of the Account/IncomingPhoneNumbers requests
+        self.inbound = []  # texts Twilio received: sid, to, from, body, date_sent, media (content types)
+        self.pages_served = 0
 
     def dispatch(self, handler, method):
         body = self.read_body(handler)
         path = urlparse(handler.path)
-        base = f"/2010-04-01/Accounts/{self.ACCOUNT}/Messages"
-        if not path.path.startswith(base):
+        if self.serve_account(handler, method, path, body):
+            return
+        if not path.path.startswith(f"/2010-04-01/Accounts/{self.ACCOUNT}/Messages"):
             return self.reply(handler, 404, {"code": 20404, "message": "not found", "status": 404})
         if handler.headers.get("Authorization", "") != self._basic():
             return self.reply(handler, 401, {"code": 20003, "message": "Authenticate", "status": 401})
-        if method == "GET" and path.path.startswith(base + "/"):
-            return self.fetch(handler, path.path[len(base) + 1:].removesuffix(".json"))
+        if method == "GET" and path.path.endswith("/Media.json"):
+            return self.media_list(handler, path.path.split("/Messages/")[1].split("/")[0])
+        if method == "GET" and "/Messages/" in path.path:
+            return self.fetch(handler, path.path.split("/Messages/")[1].removesuffix(".json"))
         if method == "GET":
-            return self.list(handler, path.path, parse_qs(path.query))
+            return self.list(handler, parse_qs(path.query))
         form = {k: v[0] for k, v in parse_qs(body.decode(), keep_blank_values=True).items()}
         action = self.take(form)
         if action == "hang":
             return
+        if isinstance(action, tuple) and action[0] == "echo-auth":
+            echo = f"bad request; you sent Authorization: {handler.headers.get('Authorization')} token={self.TOKEN}"
+            return self.reply(handler, action[1], {"code": 20001, "message": echo, "status": action[1]})
         if isinstance(action, tuple) and action[0] == "accept-then":
             self.record(form)  # Twilio queued it, then the answer was an error anyway
             action = action[1:]
@@ -209,6 +241,8 @@ class FakeTwilio(StandIn):
             status, code = action
             return self.reply(handler, status, {"code": code, "message": f"scripted {code}", "status": status})
         message = self.record(form)
+        if action == "accept-then-garbage":
+            return self.raw(handler, 201, b"<html>upstream hiccup</html>")
         if action == "accept-then-hang":
             time.sleep(30)
             return
@@ -228,15 +262,10 @@ class FakeTwilio(StandIn):
             self.sent.append(message)
         return message
 
-    def fetch(self, handler, sid):
-        with self.lock:
-            self.fetched.append(sid)
-            found = [m for m in self.sent if m["sid"] == sid]
-        if not found:
-            return self.reply(handler, 404, {"code": 20404, "message": "not found", "status": 404})
-        self.reply(handler, 200, self.resource(found[0]))
-
-    def list(self, handler, path, query):
+    def list(self, handler, query):
+        """GET Messages.json as Twilio answers it: both directions, newest first, filtered by
+        To, From, DateSent> (on or after) and DateSent< (on or before), in pages of PageSize
+        (default 50) linked by next_page_uri with a PageToken (the last SID of the page)."""
         with self.lock:
             action = self.list_script.pop(0) if self.list_script else "ok"
         if isinstance(action, tuple):
@@ -245,43 +274,66 @@ class FakeTwilio(StandIn):
         one = {k: v[0] for k, v in query.items()}
         with self.lock:
             self.listed.append(one)
-            found = [m for m in self.sent if self.matches(m, one)]
-        # Newest first; messages not yet sent (no DateSent) first of all.
-        found.sort(key=lambda m: (m["date_sent"] is None, m["date_sent"] or m["date_created"], m["date_created"]),
-                   reverse=True)
+            found = [m for m in self.inbound + self.sent if _matches(m, one)]
+        found.sort(key=lambda m: (m.get("date_sent") or m["date_created"], m["sid"]), reverse=True)
         size = min(int(one.get("PageSize", 50)), self.page_cap)
-        page = int(one.get("Page", 0))
-        chunk = found[page * size:(page + 1) * size]
-        more = (page + 1) * size < len(found)
-        following = urlencode({**{k: v for k, v in one.items() if k not in ("Page", "PageToken")},
-                               "Page": page + 1, "PageToken": "PA" + secrets.token_hex(8)})
-        self.reply(handler, 200, {"messages": [self.resource(m) for m in chunk],
-                                  "next_page_uri": f"{path}?{following}" if more else None,
-                                  "page": page, "page_size": size, "start": page * size,
-                                  "end": page * size + len(chunk), "uri": handler.path,
+        token = one.get("PageToken", "")
+        start = next((i + 1 for i, m in enumerate(found) if "PA" + m["sid"] == token), 0)
+        page = found[start:start + size]
+        self.pages_served += 1
+        path = urlparse(handler.path).path
+        following = None
+        if start + size < len(found):
+            rest = {k: v for k, v in one.items() if k not in ("Page", "PageToken")}
+            number = int(one.get("Page", 0)) + 1
+            following = path + "?" + urlencode({**rest, "Page": number, "PageToken": "PA" + page[-1]["sid"]})
+        self.reply(handler, 200, {"messages": [self.resource(m) for m in page], "next_page_uri": following,
+                                  "page": int(one.get("Page", 0)), "page_size": size, "start": start,
+                                  "end": start + len(page), "uri": handler.path,
                                   "first_page_uri": handler.path, "previous_page_uri": None})
 
-    @staticmethod
-    def matches(m, query):
-        """Twilio's list filters; DateSent> and DateSent< include the bound (Twilio's >= and <=)."""
-        if "To" in query and m["to"] != query["To"]:
-            return False
-        if "From" in query and m["from"] != query["From"]:
-            return False
-        for name, later in (("DateSent>", True), ("DateSent<", False)):
-            if name in query:
-                bound = datetime.fromisoformat(query[name].replace("Z", "+00:00"))
-                if m["date_sent"] is None or (m["date_sent"] < bound if later else m["date_sent"] > bound):
-                    return False
-        return True
+    def deliver_inbound(self, phone, to, body, at, media=()):
+        """A text Twilio received (its message log has it), whether or not our webhook got it.
+        Returns its MessageSid."""
+        sid = "SM" + secrets.token_hex(16)
+        sent = datetime.fromtimestamp(at, timezone.utc)
+        with self.lock:
+            self.inbound.append({"sid": sid, "to": to, "from": phone, "body": body, "date_created": sent,
+                                 "date_sent": sent, "direction": "inbound", "status": "received",
+                                 "media": list(media)})
+        return sid
+
+    def media_list(self, handler, sid):
+        """GET Messages/{sid}/Media.json: the media of an inbound text."""
+        with self.lock:
+            message = next((m for m in self.inbound if m["sid"] == sid), None)
+        if message is None:
+            return self.reply(handler, 404, {"code": 20404, "message": "not found", "status": 404})
+        base = f"/2010-04-01/Accounts/{self.ACCOUNT}/Messages/{sid}/Media"
+        items = [{"sid": f"ME{i:032d}", "parent_sid": sid, "account_sid": self.ACCOUNT, "content_type": kind,
+                  "uri": f"{base}/ME{i:032d}.json"} for i, kind in enumerate(message["media"])]
+        self.reply(handler, 200, {"media_list": items, "next_page_uri": None, "page": 0, "page_size": 50,
+                                  "start": 0, "end": len(items), "uri": base + ".json",
+                                  "first_page_uri": base + ".json", "previous_page_uri": None})
 
     def resource(self, m):
         sent = m.get("date_sent")
-        return {"sid": m["sid"], "to": m["to"], "from": m["from"], "body": m["body"], "status": m.get("status", "queued"),
+        return {"sid": m["sid"], "to": m["to"], "from": m["from"], "body": m["body"],
+                "status": m.get("status", "queued"), "account_sid": self.ACCOUNT,
                 "error_code": m.get("error_code"), "messaging_service_sid": m.get("messaging_service_sid"),
-                "account_sid": self.ACCOUNT, "direction": "outbound-api", "num_segments": "1",
+                "direction": m.get("direction", "outbound-api"), "num_segments": "1",
+                "num_media": str(len(m.get("media", ()))),
                 "date_created": format_datetime(m["date_created"]),
-                "date_sent": format_datetime(sent) if sent else None, "date_updated": None}
+                "date_sent": format_datetime(sent) if sent else None, "date_updated": None,
+                "uri": f"/2010-04-01/Accounts/{self.ACCOUNT}/Messages/{m['sid']}.json"}
+
+    def fetch(self, handler, sid):
+        with self.lock:
+            self.fetched.append(sid)
+            found = [m for m in self.sent if m["sid"] == sid]
+        if not found:
+            return self.reply(handler, 404, {"code": 20404, "message": "not found", "status": 404})
+        self.reply(handler, 200, self.resource(found[0]))
 
     def callback(self, message, status, error_code=None, token=None):
         """The signed status callback Twilio would POST to the message's StatusCallback:
@@ -302,9 +354,100 @@ class FakeTwilio(StandIn):
 
         return "Basic " + base64.b64encode(f"{self.ACCOUNT}:{self.TOKEN}".encode()).decode()
 
+    # -- the Account and its IncomingPhoneNumbers (for `smsbatch check`) -------------
+
+    def add_number(self, phone_number, sms_url="", sms_method="POST"):
+        """Give the account a number whose incoming-message webhook is `sms_url`."""
+        number = {"sid": "PN" + secrets.token_hex(16), "phone_number": phone_number, "sms_url": sms_url,
+                  "sms_method": sms_method}
+        with self.lock:
+            self.numbers.append(number)
+        return number
+
+    def serve_account(self, handler, method, path, body):
+        """GET Accounts/{sid}.json, GET IncomingPhoneNumbers.json (PhoneNumber filter, paged with
+        PageSize/Page and next_page_uri), POST IncomingPhoneNumbers/{sid}.json (update).
+        Returns False for any other path (the Messages resource)."""
+        base = f"/2010-04-01/Accounts/{self.ACCOUNT}"
+        if not path.path.startswith("/2010-04-01/Accounts/") or path.path.startswith(base + "/Messages"):
+            return False
+        with self.lock:
+            self.account_requests.append((method, handler.path))
+        if handler.headers.get("Authorization", "") != self._basic():
+            self.reply(handler, 401, {"code": 20003, "message": "Authenticate", "status": 401,
+                                      "more_info": "https://www.twilio.com/docs/errors/20003"})
+        elif method == "GET" and path.path == base + ".json":
+            self.reply(handler, 200, {"sid": self.ACCOUNT, "friendly_name": "Stand-in", "status": "active",
+                                      "type": "Full", "auth_token": self.TOKEN, "uri": base + ".json"})
+        elif method == "GET" and path.path == base + "/IncomingPhoneNumbers.json":
+            self.list_numbers(handler, base, parse_qs(path.query))
+        elif method == "POST" and path.path.startswith(base + "/IncomingPhoneNumbers/PN"):
+            self.update_number(handler, path.path.rsplit("/", 1)[1].removesuffix(".json"), body)
+        else:
+            self.reply(handler, 404, {"code": 20404, "message": "The requested resource was not found",
+                                      "status": 404})
+        return True
+
+    def list_numbers(self, handler, base, query):
+        from urllib.parse import urlencode
+
+        wanted = query.get("PhoneNumber", [None])[0]
+        size, page = int(query.get("PageSize", ["50"])[0]), int(query.get("Page", ["0"])[0])
+        with self.lock:
+            # like Twilio's, the filter matches partial numbers: "+1555000" finds "+15550001234"
+            found = [n for n in self.numbers if wanted is None or wanted in n["phone_number"]]
+        chunk = found[page * size:(page + 1) * size]
+        more = (page + 1) * size < len(found)
+        params = ({"PhoneNumber": wanted} if wanted else {}) | {"PageSize": size, "Page": page + 1,
+                                                                "PageToken": f"PA{page + 1}"}
+        uri = f"{base}/IncomingPhoneNumbers.json"
+        self.reply(handler, 200, {
+            "incoming_phone_numbers": [self.number_resource(base, n) for n in chunk],
+            "next_page_uri": f"{uri}?{urlencode(params)}" if more else None, "page": page, "page_size": size,
+            "start": page * size, "end": page * size + len(chunk), "uri": handler.path,
+            "first_page_uri": uri, "previous_page_uri": None})
+
+    def update_number(self, handler, sid, body):
+        form = {k: v[0] for k, v in parse_qs(body.decode(), keep_blank_values=True).items()}
+        with self.lock:
+            number = next((n for n in self.numbers if n["sid"] == sid), None)
+            if number is not None:
+                number["sms_url"] = form.get("SmsUrl", number["sms_url"])
+                number["sms_method"] = form.get("SmsMethod", number["sms_method"])
+        if number is None:
+            return self.reply(handler, 404, {"code": 20404, "message": "not found", "status": 404})
+        self.reply(handler, 200, self.number_resource(f"/2010-04-01/Accounts/{self.ACCOUNT}", number))
+
+    def number_resource(self, base, n):
+        return {"sid": n["sid"], "account_sid": self.ACCOUNT, "phone_number": n["phone_number"],
+                "friendly_name": n["phone_number"], "sms_url": n["sms_url"], "sms_method": n["sms_method"],
+                "capabilities": {"sms": True, "mms": True, "voice": True},
+                "uri": f"{base}/IncomingPhoneNumbers/{n['sid']}.json"}
+
     def bodies_to(self, phone):
         with self.lock:
             return [m["body"] for m in self.sent if m["to"] == phone]
+
+
+def _twilio_time(text):
+    """A DateSent filter value: a day (YYYY-MM-DD, its midnight) or an ISO-8601 moment."""
+    if len(text) == 10:
+        return datetime.fromisoformat(text).replace(tzinfo=timezone.utc)
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def _matches(message, query):
+    """Does a message pass Twilio's list filters (To, From, DateSent>, DateSent<)?"""
+    if "To" in query and message["to"] != query["To"]:
+        return False
+    if "From" in query and message["from"] != query["From"]:
+        return False
+    sent = message.get("date_sent")
+    if "DateSent>" in query and (sent is None or sent < _twilio_time(query["DateSent>"])):
+        return False
+    if "DateSent<" in query and (sent is None or sent > _twilio_time(query["DateSent<"])):
+        return False
+    return True
 
 
 def provider_env(openai, twilio, **extra):
