@@ -749,6 +749,11 @@ class Store:
 
     def take_new_problems(self, now):
         """Replies newly known undelivered or failed, each returned once (marked reported)."""
+        new = self.conn.execute(  # a read first: most runs have nothing to report, and need no write
+            f"SELECT 1 FROM outbound WHERE reported_at IS NULL AND status IN ({placeholders(delivery.PROBLEMS)})"
+            " LIMIT 1", delivery.PROBLEMS).fetchone()
+        if new is None:
+            return []
         with self.transaction() as conn:
             return [dict(r) for r in conn.execute(
                 f"UPDATE outbound SET reported_at = ? WHERE reported_at IS NULL"

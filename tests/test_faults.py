@@ -132,12 +132,17 @@ def test_kill_then_restart_answers_every_batch_once(point, db_path, openai_stand
     accepted = point in ("during_twilio_accepted", "after_twilio")
     assert len(twilio_standin.sent) == int(accepted)  # the dangerous window: out, but not recorded
 
-    # Before the lease runs out nobody touches the victim; the others are answered.
+    # The next run answers the others. A victim killed before its send is answered afresh
+    # at once: its holder's process is gone, on this machine. A *sending* one waits for its
+    # lease to end (a request written just before the death must reach Twilio's log first),
+    # then is reconciled.
     report = finish(start(env, now + 1))
-    assert report["sent"] == len(batches) - 1 and store.get_batch(victim)["state"] == expected
-    # After the lease, the victim is reconciled (sending) or answered afresh (processing).
-    report = finish(start(env, now + LEASE + 2))
-    assert report["claimed"] == 1 and report["sent"] == 1
+    early = expected == "processing"
+    assert report["sent"] == len(batches) - 1 + early
+    if not early:
+        assert store.get_batch(victim)["state"] == expected
+        report = finish(start(env, now + LEASE + 2))
+        assert report["claimed"] == 1 and report["sent"] == 1
     assert_each_answered_once(store, batches, twilio_standin)
     assert store.get_batch(victim)["attempts"] == 2  # every claim counts, a reconcile too
 
