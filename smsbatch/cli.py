@@ -269,7 +269,7 @@ def summary_line(report):
     extra += [("undelivered", report.undelivered)] if report.undelivered else []
     extra += [("backfilled", report.backfilled)] if report.backfilled else []
     cost = [f"AI requests {report.ai_requests}",
-            f"tokens {report.prompt_tokens} prompt + {report.completion_tokens} completion"]
+            f"tokens {report.prompt_tokens} prompt + {report.completion_tokens} completion"] if report.ai_requests else []
     return ", ".join(parts + [f"{name} {n}" for name, n in extra] + cost)
 
 

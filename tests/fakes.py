@@ -161,7 +161,8 @@ class FakeOpenAI(StandIn):
                       "total_tokens": prompt + len(content.split())},
         }
 
-    def trickle(self, handler, seconds):
+    @staticmethod
+    def trickle(handler, seconds):
         """Status line, headers and body, one byte a second: every read gets a byte in time."""
         body = b'{"choices": []}'
         raw = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
@@ -187,7 +188,8 @@ class FakeTwilio(StandIn):
     like a connection cut after Twilio accepted); ("accept-then", status, code) (record
     the message as sent, then answer that error); ("echo-auth", status) (an error whose
     message quotes the Authorization header it got and the token, like a misbehaving proxy);
-    "accept-then-garbage" (record the message as sent, then answer 201 with a body that is not JSON).
+    "accept-then-garbage" (record the message as sent, then answer 201 with a body that is not JSON);
+    "accept-then-trickle" (record it, then answer one byte a second: no read timeout fires).
 
     GET Messages/{sid}.json fetches one message. `link_shortening` rewrites URLs in bodies as
     Twilio's Link Shortening does; `page_cap` lowers the largest page so a test sees several
@@ -246,6 +248,8 @@ class FakeTwilio(StandIn):
         if action == "accept-then-hang":
             time.sleep(30)
             return
+        if action == "accept-then-trickle":  # accepted, then the answer comes a byte a second
+            return FakeOpenAI.trickle(handler, 20)
         self.reply(handler, 201, self.resource(message))
 
     def record(self, form, at=None, queued=False):

@@ -13,6 +13,7 @@ import pytest
 
 from conftest import T0, add, invoke, offline_processor, real_processor
 from fakes import FakeTwilio, provider_env
+from smsbatch.config import HEARTBEAT_LEASE_SECONDS
 from smsbatch.cli import summary_line
 from smsbatch.db import Store
 from smsbatch.processor import RunReport
@@ -107,7 +108,7 @@ def test_a_bug_in_a_twilio_call_is_an_error_left_to_its_lease_not_a_maybe_sent(f
     assert "Traceback" in caplog.text and "TypeError: unsupported operand" in caplog.text
     row = state(store, batch)
     # Still *sending* under its lease (not released as "outcome unknown" with a backoff):
-    assert row["state"] == "sending" and row["due_at"] == T0 + 20 + fast.lease and row["last_error"] is None
+    assert row["state"] == "sending" and row["due_at"] == T0 + 20 + HEARTBEAT_LEASE_SECONDS and row["last_error"] is None
     assert twilio_standin.sent == [] and twilio_standin.requests == []
     clock.now = T0 + 21 + fast.lease  # the lease ends: asked Twilio (not sent), then sent once
     assert real_processor(fast, clock).run().counts["sent"] == 1

@@ -148,8 +148,11 @@ def test_thousands_of_signed_texts_while_two_processors_run(db_path, tmp_path):
         env = base_env(twilio, db_path)
         server, url = start_server(env, tmp_path / "serve.log")
         try:
+            # --limit well above the texts posted: a loop that reached its limit would exit on its
+            # own, and the SIGTERM meant to stop it could then land in its interpreter's shutdown.
             processors = [subprocess.Popen(
-                [sys.executable, "-m", "smsbatch", "process", "--for", "120", "--concurrency", "4", "--json"],
+                [sys.executable, "-m", "smsbatch", "process", "--for", "120", "--concurrency", "4", "--json",
+                 "--limit", "100000"],
                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(PROCESSORS)]
             started = time.monotonic()
             clients = [subprocess.Popen(

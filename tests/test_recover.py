@@ -156,13 +156,30 @@ def test_trickling_ai_is_cut_off_at_our_deadline(fast, store, clock, openai_stan
     openai_standin.script = [("trickle", 20)]
     batch = add(store, A, "hi", T0).batch_id
     clock.now = T0 + 10
-    started = time.monotonic()
     report = real_processor(settings, clock).run()
-    took = time.monotonic() - started
-    assert 1.4 < took < 2.5, f"the call took {took:.1f} s"
+    took = time.monotonic() - openai_standin.times[0]  # from the request's arrival (imports not counted)
+    assert 1.3 < took < 2.5, f"the call took {took:.1f} s"
     row = store.get_batch(batch)
     assert report.counts["retrying"] == 1 and "timed out" in row["last_error"] and twilio_standin.sent == []
     assert row["ai_requests"] == 1
+
+
+def test_trickling_twilio_is_cut_off_at_our_deadline_and_counts_as_maybe_sent(fast, store, clock, twilio_standin):
+    """Twilio accepted the message, then answers a byte a second: the send ends at the SMS
+    deadline, the batch stays *sending* (maybe sent), and the reconcile finds it: one SMS.
+    (Near real time: the stand-in stamps the message it keeps with its own clock.)"""
+    settings = fast.replace(sms_timeout_seconds=1.5)
+    twilio_standin.script = ["accept-then-trickle"]
+    clock.now = round(time.time())
+    batch = add(store, A, "hi", clock.now - 30).batch_id
+    report = real_processor(settings, clock).run()
+    took = time.monotonic() - twilio_standin.times[0]
+    assert 1.3 < took < 2.5, f"the send took {took:.1f} s"
+    row = store.get_batch(batch)
+    assert report.counts["retrying"] == 1 and row["state"] == "sending" and "outcome unknown" in row["last_error"]
+    clock.now = row["due_at"] + 1
+    assert real_processor(settings, clock).run().counts["sent"] == 1
+    assert len(twilio_standin.sent) == 1 and store.get_batch(batch)["provider_sid"] == twilio_standin.sent[0]["sid"]
 
 
 # -- what the AI cost ------------------------------------------------------------------
