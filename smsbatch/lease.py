@@ -3,7 +3,8 @@
 A claim lasts HEARTBEAT_LEASE_SECONDS (4 s). While a processor works on a batch, a
 heartbeat thread renews all of its claims every HEARTBEAT_SECONDS (1 s) in one small
 UPDATE, so a slow AI answer keeps its batch, and a batch whose processor died is free
-for another processor about 4 s later.
+for another processor about 4 s later; on the same machine sooner, since a processor
+there can see that the holder's process id is gone (free_dead).
 
 A frozen process (SIGSTOP, a VM pause, swap) freezes its heartbeat too, and when it
 wakes it may not know it lost its batches. So before a send the processor proves it
