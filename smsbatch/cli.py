@@ -85,8 +85,18 @@ def cli(ctx, db):
     ctx.obj = {"db": db}
     # Only warnings reach stderr (cron mails it); the twilio and HTTP clients log every
     # request, headers included, at INFO.
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(IsoFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
+
+
+class IsoFormatter(logging.Formatter):
+    """Log lines start with an ISO-8601 UTC time (2026-01-31T09:30:00Z), as the summary line does."""
+
+    def formatTime(self, record, datefmt=None):
+        from smsbatch.inputs import iso_time
+
+        return iso_time(record.created)
 
 
 @cli.command()
@@ -173,7 +183,9 @@ def process(ctx, now, limit, seconds, concurrency, system_prompt_file, ai, sms, 
     if as_json:
         emit_json(report.as_dict())
     else:
-        click.echo(summary_line(report))
+        from smsbatch.inputs import iso_time
+
+        click.echo(f"{iso_time(time.time())} {summary_line(report)}")
     if report.need_a_person:
         ctx.exit(EXIT_SOME_FAILED)
 

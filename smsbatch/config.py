@@ -83,6 +83,7 @@ class Settings:
     ai_client_retries: int = OPENAI_MAX_RETRIES
     sms_timeout_seconds: float = 10.0
     lease_seconds: float = 0.0  # 0 means derived from the timeouts
+    alert_after_seconds: float = 300.0  # provider calls failing this long: an outage (process warns)
 
     @classmethod
     def from_env(cls, env=None):
@@ -123,6 +124,7 @@ class Settings:
             ai_client_retries=_number(env, "SMSBATCH_AI_CLIENT_RETRIES", OPENAI_MAX_RETRIES, int),
             sms_timeout_seconds=_number(env, "SMSBATCH_SMS_TIMEOUT_SECONDS", 10.0, float, 0.1),
             lease_seconds=_number(env, "SMSBATCH_LEASE_SECONDS", 0.0),
+            alert_after_seconds=_number(env, "SMSBATCH_ALERT_AFTER_SECONDS", 300.0),
         )
         return settings.checked()
 

@@ -12,9 +12,25 @@ from importlib import resources
 from smsbatch import batching
 from smsbatch.errors import InvalidTransition, NotFound, SmsbatchError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Issue 10 (see): the prompt each batch sent the AI, and each provider's health across runs.
+# Only ADD COLUMN / CREATE TABLE / CREATE INDEX, so it applies on top of any earlier version.
+OPS_SEE_SCHEMA = """
+ALTER TABLE batches ADD COLUMN prompt TEXT;  -- JSON of the chat messages last sent to the AI
+CREATE INDEX IF NOT EXISTS batches_created ON batches(created_at);  -- stats over a window
+-- One row per provider ('ai', 'sms'): failing since when (NULL: healthy), whether the outage
+-- was announced (alerted_at), so a cron run that is a new process knows an outage is going on.
+CREATE TABLE IF NOT EXISTS provider_health (
+    provider        TEXT PRIMARY KEY,
+    failing_since   REAL,
+    last_failure_at REAL,
+    last_error      TEXT,
+    alerted_at      REAL,
+    last_ok_at      REAL
+);
+"""
 # Later schema versions go here as {version: "SQL"}; migrate() applies them in order.
-MIGRATIONS = {}
+MIGRATIONS = {2: OPS_SEE_SCHEMA}
 ID_ALPHABET = "23456789abcdefghjkmnpqrstuvwxyz"  # no 0/o, 1/l/i: easy to read aloud and type
 BUSY_TIMEOUT_SECONDS = 30.0
 
@@ -532,6 +548,95 @@ class Store:
             " WHERE received_at >= ? ORDER BY received_at, id",
             (since,),
         )
+
+    # -- operators: see (issue 10: show, stats, status, outages) ---------------
+
+    def record_prompt(self, batch, messages):
+        """Keep the exact chat messages about to be sent to the AI (`show --prompt`)."""
+        with self.transaction() as conn:
+            conn.execute("UPDATE batches SET prompt = ? WHERE id = ? AND claim = ?",
+                         (json.dumps(messages), batch["id"], batch["claim"]))
+
+    def record_provider(self, provider, now, error=None, alert_after=300.0):
+        """Note one call to a provider ('ai', 'sms') that worked (error None) or failed.
+
+        Returns ('outage', row) the first time its calls have kept failing, with no success
+        in between, for `alert_after` seconds; ('recovered', row) on the first success after
+        an announced outage; else None. Each is returned to one caller only, however many
+        processors run, so the outage is announced once.
+        """
+        if error is None and self._healthy_lately(provider, now):
+            return None  # the common case costs a read, not a write
+        with self.transaction() as conn:
+            row = conn.execute("SELECT * FROM provider_health WHERE provider = ?", (provider,)).fetchone()
+            row = dict(row) if row else {"provider": provider, "failing_since": None, "alerted_at": None}
+            if error is None:
+                conn.execute(
+                    "INSERT INTO provider_health (provider, last_ok_at) VALUES (?, ?) ON CONFLICT (provider)"
+                    " DO UPDATE SET failing_since = NULL, alerted_at = NULL, last_ok_at = excluded.last_ok_at",
+                    (provider, now))
+                return ("recovered", row) if row["alerted_at"] is not None else None
+            since = row["failing_since"] if row["failing_since"] is not None else now
+            alert = row["alerted_at"] is None and now - since >= alert_after
+            conn.execute(
+                "INSERT INTO provider_health (provider, failing_since, last_failure_at, last_error, alerted_at)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (provider) DO UPDATE SET failing_since ="
+                " excluded.failing_since, last_failure_at = excluded.last_failure_at,"
+                " last_error = excluded.last_error, alerted_at = excluded.alerted_at",
+                (provider, since, now, error, now if alert else row["alerted_at"]))
+            row.update(failing_since=since, last_failure_at=now, last_error=error)
+            return ("outage", row) if alert else None
+
+    def _healthy_lately(self, provider, now, within=60.0):
+        row = self.conn.execute(
+            "SELECT failing_since, last_ok_at FROM provider_health WHERE provider = ?", (provider,)).fetchone()
+        return row is not None and row[0] is None and row[1] is not None and now - row[1] < within
+
+    def provider_health(self):
+        """Every provider's health row, failing ones with failing_since set."""
+        return [dict(r) for r in self.conn.execute("SELECT * FROM provider_health ORDER BY provider")]
+
+    def outages(self):
+        """Announced outages still going on (/health, status): provider, since, last error."""
+        return [{"provider": r["provider"], "since": r["failing_since"], "last_failure_at": r["last_failure_at"],
+                 "last_error": r["last_error"]}
+                for r in self.provider_health() if r["failing_since"] is not None and r["alerted_at"] is not None]
+
+    def next_retry(self):
+        """The batch retried soonest: queued again after a failed attempt, or a send to check
+        again. (due_at, batch id), or None."""
+        row = self.conn.execute(
+            "SELECT due_at, id FROM batches WHERE (state = 'queued' AND attempts > 0"
+            " OR state = 'sending' AND claim IS NULL) AND due_at IS NOT NULL ORDER BY due_at LIMIT 1"
+        ).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def columns(self, table):
+        """The column names of a table (another version may lack some)."""
+        return {r[1] for r in self.conn.execute(f"PRAGMA table_info({table})")}
+
+    def stats_rows(self, since, until):
+        """What `smsbatch stats` counts, per UTC day, for [since, until): texts in, batches,
+        AI requests and tokens, replies; and every reply's latency (seconds from the
+        person's last text to the reply)."""
+        texts = self.conn.execute(
+            "SELECT date(received_at, 'unixepoch') AS day, count(*) AS texts,"
+            " sum(kind = 'text') AS answerable FROM messages WHERE received_at >= ? AND received_at < ?"
+            " GROUP BY day", (since, until)).fetchall()
+        have = self.columns("batches")
+        requests = "sum(ai_requests)" if "ai_requests" in have else "sum(response_text IS NOT NULL)"
+        tokens = ", ".join(f"sum({c}) AS {c}" if c in have else f"NULL AS {c}"
+                           for c in ("prompt_tokens", "completion_tokens"))
+        batches = self.conn.execute(
+            f"SELECT date(created_at, 'unixepoch') AS day, count(*) AS batches, {requests} AS ai_requests,"
+            f" {tokens} FROM batches WHERE created_at >= ? AND created_at < ? GROUP BY day",
+            (since, until)).fetchall()
+        replies = self.conn.execute(
+            "SELECT date(sent_at, 'unixepoch') AS day, sent_at - last_at AS latency FROM batches"
+            " WHERE state = 'sent' AND sent_at >= ? AND sent_at < ?", (since, until)).fetchall()
+        return {"texts": [dict(r) for r in texts], "batches": [dict(r) for r in batches],
+                "replies": [dict(r) | {"delivered": None} for r in replies],
+                "ai_requests_exact": "ai_requests" in have}
 
 
 def _why_not_retryable(batch):

@@ -95,3 +95,28 @@ def derived_sid(phone, our_number, body, at):
 
     digest = hashlib.sha256(f"{phone}|{our_number}|{body}|{at!r}".encode()).hexdigest()
     return "SMimport" + digest[:24]
+
+
+DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([smhdw]?)\s*$", re.IGNORECASE)
+DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text):
+    """A span like '7d', '24h', '90m', '30s', '2w' (plain numbers are seconds) -> seconds.
+
+    Raises:
+        InvalidInput: not a duration, or zero.
+    """
+    match = DURATION.match(str(text or ""))
+    if not match:
+        raise InvalidInput(f"bad duration {text!r}: use a number with s, m, h, d or w, like 7d, 24h or 90m")
+    seconds = float(match.group(1)) * DURATION_UNITS[match.group(2).lower()]
+    if not (0 < seconds <= LATEST):
+        raise InvalidInput(f"bad duration {text!r}: must be more than zero")
+    return seconds
+
+
+def iso_time(epoch):
+    """Epoch seconds -> '2026-01-31T09:30:00Z' (UTC, to the second): times in logs and output."""
+    moment = datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -18,10 +18,12 @@ from smsbatch import ai, batching
 from smsbatch.config import FAULT_POINT
 from smsbatch.db import State, Store
 from smsbatch.errors import CannotReconcile, DeliveryError
+from smsbatch.inputs import iso_time
 
 log = logging.getLogger("smsbatch.processor")
 POLL_SECONDS = 1.0  # with --for, new work is picked up within about this long
 OUTCOMES = ("sent", "skipped", "superseded", "retrying", "failed", "unknown", "lost")
+PROVIDER_NAMES = {"ai": "AI", "sms": "Twilio"}
 
 
 PHONE_DIGITS = re.compile(r"\+?\d[\d ().-]{6,}\d")
@@ -30,6 +32,14 @@ PHONE_DIGITS = re.compile(r"\+?\d[\d ().-]{6,}\d")
 def _digits(phone):
     """Compare numbers by their digits: '+1 555 123 4567' is '15551234567'."""
     return re.sub(r"\D", "", phone or "")
+
+
+def _span(seconds):
+    """'8m12s', '45s', '2h03m': how long an outage has lasted, for a log line."""
+    seconds = int(max(0, seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def fault_point(name):
@@ -108,8 +118,10 @@ class Processor:
         fault_point("before_ai")
         texts = store.batch_texts(batch["id"])
         history = store.history(batch["phone"], batch["id"], texts[0]["received_at"], s.history_messages)
+        messages = ai.build_prompt(s.system_prompt, history, texts)
+        store.record_prompt(batch, messages)
         try:
-            reply = self.responder.answer(ai.build_prompt(s.system_prompt, history, texts))
+            reply = self._call(store, "ai", self.responder.answer, messages)
         except DeliveryError as exc:
             return self._failed_attempt(store, batch, exc)
         reply = batching.shorten(reply)
@@ -124,7 +136,7 @@ class Processor:
     def _send(self, store, batch, reply):
         fault_point("before_twilio")
         try:
-            sid = self.sender.send(batch["phone"], reply)
+            sid = self._call(store, "sms", self.sender.send, batch["phone"], reply)
         except DeliveryError as exc:
             if exc.opted_out:
                 store.record_opt_out(batch["phone"], self.clock())
@@ -141,8 +153,8 @@ class Processor:
         ask Twilio before resending. *unknown* only when Twilio cannot be asked."""
         out_of_attempts = batch["attempts"] > self.settings.max_attempts
         try:
-            sid = self.sender.find_sent(batch["phone"], batch["send_started_at"], batch["response_text"],
-                                        exclude=store.reply_sids(batch["phone"]))
+            sid = self._call(store, "sms", self.sender.find_sent, batch["phone"], batch["send_started_at"],
+                             batch["response_text"], exclude=store.reply_sids(batch["phone"]))
         except CannotReconcile as exc:
             return self._finish(store, batch, State.UNKNOWN, f"send outcome unknown: {exc}; check, then retry")
         except DeliveryError as exc:
@@ -159,6 +171,32 @@ class Processor:
         if out_of_attempts:  # Twilio says it never went out: nothing sent, so a plain failure
             return self._finish(store, batch, State.FAILED, f"not sent after {self.settings.max_attempts} attempts")
         return self._send(store, batch, batch["response_text"])
+
+    def _call(self, store, provider, call, *args, **kwargs):
+        """Call a provider ('ai' or 'sms') and note in the database whether it answered: the one
+        place outages are tracked. A refusal for one recipient (opted out) is an answer."""
+        try:
+            result = call(*args, **kwargs)
+        except DeliveryError as exc:
+            self._note_health(store, provider, None if exc.opted_out else PHONE_DIGITS.sub("[number]", str(exc)))
+            raise
+        self._note_health(store, provider, None)
+        return result
+
+    def _note_health(self, store, provider, error):
+        now = self.clock()
+        change = store.record_provider(provider, now, error, self.settings.alert_after_seconds)
+        if change is None:
+            return
+        what, row = change
+        name = PROVIDER_NAMES[provider]
+        # stderr, one line each way: cron mails it, so someone hears of the outage and of its end.
+        if what == "outage":
+            log.warning("OUTAGE: %s calls failing since %s (%s): %s", name, iso_time(row["failing_since"]),
+                        _span(now - row["failing_since"]), error)
+        else:
+            log.warning("RECOVERED: %s calls work again after failing for %s (since %s)", name,
+                        _span(now - row["failing_since"]), iso_time(row["failing_since"]))
 
     def _failed_attempt(self, store, batch, exc):
         if exc.transient and batch["attempts"] < self.settings.max_attempts:
