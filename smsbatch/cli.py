@@ -204,17 +204,57 @@ def summary_line(report):
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @click.option("--now", type=TIME, help="Measure ages from this time.")
 @click.option("--latest", type=click.IntRange(1, 1000), default=15, show_default=True, help="How many recent batches.")
+@click.option("--watch", is_flag=True, help="Redraw every --interval seconds until Ctrl-C.")
+@click.option("--interval", type=click.FloatRange(0.1, 3600), default=2.0, show_default=True,
+              help="Seconds between redraws with --watch.")
 @click.pass_context
-def status(ctx, as_json, now, latest):
-    """Batches by state, the oldest pending batch, the latest batches, texts in the last hour."""
+def status(ctx, as_json, now, latest, watch, interval):
+    """Counts by state, the agent's mode, the next retry, outages, and the latest batches
+    (fits an 80x24 terminal)."""
+    from smsbatch import report
+
+    if watch and as_json:
+        raise click.UsageError("--watch redraws the screen; it cannot be combined with --json")
     settings = settings_from(ctx)
-    info = open_store(settings).status(time.time() if now is None else now, latest)
+    store = open_store(settings)
+
+    def fetch():
+        return report.status(store, settings, time.time() if now is None else now, latest)
+
     if as_json:
-        emit_json(info)
+        emit_json(fetch())
+    elif watch:
+        from smsbatch import render_ops
+
+        render_ops.watch(fetch, interval)
     else:
         from smsbatch import render
 
-        render.status(info)
+        render.status(fetch())
+
+
+DURATION = InputParam("DURATION", "parse_duration")  # 7d, 24h, 90m
+
+
+@cli.command()
+@click.option("--since", type=DURATION, default="7d", show_default=True, help="How far back: 7d, 24h, 90m.")
+@click.option("--now", type=TIME, help="Count up to this time (default now).")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@click.pass_context
+def stats(ctx, since, now, as_json):
+    """Texts, batches, AI requests and tokens, replies sent and delivered, AI calls saved and
+    latency, in all and per day, with a bar chart of texts and AI calls per day."""
+    from smsbatch import report
+
+    settings = settings_from(ctx)
+    until = time.time() if now is None else now
+    info = report.stats(open_store(settings), until - since, until)
+    if as_json:
+        emit_json(info)
+    else:
+        from smsbatch import render_ops
+
+        render_ops.stats(info)
 
 
 @cli.command()

@@ -636,7 +636,8 @@ class Store:
             " WHERE state = 'sent' AND sent_at >= ? AND sent_at < ?", (since, until)).fetchall()
         return {"texts": [dict(r) for r in texts], "batches": [dict(r) for r in batches],
                 "replies": [dict(r) | {"delivered": None} for r in replies],
-                "ai_requests_exact": "ai_requests" in have}
+                "ai_requests_exact": "ai_requests" in have, "tokens_known": "prompt_tokens" in have,
+                "delivery_known": False}
 
 
 def _why_not_retryable(batch):

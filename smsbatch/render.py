@@ -36,26 +36,10 @@ def state(text):
 
 
 def status(info):
-    """`smsbatch status` as tables."""
-    out = console()
-    counts = Table(box=box.SIMPLE, title="Batches by state", title_justify="left")
-    for name in info["counts"]:
-        counts.add_column(name, justify="right")
-    counts.add_row(*[str(n) for n in info["counts"].values()])
-    out.print(counts)
-    out.print(
-        f"pending: {info['pending']}   oldest pending: {age(info['oldest_pending_age_seconds'])}"
-        f"   texts received in the last hour: {info['messages_last_hour']}"
-    )
-    latest = Table(box=box.SIMPLE, title="Latest batches", title_justify="left")
-    for column in ("batch", "phone", "texts", "state", "age", "tries", "error"):
-        latest.add_column(column)
-    for row in info["latest"]:
-        latest.add_row(
-            row["id"], row["phone"], str(row["message_count"]), state(row["state"]),
-            age(row["age_seconds"]), str(row["attempts"]), row["last_error"] or "",
-        )
-    out.print(latest)
+    """`smsbatch status`: see render_ops (sized to the terminal, counts first)."""
+    from smsbatch import render_ops
+
+    render_ops.status(info)
 
 
 def demo(result):

@@ -100,3 +100,116 @@ def test_process_warns_on_stderr_once_per_outage_and_when_it_ends(db_path, store
         assert re.fullmatch(ISO + r" claimed 1, .*\n", r.stdout), r.stdout
         assert all(re.match(ISO + " ", ln) for ln in r.stderr.splitlines()), r.stderr
     assert "sent 1" in runs[-1].stdout and twilio_standin.bodies_to(A)
+
+
+# -- stats -----------------------------------------------------------------------
+
+DAY2 = T0 + 86400
+
+
+@pytest.fixture
+def two_days(store, settings, clock):
+    """A: three texts on day 1, answered 15 s after the last; B: two texts and a STOP on day 2,
+    answered 25 s after its last text."""
+    from conftest import offline_processor
+
+    for n in range(3):
+        add(store, A, f"question {n}", T0 + n)
+    clock.now = T0 + 2 + 15
+    assert offline_processor(settings, clock).run().counts["sent"] == 1
+    add(store, B, "hi", DAY2)
+    add(store, B, "are you there", DAY2 + 5)
+    clock.now = DAY2 + 5 + 25
+    assert offline_processor(settings, clock).run().counts["sent"] == 1
+    add(store, B, "STOP", DAY2 + 60)
+    return store
+
+
+def test_stats_counts_texts_calls_saved_replies_and_latency_per_day(two_days, db_path):
+    result = invoke(["stats", "--since", "7d", "--now", str(DAY2 + 3600), "--json"], env_for(db_path))
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    t = info["totals"]
+    assert (t["texts"], t["answerable"], t["batches"], t["ai_requests"], t["replies"]) == (6, 5, 3, 2, 2)
+    assert t["ai_calls_saved"] == 3 and (t["latency_p50"], t["latency_p95"]) == (15, 25)
+    days = {d["day"]: d for d in info["days"] if d["texts"]}
+    assert len(info["days"]) == 8 and sorted(days) == ["2027-01-15", "2027-01-16"]
+    assert days["2027-01-15"]["texts"] == 3 and days["2027-01-15"]["ai_requests"] == 1
+    assert days["2027-01-16"]["texts"] == 3 and days["2027-01-16"]["latency_p50"] == 25
+
+
+def test_stats_window_leaves_older_days_out(two_days, db_path):
+    info = json.loads(invoke(["stats", "--since", "90m", "--now", str(DAY2 + 3600), "--json"],
+                             env_for(db_path)).output)
+    assert info["totals"]["texts"] == 3 and info["totals"]["replies"] == 1
+    assert [d["day"] for d in info["days"]] == ["2027-01-16"]
+
+
+def test_stats_human_output_has_totals_and_a_bar_chart(two_days, db_path):
+    result = invoke(["stats", "--now", str(DAY2 + 3600)], env_for(db_path, COLUMNS=80))
+    assert result.exit_code == 0
+    out = result.output
+    assert "texts received 6" in out and "AI calls saved against one call per text: 3 of 5" in out
+    assert "p50 15s, p95 25s" in out and "texts and AI calls per day" in out
+    chart = out.split("texts and AI calls per day")[1].splitlines()
+    assert any(line.startswith("01-16 texts █") and line.endswith(" 3") for line in chart), chart
+    assert all(len(line) <= 80 for line in out.splitlines())
+
+
+def test_stats_refuses_a_bad_duration_in_one_line(db_path):
+    result = invoke(["stats", "--since", "a week"], env_for(db_path))
+    assert result.exit_code == 2 and "bad duration" in result.output and "Traceback" not in result.output
+
+
+# -- status ----------------------------------------------------------------------
+
+NOISY = "[bold red]Twilio[/] error 30003: " + "unreachable handset, " * 10
+
+
+@pytest.fixture
+def troubled(store, settings):
+    """Twenty batches, one failed with a long error holding rich markup, one waiting to retry,
+    and an announced AI outage."""
+    for n in range(20):  # the last two written are the troubled ones (not yet due at T0 + 20: the rest)
+        add(store, f"+1555444{n:04d}", f"text {n}", T0 + 50 + n if n < 18 else T0 + n - 18)
+    [failed, retrying], _ = store.claim_due(T0 + 20, 2, settings.lease, 3600)
+    store.finish(failed, "failed", T0 + 101, NOISY)
+    store.requeue(retrying, T0 + 130, "AI returned HTTP 503: down")
+    store.record_provider("ai", T0, "AI returned HTTP 503: [b]down[/b]", 300)
+    store.record_provider("ai", T0 + 301, "AI returned HTTP 503: [b]down[/b]", 300)
+    return failed["id"], retrying["id"]
+
+
+def test_status_fits_80_by_24_counts_first_errors_cut(troubled, db_path):
+    failed, retrying = troubled
+    result = invoke(["status", "--now", str(T0 + 120)], env_for(db_path, COLUMNS=80, LINES=24))
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert len(lines) <= 23 and all(len(line) <= 80 for line in lines), lines
+    assert lines[1].startswith("pending 19: open 18 · queued 1 ·") and lines[2].startswith("done: sent 0")
+    assert "next retry in 10s (batch " + retrying + ")" in result.output
+    assert "OUTAGE: AI calls failing for" in result.output and "[b]down[/b]" in result.output
+    header = next(line for line in lines if line.startswith("batch"))
+    assert header.split() == ["batch", "phone", "texts", "state", "age", "tries", "error"]
+    row = next(line for line in lines if line.startswith(failed))
+    assert "[bold red]Twilio[/] er" in row and row.endswith("…") and len(row) == 80
+
+
+@pytest.mark.parametrize("extra, said", [({"ENABLE_AI_SMS_AGENT": "false"}, "agent PAUSED"),
+                                         ({"AI_SMS_TEST_NUMBER": "+15550009999"},
+                                          "test-number mode: only +15550009999")])
+def test_status_says_when_the_agent_is_paused_or_in_test_number_mode(db_path, extra, said):
+    result = invoke(["status"], env_for(db_path, COLUMNS=80, **extra))
+    assert result.exit_code == 0 and said in result.output.splitlines()[0]
+
+
+def test_status_json_has_agent_next_retry_and_outages(troubled, db_path):
+    info = json.loads(invoke(["status", "--json", "--now", str(T0 + 120)], env_for(db_path)).output)
+    assert info["agent"] == {"enabled": True, "test_number": None}
+    assert info["next_retry"] == {"due_at": T0 + 130, "batch_id": troubled[1]}
+    assert [o["provider"] for o in info["outages"]] == ["ai"] and info["outages"][0]["since"] == T0
+
+
+def test_status_watch_and_json_do_not_mix(db_path):
+    result = invoke(["status", "--watch", "--json"], env_for(db_path))
+    assert result.exit_code == 2 and "--watch" in result.output

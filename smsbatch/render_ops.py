@@ -1,0 +1,170 @@
+"""Human output for the operator views (status, status --watch, stats, show). Rich stays in the
+render modules; customer and provider text is always rich.text.Text, never markup."""
+
+import time
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.text import Text
+
+from smsbatch.inputs import iso_time
+from smsbatch.render import STATE_STYLE, age
+
+PENDING = ("open", "queued", "processing", "sending")
+# status's batch lines: (header, width, right-aligned); the error takes what is left.
+COLUMNS = (("batch", 10, False), ("phone", 16, False), ("texts", 5, True), ("state", 10, False),
+           ("age", 5, True), ("tries", 5, True))
+STATUS_HEAD_LINES = 6  # lines above the batch rows, without outages
+
+
+def console():
+    return Console(highlight=False)
+
+
+def _fit(text, width):
+    """One line, never wrapped: cut with … at the width."""
+    line = text if isinstance(text, Text) else Text(text)
+    line.no_wrap, line.overflow = True, "ellipsis"
+    line.truncate(width, overflow="ellipsis")
+    return line
+
+
+def _padded(value, width, right=False, style=""):
+    """A fixed-width cell: cut with … or padded with spaces."""
+    cell = Text(str(value), style=style)
+    cell.truncate(width, overflow="ellipsis")
+    pad = Text(" " * (width - cell.cell_len))
+    return pad + cell if right else cell + pad
+
+
+def _counts_line(label, counts, states):
+    line = Text(f"{label} ", style="bold")
+    for i, name in enumerate(states):
+        line.append(" · " if i else "")
+        line.append(f"{name} ")
+        line.append(str(counts.get(name, 0)), style=STATE_STYLE.get(name, "") if counts.get(name) else "dim")
+    return line
+
+
+def _agent(info):
+    agent = info["agent"]
+    if not agent["enabled"]:
+        return Text("agent PAUSED (ENABLE_AI_SMS_AGENT off)", style="bold yellow")
+    if agent["test_number"]:
+        return Text(f"agent on, test-number mode: only {agent['test_number']}", style="yellow")
+    return Text("agent on", style="green")
+
+
+def _header(info, width):
+    counts, now = info["counts"], info["now"]
+    finished = [s for s in counts if s not in PENDING]
+    pending = _counts_line(f"pending {info['pending']}:", counts, PENDING)
+    pending.append(f"   oldest {age(info['oldest_pending_age_seconds'])}")
+    retry = info["next_retry"]
+    nxt = "none" if retry is None else f"in {age(retry['due_at'] - now)} (batch {retry['batch_id']})"
+    lines = [Text(f"smsbatch {iso_time(now)}  ") + _agent(info), pending,
+             _counts_line("done:", counts, finished),
+             Text(f"texts in the last hour {info['messages_last_hour']}   next retry {nxt}")]
+    for p in info["providers"]:
+        if p["failing_since"] is None:
+            continue
+        kind = "OUTAGE" if p["alerted_at"] is not None else "failing"
+        line = Text(f"{kind}: {p['name']} calls failing for {age(now - p['failing_since'])}: ",
+                    style="bold red" if kind == "OUTAGE" else "yellow")
+        lines.append(line + Text(p["last_error"] or ""))
+    return [_fit(line, width) for line in lines]
+
+
+def _batch_line(row, width):
+    cells = (row["id"], row["phone"], row["message_count"], row["state"], age(row["age_seconds"]),
+             row["attempts"])
+    line = Text()
+    for (name, size, right), value in zip(COLUMNS, cells):
+        line += _padded(value, size, right, STATE_STYLE.get(value, "") if name == "state" else "") + " "
+    line += Text(" ".join((row["last_error"] or "").split()), style="red" if row["last_error"] else "")
+    return _fit(line, width)
+
+
+def status_view(info, width=80, height=None):
+    """`status` as lines that fit `width` (and `height`, if given): counts first."""
+    lines = _header(info, width) + [Text("")]
+    head = Text(" ".join(_padded(n, w, r).plain for n, w, r in COLUMNS) + " error", style="bold")
+    lines.append(_fit(head, width))
+    rows = info["latest"]
+    if height is not None:
+        rows = rows[:max(0, height - len(lines) - 1)]
+    lines += [_batch_line(row, width) for row in rows]
+    return Group(*lines)
+
+
+def status(info):
+    """`smsbatch status`, sized to the terminal."""
+    out = console()
+    out.print(status_view(info, out.width))
+
+
+def watch(fetch, interval):
+    """`smsbatch status --watch`: redraw the status every `interval` seconds until Ctrl-C."""
+    out = console()
+    with Live(console=out, screen=True, auto_refresh=False, redirect_stderr=False) as live:
+        try:
+            while True:
+                live.update(status_view(fetch(), out.width, out.height), refresh=True)
+                time.sleep(interval)
+        except KeyboardInterrupt:
+            pass
+
+
+def _n(value, unit=""):
+    return "-" if value is None else f"{value:,g}{unit}"
+
+
+def _seconds(value):
+    return "-" if value is None else age(value) if value >= 120 else f"{value:g}s"
+
+
+STATS_COLUMNS = (("day", "day", 10), ("texts", "texts", 6), ("batches", "batches", 7), ("AI calls", "ai_requests", 8),
+                 ("replies", "replies", 7), ("delivered", "delivered", 9), ("p50", "latency_p50", 5),
+                 ("p95", "latency_p95", 5))
+
+
+def stats(info):
+    """`smsbatch stats`: totals, a table per day, and a bar chart of texts and AI calls per day."""
+    out = console()
+    t = info["totals"]
+    out.print(Text(f"stats {iso_time(info['since'])} to {iso_time(info['until'])}", style="bold"))
+    estimate = "" if info["ai_requests_exact"] else " (est.: replies written)"
+    saved = f"{t['ai_calls_saved']:,} of {t['answerable']:,}" if t["answerable"] else "0"
+    lines = [
+        f"texts received {t['texts']:,}   batches {t['batches']:,}   AI requests {t['ai_requests']:,}{estimate}",
+        f"tokens {_n(t['prompt_tokens'])} prompt + {_n(t['completion_tokens'])} completion",
+        f"replies sent {t['replies']:,}, delivered {_n(t['delivered'])}",
+        f"AI calls saved against one call per text: {saved}",
+        f"latency, last text to reply: p50 {_seconds(t['latency_p50'])}, p95 {_seconds(t['latency_p95'])}",
+    ]
+    for line in lines:
+        out.print(Text(line))
+    out.print(Text(""))
+    out.print(Text("  ".join(f"{h:>{w}}" if i else f"{h:<{w}}" for i, (h, _, w) in enumerate(STATS_COLUMNS)),
+                   style="bold"))
+    for day in info["days"]:
+        cells = [day["day"]] + [_seconds(day[k]) if k.startswith("latency") else _n(day[k])
+                                for _, k, _ in STATS_COLUMNS[1:]]
+        out.print(Text("  ".join(f"{c:>{w}}" if i else f"{c:<{w}}"
+                                 for i, (c, (_, _, w)) in enumerate(zip(cells, STATS_COLUMNS)))))
+    out.print(Text(""))
+    out.print(_chart(info["days"], out.width))
+
+
+def _chart(days, width):
+    """Two bars a day, texts and AI calls, on one scale."""
+    top = max([d["texts"] for d in days] + [d["ai_requests"] for d in days] + [1])
+    room = max(10, width - 24)
+    lines = [Text("texts and AI calls per day", style="bold")]
+    for day in days:
+        for label, key, style in (("texts", "texts", "cyan"), ("AI", "ai_requests", "magenta")):
+            n = day[key]
+            bar = "█" * (max(1, round(n * room / top)) if n else 0)
+            head = day["day"][5:] if label == "texts" else ""
+            lines.append(Text(f"{head:<5} {label:<5} ") + Text(bar, style=style) + Text(f" {n:,}"))
+    return Group(*lines)
