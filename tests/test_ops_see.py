@@ -213,3 +213,44 @@ def test_status_json_has_agent_next_retry_and_outages(troubled, db_path):
 def test_status_watch_and_json_do_not_mix(db_path):
     result = invoke(["status", "--watch", "--json"], env_for(db_path))
     assert result.exit_code == 2 and "--watch" in result.output
+
+
+# -- status --watch in a real terminal --------------------------------------------
+
+
+def tmux(sock, *args):
+    return subprocess.run(["tmux", "-L", sock, *args], capture_output=True, text=True, timeout=10)
+
+
+def test_status_watch_in_a_real_80x24_terminal(troubled, db_path, store, tmp_path):
+    """tmux gives `status --watch` a real 80x24 terminal: counts on screen, whole headers, no
+    wrapped lines; it redraws when a text arrives and ends on Ctrl-C."""
+    import shutil
+
+    from conftest import wait_for
+
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed: apt-get install -y tmux (the --watch terminal test needs it)")
+    sock = f"smsbatch-test-{tmp_path.name}"
+    command = (f"env -i PATH=/usr/bin:/bin TERM=xterm-256color SMSBATCH_DB={db_path} "
+               f"{sys.executable} -m smsbatch status --watch --interval 0.2")
+    tmux(sock, "new-session", "-d", "-x", "80", "-y", "24", command)
+    try:
+        def screen():
+            return tmux(sock, "capture-pane", "-p").stdout.splitlines()
+
+        assert wait_for(lambda: any(ln.startswith("pending 19:") for ln in screen())), screen()
+        lines = screen()
+        assert lines[0].startswith("smsbatch ") and "agent on" in lines[0]
+        assert "OUTAGE: AI calls failing for" in "\n".join(lines)
+        header = next(ln for ln in lines if ln.startswith("batch"))
+        assert header.split() == ["batch", "phone", "texts", "state", "age", "tries", "error"]
+        rows = [ln for ln in lines[lines.index(header) + 1:] if ln.strip()]
+        assert rows and all(re.match(r"[a-z0-9]{10} \+1555444", ln) for ln in rows), rows  # nothing wrapped
+        assert len(lines) <= 24 and troubled[0] in "\n".join(lines)
+        add(store, "+15559990000", "one more", T0 + 200)
+        assert wait_for(lambda: any(ln.startswith("pending 20:") for ln in screen())), screen()
+        tmux(sock, "send-keys", "C-c")
+        assert wait_for(lambda: tmux(sock, "has-session").returncode != 0), screen()
+    finally:
+        tmux(sock, "kill-server")
