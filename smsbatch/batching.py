@@ -45,6 +45,12 @@ def is_urgent(body, keywords):
     return any(k in words for k in keywords)
 
 
+def opt_out_scope(our_number, messaging_service_sid=""):
+    """What a STOP to `our_number` opts the person out of: with a messaging service, the
+    whole service (as Twilio does); else that one number."""
+    return messaging_service_sid or our_number
+
+
 def due_at(rules, first_at, last_at, count, urgent):
     """When an open batch becomes due: quiet period, max wait, max count or urgency."""
     if urgent or count >= rules.max_messages:

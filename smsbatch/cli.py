@@ -103,9 +103,21 @@ class IsoFormatter(logging.Formatter):
 @click.pass_context
 def migrate(ctx):
     """Create or upgrade the database (safe to run again)."""
+    from smsbatch.db import Store
+
     settings = settings_from(ctx)
-    version = open_store(settings, migrate=True).version()
-    click.echo(f"{settings.db_path}: schema version {version}")
+    store = Store(settings.db_path)
+    try:
+        before, after = store.migrate()
+    finally:
+        store.close()
+    if before == 0:
+        said = f"created at schema version {after}"
+    elif before < after:
+        said = f"upgraded from schema version {before} to {after}"
+    else:
+        said = f"already at schema version {after}"
+    click.echo(f"{settings.db_path}: {said}")
 
 
 @cli.command()

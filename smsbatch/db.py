@@ -9,28 +9,10 @@ from dataclasses import dataclass
 from enum import Enum
 from importlib import resources
 
-from smsbatch import batching
+from smsbatch import batching, migrations
 from smsbatch.errors import InvalidTransition, NotFound, SmsbatchError
 
-SCHEMA_VERSION = 2
-# Issue 10 (see): the prompt each batch sent the AI, and each provider's health across runs.
-# Only ADD COLUMN / CREATE TABLE / CREATE INDEX, so it applies on top of any earlier version.
-OPS_SEE_SCHEMA = """
-ALTER TABLE batches ADD COLUMN prompt TEXT;  -- JSON of the chat messages last sent to the AI
-CREATE INDEX IF NOT EXISTS batches_created ON batches(created_at);  -- stats over a window
--- One row per provider ('ai', 'sms'): failing since when (NULL: healthy), whether the outage
--- was announced (alerted_at), so a cron run that is a new process knows an outage is going on.
-CREATE TABLE IF NOT EXISTS provider_health (
-    provider        TEXT PRIMARY KEY,
-    failing_since   REAL,
-    last_failure_at REAL,
-    last_error      TEXT,
-    alerted_at      REAL,
-    last_ok_at      REAL
-);
-"""
-# Later schema versions go here as {version: "SQL"}; migrate() applies them in order.
-MIGRATIONS = {2: OPS_SEE_SCHEMA}
+SCHEMA_VERSION = migrations.LATEST
 ID_ALPHABET = "23456789abcdefghjkmnpqrstuvwxyz"  # no 0/o, 1/l/i: easy to read aloud and type
 BUSY_TIMEOUT_SECONDS = 30.0
 
@@ -46,12 +28,28 @@ class State(str, Enum):
     SUPERSEDED = "superseded"  # texts folded into a newer batch of the same phone
     SKIPPED = "skipped"  # opted out, test-number filter, keyword text
     EXPIRED = "expired"  # too old to answer
+    HELD = "held"  # an operator put the person on hold (`smsbatch hold`)
     FAILED = "failed"  # gave up; `smsbatch retry` brings it back
     UNKNOWN = "unknown"  # send outcome cannot be checked; a person decides
 
 
 PENDING = (State.OPEN, State.QUEUED, State.PROCESSING, State.SENDING)
-RETRYABLE = (State.FAILED, State.SKIPPED, State.EXPIRED, State.UNKNOWN)
+RETRYABLE = (State.FAILED, State.SKIPPED, State.EXPIRED, State.UNKNOWN, State.HELD)
+FINAL = tuple(s for s in State if s not in PENDING)
+_S = State
+# Every move a batch may make, written down once. A move to the same state (a claim
+# taken over, a send left to be checked again) is a move too, so it is recorded.
+TRANSITIONS = {
+    _S.OPEN: {_S.QUEUED, _S.PROCESSING, _S.EXPIRED},
+    _S.QUEUED: {_S.PROCESSING, _S.EXPIRED},
+    _S.PROCESSING: {_S.PROCESSING, _S.SENDING, _S.QUEUED, _S.SUPERSEDED, _S.SKIPPED, _S.HELD, _S.FAILED},
+    _S.SENDING: {_S.SENDING, _S.SENT, _S.QUEUED, _S.SUPERSEDED, _S.SKIPPED, _S.FAILED, _S.UNKNOWN},
+    _S.SENT: set(),
+    _S.SUPERSEDED: set(),
+    **{s: {_S.QUEUED} for s in RETRYABLE},
+}
+# Claiming moves a due batch to processing; a batch found in *sending* stays there (reconciled).
+CLAIMABLE = tuple(s for s in TRANSITIONS if _S.PROCESSING in TRANSITIONS[s]) + (_S.SENDING,)
 
 
 @dataclass(frozen=True)
@@ -135,23 +133,34 @@ class Store:
         return self.conn.execute("PRAGMA user_version").fetchone()[0]
 
     def migrate(self):
-        """Create or upgrade the schema; safe to run again. Returns the schema version."""
-        with self.transaction() as conn:
-            current = conn.execute("PRAGMA user_version").fetchone()[0]
-            if current > SCHEMA_VERSION:
-                raise SmsbatchError(
-                    f"database schema version {current} is newer than this smsbatch ({SCHEMA_VERSION})"
-                )
-            if current == 0:
-                for statement in _statements(resources.files("smsbatch").joinpath("schema.sql").read_text()):
-                    conn.execute(statement)
-                current = 1
-            for version in sorted(v for v in MIGRATIONS if v > current):
-                for statement in _statements(MIGRATIONS[version]):
-                    conn.execute(statement)
-                current = version
-            conn.execute(f"PRAGMA user_version = {current}")
-        return current
+        """Create or upgrade the schema; safe to run again. Returns (version before, version after).
+
+        Raises:
+            SmsbatchError: the database is newer than this smsbatch.
+        """
+        # A step may rebuild a table that others reference: foreign keys are off while it
+        # runs (SQLite ignores this pragma inside a transaction) and checked before COMMIT.
+        self.conn.execute("PRAGMA foreign_keys = OFF")
+        try:
+            with self.transaction() as conn:
+                before = conn.execute("PRAGMA user_version").fetchone()[0]
+                if before > SCHEMA_VERSION:
+                    raise SmsbatchError(
+                        f"database schema version {before} is newer than this smsbatch ({SCHEMA_VERSION})")
+                if before == 0:
+                    for statement in _statements(resources.files("smsbatch").joinpath("schema.sql").read_text()):
+                        conn.execute(statement)
+                else:
+                    for version in range(before + 1, SCHEMA_VERSION + 1):
+                        for statement in migrations.STEPS[version]:
+                            conn.execute(statement)
+                broken = conn.execute("PRAGMA foreign_key_check").fetchone()
+                if broken:
+                    raise SmsbatchError(f"upgrade stopped: table {broken[0]} has a row whose {broken[2]} is missing")
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        finally:
+            self.conn.execute("PRAGMA foreign_keys = ON")
+        return before, SCHEMA_VERSION
 
     def require_schema(self):
         """Raises: SmsbatchError when the database was never migrated."""
@@ -164,23 +173,27 @@ class Store:
 
     # -- inbound ----------------------------------------------------------------
 
-    def add_message(self, sid, phone, our_number, body, received_at, rules, media=(), carrier_kind=None):
-        """Store one inbound text exactly once and put it in its phone's open batch.
+    def add_message(self, sid, phone, our_number, body, received_at, rules, media=(), carrier_kind=None,
+                    scope=None):
+        """Store one inbound text exactly once and put it in its conversation's open batch.
 
-        Opt-out/opt-in keywords update the opt-out list and get a batch of their own,
-        skipped at once, so they never reach the AI. `carrier_kind` ('opt_out'/'opt_in')
-        is Twilio's own verdict (OptOutType), for keywords configured in Twilio.
+        A conversation is the person (`phone`) and the number they wrote to (`our_number`).
+        Opt-out/opt-in keywords update the opt-out list for `scope` (batching.opt_out_scope;
+        default our_number) and get a batch of their own, skipped at once, so they never
+        reach the AI. `carrier_kind` ('opt_out'/'opt_in') is Twilio's own verdict
+        (OptOutType), for keywords configured in Twilio.
         """
         kind = carrier_kind or (batching.keyword_kind(body) if not media else None)
+        scope = scope or our_number
         with self.transaction() as conn:
             seen = conn.execute("SELECT batch_id FROM messages WHERE sid = ?", (sid,)).fetchone()
             if seen:
                 return Added(seen[0], True, kind or "text")
             yes = body.strip().strip(".!").upper() == "YES"
-            if kind == "opt_in" and yes and not carrier_kind and not self._opted_out(conn, phone):
+            if kind == "opt_in" and yes and not carrier_kind and not self._opted_out(conn, phone, scope):
                 kind = None  # "yes" answering the AI's question is a text, not a re-subscription
             if kind:
-                batch_id = self._add_keyword(conn, phone, our_number, body, received_at, kind)
+                batch_id = self._add_keyword(conn, phone, our_number, scope, body, received_at, kind)
             else:
                 urgent = batching.is_urgent(body, rules.urgent_keywords)
                 batch_id = self._join_open(conn, phone, our_number, received_at, urgent, rules)
@@ -192,49 +205,47 @@ class Store:
             )
         return Added(batch_id, False, kind or "text")
 
-    def _add_keyword(self, conn, phone, our_number, body, at, kind):
+    def _add_keyword(self, conn, phone, our_number, scope, body, at, kind):
         word = body.strip().upper()
         if kind == "opt_out":
             conn.execute(
-                "INSERT INTO opt_outs (phone, since, keyword) VALUES (?, ?, ?)"
-                " ON CONFLICT (phone) DO UPDATE SET since = excluded.since, keyword = excluded.keyword",
-                (phone, at, word),
+                "INSERT INTO opt_outs (phone, scope, since, keyword) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (phone, scope) DO UPDATE SET since = excluded.since, keyword = excluded.keyword",
+                (phone, scope, at, word),
             )
-        else:
-            conn.execute("DELETE FROM opt_outs WHERE phone = ?", (phone,))
+        else:  # opting back in also lifts an opt-out kept from schema 1, which covered every number
+            conn.execute("DELETE FROM opt_outs WHERE phone = ? AND scope IN (?, '*')", (phone, scope))
         return self._insert_batch(
-            conn, phone, our_number, at, State.SKIPPED, None, last_error=f"keyword {word}: not for the AI"
+            conn, phone, our_number, at, State.SKIPPED, None, reason=f"keyword {word}: not for the AI"
         )
 
     def _join_open(self, conn, phone, our_number, at, urgent, rules):
         row = conn.execute(
-            "SELECT b.id, b.first_at, b.last_at, b.message_count, b.urgent FROM phones p"
-            " JOIN batches b ON b.id = p.open_batch WHERE p.phone = ? AND b.state = 'open'",
-            (phone,),
+            "SELECT b.id, b.first_at, b.last_at, b.message_count, b.urgent FROM conversations c"
+            " JOIN batches b ON b.id = c.open_batch WHERE c.phone = ? AND c.our_number = ? AND b.state = 'open'",
+            (phone, our_number),
         ).fetchone()
         if row is None:
             due = batching.due_at(rules, at, at, 1, urgent)
             state = State.QUEUED if rules.max_messages <= 1 else State.OPEN
             batch_id = self._insert_batch(conn, phone, our_number, at, state, due, urgent=urgent)
             conn.execute(
-                "INSERT INTO phones (phone, open_batch) VALUES (?, ?)"
-                " ON CONFLICT (phone) DO UPDATE SET open_batch = excluded.open_batch",
-                (phone, batch_id),
+                "INSERT INTO conversations (phone, our_number, open_batch) VALUES (?, ?, ?)"
+                " ON CONFLICT (phone, our_number) DO UPDATE SET open_batch = excluded.open_batch",
+                (phone, our_number, batch_id),
             )
             return batch_id
         first, last = min(row["first_at"], at), max(row["last_at"], at)
         count, urgent = row["message_count"] + 1, bool(row["urgent"]) or urgent
-        # A full batch closes: the next text opens a new one.
-        state = State.QUEUED if count >= rules.max_messages else State.OPEN
         conn.execute(
-            "UPDATE batches SET message_count = ?, first_at = ?, last_at = ?, urgent = ?, due_at = ?,"
-            " state = ? WHERE id = ?",
-            (count, first, last, int(urgent), batching.due_at(rules, first, last, count, urgent),
-             state, row["id"]),
+            "UPDATE batches SET message_count = ?, first_at = ?, last_at = ?, urgent = ?, due_at = ? WHERE id = ?",
+            (count, first, last, int(urgent), batching.due_at(rules, first, last, count, urgent), row["id"]),
         )
+        if count >= rules.max_messages:  # a full batch closes: the next text opens a new one
+            self._move(conn, row["id"], State.QUEUED, at, f"full: {count} texts")
         return row["id"]
 
-    def _insert_batch(self, conn, phone, our_number, at, state, due, urgent=False, last_error=None):
+    def _insert_batch(self, conn, phone, our_number, at, state, due, urgent=False, reason=None):
         final = due is None
         for _ in range(5):
             batch_id = new_id()
@@ -243,14 +254,58 @@ class Store:
                     "INSERT INTO batches (id, phone, our_number, state, message_count, first_at, last_at,"
                     " urgent, due_at, last_error, completed_at, created_at)"
                     " VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?)",
-                    (batch_id, phone, our_number, state, at, at, int(urgent), due, last_error,
+                    (batch_id, phone, our_number, state, at, at, int(urgent), due, reason if final else None,
                      at if final else None, at),
                 )
-                return batch_id
+                break
             except sqlite3.IntegrityError as exc:
                 if "batches.id" not in str(exc):
                     raise
-        raise SmsbatchError("could not pick a unique batch id")  # pragma: no cover
+        else:
+            raise SmsbatchError("could not pick a unique batch id")  # pragma: no cover
+        self._record(conn, batch_id, at, None, state, reason or "first text")
+        return batch_id
+
+    # -- state moves ------------------------------------------------------------
+
+    @staticmethod
+    def _record(conn, batch_id, at, from_state, to_state, reason):
+        conn.execute(
+            "INSERT INTO batch_events (batch_id, at, from_state, to_state, reason) VALUES (?, ?, ?, ?, ?)",
+            (batch_id, at, None if from_state is None else State(from_state).value, State(to_state).value,
+             reason),
+        )
+
+    def _move(self, conn, batch_id, to, now, reason, assignments="", values=(), claim=None, expect=None):
+        """Move one batch to state `to` (with further column `assignments`), recorded in
+        batch_events. With `claim`/`expect`, only while that claim holds the batch and it
+        is in one of the `expect` states; returns False (nothing changed) otherwise.
+
+        Raises:
+            NotFound: no such batch.
+            InvalidTransition: TRANSITIONS does not allow this move.
+        """
+        row = conn.execute("SELECT state, claim FROM batches WHERE id = ?", (batch_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no batch with id {batch_id!r}")
+        if (claim is not None and row["claim"] != claim) or (expect is not None and row["state"] not in expect):
+            return False
+        current, to = State(row["state"]), State(to)
+        if to not in TRANSITIONS[current]:
+            raise InvalidTransition(f"batch {batch_id} cannot move from {current.value} to {to.value}")
+        extra = f", {assignments}" if assignments else ""
+        conn.execute(f"UPDATE batches SET state = ?{extra} WHERE id = ?", (to.value, *values, batch_id))
+        self._record(conn, batch_id, now, current, to, reason)
+        return True
+
+    def _update_held(self, conn, batch, to, now, reason, assignments="", values=(),
+                     states=(State.PROCESSING, State.SENDING)):
+        """One move of a batch by the processor holding it: applied only while the claim is
+        still this processor's and the batch is in one of `states`; the claim ends with it.
+        Returns False (nothing changed) if the lease was lost."""
+        assignments = "claim = NULL" + (f", {assignments}" if assignments else "")
+        return self._move(conn, batch["id"], to, now, reason, assignments, values, claim=batch["claim"],
+                          expect=[State(x).value for x in states])
 
     # -- claiming ---------------------------------------------------------------
 
@@ -262,36 +317,54 @@ class Store:
         (its holder died); a sending one keeps its state so it is reconciled, not resent.
         Every claim counts as an attempt.
 
-        One batch per phone at a time: a batch is not claimed while another batch of
-        its phone is in flight (lease still running) or an older one is also due, so
-        a phone never gets two replies racing each other; the later texts fold into
-        the newer batch instead (begin_send).
+        One batch per conversation at a time: a batch is not claimed while another batch
+        of the same person and number is in flight (lease still running) or an older one
+        is also due, so nobody gets two replies racing each other; the later texts fold
+        into the newer batch instead (begin_send).
         """
         token = secrets.token_hex(8)
         with self.transaction() as conn:
-            expired = conn.execute(
-                "UPDATE batches SET state = 'expired', due_at = NULL, claim = NULL, completed_at = ?,"
-                " last_error = 'not answered: older than SMSBATCH_MAX_AGE_SECONDS'"
-                # +due_at: search by last_at (index batches_state_last), so the sweep reads only
-                # batches old enough to expire, not every due one (flat with a large backlog).
-                " WHERE state IN ('open', 'queued') AND +due_at <= ? AND last_at < ?"
-                # a batch an operator requeued is answered, however old its texts
-                " AND retried_at IS NULL",
-                (now, now, now - max_age),
-            ).rowcount
+            expired = self._expire(conn, now, max_age)
+            pending = placeholders(PENDING)
+            candidates = conn.execute(
+                f"SELECT seq, id, state, attempts FROM batches b WHERE state IN ({placeholders(CLAIMABLE)})"
+                " AND due_at <= ? AND NOT EXISTS (SELECT 1 FROM batches o"
+                f" WHERE o.phone = b.phone AND o.our_number = b.our_number AND o.seq != b.seq"
+                f" AND o.state IN ({pending}) AND (o.due_at > ? AND o.state IN ('processing', 'sending')"
+                " AND o.claim IS NOT NULL OR o.due_at <= ? AND o.seq < b.seq))"
+                " ORDER BY due_at LIMIT ?",
+                (*[x.value for x in CLAIMABLE], now, *[x.value for x in PENDING], now, now, limit),
+            ).fetchall()
+            if not candidates:
+                return [], expired
             rows = conn.execute(
                 "UPDATE batches SET claim = ?, due_at = ?, started_at = ?, claimed_at = coalesce(claimed_at, ?),"
                 " state = CASE state WHEN 'sending' THEN 'sending' ELSE 'processing' END,"
-                " attempts = attempts + 1"
-                " WHERE seq IN (SELECT seq FROM batches b WHERE state IN ('open', 'queued', 'processing',"
-                " 'sending') AND due_at <= ? AND NOT EXISTS (SELECT 1 FROM batches o"
-                " WHERE o.phone = b.phone AND o.seq != b.seq AND o.state IN ('open', 'queued', 'processing',"
-                " 'sending') AND (o.due_at > ? AND o.state IN ('processing', 'sending') AND o.claim IS NOT NULL"
-                " OR o.due_at <= ? AND o.seq < b.seq))"
-                " ORDER BY due_at LIMIT ?) RETURNING *",
-                (token, now + lease, now, now, now, now, now, limit),
+                f" attempts = attempts + 1 WHERE seq IN ({placeholders(candidates)}) RETURNING *",
+                (token, now + lease, now, now, *[c["seq"] for c in candidates]),
             ).fetchall()
+            for c in candidates:
+                taken_over = c["state"] in (State.PROCESSING, State.SENDING)
+                how = "lease ran out; taken over" if taken_over else "claimed"
+                to = State.SENDING if c["state"] == State.SENDING else State.PROCESSING
+                self._record(conn, c["id"], now, c["state"], to, f"{how} (attempt {c['attempts'] + 1})")
         return [dict(r) for r in rows], expired
+
+    def _expire(self, conn, now, max_age):
+        """Expire open/queued batches too old to answer. Returns how many."""
+        rows = conn.execute(
+            # +due_at: search by last_at (index batches_state_last), so the sweep reads only
+            # batches old enough to expire, not every due one (flat with a large backlog).
+            "SELECT seq, id, state FROM batches WHERE state IN ('open', 'queued') AND +due_at <= ? AND last_at < ?"
+            # a batch an operator requeued is answered, however old its texts
+            " AND retried_at IS NULL",
+            (now, now - max_age),
+        ).fetchall()
+        reason = "not answered: older than SMSBATCH_MAX_AGE_SECONDS"
+        for row in rows:
+            self._move(conn, row["id"], State.EXPIRED, now, reason,
+                       "due_at = NULL, claim = NULL, completed_at = ?, last_error = ?", (now, reason))
+        return len(rows)
 
     def next_due(self):
         """The earliest due_at among pending batches, or None."""
@@ -308,45 +381,52 @@ class Store:
             "SELECT sid, body, media, received_at FROM messages WHERE batch_id = ?"
             " ORDER BY received_at, id", (batch_id,))]
 
-    def history(self, phone, batch_id, before, limit):
-        """The phone's recent conversation before this batch: (time, role, text), oldest first."""
+    def history(self, phone, our_number, batch_id, before, limit):
+        """The conversation before this batch: (time, role, text, media), oldest first.
+
+        Replies are every SMS we sent to this person from this number: the AI's and
+        those an operator sent by hand.
+        """
         texts = self.conn.execute(
-            "SELECT received_at, 'user', body, media FROM messages WHERE phone = ? AND batch_id != ?"
-            " AND kind = 'text' AND received_at <= ? ORDER BY received_at DESC LIMIT ?",
-            (phone, batch_id, before, limit),
+            "SELECT received_at, 'user', body, media FROM messages WHERE phone = ? AND our_number = ?"
+            " AND batch_id != ? AND kind = 'text' AND received_at <= ? ORDER BY received_at DESC LIMIT ?",
+            (phone, our_number, batch_id, before, limit),
         ).fetchall()
         replies = self.conn.execute(
-            "SELECT sent_at, 'assistant', response_text, NULL FROM batches WHERE phone = ?"
-            " AND state = 'sent' AND sent_at <= ? ORDER BY sent_at DESC LIMIT ?",
-            (phone, before, limit),
+            "SELECT sent_at, 'assistant', body, NULL FROM outbound WHERE phone = ? AND our_number = ?"
+            " AND sent_at <= ? ORDER BY sent_at DESC LIMIT ?",
+            (phone, our_number, before, limit),
         ).fetchall()
         merged = sorted([tuple(r) for r in texts] + [tuple(r) for r in replies], key=lambda r: r[0])
         return merged[-limit:] if limit else []
 
     def reply_sids(self, phone):
-        """The provider SIDs already recorded for replies to this phone."""
-        return {r[0] for r in self.conn.execute(
-            "SELECT provider_sid FROM batches WHERE phone = ? AND provider_sid IS NOT NULL", (phone,))}
+        """The provider SIDs already recorded for messages we sent this phone (any number)."""
+        return {r[0] for r in self.conn.execute("SELECT sid FROM outbound WHERE phone = ?", (phone,))}
 
-    def is_opted_out(self, phone):
-        return self._opted_out(self.conn, phone)
+    def is_opted_out(self, phone, scope):
+        """True if `phone` opted out of `scope` (batching.opt_out_scope) or of every number."""
+        return self._opted_out(self.conn, phone, scope)
 
     @staticmethod
-    def _opted_out(conn, phone):
-        return conn.execute("SELECT 1 FROM opt_outs WHERE phone = ?", (phone,)).fetchone() is not None
+    def _opted_out(conn, phone, scope):
+        return conn.execute(
+            "SELECT 1 FROM opt_outs WHERE phone = ? AND scope IN (?, '*')", (phone, scope)).fetchone() is not None
 
-    def record_opt_out(self, phone, now, keyword="21610"):
+    def record_opt_out(self, phone, scope, now, keyword="21610"):
+        """Record that `phone` opted out of `scope` (Twilio's 21610 says so)."""
         with self.transaction() as conn:
             conn.execute(
-                "INSERT OR IGNORE INTO opt_outs (phone, since, keyword) VALUES (?, ?, ?)", (phone, now, keyword)
+                "INSERT OR IGNORE INTO opt_outs (phone, scope, since, keyword) VALUES (?, ?, ?, ?)",
+                (phone, scope, now, keyword),
             )
 
     def begin_send(self, batch, response, now, settings):
         """Commit the reply as *sending* before Twilio is called.
 
         In the same transaction: a STOP that arrived meanwhile skips the batch; a newer
-        batch of the same phone that is already answered (this one was backing off)
-        takes this batch's texts, since a late, stale reply helps nobody; and (with
+        batch of the same conversation that is already answered (this one was backing
+        off) takes this batch's texts, since a late, stale reply helps nobody; and (with
         `supersede`) a newer unclaimed batch written after this one was claimed takes
         its texts so the next reply covers both. Returns the state the batch is now
         in, or None if this processor no longer holds the lease.
@@ -354,7 +434,8 @@ class Store:
         with self.transaction() as conn:
             if not self._holds(conn, batch, State.PROCESSING):
                 return None
-            if self._opted_out(conn, batch["phone"]):
+            scope = batching.opt_out_scope(batch["our_number"], settings.twilio_messaging_service_sid)
+            if self._opted_out(conn, batch["phone"], scope):
                 self._finish(conn, batch, State.SKIPPED, now, error="opted out before the reply was sent")
                 return State.SKIPPED
             rules = batching.Rules.from_settings(settings)
@@ -364,24 +445,22 @@ class Store:
                 # Only texts written after this batch was first claimed supersede it (a batch
                 # closed by max messages is not held back by texts that were already waiting).
                 newer = conn.execute(
-                    "SELECT * FROM batches WHERE phone = ? AND state IN ('open', 'queued') AND seq > ?"
-                    " AND created_at >= ? ORDER BY seq LIMIT 1",
-                    (batch["phone"], batch["seq"], batch["claimed_at"]),
+                    "SELECT * FROM batches WHERE phone = ? AND our_number = ? AND state IN ('open', 'queued')"
+                    " AND seq > ? AND created_at >= ? ORDER BY seq LIMIT 1",
+                    (batch["phone"], batch["our_number"], batch["seq"], batch["claimed_at"]),
                 ).fetchone()
                 if newer:
                     self._fold(conn, batch, newer, now, rules)
                     return State.SUPERSEDED
-            conn.execute(
-                "UPDATE batches SET state = 'sending', response_text = ?, send_started_at = ?, due_at = ?"
-                " WHERE id = ? AND claim = ?",
-                (response, now, now + settings.lease, batch["id"], batch["claim"]),
-            )
+            self._move(conn, batch["id"], State.SENDING, now, "AI answered; sending",
+                       "response_text = ?, send_started_at = ?, due_at = ?",
+                       (response, now, now + settings.lease), claim=batch["claim"])
         return State.SENDING
 
     def fold_if_answered(self, batch, now, settings):
         """Before answering an older batch (it was backing off): if a newer batch of the
-        phone already went out with these texts in its prompt, fold into it instead of
-        sending a stale reply. Returns True if folded."""
+        conversation already went out with these texts in its prompt, fold into it instead
+        of sending a stale reply. Returns True if folded."""
         with self.transaction() as conn:
             return self._holds(conn, batch, State(batch["state"])) and self._fold_into_answered(
                 conn, batch, now, settings)
@@ -390,9 +469,9 @@ class Store:
         if batch["retried_at"] is not None:  # an operator asked for this one to be answered
             return False
         answered = conn.execute(
-            "SELECT * FROM batches WHERE phone = ? AND seq > ? AND state IN ('sending', 'sent')"
+            "SELECT * FROM batches WHERE phone = ? AND our_number = ? AND seq > ? AND state IN ('sending', 'sent')"
             " ORDER BY seq DESC LIMIT 1",
-            (batch["phone"], batch["seq"]),
+            (batch["phone"], batch["our_number"], batch["seq"]),
         ).fetchone()
         if answered is None or not self._in_prompt_of(conn, batch, answered, settings.history_messages):
             return False
@@ -403,11 +482,11 @@ class Store:
     def _in_prompt_of(conn, batch, answered, history):
         """Were this batch's texts in the newer batch's prompt (within its history window)?"""
         between = conn.execute(
-            "SELECT (SELECT count(*) FROM messages WHERE phone = ? AND kind = 'text' AND batch_id != ?"
-            " AND received_at >= ? AND received_at <= ?) + (SELECT count(*) FROM batches WHERE phone = ?"
-            " AND state = 'sent' AND sent_at >= ? AND sent_at <= ?)",
-            (batch["phone"], answered["id"], batch["first_at"], answered["first_at"],
-             batch["phone"], batch["first_at"], answered["first_at"]),
+            "SELECT (SELECT count(*) FROM messages WHERE phone = ? AND our_number = ? AND kind = 'text'"
+            " AND batch_id != ? AND received_at >= ? AND received_at <= ?) + (SELECT count(*) FROM outbound"
+            " WHERE phone = ? AND our_number = ? AND sent_at >= ? AND sent_at <= ?)",
+            (batch["phone"], batch["our_number"], answered["id"], batch["first_at"], answered["first_at"],
+             batch["phone"], batch["our_number"], batch["first_at"], answered["first_at"]),
         ).fetchone()[0]
         return 0 < between <= history
 
@@ -424,21 +503,28 @@ class Store:
             " fold_depth = max(fold_depth, ?) WHERE id = ?",
             (count, first, int(urgent), due, batch["fold_depth"] + 1, newer["id"]),
         )
-        conn.execute(
-            "UPDATE batches SET state = 'superseded', superseded_by = ?, due_at = NULL, claim = NULL,"
-            " completed_at = ?, last_error = NULL WHERE id = ?",
-            (newer["id"], now, batch["id"]),
-        )
+        self._record(conn, newer["id"], now, newer["state"], newer["state"],
+                     f"took the {batch['message_count']} text(s) of batch {batch['id']}")
+        self._move(conn, batch["id"], State.SUPERSEDED, now, f"folded into batch {newer['id']}",
+                   "superseded_by = ?, due_at = NULL, claim = NULL, completed_at = ?, last_error = NULL",
+                   (newer["id"], now))
 
     def mark_sent(self, batch, provider_sid, now):
-        """Record that the reply went out. Returns False if the lease was lost."""
+        """Record that the reply went out (and log it in outbound). Returns False if the lease was lost."""
         with self.transaction() as conn:
-            return self._update_held(
-                conn, batch, "state = 'sent', provider_sid = ?, sent_at = ?, completed_at = ?, due_at = NULL,"
-                " last_error = NULL", (provider_sid, now, now), (State.SENDING,))
+            moved = self._update_held(
+                conn, batch, State.SENT, now, f"sent ({provider_sid})",
+                "provider_sid = ?, sent_at = ?, completed_at = ?, due_at = NULL, last_error = NULL",
+                (provider_sid, now, now), (State.SENDING,))
+            if moved:
+                conn.execute(
+                    "INSERT OR IGNORE INTO outbound (sid, batch_id, phone, our_number, body, source, sent_at)"
+                    " SELECT provider_sid, id, phone, our_number, response_text, 'ai', sent_at FROM batches"
+                    " WHERE id = ?", (batch["id"],))
+            return moved
 
     def finish(self, batch, state, now, error=None):
-        """Move a claimed batch to a final state (skipped, failed, expired, unknown).
+        """Move a claimed batch to a final state (skipped, held, failed, unknown).
 
         Returns False if this processor no longer holds the lease.
         """
@@ -446,30 +532,20 @@ class Store:
             return self._finish(conn, batch, state, now, error)
 
     def _finish(self, conn, batch, state, now, error):
-        return self._update_held(conn, batch, "state = ?, last_error = ?, completed_at = ?, due_at = NULL",
-                                 (State(state).value, error, now))
+        return self._update_held(conn, batch, state, now, error, "last_error = ?, completed_at = ?, due_at = NULL",
+                                 (error, now))
 
-    def requeue(self, batch, due, error):
+    def requeue(self, batch, due, error, now):
         """Put a claimed batch back in the queue to try again at `due` (backoff)."""
         with self.transaction() as conn:
-            return self._update_held(conn, batch, "state = 'queued', due_at = ?, last_error = ?", (due, error))
+            return self._update_held(conn, batch, State.QUEUED, now, f"{error}; next try at {_when(due)}",
+                                     "due_at = ?, last_error = ?", (due, error))
 
-    def release_sending(self, batch, due, error):
+    def release_sending(self, batch, due, error, now):
         """Leave a batch in *sending* (outcome unknown) to be reconciled at `due`."""
         with self.transaction() as conn:
-            return self._update_held(conn, batch, "due_at = ?, last_error = ?", (due, error), (State.SENDING,))
-
-    @staticmethod
-    def _update_held(conn, batch, assignments, values, states=(State.PROCESSING, State.SENDING)):
-        """One move of a batch by the processor holding it: applied only while the claim is
-        still this processor's and the batch is in one of `states`; the claim ends with it.
-        Returns False (nothing changed) if the lease was lost."""
-        cur = conn.execute(
-            f"UPDATE batches SET {assignments}, claim = NULL"
-            f" WHERE id = ? AND claim = ? AND state IN ({placeholders(states)})",
-            (*values, batch["id"], batch["claim"], *[State(x).value for x in states]),
-        )
-        return cur.rowcount == 1
+            return self._update_held(conn, batch, State.SENDING, now, f"{error}; checking at {_when(due)}",
+                                     "due_at = ?, last_error = ?", (due, error), (State.SENDING,))
 
     def _holds(self, conn, batch, state):
         row = conn.execute("SELECT state, claim FROM batches WHERE id = ?", (batch["id"],)).fetchone()
@@ -501,11 +577,9 @@ class Store:
             ).fetchone()
             if keyword:
                 raise InvalidTransition(f"batch {batch_id} holds an opt-out/opt-in keyword; nothing to answer")
-            conn.execute(
-                "UPDATE batches SET state = 'queued', due_at = ?, attempts = 0, claim = NULL,"
-                " last_error = NULL, completed_at = NULL, retried_at = ? WHERE id = ?",
-                (now, now, batch_id),
-            )
+            self._move(conn, batch_id, State.QUEUED, now, "requeued by an operator (smsbatch retry)",
+                       "due_at = ?, attempts = 0, claim = NULL, last_error = NULL, completed_at = NULL,"
+                       " retried_at = ?", (now, now))
         return self.get_batch(batch_id)
 
     def status(self, now, latest=10):
@@ -518,7 +592,8 @@ class Store:
             [s.value for s in PENDING],
         ).fetchone()[0]
         rows = self.conn.execute(
-            "SELECT id, phone, message_count, state, first_at, last_at, attempts, last_error, provider_sid"
+            "SELECT id, phone, our_number, message_count, state, first_at, last_at, attempts, last_error,"
+            " provider_sid"
             " FROM batches ORDER BY seq DESC LIMIT ?",
             (latest,),
         ).fetchall()
@@ -647,6 +722,13 @@ def _why_not_retryable(batch):
     if state == State.SUPERSEDED:
         return f"batch {batch['id']} was folded into batch {batch['superseded_by']}; retry that one"
     return f"batch {batch['id']} is {state}, already waiting to be answered"
+
+
+def _when(epoch):
+    """An epoch time as ISO-8601 UTC, for event reasons a person reads."""
+    import datetime
+
+    return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _statements(script):

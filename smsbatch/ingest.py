@@ -3,7 +3,7 @@
 import sqlite3
 import time
 
-from smsbatch.batching import Rules
+from smsbatch.batching import Rules, opt_out_scope
 from smsbatch.errors import InvalidInput
 from smsbatch.inputs import check_body, derived_sid, parse_record
 
@@ -13,7 +13,8 @@ def ingest_one(store, settings, phone, our_number, body, sid=None, at=None):
     at = time.time() if at is None else at
     body = check_body(body)
     sid = sid or derived_sid(phone, our_number, body, at)
-    added = store.add_message(sid, phone, our_number, body, at, Rules.from_settings(settings))
+    added = store.add_message(sid, phone, our_number, body, at, Rules.from_settings(settings),
+                              scope=opt_out_scope(our_number, settings.twilio_messaging_service_sid))
     return {"stored": int(not added.duplicate), "duplicates": int(added.duplicate), "errors": [],
             "batch_id": added.batch_id}
 
@@ -39,7 +40,9 @@ def ingest_lines(store, lines, settings):
             errors.append((number, str(exc)))
             continue
         try:
-            added = store.add_message(r["sid"], r["phone"], r["our_number"], r["body"], r["at"], rules)
+            scope = opt_out_scope(r["our_number"], settings.twilio_messaging_service_sid)
+            added = store.add_message(r["sid"], r["phone"], r["our_number"], r["body"], r["at"], rules,
+                                      scope=scope)
         except sqlite3.IntegrityError as exc:  # the line is bad; the file goes on
             errors.append((number, f"not stored: {exc}"))
             continue

@@ -100,6 +100,10 @@ class Processor:
             self._local.store = Store(self.db_path)
         return self._local.store
 
+    def scope(self, batch):
+        """What an opt-out must cover for this batch to be skipped (batching.opt_out_scope)."""
+        return batching.opt_out_scope(batch["our_number"], self.settings.twilio_messaging_service_sid)
+
     # -- one batch --------------------------------------------------------------
 
     def handle(self, batch):
@@ -109,7 +113,7 @@ class Processor:
             return self._reconcile(store, batch)
         if batch["attempts"] > s.max_attempts:
             return self._finish(store, batch, State.FAILED, f"gave up after {s.max_attempts} attempts")
-        if store.is_opted_out(batch["phone"]):
+        if store.is_opted_out(batch["phone"], self.scope(batch)):
             return self._finish(store, batch, State.SKIPPED, "opted out")
         if s.test_number and _digits(batch["phone"]) != _digits(s.test_number):
             return self._finish(store, batch, State.SKIPPED, "not the AI_SMS_TEST_NUMBER")
@@ -117,7 +121,8 @@ class Processor:
             return "superseded"  # a retry overtaken by a newer reply that covered it
         fault_point("before_ai")
         texts = store.batch_texts(batch["id"])
-        history = store.history(batch["phone"], batch["id"], texts[0]["received_at"], s.history_messages)
+        history = store.history(batch["phone"], batch["our_number"], batch["id"], texts[0]["received_at"],
+                                s.history_messages)
         messages = ai.build_prompt(s.system_prompt, history, texts)
         store.record_prompt(batch, messages)
         try:
@@ -136,10 +141,10 @@ class Processor:
     def _send(self, store, batch, reply):
         fault_point("before_twilio")
         try:
-            sid = self._call(store, "sms", self.sender.send, batch["phone"], reply)
+            sid = self._call(store, "sms", self.sender.send, batch["phone"], reply, batch["our_number"])
         except DeliveryError as exc:
             if exc.opted_out:
-                store.record_opt_out(batch["phone"], self.clock())
+                store.record_opt_out(batch["phone"], self.scope(batch), self.clock())
                 return self._finish(store, batch, State.SKIPPED, str(exc))
             if exc.ambiguous:
                 # Twilio may have it: keep *sending* so the next claim asks before resending.
@@ -153,8 +158,9 @@ class Processor:
         ask Twilio before resending. *unknown* only when Twilio cannot be asked."""
         out_of_attempts = batch["attempts"] > self.settings.max_attempts
         try:
-            sid = self._call(store, "sms", self.sender.find_sent, batch["phone"], batch["send_started_at"],
-                             batch["response_text"], exclude=store.reply_sids(batch["phone"]))
+            sid = self._call(store, "sms", self.sender.find_sent, batch["phone"], batch["our_number"],
+                             batch["send_started_at"], batch["response_text"],
+                             exclude=store.reply_sids(batch["phone"]))
         except CannotReconcile as exc:
             return self._finish(store, batch, State.UNKNOWN, f"send outcome unknown: {exc}; check, then retry")
         except DeliveryError as exc:
@@ -164,7 +170,7 @@ class Processor:
             return self._later(store.release_sending, batch, f"could not check the earlier send: {exc}")
         if sid:
             return "sent" if store.mark_sent(batch, sid, self.clock()) else "lost"
-        if store.is_opted_out(batch["phone"]):
+        if store.is_opted_out(batch["phone"], self.scope(batch)):
             return self._finish(store, batch, State.SKIPPED, "opted out before the reply was sent")
         if store.fold_if_answered(batch, self.clock(), self.settings):
             return "superseded"  # not sent, and a newer reply has covered it meanwhile
@@ -216,7 +222,7 @@ class Processor:
     def _later(self, move, batch, error):
         """Try again after the backoff: `move` is store.requeue or store.release_sending."""
         due = self.clock() + batching.backoff_seconds(batch["attempts"], self.settings.retry_base_seconds, self.rng)
-        return "retrying" if move(batch, due, error) else "lost"
+        return "retrying" if move(batch, due, error, self.clock()) else "lost"
 
     def _safe_handle(self, batch):
         """handle() for a worker thread: a bug must not kill the run, and must leave the

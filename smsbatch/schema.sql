@@ -1,16 +1,18 @@
--- smsbatch schema, version 1. Applied by `smsbatch migrate`; later versions add
--- migrations in smsbatch/db.py and bump PRAGMA user_version.
+-- smsbatch schema: the current version in full (PRAGMA user_version says which).
+-- A new database is made from this file; an older one is brought here by the frozen
+-- steps in smsbatch/migrations.py. tests/test_migrations.py checks that both give the
+-- same tables, columns and indexes, so a change here needs a migration step too.
 
--- One row per batch: a person's burst of texts, answered by one reply.
--- state: open -> processing -> sending -> sent, with side exits
--- (queued for retry, superseded, skipped, expired, failed, unknown); see README.
+-- One row per batch: a person's burst of texts to one of our numbers, answered by one reply.
+-- state: open -> processing -> sending -> sent, with side exits (queued for retry,
+-- superseded, skipped, held, expired, failed, unknown); db.TRANSITIONS lists every move.
 CREATE TABLE IF NOT EXISTS batches (
     seq             INTEGER PRIMARY KEY,      -- arrival order of batches
     id              TEXT NOT NULL UNIQUE,     -- short id an operator types
     phone           TEXT NOT NULL,            -- the person (Twilio "From")
-    our_number      TEXT NOT NULL,            -- the number they wrote to (Twilio "To")
+    our_number      TEXT NOT NULL,            -- the number they wrote to (Twilio "To"); replies come from it
     state           TEXT NOT NULL CHECK (state IN ('open', 'queued', 'processing',
-                        'sending', 'sent', 'superseded', 'skipped', 'expired',
+                        'sending', 'sent', 'superseded', 'skipped', 'held', 'expired',
                         'failed', 'unknown')),
     message_count   INTEGER NOT NULL DEFAULT 0,
     first_at        REAL NOT NULL,            -- epoch seconds of the first text
@@ -32,18 +34,34 @@ CREATE TABLE IF NOT EXISTS batches (
     fold_depth      INTEGER NOT NULL DEFAULT 0, -- superseded batches folded into this one, in a row
     superseded_by   TEXT REFERENCES batches(id),
     retried_at      REAL,                     -- last requeued by `smsbatch retry`
-    created_at      REAL NOT NULL
+    created_at      REAL NOT NULL,
+    prompt          TEXT                      -- JSON of the chat messages last sent to the AI (`show --prompt`)
 );
 CREATE INDEX IF NOT EXISTS batches_state_due ON batches(state, due_at);
 CREATE INDEX IF NOT EXISTS batches_state_last ON batches(state, last_at);  -- expiry sweep: O(expired), not O(backlog)
-CREATE INDEX IF NOT EXISTS batches_phone ON batches(phone);  -- no state: claiming and finishing do not rewrite it
+CREATE INDEX IF NOT EXISTS batches_conversation ON batches(phone, our_number);  -- no state: claiming does not rewrite it
+CREATE INDEX IF NOT EXISTS batches_created ON batches(created_at);  -- `stats` over a window
 
--- Each phone's open batch. Texts join it while that batch is still open; claiming a
--- batch does not touch this table (a pointer to a closed batch is simply stale), so
--- claims stay cheap however many batches wait. One row per phone: one open batch.
-CREATE TABLE IF NOT EXISTS phones (
-    phone       TEXT PRIMARY KEY,
-    open_batch  TEXT NOT NULL REFERENCES batches(id)
+-- Every state change of every batch, oldest first: `smsbatch show` reads it, `retry`
+-- adds to it. from_state is NULL for the move that created the batch.
+CREATE TABLE IF NOT EXISTS batch_events (
+    id          INTEGER PRIMARY KEY,
+    batch_id    TEXT NOT NULL REFERENCES batches(id),
+    at          REAL NOT NULL,
+    from_state  TEXT,
+    to_state    TEXT NOT NULL,
+    reason      TEXT
+);
+CREATE INDEX IF NOT EXISTS batch_events_batch ON batch_events(batch_id, id);
+
+-- Each conversation's open batch: a person and the number they wrote to. Texts join it
+-- while that batch is still open; claiming does not touch this table (a pointer to a
+-- closed batch is simply stale), so claims stay cheap however many batches wait.
+CREATE TABLE IF NOT EXISTS conversations (
+    phone       TEXT NOT NULL,
+    our_number  TEXT NOT NULL,
+    open_batch  TEXT NOT NULL REFERENCES batches(id),
+    PRIMARY KEY (phone, our_number)
 );
 
 -- Every inbound text, stored once per Twilio MessageSid.
@@ -62,9 +80,50 @@ CREATE INDEX IF NOT EXISTS messages_batch ON messages(batch_id);
 CREATE INDEX IF NOT EXISTS messages_phone ON messages(phone, received_at);
 CREATE INDEX IF NOT EXISTS messages_received ON messages(received_at);
 
--- Numbers that texted STOP (and have not texted START since).
+-- Every SMS we sent: AI replies (recorded when Twilio accepted them) and replies an
+-- operator sent by hand. The AI sees both as the conversation so far. status and
+-- error_code are Twilio's latest MessageStatus / ErrorCode (NULL: no receipt yet).
+CREATE TABLE IF NOT EXISTS outbound (
+    sid         TEXT PRIMARY KEY,
+    batch_id    TEXT REFERENCES batches(id),
+    phone       TEXT NOT NULL,
+    our_number  TEXT NOT NULL,
+    body        TEXT NOT NULL,
+    source      TEXT NOT NULL CHECK (source IN ('ai', 'manual')),
+    sent_at     REAL NOT NULL,
+    status      TEXT,
+    error_code  INTEGER,
+    status_at   REAL,
+    checked_at  REAL
+);
+CREATE INDEX IF NOT EXISTS outbound_conversation ON outbound(phone, our_number, sent_at);
+CREATE INDEX IF NOT EXISTS outbound_batch ON outbound(batch_id);
+
+-- Numbers that texted STOP (and have not texted START since). scope: the number they
+-- wrote to, the messaging service when one is used (Twilio opts out of the whole
+-- service), or '*' for every number (opt-outs kept from schema version 1).
 CREATE TABLE IF NOT EXISTS opt_outs (
+    phone   TEXT NOT NULL,
+    scope   TEXT NOT NULL,
+    since   REAL NOT NULL,
+    keyword TEXT NOT NULL,
+    PRIMARY KEY (phone, scope)
+);
+
+-- People an operator put on hold (`smsbatch hold`): no AI reply until released.
+CREATE TABLE IF NOT EXISTS holds (
     phone   TEXT PRIMARY KEY,
     since   REAL NOT NULL,
-    keyword TEXT NOT NULL
+    reason  TEXT
+);
+
+-- Each provider's health ('ai', 'sms'), kept across `process` runs (each cron run is a new
+-- process): failing since when (NULL: healthy) and when the outage was announced on stderr.
+CREATE TABLE IF NOT EXISTS provider_health (
+    provider        TEXT PRIMARY KEY,
+    failing_since   REAL,
+    last_failure_at REAL,
+    last_error      TEXT,
+    alerted_at      REAL,
+    last_ok_at      REAL
 );

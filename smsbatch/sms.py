@@ -1,7 +1,8 @@
 """Senders: deliver one reply by SMS.
 
-A sender has `send(to, body) -> provider_sid` and `find_sent(to, since, body, exclude) -> sid | None`
-(did an earlier send go out? `exclude`: SIDs already recorded for other replies); both raise
+A sender has `send(to, body, from_) -> provider_sid` (from_: the number the person wrote to) and
+`find_sent(to, from_, since, body, exclude) -> sid | None` (did an earlier send go out? `exclude`:
+SIDs already recorded for other replies); both raise
 DeliveryError, and find_sent raises CannotReconcile when the sender cannot be asked.
 """
 
@@ -30,7 +31,7 @@ class ConsoleSender:
         self.quiet = quiet
         self._lock = threading.Lock()
 
-    def send(self, to, body):
+    def send(self, to, body, from_=None):
         sid = "SMconsole" + secrets.token_hex(12)
         with self._lock:
             self.sent.append((sid, to, body))
@@ -38,7 +39,7 @@ class ConsoleSender:
             print(f"[console sms to {to}] {body}", file=self.stream)
         return sid
 
-    def find_sent(self, to, since, body, exclude=frozenset()):
+    def find_sent(self, to, from_, since, body, exclude=frozenset()):
         raise CannotReconcile("the console sender keeps no record between runs")
 
 
@@ -69,22 +70,26 @@ class TwilioSender:
                 self._client = client
             return self._client
 
-    def _sender_fields(self):
+    def sender_fields(self, from_):
+        """Who a reply comes from: the number the person wrote to (with a messaging service,
+        the service and that number as its sender); TWILIO_FROM_NUMBER only for a text
+        whose number is unknown."""
         s = self.settings
         if s.twilio_messaging_service_sid:
-            return {"messaging_service_sid": s.twilio_messaging_service_sid}
-        return {"from_": s.twilio_from_number}
+            fields = {"messaging_service_sid": s.twilio_messaging_service_sid}
+            return fields | ({"from_": from_} if from_ else {})
+        return {"from_": from_ or s.twilio_from_number}
 
-    def send(self, to, body):
+    def send(self, to, body, from_=None):
         """Raises: DeliveryError (ambiguous when the request may have reached Twilio)."""
         client = self._get_client()
         try:
-            return client.messages.create(to=to, body=body, **self._sender_fields()).sid
+            return client.messages.create(to=to, body=body, **self.sender_fields(from_)).sid
         except Exception as exc:
             raise classify(exc) from None
 
-    def find_sent(self, to, since, body, exclude=frozenset()):
-        """Look for our reply among the recipient's recent messages.
+    def find_sent(self, to, from_, since, body, exclude=frozenset()):
+        """Look for our reply among the recipient's recent messages from `from_`.
 
         A message whose SID is in `exclude` is already recorded as another batch's reply:
         the same text sent earlier (a repeated question gets the same answer) is not this one.
@@ -96,7 +101,8 @@ class TwilioSender:
         client = self._get_client()
         after = since - RECONCILE_SLACK_SECONDS
         try:
-            for message in client.messages.list(to=to, limit=50):
+            sender = self.sender_fields(from_).get("from_")
+            for message in client.messages.list(to=to, from_=sender, limit=50):
                 created = message.date_created
                 if message.sid in exclude or fingerprint(message.body) != fingerprint(body):
                     continue

@@ -16,7 +16,7 @@ import threading
 import time
 from urllib.parse import unquote, urlparse
 
-from smsbatch.batching import Rules
+from smsbatch.batching import Rules, opt_out_scope
 from smsbatch.config import Settings
 from smsbatch.db import Store
 from smsbatch.errors import ConfigError, SmsbatchError
@@ -157,9 +157,10 @@ class Webhook:
         to, body, rules, clock = params.one("To").strip(), params.one("Body"), self.rules, self.clock
         # Twilio's Advanced Opt-Out names the keywords configured in the console.
         carrier = CARRIER_KINDS.get(params.one("OptOutType").strip().upper())
+        scope = opt_out_scope(to, self.settings.twilio_messaging_service_sid)
         try:
             added = self.writer.submit(
-                lambda store: store.add_message(sid, phone, to, body, clock(), rules, media, carrier)
+                lambda store: store.add_message(sid, phone, to, body, clock(), rules, media, carrier, scope)
             )
         except (sqlite3.Error, SmsbatchError) as exc:
             # Twilio retries or uses its fallback URL on 5xx; never acknowledge a lost text.

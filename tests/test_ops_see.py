@@ -174,7 +174,7 @@ def troubled(store, settings):
         add(store, f"+1555444{n:04d}", f"text {n}", T0 + 50 + n if n < 18 else T0 + n - 18)
     [failed, retrying], _ = store.claim_due(T0 + 20, 2, settings.lease, 3600)
     store.finish(failed, "failed", T0 + 101, NOISY)
-    store.requeue(retrying, T0 + 130, "AI returned HTTP 503: down")
+    store.requeue(retrying, T0 + 130, "AI returned HTTP 503: down", T0 + 101)
     store.record_provider("ai", T0, "AI returned HTTP 503: [b]down[/b]", 300)
     store.record_provider("ai", T0 + 301, "AI returned HTTP 503: [b]down[/b]", 300)
     return failed["id"], retrying["id"]

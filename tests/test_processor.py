@@ -156,7 +156,7 @@ def test_twilio_errors_are_classified(fast, store, clock, twilio_standin, code, 
     report = run(fast, clock, T0 + 10)
     assert report.counts[outcome] == 1
     if code == 21610:
-        assert store.is_opted_out(A)
+        assert store.is_opted_out(A, "+15550000000")
         assert store.get_batch(batch)["state"] == "skipped"
 
 
@@ -232,7 +232,7 @@ def test_yes_is_an_answer_unless_the_number_opted_out(fast, store, clock, openai
     assert openai_standin.calls[0][-1]["content"] == "yes"
     add(store, B, "STOP", T0)
     add(store, B, "YES", T0 + 5)
-    assert not store.is_opted_out(B)
+    assert not store.is_opted_out(B, "+15550000000")
 
 
 def test_twilio_5xx_is_checked_before_sending_again(fast, store, clock, twilio_standin):

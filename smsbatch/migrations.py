@@ -1,0 +1,135 @@
+"""Schema migrations: frozen steps that bring an older database to the current schema.
+
+A new database is made from schema.sql in one go. An existing one is at the version in
+PRAGMA user_version, and every step above it runs in order, in one transaction with
+foreign keys off (a step may rebuild a table). Steps are frozen: once released, a step
+is never edited, because databases in the field have already run it; a later change
+gets a new step (and the same change in schema.sql). tests/test_migrations.py builds
+a version-1 database, upgrades it, and checks it against a fresh one.
+"""
+
+# Version 1 (the first release) had: batches (state without 'held'), phones (one open
+# batch per phone), messages, opt_outs (one row per phone, every number).
+_V2_BATCHES = """
+CREATE TABLE batches_v2 (
+    seq             INTEGER PRIMARY KEY,
+    id              TEXT NOT NULL UNIQUE,
+    phone           TEXT NOT NULL,
+    our_number      TEXT NOT NULL,
+    state           TEXT NOT NULL CHECK (state IN ('open', 'queued', 'processing',
+                        'sending', 'sent', 'superseded', 'skipped', 'held', 'expired',
+                        'failed', 'unknown')),
+    message_count   INTEGER NOT NULL DEFAULT 0,
+    first_at        REAL NOT NULL,
+    last_at         REAL NOT NULL,
+    urgent          INTEGER NOT NULL DEFAULT 0,
+    due_at          REAL,
+    claim           TEXT,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    claimed_at      REAL,
+    started_at      REAL,
+    completed_at    REAL,
+    response_text   TEXT,
+    send_started_at REAL,
+    sent_at         REAL,
+    provider_sid    TEXT,
+    last_error      TEXT,
+    fold_depth      INTEGER NOT NULL DEFAULT 0,
+    superseded_by   TEXT REFERENCES batches(id),
+    retried_at      REAL,
+    created_at      REAL NOT NULL
+)"""
+
+_V1_BATCH_COLUMNS = (
+    "seq, id, phone, our_number, state, message_count, first_at, last_at, urgent, due_at, claim,"
+    " attempts, claimed_at, started_at, completed_at, response_text, send_started_at, sent_at,"
+    " provider_sid, last_error, fold_depth, superseded_by, retried_at, created_at"
+)
+
+V2 = (
+    # batches: the state 'held' needs a new CHECK, which SQLite can only get by a rebuild.
+    _V2_BATCHES,
+    f"INSERT INTO batches_v2 ({_V1_BATCH_COLUMNS}) SELECT {_V1_BATCH_COLUMNS} FROM batches",
+    "DROP TABLE batches",
+    "ALTER TABLE batches_v2 RENAME TO batches",
+    "CREATE INDEX batches_state_due ON batches(state, due_at)",
+    "CREATE INDEX batches_state_last ON batches(state, last_at)",
+    "CREATE INDEX batches_conversation ON batches(phone, our_number)",
+    # Every batch's history starts with the state it had at the upgrade.
+    """CREATE TABLE batch_events (
+        id          INTEGER PRIMARY KEY,
+        batch_id    TEXT NOT NULL REFERENCES batches(id),
+        at          REAL NOT NULL,
+        from_state  TEXT,
+        to_state    TEXT NOT NULL,
+        reason      TEXT
+    )""",
+    "CREATE INDEX batch_events_batch ON batch_events(batch_id, id)",
+    "INSERT INTO batch_events (batch_id, at, from_state, to_state, reason)"
+    " SELECT id, coalesce(completed_at, last_at), NULL, state, 'state when upgraded to schema version 2'"
+    " FROM batches ORDER BY seq",
+    # phones -> conversations: a person and the number they wrote to.
+    """CREATE TABLE conversations (
+        phone       TEXT NOT NULL,
+        our_number  TEXT NOT NULL,
+        open_batch  TEXT NOT NULL REFERENCES batches(id),
+        PRIMARY KEY (phone, our_number)
+    )""",
+    "INSERT OR IGNORE INTO conversations (phone, our_number, open_batch)"
+    " SELECT p.phone, b.our_number, p.open_batch FROM phones p JOIN batches b ON b.id = p.open_batch",
+    "DROP TABLE phones",
+    # Every SMS we sent; version 1 kept AI replies on their batch only.
+    """CREATE TABLE outbound (
+        sid         TEXT PRIMARY KEY,
+        batch_id    TEXT REFERENCES batches(id),
+        phone       TEXT NOT NULL,
+        our_number  TEXT NOT NULL,
+        body        TEXT NOT NULL,
+        source      TEXT NOT NULL CHECK (source IN ('ai', 'manual')),
+        sent_at     REAL NOT NULL,
+        status      TEXT,
+        error_code  INTEGER,
+        status_at   REAL,
+        checked_at  REAL
+    )""",
+    "CREATE INDEX outbound_conversation ON outbound(phone, our_number, sent_at)",
+    "CREATE INDEX outbound_batch ON outbound(batch_id)",
+    "INSERT OR IGNORE INTO outbound (sid, batch_id, phone, our_number, body, source, sent_at)"
+    " SELECT provider_sid, id, phone, our_number, coalesce(response_text, ''), 'ai', coalesce(sent_at, last_at)"
+    " FROM batches WHERE state = 'sent' AND provider_sid IS NOT NULL",
+    # opt_outs per scope; a version-1 opt-out covered every number, and still does.
+    """CREATE TABLE opt_outs_v2 (
+        phone   TEXT NOT NULL,
+        scope   TEXT NOT NULL,
+        since   REAL NOT NULL,
+        keyword TEXT NOT NULL,
+        PRIMARY KEY (phone, scope)
+    )""",
+    "INSERT INTO opt_outs_v2 (phone, scope, since, keyword) SELECT phone, '*', since, keyword FROM opt_outs",
+    "DROP TABLE opt_outs",
+    "ALTER TABLE opt_outs_v2 RENAME TO opt_outs",
+    """CREATE TABLE holds (
+        phone   TEXT PRIMARY KEY,
+        since   REAL NOT NULL,
+        reason  TEXT
+    )""",
+)
+
+# Issue 10 (see): the prompt each batch sent the AI (`show --prompt`), an index for `stats`,
+# and each provider's health across runs (outages). Only ADD COLUMN / CREATE: no rebuild.
+V3 = (
+    "ALTER TABLE batches ADD COLUMN prompt TEXT",
+    "CREATE INDEX batches_created ON batches(created_at)",
+    """CREATE TABLE provider_health (
+        provider        TEXT PRIMARY KEY,
+        failing_since   REAL,
+        last_failure_at REAL,
+        last_error      TEXT,
+        alerted_at      REAL,
+        last_ok_at      REAL
+    )""",
+)
+
+# {version: statements that bring version - 1 to it}, applied in order.
+STEPS = {2: V2, 3: V3}
+LATEST = max(STEPS)
