@@ -245,6 +245,31 @@ def status(ctx, as_json, now, latest, watch, interval):
         render.status(fetch())
 
 
+@cli.command()
+@click.argument("target", metavar="BATCH_ID|PHONE")
+@click.option("--prompt", is_flag=True, help="With a batch: also the exact prompt sent to the AI.")
+@click.option("--limit", type=click.IntRange(1, 100000), default=50, show_default=True,
+              help="With a phone: how many of the latest texts, replies and notes.")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@click.pass_context
+def show(ctx, target, prompt, limit, as_json):
+    """A batch's whole life (texts, every state change, attempts, the reply and its delivery), or
+    the conversation with a phone number as a chat, newest last."""
+    from smsbatch import render_ops, report
+
+    store = open_store(settings_from(ctx))
+    kind, key = report.resolve(store, target)
+    if kind == "phone" and prompt:
+        raise click.UsageError("--prompt is for a batch; `smsbatch show PHONE` lists its batches")
+    info = report.show_batch(store, key, prompt) if kind == "batch" else report.show_phone(store, key, limit)
+    if as_json:
+        emit_json(info)
+    elif kind == "batch":
+        render_ops.show_batch(info)
+    else:
+        render_ops.show_phone(info)
+
+
 DURATION = InputParam("DURATION", "parse_duration")  # 7d, 24h, 90m
 
 

@@ -686,6 +686,55 @@ class Store:
         ).fetchone()
         return None if row is None else (row[0], row[1])
 
+    def batch_life(self, batch_id):
+        """Everything about one batch for `smsbatch show`: its row, texts, every state change
+        (oldest first), the SMS sent for it, and the batches folded into it.
+
+        Raises:
+            NotFound: no such batch.
+        """
+        batch = self.get_batch(batch_id)
+        texts = self.conn.execute(
+            "SELECT sid, body, media, kind, received_at FROM messages WHERE batch_id = ? ORDER BY received_at, id",
+            (batch_id,)).fetchall()
+        events = self.conn.execute(
+            "SELECT at, from_state, to_state, reason FROM batch_events WHERE batch_id = ? ORDER BY id",
+            (batch_id,)).fetchall()
+        sent = self.conn.execute("SELECT * FROM outbound WHERE batch_id = ? ORDER BY sent_at", (batch_id,)).fetchall()
+        folded = self.conn.execute("SELECT id FROM batches WHERE superseded_by = ? ORDER BY seq", (batch_id,))
+        return {"batch": batch, "texts": [dict(r) for r in texts], "events": [dict(r) for r in events],
+                "outbound": [dict(r) for r in sent], "folded": [r[0] for r in folded]}
+
+    def conversation(self, phone, limit):
+        """The last `limit` things in a person's conversation (any of our numbers), oldest first:
+        texts in, SMS out (the AI's and by hand), opt-outs, holds, and batches that ended
+        without a reply."""
+        texts = self.conn.execute(
+            "SELECT received_at AS at, 'in' AS kind, our_number, body, media, batch_id, kind AS detail"
+            " FROM messages WHERE phone = ? ORDER BY received_at DESC, id DESC LIMIT ?", (phone, limit))
+        sent = self.conn.execute(
+            "SELECT sent_at AS at, 'out' AS kind, our_number, body, NULL AS media, batch_id, source AS detail,"
+            " sid, status FROM outbound WHERE phone = ? ORDER BY sent_at DESC LIMIT ?", (phone, limit))
+        unanswered = self.conn.execute(
+            "SELECT completed_at AS at, 'note' AS kind, our_number, last_error AS body, id AS batch_id,"
+            " state AS detail FROM batches WHERE phone = ? AND state IN ('failed', 'unknown', 'expired', 'held')"
+            " AND completed_at IS NOT NULL ORDER BY completed_at DESC LIMIT ?", (phone, limit))
+        opt_outs = self.conn.execute(
+            "SELECT since AS at, 'opt_out' AS kind, scope AS our_number, keyword AS body FROM opt_outs"
+            " WHERE phone = ?", (phone,))
+        holds = self.conn.execute(
+            "SELECT since AS at, 'hold' AS kind, reason AS body FROM holds WHERE phone = ?", (phone,))
+        items = [dict(r) for rows in (texts, sent, unanswered, opt_outs, holds) for r in rows]
+        items.sort(key=lambda item: (item["at"], item["kind"] != "in"))
+        return items[-limit:]
+
+    def person_flags(self, phone):
+        """Is this person on hold ({since, reason} or None), and which scopes did they opt out of."""
+        hold = self.conn.execute("SELECT since, reason FROM holds WHERE phone = ?", (phone,)).fetchone()
+        outs = self.conn.execute("SELECT scope, since, keyword FROM opt_outs WHERE phone = ? ORDER BY since",
+                                 (phone,)).fetchall()
+        return {"hold": None if hold is None else dict(hold), "opt_outs": [dict(r) for r in outs]}
+
     def columns(self, table):
         """The column names of a table (another version may lack some)."""
         return {r[1] for r in self.conn.execute(f"PRAGMA table_info({table})")}
@@ -706,13 +755,15 @@ class Store:
             f"SELECT date(created_at, 'unixepoch') AS day, count(*) AS batches, {requests} AS ai_requests,"
             f" {tokens} FROM batches WHERE created_at >= ? AND created_at < ? GROUP BY day",
             (since, until)).fetchall()
+        # Every SMS we sent (the AI's and by hand); latency only for the AI's, from its batch's last text.
         replies = self.conn.execute(
-            "SELECT date(sent_at, 'unixepoch') AS day, sent_at - last_at AS latency FROM batches"
-            " WHERE state = 'sent' AND sent_at >= ? AND sent_at < ?", (since, until)).fetchall()
+            "SELECT date(o.sent_at, 'unixepoch') AS day, o.sent_at - b.last_at AS latency,"
+            " o.status = 'delivered' AS delivered FROM outbound o LEFT JOIN batches b ON b.id = o.batch_id"
+            " WHERE o.sent_at >= ? AND o.sent_at < ?", (since, until)).fetchall()
         return {"texts": [dict(r) for r in texts], "batches": [dict(r) for r in batches],
-                "replies": [dict(r) | {"delivered": None} for r in replies],
+                "replies": [dict(r) for r in replies],
                 "ai_requests_exact": "ai_requests" in have, "tokens_known": "prompt_tokens" in have,
-                "delivery_known": False}
+                "delivery_known": True}
 
 
 def _why_not_retryable(batch):

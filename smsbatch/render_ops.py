@@ -168,3 +168,111 @@ def _chart(days, width):
             head = day["day"][5:] if label == "texts" else ""
             lines.append(Text(f"{head:<5} {label:<5} ") + Text(bar, style=style) + Text(f" {n:,}"))
     return Group(*lines)
+
+
+def _t(epoch):
+    return "-" if epoch is None else iso_time(epoch)
+
+
+def _line(*parts):
+    """A Text from (text, style) pairs and plain strings: data never parsed as markup."""
+    line = Text()
+    for part in parts:
+        line += Text(*part) if isinstance(part, tuple) else Text(str(part))
+    return line
+
+
+def show_batch(life):
+    """`smsbatch show BATCH_ID`: texts, every state change, attempts, the reply and its delivery."""
+    out, b = console(), life["batch"]
+    out.print(_line(("batch ", "bold"), (b["id"], "bold"), "  ", (b["state"], STATE_STYLE.get(b["state"], "")),
+                    f"  from {b['phone']} to {b['our_number']}"))
+    out.print(Text(f"attempts {b['attempts']}   AI requests {_n(b['ai_requests'])}   tokens "
+                   f"{_n(b['prompt_tokens'])} prompt + {_n(b['completion_tokens'])} completion"))
+    if life["folded"]:
+        out.print(Text(f"took the texts of: {', '.join(life['folded'])}"))
+    if b.get("superseded_by"):
+        out.print(Text(f"folded into batch {b['superseded_by']} (smsbatch show {b['superseded_by']})"))
+    out.print(Text(f"texts ({len(life['texts'])})", style="bold"))
+    for text in life["texts"]:
+        note = "" if text["kind"] == "text" else f"[{text['kind']}] "
+        out.print(_line(f"  {_t(text['received_at'])}  {note}", text["body"], _media(text["media"])))
+    out.print(Text("history", style="bold"))
+    for e in life["events"]:
+        out.print(_line(f"  {_t(e['at'])}  ", (f"{e['to_state']:<11}", STATE_STYLE.get(e["to_state"], "")),
+                        e["reason"] or ""))
+    failed = [a for a in life["attempts"] if a["state"] not in ("sent", "superseded")]
+    if failed:
+        out.print(Text("attempts that did not end in a reply", style="bold"))
+        for n, a in enumerate(life["attempts"], 1):
+            if a in failed:
+                out.print(_line(f"  {n}. {_t(a['at'])}  {a['state']}: ", (a["outcome"] or "-", "red")))
+    _show_reply(out, b, life["outbound"])
+    if "prompt" in life:
+        _show_prompt(out, life["prompt"])
+
+
+def _media(media):
+    import json
+
+    urls = json.loads(media) if media else []
+    return f"  [+{len(urls)} attachment{'s' if len(urls) != 1 else ''}]" if urls else ""
+
+
+def _show_reply(out, batch, outbound):
+    out.print(Text("reply", style="bold"))
+    if not outbound:
+        written = batch["response_text"]
+        out.print(Text("  " + (f"written, not sent: {written}" if written else "none")))
+        return
+    for sms in outbound:
+        out.print(_line("  ", sms["body"]))
+        status = sms["status"] or "not reported yet"
+        error = f"  error {sms['error_code']}" if sms["error_code"] else ""
+        out.print(Text(f"  SID {sms['sid']}  sent {_t(sms['sent_at'])}  delivery {status}"
+                       f"{'' if sms['status_at'] is None else ' at ' + _t(sms['status_at'])}{error}", style="dim"))
+
+
+def _show_prompt(out, prompt):
+    out.print(Text("prompt sent to the AI", style="bold"))
+    if prompt is None:
+        out.print(Text("  none recorded (never sent to the AI, or answered before prompts were kept)"))
+        return
+    for message in prompt:
+        out.print(Text(f"  [{message['role']}]", style="cyan"))
+        for line in str(message["content"]).splitlines() or [""]:
+            out.print(Text("    " + line))
+
+
+def show_phone(convo):
+    """`smsbatch show PHONE`: the conversation as a chat, newest last."""
+    out = console()
+    head = _line(("conversation with ", "bold"), (convo["phone"], "bold"))
+    if convo["hold"]:
+        head += Text(f"   ON HOLD since {_t(convo['hold']['since'])}", style="bold yellow")
+    for o in convo["opt_outs"]:
+        scope = "every number" if o["scope"] == "*" else o["scope"]
+        head += Text(f"   OPTED OUT of {scope}", style="bold red")
+    out.print(head)
+    if not convo["items"]:
+        out.print(Text("  nothing yet"))
+    for item in convo["items"]:
+        out.print(_chat_line(item))
+
+
+def _chat_line(item):
+    at = f"{_t(item['at'])}  "
+    kind = item["kind"]
+    if kind == "in":
+        keyword = "" if item["detail"] == "text" else f" [{item['detail']}]"
+        return _line(at, ("> ", "bold cyan"), item["body"], _media(item["media"]), (keyword, "dim"))
+    if kind == "out":
+        who = "AI" if item["detail"] == "ai" else "by hand"
+        status = item["status"] or "sent"
+        return _line(at, ("  < ", "bold green"), item["body"], (f"  ({who}, {status})", "dim"))
+    if kind == "opt_out":
+        scope = "every number" if item["our_number"] == "*" else item["our_number"]
+        return _line(at, ("  ! ", "bold red"), f"opted out of {scope} ({item['body']})")
+    if kind == "hold":
+        return _line(at, ("  ! ", "bold yellow"), "put on hold", f": {item['body']}" if item["body"] else "")
+    return _line(at, ("  ! ", "yellow"), f"batch {item['batch_id']} {item['detail']}: ", item["body"] or "")

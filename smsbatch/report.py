@@ -94,3 +94,66 @@ def status(store, settings, now, latest):
         "providers": providers,
         "outages": store.outages(),
     }
+
+
+AI_USAGE = ("ai_requests", "prompt_tokens", "completion_tokens")
+
+
+def resolve(store, target):
+    """What `smsbatch show TARGET` means: ('batch', id) or ('phone', number), by its shape.
+
+    An id is 10 letters and digits of db.ID_ALPHABET; a number goes through inputs.check_phone.
+    Ten digits could be either: a batch with that id wins, else it is a number.
+
+    Raises:
+        InvalidInput: neither a batch id nor a phone number.
+    """
+    import re
+
+    from smsbatch import inputs
+    from smsbatch.db import ID_ALPHABET
+    from smsbatch.errors import InvalidInput, NotFound
+
+    text = str(target).strip()
+    if re.fullmatch(f"[{ID_ALPHABET}]{{10}}", text):
+        try:
+            return "batch", store.get_batch(text)["id"]
+        except NotFound:
+            if not text.isdigit():
+                raise
+    try:
+        return "phone", inputs.check_phone(text)
+    except InvalidInput:
+        raise InvalidInput(f"{text!r} is neither a batch id (like b7k2mq9xza) nor a phone number "
+                           "(like +15551234567)") from None
+
+
+def show_batch(store, batch_id, with_prompt=False):
+    """`smsbatch show BATCH_ID`: the batch's whole life. AI usage is None where not recorded;
+    the prompt is included (parsed) only when asked for."""
+    import json
+    import re
+
+    life = store.batch_life(batch_id)
+    batch = life["batch"]
+    prompt = batch.pop("prompt", None)
+    batch.pop("claim", None)  # a lease token: nothing an operator can use
+    for key in AI_USAGE:
+        batch.setdefault(key, None)
+    attempts = []
+    for event in life["events"]:  # an attempt starts at a claim; its outcome is the processor's last move
+        if re.search(r"\(attempt \d+\)$", event["reason"] or ""):
+            attempts.append({"at": event["at"], "state": event["to_state"], "outcome": None})
+        elif attempts and event["from_state"] in ("processing", "sending"):
+            attempts[-1].update(state=event["to_state"], outcome=event["reason"])
+    life["attempts"] = attempts
+    if with_prompt:
+        life["prompt"] = None if prompt is None else json.loads(prompt)
+    return life
+
+
+def show_phone(store, phone, limit):
+    """`smsbatch show PHONE`: the last `limit` things in the conversation, oldest first,
+    and whether the person is on hold or opted out now."""
+    flags = store.person_flags(phone)
+    return {"phone": phone, "items": store.conversation(phone, limit), **flags}

@@ -254,3 +254,96 @@ def test_status_watch_in_a_real_80x24_terminal(troubled, db_path, store, tmp_pat
         assert wait_for(lambda: tmux(sock, "has-session").returncode != 0), screen()
     finally:
         tmux(sock, "kill-server")
+
+
+# -- show ------------------------------------------------------------------------
+
+
+def test_show_batch_tells_its_whole_life_and_a_retry_extends_it(db_path, store, real_settings, openai_standin,
+                                                                twilio_standin):
+    from conftest import Clock, real_processor
+
+    settings = real_settings.replace(ai_client_retries=0)
+    batch = add(store, A, "where is my order?", T0).batch_id
+    add(store, A, "it's [bold]late[/]", T0 + 3)
+    openai_standin.script = [400]
+    assert real_processor(settings, Clock(T0 + 20)).run().counts["failed"] == 1
+    assert invoke(["retry", batch, "--now", str(T0 + 100)], env_for(db_path)).exit_code == 0
+    assert real_processor(settings, Clock(T0 + 101)).run().counts["sent"] == 1
+
+    result = invoke(["show", batch, "--json", "--prompt"], env_for(db_path))
+    assert result.exit_code == 0, result.output
+    life = json.loads(result.output)
+    assert [t["body"] for t in life["texts"]] == ["where is my order?", "it's [bold]late[/]"]
+    moves = [(e["from_state"], e["to_state"]) for e in life["events"]]
+    assert moves == [(None, "open"), ("open", "processing"), ("processing", "failed"), ("failed", "queued"),
+                     ("queued", "processing"), ("processing", "sending"), ("sending", "sent")]
+    assert "AI returned HTTP 400" in life["events"][2]["reason"] and life["events"][2]["at"] == T0 + 20
+    assert [(a["state"], a["at"]) for a in life["attempts"]] == [("failed", T0 + 20), ("sent", T0 + 101)]
+    assert "HTTP 400" in life["attempts"][0]["outcome"]
+    [sms] = twilio_standin.sent
+    assert [(o["sid"], o["body"], o["source"]) for o in life["outbound"]] == [(sms["sid"], sms["body"], "ai")]
+    assert life["prompt"] == openai_standin.calls[-1]  # exactly what the AI was sent
+    assert life["batch"]["ai_requests"] is None or life["batch"]["ai_requests"] >= 2
+
+    human = invoke(["show", batch], env_for(db_path, COLUMNS=100)).output
+    assert "it's [bold]late[/]" in human and f"SID {sms['sid']}" in human  # markup printed as it is
+    assert "requeued by an operator" in human and "prompt sent to the AI" not in human
+    with_prompt = invoke(["show", batch, "--prompt"], env_for(db_path, COLUMNS=100)).output
+    assert "prompt sent to the AI" in with_prompt and "[system]" in with_prompt
+
+
+def test_show_phone_is_the_conversation_as_a_chat_newest_last(db_path, store, settings, clock):
+    from conftest import offline_processor
+
+    add(store, A, "hi", T0)
+    clock.now = T0 + 15
+    offline_processor(settings, clock).run()
+    store.conn.execute("INSERT INTO outbound (sid, phone, our_number, body, source, sent_at, status)"
+                       " VALUES ('SMmanual1', ?, '+15550000000', 'Call you at 5 - Ann', 'manual', ?, 'delivered')",
+                       (A, T0 + 60))
+    store.conn.execute("INSERT INTO holds (phone, since, reason) VALUES (?, ?, 'angry customer')", (A, T0 + 70))
+    add(store, A, "STOP", T0 + 80)
+    add(store, B, "someone else", T0 + 90)
+    result = invoke(["show", "+1 (555) 444-0001", "--json"], env_for(db_path))
+    assert result.exit_code == 0, result.output
+    convo = json.loads(result.output)
+    kinds = [(i["kind"], i.get("detail")) for i in convo["items"]]
+    assert kinds == [("in", "text"), ("out", "ai"), ("out", "manual"), ("hold", None), ("in", "opt_out"),
+                     ("opt_out", None)]
+    assert convo["hold"]["reason"] == "angry customer" and convo["opt_outs"][0]["keyword"] == "STOP"
+    last_two = json.loads(invoke(["show", A, "--json", "--limit", "2"], env_for(db_path)).output)["items"]
+    assert [i["kind"] for i in last_two] == ["in", "opt_out"]
+    human = invoke(["show", A], env_for(db_path, COLUMNS=100)).output.splitlines()
+    assert "ON HOLD" in human[0] and "OPTED OUT" in human[0]
+    assert human[1].endswith("> hi") and "Call you at 5 - Ann  (by hand, delivered)" in human[3]
+    assert "someone else" not in "\n".join(human)
+
+
+def test_show_tells_a_batch_id_from_a_phone_by_shape(db_path, store):
+    batch = add(store, A, "hi", T0).batch_id
+    assert invoke(["show", batch, "--json"], env_for(db_path)).output.count(batch) >= 1
+    ten_digits = json.loads(invoke(["show", "5552345678", "--json"], env_for(db_path)).output)
+    assert ten_digits["phone"] == "5552345678" and ten_digits["items"] == []
+    missing = invoke(["show", "zzzzzzzzzz"], env_for(db_path))
+    assert missing.exit_code == 1 and "no batch with id" in missing.output
+    neither = invoke(["show", "hello there"], env_for(db_path))
+    assert neither.exit_code == 1 and "neither a batch id" in neither.output and "Traceback" not in neither.output
+    both = invoke(["show", A, "--prompt"], env_for(db_path))
+    assert both.exit_code == 2 and "--prompt is for a batch" in both.output
+
+
+def test_an_upgraded_version_1_database_can_be_shown_and_counted(tmp_path):
+    """Migration step 3 on a database of the first release: old batches have no prompt, and
+    provider_health starts empty."""
+    from legacy import SENT, T, make_v1_database
+
+    path = str(tmp_path / "v1.db")
+    make_v1_database(path)
+    assert "upgraded from schema version 1" in invoke(["--db", path, "migrate"]).output
+    life = json.loads(invoke(["--db", path, "show", SENT, "--json", "--prompt"]).output)
+    assert life["prompt"] is None and life["outbound"][0]["body"] == "Sure, 9 to 5."
+    assert life["events"][0]["reason"] == "state when upgraded to schema version 2"
+    info = json.loads(invoke(["--db", path, "stats", "--now", str(T + 3600), "--since", "2h", "--json"]).output)
+    assert info["totals"]["texts"] == 7 and info["totals"]["replies"] == 1
+    assert json.loads(invoke(["--db", path, "status", "--json"]).output)["outages"] == []
