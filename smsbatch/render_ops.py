@@ -14,7 +14,6 @@ PENDING = ("open", "queued", "processing", "sending")
 # status's batch lines: (header, width, right-aligned); the error takes what is left.
 COLUMNS = (("batch", 10, False), ("phone", 16, False), ("texts", 5, True), ("state", 10, False),
            ("age", 5, True), ("tries", 5, True))
-STATUS_HEAD_LINES = 6  # lines above the batch rows, without outages
 
 
 def console():
@@ -37,13 +36,18 @@ def _padded(value, width, right=False, style=""):
     return pad + cell if right else cell + pad
 
 
-def _counts_line(label, counts, states):
-    line = Text(f"{label} ", style="bold")
-    for i, name in enumerate(states):
-        line.append(" · " if i else "")
-        line.append(f"{name} ")
-        line.append(str(counts.get(name, 0)), style=STATE_STYLE.get(name, "") if counts.get(name) else "dim")
-    return line
+def _counts_lines(label, counts, states, width):
+    """'label name n · name n ...', carried over to a further line (indented) rather than cut."""
+    lines = [Text(label, style="bold")]
+    for name in states:
+        n = counts.get(name, 0)
+        item = Text(f"{name} ") + Text(str(n), style=STATE_STYLE.get(name, "") if n else "dim")
+        if lines[-1].cell_len + 3 + item.cell_len > width:
+            lines.append(Text(" " * 2))
+        elif lines[-1].plain.strip() != label.strip():
+            lines[-1].append(" · ")
+        lines[-1] += item
+    return lines
 
 
 def _agent(info):
@@ -58,13 +62,13 @@ def _agent(info):
 def _header(info, width):
     counts, now = info["counts"], info["now"]
     finished = [s for s in counts if s not in PENDING]
-    pending = _counts_line(f"pending {info['pending']}:", counts, PENDING)
-    pending.append(f"   oldest {age(info['oldest_pending_age_seconds'])}")
     retry = info["next_retry"]
-    nxt = "none" if retry is None else f"in {age(retry['due_at'] - now)} (batch {retry['batch_id']})"
-    lines = [Text(f"smsbatch {iso_time(now)}  ") + _agent(info), pending,
-             _counts_line("done:", counts, finished),
-             Text(f"texts in the last hour {info['messages_last_hour']}   next retry {nxt}")]
+    nxt = "none" if retry is None else f"in {age(retry['due_at'] - now)} ({retry['batch_id']})"
+    lines = [Text(f"smsbatch {iso_time(now)}  ") + _agent(info),
+             *_counts_lines(f"pending {info['pending']}: ", counts, PENDING, width),
+             *_counts_lines("done: ", counts, finished, width),
+             Text(f"oldest pending {age(info['oldest_pending_age_seconds'])} · texts last hour "
+                  f"{info['messages_last_hour']} · next retry {nxt}")]
     for p in info["providers"]:
         if p["failing_since"] is None:
             continue
