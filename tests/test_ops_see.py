@@ -347,3 +347,18 @@ def test_an_upgraded_version_1_database_can_be_shown_and_counted(tmp_path):
     info = json.loads(invoke(["--db", path, "stats", "--now", str(T + 3600), "--since", "2h", "--json"]).output)
     assert info["totals"]["texts"] == 7 and info["totals"]["replies"] == 1
     assert json.loads(invoke(["--db", path, "status", "--json"]).output)["outages"] == []
+
+
+def test_stats_counts_deliveries_and_reads_recorded_ai_usage_when_present(two_days, db_path):
+    """Delivery reports land in outbound.status; AI usage columns (added by another step) are
+    read when the database has them: then the AI requests are exact, retries included."""
+    conn = two_days.conn
+    conn.execute("UPDATE outbound SET status = 'delivered' WHERE phone = ?", (A,))
+    for column in ("ai_requests", "prompt_tokens", "completion_tokens"):
+        conn.execute(f"ALTER TABLE batches ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
+    conn.execute("UPDATE batches SET ai_requests = 3, prompt_tokens = 100, completion_tokens = 20 WHERE phone = ?",
+                 (A,))
+    info = json.loads(invoke(["stats", "--now", str(DAY2 + 3600), "--json"], env_for(db_path)).output)
+    t = info["totals"]
+    assert info["ai_requests_exact"] and t["ai_requests"] == 3 and t["ai_calls_saved"] == 2
+    assert (t["prompt_tokens"], t["completion_tokens"], t["replies"], t["delivered"]) == (100, 20, 2, 1)
