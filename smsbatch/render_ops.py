@@ -38,16 +38,16 @@ def _padded(value, width, right=False, style=""):
 
 def _counts_lines(label, counts, states, width):
     """'label name n · name n ...', carried over to a further line (indented) rather than cut."""
-    lines = [Text(label, style="bold")]
-    for name in states:
+    lines, line = [], Text(label, style="bold")
+    for i, name in enumerate(states):
         n = counts.get(name, 0)
         item = Text(f"{name} ") + Text(str(n), style=STATE_STYLE.get(name, "") if n else "dim")
-        if lines[-1].cell_len + 3 + item.cell_len > width:
-            lines.append(Text(" " * 2))
-        elif lines[-1].plain.strip() != label.strip():
-            lines[-1].append(" · ")
-        lines[-1] += item
-    return lines
+        sep = " · " if i else ""
+        if i and line.cell_len + len(sep) + item.cell_len > width:
+            lines.append(line)
+            line, sep = Text("  "), ""
+        line += Text(sep) + item
+    return lines + [line]
 
 
 def _agent(info):
@@ -66,7 +66,7 @@ def _header(info, width):
     nxt = "none" if retry is None else f"in {age(retry['due_at'] - now)} ({retry['batch_id']})"
     lines = [Text(f"smsbatch {iso_time(now)}  ") + _agent(info),
              *_counts_lines(f"pending {info['pending']}: ", counts, PENDING, width),
-             *_counts_lines("done: ", counts, finished, width),
+             *_counts_lines("", counts, finished, width),
              Text(f"oldest pending {age(info['oldest_pending_age_seconds'])} · texts last hour "
                   f"{info['messages_last_hour']} · next retry {nxt}")]
     for p in info["providers"]:

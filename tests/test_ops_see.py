@@ -186,7 +186,7 @@ def test_status_fits_80_by_24_counts_first_errors_cut(troubled, db_path):
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert len(lines) <= 23 and all(len(line) <= 80 for line in lines), lines
-    assert lines[1].startswith("pending 19: open 18 · queued 1 ·") and lines[2].startswith("done: sent 0")
+    assert lines[1].startswith("pending 19: open 18 · queued 1 ·") and lines[2].startswith("sent 0 · superseded 0")
     assert "next retry in 10s (" + retrying + ")" in result.output
     assert "OUTAGE: AI calls failing for" in result.output and "[b]down[/b]" in result.output
     header = next(line for line in lines if line.startswith("batch"))
