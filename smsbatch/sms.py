@@ -11,6 +11,7 @@ import re
 import secrets
 import sys
 import threading
+import time
 
 from smsbatch.errors import CannotReconcile, DeliveryError
 
@@ -36,7 +37,9 @@ class ConsoleSender:
         with self._lock:
             self.sent.append((sid, to, body))
         if not self.quiet:
-            print(f"[console sms to {to}] {body}", file=self.stream)
+            from smsbatch.inputs import iso_time
+
+            print(f"{iso_time(time.time())} [console sms to {to}] {body}", file=self.stream)
         return sid
 
     def find_sent(self, to, from_, since, body, exclude=frozenset()):

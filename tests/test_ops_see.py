@@ -362,3 +362,12 @@ def test_stats_counts_deliveries_and_reads_recorded_ai_usage_when_present(two_da
     t = info["totals"]
     assert info["ai_requests_exact"] and t["ai_requests"] == 3 and t["ai_calls_saved"] == 2
     assert (t["prompt_tokens"], t["completion_tokens"], t["replies"], t["delivered"]) == (100, 20, 2, 1)
+
+
+def test_process_lines_carry_an_iso_time_with_the_stand_ins_too(db_path, store):
+    add(store, A, "hi", T0)
+    result = invoke(["process", "--ai", "offline", "--sms", "console", "--now", str(T0 + 30)], env_for(db_path))
+    assert result.exit_code == 0
+    assert re.fullmatch(ISO + r" claimed 1, sent 1, skipped 0, failed 0\n", result.stdout)
+    assert re.fullmatch(ISO + r" \[console sms to \+15554440001\] Thanks for your message\. You said: hi\n",
+                        result.stderr)
