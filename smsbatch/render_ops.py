@@ -5,6 +5,8 @@ import time
 
 from rich.console import Console, Group
 from rich.live import Live
+from rich.padding import Padding
+from rich.table import Table
 from rich.text import Text
 
 from smsbatch.inputs import iso_time
@@ -186,6 +188,17 @@ def _line(*parts):
     return line
 
 
+def _grid(rows, indent=2):
+    """Rows of cells; the last cell wraps under itself (a hanging indent), the others never wrap."""
+    grid = Table.grid(padding=(0, 1))
+    for _ in range(len(rows[0]) - 1 if rows else 0):
+        grid.add_column(no_wrap=True)
+    grid.add_column(overflow="fold")
+    for row in rows:
+        grid.add_row(*[cell if isinstance(cell, Text) else _line(cell) for cell in row])
+    return Padding(grid, (0, 0, 0, indent), expand=False)
+
+
 def show_batch(life):
     """`smsbatch show BATCH_ID`: texts, every state change, attempts, the reply and its delivery."""
     out, b = console(), life["batch"]
@@ -198,19 +211,16 @@ def show_batch(life):
     if b.get("superseded_by"):
         out.print(Text(f"folded into batch {b['superseded_by']} (smsbatch show {b['superseded_by']})"))
     out.print(Text(f"texts ({len(life['texts'])})", style="bold"))
-    for text in life["texts"]:
-        note = "" if text["kind"] == "text" else f"[{text['kind']}] "
-        out.print(_line(f"  {_t(text['received_at'])}  {note}", text["body"], _media(text["media"])))
+    out.print(_grid([(_t(t["received_at"]), _line("" if t["kind"] == "text" else f"[{t['kind']}] ", t["body"],
+                                                   _media(t["media"]))) for t in life["texts"]]))
     out.print(Text("history", style="bold"))
-    for e in life["events"]:
-        out.print(_line(f"  {_t(e['at'])}  ", (f"{e['to_state']:<11}", STATE_STYLE.get(e["to_state"], "")),
-                        e["reason"] or ""))
-    failed = [a for a in life["attempts"] if a["state"] not in ("sent", "superseded")]
+    out.print(_grid([(_t(e["at"]), Text(e["to_state"], style=STATE_STYLE.get(e["to_state"], "")),
+                      Text(e["reason"] or "")) for e in life["events"]]))
+    failed = [(n, a) for n, a in enumerate(life["attempts"], 1) if a["state"] not in ("sent", "superseded")]
     if failed:
         out.print(Text("attempts that did not end in a reply", style="bold"))
-        for n, a in enumerate(life["attempts"], 1):
-            if a in failed:
-                out.print(_line(f"  {n}. {_t(a['at'])}  {a['state']}: ", (a["outcome"] or "-", "red")))
+        out.print(_grid([(f"{n}.", _t(a["at"]), a["state"], Text(a["outcome"] or "-", style="red"))
+                         for n, a in failed]))
     _show_reply(out, b, life["outbound"])
     if "prompt" in life:
         _show_prompt(out, life["prompt"])
@@ -230,11 +240,12 @@ def _show_reply(out, batch, outbound):
         out.print(Text("  " + (f"written, not sent: {written}" if written else "none")))
         return
     for sms in outbound:
-        out.print(_line("  ", sms["body"]))
+        out.print(Padding(Text(sms["body"]), (0, 0, 0, 2), expand=False))
         status = sms["status"] or "not reported yet"
         error = f"  error {sms['error_code']}" if sms["error_code"] else ""
-        out.print(Text(f"  SID {sms['sid']}  sent {_t(sms['sent_at'])}  delivery {status}"
-                       f"{'' if sms['status_at'] is None else ' at ' + _t(sms['status_at'])}{error}", style="dim"))
+        out.print(Padding(Text(f"SID {sms['sid']}  sent {_t(sms['sent_at'])}  delivery {status}"
+                               f"{'' if sms['status_at'] is None else ' at ' + _t(sms['status_at'])}{error}",
+                               style="dim"), (0, 0, 0, 2), expand=False))
 
 
 def _show_prompt(out, prompt):
@@ -244,8 +255,7 @@ def _show_prompt(out, prompt):
         return
     for message in prompt:
         out.print(Text(f"  [{message['role']}]", style="cyan"))
-        for line in str(message["content"]).splitlines() or [""]:
-            out.print(Text("    " + line))
+        out.print(Padding(Text(str(message["content"])), (0, 0, 0, 4), expand=False))
 
 
 def show_phone(convo):
@@ -260,23 +270,22 @@ def show_phone(convo):
     out.print(head)
     if not convo["items"]:
         out.print(Text("  nothing yet"))
-    for item in convo["items"]:
-        out.print(_chat_line(item))
+    out.print(_grid([_chat_line(item) for item in convo["items"]], indent=0))
 
 
 def _chat_line(item):
-    at = f"{_t(item['at'])}  "
-    kind = item["kind"]
+    """(time, marker, what was said): '>' a text in, '<' an SMS out, '!' a hold, opt-out or note."""
+    at, kind = _t(item["at"]), item["kind"]
     if kind == "in":
         keyword = "" if item["detail"] == "text" else f" [{item['detail']}]"
-        return _line(at, ("> ", "bold cyan"), item["body"], _media(item["media"]), (keyword, "dim"))
+        return at, Text(">", style="bold cyan"), _line(item["body"], _media(item["media"]), (keyword, "dim"))
     if kind == "out":
         who = "AI" if item["detail"] == "ai" else "by hand"
-        status = item["status"] or "sent"
-        return _line(at, ("  < ", "bold green"), item["body"], (f"  ({who}, {status})", "dim"))
+        return at, Text("  <", style="bold green"), _line(item["body"], (f"  ({who}, {item['status'] or 'sent'})",
+                                                                         "dim"))
     if kind == "opt_out":
         scope = "every number" if item["our_number"] == "*" else item["our_number"]
-        return _line(at, ("  ! ", "bold red"), f"opted out of {scope} ({item['body']})")
+        return at, Text("  !", style="bold red"), Text(f"opted out of {scope} ({item['body']})")
     if kind == "hold":
-        return _line(at, ("  ! ", "bold yellow"), "put on hold", f": {item['body']}" if item["body"] else "")
-    return _line(at, ("  ! ", "yellow"), f"batch {item['batch_id']} {item['detail']}: ", item["body"] or "")
+        return at, Text("  !", style="bold yellow"), _line("put on hold", f": {item['body']}" if item["body"] else "")
+    return at, Text("  !", style="yellow"), _line(f"batch {item['batch_id']} {item['detail']}: ", item["body"] or "")

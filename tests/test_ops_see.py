@@ -314,9 +314,9 @@ def test_show_phone_is_the_conversation_as_a_chat_newest_last(db_path, store, se
     assert convo["hold"]["reason"] == "angry customer" and convo["opt_outs"][0]["keyword"] == "STOP"
     last_two = json.loads(invoke(["show", A, "--json", "--limit", "2"], env_for(db_path)).output)["items"]
     assert [i["kind"] for i in last_two] == ["in", "opt_out"]
-    human = invoke(["show", A], env_for(db_path, COLUMNS=100)).output.splitlines()
+    human = [line.rstrip() for line in invoke(["show", A], env_for(db_path, COLUMNS=100)).output.splitlines()]
     assert "ON HOLD" in human[0] and "OPTED OUT" in human[0]
-    assert human[1].endswith("> hi") and "Call you at 5 - Ann  (by hand, delivered)" in human[3]
+    assert human[1].split()[1:] == [">", "hi"] and "Call you at 5 - Ann  (by hand, delivered)" in human[3]
     assert "someone else" not in "\n".join(human)
 
 
