@@ -115,11 +115,12 @@ V2 = (
     )""",
 )
 
-# Issue 10 (see): the prompt each batch sent the AI (`show --prompt`), an index for `stats`,
+# Issue 10 (see): the prompt each batch sent the AI (`show --prompt`), indexes for `stats`,
 # and each provider's health across runs (outages). Only ADD COLUMN / CREATE: no rebuild.
 V3 = (
     "ALTER TABLE batches ADD COLUMN prompt TEXT",
     "CREATE INDEX batches_created ON batches(created_at)",
+    "CREATE INDEX outbound_sent ON outbound(sent_at)",
     """CREATE TABLE provider_health (
         provider        TEXT PRIMARY KEY,
         failing_since   REAL,

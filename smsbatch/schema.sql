@@ -98,6 +98,7 @@ CREATE TABLE IF NOT EXISTS outbound (
 );
 CREATE INDEX IF NOT EXISTS outbound_conversation ON outbound(phone, our_number, sent_at);
 CREATE INDEX IF NOT EXISTS outbound_batch ON outbound(batch_id);
+CREATE INDEX IF NOT EXISTS outbound_sent ON outbound(sent_at);  -- `stats` over a window
 
 -- Numbers that texted STOP (and have not texted START since). scope: the number they
 -- wrote to, the messaging service when one is used (Twilio opts out of the whole
