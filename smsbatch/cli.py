@@ -283,9 +283,11 @@ def stats(ctx, since, now, as_json):
     latency, in all and per day, with a bar chart of texts and AI calls per day."""
     from smsbatch import report
 
+    if since > report.MAX_STATS_DAYS * 86400:
+        raise click.BadParameter(f"at most {report.MAX_STATS_DAYS}d (one row a day)", param_hint="--since")
     settings = settings_from(ctx)
     until = time.time() if now is None else now
-    info = report.stats(open_store(settings), until - since, until)
+    info = report.stats(open_store(settings), max(0.0, until - since), until)
     if as_json:
         emit_json(info)
     else:

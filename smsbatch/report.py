@@ -4,6 +4,7 @@ batch life and conversation. No SQL here (db.py) and no rich (render_ops.py)."""
 import datetime
 import math
 
+MAX_STATS_DAYS = 400
 COUNTS = ("texts", "answerable", "batches", "ai_requests", "replies")
 TOKENS = ("prompt_tokens", "completion_tokens")
 

@@ -156,9 +156,10 @@ def test_stats_human_output_has_totals_and_a_bar_chart(two_days, db_path):
     assert all(len(line) <= 80 for line in out.splitlines())
 
 
-def test_stats_refuses_a_bad_duration_in_one_line(db_path):
-    result = invoke(["stats", "--since", "a week"], env_for(db_path))
-    assert result.exit_code == 2 and "bad duration" in result.output and "Traceback" not in result.output
+@pytest.mark.parametrize("since, said", [("a week", "bad duration"), ("500d", "at most 400d")])
+def test_stats_refuses_a_bad_duration_in_one_line(db_path, since, said):
+    result = invoke(["stats", "--since", since], env_for(db_path))
+    assert result.exit_code == 2 and said in result.output and "Traceback" not in result.output
 
 
 # -- status ----------------------------------------------------------------------
