@@ -5,10 +5,48 @@ of {"role", "content"} dicts, and raises DeliveryError on failure.
 """
 
 import json
+import os
 import re
 import threading
 
-from smsbatch.errors import DeliveryError
+from smsbatch.errors import ConfigError, DeliveryError
+
+PROMPT_FILE_NAME = re.compile(r"^(whatsapp:)?\+?[0-9]{2,15}$")
+
+
+class SystemPrompts:
+    """The system prompt for each of our numbers: `<folder>/<number>.txt` (for example
+    `+15550001111.txt`) when that file exists, else the default. Files are read once."""
+
+    def __init__(self, default, folder=""):
+        """Raises: ConfigError if `folder` is given but is not a folder."""
+        if folder and not os.path.isdir(folder):
+            raise ConfigError(f"SMSBATCH_PROMPTS_DIR={folder} is not a folder")
+        self.default, self.folder = default, folder
+        self._cache = {}
+        self._lock = threading.Lock()
+
+    def for_number(self, number):
+        """The prompt for replies from `number`.
+
+        Raises: ConfigError if its file exists but cannot be read as UTF-8 text.
+        """
+        if not self.folder or not PROMPT_FILE_NAME.match(number or ""):  # never a path from outside
+            return self.default
+        with self._lock:
+            if number not in self._cache:
+                self._cache[number] = self._read(os.path.join(self.folder, number + ".txt"))
+            return self._cache[number] or self.default
+
+    @staticmethod
+    def _read(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read().strip()
+        except FileNotFoundError:
+            return ""
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read the system prompt {path}: {exc}") from None
 
 
 def describe_text(body, media):

@@ -187,11 +187,14 @@ def process(ctx, now, limit, seconds, concurrency, system_prompt_file, ai, sms, 
     from smsbatch.sms import make_sender
 
     clock = Clock(now, advancing=bool(seconds)) if now is not None else time.time
-    processor = Processor(settings.db_path, settings, make_responder(settings), make_sender(settings), clock=clock)
+    sender = make_sender(settings)
+    processor = Processor(settings.db_path, settings, make_responder(settings), sender, clock=clock)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    backfilled = periodic_backfill(processor.store(), sender, settings, clock())
     report = processor.run(limit=limit, concurrency=concurrency, seconds=seconds, stop=stop)
+    report.backfilled = backfilled
     if as_json:
         emit_json(report.as_dict())
     else:
@@ -202,6 +205,23 @@ def process(ctx, now, limit, seconds, concurrency, system_prompt_file, ai, sms, 
         ctx.exit(EXIT_SOME_FAILED)
 
 
+def periodic_backfill(store, sender, settings, now):
+    """`process`'s look into Twilio's log for texts the webhook never got (see smsbatch.backfill).
+    Returns how many it stored; a Twilio failure is logged and processing goes on."""
+    if not settings.backfill or settings.sms != "twilio":
+        return 0
+    from smsbatch.backfill import backfill_if_due
+    from smsbatch.errors import DeliveryError
+    from smsbatch.sms import TwilioLog
+
+    try:
+        report = backfill_if_due(store, TwilioLog(sender), settings, now)
+    except DeliveryError as exc:
+        logging.getLogger("smsbatch.backfill").warning("backfill: could not read Twilio's message log: %s", exc)
+        return 0
+    return report.stored if report else 0
+
+
 def summary_line(report):
     if report.paused:
         return "paused: ENABLE_AI_SMS_AGENT is off; texts are stored, nothing is answered"
@@ -209,6 +229,7 @@ def summary_line(report):
     parts = [f"claimed {report.claimed}", f"sent {c['sent']}", f"skipped {c['skipped']}", f"failed {c['failed']}"]
     extra = [(n, c[n]) for n in ("superseded", "retrying", "unknown", "lost") if c[n]]
     extra += [("expired", report.expired)] if report.expired else []
+    extra += [("backfilled", report.backfilled)] if report.backfilled else []
     return ", ".join(parts + [f"{name} {n}" for name, n in extra])
 
 
@@ -306,6 +327,49 @@ def retry(ctx, batch_id, now):
     batch = open_store(settings).retry(batch_id.strip(), time.time() if now is None else now)
     texts = "1 text" if batch["message_count"] == 1 else f"{batch['message_count']} texts"
     click.echo(f"batch {batch['id']} requeued ({texts} from {batch['phone']})")
+
+
+@cli.command()
+@click.option("--since", type=TIME, required=True, help="From this time (epoch seconds or ISO-8601).")
+@click.option("--until", type=TIME, help="Up to this time (default now).")
+@click.option("--dry-run", is_flag=True, help="Only list the texts we do not have; store nothing.")
+@click.option("--now", type=TIME, help="Act as if it were this time (what counts as too old to answer).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def backfill(ctx, since, until, dry_run, now, as_json):
+    """Find texts in Twilio's message log that the webhook never stored, and store them.
+
+    Texts older than SMSBATCH_MAX_AGE_SECONDS are stored as expired (not answered late);
+    the others are answered by the next `process` run.
+    """
+    from smsbatch.backfill import backfill as run_backfill
+    from smsbatch.sms import TwilioLog, TwilioSender
+
+    settings = settings_from(ctx)
+    missing = [m for m in settings.missing_credentials() if m.startswith("TWILIO_ACCOUNT") or m == "TWILIO_AUTH_TOKEN"]
+    if missing:
+        raise click.ClickException("missing " + ", ".join(missing))
+    now = time.time() if now is None else now
+    until = now if until is None else until
+    if until < since:
+        raise click.BadParameter("must not be before --since", param_hint="--until")
+    store = open_store(settings)
+    report = run_backfill(store, TwilioLog(TwilioSender(settings)), settings, since, until, now, dry_run)
+    if as_json:
+        emit_json(report.as_dict() | {"dry_run": dry_run})
+        return
+    verb = "would store" if dry_run else "stored"
+    count = len(report.found) if dry_run else report.stored
+    click.echo(f"looked at {report.seen} texts to {len(report.numbers)} number(s); {report.already} already stored; "
+               f"{verb} {count}" + ("" if dry_run else f" ({report.expired} too old to answer, stored as expired)"))
+    for sid, phone, to, at in report.found:
+        click.echo(f"  {sid} from {phone} to {to} at {_iso(at)}")
+
+
+def _iso(epoch):
+    import datetime
+
+    return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @cli.command()

@@ -84,6 +84,8 @@ class Settings:
     sms_timeout_seconds: float = 10.0
     lease_seconds: float = 0.0  # 0 means derived from the timeouts
     alert_after_seconds: float = 300.0  # provider calls failing this long: an outage (process warns)
+    backfill: bool = True  # look in Twilio's message log for texts the webhook never got
+    prompts_dir: str = ""  # one system prompt per number: <dir>/+15550001111.txt
 
     @classmethod
     def from_env(cls, env=None):
@@ -125,6 +127,8 @@ class Settings:
             sms_timeout_seconds=_number(env, "SMSBATCH_SMS_TIMEOUT_SECONDS", 10.0, float, 0.1),
             lease_seconds=_number(env, "SMSBATCH_LEASE_SECONDS", 0.0),
             alert_after_seconds=_number(env, "SMSBATCH_ALERT_AFTER_SECONDS", 300.0),
+            backfill=_flag(g("SMSBATCH_BACKFILL", "1"), "SMSBATCH_BACKFILL"),
+            prompts_dir=g("SMSBATCH_PROMPTS_DIR", ""),
         )
         return settings.checked()
 

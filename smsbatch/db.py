@@ -33,6 +33,7 @@ class State(str, Enum):
     UNKNOWN = "unknown"  # send outcome cannot be checked; a person decides
 
 
+LATE_REASON = "found in Twilio's message log, older than SMSBATCH_MAX_AGE_SECONDS: not answered late"
 PENDING = (State.OPEN, State.QUEUED, State.PROCESSING, State.SENDING)
 RETRYABLE = (State.FAILED, State.SKIPPED, State.EXPIRED, State.UNKNOWN, State.HELD)
 FINAL = tuple(s for s in State if s not in PENDING)
@@ -174,14 +175,15 @@ class Store:
     # -- inbound ----------------------------------------------------------------
 
     def add_message(self, sid, phone, our_number, body, received_at, rules, media=(), carrier_kind=None,
-                    scope=None):
+                    scope=None, expired=False):
         """Store one inbound text exactly once and put it in its conversation's open batch.
 
         A conversation is the person (`phone`) and the number they wrote to (`our_number`).
         Opt-out/opt-in keywords update the opt-out list for `scope` (batching.opt_out_scope;
         default our_number) and get a batch of their own, skipped at once, so they never
         reach the AI. `carrier_kind` ('opt_out'/'opt_in') is Twilio's own verdict
-        (OptOutType), for keywords configured in Twilio.
+        (OptOutType), for keywords configured in Twilio. `expired`: a text found too late to
+        answer (the backfill) is stored in a batch of its own, expired at once.
         """
         kind = carrier_kind or (batching.keyword_kind(body) if not media else None)
         scope = scope or our_number
@@ -194,6 +196,9 @@ class Store:
                 kind = None  # "yes" answering the AI's question is a text, not a re-subscription
             if kind:
                 batch_id = self._add_keyword(conn, phone, our_number, scope, body, received_at, kind)
+            elif expired:
+                batch_id = self._insert_batch(conn, phone, our_number, received_at, State.EXPIRED, None,
+                                              reason=LATE_REASON)
             else:
                 urgent = batching.is_urgent(body, rules.urgent_keywords)
                 batch_id = self._join_open(conn, phone, our_number, received_at, urgent, rules)
@@ -550,6 +555,32 @@ class Store:
     def _holds(self, conn, batch, state):
         row = conn.execute("SELECT state, claim FROM batches WHERE id = ?", (batch["id"],)).fetchone()
         return row is not None and row["claim"] == batch["claim"] and row["state"] == state
+
+    # -- backfill ---------------------------------------------------------------
+
+    def has_message(self, sid):
+        """True if a text with this MessageSid is stored."""
+        return self.conn.execute("SELECT 1 FROM messages WHERE sid = ?", (sid,)).fetchone() is not None
+
+    def known_numbers(self):
+        """Every number of ours that people have written to."""
+        return {r[0] for r in self.conn.execute("SELECT DISTINCT our_number FROM conversations")}
+
+    def claim_backfill(self, now, every):
+        """Take the backfill's turn if nobody took it in the last `every` seconds (across
+        every processor). Returns (True, checked_until) when the turn is ours, else (False, None)."""
+        with self.transaction() as conn:
+            conn.execute("INSERT OR IGNORE INTO backfill (id) VALUES (1)")
+            taken = conn.execute(
+                "UPDATE backfill SET claimed_at = ? WHERE id = 1 AND (claimed_at IS NULL OR claimed_at <= ?"
+                " OR claimed_at > ?) RETURNING checked_until", (now, now - every, now)).fetchone()
+        return (True, taken[0]) if taken else (False, None)
+
+    def finish_backfill(self, until):
+        """Record that Twilio's log was searched up to `until`."""
+        with self.transaction() as conn:
+            conn.execute("UPDATE backfill SET checked_until = max(coalesce(checked_until, 0), ?) WHERE id = 1",
+                         (until,))
 
     # -- operators --------------------------------------------------------------
 

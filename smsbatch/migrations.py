@@ -113,6 +113,11 @@ V2 = (
         since   REAL NOT NULL,
         reason  TEXT
     )""",
+    """CREATE TABLE backfill (
+        id              INTEGER PRIMARY KEY CHECK (id = 1),
+        checked_until   REAL,
+        claimed_at      REAL
+    )""",
 )
 
 # Issue 10 (see): the prompt each batch sent the AI (`show --prompt`), indexes for `stats`,

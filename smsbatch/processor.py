@@ -57,6 +57,7 @@ class RunReport:
     ai_calls: int = 0
     counts: dict = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
     paused: bool = False
+    backfilled: int = 0  # texts found in Twilio's log that the webhook never got
 
     def add(self, outcome):
         self.counts[outcome] += 1
@@ -68,7 +69,7 @@ class RunReport:
 
     def as_dict(self):
         return {"claimed": self.claimed, "expired": self.expired, "ai_calls": self.ai_calls,
-                "paused": self.paused, **self.counts}
+                "paused": self.paused, "backfilled": self.backfilled, **self.counts}
 
 
 class Clock:
@@ -93,6 +94,7 @@ class Processor:
         self.sender = sender
         self.clock = clock
         self.rng = rng or random
+        self.prompts = ai.SystemPrompts(settings.system_prompt, settings.prompts_dir)
         self._local = threading.local()
 
     def store(self):
@@ -123,7 +125,7 @@ class Processor:
         texts = store.batch_texts(batch["id"])
         history = store.history(batch["phone"], batch["our_number"], batch["id"], texts[0]["received_at"],
                                 s.history_messages)
-        messages = ai.build_prompt(s.system_prompt, history, texts)
+        messages = ai.build_prompt(self.prompts.for_number(batch["our_number"]), history, texts)
         store.record_prompt(batch, messages)
         try:
             reply = self._call(store, "ai", self.responder.answer, messages)

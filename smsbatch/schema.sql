@@ -118,6 +118,14 @@ CREATE TABLE IF NOT EXISTS holds (
     reason  TEXT
 );
 
+-- The backfill's progress (one row): texts in Twilio's log up to checked_until were
+-- looked for; claimed_at is when a processor last took the turn (once a minute, for all).
+CREATE TABLE IF NOT EXISTS backfill (
+    id              INTEGER PRIMARY KEY CHECK (id = 1),
+    checked_until   REAL,
+    claimed_at      REAL
+);
+
 -- Each provider's health ('ai', 'sms'), kept across `process` runs (each cron run is a new
 -- process): failing since when (NULL: healthy) and when the outage was announced on stderr.
 CREATE TABLE IF NOT EXISTS provider_health (

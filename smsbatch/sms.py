@@ -70,6 +70,7 @@ class TwilioSender:
                 )
                 if s.twilio_base_url:
                     client.api.base_url = s.twilio_base_url.rstrip("/")
+                    client.messaging.base_url = s.twilio_base_url.rstrip("/")
                 self._client = client
             return self._client
 
@@ -114,6 +115,56 @@ class TwilioSender:
         except Exception as exc:
             raise classify(exc) from None
         return None
+
+
+class TwilioLog:
+    """Reads Twilio's message log: the texts it received for our numbers (the backfill)."""
+
+    def __init__(self, sender):
+        self.sender = sender
+
+    def service_numbers(self):
+        """The phone numbers of the configured messaging service (none without one).
+
+        Raises: DeliveryError.
+        """
+        sid = self.sender.settings.twilio_messaging_service_sid
+        if not sid:
+            return set()
+        client = self.sender._get_client()
+        try:
+            return {n.phone_number for n in client.messaging.v1.services(sid).phone_numbers.stream(page_size=1000)}
+        except Exception as exc:
+            raise classify(exc) from None
+
+    def received(self, to, since, until):
+        """Inbound texts to `to` that Twilio sent to the webhook between `since` and `until`
+        (epoch seconds), following every page: dicts of sid, phone, to, body, at, media.
+
+        Twilio's DateSent filters are asked for the window, and the window is checked here
+        too, since the API documents them to the day only.
+
+        Raises: DeliveryError.
+        """
+        client = self.sender._get_client()
+        after = datetime.datetime.fromtimestamp(since, datetime.timezone.utc)
+        before = datetime.datetime.fromtimestamp(until, datetime.timezone.utc)
+        try:
+            for m in client.messages.stream(to=to, date_sent_after=after, date_sent_before=before, page_size=1000):
+                at = _epoch(m.date_sent or m.date_created)
+                if (m.direction or "").startswith("inbound") and since <= at <= until:
+                    yield {"sid": m.sid, "phone": m.from_, "to": m.to, "body": m.body or "", "at": at,
+                           "media": self._media(client, m)}
+        except Exception as exc:
+            raise classify(exc) from None
+
+    @staticmethod
+    def _media(client, message):
+        """The media URLs of a picture message, as the webhook's MediaUrl{N} give them."""
+        if not int(message.num_media or 0):
+            return []
+        base = client.api.base_url.rstrip("/")
+        return [base + item.uri.removesuffix(".json") for item in client.messages(message.sid).media.list()]
 
 
 def fingerprint(text):

@@ -12,7 +12,7 @@ import time
 from email.utils import format_datetime
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, urlencode, urlparse
 
 
 class QuietServer(ThreadingHTTPServer):
@@ -145,6 +145,8 @@ class FakeTwilio(StandIn):
         super().__init__(script)
         self.list_script = list(list_script)
         self.sent = []  # dicts: sid, to, from, body, date_created
+        self.inbound = []  # texts Twilio received: sid, to, from, body, date_sent, media (content types)
+        self.pages_served = 0
 
     def dispatch(self, handler, method):
         body = self.read_body(handler)
@@ -153,6 +155,8 @@ class FakeTwilio(StandIn):
             return self.reply(handler, 404, {"code": 20404, "message": "not found", "status": 404})
         if handler.headers.get("Authorization", "") != self._basic():
             return self.reply(handler, 401, {"code": 20003, "message": "Authenticate", "status": 401})
+        if method == "GET" and path.path.endswith("/Media.json"):
+            return self.media_list(handler, path.path.split("/Messages/")[1].split("/")[0])
         if method == "GET":
             return self.list(handler, parse_qs(path.query))
         form = {k: v[0] for k, v in parse_qs(body.decode(), keep_blank_values=True).items()}
@@ -181,22 +185,67 @@ class FakeTwilio(StandIn):
         return message
 
     def list(self, handler, query):
+        """GET Messages.json as Twilio answers it: both directions, newest first, filtered by
+        To, From, DateSent> (on or after) and DateSent< (on or before), in pages of PageSize
+        (default 50) linked by next_page_uri with a PageToken (the last SID of the page)."""
         with self.lock:
             action = self.list_script.pop(0) if self.list_script else "ok"
         if isinstance(action, tuple):
             status, code = action
             return self.reply(handler, status, {"code": code, "message": f"scripted {code}", "status": status})
-        to = query.get("To", [None])[0]
+        one = {k: v[0] for k, v in query.items()}
         with self.lock:
-            found = [m for m in reversed(self.sent) if to is None or m["to"] == to]
-        self.reply(handler, 200, {"messages": [self.resource(m) for m in found], "next_page_uri": None,
-                                  "page": 0, "page_size": 50, "start": 0, "end": len(found), "uri": handler.path,
+            found = [m for m in self.inbound + self.sent if _matches(m, one)]
+        found.sort(key=lambda m: (m.get("date_sent") or m["date_created"], m["sid"]), reverse=True)
+        size = int(one.get("PageSize", 50))
+        token = one.get("PageToken", "")
+        start = next((i + 1 for i, m in enumerate(found) if "PA" + m["sid"] == token), 0)
+        page = found[start:start + size]
+        self.pages_served += 1
+        path = urlparse(handler.path).path
+        following = None
+        if start + size < len(found):
+            rest = {k: v for k, v in one.items() if k not in ("Page", "PageToken")}
+            number = int(one.get("Page", 0)) + 1
+            following = path + "?" + urlencode({**rest, "Page": number, "PageToken": "PA" + page[-1]["sid"]})
+        self.reply(handler, 200, {"messages": [self.resource(m) for m in page], "next_page_uri": following,
+                                  "page": int(one.get("Page", 0)), "page_size": size, "start": start,
+                                  "end": start + len(page), "uri": handler.path,
                                   "first_page_uri": handler.path, "previous_page_uri": None})
 
+    def deliver_inbound(self, phone, to, body, at, media=()):
+        """A text Twilio received (its message log has it), whether or not our webhook got it.
+        Returns its MessageSid."""
+        sid = "SM" + secrets.token_hex(16)
+        sent = datetime.fromtimestamp(at, timezone.utc)
+        with self.lock:
+            self.inbound.append({"sid": sid, "to": to, "from": phone, "body": body, "date_created": sent,
+                                 "date_sent": sent, "direction": "inbound", "status": "received",
+                                 "media": list(media)})
+        return sid
+
+    def media_list(self, handler, sid):
+        """GET Messages/{sid}/Media.json: the media of an inbound text."""
+        with self.lock:
+            message = next((m for m in self.inbound if m["sid"] == sid), None)
+        if message is None:
+            return self.reply(handler, 404, {"code": 20404, "message": "not found", "status": 404})
+        base = f"/2010-04-01/Accounts/{self.ACCOUNT}/Messages/{sid}/Media"
+        items = [{"sid": f"ME{i:032d}", "parent_sid": sid, "account_sid": self.ACCOUNT, "content_type": kind,
+                  "uri": f"{base}/ME{i:032d}.json"} for i, kind in enumerate(message["media"])]
+        self.reply(handler, 200, {"media_list": items, "next_page_uri": None, "page": 0, "page_size": 50,
+                                  "start": 0, "end": len(items), "uri": base + ".json",
+                                  "first_page_uri": base + ".json", "previous_page_uri": None})
+
     def resource(self, m):
-        return {"sid": m["sid"], "to": m["to"], "from": m["from"], "body": m["body"], "status": "queued",
-                "account_sid": self.ACCOUNT, "direction": "outbound-api", "num_segments": "1",
-                "date_created": format_datetime(m["date_created"]), "date_sent": None, "date_updated": None}
+        sent = m.get("date_sent")
+        return {"sid": m["sid"], "to": m["to"], "from": m["from"], "body": m["body"],
+                "status": m.get("status", "queued"), "account_sid": self.ACCOUNT,
+                "direction": m.get("direction", "outbound-api"), "num_segments": "1",
+                "num_media": str(len(m.get("media", ()))),
+                "date_created": format_datetime(m["date_created"]),
+                "date_sent": format_datetime(sent) if sent else None, "date_updated": None,
+                "uri": f"/2010-04-01/Accounts/{self.ACCOUNT}/Messages/{m['sid']}.json"}
 
     def _basic(self):
         import base64
@@ -206,6 +255,27 @@ class FakeTwilio(StandIn):
     def bodies_to(self, phone):
         with self.lock:
             return [m["body"] for m in self.sent if m["to"] == phone]
+
+
+def _twilio_time(text):
+    """A DateSent filter value: a day (YYYY-MM-DD, its midnight) or an ISO-8601 moment."""
+    if len(text) == 10:
+        return datetime.fromisoformat(text).replace(tzinfo=timezone.utc)
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def _matches(message, query):
+    """Does a message pass Twilio's list filters (To, From, DateSent>, DateSent<)?"""
+    if "To" in query and message["to"] != query["To"]:
+        return False
+    if "From" in query and message["from"] != query["From"]:
+        return False
+    sent = message.get("date_sent")
+    if "DateSent>" in query and (sent is None or sent < _twilio_time(query["DateSent>"])):
+        return False
+    if "DateSent<" in query and (sent is None or sent > _twilio_time(query["DateSent<"])):
+        return False
+    return True
 
 
 def provider_env(openai, twilio, **extra):
