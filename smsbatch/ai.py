@@ -9,7 +9,7 @@ import os
 import re
 import threading
 
-from smsbatch.errors import ConfigError, DeliveryError
+from smsbatch.errors import ConfigError, DeliveryError, redact
 
 PROMPT_FILE_NAME = re.compile(r"^(whatsapp:)?\+?[0-9]{2,15}$")
 
@@ -130,34 +130,46 @@ class OpenAIResponder:
         """Raises: DeliveryError, transient or not."""
         import openai
 
-        client, key = self._get_client(), self.settings.openai_api_key
+        client, secrets = self._get_client(), self.settings.secrets()
         try:
-            completion = client.chat.completions.create(model=self.settings.ai_model, messages=messages)
+            # The raw response: its body is read here, so an answer that is not the JSON
+            # promised is named as the provider's fault, not mistaken for a bug of ours.
+            raw = client.chat.completions.with_raw_response.create(model=self.settings.ai_model, messages=messages)
+            body = raw.text
         except openai.APIStatusError as exc:
             status = exc.status_code
             transient = status in (408, 409, 429) or status >= 500
-            message = _short(exc.message, secret=key)
+            message = redact(exc.message, secrets, limit=200)
             raise DeliveryError(f"AI returned HTTP {status}: {message}", transient=transient) from None
         except openai.APIConnectionError as exc:  # includes APITimeoutError
             kind = "timed out" if isinstance(exc, openai.APITimeoutError) else "unreachable"
-            raise DeliveryError(f"AI {kind}: {_short(str(exc), secret=key)}", transient=True) from None
+            raise DeliveryError(f"AI {kind}: {redact(exc, secrets, limit=200)}", transient=True) from None
         except openai.OpenAIError as exc:
-            raise DeliveryError(f"AI error: {_short(str(exc), secret=key)}", transient=False) from None
-        choices = completion.choices or []
-        text = (choices[0].message.content or "").strip() if choices else ""
+            raise DeliveryError(f"AI error: {redact(exc, secrets, limit=200)}", transient=False) from None
+        text = reply_text(body)
+        if text is None:
+            # A 200 whose body is cut off or garbled (a proxy's error page, an overloaded
+            # server): like a 5xx, worth another try after the backoff.
+            raise DeliveryError("AI answered 200 without a readable chat completion", transient=True)
         if not text:
             raise DeliveryError("AI returned an empty reply", transient=True)
         return text
 
 
-def _short(text, limit=200, secret=""):
-    # Providers echo part of a rejected key ("Incorrect API key provided: sk-ab***yz"): never pass it on.
-    # Not every OpenAI-compatible provider's key starts with sk-: the configured key goes too.
-    text = " ".join(str(text).split())
-    if secret:
-        text = text.replace(secret, "***")
-    text = re.sub(r"sk-[\w*.-]+", "sk-***", text)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+def reply_text(body):
+    """The first choice's message content from a chat completion's JSON body ("" if empty),
+    or None when the body is not a chat completion at all."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    choices = data.get("choices") if isinstance(data, dict) else None
+    first = choices[0] if isinstance(choices, list) and choices else None
+    message = first.get("message") if isinstance(first, dict) else None
+    content = message.get("content") if isinstance(message, dict) else None
+    if content is None:
+        return None if not isinstance(message, dict) else ""
+    return content.strip() if isinstance(content, str) else None
 
 
 def make_responder(settings):

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 OPT_OUT_WORDS = frozenset({"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT"})
 OPT_IN_WORDS = frozenset({"START", "UNSTOP", "YES"})
 SMS_LIMIT = 1600  # Twilio's maximum body length for one message
+# The longest inbound text body stored, in UTF-8 bytes, by every way in (webhook and ingest):
+# the webhook's whole form limit, far above any real SMS or WhatsApp text.
+MAX_TEXT_BYTES = 64 * 1024
 ELLIPSIS = "…"
 
 

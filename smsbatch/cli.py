@@ -31,7 +31,31 @@ class InputParam(click.ParamType):
 
 
 TIME = InputParam("TIME", "parse_time")  # epoch seconds or ISO-8601
-PHONE = InputParam("PHONE", "check_phone")
+PHONE = InputParam("PHONE", "check_phone")  # normalised to E.164
+SID = InputParam("SID", "check_sid")
+TEXT = InputParam("TEXT", "check_text")  # any text, as long as it is UTF-8
+
+
+class Finite(click.FloatRange):
+    """click.FloatRange that also refuses nan and inf (which pass any range check, or never end)."""
+
+    def convert(self, value, param, ctx):
+        import math
+
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return super().convert(number, param, ctx)
+
+
+def read_text_file(file, option):
+    """The text of a file opened in binary mode, or one usage error naming `option`."""
+    from smsbatch.inputs import decode_text
+
+    try:
+        return decode_text(file.read(), file.name)
+    except SmsbatchError as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from None
 
 
 class Group(click.Group):
@@ -50,6 +74,9 @@ class Group(click.Group):
             raise click.ClickException(f"database error: {exc}") from None
         except sqlite3.DatabaseError as exc:
             raise click.ClickException(f"database error: {exc}") from None
+        except UnicodeEncodeError as exc:  # a setting with bytes that are not UTF-8, or a terminal that is not
+            raise click.ClickException(f"cannot encode text as {exc.encoding}: a setting holds bytes that are "
+                                       "not UTF-8, or the terminal cannot show a character") from None
 
 
 def settings_from(ctx, **changes):
@@ -124,15 +151,18 @@ def migrate(ctx):
 @click.option("--from", "phone", type=PHONE, help="The sender's number.")
 @click.option("--to", "our_number", type=PHONE, help="The number they wrote to.")
 @click.option("--body", help="The text.")
-@click.option("--sid", help="Twilio MessageSid (default: derived from from/to/body/--at, so importing "
+@click.option("--sid", type=SID, help="Twilio MessageSid (default: derived from from/to/body/--at, so importing "
               "the same text with the same --at twice stores it once).")
-@click.option("--at", type=TIME, help="When it arrived: epoch seconds or ISO-8601 (default now).")
+@click.option("--at", type=TIME, help="When it arrived: epoch seconds or ISO-8601 (default now; "
+              "at most a few minutes ahead of --now).")
 @click.option("--jsonl", type=click.File("rb"),
               help="Store many: one JSON object a line (from, to, at required; body, sid optional); - for stdin.")
+@click.option("--now", type=TIME, help="Refuse times more than 5 minutes after this (default: the clock).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
-def ingest(ctx, phone, our_number, body, sid, at, jsonl, as_json):
-    """Store inbound texts as the webhook would."""
+def ingest(ctx, phone, our_number, body, sid, at, jsonl, now, as_json):
+    """Store inbound texts as the webhook would. Numbers are normalised to E.164 (+15551234567):
+    a 10-digit number is taken as North American (+1); others need their country code."""
     from smsbatch.ingest import ingest_lines, ingest_one
 
     settings = settings_from(ctx)
@@ -140,11 +170,11 @@ def ingest(ctx, phone, our_number, body, sid, at, jsonl, as_json):
     if jsonl is not None:
         if phone or our_number or body is not None or sid or at is not None:
             raise click.UsageError("--jsonl cannot be combined with --from/--to/--body/--sid/--at")
-        result = ingest_lines(store, jsonl, settings)
+        result = ingest_lines(store, jsonl, settings, now)
     else:
         if not (phone and our_number and body is not None):
             raise click.UsageError("give --from, --to and --body (or --jsonl FILE)")
-        result = ingest_one(store, settings, phone, our_number, body, sid, at)
+        result = ingest_one(store, settings, phone, our_number, body, sid, at, now)
     if as_json:
         emit_json(result)
     else:
@@ -158,11 +188,11 @@ def ingest(ctx, phone, our_number, body, sid, at, jsonl, as_json):
 @cli.command()
 @click.option("--now", type=TIME, help="Act as if it were this time (epoch seconds or ISO-8601).")
 @click.option("--limit", type=click.IntRange(1), default=1000, show_default=True, help="Most batches this run.")
-@click.option("--for", "seconds", type=click.FloatRange(0), default=0, show_default=True,
+@click.option("--for", "seconds", type=Finite(0), default=0, show_default=True,
               help="Keep picking up batches as they fall due for this many seconds (cron: 55).")
 @click.option("--concurrency", type=click.IntRange(1, 64), default=4, show_default=True,
               help="Batches answered at once.")
-@click.option("--system-prompt-file", type=click.File("r"), help="System prompt (else SMSBATCH_SYSTEM_PROMPT).")
+@click.option("--system-prompt-file", type=click.File("rb"), help="System prompt (else SMSBATCH_SYSTEM_PROMPT).")
 @click.option("--ai", type=click.Choice(["openai", "offline"]), help="AI provider (env SMSBATCH_AI).")
 @click.option("--sms", type=click.Choice(["twilio", "console"]), help="SMS provider (env SMSBATCH_SMS).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
@@ -173,7 +203,7 @@ def process(ctx, now, limit, seconds, concurrency, system_prompt_file, ai, sms, 
 
     changes = {k: v for k, v in (("ai", ai), ("sms", sms)) if v}
     if system_prompt_file is not None:
-        changes["system_prompt"] = system_prompt_file.read().strip()
+        changes["system_prompt"] = read_text_file(system_prompt_file, "--system-prompt-file").strip()
         if not changes["system_prompt"]:
             raise click.BadParameter("the file is empty", param_hint="--system-prompt-file")
     settings = settings_from(ctx, **changes)
@@ -201,7 +231,7 @@ def process(ctx, now, limit, seconds, concurrency, system_prompt_file, ai, sms, 
         from smsbatch.inputs import iso_time
 
         click.echo(f"{iso_time(time.time())} {summary_line(report)}")
-    if report.need_a_person:
+    if report.need_a_person:  # failed, unknown, or an unexpected error (its traceback is on stderr)
         ctx.exit(EXIT_SOME_FAILED)
 
 
@@ -223,11 +253,12 @@ def periodic_backfill(store, sender, settings, now):
 
 
 def summary_line(report):
+    """The one line `process` prints: claimed, sent, skipped, failed, then any other outcome seen."""
     if report.paused:
         return "paused: ENABLE_AI_SMS_AGENT is off; texts are stored, nothing is answered"
     c = report.counts
     parts = [f"claimed {report.claimed}", f"sent {c['sent']}", f"skipped {c['skipped']}", f"failed {c['failed']}"]
-    extra = [(n, c[n]) for n in ("superseded", "retrying", "unknown", "lost") if c[n]]
+    extra = [(n, c[n]) for n in ("superseded", "retrying", "unknown", "taken_over", "error") if c[n]]
     extra += [("expired", report.expired)] if report.expired else []
     extra += [("backfilled", report.backfilled)] if report.backfilled else []
     return ", ".join(parts + [f"{name} {n}" for name, n in extra])
@@ -318,7 +349,7 @@ def stats(ctx, since, now, as_json):
 
 
 @cli.command()
-@click.argument("batch_id")
+@click.argument("batch_id", type=TEXT)
 @click.option("--now", type=TIME, help="Requeue as of this time.")
 @click.pass_context
 def retry(ctx, batch_id, now):
@@ -455,8 +486,10 @@ class SweepParam(click.ParamType):
 @click.option("--since", type=TIME, help="Only texts received at or after this time.")
 @click.option("--anonymize", is_flag=True,
               help="Pseudonyms for numbers and sids, same-length placeholders for bodies (STOP etc. kept).")
-@click.option("--key", help="Secret for --anonymize: the same key gives the same pseudonyms (default: random).")
-@click.option("-o", "--output", type=click.File("w"), default="-", help="Write here instead of stdout.")
+@click.option("--key", type=TEXT,
+              help="Secret for --anonymize: the same key gives the same pseudonyms (default: random).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, allow_dash=True), default="-",
+              help="Write here instead of stdout; a new file is readable by its owner only (0600).")
 @click.pass_context
 def export(ctx, jsonl, since, anonymize, key, output):
     """Write stored inbound texts as a trace for `simulate` or `ingest --jsonl`."""
@@ -466,42 +499,46 @@ def export(ctx, jsonl, since, anonymize, key, output):
         raise click.UsageError("--key only makes sense with --anonymize")
     settings = settings_from(ctx)
     store = open_store(settings)
+    from smsbatch.files import write_lines
+
     anonymizer = Anonymizer(key, settings.urgent_keywords) if anonymize else None
-    count = 0
-    for line in export_lines(store.messages_since(0 if since is None else since), anonymizer):
-        output.write(line + "\n")
-        count += 1
+    lines = export_lines(store.messages_since(0 if since is None else since), anonymizer)
+    try:
+        count = write_lines(output, lines)
+    except OSError as exc:
+        where = "stdout" if output == "-" else output
+        raise click.ClickException(f"cannot write {where}: {exc.strerror or exc}") from None
     click.echo(f"exported {count} texts", err=True)
 
 
 @cli.command()
-@click.argument("trace", type=click.File("r"), required=False)
-@click.option("--quiet", type=click.FloatRange(0), help="Quiet period, seconds (default SMSBATCH_QUIET_SECONDS or 10).")
-@click.option("--max-wait", type=click.FloatRange(0), help="Maximum wait, seconds (default SMSBATCH_MAX_WAIT_SECONDS or 45).")
+@click.argument("trace", type=click.File("rb"), required=False)
+@click.option("--quiet", type=Finite(0), help="Quiet period, seconds (default SMSBATCH_QUIET_SECONDS or 10).")
+@click.option("--max-wait", type=Finite(0), help="Maximum wait, seconds (default SMSBATCH_MAX_WAIT_SECONDS or 45).")
 @click.option("--max-messages", type=click.IntRange(1), help="Texts that close a batch (default SMSBATCH_MAX_MESSAGES or 10).")
-@click.option("--tick", type=click.FloatRange(0.01, 3600), default=1.0, show_default=True,
+@click.option("--tick", type=Finite(0.01, 3600), default=1.0, show_default=True,
               help="Seconds between processing runs: 1 for `process --for`, 60 for plain cron.")
-@click.option("--ai-latency", type=click.FloatRange(0, 300), default=0.0, show_default=True,
+@click.option("--ai-latency", type=Finite(0, 300), default=0.0, show_default=True,
               help="Virtual seconds per AI answer; texts arriving meanwhile supersede the reply.")
 @click.option("--concurrency", type=click.IntRange(1, 64), default=4, show_default=True, help="Batches answered at once.")
 @click.option("--compare", is_flag=True, help="Add the seed design (15 s slots, cron each minute, 5 per run) side by side.")
-@click.option("--seed-cron-offset", type=click.FloatRange(0, 59.999), default=0.0, show_default=True,
+@click.option("--seed-cron-offset", type=Finite(0, 59.999), default=0.0, show_default=True,
               help="With --compare: seconds after each minute the seed design's cron fires.")
 @click.option("--sweep", type=SweepParam(),
               help="One run per value, e.g. quiet=4,6,8,10,15 (also max-wait, max-messages, tick, ai-latency, concurrency).")
-@click.option("--burst-gap", type=click.FloatRange(0, min_open=True), default=10.0, show_default=True,
+@click.option("--burst-gap", type=Finite(0, min_open=True), default=10.0, show_default=True,
               help="For the metrics: a phone's texts closer together than this are one burst.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--generate", is_flag=True, help="Write a synthetic trace to stdout instead (see the --generate options).")
 @click.option("--phones", type=click.IntRange(1, 1_000_000), default=50, show_default=True, help="--generate: people texting.")
-@click.option("--minutes", type=click.FloatRange(0, min_open=True), default=60.0, show_default=True,
+@click.option("--minutes", type=Finite(0, min_open=True), default=60.0, show_default=True,
               help="--generate: length of the trace.")
 @click.option("--seed", type=int, default=1, show_default=True, help="--generate: random seed (same seed, same trace).")
-@click.option("--burst-mean", type=click.FloatRange(1), default=2.5, show_default=True,
+@click.option("--burst-mean", type=Finite(1), default=2.5, show_default=True,
               help="--generate: mean texts per burst (geometric).")
-@click.option("--gap-mean", type=click.FloatRange(1), default=4.0, show_default=True,
+@click.option("--gap-mean", type=Finite(1), default=4.0, show_default=True,
               help="--generate: mean seconds between texts of a burst (1 s + exponential).")
-@click.option("--pause-mean", type=click.FloatRange(1), default=600.0, show_default=True,
+@click.option("--pause-mean", type=Finite(1), default=600.0, show_default=True,
               help="--generate: mean seconds between a phone's bursts (exponential).")
 @click.option("--start", type=TIME, default="2026-01-05T09:00:00Z", show_default=True, help="--generate: first moment.")
 @click.pass_context
@@ -526,7 +563,7 @@ def simulate(ctx, trace, generate, as_json, **opts):
 
     names = {"quiet": "quiet_seconds", "max_wait": "max_wait_seconds", "max_messages": "max_messages"}
     settings = settings_from(ctx, **{names[k]: opts[k] for k in names if opts[k] is not None})
-    records, repeats = read_trace(trace, trace.name)
+    records, repeats = read_trace(trace, getattr(trace, "name", "trace"))
     setup = simulation.Setup(settings, opts["tick"], opts["ai_latency"], opts["concurrency"])
     report = simulation.simulate(records, setup, compare=opts["compare"], sweep=opts["sweep"],
                                  burst_gap=opts["burst_gap"], seed_offset=opts["seed_cron_offset"], repeats=repeats)

@@ -178,6 +178,24 @@ class Settings:
                 missing.append("TWILIO_FROM_NUMBER or TWILIO_MESSAGING_SERVICE_SID")
         return missing
 
+    def secrets(self):
+        """Every configured secret, in each form a provider's error text could echo it:
+        the OpenAI key (also inside "Bearer ..."), the Twilio auth token, HTTP Basic auth's
+        base64 of sid:token, and any password inside a base URL."""
+        import base64
+        from urllib.parse import urlsplit
+
+        found = [self.openai_api_key, self.twilio_auth_token]
+        if self.twilio_auth_token:
+            basic = base64.b64encode(f"{self.twilio_account_sid}:{self.twilio_auth_token}".encode()).decode()
+            found += [basic, basic.rstrip("=")]  # unpadded too: where the padding was dropped
+        for url in (self.openai_base_url, self.twilio_base_url):
+            try:
+                found.append(urlsplit(url or "").password or "")
+            except ValueError:
+                pass
+        return tuple(s for s in found if s)
+
 
 def _choice(env, name, choices):
     value = (env.get(name) or choices[0]).strip().lower()

@@ -1,4 +1,16 @@
-"""Error types. Library code raises these; the CLI turns them into one-line messages."""
+"""Error types. Library code raises these; the CLI turns them into one-line messages.
+
+Also the one place provider and error text is made safe to store, log and print (`redact`).
+"""
+
+import re
+
+# Providers echo part of a rejected key ("Incorrect API key provided: sk-ab***yz"), and not
+# every OpenAI-compatible provider's key starts with sk-: both the pattern and the configured
+# secrets go.
+KEY_SHAPE = re.compile(r"sk-[\w*.-]+")
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+MIN_SECRET = 4  # a shorter "secret" would blank out ordinary words; real ones are 32+ characters
 
 
 class SmsbatchError(Exception):
@@ -38,3 +50,19 @@ class DeliveryError(SmsbatchError):
 
 class CannotReconcile(SmsbatchError):
     """The sender cannot be asked whether an earlier send went out."""
+
+
+def redact(text, secrets=(), limit=None):
+    """`text` with every secret in `secrets` (see Settings.secrets) and anything shaped like an
+    OpenAI key replaced by ***. With `limit`: also on one line, control characters replaced by ?,
+    cut to that many characters (for provider error text, before it is stored or logged)."""
+    text = str(text)
+    if limit is not None:  # one line, and nothing a terminal would obey (escape sequences)
+        text = CONTROL.sub("?", " ".join(text.split()))
+    for secret in sorted(secrets, key=len, reverse=True):  # longest first: one may contain another
+        if len(secret) >= MIN_SECRET:
+            text = text.replace(secret, "***")
+    text = KEY_SHAPE.sub("sk-***", text)
+    if limit is not None and len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return text

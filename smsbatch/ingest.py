@@ -5,12 +5,17 @@ import time
 
 from smsbatch.batching import Rules, opt_out_scope
 from smsbatch.errors import InvalidInput
-from smsbatch.inputs import check_body, derived_sid, parse_record
+from smsbatch.inputs import check_body, check_not_future, derived_sid, parse_record
 
 
-def ingest_one(store, settings, phone, our_number, body, sid=None, at=None):
-    """Store one text like the webhook would. Returns counts like ingest_lines."""
-    at = time.time() if at is None else at
+def ingest_one(store, settings, phone, our_number, body, sid=None, at=None, now=None):
+    """Store one text like the webhook would. Returns counts like ingest_lines.
+
+    Raises:
+        InvalidInput: a bad body, or `at` too far ahead of `now` (default: the clock).
+    """
+    now = time.time() if now is None else now
+    at = now if at is None else check_not_future(at, now)
     body = check_body(body)
     sid = sid or derived_sid(phone, our_number, body, at)
     added = store.add_message(sid, phone, our_number, body, at, Rules.from_settings(settings),
@@ -19,12 +24,14 @@ def ingest_one(store, settings, phone, our_number, body, sid=None, at=None):
             "batch_id": added.batch_id}
 
 
-def ingest_lines(store, lines, settings):
+def ingest_lines(store, lines, settings, now=None):
     """Store every good line of a JSONL trace; bad lines are reported by number and skipped.
+    A line whose time is ahead of `now` (default: the clock) by more than a few minutes is bad.
 
     Returns {"stored", "duplicates", "errors": [(line number, reason)]}.
     """
     rules = Rules.from_settings(settings)
+    now = time.time() if now is None else now
     stored = duplicates = 0
     errors = []
     for number, raw in enumerate(lines, 1):
@@ -33,6 +40,7 @@ def ingest_lines(store, lines, settings):
             if not line.strip():
                 continue
             r = parse_record(line)
+            check_not_future(r["at"], now)
         except UnicodeDecodeError:
             errors.append((number, "not UTF-8"))
             continue

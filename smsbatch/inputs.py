@@ -5,10 +5,18 @@ import json
 import math
 import re
 
+from smsbatch.batching import MAX_TEXT_BYTES
 from smsbatch.errors import InvalidInput
 
-PHONE = re.compile(r"^(whatsapp:)?\+?[0-9]{2,15}$")
 LATEST = 253402300799.0  # 9999-12-31T23:59:59Z
+FUTURE_SLACK_SECONDS = 300  # a stored text may be this far ahead of our clock (clocks differ), no further
+PHONE_HINT = "give it with its country code, like +15551234567 or +447700900123"
+
+
+def quoted(value, limit=40):
+    """repr() of a value for an error message, cut short: one line, whatever it held."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def parse_time(text):
@@ -20,49 +28,128 @@ def parse_time(text):
     raw = text if isinstance(text, (int, float)) and not isinstance(text, bool) else str(text).strip()
     try:
         value = float(raw)
+    except OverflowError:  # an integer too large for a float
+        value = math.inf
     except ValueError:
         value = _iso_time(raw)
     if not (math.isfinite(value) and 0 <= value <= LATEST):
-        raise InvalidInput(f"bad time {text!r}: out of range (1970 to 9999)")
+        raise InvalidInput(f"bad time {quoted(text)}: out of range (1970 to 9999)")
     return value
+
+
+def check_not_future(at, now):
+    """A text's arrival time, refused when ahead of `now` by more than FUTURE_SLACK_SECONDS:
+    its batch would wait, pending, until that moment (for ever, for the year 9999).
+
+    Raises:
+        InvalidInput: too far in the future.
+    """
+    if at > now + FUTURE_SLACK_SECONDS:
+        moment = datetime.datetime.fromtimestamp(at, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        raise InvalidInput(f"time {moment} is in the future (more than {FUTURE_SLACK_SECONDS // 60} minutes "
+                           f"from now); a text cannot arrive later than it is stored")
+    return at
 
 
 def _iso_time(raw):
     try:
         moment = datetime.datetime.fromisoformat(raw.replace("Z", "+00:00"))
     except ValueError:
-        raise InvalidInput(f"bad time {raw!r}: use epoch seconds or ISO-8601 like 2026-01-31T09:30:00Z") from None
+        raise InvalidInput(f"bad time {quoted(raw)}: use epoch seconds or ISO-8601 like 2026-01-31T09:30:00Z") from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=datetime.timezone.utc)
     return moment.timestamp()
 
 
 def check_body(body):
-    """A text body that can be stored as UTF-8.
+    """A text body that can be stored as UTF-8, at most MAX_TEXT_BYTES long (the webhook's limit).
 
     Raises:
-        InvalidInput: not a string, or holding characters UTF-8 cannot carry (lone surrogates).
+        InvalidInput: not a string, too long, or holding characters UTF-8 cannot carry (lone surrogates).
     """
     if not isinstance(body, str):
         raise InvalidInput("body must be a string")
     try:
-        body.encode("utf-8")
+        size = len(body.encode("utf-8"))
     except UnicodeEncodeError:
         raise InvalidInput("body is not valid text (not UTF-8)") from None
+    if size > MAX_TEXT_BYTES:
+        raise InvalidInput(f"body is {size} bytes; the most a text may hold is {MAX_TEXT_BYTES}")
     return body
 
 
-def check_phone(text, what="phone number"):
-    """A phone number as Twilio writes it (+15551234567); spaces, dashes and dots are dropped.
+def check_text(text, what="argument"):
+    """A string that can be stored and compared as UTF-8 (a command-line argument with bytes
+    that are not UTF-8 arrives holding lone surrogates).
 
     Raises:
-        InvalidInput: not a phone number.
+        InvalidInput: not valid UTF-8 text.
     """
-    raw = str(text or "").strip()
+    text = str(text)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput(f"{what} is not valid text (not UTF-8)") from None
+    return text
+
+
+def decode_text(data, name):
+    """The bytes of a text file (`name` for the message) as str.
+
+    Raises:
+        InvalidInput: not UTF-8, or binary (holding NUL bytes).
+    """
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInput(f"{name} is not a UTF-8 text file") from None
+    if "\x00" in text:
+        raise InvalidInput(f"{name} is a binary file, not text")
+    return text
+
+
+def check_sid(sid):
+    """A MessageSid as given by an operator or a trace: printable text, at most 64 characters.
+
+    Raises:
+        InvalidInput: not such a string.
+    """
+    if not isinstance(sid, str) or len(sid) > 64 or not sid.isprintable():
+        raise InvalidInput("sid must be a string of at most 64 printable characters")
+    return check_text(sid, "sid")
+
+
+def check_phone(text, what="phone number"):
+    """A phone number in E.164, as Twilio sends it (+15551234567): the one place numbers given
+    by an operator are normalised, so 5551234567 and +1 555 123 4567 are the same person.
+
+    Spaces, dashes, dots and brackets are dropped; `whatsapp:` is kept in front. Without a +,
+    10 digits are a North American number (+1 added), as are 11 digits starting with 1, and
+    3 to 6 digits are a short code (kept as is). Anything else is ambiguous and refused.
+
+    Raises:
+        InvalidInput: not a phone number, or ambiguous without its country code.
+    """
+    raw = str(text if text is not None else "").strip()
     cleaned = re.sub(r"[\s().-]", "", raw)
-    if not PHONE.match(cleaned):
-        raise InvalidInput(f"bad {what} {raw!r}: expected digits like +15551234567")
-    return cleaned
+    prefix = "whatsapp:" if cleaned.lower().startswith("whatsapp:") else ""
+    number = _e164(cleaned[len(prefix):])
+    if number is None:
+        raise InvalidInput(f"bad {what} {quoted(raw)}: {PHONE_HINT}")
+    return prefix + number
+
+
+def _e164(number):
+    """+digits for an unambiguous number, else None."""
+    if re.fullmatch(r"\+[1-9][0-9]{6,14}", number):
+        return number
+    if not re.fullmatch(r"[1-9][0-9]*", number):
+        return None  # letters, a lone +, or a leading 0 (a national prefix: which country?)
+    if re.fullmatch(r"1?[2-9][0-9]{9}", number):  # North American area codes start with 2-9
+        return "+1" + number[-10:]
+    if 3 <= len(number) <= 6:
+        return number  # a short code has no country code
+    return None
 
 
 def parse_record(line):
@@ -75,6 +162,10 @@ def parse_record(line):
         record = json.loads(line)
     except json.JSONDecodeError as exc:
         raise InvalidInput(f"not JSON ({exc.msg})") from None
+    except RecursionError:
+        raise InvalidInput("not JSON this program can read (nested too deeply)") from None
+    except ValueError as exc:  # e.g. an integer over sys.get_int_max_str_digits() digits
+        raise InvalidInput(f"not JSON this program can read ({str(exc).split(':')[0]})") from None
     if not isinstance(record, dict):
         raise InvalidInput("not a JSON object")
     body = check_body(record.get("body", ""))
@@ -83,9 +174,7 @@ def parse_record(line):
     phone = check_phone(record.get("from"), "'from'")
     our_number = check_phone(record.get("to"), "'to'")
     at = parse_time(record["at"])
-    sid = record.get("sid") or derived_sid(phone, our_number, body, at)
-    if not isinstance(sid, str) or len(sid) > 64:
-        raise InvalidInput("sid must be a string of at most 64 characters")
+    sid = check_sid(record.get("sid") or derived_sid(phone, our_number, body, at))
     return {"sid": sid, "phone": phone, "our_number": our_number, "body": body, "at": at}
 
 

@@ -11,18 +11,22 @@ import re
 import signal
 import threading
 import time
+import traceback
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from smsbatch import ai, batching
 from smsbatch.config import FAULT_POINT
 from smsbatch.db import State, Store
-from smsbatch.errors import CannotReconcile, DeliveryError
-from smsbatch.inputs import iso_time
+from smsbatch.errors import CannotReconcile, DeliveryError, InvalidInput, redact
+from smsbatch.inputs import check_phone, iso_time
 
 log = logging.getLogger("smsbatch.processor")
 POLL_SECONDS = 1.0  # with --for, new work is picked up within about this long
-OUTCOMES = ("sent", "skipped", "superseded", "retrying", "failed", "unknown", "lost")
+# taken_over: this processor's lease ran out and another took the batch over (harmless: it goes on there).
+# error: an unexpected exception (a bug) while handling it; logged with its traceback, and the
+# batch is left to its lease (then retried, or failed after its attempts).
+OUTCOMES = ("sent", "skipped", "superseded", "retrying", "failed", "unknown", "taken_over", "error")
 PROVIDER_NAMES = {"ai": "AI", "sms": "Twilio"}
 
 
@@ -40,6 +44,15 @@ def _span(seconds):
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def same_number(phone, other):
+    """Two numbers compared as E.164 (AI_SMS_TEST_NUMBER=5551234567 is +15551234567, as on the
+    command line), or by their digits when either is not a number check_phone takes."""
+    try:
+        return check_phone(phone) == check_phone(other)
+    except InvalidInput:
+        return _digits(phone) == _digits(other)
 
 
 def fault_point(name):
@@ -64,8 +77,8 @@ class RunReport:
 
     @property
     def need_a_person(self):
-        """Batches that need a person: failed, or unknown whether the reply went out."""
-        return self.counts["failed"] + self.counts["unknown"]
+        """Batches that need a person: failed, unknown whether the reply went out, or hit by a bug."""
+        return self.counts["failed"] + self.counts["unknown"] + self.counts["error"]
 
     def as_dict(self):
         return {"claimed": self.claimed, "expired": self.expired, "ai_calls": self.ai_calls,
@@ -117,7 +130,7 @@ class Processor:
             return self._finish(store, batch, State.FAILED, f"gave up after {s.max_attempts} attempts")
         if store.is_opted_out(batch["phone"], self.scope(batch)):
             return self._finish(store, batch, State.SKIPPED, "opted out")
-        if s.test_number and _digits(batch["phone"]) != _digits(s.test_number):
+        if s.test_number and not same_number(batch["phone"], s.test_number):
             return self._finish(store, batch, State.SKIPPED, "not the AI_SMS_TEST_NUMBER")
         if batch["attempts"] > 1 and store.fold_if_answered(batch, self.clock(), s):
             return "superseded"  # a retry overtaken by a newer reply that covered it
@@ -135,7 +148,7 @@ class Processor:
         fault_point("after_ai")
         state = store.begin_send(batch, reply, self.clock(), s)
         if state is None:
-            return "lost"
+            return "taken_over"
         if state != State.SENDING:
             return State(state).value
         return self._send(store, batch, reply)
@@ -153,7 +166,7 @@ class Processor:
                 return self._later(store.release_sending, batch, str(exc))
             return self._failed_attempt(store, batch, exc)
         fault_point("after_twilio")
-        return "sent" if store.mark_sent(batch, sid, self.clock()) else "lost"
+        return "sent" if store.mark_sent(batch, sid, self.clock()) else "taken_over"
 
     def _reconcile(self, store, batch):
         """A batch left in *sending* (its processor died, or the send's outcome was unclear):
@@ -171,7 +184,7 @@ class Processor:
                                     f"could not check whether the reply went out: {exc}; check, then retry")
             return self._later(store.release_sending, batch, f"could not check the earlier send: {exc}")
         if sid:
-            return "sent" if store.mark_sent(batch, sid, self.clock()) else "lost"
+            return "sent" if store.mark_sent(batch, sid, self.clock()) else "taken_over"
         if store.is_opted_out(batch["phone"], self.scope(batch)):
             return self._finish(store, batch, State.SKIPPED, "opted out before the reply was sent")
         if store.fold_if_answered(batch, self.clock(), self.settings):
@@ -219,12 +232,12 @@ class Processor:
             # Provider errors may quote the number: the log (cron mail) gets the batch id instead.
             log.warning("batch %s %s: %s (smsbatch retry %s)", batch["id"], State(state).value,
                         PHONE_DIGITS.sub("[number]", error), batch["id"])
-        return State(state).value if ok else "lost"
+        return State(state).value if ok else "taken_over"
 
     def _later(self, move, batch, error):
         """Try again after the backoff: `move` is store.requeue or store.release_sending."""
         due = self.clock() + batching.backoff_seconds(batch["attempts"], self.settings.retry_base_seconds, self.rng)
-        return "retrying" if move(batch, due, error, self.clock()) else "lost"
+        return "retrying" if move(batch, due, error, self.clock()) else "taken_over"
 
     def _safe_handle(self, batch):
         """handle() for a worker thread: a bug must not kill the run, and must leave the
@@ -232,8 +245,11 @@ class Processor:
         try:
             return self.handle(batch)
         except Exception:
-            log.exception("batch %s: unexpected error; it will be retried when its lease ends", batch["id"])
-            return "lost"
+            # Redacted like provider errors: an exception's text may quote a secret or a number.
+            trace = PHONE_DIGITS.sub("[number]", redact(traceback.format_exc(), self.settings.secrets()))
+            log.error("batch %s: unexpected error (a bug); the batch is left to its lease, then retried "
+                      "or failed after its attempts\n%s", batch["id"], trace.rstrip())
+            return "error"
 
     # -- the loop ---------------------------------------------------------------
 

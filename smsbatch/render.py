@@ -1,10 +1,12 @@
 """Human output: the only module that imports rich."""
 
 import datetime
+import re
 
 from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 STATE_STYLE = {
     "sent": "green", "failed": "bold red", "unknown": "bold yellow", "expired": "yellow",
@@ -13,8 +15,19 @@ STATE_STYLE = {
 }
 
 
+# Control characters a terminal would act on (escape sequences, carriage returns): shown, not obeyed.
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
 def console(stderr=False):
     return Console(stderr=stderr, highlight=False)
+
+
+def plain(value, style=""):
+    """Stored text (a body, a reply, an error, a number) as rich Text: printed as written,
+    never read as markup ([bold], [link=...]) or emoji codes, control characters made visible."""
+    text = "" if value is None else str(value)
+    return Text(CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text), style=style)
 
 
 def age(seconds):
@@ -31,8 +44,7 @@ def age(seconds):
 
 
 def state(text):
-    style = STATE_STYLE.get(text, "")
-    return f"[{style}]{text}[/]" if style else text
+    return plain(text, STATE_STYLE.get(text, ""))
 
 
 def status(info):
@@ -50,8 +62,8 @@ def demo(result):
         table.add_column(column, overflow="fold")
     for row in result["batches"]:
         table.add_row(
-            row["id"], row["phone"], "\n".join(row["texts"]), state(row["state"]),
-            row["reply"] or row["note"] or "",
+            plain(row["id"]), plain(row["phone"]), plain("\n".join(row["texts"])), state(row["state"]),
+            plain(row["reply"] or row["note"]),
         )
     out.print(table)
     totals = result["totals"]
@@ -60,7 +72,7 @@ def demo(result):
         f"AI calls made: [bold]{totals['ai_calls']}[/]   replies out: [bold]{totals['replies']}[/]"
     )
     where = result["db_path"] or "a temporary folder, now removed (--keep DIR keeps it)"
-    out.print(f"[dim]database: {where}[/]")
+    out.print(plain(f"database: {where}", "dim"))
 
 
 def when(epoch):
@@ -89,7 +101,7 @@ def simulation(report):
     described = results[:1] + [r for r in results if r["model"] == "seed"] if swept else results
     for result in described:
         name = f"smsbatch ({swept}: one row each)" if swept and result["model"] != "seed" else result["label"]
-        out.print(f"  [bold]{name}[/]: {_simulated_settings(result, skip=swept)}")
+        out.print(Text.assemble("  ", plain(name, "bold"), ": ", plain(_simulated_settings(result, skip=swept))))
     out.print(_sweep_table(report) if report["sweep"] else _simulation_table(results))
     if not report["sweep"]:
         out.print(_latency_histogram(results))
@@ -119,7 +131,7 @@ def _simulation_table(results):
     table = Table(box=box.SIMPLE_HEAD)
     table.add_column("")
     for result in results:
-        table.add_column(result["label"], justify="right")
+        table.add_column(plain(result["label"]), justify="right")
     for name, key in SIMULATION_ROWS:
         table.add_row(name, *[_cell(r[key]) for r in results])
     for name, key in LATENCY_ROWS:
@@ -140,7 +152,7 @@ def _sweep_table(report):
         table.add_column(column, justify="right" if i else "left")
     for r in report["results"]:
         value = "seed" if r["model"] == "seed" else r["label"].partition("=")[2]
-        table.add_row(value, *[_cell(r[k]) for k in keys], *[_cell(r["latency"][k]) for k in ("p50", "p95", "max")])
+        table.add_row(plain(value), *[_cell(r[k]) for k in keys], *[_cell(r["latency"][k]) for k in ("p50", "p95", "max")])
     return table
 
 
@@ -148,7 +160,7 @@ def _latency_histogram(results, width=20):
     table = Table(box=box.SIMPLE_HEAD, title="replies by latency", title_justify="left")
     table.add_column("seconds", justify="right")
     for result in results:
-        table.add_column(result["label"])
+        table.add_column(plain(result["label"]))
     top = max([b["replies"] for r in results for b in r["latency"]["histogram"]] + [1])
     for i, bucket in enumerate(results[0]["latency"]["histogram"]):
         span = f"{bucket['from']}-{bucket['to']}" if bucket["to"] is not None else f"{bucket['from']}+"

@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from smsbatch.inputs import iso_time
-from smsbatch.render import STATE_STYLE, age
+from smsbatch.render import STATE_STYLE, age, plain
 
 PENDING = ("open", "queued", "processing", "sending")
 # status's batch lines: (header, width, right-aligned); the error takes what is left.
@@ -24,7 +24,7 @@ def console():
 
 def _fit(text, width):
     """One line, never wrapped: cut with … at the width."""
-    line = text if isinstance(text, Text) else Text(text)
+    line = text if isinstance(text, Text) else plain(text)
     line.no_wrap, line.overflow = True, "ellipsis"
     line.truncate(width, overflow="ellipsis")
     return line
@@ -32,7 +32,7 @@ def _fit(text, width):
 
 def _padded(value, width, right=False, style=""):
     """A fixed-width cell: cut with … or padded with spaces."""
-    cell = Text(str(value), style=style)
+    cell = plain(value, style)
     cell.truncate(width, overflow="ellipsis")
     pad = Text(" " * (width - cell.cell_len))
     return pad + cell if right else cell + pad
@@ -57,7 +57,7 @@ def _agent(info):
     if not agent["enabled"]:
         return Text("agent PAUSED (ENABLE_AI_SMS_AGENT off)", style="bold yellow")
     if agent["test_number"]:
-        return Text(f"agent on, test-number mode: only {agent['test_number']}", style="yellow")
+        return Text("agent on, test-number mode: only ", style="yellow") + plain(agent["test_number"], "yellow")
     return Text("agent on", style="green")
 
 
@@ -77,7 +77,7 @@ def _header(info, width):
         kind = "OUTAGE" if p["alerted_at"] is not None else "failing"
         line = Text(f"{kind}: {p['name']} calls failing for {age(now - p['failing_since'])}: ",
                     style="bold red" if kind == "OUTAGE" else "yellow")
-        lines.append(line + Text(p["last_error"] or ""))
+        lines.append(line + plain(p["last_error"]))
     return [_fit(line, width) for line in lines]
 
 
@@ -87,7 +87,7 @@ def _batch_line(row, width):
     line = Text()
     for (name, size, right), value in zip(COLUMNS, cells):
         line += _padded(value, size, right, STATE_STYLE.get(value, "") if name == "state" else "") + " "
-    line += Text(" ".join((row["last_error"] or "").split()), style="red" if row["last_error"] else "")
+    line += plain(" ".join((row["last_error"] or "").split()), "red")
     return _fit(line, width)
 
 
@@ -184,7 +184,7 @@ def _line(*parts):
     """A Text from (text, style) pairs and plain strings: data never parsed as markup."""
     line = Text()
     for part in parts:
-        line += Text(*part) if isinstance(part, tuple) else Text(str(part))
+        line += plain(*part) if isinstance(part, tuple) else plain(part)
     return line
 
 
@@ -215,11 +215,11 @@ def show_batch(life):
                                                    _media(t["media"]))) for t in life["texts"]]))
     out.print(Text("history", style="bold"))
     out.print(_grid([(_t(e["at"]), Text(e["to_state"], style=STATE_STYLE.get(e["to_state"], "")),
-                      Text(e["reason"] or "")) for e in life["events"]]))
+                      plain(e["reason"])) for e in life["events"]]))
     failed = [(n, a) for n, a in enumerate(life["attempts"], 1) if a["state"] not in ("sent", "superseded")]
     if failed:
         out.print(Text("attempts that did not end in a reply", style="bold"))
-        out.print(_grid([(f"{n}.", _t(a["at"]), a["state"], Text(a["outcome"] or "-", style="red"))
+        out.print(_grid([(f"{n}.", _t(a["at"]), a["state"], plain(a["outcome"] or "-", "red"))
                          for n, a in failed]))
     _show_reply(out, b, life["outbound"])
     if "prompt" in life:
@@ -237,13 +237,13 @@ def _show_reply(out, batch, outbound):
     out.print(Text("reply", style="bold"))
     if not outbound:
         written = batch["response_text"]
-        out.print(Text("  " + (f"written, not sent: {written}" if written else "none")))
+        out.print(plain("  " + (f"written, not sent: {written}" if written else "none")))
         return
     for sms in outbound:
-        out.print(Padding(Text(sms["body"]), (0, 0, 0, 2), expand=False))
+        out.print(Padding(plain(sms["body"]), (0, 0, 0, 2), expand=False))
         status = sms["status"] or "not reported yet"
         error = f"  error {sms['error_code']}" if sms["error_code"] else ""
-        out.print(Padding(Text(f"SID {sms['sid']}  sent {_t(sms['sent_at'])}  delivery {status}"
+        out.print(Padding(plain(f"SID {sms['sid']}  sent {_t(sms['sent_at'])}  delivery {status}"
                                f"{'' if sms['status_at'] is None else ' at ' + _t(sms['status_at'])}{error}",
                                style="dim"), (0, 0, 0, 2), expand=False))
 
@@ -255,7 +255,7 @@ def _show_prompt(out, prompt):
         return
     for message in prompt:
         out.print(Text(f"  [{message['role']}]", style="cyan"))
-        out.print(Padding(Text(str(message["content"])), (0, 0, 0, 4), expand=False))
+        out.print(Padding(plain(message["content"]), (0, 0, 0, 4), expand=False))
 
 
 def show_phone(convo):
@@ -285,7 +285,7 @@ def _chat_line(item):
                                                                          "dim"))
     if kind == "opt_out":
         scope = "every number" if item["our_number"] == "*" else item["our_number"]
-        return at, Text("  !", style="bold red"), Text(f"opted out of {scope} ({item['body']})")
+        return at, Text("  !", style="bold red"), plain(f"opted out of {scope} ({item['body']})")
     if kind == "hold":
         return at, Text("  !", style="bold yellow"), _line("put on hold", f": {item['body']}" if item["body"] else "")
     return at, Text("  !", style="yellow"), _line(f"batch {item['batch_id']} {item['detail']}: ", item["body"] or "")

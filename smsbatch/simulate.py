@@ -61,6 +61,9 @@ SWEEPABLE = {"quiet": ("quiet_seconds", float, 0), "max-wait": ("max_wait_second
              "max-messages": ("max_messages", int, 1), "tick": ("tick", float, 0.01),
              "ai-latency": ("ai_latency", float, 0), "concurrency": ("concurrency", int, 1)}
 
+# The same upper bounds as the `simulate` options of those names.
+SWEEP_MOST = {"tick": 3600, "ai-latency": 300, "concurrency": 64}
+
 
 def parse_sweep(text):
     """'quiet=4,6,8' -> ('quiet', [4.0, 6.0, 8.0]).
@@ -80,8 +83,12 @@ def parse_sweep(text):
         except ValueError:
             noun = "a whole number" if kind is int else "a number"
             raise InvalidInput(f"bad {name} value {raw.strip()!r}: expected {noun}") from None
+        if not math.isfinite(value):
+            raise InvalidInput(f"bad {name} value {raw.strip()!r}: expected a finite number")
         if value < least:
             raise InvalidInput(f"bad {name} value {raw.strip()}: must be at least {least}")
+        if value > SWEEP_MOST.get(name, math.inf):
+            raise InvalidInput(f"bad {name} value {raw.strip()}: must be at most {SWEEP_MOST[name]}")
         parsed.append(value)
     return name, parsed
 

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 
-from smsbatch.errors import CannotReconcile, DeliveryError
+from smsbatch.errors import CannotReconcile, DeliveryError, redact
 
 # Twilio error codes worth trying again later: rate limit, unreachable handset, unknown carrier error.
 TRANSIENT_CODES = frozenset({20429, 30003, 30008})
@@ -36,10 +36,11 @@ class ConsoleSender:
         sid = "SMconsole" + secrets.token_hex(12)
         with self._lock:
             self.sent.append((sid, to, body))
-        if not self.quiet:
+        if not self.quiet:  # a reply may quote the customer: escape sequences are shown, not obeyed
             from smsbatch.inputs import iso_time
 
-            print(f"{iso_time(time.time())} [console sms to {to}] {body}", file=self.stream)
+            shown = re.sub(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]", "?", f"[console sms to {to}] {body}")
+            print(f"{iso_time(time.time())} {shown}", file=self.stream)
         return sid
 
     def find_sent(self, to, from_, since, body, exclude=frozenset()):
@@ -89,8 +90,14 @@ class TwilioSender:
         client = self._get_client()
         try:
             return client.messages.create(to=to, body=body, **self.sender_fields(from_)).sid
-        except Exception as exc:
-            raise classify(exc) from None
+        except provider_errors() as exc:
+            raise classify(exc, self.settings.secrets()) from None
+        # Anything else (a TypeError: a bug, ours or the library's) propagates: the processor
+        # logs its traceback and leaves the batch to its lease, rather than calling a bug a
+        # Twilio outage and retrying it as "maybe sent" for ever. That is safe even when the
+        # bug struck after Twilio accepted the message (say, while reading its answer), which
+        # is a genuine unknown: the batch was committed as *sending* before this call, and a
+        # *sending* batch is never sent again without first asking Twilio (Processor._reconcile).
 
     def find_sent(self, to, from_, since, body, exclude=frozenset()):
         """Look for our reply among the recipient's recent messages from `from_`.
@@ -112,8 +119,8 @@ class TwilioSender:
                     continue
                 if created is None or _epoch(created) >= after:
                     return message.sid
-        except Exception as exc:
-            raise classify(exc) from None
+        except provider_errors() as exc:
+            raise classify(exc, self.settings.secrets()) from None
         return None
 
 
@@ -134,8 +141,8 @@ class TwilioLog:
         client = self.sender._get_client()
         try:
             return {n.phone_number for n in client.messaging.v1.services(sid).phone_numbers.stream(page_size=1000)}
-        except Exception as exc:
-            raise classify(exc) from None
+        except provider_errors() as exc:
+            raise classify(exc, self.sender.settings.secrets()) from None
 
     def received(self, to, since, until):
         """Inbound texts to `to` that Twilio sent to the webhook between `since` and `until`
@@ -155,8 +162,8 @@ class TwilioLog:
                 if (m.direction or "").startswith("inbound") and since <= at <= until:
                     yield {"sid": m.sid, "phone": m.from_, "to": m.to, "body": m.body or "", "at": at,
                            "media": self._media(client, m)}
-        except Exception as exc:
-            raise classify(exc) from None
+        except provider_errors() as exc:
+            raise classify(exc, self.sender.settings.secrets()) from None
 
     @staticmethod
     def _media(client, message):
@@ -179,19 +186,36 @@ def _epoch(moment):
     return moment.timestamp()
 
 
-def classify(exc):
-    """Map an exception from the twilio/requests stack to a DeliveryError."""
+def provider_errors():
+    """The exceptions a failed Twilio call raises: the twilio, requests and urllib3 stack's own,
+    and a JSON error from reading an answer that is not JSON. classify() maps only these."""
+    import json
+
+    import requests
+    import urllib3
+    from twilio.base.exceptions import TwilioException
+
+    return (TwilioException, requests.exceptions.RequestException, urllib3.exceptions.HTTPError,
+            json.JSONDecodeError)
+
+
+def classify(exc, secrets=()):
+    """Map an exception of provider_errors() to a DeliveryError, its text redacted of `secrets`."""
+    import json
+
     from twilio.base.exceptions import TwilioRestException
 
     if isinstance(exc, TwilioRestException):
         code, status = exc.code, exc.status
-        message = f"Twilio error {code or status}: {' '.join(str(exc.msg).split())[:200]}"
+        message = f"Twilio error {code or status}: {redact(exc.msg, secrets, limit=200)}"
         if code == OPTED_OUT_CODE:
             return DeliveryError(message, transient=False, opted_out=True)
         transient = code in TRANSIENT_CODES or status == 429 or status >= 500
         # A 5xx may come after Twilio queued the message: check before sending again.
         return DeliveryError(message, transient=transient, ambiguous=status >= 500)
     name = type(exc).__name__
+    if isinstance(exc, json.JSONDecodeError):  # Twilio answered (2xx), unreadably: it may have queued it
+        return DeliveryError("Twilio's answer could not be read; outcome unknown", transient=True, ambiguous=True)
     if _never_connected(exc):
         return DeliveryError(f"Twilio unreachable ({name})", transient=True)
     # Timed out or cut off after the request went out: Twilio may have accepted it.

@@ -44,6 +44,7 @@ WORDS = ("hi", "hello", "quick", "question", "about", "my", "order", "claim", "i
 def read_trace(lines, name="trace"):
     """Parse a JSONL trace into records (see inputs.parse_record), in time order.
 
+    `lines` are str, or bytes (decoded here, so one line that is not UTF-8 is named).
     Blank lines are skipped; a repeated sid is kept once (the first), as ingest would.
     Returns (records, number of repeats).
 
@@ -52,6 +53,10 @@ def read_trace(lines, name="trace"):
     """
     records, seen, repeats = [], set(), 0
     for number, line in enumerate(lines, 1):
+        try:
+            line = line.decode("utf-8") if isinstance(line, bytes) else line
+        except UnicodeDecodeError:
+            raise InvalidInput(f"{name} line {number}: not UTF-8") from None
         if not line.strip():
             continue
         try:

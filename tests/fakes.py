@@ -73,9 +73,12 @@ class StandIn:
         self.server.shutdown()
         self.server.server_close()
 
+    @classmethod
+    def reply(cls, handler, status, payload):
+        cls.raw(handler, status, json.dumps(payload).encode())
+
     @staticmethod
-    def reply(handler, status, payload):
-        body = json.dumps(payload).encode()
+    def raw(handler, status, body):
         handler.send_response(status)
         handler.send_header("Content-Type", "application/json")
         handler.send_header("Content-Length", str(len(body)))
@@ -90,8 +93,9 @@ class StandIn:
 
 class FakeOpenAI(StandIn):
     """POST /v1/chat/completions. Script items: "ok", an HTTP status (int),
-    ("delay", seconds) then ok, "hang" (never answers within any sane timeout), or
-    ("echo-key", status): that error, its message quoting the API key it was sent."""
+    ("delay", seconds) then ok, "hang" (never answers within any sane timeout),
+    ("echo-key", status): that error, its message quoting the API key it was sent, or
+    ("200", text): a 200 whose JSON body is `text` as is (cut-off JSON, or JSON without choices)."""
 
     def __init__(self, script=(), delay=0.0):
         super().__init__(script)
@@ -111,6 +115,8 @@ class FakeOpenAI(StandIn):
             time.sleep(self.delay)
         if isinstance(action, int):
             return self.reply(handler, action, {"error": {"message": f"scripted {action}", "type": "x"}})
+        if isinstance(action, tuple) and action[0] == "200":
+            return self.raw(handler, 200, action[1].encode())
         if isinstance(action, tuple) and action[0] == "echo-key":
             # like "Incorrect API key provided: ...", but echoing the whole key: the worst case
             key = handler.headers.get("Authorization", "").removeprefix("Bearer ")
@@ -135,7 +141,9 @@ class FakeTwilio(StandIn):
     Script items: "ok"; (status, code) for a Twilio error; "hang" (accept nothing,
     answer nothing); "accept-then-hang" (record the message as sent, then never answer,
     like a connection cut after Twilio accepted); ("accept-then", status, code) (record
-    the message as sent, then answer that error).
+    the message as sent, then answer that error); ("echo-auth", status) (an error whose
+    message quotes the Authorization header it got and the token, like a misbehaving proxy);
+    "accept-then-garbage" (record the message as sent, then answer 201 with a body that is not JSON).
     """
 
     ACCOUNT = "AC" + "0" * 32
@@ -163,6 +171,9 @@ class FakeTwilio(StandIn):
         action = self.take(form)
         if action == "hang":
             return
+        if isinstance(action, tuple) and action[0] == "echo-auth":
+            echo = f"bad request; you sent Authorization: {handler.headers.get('Authorization')} token={self.TOKEN}"
+            return self.reply(handler, action[1], {"code": 20001, "message": echo, "status": action[1]})
         if isinstance(action, tuple) and action[0] == "accept-then":
             self.record(form)  # Twilio queued it, then the answer was an error anyway
             action = action[1:]
@@ -170,6 +181,8 @@ class FakeTwilio(StandIn):
             status, code = action
             return self.reply(handler, status, {"code": code, "message": f"scripted {code}", "status": status})
         message = self.record(form)
+        if action == "accept-then-garbage":
+            return self.raw(handler, 201, b"<html>upstream hiccup</html>")
         if action == "accept-then-hang":
             time.sleep(30)
             return

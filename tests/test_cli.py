@@ -51,7 +51,7 @@ def test_commands_refuse_an_unmigrated_database(tmp_path):
 
 def test_ingest_one_then_status_json(db_path):
     result = invoke(["ingest", "--from", "+1 555 444 0001", "--to", "+15550000000", "--body", "hi",
-                     "--at", "2027-01-15T08:00:00Z"], db_env(db_path))
+                     "--at", "2027-01-15T08:00:00Z", "--now", str(T0)], db_env(db_path))
     assert result.exit_code == 0 and "stored 1" in result.output
     info = json.loads(invoke(["status", "--json", "--now", "2027-01-15T08:00:05Z"], db_env(db_path)).output)
     assert info["counts"]["open"] == 1 and info["oldest_pending_age_seconds"] == 5.0
@@ -59,7 +59,7 @@ def test_ingest_one_then_status_json(db_path):
 
 
 def test_ingest_same_sid_twice_is_stored_once(db_path):
-    args = ["ingest", "--from", A, "--to", "+15550000000", "--body", "hi", "--sid", "SM1", "--at", str(T0)]
+    args = ["ingest", "--from", A, "--to", "+15550000000", "--body", "hi", "--sid", "SM1", "--at", str(T0), "--now", str(T0)]
     invoke(args, db_env(db_path))
     result = invoke(args + ["--json"], db_env(db_path))
     assert json.loads(result.output)["duplicates"] == 1
@@ -73,13 +73,13 @@ def test_ingest_jsonl_keeps_good_lines_and_reports_bad_ones(db_path, tmp_path):
         json.dumps({"from": A, "to": "+15550000000", "body": "two", "at": "yesterday"}),
         json.dumps({"from": A, "to": "+15550000000", "body": "three", "sid": "SMx", "at": T0 + 2}),
     ]
-    result = invoke(["ingest", "--jsonl", "-"], db_env(db_path), input="\n".join(lines) + "\n")
+    result = invoke(["ingest", "--jsonl", "-", "--now", str(T0)], db_env(db_path), input="\n".join(lines) + "\n")
     assert result.exit_code == 1
     assert "line 2: not JSON" in result.output and "line 3: bad 'from'" in result.output
     assert "line 4: bad time" in result.output and "Traceback" not in result.output
     bodies = [r[0] for r in sqlite3.connect(db_path).execute("SELECT body FROM messages ORDER BY id")]
     assert bodies == ["one", "three"]
-    again = invoke(["ingest", "--jsonl", "-", "--json"], db_env(db_path), input=lines[0] + "\n" + lines[4] + "\n")
+    again = invoke(["ingest", "--jsonl", "-", "--json", "--now", str(T0)], db_env(db_path), input=lines[0] + "\n" + lines[4] + "\n")
     assert json.loads(again.stdout)["duplicates"] == 2
 
 
@@ -225,7 +225,7 @@ def test_jsonl_line_that_is_not_utf8_is_reported(db_path, tmp_path):
     trace = tmp_path / "t.jsonl"
     good = json.dumps({"from": A, "to": "+15550000000", "body": "ok", "at": T0}).encode()
     trace.write_bytes(good + b"\n" + b'{"body": "\xff\xfe"}\n')
-    result = invoke(["ingest", "--jsonl", str(trace)], db_env(db_path))
+    result = invoke(["ingest", "--jsonl", str(trace), "--now", str(T0)], db_env(db_path))
     assert result.exit_code == 1 and "line 2: not UTF-8" in result.output and "Traceback" not in result.output
     assert sqlite3.connect(db_path).execute("SELECT count(*) FROM messages").fetchone()[0] == 1
 
@@ -245,7 +245,7 @@ def test_jsonl_times_out_of_range_are_bad_lines_and_later_lines_are_kept(db_path
     lines = [json.dumps({"from": A, "to": "+15550000000", "body": "x", "at": at}),
              '{"from": "%s", "to": "+15550000000", "body": "\\udcff", "at": 1}' % A,
              json.dumps({"from": A, "to": "+15550000000", "body": "kept", "at": T0})]
-    result = invoke(["ingest", "--jsonl", "-"], db_env(db_path), input="\n".join(lines) + "\n")
+    result = invoke(["ingest", "--jsonl", "-", "--now", str(T0)], db_env(db_path), input="\n".join(lines) + "\n")
     assert result.exit_code == 1 and "line 1: bad time" in result.output and "line 2: body is not valid" in result.output
     assert [r[0] for r in sqlite3.connect(db_path).execute("SELECT body FROM messages")] == ["kept"]
 

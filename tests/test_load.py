@@ -193,7 +193,7 @@ def check_everything(store, results, twilio, during, final, posting_seconds):
     assert len(unique) >= 4000 and statuses == {"200": requests}, statuses
     assert all(d["claimed"] > 0 for d in during), during  # both loops worked while texts poured in
     for report in during + [final]:
-        assert report["failed"] == report["unknown"] == report["lost"] == 0, report
+        assert report["failed"] == report["unknown"] == report["taken_over"] == report["error"] == 0, report
 
     # Every text stored once, exactly as posted; replays stored nothing.
     stored = {r["sid"]: r for r in store.conn.execute("SELECT sid, phone, body, kind, batch_id FROM messages")}

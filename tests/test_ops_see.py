@@ -306,6 +306,7 @@ def test_show_phone_is_the_conversation_as_a_chat_newest_last(db_path, store, se
     store.conn.execute("INSERT INTO holds (phone, since, reason) VALUES (?, ?, 'angry customer')", (A, T0 + 70))
     add(store, A, "STOP", T0 + 80)
     add(store, B, "someone else", T0 + 90)
+    add(store, "+15554440003", "red \x1b[31malert\x1b[0m [link=http://x]click[/link]", T0 + 95)
     result = invoke(["show", "+1 (555) 444-0001", "--json"], env_for(db_path))
     assert result.exit_code == 0, result.output
     convo = json.loads(result.output)
@@ -319,13 +320,15 @@ def test_show_phone_is_the_conversation_as_a_chat_newest_last(db_path, store, se
     assert "ON HOLD" in human[0] and "OPTED OUT" in human[0]
     assert human[1].split()[1:] == [">", "hi"] and "Call you at 5 - Ann  (by hand, delivered)" in human[3]
     assert "someone else" not in "\n".join(human)
+    shown = invoke(["show", "+15554440003"], env_for(db_path, COLUMNS=100)).output
+    assert "red \\x1b[31malert\\x1b[0m [link=http://x]click[/link]" in shown and "\x1b" not in shown
 
 
 def test_show_tells_a_batch_id_from_a_phone_by_shape(db_path, store):
     batch = add(store, A, "hi", T0).batch_id
     assert invoke(["show", batch, "--json"], env_for(db_path)).output.count(batch) >= 1
     ten_digits = json.loads(invoke(["show", "5552345678", "--json"], env_for(db_path)).output)
-    assert ten_digits["phone"] == "5552345678" and ten_digits["items"] == []
+    assert ten_digits["phone"] == "+15552345678" and ten_digits["items"] == []  # normalised as E.164
     missing = invoke(["show", "zzzzzzzzzz"], env_for(db_path))
     assert missing.exit_code == 1 and "no batch with id" in missing.output
     neither = invoke(["show", "hello there"], env_for(db_path))

@@ -15,6 +15,7 @@ from smsbatch.tracegen import Anonymizer, generate, read_trace, trace_line
 
 A, B, C, D, E = "+15557770001", "+15557770002", "+15557770003", "+15557770004", "+15557770005"
 US = "+15550000000"
+LATER = str(T0 + 86400)  # `ingest --now`: the traces here lie after the wall clock
 assert T0 % 60 == 0  # the seed design's slots and cron minutes start at T0
 
 
@@ -115,7 +116,7 @@ def test_simulate_matches_a_real_ingest_and_process_run(tmp_path, db_path):
     for now in range(int(T0), int(T0) + 200, 5):
         chunk = [ln for ln in ordered if now - 5 < json.loads(ln)["at"] <= now]
         if chunk:
-            assert invoke(["ingest", "--jsonl", "-"], env, input="\n".join(chunk)).exit_code == 0
+            assert invoke(["ingest", "--jsonl", "-", "--now", str(now)], env, input="\n".join(chunk)).exit_code == 0
         result = invoke(["process", "--now", str(now), "--ai", "offline", "--sms", "console", "--json"], env)
         sent += json.loads(result.stdout)["sent"]
     conn = sqlite3.connect(db_path)
@@ -233,12 +234,12 @@ def test_generate_then_simulate_round_trip(tmp_path):
 def test_export_round_trip_gives_the_same_texts(tmp_path, db_path):
     lines = trace((0, A, "hi"), (2, A, "ünïcode ✓"), (3, B, "STOP"), (4, C, ""), (5.125, D, "urgent: help"))
     env = {"SMSBATCH_DB": db_path}
-    invoke(["ingest", "--jsonl", "-"], env, input="\n".join(lines))
+    invoke(["ingest", "--jsonl", "-", "--now", LATER], env, input="\n".join(lines))
     result = invoke(["export", "--jsonl"], env)
     assert result.exit_code == 0 and "exported 5 texts" in result.stderr
     fresh = str(tmp_path / "fresh.db")
     invoke(["--db", fresh, "migrate"])
-    assert invoke(["--db", fresh, "ingest", "--jsonl", "-"], input=result.stdout).exit_code == 0
+    assert invoke(["--db", fresh, "ingest", "--jsonl", "-", "--now", LATER], input=result.stdout).exit_code == 0
     query = "SELECT sid, phone, our_number, body, received_at, kind FROM messages ORDER BY received_at"
     assert sqlite3.connect(fresh).execute(query).fetchall() == sqlite3.connect(db_path).execute(query).fetchall()
     later = invoke(["export", "--since", str(T0 + 3)], env).stdout.splitlines()
@@ -249,7 +250,7 @@ def test_export_anonymize_hides_numbers_and_bodies_but_keeps_lengths_times_and_k
     lines = trace((0, A, "my card is 4111"), (1, A, "call me"), (2, B, "STOP"), (3, C, "URGENT pipe"),
                   (4, "whatsapp:+15557770009", "hi"))
     env = {"SMSBATCH_DB": db_path}
-    invoke(["ingest", "--jsonl", "-"], env, input="\n".join(lines))
+    invoke(["ingest", "--jsonl", "-", "--now", LATER], env, input="\n".join(lines))
     out = invoke(["export", "--anonymize", "--key", "k1"], env).stdout
     assert out == invoke(["export", "--anonymize", "--key", "k1"], env).stdout  # stable for a key
     assert out != invoke(["export", "--anonymize", "--key", "k2"], env).stdout
@@ -267,7 +268,7 @@ def test_export_anonymize_hides_numbers_and_bodies_but_keeps_lengths_times_and_k
 def test_an_anonymized_trace_simulates_exactly_like_the_original(db_path):
     lines = list(generate(8, 30, seed=2, start=T0)) + trace((5, A, "STOP"), (7, B, "urgent!! call me"))
     env = {"SMSBATCH_DB": db_path}
-    invoke(["ingest", "--jsonl", "-"], env, input="\n".join(lines))
+    invoke(["ingest", "--jsonl", "-", "--now", LATER], env, input="\n".join(lines))
     anonymized = invoke(["export", "--anonymize"], env).stdout.splitlines()
     results = [simulate(read_trace(t)[0], Setup(), compare=True)["results"] for t in (lines, anonymized)]
     assert results[0] == results[1]
