@@ -75,7 +75,8 @@ def _header(info, width):
         if p["failing_since"] is None:
             continue
         kind = "OUTAGE" if p["alerted_at"] is not None else "failing"
-        line = Text(f"{kind}: {p['name']} calls failing for {age(now - p['failing_since'])}: ",
+        line = Text(f"{kind}: {p['name']} calls failing for {age(now - p['failing_since'])}"
+                    f" (last {age(now - p['last_failure_at'])} ago): ",
                     style="bold red" if kind == "OUTAGE" else "yellow")
         lines.append(line + plain(p["last_error"]))
     return [_fit(line, width) for line in lines]
