@@ -271,19 +271,23 @@ def show_phone(convo):
     out.print(head)
     if not convo["items"]:
         out.print(Text("  nothing yet"))
-    out.print(_grid([_chat_line(item) for item in convo["items"]], indent=0))
+    # With several business numbers, say which one each text went to and each reply came from.
+    several = len({i["our_number"] for i in convo["items"] if i["kind"] in ("in", "out")}) > 1
+    out.print(_grid([_chat_line(item, several) for item in convo["items"]], indent=0))
 
 
-def _chat_line(item):
+def _chat_line(item, several=False):
     """(time, marker, what was said): '>' a text in, '<' an SMS out, '!' a hold, opt-out or note."""
     at, kind = _t(item["at"]), item["kind"]
     if kind == "in":
         keyword = "" if item["detail"] == "text" else f" [{item['detail']}]"
-        return at, Text(">", style="bold cyan"), _line(item["body"], _media(item["media"]), (keyword, "dim"))
+        to = f" (to {item['our_number']})" if several else ""
+        return at, Text(">", style="bold cyan"), _line(item["body"], _media(item["media"]), (keyword + to, "dim"))
     if kind == "out":
         who = "AI" if item["detail"] == "ai" else "by hand"
-        return at, Text("  <", style="bold green"), _line(item["body"], (f"  ({who}, {item['status'] or 'sent'})",
-                                                                         "dim"))
+        sender = f", from {item['our_number']}" if several else ""
+        return at, Text("  <", style="bold green"), _line(
+            item["body"], (f"  ({who}, {item['status'] or 'sent'}{sender})", "dim"))
     if kind == "opt_out":
         scope = "every number" if item["our_number"] == "*" else item["our_number"]
         return at, Text("  !", style="bold red"), plain(f"opted out of {scope} ({item['body']})")

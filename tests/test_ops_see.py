@@ -320,6 +320,9 @@ def test_show_phone_is_the_conversation_as_a_chat_newest_last(db_path, store, se
     assert "ON HOLD" in human[0] and "OPTED OUT" in human[0]
     assert human[1].split()[1:] == [">", "hi"] and "Call you at 5 - Ann  (by hand, delivered)" in human[3]
     assert "someone else" not in "\n".join(human)
+    add(store, B, "and to our other number", T0 + 96, to="+15550000001")
+    two = invoke(["show", B], env_for(db_path, COLUMNS=100)).output
+    assert "someone else (to +15550000000)" in two and "and to our other number (to +15550000001)" in two
     shown = invoke(["show", "+15554440003"], env_for(db_path, COLUMNS=100)).output
     assert "red \\x1b[31malert\\x1b[0m [link=http://x]click[/link]" in shown and "\x1b" not in shown
 
