@@ -9,6 +9,7 @@ import os
 import re
 import threading
 
+from smsbatch.config import OPENAI_DEFAULT_BASE_URL, display_url
 from smsbatch.errors import ConfigError, DeliveryError, redact
 
 PROMPT_FILE_NAME = re.compile(r"^(whatsapp:)?\+?[0-9]{2,15}$")
@@ -140,10 +141,15 @@ class OpenAIResponder:
             status = exc.status_code
             transient = status in (408, 409, 429) or status >= 500
             message = redact(exc.message, secrets, limit=200)
+            if status == 404:  # most often a wrong OPENAI_BASE_URL (no /v1) or model: say where
+                where = display_url(self.settings.openai_base_url or OPENAI_DEFAULT_BASE_URL)
+                message += f" (from {where}; OPENAI_BASE_URL ends in /v1, `smsbatch check` tests it)"
             raise DeliveryError(f"AI returned HTTP {status}: {message}", transient=transient) from None
         except openai.APIConnectionError as exc:  # includes APITimeoutError
             kind = "timed out" if isinstance(exc, openai.APITimeoutError) else "unreachable"
-            raise DeliveryError(f"AI {kind}: {redact(exc, secrets, limit=200)}", transient=True) from None
+            # "Connection error." alone does not say which server: name it (without secrets).
+            where = display_url(self.settings.openai_base_url or OPENAI_DEFAULT_BASE_URL)
+            raise DeliveryError(f"AI {kind} at {where}: {redact(exc, secrets, limit=200)}", transient=True) from None
         except openai.OpenAIError as exc:
             raise DeliveryError(f"AI error: {redact(exc, secrets, limit=200)}", transient=False) from None
         text = reply_text(body)

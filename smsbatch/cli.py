@@ -225,6 +225,7 @@ def process(ctx, now, limit, seconds, concurrency, system_prompt_file, ai, sms, 
     backfilled = periodic_backfill(processor.store(), sender, settings, clock())
     report = processor.run(limit=limit, concurrency=concurrency, seconds=seconds, stop=stop)
     report.backfilled = backfilled
+    prune_after_run(settings, clock())
     if as_json:
         emit_json(report.as_dict())
     else:
@@ -233,6 +234,23 @@ def process(ctx, now, limit, seconds, concurrency, system_prompt_file, ai, sms, 
         click.echo(f"{iso_time(time.time())} {summary_line(report)}")
     if report.need_a_person:  # failed, unknown, or an unexpected error (its traceback is on stderr)
         ctx.exit(EXIT_SOME_FAILED)
+
+
+def prune_after_run(settings, now):
+    """SMSBATCH_RETENTION_DAYS: each run deletes a bounded number of batches older than that."""
+    if not settings.retention_days:
+        return
+    from smsbatch.ops import PRUNE_PER_RUN
+
+    store = open_store(settings)
+    try:
+        gone = store.prune(now - settings.retention_days * 86400, limit=PRUNE_PER_RUN)
+    finally:
+        store.close()
+    if gone["batches"] or gone["manual_replies"]:
+        click.echo(f"pruned {gone['batches']} batches, {gone['texts']} texts, "
+                   f"{gone['replies'] + gone['manual_replies']} replies older than {settings.retention_days:g} days",
+                   err=True)
 
 
 def periodic_backfill(store, sender, settings, now):
@@ -258,7 +276,7 @@ def summary_line(report):
         return "paused: ENABLE_AI_SMS_AGENT is off; texts are stored, nothing is answered"
     c = report.counts
     parts = [f"claimed {report.claimed}", f"sent {c['sent']}", f"skipped {c['skipped']}", f"failed {c['failed']}"]
-    extra = [(n, c[n]) for n in ("superseded", "retrying", "unknown", "taken_over", "error") if c[n]]
+    extra = [(n, c[n]) for n in ("superseded", "retrying", "unknown", "taken_over", "error", "held") if c[n]]
     extra += [("expired", report.expired)] if report.expired else []
     extra += [("backfilled", report.backfilled)] if report.backfilled else []
     return ", ".join(parts + [f"{name} {n}" for name, n in extra])
@@ -335,8 +353,9 @@ def stats(ctx, since, now, as_json):
     latency, in all and per day, with a bar chart of texts and AI calls per day."""
     from smsbatch import report
 
-    if since > report.MAX_STATS_DAYS * 86400:
-        raise click.BadParameter(f"at most {report.MAX_STATS_DAYS}d (one row a day)", param_hint="--since")
+    if not 0 < since <= report.MAX_STATS_DAYS * 86400:
+        raise click.BadParameter(f"more than 0 and at most {report.MAX_STATS_DAYS}d (one row a day)",
+                                 param_hint="--since")
     settings = settings_from(ctx)
     until = time.time() if now is None else now
     info = report.stats(open_store(settings), max(0.0, until - since), until)
@@ -349,15 +368,48 @@ def stats(ctx, since, now, as_json):
 
 
 @cli.command()
-@click.argument("batch_id", type=TEXT)
+@click.argument("batch_ids", nargs=-1, metavar="[BATCH_ID]...", type=TEXT)
+@click.option("--failed", is_flag=True, help="Every batch that ended failed since --since.")
+@click.option("--unknown", is_flag=True,
+              help="Every batch whose send outcome is unknown, since --since (check in Twilio first that it did not go out).")
+@click.option("--since", help="With --failed/--unknown: batches that ended since then: 2h, 7d, or a time.")
+@click.option("--dry-run", is_flag=True, help="List what would be requeued; change nothing.")
+@click.option("--fresh", is_flag=True, help="Ask the AI again even when only the send of its stored reply failed.")
 @click.option("--now", type=TIME, help="Requeue as of this time.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
-def retry(ctx, batch_id, now):
-    """Requeue a failed, skipped, expired or unknown batch."""
-    settings = settings_from(ctx)
-    batch = open_store(settings).retry(batch_id.strip(), time.time() if now is None else now)
-    texts = "1 text" if batch["message_count"] == 1 else f"{batch['message_count']} texts"
-    click.echo(f"batch {batch['id']} requeued ({texts} from {batch['phone']})")
+def retry(ctx, batch_ids, failed, unknown, since, dry_run, fresh, now, as_json):
+    """Requeue failed, skipped, expired or unknown batches: by id (several at once), or every
+    --failed / --unknown batch since a time. A batch whose AI reply was stored and only its
+    send failed is sent that reply again, with no new AI call, unless --fresh."""
+    from smsbatch import inputs, ops
+
+    now = time.time() if now is None else now
+    states = [name for name, wanted in (("failed", failed), ("unknown", unknown)) if wanted]
+    if batch_ids and states:
+        raise click.UsageError("give batch ids or --failed/--unknown, not both")
+    if not batch_ids and not states:
+        raise click.UsageError("give one or more batch ids, or --failed and/or --unknown with --since")
+    if states and since is None:
+        raise click.UsageError("--failed/--unknown need --since (e.g. --since 2h), so old failures are not "
+                               "answered months late by accident")
+    if since is not None and not states:
+        raise click.UsageError("--since goes with --failed/--unknown")
+    try:
+        since_at = None if since is None else inputs.parse_since(since, now)
+    except SmsbatchError as exc:
+        raise click.BadParameter(str(exc), param_hint="--since") from None
+    store = open_store(settings_from(ctx))
+    result = ops.retry_batches(store, [b.strip() for b in batch_ids], states, since_at, now, dry_run, fresh)
+    if as_json:
+        emit_json(result)
+    else:
+        for line in ops.retry_lines(result):
+            click.echo(line)
+    for error in result["refused"]:
+        click.echo(f"Error: {error}", err=True)
+    if result["refused"]:
+        ctx.exit(1)
 
 
 @cli.command()
@@ -585,3 +637,141 @@ def generate_trace(opts):
         click.echo(line)
         count += 1
     click.echo(f"generated {count} texts from {opts['phones']} phones over {opts['minutes']:g} minutes", err=True)
+
+
+# -- operators: check, backup, prune, hold, release, send (issue 10) ------------------
+
+
+@cli.command()
+@click.option("--fix-webhook", is_flag=True,
+              help="Set each reply number's incoming-message webhook to SMSBATCH_PUBLIC_URL (POST) where it differs.")
+@click.option("--json", "as_json", is_flag=True, help="Print the settings and results as JSON.")
+@click.pass_context
+def check(ctx, fix_webhook, as_json):
+    """Show the effective settings (secrets masked), then check the database, Twilio's
+    credentials, the reply numbers' webhook and OpenAI, each failure with its fix.
+    Exit status 0 when every check passes, 1 otherwise."""
+    from smsbatch import checks
+
+    settings = settings_from(ctx)
+    shown = checks.effective_settings(settings)
+    results = checks.run_checks(settings, fix_webhook=fix_webhook)
+    ok = all(r.ok for r in results)
+    if as_json:
+        emit_json({"settings": dict(shown), "checks": [r.as_dict() for r in results], "ok": ok})
+    else:
+        from smsbatch import render
+
+        render.check(shown, results)
+    if not ok:
+        ctx.exit(1)
+
+
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--force", is_flag=True, help="Overwrite FILE if it exists.")
+@click.pass_context
+def backup(ctx, file, force):
+    """Write a consistent copy of the database to FILE (mode 0600) while serve and process
+    keep running. Never copy the .db file with cp: recent texts live in its -wal file."""
+    from smsbatch.ops import backup as make_backup
+
+    settings = settings_from(ctx)
+    info = make_backup(settings.db_path, file, force=force)
+    click.echo(f"backed up {settings.db_path} to {info['path']}: schema version {info['version']}, "
+               f"{info['texts']} texts, {info['batches']} batches, {info['bytes']} bytes")
+
+
+@cli.command()
+@click.argument("phone", type=PHONE)
+@click.option("--reason", type=TEXT, help="Why (shown with the person's batches).")
+@click.option("--now", type=TIME, help="Act as if it were this time.")
+@click.pass_context
+def hold(ctx, phone, reason, now):
+    """Stop AI replies to PHONE until `smsbatch release`. Their texts are still stored and
+    shown, their batches end *held*, and their START does not undo it. Reply by hand with
+    `smsbatch send`."""
+    store = open_store(settings_from(ctx))
+    held = store.hold(phone, reason, time.time() if now is None else now)
+    from smsbatch import render
+
+    why = f" ({held['reason']})" if held["reason"] else ""
+    click.echo(f"{phone} on hold since {render.when(held['since'])}{why}: no AI replies until `smsbatch release {phone}`")
+
+
+@cli.command()
+@click.argument("phone", type=PHONE)
+@click.option("--answer-pending", is_flag=True,
+              help="Answer the texts that came while on hold (one reply per conversation); by default they are not answered late.")
+@click.option("--now", type=TIME, help="Act as if it were this time.")
+@click.pass_context
+def release(ctx, phone, answer_pending, now):
+    """End the hold on PHONE: AI replies resume with their next text."""
+    store = open_store(settings_from(ctx))
+    hold_, requeued = store.release(phone, time.time() if now is None else now, answer_pending)
+    texts = hold_["held_texts"]
+    said = f"{texts} text{'' if texts == 1 else 's'} came while on hold"
+    if answer_pending:
+        said += f": requeued for one reply ({', '.join(requeued)})" if requeued else ""
+    elif texts:
+        said += ", not answered (--answer-pending to answer them)"
+    click.echo(f"{phone} released; {said}")
+
+
+@cli.command()
+@click.argument("phone", type=PHONE)
+@click.argument("text", type=TEXT)
+@click.option("--from", "our_number", type=PHONE,
+              help="Our number to send from (default: the one they last wrote to, else TWILIO_FROM_NUMBER).")
+@click.option("--now", type=TIME, help="Record it as sent at this time.")
+@click.pass_context
+def send(ctx, phone, text, our_number, now):
+    """Send TEXT to PHONE by hand through Twilio, and record it in the conversation: the AI
+    sees it as part of the history next time. Refused for a number that opted out."""
+    from smsbatch.ops import send_by_hand
+    from smsbatch.sms import make_sender
+
+    if not text.strip():
+        raise click.BadParameter("the text is empty", param_hint="TEXT")
+    settings = settings_from(ctx)
+    missing = [m for m in settings.missing_credentials() if m in ("TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN")]
+    if missing:
+        raise click.ClickException("missing " + ", ".join(missing))
+    store = open_store(settings)
+    sent = send_by_hand(store, settings, make_sender(settings), phone, text,
+                        our_number, time.time() if now is None else now)
+    click.echo(f"sent to {sent['to']} from {sent['from']} ({sent['sid']})")
+    if store.find_hold(phone) is None:
+        click.echo(f"note: {phone} is not on hold, so the AI still answers their next texts "
+                   f"(`smsbatch hold {phone}` to take over)", err=True)
+
+
+@cli.command()
+@click.option("--older-than", "age", type=InputParam("DURATION", "parse_duration"), required=True,
+              help="Delete what is older than this: 90d, 12w, 36h.")
+@click.option("--dry-run", is_flag=True, help="Count what would be deleted; delete nothing.")
+@click.option("--now", type=TIME, help="Measure ages from this time.")
+@click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")
+@click.pass_context
+def prune(ctx, age, dry_run, now, as_json):
+    """Delete old, finished conversation history: batches whose texts and outcome are all older
+    than --older-than, with their texts, state history and replies, and replies sent by hand
+    before then. Never a pending batch, nor anything of a person on hold or opted out."""
+    store = open_store(settings_from(ctx))
+    cutoff = (time.time() if now is None else now) - age
+    gone = store.prune(cutoff, dry_run=dry_run)
+    if as_json:
+        emit_json(gone | {"dry_run": dry_run, "cutoff": cutoff})
+        return
+    from smsbatch import render
+
+    verb = "would delete" if dry_run else "deleted"
+    click.echo(f"{verb} {count(gone['batches'], 'batch', 'batches')}, {count(gone['texts'], 'text')}, "
+               f"{count(gone['events'], 'history entry', 'history entries')}, "
+               f"{count(gone['replies'], 'AI reply', 'AI replies')} and "
+               f"{count(gone['manual_replies'], 'reply', 'replies')} sent by hand, older than {render.when(cutoff)}")
+
+
+def count(n, one, many=None):
+    """'1 text', '3 texts'."""
+    return f"{n} {one if n == 1 else many or one + 's'}"

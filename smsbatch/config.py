@@ -84,6 +84,7 @@ class Settings:
     sms_timeout_seconds: float = 10.0
     lease_seconds: float = 0.0  # 0 means derived from the timeouts
     alert_after_seconds: float = 300.0  # provider calls failing this long: an outage (process warns)
+    retention_days: float = 0.0  # 0: `process` prunes nothing (SMSBATCH_RETENTION_DAYS)
     backfill: bool = True  # look in Twilio's message log for texts the webhook never got
     prompts_dir: str = ""  # one system prompt per number: <dir>/+15550001111.txt
 
@@ -127,6 +128,7 @@ class Settings:
             sms_timeout_seconds=_number(env, "SMSBATCH_SMS_TIMEOUT_SECONDS", 10.0, float, 0.1),
             lease_seconds=_number(env, "SMSBATCH_LEASE_SECONDS", 0.0),
             alert_after_seconds=_number(env, "SMSBATCH_ALERT_AFTER_SECONDS", 300.0),
+            retention_days=_number(env, "SMSBATCH_RETENTION_DAYS", 0.0),
             backfill=_flag(g("SMSBATCH_BACKFILL", "1"), "SMSBATCH_BACKFILL"),
             prompts_dir=g("SMSBATCH_PROMPTS_DIR", ""),
         )
@@ -202,3 +204,21 @@ def _choice(env, name, choices):
     if value not in choices:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
     return value
+
+
+OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
+TWILIO_DEFAULT_BASE_URL = "https://api.twilio.com"
+
+
+def display_url(url):
+    """A URL safe to print: no user:password@ and no query string (either may hold a secret)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(unparseable URL)"
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))

@@ -44,10 +44,14 @@ TRANSITIONS = {
     _S.OPEN: {_S.QUEUED, _S.PROCESSING, _S.EXPIRED},
     _S.QUEUED: {_S.PROCESSING, _S.EXPIRED},
     _S.PROCESSING: {_S.PROCESSING, _S.SENDING, _S.QUEUED, _S.SUPERSEDED, _S.SKIPPED, _S.HELD, _S.FAILED},
-    _S.SENDING: {_S.SENDING, _S.SENT, _S.QUEUED, _S.SUPERSEDED, _S.SKIPPED, _S.FAILED, _S.UNKNOWN},
+    # a send found not to have gone out is not sent again to a person put on hold meanwhile
+    _S.SENDING: {_S.SENDING, _S.SENT, _S.QUEUED, _S.SUPERSEDED, _S.SKIPPED, _S.HELD, _S.FAILED, _S.UNKNOWN},
     _S.SENT: set(),
     _S.SUPERSEDED: set(),
     **{s: {_S.QUEUED} for s in RETRYABLE},
+    # `release --answer-pending` answers a person's held batches with one reply: the older
+    # ones fold into the newest
+    _S.HELD: {_S.QUEUED, _S.SUPERSEDED},
 }
 # Claiming moves a due batch to processing; a batch found in *sending* stays there (reconciled).
 CLAIMABLE = tuple(s for s in TRANSITIONS if _S.PROCESSING in TRANSITIONS[s]) + (_S.SENDING,)
@@ -426,15 +430,16 @@ class Store:
                 (phone, scope, now, keyword),
             )
 
-    def begin_send(self, batch, response, now, settings):
+    def begin_send(self, batch, response, now, settings, reused=False):
         """Commit the reply as *sending* before Twilio is called.
 
         In the same transaction: a STOP that arrived meanwhile skips the batch; a newer
         batch of the same conversation that is already answered (this one was backing
         off) takes this batch's texts, since a late, stale reply helps nobody; and (with
         `supersede`) a newer unclaimed batch written after this one was claimed takes
-        its texts so the next reply covers both. Returns the state the batch is now
-        in, or None if this processor no longer holds the lease.
+        its texts so the next reply covers both. `reused`: the reply is one stored earlier
+        (an operator's retry), not a new answer. Returns the state the batch is now in, or
+        None if this processor no longer holds the lease.
         """
         with self.transaction() as conn:
             if not self._holds(conn, batch, State.PROCESSING):
@@ -443,6 +448,10 @@ class Store:
             if self._opted_out(conn, batch["phone"], scope):
                 self._finish(conn, batch, State.SKIPPED, now, error="opted out before the reply was sent")
                 return State.SKIPPED
+            hold = self._on_hold(conn, batch["phone"])
+            if hold is not None:
+                self._finish(conn, batch, State.HELD, now, error=held_reason(hold, "before the reply was sent"))
+                return State.HELD
             rules = batching.Rules.from_settings(settings)
             if self._fold_into_answered(conn, batch, now, settings):
                 return State.SUPERSEDED
@@ -457,7 +466,8 @@ class Store:
                 if newer:
                     self._fold(conn, batch, newer, now, rules)
                     return State.SUPERSEDED
-            self._move(conn, batch["id"], State.SENDING, now, "AI answered; sending",
+            how = "sending the stored reply again (no new AI call)" if reused else "AI answered; sending"
+            self._move(conn, batch["id"], State.SENDING, now, how,
                        "response_text = ?, send_started_at = ?, due_at = ?",
                        (response, now, now + settings.lease), claim=batch["claim"])
         return State.SENDING
@@ -591,8 +601,9 @@ class Store:
             raise NotFound(f"no batch with id {batch_id!r}")
         return dict(row)
 
-    def retry(self, batch_id, now):
-        """Requeue a failed, skipped, expired or unknown batch, due at once.
+    def retry(self, batch_id, now, fresh=False):
+        """Requeue a failed, skipped, expired or unknown batch, due at once. Its stored AI reply,
+        if any, is kept to be sent again (no new AI call) unless `fresh`.
 
         Raises:
             NotFound: no such batch.
@@ -608,9 +619,11 @@ class Store:
             ).fetchone()
             if keyword:
                 raise InvalidTransition(f"batch {batch_id} holds an opt-out/opt-in keyword; nothing to answer")
-            self._move(conn, batch_id, State.QUEUED, now, "requeued by an operator (smsbatch retry)",
+            fresh_note = "; its stored reply is dropped (--fresh)" if fresh else ""
+            self._move(conn, batch_id, State.QUEUED, now, f"requeued by an operator (smsbatch retry){fresh_note}",
                        "due_at = ?, attempts = 0, claim = NULL, last_error = NULL, completed_at = NULL,"
-                       " retried_at = ?", (now, now))
+                       " retried_at = ?, response_text = CASE WHEN ? THEN NULL ELSE response_text END",
+                       (now, now, int(fresh)))
         return self.get_batch(batch_id)
 
     def status(self, now, latest=10):
@@ -654,6 +667,205 @@ class Store:
             " WHERE received_at >= ? ORDER BY received_at, id",
             (since,),
         )
+
+    # -- operators' tools: check, backup, prune, hold, send (issue 10 "Act") ----------
+
+    def check_writable(self):
+        """Take the write lock and let it go, writing nothing.
+
+        Raises:
+            sqlite3.OperationalError: the file or its folder is read-only, or the lock is held too long.
+        """
+        with self.transaction():
+            pass
+
+    def copy_to(self, path):
+        """Copy the whole database, WAL included, into the empty file at `path` with SQLite's
+        backup API: one consistent snapshot, taken in one step so writers are not blocked (WAL)
+        and the copy never mixes two moments. The copy is one self-contained file (no -wal).
+        Returns counts of what it holds.
+
+        Raises:
+            SmsbatchError: the copy fails its integrity check.
+        """
+        target = sqlite3.connect(path, isolation_level=None)
+        try:
+            self.conn.backup(target, pages=-1)
+            target.execute("PRAGMA journal_mode = DELETE").fetchall()
+            verdict = target.execute("PRAGMA quick_check").fetchone()[0]
+            if verdict != "ok":
+                raise SmsbatchError(f"the copy at {path} failed its integrity check: {verdict}")
+            return {"version": target.execute("PRAGMA user_version").fetchone()[0],
+                    "texts": target.execute("SELECT count(*) FROM messages").fetchone()[0],
+                    "batches": target.execute("SELECT count(*) FROM batches").fetchone()[0]}
+        finally:
+            target.close()
+
+    def retry_refusal(self, batch_id):
+        """Why `retry` would refuse this batch, or None if it can be requeued.
+
+        Raises:
+            NotFound: no such batch.
+        """
+        batch = self.get_batch(batch_id)
+        if State(batch["state"]) not in RETRYABLE:
+            return _why_not_retryable(batch)
+        if self.conn.execute("SELECT 1 FROM messages WHERE batch_id = ? AND kind != 'text'", (batch_id,)).fetchone():
+            return f"batch {batch_id} holds an opt-out/opt-in keyword; nothing to answer"
+        if self._on_hold(self.conn, batch["phone"]):
+            return (f"batch {batch_id}: {batch['phone']} is on hold; `smsbatch release {batch['phone']}` first "
+                    "(--answer-pending answers what came meanwhile)")
+        return None
+
+    def retry_candidates(self, states, since):
+        """Batches that ended in one of `states` at or after `since`, oldest first, without
+        keyword batches (nothing to answer) or people on hold: what `retry --failed/--unknown
+        --since` requeues."""
+        values = [State(s).value for s in states]
+        return [dict(r) for r in self.conn.execute(
+            "SELECT id, phone, state, message_count, completed_at, last_error, response_text IS NOT NULL"
+            f" AS has_reply FROM batches b WHERE state IN ({placeholders(values)}) AND completed_at >= ?"
+            " AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.batch_id = b.id AND m.kind != 'text')"
+            " AND phone NOT IN (SELECT phone FROM holds) ORDER BY completed_at, seq", (*values, since))]
+
+    def hold(self, phone, reason, now):
+        """Put a person on hold: no AI reply to them until released (their texts are still
+        stored). Holding someone already held keeps the start and updates the reason.
+        Returns the hold (phone, since, reason)."""
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT INTO holds (phone, since, reason) VALUES (?, ?, ?)"
+                " ON CONFLICT (phone) DO UPDATE SET reason = coalesce(excluded.reason, holds.reason)",
+                (phone, now, reason))
+            return dict(self._on_hold(conn, phone))
+
+    def find_hold(self, phone):
+        """The person's hold (phone, since, reason), or None."""
+        row = self._on_hold(self.conn, phone)
+        return None if row is None else dict(row)
+
+    @staticmethod
+    def _on_hold(conn, phone):
+        return conn.execute("SELECT phone, since, reason FROM holds WHERE phone = ?", (phone,)).fetchone()
+
+    def release(self, phone, now, answer_pending=False):
+        """End a hold. With `answer_pending`, the batches that ended *held* during it are
+        answered: per conversation, the newest is requeued with the older ones' texts folded
+        in (one reply covers them all). Returns (the hold with held_batches and held_texts:
+        what ended held during it, ids of the requeued batches).
+
+        Raises:
+            NotFound: the person is not on hold.
+        """
+        with self.transaction() as conn:
+            hold = self._on_hold(conn, phone)
+            if hold is None:
+                raise NotFound(f"{phone} is not on hold")
+            conn.execute("DELETE FROM holds WHERE phone = ?", (phone,))
+            held = conn.execute("SELECT * FROM batches WHERE phone = ? AND state = 'held' AND completed_at >= ?"
+                                " ORDER BY seq", (phone, hold["since"])).fetchall()
+            requeued = self._answer_held(conn, held, now) if answer_pending else []
+        return dict(hold) | {"held_batches": len(held), "held_texts": sum(r["message_count"] for r in held)}, requeued
+
+    def _answer_held(self, conn, held, now):
+        newest = {row["our_number"]: row for row in held}
+        for row in newest.values():
+            # the stored reply, if any, predates the texts folded in: ask the AI afresh
+            self._move(conn, row["id"], State.QUEUED, now, "released: answering the texts that came while held",
+                       "due_at = ?, attempts = 0, claim = NULL, last_error = NULL, completed_at = NULL,"
+                       " retried_at = ?, response_text = NULL", (now, now))
+        for row in held:
+            target = newest[row["our_number"]]
+            if row["id"] != target["id"]:
+                fresh = conn.execute("SELECT * FROM batches WHERE id = ?", (target["id"],)).fetchone()
+                self._fold(conn, row, fresh, now, batching.Rules())
+        return [row["id"] for row in newest.values()]
+
+    def last_number(self, phone):
+        """The number this person last wrote to, or None."""
+        row = self.conn.execute("SELECT our_number FROM messages WHERE phone = ? ORDER BY received_at DESC, id DESC"
+                                " LIMIT 1", (phone,)).fetchone()
+        return None if row is None else row[0]
+
+    def record_manual(self, sid, phone, our_number, body, now):
+        """Log a reply an operator sent by hand (`smsbatch send`): the AI sees it as history."""
+        with self.transaction() as conn:
+            conn.execute("INSERT INTO outbound (sid, batch_id, phone, our_number, body, source, sent_at)"
+                         " VALUES (?, NULL, ?, ?, ?, 'manual', ?)", (sid, phone, our_number, body, now))
+
+    def prune(self, cutoff, dry_run=False, chunk=500, limit=None):
+        """Delete what is older than `cutoff`: every finished batch whose texts and outcome are
+        all older, with its texts, state history and reply log, and replies sent by hand before
+        then. Never a pending batch, nor anything of a person on hold or opted out (their STOP
+        is the record that they did). Works in transactions of `chunk` batches so the webhook
+        never waits long; at most `limit` batches in all. Returns counts of what went (or,
+        with `dry_run`, would go).
+        """
+        totals = dict.fromkeys(("batches", "texts", "events", "replies", "manual_replies"), 0)
+        if dry_run:
+            self.conn.execute("BEGIN")  # one snapshot to count in; nothing is written
+            try:
+                doomed = self._prunable(self.conn, cutoff, None)
+                for i in range(0, len(doomed), chunk):
+                    _add(totals, self._prune_counts(self.conn, doomed[i:i + chunk]))
+                totals["manual_replies"] = self.conn.execute(
+                    f"SELECT count(*) FROM outbound WHERE {_MANUAL_PRUNABLE}", (cutoff,)).fetchone()[0]
+            finally:
+                self.conn.execute("ROLLBACK")
+            return totals
+        while limit is None or totals["batches"] < limit:
+            with self.transaction() as conn:
+                doomed = self._prunable(conn, cutoff, chunk if limit is None else min(chunk, limit - totals["batches"]))
+                _add(totals, self._prune_counts(conn, doomed))
+                self._delete_batches(conn, doomed)
+            if not doomed:
+                break
+        with self.transaction() as conn:
+            totals["manual_replies"] = conn.execute(f"DELETE FROM outbound WHERE {_MANUAL_PRUNABLE}", (cutoff,)).rowcount
+        return totals
+
+    @staticmethod
+    def _prunable(conn, cutoff, limit):
+        """Ids of finished batches older than `cutoff` that no kept batch points at (superseded_by)."""
+        finished = [s.value for s in FINAL]
+        rows = conn.execute(
+            f"SELECT id FROM batches WHERE state IN ({placeholders(finished)}) AND last_at < ?"
+            " AND coalesce(completed_at, last_at) < ? AND coalesce(retried_at, 0) < ?"
+            " AND phone NOT IN (SELECT phone FROM holds) AND phone NOT IN (SELECT phone FROM opt_outs)"
+            + (" LIMIT ?" if limit else ""), (*finished, cutoff, cutoff, cutoff, *([limit] if limit else [])))
+        doomed = {r[0] for r in rows}
+        while doomed:  # a kept batch folded into a doomed one keeps it (and what it points at)
+            kept = set()
+            for part in _chunks(sorted(doomed)):
+                kept |= {r[1] for r in conn.execute(
+                    f"SELECT id, superseded_by FROM batches WHERE superseded_by IN ({placeholders(part)})", part)
+                    if r[0] not in doomed}
+            if not kept:
+                break
+            doomed -= kept
+        return sorted(doomed)
+
+    @staticmethod
+    def _prune_counts(conn, ids):
+        if not ids:
+            return {}
+        marks = placeholders(ids)
+        return {"batches": len(ids),
+                "texts": conn.execute(f"SELECT count(*) FROM messages WHERE batch_id IN ({marks})", ids).fetchone()[0],
+                "events": conn.execute(f"SELECT count(*) FROM batch_events WHERE batch_id IN ({marks})",
+                                       ids).fetchone()[0],
+                "replies": conn.execute(f"SELECT count(*) FROM outbound WHERE batch_id IN ({marks})", ids).fetchone()[0]}
+
+    @staticmethod
+    def _delete_batches(conn, ids):
+        if not ids:
+            return
+        marks = placeholders(ids)
+        # children first; a conversation whose (stale) open-batch pointer goes is simply recreated
+        # by its next text
+        for table, column in (("conversations", "open_batch"), ("outbound", "batch_id"),
+                              ("batch_events", "batch_id"), ("messages", "batch_id"), ("batches", "id")):
+            conn.execute(f"DELETE FROM {table} WHERE {column} IN ({marks})", ids)
 
     # -- operators: see (issue 10: show, stats, status, outages) ---------------
 
@@ -795,6 +1007,28 @@ class Store:
                 "replies": [dict(r) for r in replies],
                 "ai_requests_exact": "ai_requests" in have, "tokens_known": "prompt_tokens" in have,
                 "delivery_known": True}
+
+
+
+# Replies sent by hand (no batch) before the cutoff, to people neither held nor opted out.
+_MANUAL_PRUNABLE = ("batch_id IS NULL AND sent_at < ? AND phone NOT IN (SELECT phone FROM holds)"
+                    " AND phone NOT IN (SELECT phone FROM opt_outs)")
+
+
+def _chunks(items, size=500):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def _add(totals, counts):
+    for key, n in counts.items():
+        totals[key] += n
+
+
+def held_reason(hold, when=""):
+    """A batch's last_error when it ends held: the operator's reason, if they gave one."""
+    why = f": {hold['reason']}" if hold["reason"] else ""
+    return f"on hold{' ' + when if when else ''} (smsbatch release to end it){why}"
 
 
 def _why_not_retryable(batch):

@@ -186,23 +186,37 @@ def derived_sid(phone, our_number, body, at):
     return "SMimport" + digest[:24]
 
 
-DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([smhdw]?)\s*$", re.IGNORECASE)
-DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 def parse_duration(text):
-    """A span like '7d', '24h', '90m', '30s', '2w' (plain numbers are seconds) -> seconds.
+    """'90d', '12h', '30m', '45s', '2w' -> seconds.
 
     Raises:
-        InvalidInput: not a duration, or zero.
+        InvalidInput: not a number followed by one of s, m, h, d, w.
     """
-    match = DURATION.match(str(text or ""))
+    match = DURATION.match(str(text).strip().lower())
     if not match:
-        raise InvalidInput(f"bad duration {text!r}: use a number with s, m, h, d or w, like 7d, 24h or 90m")
-    seconds = float(match.group(1)) * DURATION_UNITS[match.group(2).lower()]
-    if not (0 < seconds <= LATEST):
-        raise InvalidInput(f"bad duration {text!r}: must be more than zero")
-    return seconds
+        raise InvalidInput(f"bad duration {text!r}: use a number and a unit, like 90d, 12h, 30m")
+    return float(match.group(1)) * DURATION_UNITS[match.group(2)]
+
+
+def parse_since(text, now):
+    """A moment given as a duration before `now` ('7d', '2h') or as a time (epoch or ISO-8601).
+
+    Raises:
+        InvalidInput: neither.
+    """
+    try:
+        return now - parse_duration(text)
+    except InvalidInput:
+        pass
+    try:
+        return parse_time(text)
+    except InvalidInput:
+        raise InvalidInput(f"bad time {text!r}: use a duration before now (7d, 2h, 30m) or a time "
+                           "(epoch seconds or ISO-8601 like 2026-01-31T09:30:00Z)") from None
 
 
 def iso_time(epoch):

@@ -120,9 +120,17 @@ V2 = (
     )""",
 )
 
-# Issue 10 (see): the prompt each batch sent the AI (`show --prompt`), indexes for `stats`,
-# and each provider's health across runs (outages). Only ADD COLUMN / CREATE: no rebuild.
+# Version 3: indexes on the two references to a batch that had none, so deleting a batch
+# (`smsbatch prune`) finds the rows pointing at it without reading the whole table
+# (SQLite looks up the children of every deleted parent row).
 V3 = (
+    "CREATE INDEX IF NOT EXISTS batches_superseded_by ON batches(superseded_by) WHERE superseded_by IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS conversations_open_batch ON conversations(open_batch)",
+)
+
+# Version 4, issue 10 (see): the prompt each batch sent the AI (`show --prompt`), indexes for `stats`,
+# and each provider's health across runs (outages). Only ADD COLUMN / CREATE: no rebuild.
+V4 = (
     "ALTER TABLE batches ADD COLUMN prompt TEXT",
     "CREATE INDEX batches_created ON batches(created_at)",
     "CREATE INDEX outbound_sent ON outbound(sent_at)",
@@ -137,5 +145,5 @@ V3 = (
 )
 
 # {version: statements that bring version - 1 to it}, applied in order.
-STEPS = {2: V2, 3: V3}
+STEPS = {2: V2, 3: V3, 4: V4}
 LATEST = max(STEPS)

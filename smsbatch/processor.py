@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from smsbatch import ai, batching
 from smsbatch.config import FAULT_POINT
-from smsbatch.db import State, Store
+from smsbatch.db import State, Store, held_reason
 from smsbatch.errors import CannotReconcile, DeliveryError, InvalidInput, redact
 from smsbatch.inputs import check_phone, iso_time
 
@@ -26,7 +26,7 @@ POLL_SECONDS = 1.0  # with --for, new work is picked up within about this long
 # taken_over: this processor's lease ran out and another took the batch over (harmless: it goes on there).
 # error: an unexpected exception (a bug) while handling it; logged with its traceback, and the
 # batch is left to its lease (then retried, or failed after its attempts).
-OUTCOMES = ("sent", "skipped", "superseded", "retrying", "failed", "unknown", "taken_over", "error")
+OUTCOMES = ("sent", "skipped", "superseded", "retrying", "failed", "unknown", "taken_over", "error", "held")
 PROVIDER_NAMES = {"ai": "AI", "sms": "Twilio"}
 
 
@@ -97,6 +97,12 @@ class Clock:
         return self.frozen if self.frozen is not None else time.time() + self.offset
 
 
+def stored_reply(batch):
+    """The AI reply to send again without asking the AI: an operator retried a batch whose
+    reply was stored and only its send failed (`retry --fresh` clears it to ask again)."""
+    return batch["response_text"] if batch["retried_at"] is not None else None
+
+
 class Processor:
     """Answers batches. Each worker thread gets its own SQLite connection."""
 
@@ -130,28 +136,42 @@ class Processor:
             return self._finish(store, batch, State.FAILED, f"gave up after {s.max_attempts} attempts")
         if store.is_opted_out(batch["phone"], self.scope(batch)):
             return self._finish(store, batch, State.SKIPPED, "opted out")
+        hold = store.find_hold(batch["phone"])
+        if hold is not None:
+            return self._finish(store, batch, State.HELD, held_reason(hold))
         if s.test_number and not same_number(batch["phone"], s.test_number):
             return self._finish(store, batch, State.SKIPPED, "not the AI_SMS_TEST_NUMBER")
         if batch["attempts"] > 1 and store.fold_if_answered(batch, self.clock(), s):
             return "superseded"  # a retry overtaken by a newer reply that covered it
         fault_point("before_ai")
-        texts = store.batch_texts(batch["id"])
-        history = store.history(batch["phone"], batch["our_number"], batch["id"], texts[0]["received_at"],
-                                s.history_messages)
-        messages = ai.build_prompt(self.prompts.for_number(batch["our_number"]), history, texts)
-        store.record_prompt(batch, messages)
-        try:
-            reply = self._call(store, "ai", self.responder.answer, messages)
-        except DeliveryError as exc:
-            return self._failed_attempt(store, batch, exc)
-        reply = batching.shorten(reply)
+        reply = stored_reply(batch)
+        reused = reply is not None
+        if not reused:
+            try:
+                reply = self._ask_ai(store, batch)
+            except DeliveryError as exc:
+                return self._failed_attempt(store, batch, exc)
         fault_point("after_ai")
-        state = store.begin_send(batch, reply, self.clock(), s)
+        state = store.begin_send(batch, reply, self.clock(), s, reused=reused)
         if state is None:
             return "taken_over"
         if state != State.SENDING:
             return State(state).value
         return self._send(store, batch, reply)
+
+    def _ask_ai(self, store, batch):
+        """The AI's one reply to the batch's texts, with the conversation so far.
+
+        Raises:
+            DeliveryError: the AI failed (transient or not).
+        """
+        s = self.settings
+        texts = store.batch_texts(batch["id"])
+        history = store.history(batch["phone"], batch["our_number"], batch["id"], texts[0]["received_at"],
+                                s.history_messages)
+        messages = ai.build_prompt(self.prompts.for_number(batch["our_number"]), history, texts)
+        store.record_prompt(batch, messages)  # `show --prompt`: exactly what the AI is sent
+        return batching.shorten(self._call(store, "ai", self.responder.answer, messages))
 
     def _send(self, store, batch, reply):
         fault_point("before_twilio")
@@ -187,6 +207,9 @@ class Processor:
             return "sent" if store.mark_sent(batch, sid, self.clock()) else "taken_over"
         if store.is_opted_out(batch["phone"], self.scope(batch)):
             return self._finish(store, batch, State.SKIPPED, "opted out before the reply was sent")
+        hold = store.find_hold(batch["phone"])
+        if hold is not None:
+            return self._finish(store, batch, State.HELD, held_reason(hold, "before the reply was sent"))
         if store.fold_if_answered(batch, self.clock(), self.settings):
             return "superseded"  # not sent, and a newer reply has covered it meanwhile
         if out_of_attempts:  # Twilio says it never went out: nothing sent, so a plain failure

@@ -171,3 +171,21 @@ def _latency_histogram(results, width=20):
             cells.append(f"{n:>6} [cyan]{bar}[/]")
         table.add_row(span, *cells)
     return table
+
+
+def check(settings, results):
+    """`smsbatch check`: the settings in force, then one line per check (and its fix)."""
+    out = console()
+    out.print("settings", style="bold")
+    width = max(len(name) for name, _ in settings)
+    for name, value in settings:
+        out.print(Text.assemble(f"  {name:<{width}}  ", plain(value)), soft_wrap=True)
+    out.print("checks", style="bold")
+    for result in results:
+        mark = plain("ok  ", "green") if result.ok else plain("FAIL", "bold red")
+        line = Text.assemble("  ", mark, "  ", plain(f"{result.name}: {result.detail}"))
+        if not result.ok and result.fix:
+            line.append_text(plain(f"  fix: {result.fix}", "yellow"))
+        out.print(line, soft_wrap=True)
+    failed = sum(1 for r in results if not r.ok)
+    out.print(plain("all checks passed", "green") if not failed else plain(f"{failed} failed", "bold red"))

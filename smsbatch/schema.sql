@@ -40,6 +40,7 @@ CREATE TABLE IF NOT EXISTS batches (
 CREATE INDEX IF NOT EXISTS batches_state_due ON batches(state, due_at);
 CREATE INDEX IF NOT EXISTS batches_state_last ON batches(state, last_at);  -- expiry sweep: O(expired), not O(backlog)
 CREATE INDEX IF NOT EXISTS batches_conversation ON batches(phone, our_number);  -- no state: claiming does not rewrite it
+CREATE INDEX IF NOT EXISTS batches_superseded_by ON batches(superseded_by) WHERE superseded_by IS NOT NULL;  -- prune
 CREATE INDEX IF NOT EXISTS batches_created ON batches(created_at);  -- `stats` over a window
 
 -- Every state change of every batch, oldest first: `smsbatch show` reads it, `retry`
@@ -63,6 +64,7 @@ CREATE TABLE IF NOT EXISTS conversations (
     open_batch  TEXT NOT NULL REFERENCES batches(id),
     PRIMARY KEY (phone, our_number)
 );
+CREATE INDEX IF NOT EXISTS conversations_open_batch ON conversations(open_batch);  -- prune: who points at a batch
 
 -- Every inbound text, stored once per Twilio MessageSid.
 CREATE TABLE IF NOT EXISTS messages (

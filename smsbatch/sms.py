@@ -217,9 +217,18 @@ def classify(exc, secrets=()):
     if isinstance(exc, json.JSONDecodeError):  # Twilio answered (2xx), unreadably: it may have queued it
         return DeliveryError("Twilio's answer could not be read; outcome unknown", transient=True, ambiguous=True)
     if _never_connected(exc):
-        return DeliveryError(f"Twilio unreachable ({name})", transient=True)
+        return DeliveryError(f"Twilio unreachable at {_server(exc)} ({name})", transient=True)
     # Timed out or cut off after the request went out: Twilio may have accepted it.
     return DeliveryError(f"Twilio call failed ({name}); outcome unknown", transient=True, ambiguous=True)
+
+
+def _server(exc):
+    """The scheme and host a requests error was about (never a path, query or credentials)."""
+    from urllib.parse import urlsplit
+
+    url = getattr(getattr(exc, "request", None), "url", None) or ""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}" if parts.netloc else "(unknown address)"
 
 
 def _never_connected(exc):

@@ -101,10 +101,24 @@ class FakeOpenAI(StandIn):
         super().__init__(script)
         self.delay = delay
         self.calls = []  # the messages of each successful call
+        self.models = {"gpt-4o-mini"}  # what GET /v1/models/{id} finds
+        self.api_key = None  # when set, GET /v1/models/{id} answers 401 to any other key
+
+    def model(self, handler, model_id):
+        """GET /v1/models/{id}, as OpenAI answers it (404 model_not_found for an unknown id)."""
+        if self.api_key and handler.headers.get("Authorization", "") != f"Bearer {self.api_key}":
+            return self.reply(handler, 401, {"error": {"message": "Incorrect API key provided",
+                                                       "type": "invalid_request_error", "code": "invalid_api_key"}})
+        if model_id not in self.models:
+            return self.reply(handler, 404, {"error": {"message": f"The model `{model_id}` does not exist",
+                                                       "type": "invalid_request_error", "code": "model_not_found"}})
+        self.reply(handler, 200, {"id": model_id, "object": "model", "created": 1700000000, "owned_by": "standin"})
 
     def dispatch(self, handler, method):
         body = self.read_body(handler)
-        if method != "POST" or not handler.path.endswith("/chat/completions"):
+        if method == "GET" and urlparse(handler.path).path.startswith("/v1/models/"):
+            return self.model(handler, urlparse(handler.path).path.removeprefix("/v1/models/"))
+        if method != "POST" or urlparse(handler.path).path != "/v1/chat/completions":  # like OpenAI: /v1 or 404
             return self.reply(handler, 404, {"error": {"message": "not found"}})
         action = self.take(body)
         if action == "hang":
@@ -153,12 +167,16 @@ class FakeTwilio(StandIn):
         super().__init__(script)
         self.list_script = list(list_script)
         self.sent = []  # dicts: sid, to, from, body, date_created
+        self.numbers = []  # IncomingPhoneNumbers: dicts sid, phone_number, sms_url, sms_method
+        self.account_requests = []  # (method, path?query) of the Account/IncomingPhoneNumbers requests
         self.inbound = []  # texts Twilio received: sid, to, from, body, date_sent, media (content types)
         self.pages_served = 0
 
     def dispatch(self, handler, method):
         body = self.read_body(handler)
         path = urlparse(handler.path)
+        if self.serve_account(handler, method, path, body):
+            return
         if not path.path.startswith(f"/2010-04-01/Accounts/{self.ACCOUNT}/Messages"):
             return self.reply(handler, 404, {"code": 20404, "message": "not found", "status": 404})
         if handler.headers.get("Authorization", "") != self._basic():
@@ -264,6 +282,76 @@ class FakeTwilio(StandIn):
         import base64
 
         return "Basic " + base64.b64encode(f"{self.ACCOUNT}:{self.TOKEN}".encode()).decode()
+
+    # -- the Account and its IncomingPhoneNumbers (for `smsbatch check`) -------------
+
+    def add_number(self, phone_number, sms_url="", sms_method="POST"):
+        """Give the account a number whose incoming-message webhook is `sms_url`."""
+        number = {"sid": "PN" + secrets.token_hex(16), "phone_number": phone_number, "sms_url": sms_url,
+                  "sms_method": sms_method}
+        with self.lock:
+            self.numbers.append(number)
+        return number
+
+    def serve_account(self, handler, method, path, body):
+        """GET Accounts/{sid}.json, GET IncomingPhoneNumbers.json (PhoneNumber filter, paged with
+        PageSize/Page and next_page_uri), POST IncomingPhoneNumbers/{sid}.json (update).
+        Returns False for any other path (the Messages resource)."""
+        base = f"/2010-04-01/Accounts/{self.ACCOUNT}"
+        if not path.path.startswith("/2010-04-01/Accounts/") or path.path.startswith(base + "/Messages"):
+            return False
+        with self.lock:
+            self.account_requests.append((method, handler.path))
+        if handler.headers.get("Authorization", "") != self._basic():
+            self.reply(handler, 401, {"code": 20003, "message": "Authenticate", "status": 401,
+                                      "more_info": "https://www.twilio.com/docs/errors/20003"})
+        elif method == "GET" and path.path == base + ".json":
+            self.reply(handler, 200, {"sid": self.ACCOUNT, "friendly_name": "Stand-in", "status": "active",
+                                      "type": "Full", "auth_token": self.TOKEN, "uri": base + ".json"})
+        elif method == "GET" and path.path == base + "/IncomingPhoneNumbers.json":
+            self.list_numbers(handler, base, parse_qs(path.query))
+        elif method == "POST" and path.path.startswith(base + "/IncomingPhoneNumbers/PN"):
+            self.update_number(handler, path.path.rsplit("/", 1)[1].removesuffix(".json"), body)
+        else:
+            self.reply(handler, 404, {"code": 20404, "message": "The requested resource was not found",
+                                      "status": 404})
+        return True
+
+    def list_numbers(self, handler, base, query):
+        from urllib.parse import urlencode
+
+        wanted = query.get("PhoneNumber", [None])[0]
+        size, page = int(query.get("PageSize", ["50"])[0]), int(query.get("Page", ["0"])[0])
+        with self.lock:
+            # like Twilio's, the filter matches partial numbers: "+1555000" finds "+15550001234"
+            found = [n for n in self.numbers if wanted is None or wanted in n["phone_number"]]
+        chunk = found[page * size:(page + 1) * size]
+        more = (page + 1) * size < len(found)
+        params = ({"PhoneNumber": wanted} if wanted else {}) | {"PageSize": size, "Page": page + 1,
+                                                                "PageToken": f"PA{page + 1}"}
+        uri = f"{base}/IncomingPhoneNumbers.json"
+        self.reply(handler, 200, {
+            "incoming_phone_numbers": [self.number_resource(base, n) for n in chunk],
+            "next_page_uri": f"{uri}?{urlencode(params)}" if more else None, "page": page, "page_size": size,
+            "start": page * size, "end": page * size + len(chunk), "uri": handler.path,
+            "first_page_uri": uri, "previous_page_uri": None})
+
+    def update_number(self, handler, sid, body):
+        form = {k: v[0] for k, v in parse_qs(body.decode(), keep_blank_values=True).items()}
+        with self.lock:
+            number = next((n for n in self.numbers if n["sid"] == sid), None)
+            if number is not None:
+                number["sms_url"] = form.get("SmsUrl", number["sms_url"])
+                number["sms_method"] = form.get("SmsMethod", number["sms_method"])
+        if number is None:
+            return self.reply(handler, 404, {"code": 20404, "message": "not found", "status": 404})
+        self.reply(handler, 200, self.number_resource(f"/2010-04-01/Accounts/{self.ACCOUNT}", number))
+
+    def number_resource(self, base, n):
+        return {"sid": n["sid"], "account_sid": self.ACCOUNT, "phone_number": n["phone_number"],
+                "friendly_name": n["phone_number"], "sms_url": n["sms_url"], "sms_method": n["sms_method"],
+                "capabilities": {"sms": True, "mms": True, "voice": True},
+                "uri": f"{base}/IncomingPhoneNumbers/{n['sid']}.json"}
 
     def bodies_to(self, phone):
         with self.lock:

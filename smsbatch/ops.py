@@ -1,0 +1,163 @@
+"""Operators' tools that take more than one store call: an online backup, bulk retry,
+a reply sent by hand, and how much `process` prunes per run.
+
+The SQL lives in db.py; this module handles the files and the rules around it.
+"""
+
+import os
+import secrets
+
+from smsbatch.db import Store
+from smsbatch.errors import SmsbatchError
+
+
+def backup(db_path, dest, force=False):
+    """Write a consistent copy of the database to `dest` (mode 0600) while serve and process run.
+
+    The copy is made in a private temporary file next to `dest` and then put in place, so
+    `dest` is never a half-written file. Returns what the copy holds (version, texts, batches, bytes).
+
+    Raises:
+        SmsbatchError: no database, `dest` exists (without `force`), or its folder cannot be written.
+    """
+    if not os.path.exists(db_path):
+        raise SmsbatchError(f"database {db_path} does not exist")
+    dest = os.path.abspath(dest)
+    if os.path.abspath(db_path) == dest:
+        raise SmsbatchError("the backup file must not be the database itself")
+    if os.path.exists(dest) and not force:
+        raise SmsbatchError(f"{dest} already exists: choose another name, or --force to overwrite it")
+    temp = os.path.join(os.path.dirname(dest), f".{os.path.basename(dest)}.{secrets.token_hex(4)}.tmp")
+    try:
+        os.close(os.open(temp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except OSError as exc:
+        raise SmsbatchError(f"cannot write {dest}: {exc.strerror}") from None
+    try:
+        store = Store(db_path)
+        try:
+            info = store.copy_to(temp)
+        finally:
+            store.close()
+        _fsync(temp)
+        _put_in_place(temp, dest, force)
+        _fsync(os.path.dirname(dest))  # the new name, too, survives a power loss
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)
+    return info | {"path": dest, "bytes": os.path.getsize(dest)}
+
+
+def _put_in_place(temp, dest, force):
+    if force:
+        os.replace(temp, dest)
+        return
+    try:
+        os.link(temp, dest)  # fails if dest appeared meanwhile: never overwrite without --force
+    except FileExistsError:
+        raise SmsbatchError(f"{dest} already exists: choose another name, or --force to overwrite it") from None
+
+
+def _fsync(path):
+    """Flush a file (or a folder's entries) to disk: the copy survives a power loss once we say it was made."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -- retry ------------------------------------------------------------------------
+
+
+def retry_batches(store, batch_ids, states, since, now, dry_run=False, fresh=False):
+    """Requeue the given batches, or every batch in `states` that ended since `since`.
+
+    Each batch is requeued on its own: one refusal (already sent, pending, no such id) does not
+    stop the others. Returns {"dry_run", "requeued": [batch summaries], "refused": [reasons]}.
+    """
+    from smsbatch.errors import NotFound
+
+    chosen, refused = [], []
+    if states:
+        chosen = store.retry_candidates(states, since)
+    for batch_id in batch_ids:
+        try:
+            reason = store.retry_refusal(batch_id)
+        except NotFound as exc:
+            reason = str(exc)
+        if reason:
+            refused.append(reason)
+        else:
+            chosen.append(store.get_batch(batch_id))
+    requeued = []
+    for batch in chosen:
+        if not dry_run:
+            try:
+                store.retry(batch["id"], now, fresh=fresh)
+            except SmsbatchError as exc:  # it moved meanwhile (a processor took it, say)
+                refused.append(str(exc))
+                continue
+        requeued.append(_summary(batch, fresh))
+    return {"dry_run": dry_run, "by_filter": bool(states), "requeued": requeued, "refused": refused}
+
+
+def _summary(batch, fresh):
+    reuse = batch.get("has_reply", batch.get("response_text") is not None) and not fresh
+    return {"id": batch["id"], "phone": batch["phone"], "state": batch["state"],
+            "texts": batch["message_count"], "last_error": batch["last_error"], "reuses_reply": bool(reuse)}
+
+
+def retry_lines(result):
+    """Human lines for `smsbatch retry`: one per batch, then a total when there were several."""
+    verb = "would requeue" if result["dry_run"] else "requeued"
+    lines = []
+    for b in result["requeued"]:
+        texts = "1 text" if b["texts"] == 1 else f"{b['texts']} texts"
+        reuse = ", reusing its stored reply" if b["reuses_reply"] else ""
+        error = f": {b['last_error']}" if result["dry_run"] and b["last_error"] else ""
+        if result["dry_run"]:
+            lines.append(f"would requeue batch {b['id']} ({b['state']}, {texts} from {b['phone']}{reuse}){error}")
+        else:
+            lines.append(f"batch {b['id']} requeued ({texts} from {b['phone']}{reuse})")
+    n = len(result["requeued"])
+    if n > 1 or result["by_filter"]:
+        lines.append(f"{verb} {n} batch{'' if n == 1 else 'es'}")
+    return lines
+
+
+# -- replying by hand -------------------------------------------------------------
+
+
+def send_by_hand(store, settings, sender, phone, body, our_number, now):
+    """Send `body` to `phone` from `our_number` (default: the number they last wrote to, else
+    TWILIO_FROM_NUMBER) and log it in the conversation, where the AI will see it.
+
+    Raises:
+        SmsbatchError: the person opted out, no number to send from, or the send failed.
+    """
+    from smsbatch import batching
+    from smsbatch.errors import DeliveryError
+
+    our_number = our_number or store.last_number(phone) or settings.twilio_from_number
+    if not our_number:
+        raise SmsbatchError(f"{phone} never wrote to us and TWILIO_FROM_NUMBER is not set: give --from NUMBER")
+    scope = batching.opt_out_scope(our_number, settings.twilio_messaging_service_sid)
+    if store.is_opted_out(phone, scope):
+        raise SmsbatchError(f"{phone} opted out (STOP) of {scope}: not sending")
+    try:
+        sid = sender.send(phone, body, our_number)
+    except DeliveryError as exc:
+        if exc.opted_out:
+            store.record_opt_out(phone, scope, now)
+        if exc.ambiguous:
+            raise SmsbatchError(f"{exc}: it may have gone out; check Twilio's message log before sending again") from None
+        raise SmsbatchError(f"not sent: {exc}") from None
+    store.record_manual(sid, phone, our_number, body, now)
+    return {"sid": sid, "to": phone, "from": our_number}
+
+
+# -- retention --------------------------------------------------------------------
+
+# `process` with SMSBATCH_RETENTION_DAYS deletes at most this many batches a run: cron runs
+# every minute, so a large first clean-up spreads over runs instead of stalling one.
+PRUNE_PER_RUN = 500

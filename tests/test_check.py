@@ -1,0 +1,166 @@
+"""`smsbatch check` and `migrate`'s messages, through the CLI, against the stand-ins."""
+
+import json
+import os
+import socket
+
+import pytest
+
+from conftest import add, invoke
+from fakes import FakeTwilio, provider_env
+
+PUBLIC = "https://sms.example.com/sms"
+OURS = "+15550000000"
+
+
+@pytest.fixture
+def env(db_path, openai_standin, twilio_standin):
+    return provider_env(openai_standin, twilio_standin, SMSBATCH_DB=db_path, SMSBATCH_PUBLIC_URL=PUBLIC)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_check_passes_masks_secrets_and_makes_one_account_request(env, twilio_standin):
+    twilio_standin.add_number(OURS, PUBLIC)
+    result = invoke(["check"], env)
+    assert result.exit_code == 0, result.output
+    assert "all checks passed" in result.output and "FAIL" not in result.output
+    assert f"number {OURS}: belongs to the account; webhook {PUBLIC} (POST)" in result.output
+    assert "model gpt-4o-mini exists" in result.output
+    # the account resource carries the auth token, as Twilio's does: it must not be shown
+    assert FakeTwilio.TOKEN not in result.output and env["OPENAI_API_KEY"] not in result.output
+    assert "OPENAI_API_KEY" in result.output and "******" in result.output
+    account_gets = [p for m, p in twilio_standin.account_requests if p.endswith(f"{FakeTwilio.ACCOUNT}.json")]
+    assert len(account_gets) == 1
+
+
+def test_wrong_webhook_fails_with_its_fix_and_fix_webhook_sets_it(env, twilio_standin, store):
+    twilio_standin.add_number(OURS, "https://old.example.com/sms")
+    wrote_to = "+15559990000"  # a number people texted: replies go from it too
+    twilio_standin.add_number(wrote_to, PUBLIC, "GET")
+    add(store, "+15551110000", "hi", 1.0, to=wrote_to)
+    result = invoke(["check"], env)
+    assert result.exit_code == 1
+    line = next(ln for ln in result.output.splitlines() if f"number {OURS}" in ln)
+    assert "FAIL" in line and "https://old.example.com/sms" in line and "fix: smsbatch check --fix-webhook" in line
+    assert any(f"number {wrote_to}" in ln and "(GET)" in ln for ln in result.output.splitlines())
+    result = invoke(["check", "--fix-webhook"], env)
+    assert result.exit_code == 0, result.output
+    assert {(n["phone_number"], n["sms_url"], n["sms_method"]) for n in twilio_standin.numbers} == {
+        (OURS, PUBLIC, "POST"), (wrote_to, PUBLIC, "POST")}
+    assert "was https://old.example.com/sms" in result.output
+
+
+def test_a_number_on_a_later_page_is_found(env, twilio_standin):
+    """Twilio's PhoneNumber filter matches partial numbers: the exact one may be on page 2."""
+    for i in range(60):
+        twilio_standin.add_number(f"{OURS}{i:02d}", "https://other.example.com/sms")
+    twilio_standin.add_number(OURS, PUBLIC)
+    result = invoke(["check", "--json"], env)
+    assert result.exit_code == 0, result.output
+    pages = [p for m, p in twilio_standin.account_requests if "IncomingPhoneNumbers.json" in p]
+    assert len(pages) == 2 and "Page=1" in pages[1]
+
+
+def test_a_number_the_account_does_not_own_fails(env):
+    result = invoke(["check", "--json"], env)
+    report = json.loads(result.output)
+    assert result.exit_code == 1 and report["ok"] is False
+    number = next(c for c in report["checks"] if c["name"] == f"number {OURS}")
+    assert not number["ok"] and "not a number of account" in number["detail"]
+
+
+def test_rejected_twilio_credentials_name_the_url_not_the_token(env):
+    env = env | {"TWILIO_AUTH_TOKEN": "wrong-token-123"}
+    result = invoke(["check"], env)
+    assert result.exit_code == 1
+    line = next(ln for ln in result.output.splitlines() if "twilio credentials" in ln)
+    assert f"HTTP 401 from {env['SMSBATCH_TWILIO_BASE_URL']}/2010-04-01/Accounts/{FakeTwilio.ACCOUNT}.json:" in line
+    assert "fix: copy TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN" in line
+    assert "wrong-token-123" not in result.output
+
+
+def test_unknown_model_and_unreachable_openai_name_the_url(env, twilio_standin, openai_standin):
+    twilio_standin.add_number(OURS, PUBLIC)
+    result = invoke(["check", "--json"], env | {"SMSBATCH_AI_MODEL": "gpt-nope"})
+    ai = json.loads(result.output)["checks"][-1]
+    assert result.exit_code == 1 and ai["name"] == "openai"
+    assert ai["detail"] == f"HTTP 404 from {openai_standin.url}/v1/models/gpt-nope: no model 'gpt-nope' there"
+    dead = f"http://user:pw@127.0.0.1:{free_port()}/v1"
+    result = invoke(["check", "--json"], env | {"OPENAI_BASE_URL": dead})
+    ai = json.loads(result.output)["checks"][-1]
+    assert ai["detail"].startswith(f"http://127.0.0.1:{dead.rsplit(':', 1)[1]} unreachable")
+    assert "pw" not in result.output and "OPENAI_BASE_URL" in ai["fix"]
+
+
+def test_key_rejected_by_openai(env, twilio_standin, openai_standin):
+    openai_standin.api_key = "sk-the-right-one"
+    twilio_standin.add_number(OURS, PUBLIC)
+    result = invoke(["check", "--json"], env)
+    ai = json.loads(result.output)["checks"][-1]
+    assert result.exit_code == 1 and "key rejected" in ai["detail"] and ai["fix"] == "check OPENAI_API_KEY"
+    assert env["OPENAI_API_KEY"] not in result.output
+
+
+def test_unmigrated_or_private_database_fails_with_its_fix(tmp_path, env):
+    missing = str(tmp_path / "nope.db")
+    result = invoke(["check", "--json"], env | {"SMSBATCH_DB": missing})
+    db = json.loads(result.output)["checks"][0]
+    assert result.exit_code == 1 and db["fix"] == f"smsbatch --db {missing} migrate"
+    os.chmod(env["SMSBATCH_DB"], 0o644)
+    db = json.loads(invoke(["check", "--json"], env).output)["checks"][0]
+    assert not db["ok"] and db["fix"] == f"chmod 600 {env['SMSBATCH_DB']}"
+
+
+def test_stand_ins_are_skipped(db_path):
+    result = invoke(["check"], {"SMSBATCH_DB": db_path, "SMSBATCH_AI": "offline", "SMSBATCH_SMS": "console"})
+    assert result.exit_code == 0, result.output
+    assert "skipped: SMSBATCH_SMS=console" in result.output and "skipped: SMSBATCH_AI=offline" in result.output
+
+
+def test_an_unreachable_provider_is_named_in_the_batch_error(db_path, store, clock):
+    """A wrong OPENAI_BASE_URL / SMSBATCH_TWILIO_BASE_URL: the error says which address failed."""
+    from conftest import T0, real_processor
+    from smsbatch.config import Settings
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    settings = Settings.from_env({"SMSBATCH_DB": db_path, "OPENAI_API_KEY": "sk-x", "OPENAI_BASE_URL": dead + "/v1",
+                                  "SMSBATCH_AI_CLIENT_RETRIES": "0", "TWILIO_ACCOUNT_SID": FakeTwilio.ACCOUNT,
+                                  "TWILIO_AUTH_TOKEN": "t", "TWILIO_FROM_NUMBER": OURS,
+                                  "SMSBATCH_TWILIO_BASE_URL": dead})
+    batch_id = add(store, "+15551110000", "urgent: hi", T0).batch_id
+    clock.now = T0 + 1
+    assert real_processor(settings, clock).run().counts["retrying"] == 1
+    assert store.get_batch(batch_id)["last_error"].startswith(f"AI unreachable at {dead}/v1: Connection error")
+    from smsbatch.sms import TwilioSender
+    from smsbatch.errors import DeliveryError
+
+    with pytest.raises(DeliveryError, match=f"Twilio unreachable at {dead} "):
+        TwilioSender(settings).send("+15551110000", "hi")
+
+
+def test_a_twilio_base_url_with_a_path_is_caught(env):
+    env = env | {"SMSBATCH_TWILIO_BASE_URL": env["SMSBATCH_TWILIO_BASE_URL"] + "/2010-04-01"}
+    result = invoke(["check", "--json"], env)
+    twilio = json.loads(result.output)["checks"][1]
+    assert result.exit_code == 1 and twilio["detail"].startswith("HTTP 404 from ")
+    assert "scheme+host only" in twilio["fix"]
+
+
+def test_an_openai_base_url_without_v1_is_named_in_the_batch_error(db_path, store, clock, openai_standin,
+                                                                   twilio_standin):
+    from conftest import T0, real_processor
+    from smsbatch.config import Settings
+
+    env = provider_env(openai_standin, twilio_standin, SMSBATCH_DB=db_path, SMSBATCH_AI_CLIENT_RETRIES=0)
+    settings = Settings.from_env(env | {"OPENAI_BASE_URL": openai_standin.url})  # no /v1
+    batch_id = add(store, "+15551110000", "urgent: hi", T0).batch_id
+    clock.now = T0 + 1
+    assert real_processor(settings, clock).run().counts["failed"] == 1
+    error = store.get_batch(batch_id)["last_error"]
+    assert error.startswith("AI returned HTTP 404") and f"(from {openai_standin.url};" in error
+    assert "sk-test-standin-key" not in error

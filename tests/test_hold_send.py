@@ -1,0 +1,163 @@
+"""`smsbatch hold` / `release` / `send`: an operator takes a conversation over and hands it back."""
+
+import pytest
+
+from conftest import T0, TextMeanwhile, add, invoke, offline_processor, real_processor
+from fakes import FakeTwilio, provider_env
+from smsbatch.db import Store
+
+A = "+15554440001"
+US = "+15550000000"
+
+
+@pytest.fixture
+def env(db_path, openai_standin, twilio_standin):
+    return provider_env(openai_standin, twilio_standin, SMSBATCH_DB=db_path, SMSBATCH_AI_CLIENT_RETRIES=0)
+
+
+def states(store, phone=A):
+    return [r[0] for r in store.conn.execute("SELECT state FROM batches WHERE phone = ? ORDER BY seq", (phone,))]
+
+
+def test_a_held_person_gets_no_ai_reply_and_their_start_does_not_undo_it(
+        db_path, store, real_settings, clock, openai_standin, twilio_standin):
+    result = invoke(["hold", A, "--reason", "angry, Sam replies", "--now", str(T0)], {"SMSBATCH_DB": db_path})
+    assert result.exit_code == 0 and f"{A} on hold since" in result.output and "angry, Sam replies" in result.output
+    first = add(store, A, "this is the third time!", T0 + 1).batch_id
+    clock.now = T0 + 60
+    report = real_processor(real_settings, clock).run()
+    assert report.counts["held"] == 1 and "held 1" in __import__("smsbatch.cli").cli.summary_line(report)
+    row = store.get_batch(first)
+    assert row["state"] == "held" and "angry, Sam replies" in row["last_error"]
+    add(store, A, "START", T0 + 70)  # the customer's opt-in keyword is not an operator's release
+    add(store, A, "hello??", T0 + 71)
+    clock.now = T0 + 200
+    real_processor(real_settings, clock).run()
+    assert states(store) == ["held", "skipped", "held"]
+    assert openai_standin.requests == [] and twilio_standin.sent == []
+    texts = [r[0] for r in store.conn.execute("SELECT body FROM messages WHERE phone = ? ORDER BY id", (A,))]
+    assert texts == ["this is the third time!", "START", "hello??"]  # still stored
+    reasons = [r[0] for r in store.conn.execute(
+        "SELECT reason FROM batch_events WHERE batch_id = ? ORDER BY id", (first,))]
+    assert reasons[-1].startswith("on hold")
+
+
+def test_release_does_not_answer_late_unless_asked(db_path, store, settings, clock):
+    env = {"SMSBATCH_DB": db_path}
+    invoke(["hold", A, "--now", str(T0)], env)
+    add(store, A, "one", T0 + 1)
+    clock.now = T0 + 60
+    offline_processor(settings, clock).run()
+    result = invoke(["release", A, "--now", str(T0 + 100)], env)
+    assert result.exit_code == 0 and "1 text came while on hold, not answered (--answer-pending" in result.output
+    clock.now = T0 + 200
+    assert offline_processor(settings, clock).run().claimed == 0
+    assert states(store) == ["held"] and store.find_hold(A) is None
+    add(store, A, "are you there", T0 + 300)  # after the release, the AI answers again
+    clock.now = T0 + 400
+    assert offline_processor(settings, clock).run().counts["sent"] == 1
+    again = invoke(["release", A], env)
+    assert again.exit_code == 1 and again.output.strip() == f"Error: {A} is not on hold"
+
+
+def test_release_answer_pending_answers_every_held_text_with_one_reply(db_path, store, settings, clock):
+    env = {"SMSBATCH_DB": db_path}
+    invoke(["hold", A, "--now", str(T0)], env)
+    add(store, A, "first", T0 + 1)
+    clock.now = T0 + 60
+    offline_processor(settings, clock).run()
+    add(store, A, "second", T0 + 100)
+    clock.now = T0 + 200
+    offline_processor(settings, clock).run()
+    assert states(store) == ["held", "held"]
+    result = invoke(["release", A, "--answer-pending", "--now", str(T0 + 300)], env)
+    assert result.exit_code == 0 and "2 texts came while on hold: requeued for one reply" in result.output
+    sender = __import__("smsbatch.sms").sms.ConsoleSender(quiet=True)
+    clock.now = T0 + 301
+    assert offline_processor(settings, clock, sender=sender).run().counts["sent"] == 1
+    assert len(sender.sent) == 1 and "first" in sender.sent[0][2] and "second" in sender.sent[0][2]
+    assert states(store) == ["superseded", "sent"]
+
+
+def test_a_hold_placed_while_the_ai_answers_wins(db_path, store, settings, clock):
+    """The hold is checked again in the transaction that commits the reply for sending."""
+    batch_id = add(store, A, "hi", T0).batch_id
+
+    class HoldMeanwhile(TextMeanwhile):
+        def answer(self, messages):
+            Store(self.db_path).hold(A, "operator took over", T0 + 30)
+            return "the AI's reply"
+
+    sender = __import__("smsbatch.sms").sms.ConsoleSender(quiet=True)
+    clock.now = T0 + 60
+    report = offline_processor(settings, clock, responder=HoldMeanwhile(db_path, A, None, T0), sender=sender).run()
+    assert report.counts["held"] == 1 and sender.sent == []
+    assert store.get_batch(batch_id)["last_error"].startswith("on hold before the reply was sent")
+
+
+def test_send_by_hand_goes_through_twilio_and_the_ai_sees_it(env, store, clock, real_settings,
+                                                              openai_standin, twilio_standin):
+    """The whole take-over: hold, a text comes in (held), reply by hand, release, the AI carries on."""
+    invoke(["hold", A, "--now", str(T0 - 1)], env)
+    add(store, A, "can I talk to a person", T0, to="+15550000009")
+    clock.now = T0 + 20
+    assert real_processor(real_settings, clock).run().counts["held"] == 1
+    result = invoke(["send", A, "Hi, this is Sam from Acme. Calling you now.", "--now", str(T0 + 25)], env)
+    assert result.exit_code == 0, result.output
+    assert twilio_standin.sent[-1]["to"] == A and twilio_standin.sent[-1]["from"] == "+15550000009"
+    sid = twilio_standin.sent[-1]["sid"]
+    assert f"sent to {A} from +15550000009 ({sid})" in result.output
+    row = store.conn.execute("SELECT * FROM outbound WHERE sid = ?", (sid,)).fetchone()
+    assert (row["source"], row["batch_id"], row["body"]) == ("manual", None, "Hi, this is Sam from Acme. Calling you now.")
+    invoke(["release", A, "--now", str(T0 + 30)], env)
+    add(store, A, "thanks, talk soon", T0 + 60, to="+15550000009")
+    clock.now = T0 + 120
+    real_processor(real_settings, clock).run()
+    assert len(openai_standin.calls) == 1
+    assert openai_standin.calls[0][1:] == [
+        {"role": "user", "content": "can I talk to a person"},
+        {"role": "assistant", "content": "Hi, this is Sam from Acme. Calling you now."},
+        {"role": "user", "content": "thanks, talk soon"}]
+    assert twilio_standin.sent[-1]["body"] == "AI reply to: thanks, talk soon"
+
+
+def test_send_from_a_chosen_number(env, twilio_standin):
+    result = invoke(["send", A, "hello", "--from", "+15550000007"], env)
+    assert result.exit_code == 0 and twilio_standin.sent[-1]["from"] == "+15550000007"
+    assert f"note: {A} is not on hold" in result.output  # the AI would still answer them
+
+
+def test_send_is_refused_for_an_opted_out_number(env, store, twilio_standin):
+    add(store, A, "STOP", T0, to=US)
+    result = invoke(["send", A, "please come back"], env)
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+    assert "opted out" in result.output and twilio_standin.sent == []
+    assert store.conn.execute("SELECT count(*) FROM outbound").fetchone()[0] == 0
+
+
+def test_send_failure_is_one_line_and_records_nothing(env, store, twilio_standin):
+    twilio_standin.script = [(400, 21211)]
+    result = invoke(["send", A, "hello"], env)
+    assert result.exit_code == 1 and "not sent: Twilio error 21211" in result.output
+    assert FakeTwilio.TOKEN not in result.output and "Traceback" not in result.output
+    assert store.conn.execute("SELECT count(*) FROM outbound").fetchone()[0] == 0
+    twilio_standin.script = [(400, 21610)]  # Twilio says they unsubscribed: remembered
+    assert invoke(["send", A, "hello"], env).exit_code == 1
+    assert store.is_opted_out(A, US)
+
+
+def test_a_send_found_not_to_have_gone_out_is_not_resent_to_a_person_put_on_hold(
+        store, real_settings, clock, openai_standin, twilio_standin):
+    """Twilio answered 500 (maybe sent): the next run asks Twilio, finds nothing, and the hold wins."""
+    batch_id = add(store, A, "hi", T0).batch_id
+    twilio_standin.script = [(500, 20500)]
+    settings = real_settings.replace(retry_base_seconds=1)
+    clock.now = T0 + 20
+    assert real_processor(settings, clock).run().counts["retrying"] == 1
+    assert store.get_batch(batch_id)["state"] == "sending" and twilio_standin.sent == []
+    store.hold(A, "taking over", T0 + 21)
+    clock.now = T0 + 30
+    assert real_processor(settings, clock).run().counts["held"] == 1
+    row = store.get_batch(batch_id)
+    assert row["state"] == "held" and row["last_error"].startswith("on hold before the reply was sent")
+    assert twilio_standin.sent == []

@@ -1,0 +1,116 @@
+"""`smsbatch retry`: several ids, --failed/--unknown --since, --dry-run, and reusing a stored reply."""
+
+import json
+
+from conftest import T0, add, invoke, real_processor
+from fakes import provider_env
+from smsbatch.db import Store
+
+A, B, C = "+15554440001", "+15554440002", "+15554440003"
+
+
+def failed_batch(store, phone, at, error="AI returned HTTP 400", state="failed"):
+    batch_id = add(store, phone, "hi", at).batch_id
+    rows, _ = store.claim_due(at + 10, 10, 300, 10**9)
+    row = next(r for r in rows if r["id"] == batch_id)
+    if state == "unknown":  # only a batch being sent can end unknown
+        from smsbatch.config import Settings
+
+        assert store.begin_send(row, "the reply", at + 10, Settings()) == "sending"
+    store.finish(row, state, at + 11, error)
+    return batch_id
+
+
+def env_for(db_path, **extra):
+    return {"SMSBATCH_DB": db_path, **extra}
+
+
+def test_retry_several_ids_requeues_each_and_reports_refusals(db_path, store):
+    first, second = failed_batch(store, A, T0), failed_batch(store, B, T0)
+    result = invoke(["retry", first, second, "nope", "--now", str(T0 + 100)], env_for(db_path))
+    assert result.exit_code == 1
+    assert f"batch {first} requeued (1 text from {A})" in result.output
+    assert "requeued 2 batches" in result.output and "Error: no batch with id 'nope'" in result.output
+    assert {store.get_batch(b)["state"] for b in (first, second)} == {"queued"}
+
+
+def test_retry_failed_since_and_dry_run(db_path, store):
+    old = failed_batch(store, A, T0)
+    recent = failed_batch(store, B, T0 + 7200)
+    unknown = failed_batch(store, C, T0 + 7200, "send outcome unknown", state="unknown")
+    now = str(T0 + 7300)
+    dry = invoke(["retry", "--failed", "--since", "1h", "--now", now, "--dry-run"], env_for(db_path))
+    assert dry.exit_code == 0, dry.output
+    assert f"would requeue batch {recent} (failed, 1 text from {B}): AI returned HTTP 400" in dry.output
+    assert old not in dry.output and unknown not in dry.output and "would requeue 1 batch" in dry.output
+    assert store.get_batch(recent)["state"] == "failed"  # a dry run changes nothing
+    result = invoke(["retry", "--failed", "--unknown", "--since", "2026-01-01T00:00:00Z", "--now", now, "--json"],
+                    env_for(db_path))
+    data = json.loads(result.output)
+    assert result.exit_code == 0 and {b["id"] for b in data["requeued"]} == {old, recent, unknown}
+    assert {store.get_batch(b)["state"] for b in (old, recent, unknown)} == {"queued"}
+    again = invoke(["retry", "--failed", "--since", "1h", "--now", now], env_for(db_path))
+    assert again.exit_code == 0 and "requeued 0 batches" in again.output
+
+
+def test_retry_usage_errors(db_path):
+    for args in (["retry"], ["retry", "--failed"], ["retry", "abc", "--failed", "--since", "1h"],
+                 ["retry", "abc", "--since", "1h"], ["retry", "--failed", "--since", "soon"]):
+        result = invoke(args, env_for(db_path))
+        assert result.exit_code == 2 and "Traceback" not in result.output, (args, result.output)
+
+
+def send_fails_once(db_path, openai_standin, twilio_standin, clock):
+    """A batch whose AI reply was stored and whose send failed for good (Twilio 400)."""
+    store = Store(db_path)
+    batch_id = add(store, A, "where is my claim", T0).batch_id
+    twilio_standin.script = [(400, 21211)]
+    settings = real_settings_for(db_path, openai_standin, twilio_standin)
+    clock.now = T0 + 20
+    assert real_processor(settings, clock).run().counts["failed"] == 1
+    assert len(openai_standin.calls) == 1 and twilio_standin.sent == []
+    return store, settings, batch_id
+
+
+def real_settings_for(db_path, openai_standin, twilio_standin):
+    from smsbatch.config import Settings
+
+    return Settings.from_env(provider_env(openai_standin, twilio_standin, SMSBATCH_DB=db_path,
+                                          SMSBATCH_AI_CLIENT_RETRIES=0))
+
+
+def test_retry_of_a_failed_send_reuses_the_stored_reply(db_path, openai_standin, twilio_standin, clock):
+    store, settings, batch_id = send_fails_once(db_path, openai_standin, twilio_standin, clock)
+    result = invoke(["retry", batch_id, "--now", str(T0 + 30)], env_for(db_path))
+    assert "reusing its stored reply" in result.output
+    clock.now = T0 + 31
+    assert real_processor(settings, clock).run().counts["sent"] == 1
+    assert len(openai_standin.requests) == 1  # no second AI call
+    assert twilio_standin.bodies_to(A) == ["AI reply to: where is my claim"]
+    assert store.get_batch(batch_id)["state"] == "sent"
+    # the retry extends the batch's history: why it failed is still there
+    history = [(r["to_state"], r["reason"]) for r in store.conn.execute(
+        "SELECT to_state, reason FROM batch_events WHERE batch_id = ? ORDER BY id", (batch_id,))]
+    failed_at = next(i for i, (state, why) in enumerate(history)
+                     if state == "failed" and why.startswith("Twilio error 21211"))
+    assert history[failed_at + 1] == ("queued", "requeued by an operator (smsbatch retry)")
+    assert ("sending", "sending the stored reply again (no new AI call)") in history[failed_at:]
+    assert history[-1][0] == "sent"
+
+
+def test_retry_fresh_asks_the_ai_again(db_path, openai_standin, twilio_standin, clock):
+    store, settings, batch_id = send_fails_once(db_path, openai_standin, twilio_standin, clock)
+    result = invoke(["retry", batch_id, "--fresh", "--now", str(T0 + 30)], env_for(db_path))
+    assert result.exit_code == 0 and "reusing" not in result.output
+    clock.now = T0 + 31
+    assert real_processor(settings, clock).run().counts["sent"] == 1
+    assert len(openai_standin.requests) == 2 and len(twilio_standin.bodies_to(A)) == 1
+
+
+def test_retry_refuses_a_batch_of_a_person_on_hold(db_path, store):
+    batch_id = failed_batch(store, A, T0)
+    store.hold(A, None, T0 + 20)
+    result = invoke(["retry", batch_id], env_for(db_path))
+    assert result.exit_code == 1 and f"{A} is on hold; `smsbatch release {A}` first" in result.output
+    listed = invoke(["retry", "--failed", "--since", "1d", "--now", str(T0 + 30), "--dry-run"], env_for(db_path))
+    assert batch_id not in listed.output and store.get_batch(batch_id)["state"] == "failed"
