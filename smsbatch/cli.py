@@ -333,7 +333,11 @@ def export(ctx, jsonl, since, anonymize, key, output):
 @click.option("--seed-cron-offset", type=click.FloatRange(0, 59.999), default=0.0, show_default=True,
               help="With --compare: seconds after each minute the seed design's cron fires.")
 @click.option("--sweep", type=SweepParam(),
-              help="One run per value, e.g. quiet=4,6,8,10,15 (also max-wait, max-messages, tick, ai-latency, concurrency).")
+              help="One run per value, e.g. quiet=4,6,8,10,15 (also max-wait, max-messages, tick, ai-latency, concurrency, adaptive, adaptive-min, adaptive-max).")
+@click.option("--adaptive", type=click.IntRange(0, 1),
+              help="1: quiet period fitted to each person's pace, 0: fixed (default SMSBATCH_ADAPTIVE or 1).")
+@click.option("--adaptive-min", type=click.FloatRange(0), help="Shortest adaptive quiet period, seconds (default 4).")
+@click.option("--adaptive-max", type=click.FloatRange(0), help="Longest adaptive quiet period, seconds (default 20).")
 @click.option("--burst-gap", type=click.FloatRange(0, min_open=True), default=10.0, show_default=True,
               help="For the metrics: a phone's texts closer together than this are one burst.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -348,6 +352,8 @@ def export(ctx, jsonl, since, anonymize, key, output):
               help="--generate: mean seconds between texts of a burst (1 s + exponential).")
 @click.option("--pause-mean", type=click.FloatRange(1), default=600.0, show_default=True,
               help="--generate: mean seconds between a phone's bursts (exponential).")
+@click.option("--pace-spread", type=click.FloatRange(1), default=1.0, show_default=True,
+              help="--generate: each person's own mean gap, log-uniform from gap-mean/S to gap-mean*S (1: all alike).")
 @click.option("--start", type=TIME, default="2026-01-05T09:00:00Z", show_default=True, help="--generate: first moment.")
 @click.pass_context
 def simulate(ctx, trace, generate, as_json, **opts):
@@ -370,7 +376,11 @@ def simulate(ctx, trace, generate, as_json, **opts):
     from smsbatch.tracegen import read_trace
 
     names = {"quiet": "quiet_seconds", "max_wait": "max_wait_seconds", "max_messages": "max_messages"}
-    settings = settings_from(ctx, **{names[k]: opts[k] for k in names if opts[k] is not None})
+    names.update({"adaptive_min": "adaptive_min_seconds", "adaptive_max": "adaptive_max_seconds"})
+    changes = {names[k]: opts[k] for k in names if opts[k] is not None}
+    if opts["adaptive"] is not None:
+        changes["adaptive"] = bool(opts["adaptive"])
+    settings = settings_from(ctx, **changes)
     records, repeats = read_trace(trace, trace.name)
     setup = simulation.Setup(settings, opts["tick"], opts["ai_latency"], opts["concurrency"])
     report = simulation.simulate(records, setup, compare=opts["compare"], sweep=opts["sweep"],
@@ -389,7 +399,7 @@ def generate_trace(opts):
 
     count = 0
     for line in generate(opts["phones"], opts["minutes"], opts["seed"], opts["burst_mean"], opts["gap_mean"],
-                         opts["pause_mean"], opts["start"]):
+                         opts["pause_mean"], opts["start"], opts["pace_spread"]):
         click.echo(line)
         count += 1
     click.echo(f"generated {count} texts from {opts['phones']} phones over {opts['minutes']:g} minutes", err=True)

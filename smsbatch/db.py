@@ -12,9 +12,12 @@ from importlib import resources
 from smsbatch import batching
 from smsbatch.errors import InvalidTransition, NotFound, SmsbatchError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # Later schema versions go here as {version: "SQL"}; migrate() applies them in order.
-MIGRATIONS = {}
+MIGRATIONS = {
+    # 2: the quiet period each batch was given (fixed or fitted to the person's pace)
+    2: "ALTER TABLE batches ADD COLUMN quiet_seconds REAL;",
+}
 ID_ALPHABET = "23456789abcdefghjkmnpqrstuvwxyz"  # no 0/o, 1/l/i: easy to read aloud and type
 BUSY_TIMEOUT_SECONDS = 30.0
 
@@ -196,10 +199,11 @@ class Store:
             " JOIN batches b ON b.id = p.open_batch WHERE p.phone = ? AND b.state = 'open'",
             (phone,),
         ).fetchone()
+        quiet = self._quiet(conn, phone, at, rules)
         if row is None:
-            due = batching.due_at(rules, at, at, 1, urgent)
+            due = batching.due_at(rules, at, at, 1, urgent, quiet)
             state = State.QUEUED if rules.max_messages <= 1 else State.OPEN
-            batch_id = self._insert_batch(conn, phone, our_number, at, state, due, urgent=urgent)
+            batch_id = self._insert_batch(conn, phone, our_number, at, state, due, urgent=urgent, quiet=quiet)
             conn.execute(
                 "INSERT INTO phones (phone, open_batch) VALUES (?, ?)"
                 " ON CONFLICT (phone) DO UPDATE SET open_batch = excluded.open_batch",
@@ -212,23 +216,35 @@ class Store:
         state = State.QUEUED if count >= rules.max_messages else State.OPEN
         conn.execute(
             "UPDATE batches SET message_count = ?, first_at = ?, last_at = ?, urgent = ?, due_at = ?,"
-            " state = ? WHERE id = ?",
-            (count, first, last, int(urgent), batching.due_at(rules, first, last, count, urgent),
-             state, row["id"]),
+            " state = ?, quiet_seconds = ? WHERE id = ?",
+            (count, first, last, int(urgent), batching.due_at(rules, first, last, count, urgent, quiet),
+             state, quiet, row["id"]),
         )
         return row["id"]
 
-    def _insert_batch(self, conn, phone, our_number, at, state, due, urgent=False, last_error=None):
+    @staticmethod
+    def _quiet(conn, phone, at, rules):
+        """The quiet period after the phone's text at `at`: fixed, or (adaptive) fitted to the
+        gaps between its latest texts up to `at` (batching.quiet_for). Reads at most
+        `adaptive_window` index entries of messages_phone: no scan, whatever the history."""
+        if not rules.adaptive:
+            return rules.quiet_seconds
+        times = [r[0] for r in conn.execute(
+            "SELECT received_at FROM messages WHERE phone = ? AND received_at <= ?"
+            " ORDER BY received_at DESC LIMIT ?", (phone, at, rules.adaptive_window - 1))]
+        return batching.quiet_for(batching.gaps_between(times + [at]), rules)
+
+    def _insert_batch(self, conn, phone, our_number, at, state, due, urgent=False, last_error=None, quiet=None):
         final = due is None
         for _ in range(5):
             batch_id = new_id()
             try:
                 conn.execute(
                     "INSERT INTO batches (id, phone, our_number, state, message_count, first_at, last_at,"
-                    " urgent, due_at, last_error, completed_at, created_at)"
-                    " VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?)",
+                    " urgent, due_at, last_error, completed_at, created_at, quiet_seconds)"
+                    " VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (batch_id, phone, our_number, state, at, at, int(urgent), due, last_error,
-                     at if final else None, at),
+                     at if final else None, at, quiet),
                 )
                 return batch_id
             except sqlite3.IntegrityError as exc:
@@ -402,7 +418,7 @@ class Store:
         urgent = bool(newer["urgent"] or batch["urgent"])
         due = newer["due_at"]
         if newer["state"] == State.OPEN:
-            due = batching.due_at(rules, first, newer["last_at"], count, urgent)
+            due = batching.due_at(rules, first, newer["last_at"], count, urgent, newer["quiet_seconds"])
         conn.execute(
             "UPDATE batches SET message_count = ?, first_at = ?, urgent = ?, due_at = ?,"
             " fold_depth = max(fold_depth, ?) WHERE id = ?",
@@ -502,8 +518,8 @@ class Store:
             [s.value for s in PENDING],
         ).fetchone()[0]
         rows = self.conn.execute(
-            "SELECT id, phone, message_count, state, first_at, last_at, attempts, last_error, provider_sid"
-            " FROM batches ORDER BY seq DESC LIMIT ?",
+            "SELECT id, phone, message_count, state, first_at, last_at, attempts, last_error, provider_sid,"
+            " quiet_seconds FROM batches ORDER BY seq DESC LIMIT ?",
             (latest,),
         ).fetchall()
         last_hour = self.conn.execute(

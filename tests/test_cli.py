@@ -11,7 +11,7 @@ import pytest
 from conftest import T0, add, invoke
 from fakes import provider_env
 from smsbatch.cli import cli
-from smsbatch.db import Store
+from smsbatch.db import SCHEMA_VERSION, Store
 
 A = "+15554440001"
 
@@ -31,10 +31,10 @@ def test_migrate_is_safe_to_run_again(tmp_path):
     path = str(tmp_path / "x.db")
     for _ in range(2):
         result = invoke(["--db", path, "migrate"])
-        assert result.exit_code == 0 and "schema version 1" in result.output
+        assert result.exit_code == 0 and f"schema version {SCHEMA_VERSION}" in result.output
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
 def test_migrate_works_from_another_directory_after_a_real_install(tmp_path):

@@ -54,7 +54,7 @@ def test_text_arriving_while_the_ai_answers_supersedes_and_one_reply_covers_both
 
 def test_a_person_who_never_stops_typing_is_answered_at_the_maximum_wait():
     texts = records(*[(i * 5, A, f"text {i}") for i in range(25)])  # every 5 s for 2 minutes
-    outcome = replay(texts, Setup(settings=Settings(max_messages=100)))
+    outcome = replay(texts, Setup(settings=Settings(max_messages=100, adaptive=False)))
     first_at, first = reply_sets(outcome)[0]
     assert first_at == 45 and first == {f"SM{i}" for i in range(10)}  # the text at 45 s made it in
     assert [at for at, _ in reply_sets(outcome)] == [45, 95, 130]  # max wait, max wait, quiet after 120
@@ -133,7 +133,7 @@ def test_simulate_matches_a_real_ingest_and_process_run(tmp_path, db_path):
 
 def test_sweep_gives_one_row_per_value_and_compare_adds_the_seed():
     texts = records(*[(i * 7, A, f"t{i}") for i in range(5)], (100, B, "hi"))
-    report = simulate(texts, Setup(), compare=True, sweep=parse_sweep("quiet=4,8"))
+    report = simulate(texts, Setup(settings=Settings(adaptive=False)), compare=True, sweep=parse_sweep("quiet=4,8"))
     assert [r["label"] for r in report["results"]] == ["quiet=4", "quiet=8", "seed design"]
     assert [r["settings"].get("quiet") for r in report["results"]] == [4, 8, None]
     assert [r["replies"] for r in report["results"][:2]] == [6, 2]  # 7 s gaps: split by 4 s, kept by 8 s
