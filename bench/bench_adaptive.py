@@ -7,8 +7,10 @@ shares a transaction between texts arriving together, so this is its worst case)
 fresh database file. Runs alternate fixed / adaptive so machine noise hits both alike.
 Informational (no target): adaptive should cost no more than noise.
 
-    python bench/bench_adaptive.py [--runs 3] [--texts 20000]
-    python bench/run.py adaptive
+With --webhook, also `smsbatch serve` under wrk as bench_webhook.py runs it (signed
+requests, 16 connections), SMSBATCH_ADAPTIVE=0 and 1 alternately.
+
+    python bench/bench_adaptive.py [--runs 3] [--texts 20000] [--webhook] [--seconds 5]
 """
 
 import os
@@ -72,6 +74,27 @@ def run(runs=3, texts_count=20_000, **_):
     return list(figures.values())
 
 
+def webhook(runs=3, seconds=5.0):
+    """bench_webhook's serve + wrk run, fixed and adaptive alternately: req/s and p99 figures."""
+    import bench_webhook as web
+
+    figures = {}
+    with tempdir("bodies") as folder:
+        bodies = os.path.join(folder, "bodies.txt")
+        web.write_bodies(bodies, int(web.MAX_RATE * seconds))
+        for i in range(runs):
+            for mode, flag in (("fixed", "0"), ("adaptive", "1")):
+                r = web.one_run(bodies, seconds, None, 1, {"SMSBATCH_ADAPTIVE": flag})
+                rate = r["completed"] / (r["duration_us"] / 1e6)
+                figures.setdefault(mode, (Figure("adaptive", f"webhook, {mode}", "req/s"),
+                                          Figure("adaptive", f"webhook p99, {mode}", "ms", better="lower")))
+                figures[mode][0].values.append(rate)
+                figures[mode][1].values.append(r["p99_us"] / 1000)
+                log(f"webhook run {i + 1} {mode}: {rate:,.0f} req/s, p99 {r['p99_us'] / 1000:.1f} ms, "
+                    f"{r['stored']:,} texts stored of {r['really_sent']:,} sent")
+    return [f for pair in figures.values() for f in pair]
+
+
 if __name__ == "__main__":
     import argparse
 
@@ -80,5 +103,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--texts", type=int, default=20_000)
+    parser.add_argument("--webhook", action="store_true")
+    parser.add_argument("--seconds", type=float, default=5.0)
     args = parser.parse_args()
-    print_table(run(args.runs, args.texts))
+    figures = run(args.runs, args.texts)
+    if args.webhook:
+        figures += webhook(args.runs, args.seconds)
+    print_table(figures)
