@@ -95,7 +95,7 @@ def quiet_for(gaps, rules):
     if not rules.adaptive or len(typing) < max(rules.adaptive_min_gaps, 1):
         return rules.quiet_seconds
     prior = max(rules.quiet_seconds - TYPING_FLOOR, 0.0) / TAIL
-    past_floor = (sum(g - TYPING_FLOOR for g in typing) + PRIOR_GAPS * prior) / (len(typing) + PRIOR_GAPS)
+    past_floor = (sum(typing) - len(typing) * TYPING_FLOOR + PRIOR_GAPS * prior) / (len(typing) + PRIOR_GAPS)
     quiet = TYPING_FLOOR + TAIL * past_floor
     return min(max(quiet, rules.adaptive_min_seconds), rules.adaptive_max_seconds)
 

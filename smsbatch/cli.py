@@ -364,7 +364,9 @@ def simulate(ctx, trace, generate, as_json, **opts):
     smsbatch export --jsonl --anonymize > trace.jsonl     # your traffic, or:
     smsbatch simulate --generate --phones 30 --seed 1 > trace.jsonl
     smsbatch simulate trace.jsonl --compare
-    smsbatch simulate trace.jsonl --sweep quiet=4,6,8,10,15
+    smsbatch simulate trace.jsonl --sweep quiet=4,6,8,10,15 --adaptive 0
+    smsbatch simulate --generate --pace-spread 3 --seed 1 > paced.jsonl   # people with their own pace
+    smsbatch simulate paced.jsonl --sweep adaptive=0,1 --burst-gap 30
     """
     if generate:
         if trace is not None or as_json or opts["compare"] or opts["sweep"]:

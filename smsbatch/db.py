@@ -234,7 +234,7 @@ class Store:
             "SELECT group_concat(received_at) FROM (SELECT received_at FROM messages WHERE phone = ?"
             " AND received_at <= ? ORDER BY received_at DESC LIMIT ?)", (phone, at, rules.adaptive_window - 1),
         ).fetchone()[0]
-        times = [float(t) for t in joined.split(",")] if joined else []
+        times = list(map(float, joined.split(","))) if joined else []
         return batching.quiet_for(batching.gaps_between(times + [at]), rules)
 
     def _insert_batch(self, conn, phone, our_number, at, state, due, urgent=False, last_error=None, quiet=None):
