@@ -14,6 +14,7 @@ Parts:
     slowai    AI stand-in taking 2 s per call, --concurrency 16: >= 7 batches/s
     claim     Store.claim_due with 1,000 vs 100,000 waiting batches: within 20%
     simulate  `smsbatch simulate` on a 100,000-text trace: under a minute (bench_simulate.py)
+    adaptive  Store.add_message with adaptive quiet periods off and on (informational)
 
 Each part runs 3 times (simulate: once) unless --runs says otherwise; the table shows
 the median and the spread (min-max) over the runs. The webhook part needs wrk
@@ -40,6 +41,7 @@ PARTS = {
     "slowai": "bench_slowai",
     "claim": "bench_claim",
     "simulate": "bench_simulate",
+    "adaptive": "bench_adaptive",
 }
 BUSY_WARN = 0.25  # CPUs used by other processes before a part starts: worth a warning
 
