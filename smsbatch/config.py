@@ -160,6 +160,11 @@ class Settings:
                 f"SMSBATCH_ADAPTIVE_MIN_SECONDS={self.adaptive_min_seconds:g} is more than "
                 f"SMSBATCH_ADAPTIVE_MAX_SECONDS={self.adaptive_max_seconds:g}"
             )
+        if self.adaptive_min_gaps > self.adaptive_window - 1:
+            raise ConfigError(
+                f"SMSBATCH_ADAPTIVE_MIN_GAPS={self.adaptive_min_gaps} needs more texts than "
+                f"SMSBATCH_ADAPTIVE_WINDOW={self.adaptive_window} holds (at most {self.adaptive_window - 1} gaps)"
+            )
         if self.lease_seconds and self.lease_seconds < self.min_lease_seconds:
             raise ConfigError(
                 f"SMSBATCH_LEASE_SECONDS={self.lease_seconds:g} is shorter than the "

@@ -87,6 +87,8 @@ def test_settings_from_the_environment():
         Settings.from_env({"SMSBATCH_ADAPTIVE_MIN_SECONDS": "25"})
     with pytest.raises(ConfigError, match="SMSBATCH_ADAPTIVE must be true or false"):
         Settings.from_env({"SMSBATCH_ADAPTIVE": "maybe"})
+    with pytest.raises(ConfigError, match="SMSBATCH_ADAPTIVE_MIN_GAPS=5 needs more texts"):
+        Settings.from_env({"SMSBATCH_ADAPTIVE_WINDOW": "5", "SMSBATCH_ADAPTIVE_MIN_GAPS": "5"})
     with pytest.raises(ConfigError, match="finite"):
         Settings.from_env({"SMSBATCH_ADAPTIVE_MAX_SECONDS": "inf"})
 
