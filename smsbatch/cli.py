@@ -333,7 +333,8 @@ def export(ctx, jsonl, since, anonymize, key, output):
 @click.option("--seed-cron-offset", type=click.FloatRange(0, 59.999), default=0.0, show_default=True,
               help="With --compare: seconds after each minute the seed design's cron fires.")
 @click.option("--sweep", type=SweepParam(),
-              help="One run per value, e.g. quiet=4,6,8,10,15 (also max-wait, max-messages, tick, ai-latency, concurrency, adaptive, adaptive-min, adaptive-max).")
+              help="One run per value, e.g. quiet=4,6,8,10,15 (also max-wait, max-messages, tick, ai-latency, "
+              "concurrency, adaptive, adaptive-min, adaptive-max).")
 @click.option("--adaptive", type=click.IntRange(0, 1),
               help="1: quiet period fitted to each person's pace, 0: fixed (default SMSBATCH_ADAPTIVE or 1).")
 @click.option("--adaptive-min", type=click.FloatRange(0), help="Shortest adaptive quiet period, seconds (default 4).")

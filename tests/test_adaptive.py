@@ -195,7 +195,8 @@ def test_a_version_1_database_upgrades_with_every_text_batch_and_opt_out_intact(
         INSERT INTO opt_outs (phone, since, keyword) VALUES ('+15554449999', {T0}, 'STOP');
         PRAGMA user_version = 1;
     """)
-    before = {t: conn.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in ("batches", "messages", "opt_outs", "phones")}
+    tables = ("batches", "messages", "opt_outs", "phones")
+    before = {t: conn.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in tables}
     conn.close()
     result = invoke(["--db", path, "migrate"])
     assert result.exit_code == 0, result.output
