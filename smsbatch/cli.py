@@ -577,7 +577,12 @@ def export(ctx, jsonl, since, anonymize, key, output):
 @click.option("--seed-cron-offset", type=Finite(0, 59.999), default=0.0, show_default=True,
               help="With --compare: seconds after each minute the seed design's cron fires.")
 @click.option("--sweep", type=SweepParam(),
-              help="One run per value, e.g. quiet=4,6,8,10,15 (also max-wait, max-messages, tick, ai-latency, concurrency).")
+              help="One run per value, e.g. quiet=4,6,8,10,15 (also max-wait, max-messages, tick, ai-latency, "
+              "concurrency, adaptive, adaptive-min, adaptive-max).")
+@click.option("--adaptive", type=click.IntRange(0, 1),
+              help="1: quiet period fitted to each person's pace, 0: fixed (default SMSBATCH_ADAPTIVE or 1).")
+@click.option("--adaptive-min", type=Finite(0), help="Shortest adaptive quiet period, seconds (default 4).")
+@click.option("--adaptive-max", type=Finite(0), help="Longest adaptive quiet period, seconds (default 20).")
 @click.option("--burst-gap", type=Finite(0, min_open=True), default=10.0, show_default=True,
               help="For the metrics: a phone's texts closer together than this are one burst.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -592,6 +597,8 @@ def export(ctx, jsonl, since, anonymize, key, output):
               help="--generate: mean seconds between texts of a burst (1 s + exponential).")
 @click.option("--pause-mean", type=Finite(1), default=600.0, show_default=True,
               help="--generate: mean seconds between a phone's bursts (exponential).")
+@click.option("--pace-spread", type=click.FloatRange(1), default=1.0, show_default=True,
+              help="--generate: each person's own mean gap, log-uniform from gap-mean/S to gap-mean*S (1: all alike).")
 @click.option("--start", type=TIME, default="2026-01-05T09:00:00Z", show_default=True, help="--generate: first moment.")
 @click.pass_context
 def simulate(ctx, trace, generate, as_json, **opts):
@@ -602,7 +609,9 @@ def simulate(ctx, trace, generate, as_json, **opts):
     smsbatch export --jsonl --anonymize > trace.jsonl     # your traffic, or:
     smsbatch simulate --generate --phones 30 --seed 1 > trace.jsonl
     smsbatch simulate trace.jsonl --compare
-    smsbatch simulate trace.jsonl --sweep quiet=4,6,8,10,15
+    smsbatch simulate trace.jsonl --sweep quiet=4,6,8,10,15 --adaptive 0
+    smsbatch simulate --generate --pace-spread 3 --seed 1 > paced.jsonl   # people with their own pace
+    smsbatch simulate paced.jsonl --sweep adaptive=0,1 --burst-gap 30
     """
     if generate:
         if trace is not None or as_json or opts["compare"] or opts["sweep"]:
@@ -614,7 +623,11 @@ def simulate(ctx, trace, generate, as_json, **opts):
     from smsbatch.tracegen import read_trace
 
     names = {"quiet": "quiet_seconds", "max_wait": "max_wait_seconds", "max_messages": "max_messages"}
-    settings = settings_from(ctx, **{names[k]: opts[k] for k in names if opts[k] is not None})
+    names.update({"adaptive_min": "adaptive_min_seconds", "adaptive_max": "adaptive_max_seconds"})
+    changes = {names[k]: opts[k] for k in names if opts[k] is not None}
+    if opts["adaptive"] is not None:
+        changes["adaptive"] = bool(opts["adaptive"])
+    settings = settings_from(ctx, **changes)
     records, repeats = read_trace(trace, getattr(trace, "name", "trace"))
     setup = simulation.Setup(settings, opts["tick"], opts["ai_latency"], opts["concurrency"])
     report = simulation.simulate(records, setup, compare=opts["compare"], sweep=opts["sweep"],
@@ -633,7 +646,7 @@ def generate_trace(opts):
 
     count = 0
     for line in generate(opts["phones"], opts["minutes"], opts["seed"], opts["burst_mean"], opts["gap_mean"],
-                         opts["pause_mean"], opts["start"]):
+                         opts["pause_mean"], opts["start"], opts["pace_spread"]):
         click.echo(line)
         count += 1
     click.echo(f"generated {count} texts from {opts['phones']} phones over {opts['minutes']:g} minutes", err=True)

@@ -234,10 +234,11 @@ class Store:
             " JOIN batches b ON b.id = c.open_batch WHERE c.phone = ? AND c.our_number = ? AND b.state = 'open'",
             (phone, our_number),
         ).fetchone()
+        quiet = self._quiet(conn, phone, at, rules)
         if row is None:
-            due = batching.due_at(rules, at, at, 1, urgent)
+            due = batching.due_at(rules, at, at, 1, urgent, quiet)
             state = State.QUEUED if rules.max_messages <= 1 else State.OPEN
-            batch_id = self._insert_batch(conn, phone, our_number, at, state, due, urgent=urgent)
+            batch_id = self._insert_batch(conn, phone, our_number, at, state, due, urgent=urgent, quiet=quiet)
             conn.execute(
                 "INSERT INTO conversations (phone, our_number, open_batch) VALUES (?, ?, ?)"
                 " ON CONFLICT (phone, our_number) DO UPDATE SET open_batch = excluded.open_batch",
@@ -247,24 +248,41 @@ class Store:
         first, last = min(row["first_at"], at), max(row["last_at"], at)
         count, urgent = row["message_count"] + 1, bool(row["urgent"]) or urgent
         conn.execute(
-            "UPDATE batches SET message_count = ?, first_at = ?, last_at = ?, urgent = ?, due_at = ? WHERE id = ?",
-            (count, first, last, int(urgent), batching.due_at(rules, first, last, count, urgent), row["id"]),
+            "UPDATE batches SET message_count = ?, first_at = ?, last_at = ?, urgent = ?, due_at = ?,"
+            " quiet_seconds = ? WHERE id = ?",
+            (count, first, last, int(urgent), batching.due_at(rules, first, last, count, urgent, quiet),
+             quiet, row["id"]),
         )
         if count >= rules.max_messages:  # a full batch closes: the next text opens a new one
             self._move(conn, row["id"], State.QUEUED, at, f"full: {count} texts")
         return row["id"]
 
-    def _insert_batch(self, conn, phone, our_number, at, state, due, urgent=False, reason=None):
+    @staticmethod
+    def _quiet(conn, phone, at, rules):
+        """The quiet period after the phone's text at `at`: fixed, or (adaptive) fitted to the
+        gaps between its latest texts up to `at` (batching.quiet_for). Reads at most
+        `adaptive_window` index entries of messages_phone: no scan, whatever the history."""
+        if not rules.adaptive:
+            return rules.quiet_seconds
+        # One row for the whole window: half the cost of fetching its rows one by one.
+        joined = conn.execute(
+            "SELECT group_concat(received_at) FROM (SELECT received_at FROM messages WHERE phone = ?"
+            " AND received_at <= ? ORDER BY received_at DESC LIMIT ?)", (phone, at, rules.adaptive_window - 1),
+        ).fetchone()[0]
+        times = list(map(float, joined.split(","))) if joined else []
+        return batching.quiet_for(batching.gaps_between(times + [at]), rules)
+
+    def _insert_batch(self, conn, phone, our_number, at, state, due, urgent=False, reason=None, quiet=None):
         final = due is None
         for _ in range(5):
             batch_id = new_id()
             try:
                 conn.execute(
                     "INSERT INTO batches (id, phone, our_number, state, message_count, first_at, last_at,"
-                    " urgent, due_at, last_error, completed_at, created_at)"
-                    " VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?)",
+                    " urgent, due_at, last_error, completed_at, created_at, quiet_seconds)"
+                    " VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (batch_id, phone, our_number, state, at, at, int(urgent), due, reason if final else None,
-                     at if final else None, at),
+                     at if final else None, at, quiet),
                 )
                 break
             except sqlite3.IntegrityError as exc:
@@ -512,7 +530,7 @@ class Store:
         urgent = bool(newer["urgent"] or batch["urgent"])
         due = newer["due_at"]
         if newer["state"] == State.OPEN:
-            due = batching.due_at(rules, first, newer["last_at"], count, urgent)
+            due = batching.due_at(rules, first, newer["last_at"], count, urgent, newer["quiet_seconds"])
         conn.execute(
             "UPDATE batches SET message_count = ?, first_at = ?, urgent = ?, due_at = ?,"
             " fold_depth = max(fold_depth, ?) WHERE id = ?",
@@ -637,8 +655,7 @@ class Store:
         ).fetchone()[0]
         rows = self.conn.execute(
             "SELECT id, phone, our_number, message_count, state, first_at, last_at, attempts, last_error,"
-            " provider_sid"
-            " FROM batches ORDER BY seq DESC LIMIT ?",
+            " provider_sid, quiet_seconds FROM batches ORDER BY seq DESC LIMIT ?",
             (latest,),
         ).fetchall()
         last_hour = self.conn.execute(

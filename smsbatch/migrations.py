@@ -145,5 +145,10 @@ V4 = (
 )
 
 # {version: statements that bring version - 1 to it}, applied in order.
-STEPS = {2: V2, 3: V3, 4: V4}
+V5 = (
+    # the quiet period each batch was given (fixed, or fitted to the person's pace)
+    "ALTER TABLE batches ADD COLUMN quiet_seconds REAL",
+)
+
+STEPS = {2: V2, 3: V3, 4: V4, 5: V5}
 LATEST = max(STEPS)

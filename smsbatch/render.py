@@ -118,7 +118,21 @@ def _simulated_settings(result, skip=None):
     parts = {"quiet": f"quiet {s['quiet']:g} s", "max-wait": f"max wait {s['max_wait']:g} s",
              "max-messages": f"max {s['max_messages']} texts", "tick": f"tick {s['tick']:g} s",
              "ai-latency": f"AI {s['ai_latency']:g} s", "concurrency": f"concurrency {s['concurrency']}"}
+    parts.update(_adaptive_settings(s, skip))
     return ", ".join(text for name, text in parts.items() if name != skip)
+
+
+def _adaptive_settings(s, skip):
+    """The adaptive quiet period's part of a simulation's settings line."""
+    if "adaptive" not in s:
+        return {}
+    lo, hi = s["adaptive_min"], s["adaptive_max"]
+    if skip == "adaptive":
+        return {"bounds": f"adaptive quiet {lo:g}-{hi:g} s when on"}
+    if not s["adaptive"]:
+        return {"adaptive": "fixed quiet period"}
+    text = {"adaptive-min": f"up to {hi:g} s", "adaptive-max": f"from {lo:g} s"}.get(skip, f"{lo:g}-{hi:g} s")
+    return {"adaptive": f"adaptive quiet {text}"}
 
 
 def _cell(value, seconds=False):

@@ -35,7 +35,8 @@ CREATE TABLE IF NOT EXISTS batches (
     superseded_by   TEXT REFERENCES batches(id),
     retried_at      REAL,                     -- last requeued by `smsbatch retry`
     created_at      REAL NOT NULL,
-    prompt          TEXT                      -- JSON of the chat messages last sent to the AI (`show --prompt`)
+    prompt          TEXT,                     -- JSON of the chat messages last sent to the AI (`show --prompt`)
+    quiet_seconds   REAL                      -- the quiet period this batch was given (fixed or adaptive)
 );
 CREATE INDEX IF NOT EXISTS batches_state_due ON batches(state, due_at);
 CREATE INDEX IF NOT EXISTS batches_state_last ON batches(state, last_at);  -- expiry sweep: O(expired), not O(backlog)
