@@ -16,6 +16,7 @@ Parts:
     simulate  `smsbatch simulate` on a 100,000-text trace: under a minute (bench_simulate.py)
     prune     Store.prune as `process` calls it (SMSBATCH_RETENTION_DAYS) on 100,000 batches:
               nothing to delete <= 10 ms, 500 old batches <= 500 ms; backup time
+    adaptive  Store.add_message with adaptive quiet periods off and on (informational)
     takeover  a processor SIGKILLed mid-AI-call, another running: reply within 5 s (bench_takeover.py)
 
 Each part runs 3 times (simulate: once) unless --runs says otherwise; the table shows
@@ -44,6 +45,7 @@ PARTS = {
     "claim": "bench_claim",
     "simulate": "bench_simulate",
     "prune": "bench_prune",
+    "adaptive": "bench_adaptive",
     "takeover": "bench_takeover",
 }
 BUSY_WARN = 0.25  # CPUs used by other processes before a part starts: worth a warning

@@ -11,6 +11,10 @@ SMS_LIMIT = 1600  # Twilio's maximum body length for one message
 # the webhook's whole form limit, far above any real SMS or WhatsApp text.
 MAX_TEXT_BYTES = 64 * 1024
 ELLIPSIS = "…"
+# The adaptive quiet period (quiet_for), chosen by simulation (see README, "Choosing your settings"):
+TYPING_FLOOR = 1.0  # seconds: nobody sends two texts closer together than this
+TAIL = 2.6  # means past the floor: an exponential tail's 93rd percentile (ln(1/0.074))
+PRIOR_GAPS = 3  # how many gaps the fixed quiet period's pace counts for
 
 
 @dataclass(frozen=True)
@@ -21,6 +25,14 @@ class Rules:
     max_wait_seconds: float = 45.0
     max_messages: int = 10
     urgent_keywords: tuple = ("urgent", "emergency")
+    # A quiet period fitted to each person's pace (quiet_for). Off in a bare Rules(), which
+    # is the fixed rule; production takes SMSBATCH_ADAPTIVE through from_settings.
+    adaptive: bool = False
+    adaptive_min_seconds: float = 4.0
+    adaptive_max_seconds: float = 20.0
+    adaptive_pause_seconds: float = 30.0  # a gap this long or longer is a pause, not typing
+    adaptive_window: int = 20  # the person's latest texts the pace is learned from
+    adaptive_min_gaps: int = 3  # fewer typing gaps than this: the fixed quiet period
 
     @classmethod
     def from_settings(cls, settings):
@@ -29,6 +41,12 @@ class Rules:
             settings.max_wait_seconds,
             settings.max_messages,
             settings.urgent_keywords,
+            settings.adaptive,
+            settings.adaptive_min_seconds,
+            settings.adaptive_max_seconds,
+            settings.adaptive_pause_seconds,
+            settings.adaptive_window,
+            settings.adaptive_min_gaps,
         )
 
 
@@ -54,11 +72,41 @@ def opt_out_scope(our_number, messaging_service_sid=""):
     return messaging_service_sid or our_number
 
 
-def due_at(rules, first_at, last_at, count, urgent):
-    """When an open batch becomes due: quiet period, max wait, max count or urgency."""
+def due_at(rules, first_at, last_at, count, urgent, quiet=None):
+    """When an open batch becomes due: quiet period (`quiet`, else the fixed one), max wait,
+    max count or urgency."""
     if urgent or count >= rules.max_messages:
         return last_at
-    return min(last_at + rules.quiet_seconds, first_at + rules.max_wait_seconds)
+    quiet = rules.quiet_seconds if quiet is None else quiet
+    return min(last_at + quiet, first_at + rules.max_wait_seconds)
+
+
+def gaps_between(times):
+    """Seconds between consecutive texts, oldest first, from their times in any order."""
+    ordered = sorted(times)
+    return [b - a for a, b in zip(ordered, ordered[1:])]
+
+
+def quiet_for(gaps, rules):
+    """The quiet period after a person's latest text, fitted to their pace: `gaps` are the
+    seconds between their latest texts, oldest first, the last one ending at that text.
+
+    Gaps of `adaptive_pause_seconds` or more are pauses between conversations, not typing,
+    and are left out. With fewer than `adaptive_min_gaps` typing gaps (someone new) it is
+    the fixed quiet period. Typing gaps look like a floor (nobody sends two texts less than
+    TYPING_FLOOR apart) plus a long tail, so the quiet period is that floor plus TAIL times
+    the person's mean gap past it: a high percentile of their gaps, so their next text in a
+    burst nearly always comes before it. That mean starts at the one the fixed quiet period
+    stands for, counted as PRIOR_GAPS gaps, so a few gaps move it only part of the way.
+    The result is kept within adaptive_min_seconds..adaptive_max_seconds.
+    """
+    typing = [g for g in gaps if g < rules.adaptive_pause_seconds]
+    if not rules.adaptive or len(typing) < max(rules.adaptive_min_gaps, 1):
+        return rules.quiet_seconds
+    prior = max(rules.quiet_seconds - TYPING_FLOOR, 0.0) / TAIL
+    past_floor = (sum(typing) - len(typing) * TYPING_FLOOR + PRIOR_GAPS * prior) / (len(typing) + PRIOR_GAPS)
+    quiet = TYPING_FLOOR + TAIL * past_floor
+    return min(max(quiet, rules.adaptive_min_seconds), rules.adaptive_max_seconds)
 
 
 def backoff_seconds(attempt, base, rng=random):

@@ -112,8 +112,18 @@ def cli(ctx, db):
     ctx.obj = {"db": db}
     # Only warnings reach stderr (cron mails it); the twilio and HTTP clients log every
     # request, headers included, at INFO.
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(IsoFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
+
+
+class IsoFormatter(logging.Formatter):
+    """Log lines start with an ISO-8601 UTC time (2026-01-31T09:30:00Z), as the summary line does."""
+
+    def formatTime(self, record, datefmt=None):
+        from smsbatch.inputs import iso_time
+
+        return iso_time(record.created)
 
 
 @cli.command()
@@ -219,7 +229,9 @@ def process(ctx, now, limit, seconds, concurrency, system_prompt_file, ai, sms, 
     if as_json:
         emit_json(report.as_dict())
     else:
-        click.echo(summary_line(report))
+        from smsbatch.inputs import iso_time
+
+        click.echo(f"{iso_time(time.time())} {summary_line(report)}")
     if report.need_a_person:  # failed, unknown, or an unexpected error (its traceback is on stderr)
         ctx.exit(EXIT_SOME_FAILED)
 
@@ -277,17 +289,85 @@ def summary_line(report):
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @click.option("--now", type=TIME, help="Measure ages from this time.")
 @click.option("--latest", type=click.IntRange(1, 1000), default=15, show_default=True, help="How many recent batches.")
+@click.option("--watch", is_flag=True, help="Redraw every --interval seconds until Ctrl-C.")
+@click.option("--interval", type=click.FloatRange(0.1, 3600), default=2.0, show_default=True,
+              help="Seconds between redraws with --watch.")
 @click.pass_context
-def status(ctx, as_json, now, latest):
-    """Batches by state, the oldest pending batch, the latest batches, texts in the last hour."""
+def status(ctx, as_json, now, latest, watch, interval):
+    """Counts by state, the agent's mode, the next retry, outages, and the latest batches
+    (fits an 80x24 terminal)."""
+    from smsbatch import report
+
+    if watch and as_json:
+        raise click.UsageError("--watch redraws the screen; it cannot be combined with --json")
     settings = settings_from(ctx)
-    info = open_store(settings).status(time.time() if now is None else now, latest)
+    store = open_store(settings)
+
+    def fetch():
+        return report.status(store, settings, time.time() if now is None else now, latest)
+
     if as_json:
-        emit_json(info)
+        emit_json(fetch())
+    elif watch:
+        from smsbatch import render_ops
+
+        render_ops.watch(fetch, interval)
     else:
         from smsbatch import render
 
-        render.status(info)
+        render.status(fetch())
+
+
+@cli.command()
+@click.argument("target", metavar="BATCH_ID|PHONE")
+@click.option("--prompt", is_flag=True, help="With a batch: also the exact prompt sent to the AI.")
+@click.option("--limit", type=click.IntRange(1, 100000), default=50, show_default=True,
+              help="With a phone: how many of the latest texts, replies and notes.")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@click.pass_context
+def show(ctx, target, prompt, limit, as_json):
+    """A batch's whole life (texts, every state change, attempts, the reply and its delivery), or
+    the conversation with a phone number as a chat, newest last."""
+    from smsbatch import render_ops, report
+
+    store = open_store(settings_from(ctx))
+    kind, key = report.resolve(store, target)
+    if kind == "phone" and prompt:
+        raise click.UsageError("--prompt is for a batch; `smsbatch show PHONE` lists its batches")
+    info = report.show_batch(store, key, prompt) if kind == "batch" else report.show_phone(store, key, limit)
+    if as_json:
+        emit_json(info)
+    elif kind == "batch":
+        render_ops.show_batch(info)
+    else:
+        render_ops.show_phone(info)
+
+
+DURATION = InputParam("DURATION", "parse_duration")  # 7d, 24h, 90m
+
+
+@cli.command()
+@click.option("--since", type=DURATION, default="7d", show_default=True, help="How far back: 7d, 24h, 90m.")
+@click.option("--now", type=TIME, help="Count up to this time (default now).")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@click.pass_context
+def stats(ctx, since, now, as_json):
+    """Texts, batches, AI requests and tokens, replies sent and delivered, AI calls saved and
+    latency, in all and per day, with a bar chart of texts and AI calls per day."""
+    from smsbatch import report
+
+    if not 0 < since <= report.MAX_STATS_DAYS * 86400:
+        raise click.BadParameter(f"more than 0 and at most {report.MAX_STATS_DAYS}d (one row a day)",
+                                 param_hint="--since")
+    settings = settings_from(ctx)
+    until = time.time() if now is None else now
+    info = report.stats(open_store(settings), max(0.0, until - since), until)
+    if as_json:
+        emit_json(info)
+    else:
+        from smsbatch import render_ops
+
+        render_ops.stats(info)
 
 
 @cli.command()
@@ -500,7 +580,12 @@ def export(ctx, jsonl, since, anonymize, key, output):
 @click.option("--seed-cron-offset", type=Finite(0, 59.999), default=0.0, show_default=True,
               help="With --compare: seconds after each minute the seed design's cron fires.")
 @click.option("--sweep", type=SweepParam(),
-              help="One run per value, e.g. quiet=4,6,8,10,15 (also max-wait, max-messages, tick, ai-latency, concurrency).")
+              help="One run per value, e.g. quiet=4,6,8,10,15 (also max-wait, max-messages, tick, ai-latency, "
+              "concurrency, adaptive, adaptive-min, adaptive-max).")
+@click.option("--adaptive", type=click.IntRange(0, 1),
+              help="1: quiet period fitted to each person's pace, 0: fixed (default SMSBATCH_ADAPTIVE or 1).")
+@click.option("--adaptive-min", type=Finite(0), help="Shortest adaptive quiet period, seconds (default 4).")
+@click.option("--adaptive-max", type=Finite(0), help="Longest adaptive quiet period, seconds (default 20).")
 @click.option("--burst-gap", type=Finite(0, min_open=True), default=10.0, show_default=True,
               help="For the metrics: a phone's texts closer together than this are one burst.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -515,6 +600,8 @@ def export(ctx, jsonl, since, anonymize, key, output):
               help="--generate: mean seconds between texts of a burst (1 s + exponential).")
 @click.option("--pause-mean", type=Finite(1), default=600.0, show_default=True,
               help="--generate: mean seconds between a phone's bursts (exponential).")
+@click.option("--pace-spread", type=click.FloatRange(1), default=1.0, show_default=True,
+              help="--generate: each person's own mean gap, log-uniform from gap-mean/S to gap-mean*S (1: all alike).")
 @click.option("--start", type=TIME, default="2026-01-05T09:00:00Z", show_default=True, help="--generate: first moment.")
 @click.pass_context
 def simulate(ctx, trace, generate, as_json, **opts):
@@ -525,7 +612,9 @@ def simulate(ctx, trace, generate, as_json, **opts):
     smsbatch export --jsonl --anonymize > trace.jsonl     # your traffic, or:
     smsbatch simulate --generate --phones 30 --seed 1 > trace.jsonl
     smsbatch simulate trace.jsonl --compare
-    smsbatch simulate trace.jsonl --sweep quiet=4,6,8,10,15
+    smsbatch simulate trace.jsonl --sweep quiet=4,6,8,10,15 --adaptive 0
+    smsbatch simulate --generate --pace-spread 3 --seed 1 > paced.jsonl   # people with their own pace
+    smsbatch simulate paced.jsonl --sweep adaptive=0,1 --burst-gap 30
     """
     if generate:
         if trace is not None or as_json or opts["compare"] or opts["sweep"]:
@@ -537,7 +626,11 @@ def simulate(ctx, trace, generate, as_json, **opts):
     from smsbatch.tracegen import read_trace
 
     names = {"quiet": "quiet_seconds", "max_wait": "max_wait_seconds", "max_messages": "max_messages"}
-    settings = settings_from(ctx, **{names[k]: opts[k] for k in names if opts[k] is not None})
+    names.update({"adaptive_min": "adaptive_min_seconds", "adaptive_max": "adaptive_max_seconds"})
+    changes = {names[k]: opts[k] for k in names if opts[k] is not None}
+    if opts["adaptive"] is not None:
+        changes["adaptive"] = bool(opts["adaptive"])
+    settings = settings_from(ctx, **changes)
     records, repeats = read_trace(trace, getattr(trace, "name", "trace"))
     setup = simulation.Setup(settings, opts["tick"], opts["ai_latency"], opts["concurrency"])
     report = simulation.simulate(records, setup, compare=opts["compare"], sweep=opts["sweep"],
@@ -556,7 +649,7 @@ def generate_trace(opts):
 
     count = 0
     for line in generate(opts["phones"], opts["minutes"], opts["seed"], opts["burst_mean"], opts["gap_mean"],
-                         opts["pause_mean"], opts["start"]):
+                         opts["pause_mean"], opts["start"], opts["pace_spread"]):
         click.echo(line)
         count += 1
     click.echo(f"generated {count} texts from {opts['phones']} phones over {opts['minutes']:g} minutes", err=True)

@@ -67,6 +67,12 @@ class Settings:
     max_wait_seconds: float = 45.0
     max_messages: int = 10
     urgent_keywords: tuple = ("urgent", "emergency")
+    adaptive: bool = True
+    adaptive_min_seconds: float = 4.0
+    adaptive_max_seconds: float = 20.0
+    adaptive_pause_seconds: float = 30.0
+    adaptive_window: int = 20
+    adaptive_min_gaps: int = 3
     supersede: bool = True
     max_supersede: int = 2
     max_age_seconds: float = 3600.0
@@ -91,6 +97,7 @@ class Settings:
     ai_client_retries: int = OPENAI_MAX_RETRIES
     sms_timeout_seconds: float = 10.0
     lease_seconds: float = 0.0  # 0 means derived from the timeouts
+    alert_after_seconds: float = 300.0  # provider calls failing this long: an outage (process warns)
     retention_days: float = 0.0  # 0: `process` prunes nothing (SMSBATCH_RETENTION_DAYS)
     backfill: bool = True  # look in Twilio's message log for texts the webhook never got
     prompts_dir: str = ""  # one system prompt per number: <dir>/+15550001111.txt
@@ -111,6 +118,7 @@ class Settings:
             max_wait_seconds=_number(env, "SMSBATCH_MAX_WAIT_SECONDS", 45.0),
             max_messages=_number(env, "SMSBATCH_MAX_MESSAGES", 10, int, 1),
             urgent_keywords=tuple(k.strip().lower() for k in keywords.split(",") if k.strip()),
+            **_adaptive(env),
             supersede=_flag(g("SMSBATCH_SUPERSEDE", "1"), "SMSBATCH_SUPERSEDE"),
             max_age_seconds=_number(env, "SMSBATCH_MAX_AGE_SECONDS", 3600.0),
             enabled=_flag(g("ENABLE_AI_SMS_AGENT", "true"), "ENABLE_AI_SMS_AGENT"),
@@ -134,6 +142,7 @@ class Settings:
             ai_client_retries=_number(env, "SMSBATCH_AI_CLIENT_RETRIES", OPENAI_MAX_RETRIES, int),
             sms_timeout_seconds=_number(env, "SMSBATCH_SMS_TIMEOUT_SECONDS", 10.0, float, 0.1),
             lease_seconds=_number(env, "SMSBATCH_LEASE_SECONDS", 0.0),
+            alert_after_seconds=_number(env, "SMSBATCH_ALERT_AFTER_SECONDS", 300.0),
             retention_days=_number(env, "SMSBATCH_RETENTION_DAYS", 0.0),
             backfill=_flag(g("SMSBATCH_BACKFILL", "1"), "SMSBATCH_BACKFILL"),
             prompts_dir=g("SMSBATCH_PROMPTS_DIR", ""),
@@ -173,6 +182,16 @@ class Settings:
         Raises:
             ConfigError: the lease is shorter than the worst case of timeouts times tries.
         """
+        if self.adaptive_min_seconds > self.adaptive_max_seconds:
+            raise ConfigError(
+                f"SMSBATCH_ADAPTIVE_MIN_SECONDS={self.adaptive_min_seconds:g} is more than "
+                f"SMSBATCH_ADAPTIVE_MAX_SECONDS={self.adaptive_max_seconds:g}"
+            )
+        if self.adaptive_min_gaps > self.adaptive_window - 1:
+            raise ConfigError(
+                f"SMSBATCH_ADAPTIVE_MIN_GAPS={self.adaptive_min_gaps} needs more texts than "
+                f"SMSBATCH_ADAPTIVE_WINDOW={self.adaptive_window} holds (at most {self.adaptive_window - 1} gaps)"
+            )
         if self.lease_seconds and self.lease_seconds < self.min_lease_seconds:
             raise ConfigError(
                 f"SMSBATCH_LEASE_SECONDS={self.lease_seconds:g} is shorter than the "
@@ -214,6 +233,18 @@ class Settings:
             except ValueError:
                 pass
         return tuple(s for s in found if s)
+
+
+def _adaptive(env):
+    """The adaptive quiet period's settings (batching.quiet_for), as Settings fields."""
+    return {
+        "adaptive": _flag(env.get("SMSBATCH_ADAPTIVE", "1"), "SMSBATCH_ADAPTIVE"),
+        "adaptive_min_seconds": _number(env, "SMSBATCH_ADAPTIVE_MIN_SECONDS", 4.0),
+        "adaptive_max_seconds": _number(env, "SMSBATCH_ADAPTIVE_MAX_SECONDS", 20.0),
+        "adaptive_pause_seconds": _number(env, "SMSBATCH_ADAPTIVE_PAUSE_SECONDS", 30.0, float, 1),
+        "adaptive_window": _number(env, "SMSBATCH_ADAPTIVE_WINDOW", 20, int, 2),
+        "adaptive_min_gaps": _number(env, "SMSBATCH_ADAPTIVE_MIN_GAPS", 3, int, 1),
+    }
 
 
 def _choice(env, name, choices):

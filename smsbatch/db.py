@@ -235,10 +235,11 @@ class Store:
             " JOIN batches b ON b.id = c.open_batch WHERE c.phone = ? AND c.our_number = ? AND b.state = 'open'",
             (phone, our_number),
         ).fetchone()
+        quiet = self._quiet(conn, phone, at, rules)
         if row is None:
-            due = batching.due_at(rules, at, at, 1, urgent)
+            due = batching.due_at(rules, at, at, 1, urgent, quiet)
             state = State.QUEUED if rules.max_messages <= 1 else State.OPEN
-            batch_id = self._insert_batch(conn, phone, our_number, at, state, due, urgent=urgent)
+            batch_id = self._insert_batch(conn, phone, our_number, at, state, due, urgent=urgent, quiet=quiet)
             conn.execute(
                 "INSERT INTO conversations (phone, our_number, open_batch) VALUES (?, ?, ?)"
                 " ON CONFLICT (phone, our_number) DO UPDATE SET open_batch = excluded.open_batch",
@@ -248,24 +249,41 @@ class Store:
         first, last = min(row["first_at"], at), max(row["last_at"], at)
         count, urgent = row["message_count"] + 1, bool(row["urgent"]) or urgent
         conn.execute(
-            "UPDATE batches SET message_count = ?, first_at = ?, last_at = ?, urgent = ?, due_at = ? WHERE id = ?",
-            (count, first, last, int(urgent), batching.due_at(rules, first, last, count, urgent), row["id"]),
+            "UPDATE batches SET message_count = ?, first_at = ?, last_at = ?, urgent = ?, due_at = ?,"
+            " quiet_seconds = ? WHERE id = ?",
+            (count, first, last, int(urgent), batching.due_at(rules, first, last, count, urgent, quiet),
+             quiet, row["id"]),
         )
         if count >= rules.max_messages:  # a full batch closes: the next text opens a new one
             self._move(conn, row["id"], State.QUEUED, at, f"full: {count} texts")
         return row["id"]
 
-    def _insert_batch(self, conn, phone, our_number, at, state, due, urgent=False, reason=None):
+    @staticmethod
+    def _quiet(conn, phone, at, rules):
+        """The quiet period after the phone's text at `at`: fixed, or (adaptive) fitted to the
+        gaps between its latest texts up to `at` (batching.quiet_for). Reads at most
+        `adaptive_window` index entries of messages_phone: no scan, whatever the history."""
+        if not rules.adaptive:
+            return rules.quiet_seconds
+        # One row for the whole window: half the cost of fetching its rows one by one.
+        joined = conn.execute(
+            "SELECT group_concat(received_at) FROM (SELECT received_at FROM messages WHERE phone = ?"
+            " AND received_at <= ? ORDER BY received_at DESC LIMIT ?)", (phone, at, rules.adaptive_window - 1),
+        ).fetchone()[0]
+        times = list(map(float, joined.split(","))) if joined else []
+        return batching.quiet_for(batching.gaps_between(times + [at]), rules)
+
+    def _insert_batch(self, conn, phone, our_number, at, state, due, urgent=False, reason=None, quiet=None):
         final = due is None
         for _ in range(5):
             batch_id = new_id()
             try:
                 conn.execute(
                     "INSERT INTO batches (id, phone, our_number, state, message_count, first_at, last_at,"
-                    " urgent, due_at, last_error, completed_at, created_at)"
-                    " VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?)",
+                    " urgent, due_at, last_error, completed_at, created_at, quiet_seconds)"
+                    " VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (batch_id, phone, our_number, state, at, at, int(urgent), due, reason if final else None,
-                     at if final else None, at),
+                     at if final else None, at, quiet),
                 )
                 break
             except sqlite3.IntegrityError as exc:
@@ -552,7 +570,7 @@ class Store:
         urgent = bool(newer["urgent"] or batch["urgent"])
         due = newer["due_at"]
         if newer["state"] == State.OPEN:
-            due = batching.due_at(rules, first, newer["last_at"], count, urgent)
+            due = batching.due_at(rules, first, newer["last_at"], count, urgent, newer["quiet_seconds"])
         conn.execute(
             "UPDATE batches SET message_count = ?, first_at = ?, urgent = ?, due_at = ?,"
             " fold_depth = max(fold_depth, ?) WHERE id = ?",
@@ -677,8 +695,7 @@ class Store:
         ).fetchone()[0]
         rows = self.conn.execute(
             "SELECT id, phone, our_number, message_count, state, first_at, last_at, attempts, last_error,"
-            " provider_sid"
-            " FROM batches ORDER BY seq DESC LIMIT ?",
+            " provider_sid, quiet_seconds FROM batches ORDER BY seq DESC LIMIT ?",
             (latest,),
         ).fetchall()
         last_hour = self.conn.execute(
@@ -974,6 +991,147 @@ class Store:
         for table, column in (("conversations", "open_batch"), ("outbound", "batch_id"),
                               ("batch_events", "batch_id"), ("messages", "batch_id"), ("batches", "id")):
             conn.execute(f"DELETE FROM {table} WHERE {column} IN ({marks})", ids)
+
+    # -- operators: see (issue 10: show, stats, status, outages) ---------------
+
+    def record_prompt(self, batch, messages):
+        """Keep the exact chat messages about to be sent to the AI (`show --prompt`)."""
+        with self.transaction() as conn:
+            conn.execute("UPDATE batches SET prompt = ? WHERE id = ? AND claim = ?",
+                         (json.dumps(messages), batch["id"], batch["claim"]))
+
+    def record_provider(self, provider, now, error=None, alert_after=300.0):
+        """Note one call to a provider ('ai', 'sms') that worked (error None) or failed.
+
+        Returns ('outage', row) the first time its calls have kept failing, with no success
+        in between, for `alert_after` seconds; ('recovered', row) on the first success after
+        an announced outage; else None. Each is returned to one caller only, however many
+        processors run, so the outage is announced once.
+        """
+        if error is None and self._healthy_lately(provider, now):
+            return None  # the common case costs a read, not a write
+        with self.transaction() as conn:
+            row = conn.execute("SELECT * FROM provider_health WHERE provider = ?", (provider,)).fetchone()
+            row = dict(row) if row else {"provider": provider, "failing_since": None, "alerted_at": None}
+            if error is None:
+                conn.execute(
+                    "INSERT INTO provider_health (provider, last_ok_at) VALUES (?, ?) ON CONFLICT (provider)"
+                    " DO UPDATE SET failing_since = NULL, alerted_at = NULL, last_ok_at = excluded.last_ok_at",
+                    (provider, now))
+                return ("recovered", row) if row["alerted_at"] is not None else None
+            since = row["failing_since"] if row["failing_since"] is not None else now
+            alert = row["alerted_at"] is None and now - since >= alert_after
+            conn.execute(
+                "INSERT INTO provider_health (provider, failing_since, last_failure_at, last_error, alerted_at)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (provider) DO UPDATE SET failing_since ="
+                " excluded.failing_since, last_failure_at = excluded.last_failure_at,"
+                " last_error = excluded.last_error, alerted_at = excluded.alerted_at",
+                (provider, since, now, error, now if alert else row["alerted_at"]))
+            row.update(failing_since=since, last_failure_at=now, last_error=error)
+            return ("outage", row) if alert else None
+
+    def _healthy_lately(self, provider, now, within=60.0):
+        row = self.conn.execute(
+            "SELECT failing_since, last_ok_at FROM provider_health WHERE provider = ?", (provider,)).fetchone()
+        return row is not None and row[0] is None and row[1] is not None and now - row[1] < within
+
+    def provider_health(self):
+        """Every provider's health row, failing ones with failing_since set."""
+        return [dict(r) for r in self.conn.execute("SELECT * FROM provider_health ORDER BY provider")]
+
+    def outages(self):
+        """Announced outages still going on (/health, status): provider, since, last error."""
+        return [{"provider": r["provider"], "since": r["failing_since"], "last_failure_at": r["last_failure_at"],
+                 "last_error": r["last_error"]}
+                for r in self.provider_health() if r["failing_since"] is not None and r["alerted_at"] is not None]
+
+    def next_retry(self):
+        """The batch retried soonest: queued again after a failed attempt, or a send to check
+        again. (due_at, batch id), or None."""
+        row = self.conn.execute(
+            "SELECT due_at, id FROM batches WHERE (state = 'queued' AND attempts > 0"
+            " OR state = 'sending' AND claim IS NULL) AND due_at IS NOT NULL ORDER BY due_at LIMIT 1"
+        ).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def batch_life(self, batch_id):
+        """Everything about one batch for `smsbatch show`: its row, texts, every state change
+        (oldest first), the SMS sent for it, and the batches folded into it.
+
+        Raises:
+            NotFound: no such batch.
+        """
+        batch = self.get_batch(batch_id)
+        texts = self.conn.execute(
+            "SELECT sid, body, media, kind, received_at FROM messages WHERE batch_id = ? ORDER BY received_at, id",
+            (batch_id,)).fetchall()
+        events = self.conn.execute(
+            "SELECT at, from_state, to_state, reason FROM batch_events WHERE batch_id = ? ORDER BY id",
+            (batch_id,)).fetchall()
+        sent = self.conn.execute("SELECT * FROM outbound WHERE batch_id = ? ORDER BY sent_at", (batch_id,)).fetchall()
+        folded = self.conn.execute("SELECT id FROM batches WHERE superseded_by = ? ORDER BY seq", (batch_id,))
+        return {"batch": batch, "texts": [dict(r) for r in texts], "events": [dict(r) for r in events],
+                "outbound": [dict(r) for r in sent], "folded": [r[0] for r in folded]}
+
+    def conversation(self, phone, limit):
+        """The last `limit` things in a person's conversation (any of our numbers), oldest first:
+        texts in, SMS out (the AI's and by hand), opt-outs, holds, and batches that ended
+        without a reply."""
+        texts = self.conn.execute(
+            "SELECT received_at AS at, 'in' AS kind, our_number, body, media, batch_id, kind AS detail"
+            " FROM messages WHERE phone = ? ORDER BY received_at DESC, id DESC LIMIT ?", (phone, limit))
+        sent = self.conn.execute(
+            "SELECT sent_at AS at, 'out' AS kind, our_number, body, NULL AS media, batch_id, source AS detail,"
+            " sid, status FROM outbound WHERE phone = ? ORDER BY sent_at DESC LIMIT ?", (phone, limit))
+        unanswered = self.conn.execute(
+            "SELECT completed_at AS at, 'note' AS kind, our_number, last_error AS body, id AS batch_id,"
+            " state AS detail FROM batches WHERE phone = ? AND state IN ('failed', 'unknown', 'expired', 'held')"
+            " AND completed_at IS NOT NULL ORDER BY completed_at DESC LIMIT ?", (phone, limit))
+        opt_outs = self.conn.execute(
+            "SELECT since AS at, 'opt_out' AS kind, scope AS our_number, keyword AS body FROM opt_outs"
+            " WHERE phone = ?", (phone,))
+        holds = self.conn.execute(
+            "SELECT since AS at, 'hold' AS kind, reason AS body FROM holds WHERE phone = ?", (phone,))
+        items = [dict(r) for rows in (texts, sent, unanswered, opt_outs, holds) for r in rows]
+        items.sort(key=lambda item: (item["at"], item["kind"] != "in"))
+        return items[-limit:]
+
+    def person_flags(self, phone):
+        """Is this person on hold ({since, reason} or None), and which scopes did they opt out of."""
+        hold = self.conn.execute("SELECT since, reason FROM holds WHERE phone = ?", (phone,)).fetchone()
+        outs = self.conn.execute("SELECT scope, since, keyword FROM opt_outs WHERE phone = ? ORDER BY since",
+                                 (phone,)).fetchall()
+        return {"hold": None if hold is None else dict(hold), "opt_outs": [dict(r) for r in outs]}
+
+    def columns(self, table):
+        """The column names of a table (another version may lack some)."""
+        return {r[1] for r in self.conn.execute(f"PRAGMA table_info({table})")}
+
+    def stats_rows(self, since, until):
+        """What `smsbatch stats` counts, per UTC day, for [since, until): texts in, batches,
+        AI requests and tokens, replies; and every reply's latency (seconds from the
+        person's last text to the reply)."""
+        texts = self.conn.execute(
+            "SELECT date(received_at, 'unixepoch') AS day, count(*) AS texts,"
+            " sum(kind = 'text') AS answerable FROM messages WHERE received_at >= ? AND received_at < ?"
+            " GROUP BY day", (since, until)).fetchall()
+        have = self.columns("batches")
+        requests = "sum(ai_requests)" if "ai_requests" in have else "sum(response_text IS NOT NULL)"
+        tokens = ", ".join(f"sum({c}) AS {c}" if c in have else f"NULL AS {c}"
+                           for c in ("prompt_tokens", "completion_tokens"))
+        batches = self.conn.execute(
+            f"SELECT date(created_at, 'unixepoch') AS day, count(*) AS batches, {requests} AS ai_requests,"
+            f" {tokens} FROM batches WHERE created_at >= ? AND created_at < ? GROUP BY day",
+            (since, until)).fetchall()
+        # Every SMS we sent (the AI's and by hand); latency only for the AI's, from its batch's last text.
+        replies = self.conn.execute(
+            "SELECT date(o.sent_at, 'unixepoch') AS day, o.sent_at - b.last_at AS latency,"
+            " o.status = 'delivered' AS delivered FROM outbound o LEFT JOIN batches b ON b.id = o.batch_id"
+            " WHERE o.sent_at >= ? AND o.sent_at < ?", (since, until)).fetchall()
+        return {"texts": [dict(r) for r in texts], "batches": [dict(r) for r in batches],
+                "replies": [dict(r) for r in replies],
+                "ai_requests_exact": "ai_requests" in have, "tokens_known": "prompt_tokens" in have,
+                "delivery_known": True}
 
 
 

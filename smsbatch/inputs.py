@@ -217,3 +217,9 @@ def parse_since(text, now):
     except InvalidInput:
         raise InvalidInput(f"bad time {text!r}: use a duration before now (7d, 2h, 30m) or a time "
                            "(epoch seconds or ISO-8601 like 2026-01-31T09:30:00Z)") from None
+
+
+def iso_time(epoch):
+    """Epoch seconds -> '2026-01-31T09:30:00Z' (UTC, to the second): times in logs and output."""
+    moment = datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")

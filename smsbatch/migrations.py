@@ -128,8 +128,30 @@ V3 = (
     "CREATE INDEX IF NOT EXISTS conversations_open_batch ON conversations(open_batch)",
 )
 
-# Version 4: heartbeat leases, what the AI cost, delivery receipts reported (issue 9).
+# Version 4, issue 10 (see): the prompt each batch sent the AI (`show --prompt`), indexes for `stats`,
+# and each provider's health across runs (outages). Only ADD COLUMN / CREATE: no rebuild.
 V4 = (
+    "ALTER TABLE batches ADD COLUMN prompt TEXT",
+    "CREATE INDEX batches_created ON batches(created_at)",
+    "CREATE INDEX outbound_sent ON outbound(sent_at)",
+    """CREATE TABLE provider_health (
+        provider        TEXT PRIMARY KEY,
+        failing_since   REAL,
+        last_failure_at REAL,
+        last_error      TEXT,
+        alerted_at      REAL,
+        last_ok_at      REAL
+    )""",
+)
+
+# {version: statements that bring version - 1 to it}, applied in order.
+V5 = (
+    # the quiet period each batch was given (fixed, or fitted to the person's pace)
+    "ALTER TABLE batches ADD COLUMN quiet_seconds REAL",
+)
+
+# Version 6: heartbeat leases, what the AI cost, delivery receipts reported (issue 9).
+V6 = (
     # Heartbeat leases: who holds a batch in flight (host:pid) and when it last renewed.
     "ALTER TABLE batches ADD COLUMN holder TEXT",
     "ALTER TABLE batches ADD COLUMN heartbeat_at REAL",
@@ -145,6 +167,5 @@ V4 = (
     "CREATE INDEX outbound_status ON outbound(status, sent_at)",
 )
 
-# {version: statements that bring version - 1 to it}, applied in order.
-STEPS = {2: V2, 3: V3, 4: V4}
+STEPS = {2: V2, 3: V3, 4: V4, 5: V5, 6: V6}
 LATEST = max(STEPS)

@@ -20,7 +20,7 @@ from smsbatch import ai, batching, delivery
 from smsbatch.config import FAULT_POINT
 from smsbatch.db import State, Store, held_reason
 from smsbatch.errors import CannotReconcile, DeliveryError, InvalidInput, LeaseLost, redact
-from smsbatch.inputs import check_phone
+from smsbatch.inputs import check_phone, iso_time
 from smsbatch.lease import Leases
 
 log = logging.getLogger("smsbatch.processor")
@@ -29,6 +29,7 @@ POLL_SECONDS = 1.0  # with --for, new work is picked up within about this long
 # error: an unexpected exception (a bug) while handling it; logged with its traceback, and the
 # batch is left to its lease (then retried, or failed after its attempts).
 OUTCOMES = ("sent", "skipped", "superseded", "retrying", "failed", "unknown", "taken_over", "error", "held")
+PROVIDER_NAMES = {"ai": "AI", "sms": "Twilio"}
 
 
 PHONE_DIGITS = re.compile(r"\+?\d[\d ().-]{6,}\d")
@@ -37,6 +38,14 @@ PHONE_DIGITS = re.compile(r"\+?\d[\d ().-]{6,}\d")
 def _digits(phone):
     """Compare numbers by their digits: '+1 555 123 4567' is '15551234567'."""
     return re.sub(r"\D", "", phone or "")
+
+
+def _span(seconds):
+    """'8m12s', '45s', '2h03m': how long an outage has lasted, for a log line."""
+    seconds = int(max(0, seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def same_number(phone, other):
@@ -185,9 +194,10 @@ class Processor:
         texts = store.batch_texts(batch["id"])
         history = store.history(batch["phone"], batch["our_number"], batch["id"], texts[0]["received_at"],
                                 s.history_messages)
-        system_prompt = self.prompts.for_number(batch["our_number"])
+        messages = ai.build_prompt(self.prompts.for_number(batch["our_number"]), history, texts)
+        store.record_prompt(batch, messages)  # `show --prompt`: exactly what the AI is sent
         try:
-            reply, usage = ai.ask(self.responder, ai.build_prompt(system_prompt, history, texts))
+            reply, usage = self._call(store, "ai", ai.ask, self.responder, messages)
         except DeliveryError as exc:
             self._record_usage(store, batch, getattr(exc, "usage", None))
             raise
@@ -211,10 +221,8 @@ class Processor:
             log.warning("batch %s: lease no longer held (taken over); not sending", batch["id"])
             return "taken_over"
         try:
-            if getattr(self.sender, "takes_fence", False):
-                sid = self.sender.send(batch["phone"], reply, batch["our_number"], fence=fence)
-            else:
-                sid = self.sender.send(batch["phone"], reply, batch["our_number"])
+            kwargs = {"fence": fence} if getattr(self.sender, "takes_fence", False) else {}
+            sid = self._call(store, "sms", self.sender.send, batch["phone"], reply, batch["our_number"], **kwargs)
         except LeaseLost as exc:
             log.warning("batch %s: %s", batch["id"], exc)
             return "taken_over"
@@ -234,8 +242,9 @@ class Processor:
         ask Twilio before resending. *unknown* only when Twilio cannot be asked."""
         out_of_attempts = batch["attempts"] > self.settings.max_attempts
         try:
-            sid = self.sender.find_sent(batch["phone"], batch["our_number"], batch["send_started_at"],
-                                        batch["response_text"], exclude=store.reply_sids(batch["phone"]))
+            sid = self._call(store, "sms", self.sender.find_sent, batch["phone"], batch["our_number"],
+                             batch["send_started_at"], batch["response_text"],
+                             exclude=store.reply_sids(batch["phone"]))
         except CannotReconcile as exc:
             return self._finish(store, batch, State.UNKNOWN, f"send outcome unknown: {exc}; check, then retry")
         except DeliveryError as exc:
@@ -255,6 +264,32 @@ class Processor:
         if out_of_attempts:  # Twilio says it never went out: nothing sent, so a plain failure
             return self._finish(store, batch, State.FAILED, f"not sent after {self.settings.max_attempts} attempts")
         return self._send(store, batch, batch["response_text"])
+
+    def _call(self, store, provider, call, *args, **kwargs):
+        """Call a provider ('ai' or 'sms') and note in the database whether it answered: the one
+        place outages are tracked. A refusal for one recipient (opted out) is an answer."""
+        try:
+            result = call(*args, **kwargs)
+        except DeliveryError as exc:
+            self._note_health(store, provider, None if exc.opted_out else PHONE_DIGITS.sub("[number]", str(exc)))
+            raise
+        self._note_health(store, provider, None)
+        return result
+
+    def _note_health(self, store, provider, error):
+        now = self.clock()
+        change = store.record_provider(provider, now, error, self.settings.alert_after_seconds)
+        if change is None:
+            return
+        what, row = change
+        name = PROVIDER_NAMES[provider]
+        # stderr, one line each way: cron mails it, so someone hears of the outage and of its end.
+        if what == "outage":
+            log.warning("OUTAGE: %s calls failing since %s (%s): %s", name, iso_time(row["failing_since"]),
+                        _span(now - row["failing_since"]), error)
+        else:
+            log.warning("RECOVERED: %s calls work again after failing for %s (since %s)", name,
+                        _span(now - row["failing_since"]), iso_time(row["failing_since"]))
 
     def _failed_attempt(self, store, batch, exc):
         if exc.transient and batch["attempts"] < self.settings.max_attempts:

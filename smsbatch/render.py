@@ -48,27 +48,11 @@ def state(text):
 
 
 def status(info):
-    """`smsbatch status` as tables."""
-    out = console()
-    counts = Table(box=box.SIMPLE, title="Batches by state", title_justify="left")
-    for name in info["counts"]:
-        counts.add_column(plain(name), justify="right")
-    counts.add_row(*[str(n) for n in info["counts"].values()])
-    out.print(counts)
-    out.print(
-        f"pending: {info['pending']}   oldest pending: {age(info['oldest_pending_age_seconds'])}"
-        f"   texts received in the last hour: {info['messages_last_hour']}"
-    )
-    latest = Table(box=box.SIMPLE, title="Latest batches", title_justify="left")
-    for column in ("batch", "phone", "texts", "state", "age", "tries", "error"):
-        latest.add_column(column)
-    for row in info["latest"]:
-        latest.add_row(
-            plain(row["id"]), plain(row["phone"]), str(row["message_count"]), state(row["state"]),
-            age(row["age_seconds"]), str(row["attempts"]), plain(row["last_error"]),
-        )
-    out.print(latest)
-    _leases_and_delivery(out, info)
+    """`smsbatch status`: see render_ops (sized to the terminal, counts first)."""
+    from smsbatch import render_ops
+
+    render_ops.status(info)
+    _leases_and_delivery(console(), info)
 
 
 def _leases_and_delivery(out, info):
@@ -160,7 +144,21 @@ def _simulated_settings(result, skip=None):
     parts = {"quiet": f"quiet {s['quiet']:g} s", "max-wait": f"max wait {s['max_wait']:g} s",
              "max-messages": f"max {s['max_messages']} texts", "tick": f"tick {s['tick']:g} s",
              "ai-latency": f"AI {s['ai_latency']:g} s", "concurrency": f"concurrency {s['concurrency']}"}
+    parts.update(_adaptive_settings(s, skip))
     return ", ".join(text for name, text in parts.items() if name != skip)
+
+
+def _adaptive_settings(s, skip):
+    """The adaptive quiet period's part of a simulation's settings line."""
+    if "adaptive" not in s:
+        return {}
+    lo, hi = s["adaptive_min"], s["adaptive_max"]
+    if skip == "adaptive":
+        return {"bounds": f"adaptive quiet {lo:g}-{hi:g} s when on"}
+    if not s["adaptive"]:
+        return {"adaptive": "fixed quiet period"}
+    text = {"adaptive-min": f"up to {hi:g} s", "adaptive-max": f"from {lo:g} s"}.get(skip, f"{lo:g}-{hi:g} s")
+    return {"adaptive": f"adaptive quiet {text}"}
 
 
 def _cell(value, seconds=False):

@@ -35,6 +35,8 @@ CREATE TABLE IF NOT EXISTS batches (
     superseded_by   TEXT REFERENCES batches(id),
     retried_at      REAL,                     -- last requeued by `smsbatch retry`
     created_at      REAL NOT NULL,
+    prompt          TEXT,                     -- JSON of the chat messages last sent to the AI (`show --prompt`)
+    quiet_seconds   REAL,                     -- the quiet period this batch was given (fixed or adaptive)
     holder          TEXT,                     -- host:pid of the processor holding it (latest claim)
     holder_node     TEXT,                     -- the holder's boot id/pid namespace: its pid can be checked there
     heartbeat_at    REAL,                     -- its holder last renewed the lease (lease.py)
@@ -46,6 +48,7 @@ CREATE INDEX IF NOT EXISTS batches_state_due ON batches(state, due_at);
 CREATE INDEX IF NOT EXISTS batches_state_last ON batches(state, last_at);  -- expiry sweep: O(expired), not O(backlog)
 CREATE INDEX IF NOT EXISTS batches_conversation ON batches(phone, our_number);  -- no state: claiming does not rewrite it
 CREATE INDEX IF NOT EXISTS batches_superseded_by ON batches(superseded_by) WHERE superseded_by IS NOT NULL;  -- prune
+CREATE INDEX IF NOT EXISTS batches_created ON batches(created_at);  -- `stats` over a window
 
 -- Every state change of every batch, oldest first: `smsbatch show` reads it, `retry`
 -- adds to it. from_state is NULL for the move that created the batch.
@@ -105,6 +108,7 @@ CREATE TABLE IF NOT EXISTS outbound (
 );
 CREATE INDEX IF NOT EXISTS outbound_conversation ON outbound(phone, our_number, sent_at);
 CREATE INDEX IF NOT EXISTS outbound_batch ON outbound(batch_id);
+CREATE INDEX IF NOT EXISTS outbound_sent ON outbound(sent_at);  -- `stats` over a window
 CREATE INDEX IF NOT EXISTS outbound_status ON outbound(status, sent_at);
 
 -- Numbers that texted STOP (and have not texted START since). scope: the number they
@@ -131,4 +135,15 @@ CREATE TABLE IF NOT EXISTS backfill (
     id              INTEGER PRIMARY KEY CHECK (id = 1),
     checked_until   REAL,
     claimed_at      REAL
+);
+
+-- Each provider's health ('ai', 'sms'), kept across `process` runs (each cron run is a new
+-- process): failing since when (NULL: healthy) and when the outage was announced on stderr.
+CREATE TABLE IF NOT EXISTS provider_health (
+    provider        TEXT PRIMARY KEY,
+    failing_since   REAL,
+    last_failure_at REAL,
+    last_error      TEXT,
+    alerted_at      REAL,
+    last_ok_at      REAL
 );

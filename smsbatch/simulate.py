@@ -60,6 +60,9 @@ HISTOGRAM_EDGES = (0, 5, 10, 15, 20, 30, 45, 60, 90, 120, 180)
 SWEEPABLE = {"quiet": ("quiet_seconds", float, 0), "max-wait": ("max_wait_seconds", float, 0),
              "max-messages": ("max_messages", int, 1), "tick": ("tick", float, 0.01),
              "ai-latency": ("ai_latency", float, 0), "concurrency": ("concurrency", int, 1)}
+# Adaptive quiet periods (batching.quiet_for): on/off and its bounds.
+SWEEPABLE.update({"adaptive": ("adaptive", int, 0), "adaptive-min": ("adaptive_min_seconds", float, 0),
+                  "adaptive-max": ("adaptive_max_seconds", float, 0)})
 
 # The same upper bounds as the `simulate` options of those names.
 SWEEP_MOST = {"tick": 3600, "ai-latency": 300, "concurrency": 64}
@@ -105,7 +108,7 @@ class Setup:
     def vary(self, name, value):
         """A copy with one sweepable setting (see SWEEPABLE) changed."""
         attr, kind, _ = SWEEPABLE[name]
-        value = kind(value)
+        value = bool(value) if attr == "adaptive" else kind(value)
         if hasattr(self, attr):
             return replace(self, **{attr: value})
         return replace(self, settings=self.settings.replace(**{attr: value}))
@@ -114,7 +117,8 @@ class Setup:
         """The settings a report shows, by their CLI names."""
         s = self.settings
         return {"quiet": s.quiet_seconds, "max_wait": s.max_wait_seconds, "max_messages": s.max_messages,
-                "tick": self.tick, "ai_latency": self.ai_latency, "concurrency": self.concurrency}
+                "tick": self.tick, "ai_latency": self.ai_latency, "concurrency": self.concurrency,
+                "adaptive": s.adaptive, "adaptive_min": s.adaptive_min_seconds, "adaptive_max": s.adaptive_max_seconds}
 
 
 @dataclass

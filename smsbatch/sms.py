@@ -11,6 +11,7 @@ import re
 import secrets
 import sys
 import threading
+import time
 
 from smsbatch import deadline
 from smsbatch.errors import CannotReconcile, DeliveryError, redact
@@ -38,8 +39,10 @@ class ConsoleSender:
         with self._lock:
             self.sent.append((sid, to, body))
         if not self.quiet:  # a reply may quote the customer: escape sequences are shown, not obeyed
+            from smsbatch.inputs import iso_time
+
             shown = re.sub(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]", "?", f"[console sms to {to}] {body}")
-            print(shown, file=self.stream)
+            print(f"{iso_time(time.time())} {shown}", file=self.stream)
         return sid
 
     def find_sent(self, to, from_, since, body, exclude=frozenset()):

@@ -20,6 +20,10 @@ The generator's burst model (`simulate --generate`), per phone, independently:
   - the first burst starts at a uniform moment within the first `pause_mean` seconds;
   - a burst holds K texts, K geometric with mean `burst_mean` (P(K=k) = p(1-p)^(k-1), p = 1/mean);
   - gaps between texts of a burst are 1 s plus an exponential, so they average `gap_mean`;
+    with `pace_spread` S > 1 each person has their own pace: their mean gap is `gap_mean`
+    times S to a power drawn uniformly from [-1, 1] (log-uniform between gap_mean/S and
+    gap_mean*S, at least 1 s), drawn from a second random stream so that without it the
+    trace is what it always was;
   - the pause from a burst's last text to the next burst's first is exponential, mean `pause_mean`;
   - texts stop at `minutes`. Same arguments and seed, same trace.
 """
@@ -133,35 +137,49 @@ class Anonymizer:
         return "x" * len(text)
 
 
-def generate(phones, minutes, seed, burst_mean=2.5, gap_mean=4.0, pause_mean=600.0, start=0.0):
+def generate(phones, minutes, seed, burst_mean=2.5, gap_mean=4.0, pause_mean=600.0, start=0.0, pace_spread=1.0):
     """Synthetic trace lines from the burst model in this module's docstring, in time order.
 
     Raises:
-        InvalidInput: burst_mean below 1 or gap_mean below 1 s.
+        InvalidInput: burst_mean below 1, gap_mean below 1 s or pace_spread below 1.
     """
-    if burst_mean < 1 or gap_mean < MIN_GAP or pause_mean <= 0:
-        raise InvalidInput("need --burst-mean >= 1, --gap-mean >= 1 and --pause-mean > 0")
-    rng = random.Random(seed)
+    for line, _ in generate_labelled(phones, minutes, seed, burst_mean, gap_mean, pause_mean, start, pace_spread):
+        yield line
+
+
+def generate_labelled(phones, minutes, seed, burst_mean=2.5, gap_mean=4.0, pause_mean=600.0, start=0.0,
+                      pace_spread=1.0):
+    """generate's lines, each with the burst the model made it in, (phone, n): the true
+    bursts, for measuring a design against what people meant (bench/bench_adaptive_quality.py).
+
+    Raises:
+        InvalidInput: as generate.
+    """
+    if burst_mean < 1 or gap_mean < MIN_GAP or pause_mean <= 0 or not pace_spread >= 1:
+        raise InvalidInput("need --burst-mean >= 1, --gap-mean >= 1, --pause-mean > 0 and --pace-spread >= 1")
+    rng, paces = random.Random(seed), random.Random(f"pace:{seed}")
     end = minutes * 60.0
     texts = []
     for index in range(phones):
         phone = f"+1555{2000000 + index:07d}"
-        texts += [(at, index, phone) for at in _phone_times(rng, end, burst_mean, gap_mean, pause_mean)]
+        mean = gap_mean if pace_spread == 1 else max(MIN_GAP, gap_mean * pace_spread ** paces.uniform(-1, 1))
+        texts += [(at, index, phone, n) for at, n in _phone_times(rng, end, burst_mean, mean, pause_mean)]
     texts.sort()
-    for number, (at, _, phone) in enumerate(texts):
+    for number, (at, _, phone, burst) in enumerate(texts):
         body = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 8)))
-        yield trace_line(phone, OUR_NUMBER, body, f"SMgen{seed}x{number:09d}", round(start + at, 3))
+        yield trace_line(phone, OUR_NUMBER, body, f"SMgen{seed}x{number:09d}", round(start + at, 3)), (phone, burst)
 
 
 def _phone_times(rng, end, burst_mean, gap_mean, pause_mean):
-    """One phone's text times (seconds from the start) under the burst model."""
-    times, at = [], rng.uniform(0, pause_mean)
+    """One phone's texts under the burst model: (seconds from the start, burst number)."""
+    times, at, burst = [], rng.uniform(0, pause_mean), 0
     while at < end:
-        times.append(at)
+        times.append((at, burst))
         while rng.random() > 1 / burst_mean:  # geometric burst size
             at += MIN_GAP + (rng.expovariate(1 / (gap_mean - MIN_GAP)) if gap_mean > MIN_GAP else 0.0)
             if at >= end:
                 return times
-            times.append(at)
+            times.append((at, burst))
         at += rng.expovariate(1 / pause_mean)
+        burst += 1
     return times

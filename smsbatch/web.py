@@ -230,6 +230,7 @@ class Webhook:
                     self._health_store = Store.open_ready(self.settings.db_path, WEB_BUSY_TIMEOUT)
                 try:
                     info = self._health_store.health(self.clock())
+                    info["outages"] = self._health_store.outages()  # announced, still going on
                 except Exception:
                     self._health_store.close()
                     self._health_store = None

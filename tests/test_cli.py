@@ -159,7 +159,7 @@ def test_retry_failed_batch_and_refusals(db_path):
 def test_status_human_output(db_path):
     add(Store(db_path), A, "hi", T0)
     result = invoke(["status", "--now", str(T0 + 30)], db_env(db_path))
-    assert result.exit_code == 0 and "Latest batches" in result.output and A in result.output
+    assert result.exit_code == 0 and "pending 1: open 1" in result.output and A in result.output
 
 
 def test_bad_setting_is_one_line(db_path):

@@ -55,7 +55,7 @@ def test_text_arriving_while_the_ai_answers_supersedes_and_one_reply_covers_both
 
 def test_a_person_who_never_stops_typing_is_answered_at_the_maximum_wait():
     texts = records(*[(i * 5, A, f"text {i}") for i in range(25)])  # every 5 s for 2 minutes
-    outcome = replay(texts, Setup(settings=Settings(max_messages=100)))
+    outcome = replay(texts, Setup(settings=Settings(max_messages=100, adaptive=False)))
     first_at, first = reply_sets(outcome)[0]
     assert first_at == 45 and first == {f"SM{i}" for i in range(10)}  # the text at 45 s made it in
     assert [at for at, _ in reply_sets(outcome)] == [45, 95, 130]  # max wait, max wait, quiet after 120
@@ -134,7 +134,7 @@ def test_simulate_matches_a_real_ingest_and_process_run(tmp_path, db_path):
 
 def test_sweep_gives_one_row_per_value_and_compare_adds_the_seed():
     texts = records(*[(i * 7, A, f"t{i}") for i in range(5)], (100, B, "hi"))
-    report = simulate(texts, Setup(), compare=True, sweep=parse_sweep("quiet=4,8"))
+    report = simulate(texts, Setup(settings=Settings(adaptive=False)), compare=True, sweep=parse_sweep("quiet=4,8"))
     assert [r["label"] for r in report["results"]] == ["quiet=4", "quiet=8", "seed design"]
     assert [r["settings"].get("quiet") for r in report["results"]] == [4, 8, None]
     assert [r["replies"] for r in report["results"][:2]] == [6, 2]  # 7 s gaps: split by 4 s, kept by 8 s
@@ -284,3 +284,43 @@ def test_anonymizer_pseudonyms_are_unique_even_when_the_hash_collides():
 def test_export_key_needs_anonymize(db_path):
     result = invoke(["export", "--key", "k"], {"SMSBATCH_DB": db_path})
     assert result.exit_code == 2 and "--key only" in result.output
+
+
+def test_generate_pace_spread_gives_each_person_their_own_pace():
+    alike = read_trace(list(generate(20, 120, 4)))[0]
+    paced = read_trace(list(generate(20, 120, 4, pace_spread=3.0)))[0]
+    assert list(generate(20, 120, 4, pace_spread=1.0)) == list(generate(20, 120, 4))  # 1: as before
+
+    def mean_gaps(recs):
+        by_phone = {}
+        for r in recs:
+            by_phone.setdefault(r["phone"], []).append(r["at"])
+        gaps = {p: [g for g in batching.gaps_between(t) if g < 60] for p, t in by_phone.items()}
+        return sorted(sum(g) / len(g) for g in gaps.values() if len(g) >= 5)
+
+    assert mean_gaps(alike)[-1] / mean_gaps(alike)[0] < 2.5
+    assert mean_gaps(paced)[-1] / mean_gaps(paced)[0] > 4  # some type 1-2 s apart, others 10 s or more
+    with pytest.raises(InvalidInput, match="pace-spread"):
+        list(generate(2, 10, 1, pace_spread=0.5))
+    result = invoke(["simulate", "--generate", "--phones", "5", "--minutes", "20", "--seed", "3", "--pace-spread", "3"])
+    assert result.stdout.splitlines() == list(generate(5, 20, 3, start=parse_time("2026-01-05T09:00:00Z"),
+                                                       pace_spread=3.0))
+
+
+def test_sweep_adaptive_and_its_bounds_run_the_production_rule(tmp_path):
+    # a slow typer: 13 s gaps, bursts two minutes apart
+    path = write(tmp_path, trace(*[(b * 120 + i * 13, A, f"t{b}{i}") for b in range(4) for i in range(4)]))
+    report = json.loads(invoke(["simulate", path, "--json", "--sweep", "adaptive=0,1"]).stdout)
+    fixed, adaptive = report["results"]
+    assert [r["label"] for r in report["results"]] == ["adaptive=0", "adaptive=1"]
+    assert (fixed["settings"]["adaptive"], adaptive["settings"]["adaptive"]) == (False, True)
+    assert fixed["replies"] == 16 and adaptive["replies"] < 8  # fixed 10 s answers every text alone
+    bounds = json.loads(invoke(["simulate", path, "--json", "--sweep", "adaptive-max=10,20"]).stdout)
+    assert [r["replies"] for r in bounds["results"]] == [16, adaptive["replies"]]
+    off = json.loads(invoke(["simulate", path, "--json", "--adaptive", "0"]).stdout)["results"][0]
+    env_off = json.loads(invoke(["simulate", path, "--json"], {"SMSBATCH_ADAPTIVE": "0"}).stdout)["results"][0]
+    assert off["replies"] == env_off["replies"] == 16
+    human = invoke(["simulate", path, "--sweep", "adaptive=0,1", "--burst-gap", "30"])
+    assert human.exit_code == 0 and "adaptive quiet 4-20 s when on" in human.output
+    assert "adaptive quiet 4-20 s" in invoke(["simulate", path]).output
+    assert invoke(["simulate", path, "--adaptive", "2"]).exit_code == 2

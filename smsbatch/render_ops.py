@@ -1,0 +1,296 @@
+"""Human output for the operator views (status, status --watch, stats, show). Rich stays in the
+render modules; customer and provider text is always rich.text.Text, never markup."""
+
+import time
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.padding import Padding
+from rich.table import Table
+from rich.text import Text
+
+from smsbatch.inputs import iso_time
+from smsbatch.render import STATE_STYLE, age, plain
+
+PENDING = ("open", "queued", "processing", "sending")
+# status's batch lines: (header, width, right-aligned); the error takes what is left.
+COLUMNS = (("batch", 10, False), ("phone", 16, False), ("texts", 5, True), ("state", 10, False),
+           ("age", 5, True), ("tries", 5, True))
+
+
+def console():
+    return Console(highlight=False)
+
+
+def _fit(text, width):
+    """One line, never wrapped: cut with … at the width."""
+    line = text if isinstance(text, Text) else plain(text)
+    line.no_wrap, line.overflow = True, "ellipsis"
+    line.truncate(width, overflow="ellipsis")
+    return line
+
+
+def _padded(value, width, right=False, style=""):
+    """A fixed-width cell: cut with … or padded with spaces."""
+    cell = plain(value, style)
+    cell.truncate(width, overflow="ellipsis")
+    pad = Text(" " * (width - cell.cell_len))
+    return pad + cell if right else cell + pad
+
+
+def _counts_lines(label, counts, states, width):
+    """'label name n · name n ...', carried over to a further line (indented) rather than cut."""
+    lines, line = [], Text(label, style="bold")
+    for i, name in enumerate(states):
+        n = counts.get(name, 0)
+        item = Text(f"{name} ") + Text(str(n), style=STATE_STYLE.get(name, "") if n else "dim")
+        sep = " · " if i else ""
+        if i and line.cell_len + len(sep) + item.cell_len > width:
+            lines.append(line)
+            line, sep = Text("  "), ""
+        line += Text(sep) + item
+    return lines + [line]
+
+
+def _agent(info):
+    agent = info["agent"]
+    if not agent["enabled"]:
+        return Text("agent PAUSED (ENABLE_AI_SMS_AGENT off)", style="bold yellow")
+    if agent["test_number"]:
+        return Text("agent on, test-number mode: only ", style="yellow") + plain(agent["test_number"], "yellow")
+    return Text("agent on", style="green")
+
+
+def _header(info, width):
+    counts, now = info["counts"], info["now"]
+    finished = [s for s in counts if s not in PENDING]
+    retry = info["next_retry"]
+    nxt = "none" if retry is None else f"in {age(retry['due_at'] - now)} ({retry['batch_id']})"
+    lines = [Text(f"smsbatch {iso_time(now)}  ") + _agent(info),
+             *_counts_lines(f"pending {info['pending']}: ", counts, PENDING, width),
+             *_counts_lines("", counts, finished, width),
+             Text(f"oldest pending {age(info['oldest_pending_age_seconds'])} · texts last hour "
+                  f"{info['messages_last_hour']} · next retry {nxt}")]
+    for p in info["providers"]:
+        if p["failing_since"] is None:
+            continue
+        kind = "OUTAGE" if p["alerted_at"] is not None else "failing"
+        line = Text(f"{kind}: {p['name']} calls failing for {age(now - p['failing_since'])}"
+                    f" (last {age(now - p['last_failure_at'])} ago): ",
+                    style="bold red" if kind == "OUTAGE" else "yellow")
+        lines.append(line + plain(p["last_error"]))
+    return [_fit(line, width) for line in lines]
+
+
+def _batch_line(row, width):
+    cells = (row["id"], row["phone"], row["message_count"], row["state"], age(row["age_seconds"]),
+             row["attempts"])
+    line = Text()
+    for (name, size, right), value in zip(COLUMNS, cells):
+        line += _padded(value, size, right, STATE_STYLE.get(value, "") if name == "state" else "") + " "
+    line += plain(" ".join((row["last_error"] or "").split()), "red")
+    return _fit(line, width)
+
+
+def status_view(info, width=80, height=None):
+    """`status` as lines that fit `width` (and `height`, if given): counts first."""
+    lines = _header(info, width) + [Text("")]
+    head = Text(" ".join(_padded(n, w, r).plain for n, w, r in COLUMNS) + " error", style="bold")
+    lines.append(_fit(head, width))
+    rows = info["latest"]
+    if height is not None:
+        rows = rows[:max(0, height - len(lines) - 1)]
+    lines += [_batch_line(row, width) for row in rows]
+    return Group(*lines)
+
+
+def status(info):
+    """`smsbatch status`, sized to the terminal."""
+    out = console()
+    out.print(status_view(info, out.width))
+
+
+def watch(fetch, interval):
+    """`smsbatch status --watch`: redraw the status every `interval` seconds until Ctrl-C."""
+    out = console()
+    with Live(console=out, screen=True, auto_refresh=False, redirect_stderr=False) as live:
+        try:
+            while True:
+                live.update(status_view(fetch(), out.width, out.height), refresh=True)
+                time.sleep(interval)
+        except KeyboardInterrupt:
+            pass
+
+
+def _n(value, unit=""):
+    return "-" if value is None else f"{value:,g}{unit}"
+
+
+def _seconds(value):
+    return "-" if value is None else age(value) if value >= 120 else f"{value:g}s"
+
+
+STATS_COLUMNS = (("day", "day", 10), ("texts", "texts", 6), ("batches", "batches", 7), ("AI calls", "ai_requests", 8),
+                 ("replies", "replies", 7), ("delivered", "delivered", 9), ("p50", "latency_p50", 5),
+                 ("p95", "latency_p95", 5))
+
+
+def stats(info):
+    """`smsbatch stats`: totals, a table per day, and a bar chart of texts and AI calls per day."""
+    out = console()
+    t = info["totals"]
+    out.print(Text(f"stats {iso_time(info['since'])} to {iso_time(info['until'])}", style="bold"))
+    estimate = "" if info["ai_requests_exact"] else " (est.: replies written)"
+    saved = f"{t['ai_calls_saved']:,} of {t['answerable']:,}" if t["answerable"] else "0"
+    lines = [
+        f"texts received {t['texts']:,}   batches {t['batches']:,}   AI requests {t['ai_requests']:,}{estimate}",
+        f"tokens {_n(t['prompt_tokens'])} prompt + {_n(t['completion_tokens'])} completion",
+        f"replies sent {t['replies']:,}, delivered {_n(t['delivered'])}",
+        f"AI calls saved against one call per text: {saved}",
+        f"latency, last text to reply: p50 {_seconds(t['latency_p50'])}, p95 {_seconds(t['latency_p95'])}",
+    ]
+    for line in lines:
+        out.print(Text(line))
+    out.print(Text(""))
+    out.print(Text("  ".join(f"{h:>{w}}" if i else f"{h:<{w}}" for i, (h, _, w) in enumerate(STATS_COLUMNS)),
+                   style="bold"))
+    for day in info["days"]:
+        cells = [day["day"]] + [_seconds(day[k]) if k.startswith("latency") else _n(day[k])
+                                for _, k, _ in STATS_COLUMNS[1:]]
+        out.print(Text("  ".join(f"{c:>{w}}" if i else f"{c:<{w}}"
+                                 for i, (c, (_, _, w)) in enumerate(zip(cells, STATS_COLUMNS)))))
+    out.print(Text(""))
+    out.print(_chart(info["days"], out.width))
+
+
+def _chart(days, width):
+    """Two bars a day, texts and AI calls, on one scale."""
+    top = max([d["texts"] for d in days] + [d["ai_requests"] for d in days] + [1])
+    room = max(10, width - 24)
+    lines = [Text("texts and AI calls per day", style="bold")]
+    for day in days:
+        for label, key, style in (("texts", "texts", "cyan"), ("AI", "ai_requests", "magenta")):
+            n = day[key]
+            bar = "█" * (max(1, round(n * room / top)) if n else 0)
+            head = day["day"][5:] if label == "texts" else ""
+            lines.append(Text(f"{head:<5} {label:<5} ") + Text(bar, style=style) + Text(f" {n:,}"))
+    return Group(*lines)
+
+
+def _t(epoch):
+    return "-" if epoch is None else iso_time(epoch)
+
+
+def _line(*parts):
+    """A Text from (text, style) pairs and plain strings: data never parsed as markup."""
+    line = Text()
+    for part in parts:
+        line += plain(*part) if isinstance(part, tuple) else plain(part)
+    return line
+
+
+def _grid(rows, indent=2):
+    """Rows of cells; the last cell wraps under itself (a hanging indent), the others never wrap."""
+    grid = Table.grid(padding=(0, 1))
+    for _ in range(len(rows[0]) - 1 if rows else 0):
+        grid.add_column(no_wrap=True)
+    grid.add_column(overflow="fold")
+    for row in rows:
+        grid.add_row(*[cell if isinstance(cell, Text) else _line(cell) for cell in row])
+    return Padding(grid, (0, 0, 0, indent), expand=False)
+
+
+def show_batch(life):
+    """`smsbatch show BATCH_ID`: texts, every state change, attempts, the reply and its delivery."""
+    out, b = console(), life["batch"]
+    out.print(_line(("batch ", "bold"), (b["id"], "bold"), "  ", (b["state"], STATE_STYLE.get(b["state"], "")),
+                    f"  from {b['phone']} to {b['our_number']}"))
+    out.print(Text(f"attempts {b['attempts']}   AI requests {_n(b['ai_requests'])}   tokens "
+                   f"{_n(b['prompt_tokens'])} prompt + {_n(b['completion_tokens'])} completion"))
+    if life["folded"]:
+        out.print(Text(f"took the texts of: {', '.join(life['folded'])}"))
+    if b.get("superseded_by"):
+        out.print(Text(f"folded into batch {b['superseded_by']} (smsbatch show {b['superseded_by']})"))
+    out.print(Text(f"texts ({len(life['texts'])})", style="bold"))
+    out.print(_grid([(_t(t["received_at"]), _line("" if t["kind"] == "text" else f"[{t['kind']}] ", t["body"],
+                                                   _media(t["media"]))) for t in life["texts"]]))
+    out.print(Text("history", style="bold"))
+    out.print(_grid([(_t(e["at"]), Text(e["to_state"], style=STATE_STYLE.get(e["to_state"], "")),
+                      plain(e["reason"])) for e in life["events"]]))
+    failed = [(n, a) for n, a in enumerate(life["attempts"], 1) if a["state"] not in ("sent", "superseded")]
+    if failed:
+        out.print(Text("attempts that did not end in a reply", style="bold"))
+        out.print(_grid([(f"{n}.", _t(a["at"]), a["state"], plain(a["outcome"] or "-", "red"))
+                         for n, a in failed]))
+    _show_reply(out, b, life["outbound"])
+    if "prompt" in life:
+        _show_prompt(out, life["prompt"])
+
+
+def _media(media):
+    import json
+
+    urls = json.loads(media) if media else []
+    return f"  [+{len(urls)} attachment{'s' if len(urls) != 1 else ''}]" if urls else ""
+
+
+def _show_reply(out, batch, outbound):
+    out.print(Text("reply", style="bold"))
+    if not outbound:
+        written = batch["response_text"]
+        out.print(plain("  " + (f"written, not sent: {written}" if written else "none")))
+        return
+    for sms in outbound:
+        out.print(Padding(plain(sms["body"]), (0, 0, 0, 2), expand=False))
+        status = sms["status"] or "not reported yet"
+        error = f"  error {sms['error_code']}" if sms["error_code"] else ""
+        out.print(Padding(plain(f"SID {sms['sid']}  sent {_t(sms['sent_at'])}  delivery {status}"
+                               f"{'' if sms['status_at'] is None else ' at ' + _t(sms['status_at'])}{error}",
+                               style="dim"), (0, 0, 0, 2), expand=False))
+
+
+def _show_prompt(out, prompt):
+    out.print(Text("prompt sent to the AI", style="bold"))
+    if prompt is None:
+        out.print(Text("  none recorded (never sent to the AI, or answered before prompts were kept)"))
+        return
+    for message in prompt:
+        out.print(Text(f"  [{message['role']}]", style="cyan"))
+        out.print(Padding(plain(message["content"]), (0, 0, 0, 4), expand=False))
+
+
+def show_phone(convo):
+    """`smsbatch show PHONE`: the conversation as a chat, newest last."""
+    out = console()
+    head = _line(("conversation with ", "bold"), (convo["phone"], "bold"))
+    if convo["hold"]:
+        head += Text(f"   ON HOLD since {_t(convo['hold']['since'])}", style="bold yellow")
+    for o in convo["opt_outs"]:
+        scope = "every number" if o["scope"] == "*" else o["scope"]
+        head += Text(f"   OPTED OUT of {scope}", style="bold red")
+    out.print(head)
+    if not convo["items"]:
+        out.print(Text("  nothing yet"))
+    # With several business numbers, say which one each text went to and each reply came from.
+    several = len({i["our_number"] for i in convo["items"] if i["kind"] in ("in", "out")}) > 1
+    out.print(_grid([_chat_line(item, several) for item in convo["items"]], indent=0))
+
+
+def _chat_line(item, several=False):
+    """(time, marker, what was said): '>' a text in, '<' an SMS out, '!' a hold, opt-out or note."""
+    at, kind = _t(item["at"]), item["kind"]
+    if kind == "in":
+        keyword = "" if item["detail"] == "text" else f" [{item['detail']}]"
+        to = f" (to {item['our_number']})" if several else ""
+        return at, Text(">", style="bold cyan"), _line(item["body"], _media(item["media"]), (keyword + to, "dim"))
+    if kind == "out":
+        who = "AI" if item["detail"] == "ai" else "by hand"
+        sender = f", from {item['our_number']}" if several else ""
+        return at, Text("  <", style="bold green"), _line(
+            item["body"], (f"  ({who}, {item['status'] or 'sent'}{sender})", "dim"))
+    if kind == "opt_out":
+        scope = "every number" if item["our_number"] == "*" else item["our_number"]
+        return at, Text("  !", style="bold red"), plain(f"opted out of {scope} ({item['body']})")
+    if kind == "hold":
+        return at, Text("  !", style="bold yellow"), _line("put on hold", f": {item['body']}" if item["body"] else "")
+    return at, Text("  !", style="yellow"), _line(f"batch {item['batch_id']} {item['detail']}: ", item["body"] or "")
