@@ -280,8 +280,11 @@ def summary_line(report):
     extra += [("expired", report.expired)] if report.expired else []
     extra += [("undelivered", report.undelivered)] if report.undelivered else []
     extra += [("backfilled", report.backfilled)] if report.backfilled else []
+    # What the AI billed, when it billed anything beyond one request per answer (the offline
+    # responder bills nothing): tokens, or the openai client's own retries.
+    billed = report.prompt_tokens or report.completion_tokens or report.ai_requests > report.ai_calls
     cost = [f"AI requests {report.ai_requests}",
-            f"tokens {report.prompt_tokens} prompt + {report.completion_tokens} completion"] if report.ai_requests else []
+            f"tokens {report.prompt_tokens} prompt + {report.completion_tokens} completion"] if billed else []
     return ", ".join(parts + [f"{name} {n}" for name, n in extra] + cost)
 
 

@@ -52,32 +52,6 @@ def status(info):
     from smsbatch import render_ops
 
     render_ops.status(info)
-    _leases_and_delivery(console(), info)
-
-
-def _leases_and_delivery(out, info):
-    """Who holds each batch in flight, what the AI cost, and how the replies fared."""
-    from rich.text import Text
-
-    if info.get("in_flight"):
-        held = Table(box=box.SIMPLE, title="In flight", title_justify="left")
-        for column in ("batch", "state", "held by (host:pid)", "renewed", "lease left"):
-            held.add_column(column)
-        for row in info["in_flight"]:
-            renewed = "-" if row["renewed_seconds_ago"] is None else f"{row['renewed_seconds_ago']:g}s ago"
-            held.add_row(row["id"], state(row["state"]), Text(row["holder"] or "?"), renewed,
-                         f"{row['lease_left_seconds']:g}s")
-        out.print(held)
-    cost = info.get("ai", {})
-    out.print(f"AI requests: {cost.get('requests', 0)}   tokens: {cost.get('prompt_tokens', 0)} prompt,"
-              f" {cost.get('completion_tokens', 0)} completion")
-    counts = info.get("delivery") or {}
-    out.print("replies by delivery status: " + (", ".join(f"{k} {v}" for k, v in counts.items()) or "none yet"))
-    for row in info.get("delivery_problems", ()):
-        line = Text(f"  batch {row['batch_id'] or '(manual)'} to ")
-        line.append(row["phone"])  # customer data as plain text, never markup
-        line.append(f": {row['error']}")
-        out.print(line)
 
 
 def demo(result):

@@ -79,7 +79,27 @@ def _header(info, width):
                     f" (last {age(now - p['last_failure_at'])} ago): ",
                     style="bold red" if kind == "OUTAGE" else "yellow")
         lines.append(line + plain(p["last_error"]))
+    lines += _leases_and_delivery(info)
     return [_fit(line, width) for line in lines]
+
+
+def _leases_and_delivery(info, problems=3):
+    """What the AI cost and how replies fared (when there is anything to say), who holds
+    each batch in flight and when it last renewed, and the latest failed deliveries."""
+    cost, counts = info.get("ai") or {}, info.get("delivery") or {}
+    lines = []
+    if cost.get("requests") or counts:
+        delivery = ", ".join(f"{k} {v}" for k, v in counts.items()) or "none yet"
+        lines.append(Text(f"AI requests {cost.get('requests', 0):,} · tokens {cost.get('prompt_tokens', 0):,} prompt"
+                          f" + {cost.get('completion_tokens', 0):,} completion · replies: {delivery}"))
+    for row in info.get("in_flight", ()):
+        renewed = "never" if row["renewed_seconds_ago"] is None else f"{row['renewed_seconds_ago']:g}s ago"
+        lines.append(Text(f"in flight {row['id']} {row['state']}: held by ") + plain(row["holder"] or "?")
+                     + Text(f", renewed {renewed}, lease {row['lease_left_seconds']:g}s left"))
+    for row in info.get("delivery_problems", ())[:problems]:
+        lines.append(Text(f"{row['status']}: batch {row['batch_id'] or '(manual)'} to ", style="yellow")
+                     + plain(row["phone"]) + Text(f": {row['error'].split(': ', 1)[-1]}", style="yellow"))
+    return lines
 
 
 def _batch_line(row, width):

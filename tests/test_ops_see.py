@@ -361,8 +361,11 @@ def test_stats_counts_deliveries_and_reads_recorded_ai_usage_when_present(two_da
     read when the database has them: then the AI requests are exact, retries included."""
     conn = two_days.conn
     conn.execute("UPDATE outbound SET status = 'delivered' WHERE phone = ?", (A,))
+    have = {r[1] for r in conn.execute("PRAGMA table_info(batches)")}
     for column in ("ai_requests", "prompt_tokens", "completion_tokens"):
-        conn.execute(f"ALTER TABLE batches ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
+        if column not in have:  # schema step 6 (issue 9) adds them
+            conn.execute(f"ALTER TABLE batches ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
+    conn.execute("UPDATE batches SET ai_requests = 0, prompt_tokens = 0, completion_tokens = 0")  # B: none
     conn.execute("UPDATE batches SET ai_requests = 3, prompt_tokens = 100, completion_tokens = 20 WHERE phone = ?",
                  (A,))
     info = json.loads(invoke(["stats", "--now", str(DAY2 + 3600), "--json"], env_for(db_path)).output)

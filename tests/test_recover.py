@@ -198,9 +198,13 @@ def test_every_ai_request_and_token_is_counted(db_path, store, openai_standin, t
     reply = twilio_standin.sent[0]["body"]
     assert row["ai_requests"] == 3 and row["completion_tokens"] == len(reply.split())
     assert row["prompt_tokens"] == report["prompt_tokens"] > 0
+    line = invoke(["process", "--now", str(T0 + 10)], env=env).output  # nothing left: nothing billed
+    assert "AI requests" not in line
+    add(store, B, "and on sundays?", T0 + 20)
+    line = invoke(["process", "--now", str(T0 + 30)], env=env).output
+    assert "AI requests 1, tokens " in line and " prompt + 6 completion" in line  # "AI reply to: and on sundays?"
     status = json.loads(invoke(["status", "--json"], env=env).output)
-    assert status["ai"] == {"requests": 3, "prompt_tokens": row["prompt_tokens"],
-                            "completion_tokens": row["completion_tokens"]}
+    assert status["ai"]["requests"] == 4 and status["ai"]["completion_tokens"] == row["completion_tokens"] + 6
 
 
 # -- reconcile -------------------------------------------------------------------------
