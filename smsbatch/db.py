@@ -257,6 +257,10 @@ class Store:
             self._move(conn, row["id"], State.QUEUED, at, f"full: {count} texts")
         return row["id"]
 
+    def quiet_now(self, phone, now, rules):
+        """The quiet period this person's next text would get now (fixed, or fitted to their pace)."""
+        return self._quiet(self.conn, phone, now, rules)
+
     @staticmethod
     def _quiet(conn, phone, at, rules):
         """The quiet period after the phone's text at `at`: fixed, or (adaptive) fitted to the
