@@ -508,6 +508,9 @@ def demo(as_json, keep):
         import os
 
         os.makedirs(keep, exist_ok=True)
+        if os.path.exists(os.path.join(keep, "demo.db")):
+            raise click.BadParameter(f"{keep} already holds a demo database (demo.db): choose an empty folder",
+                                     param_hint="--keep")
         result = run_demo(keep)
     else:
         with tempfile.TemporaryDirectory(prefix="smsbatch-demo-") as folder:
@@ -554,6 +557,9 @@ def export(ctx, jsonl, since, anonymize, key, output):
     """Write stored inbound texts as a trace for `simulate` or `ingest --jsonl`."""
     from smsbatch.tracegen import Anonymizer, export_lines
 
+    if key is not None and not key.strip():
+        raise click.BadParameter("is empty: anyone could recompute the pseudonyms; leave it out for a "
+                                 "random key", param_hint="--key")
     if key and not anonymize:
         raise click.UsageError("--key only makes sense with --anonymize")
     settings = settings_from(ctx)
