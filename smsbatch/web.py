@@ -11,6 +11,7 @@ docstrings of server.PooledWSGIServer, writer.Writer and writer.Checkpointer.
 
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -31,6 +32,8 @@ TWIML_EMPTY = b'<?xml version="1.0" encoding="UTF-8"?><Response/>'
 MAX_MEDIA = 10  # Twilio sends at most 10 media per message
 CARRIER_KINDS = {"STOP": "opt_out", "START": "opt_in"}  # OptOutType; HELP is an ordinary text
 SINGLE_FIELDS = ("MessageSid", "From", "To", "Body", "NumMedia")
+HEALTH_BUSY_TIMEOUT = 0.5  # a WAL reader waits only in rare recovery moments: never long
+MIN_FREE_BYTES = 1024 * 1024  # less free disk than this: a COMMIT may fail (SQLITE_FULL)
 
 
 class Reject(Exception):
@@ -91,8 +94,11 @@ class Webhook:
     """The WSGI application. Texts are written through one Writer (one shared
     connection, many texts per transaction): measured faster and steadier (p99) than
     a connection per request, or a transaction per text. /health reads through a
-    connection of its own. A text is answered 200 only once committed.
+    connection of its own. A text is answered 200 only once committed. Answers that
+    store nothing (/health, 404, 405, 415, 403, 400) never take the write lock.
     """
+
+    max_body = MAX_BODY  # the server refuses larger bodies before they arrive
 
     def __init__(self, settings, clock=time.time, insecure=False):
         self.settings = settings
@@ -126,7 +132,7 @@ class Webhook:
             status, headers, body = "500 Internal Server Error", [("Content-Type", "text/plain")], b"error\n"
         headers.append(("Content-Length", str(len(body))))
         start_response(status, headers)
-        return [body]
+        return [b""] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
 
     def route(self, environ):
         """(status, headers, body) for this request. Raises: Reject."""
@@ -157,13 +163,17 @@ class Webhook:
         to, body, rules, clock = params.one("To").strip(), params.one("Body"), self.rules, self.clock
         # Twilio's Advanced Opt-Out names the keywords configured in the console.
         carrier = CARRIER_KINDS.get(params.one("OptOutType").strip().upper())
+        # The wait for the lock counts from when the request was whole (the server says when).
+        deadline = environ.get("smsbatch.received", time.monotonic()) + self.writer.busy_timeout
         try:
             added = self.writer.submit(
-                lambda store: store.add_message(sid, phone, to, body, clock(), rules, media, carrier)
+                lambda store: store.add_message(sid, phone, to, body, clock(), rules, media, carrier), deadline
             )
         except (sqlite3.Error, SmsbatchError) as exc:
-            # Twilio retries or uses its fallback URL on 5xx; never acknowledge a lost text.
-            log.error("webhook: could not store MessageSid %s: %s", sid, exc)
+            # Never acknowledge a lost text. A failed burst is run again (see Writer.burst):
+            # only the last word is worth a line.
+            if not self.writer.in_burst():
+                log.error("webhook: could not store MessageSid %s: %s", sid, exc)
             raise Reject("503 Service Unavailable", "could not store the message; try again") from None
         log.debug("stored %s in batch %s%s", sid, added.batch_id, " (repeat)" if added.duplicate else "")
         return "200 OK", [("Content-Type", "text/xml")], TWIML_EMPTY
@@ -186,22 +196,44 @@ class Webhook:
         return request_uri(environ, include_query=True)
 
     def health(self):
-        """Read through a connection of its own: a reader is never kept waiting by writers."""
+        """200 if texts can be read and stored now, else 503 saying why. Reads through a
+        connection of its own and never takes the write lock: whether a text can be
+        stored comes from the writer's last attempts and the file system."""
         try:
-            with self._health_lock:
-                if self._health_store is None:
-                    self._health_store = Store.open_ready(self.settings.db_path, WEB_BUSY_TIMEOUT)
-                try:
-                    info = self._health_store.health(self.clock())
-                except Exception:
-                    self._health_store.close()
-                    self._health_store = None
-                    raise
-            status, info = "200 OK", {"ok": True, "database": "ok", **info}
+            info = {"ok": True, "database": "ok", **self._read_health()}
         except Exception as exc:
-            status, info = "503 Service Unavailable", {"ok": False, "database": f"unreadable: {exc}"}
-        body = json.dumps(info).encode()
-        return status, [("Content-Type", "application/json")], body
+            info = {"ok": False, "database": f"unreadable: {exc}"}
+        trouble = self.writer.trouble() or unwritable(self.settings.db_path)
+        info["can_store"] = trouble is None
+        if trouble:
+            info.update(ok=False, cannot_store=trouble)
+        status = "200 OK" if info["ok"] else "503 Service Unavailable"
+        return status, [("Content-Type", "application/json")], json.dumps(info).encode()
+
+    def _read_health(self):
+        with self._health_lock:
+            if self._health_store is None:
+                self._health_store = Store.open_ready(self.settings.db_path, HEALTH_BUSY_TIMEOUT)
+            try:
+                return self._health_store.health(self.clock())
+            except Exception:
+                self._health_store.close()
+                self._health_store = None
+                raise
+
+
+def unwritable(db_path):
+    """Why the database cannot take a write now (read-only file or folder, disk full), or None."""
+    folder = os.path.dirname(os.path.abspath(db_path))
+    if not os.access(db_path, os.W_OK) or not os.access(folder, os.W_OK):
+        return "the database or its folder is read-only"
+    try:
+        stat = os.statvfs(folder)
+    except OSError:
+        return None
+    if stat.f_bavail * stat.f_frsize < MIN_FREE_BYTES:
+        return "the disk holding the database is full"
+    return None
 
 
 def parse_form(environ):
@@ -210,10 +242,10 @@ def parse_form(environ):
     Raises:
         Reject: 413 too large, 415 not a form, 400 unreadable.
     """
-    try:
-        length = int(environ.get("CONTENT_LENGTH") or 0)
-    except ValueError:
-        raise Reject("400 Bad Request", "bad Content-Length") from None
+    raw_length = environ.get("CONTENT_LENGTH") or "0"
+    if not (raw_length.isascii() and raw_length.isdigit()):  # int() takes '9_1', ' 9' and '+9'
+        raise Reject("400 Bad Request", "bad Content-Length")
+    length = int(raw_length)
     if length > MAX_BODY:
         raise Reject("413 Content Too Large", f"body over {MAX_BODY} bytes")
     ctype = environ.get("CONTENT_TYPE", "").split(";")[0].strip().lower()
@@ -268,7 +300,8 @@ def media_urls(params):
         Reject: NumMedia is not a small whole number.
     """
     raw = params.one("NumMedia", "0").strip() or "0"
-    if not (raw.isascii() and raw.isdigit()) or int(raw) > MAX_MEDIA:  # '²'.isdigit(), yet int('²') fails
+    # '²'.isdigit(), yet int('²') fails; int() of 4,300+ digits raises: look at the length first.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 2 or int(raw) > MAX_MEDIA:
         raise Reject("400 Bad Request", "bad NumMedia")
     return [params.one(f"MediaUrl{i}") for i in range(int(raw)) if params.one(f"MediaUrl{i}")]
 

@@ -17,8 +17,11 @@ from contextlib import contextmanager
 from smsbatch.db import Store
 
 log = logging.getLogger("smsbatch.web")
-WEB_BUSY_TIMEOUT = 5.0  # Twilio gives up on a webhook after 15 s; answer 503 well before
+WEB_BUSY_TIMEOUT = 4.0  # longest a text waits for the lock: its 503 comes well inside Twilio's 15 s
+BURST_WAIT = 0.02  # longest the accepting thread waits for the lock (it serves everyone else)
 MAX_GROUP = 64  # most queued texts one pool thread commits in one transaction
+TROUBLE_MEMORY = 30.0  # seconds a failed write (with none committed since) counts as "cannot store"
+WAITING_TOO_LONG = 1.0  # a write waiting this long for the lock means "cannot store now"
 CHECKPOINT_EVERY = 0.2  # seconds between background WAL checkpoints while texts arrive
 CHECKPOINT_IDLE_ROUNDS = 5  # the checkpoint thread ends after this many rounds with no new commit
 WAL_CATCH_UP_FRAMES = 10_000  # WAL this long (~40 MB): the writer checkpoints it once itself
@@ -39,8 +42,14 @@ class WebStore(Store):
         with super().transaction() as conn:
             yield conn
 
-    def begin_group(self):
-        """BEGIN IMMEDIATE; until end_group(), transaction() joins this one."""
+    def wait_at_most(self, seconds):
+        """Wait at most this long for another writer's lock (SQLite's busy timeout)."""
+        self.conn.execute(f"PRAGMA busy_timeout = {max(0, int(seconds * 1000))}")
+
+    def begin_group(self, wait):
+        """BEGIN IMMEDIATE, waiting at most `wait` seconds for the lock; until end_group(),
+        transaction() joins this one. Raises: sqlite3.Error (nothing begun)."""
+        self.wait_at_most(wait)
         self.conn.execute("BEGIN IMMEDIATE")
         self._grouped = True
 
@@ -62,19 +71,25 @@ class WebStore(Store):
 
 
 class Burst:
-    """Writes inside one transaction (see Writer.burst). `failed` once anything in it
-    failed: then nothing of it is committed. `error`: why it could not even begin."""
+    """Writes inside one transaction, begun at the first write (see Writer.burst).
+    `writes`: how many were tried; `failed` once anything in it failed: then nothing of
+    it is committed."""
 
-    __slots__ = ("thread", "store", "failed", "error")
+    __slots__ = ("thread", "writer", "store", "failed", "writes", "locked")
 
-    def __init__(self):
-        self.thread, self.store, self.failed, self.error = threading.get_ident(), None, False, None
+    def __init__(self, writer):
+        self.thread, self.writer, self.store = threading.get_ident(), writer, None
+        self.failed, self.writes, self.locked = False, 0, False
 
     def run(self, work):
-        """work(store) inside this transaction. Raises: what work raised (the burst fails)."""
-        if self.failed or self.store is None:
+        """work(store) inside this transaction. Raises: what work raised, or sqlite3.Error
+        if the transaction could not begin (the burst fails)."""
+        self.writes += 1
+        if self.failed:
             raise sqlite3.OperationalError("this burst's transaction already failed")
         try:
+            if self.store is None:
+                self.writer._begin_burst(self)
             return work(self.store)
         except BaseException:
             self.failed = True
@@ -84,10 +99,10 @@ class Burst:
 class _Job:
     """One pool thread's write, waiting for whoever holds the connection to run it."""
 
-    __slots__ = ("work", "result", "error", "done")
+    __slots__ = ("work", "deadline", "result", "error", "done")
 
-    def __init__(self, work):
-        self.work, self.result, self.error, self.done = work, None, None, False
+    def __init__(self, work, deadline):
+        self.work, self.deadline, self.result, self.error, self.done = work, deadline, None, None, False
 
     def finish(self, result=None, error=None):
         """Record the outcome; the submitting thread returns or raises it."""
@@ -98,16 +113,16 @@ class Writer:
     """The webhook's writes, on one shared connection, many texts per transaction.
 
     The server's accepting thread writes the requests that arrived complete together
-    as one burst (burst()). Pool threads (slow clients, failed bursts) queue their
-    writes and take the connection lock; whoever gets it runs everything queued in one
-    transaction, so the others usually find theirs done (group commit).
+    as one burst (burst()), waiting at most BURST_WAIT for the lock. Pool threads (the
+    writes of a burst that failed) queue their writes and take the connection lock;
+    whoever gets it runs everything queued in one transaction, so the others usually
+    find theirs done (group commit). Every write has a deadline: it waits for the
+    database lock until then, never longer, however many wait before it.
 
-    Is grouping still worth it, now that bursts carry the load? In bench/run.py webhook
-    every request arrives complete and none takes the pool. With every request forced
-    onto the pool (2 cores, 16 connections, medians of 3 paired rounds), a plain lock
-    and one transaction per request served 1,890-2,070 req/s; this grouping 2,310-2,490,
-    as many as the rotating-leader group commit it replaced (2,040-2,480), at about the
-    same p99 (13-21 ms for all three). So the grouping stays, in this simpler form.
+    Is grouping still worth it, now that bursts carry the load? With every request
+    forced onto the pool (2 cores, 16 connections, medians of 3 paired rounds), a plain
+    lock and one transaction per request served 1,890-2,070 req/s; this grouping
+    2,310-2,490, at about the same p99 (13-21 ms). So the grouping stays.
     """
 
     def __init__(self, path, busy_timeout=WEB_BUSY_TIMEOUT):
@@ -117,10 +132,14 @@ class Writer:
         self._waiting = collections.deque()  # thread-safe append/popleft: no lock of its own
         self._store = None
         self._burst = None
+        self._committed_at = 0.0  # monotonic time of the last COMMIT
+        self._failed = (0.0, "")  # (monotonic time, why) of the last write that failed
+        self._lock_wait_since = None  # a write is waiting for the database lock since then
 
-    def submit(self, work):
+    def submit(self, work, deadline=None):
         """Run work(store) and return what it returns, once committed: inside the calling
-        thread's burst if it is in one, else grouped with other threads' writes.
+        thread's burst if it is in one, else grouped with other threads' writes, waiting
+        for the database lock until `deadline` (monotonic; default busy_timeout from now).
 
         Raises:
             sqlite3.Error, SmsbatchError: nothing of `work` was stored.
@@ -128,7 +147,7 @@ class Writer:
         burst = self._burst
         if burst is not None and burst.thread == threading.get_ident():
             return burst.run(work)
-        job = _Job(work)
+        job = _Job(work, time.monotonic() + self.busy_timeout if deadline is None else deadline)
         self._waiting.append(job)
         with self._lock:
             while not job.done:  # else an earlier holder of the lock ran it already
@@ -139,34 +158,82 @@ class Writer:
             raise job.error
         return job.result
 
+    def in_burst(self):
+        """True inside this thread's burst(): a write that fails there is run again."""
+        burst = self._burst
+        return burst is not None and burst.thread == threading.get_ident()
+
     @contextmanager
     def burst(self):
         """Until the block ends, every submit() of this thread runs at once inside one
-        transaction, committed when the block ends. Yields a Burst; if its `failed` is
-        set afterwards, nothing was committed and every answer given inside the block
-        must be thrown away (and the requests run again one by one). Yields None when
-        another thread is writing: submit() then works as usual.
+        transaction, begun at the first submit() (so requests that store nothing never
+        touch the lock) and committed when the block ends. Yields a Burst; if its
+        `failed` is set afterwards, nothing was committed and every answer given to a
+        request that wrote must be thrown away (and the request run again).
 
-        The caller must not let any answer out before the block has ended.
+        The caller must not let an answer of a request that wrote out before the block has ended.
         """
-        if not self._lock.acquire(blocking=False):
-            yield None  # the caller hands its requests to the pool rather than wait here
-            return
+        burst = Burst(self)
+        self._burst = burst
         try:
-            with self._transaction() as burst:
-                self._burst = burst
-                try:
-                    yield burst
-                finally:
-                    self._burst = None
+            yield burst
+        except BaseException:
+            burst.failed = True
+            raise
         finally:
-            self._housekeeping()
-            self._lock.release()
+            self._burst = None
+            if burst.locked:
+                try:
+                    if burst.store is not None and not burst.store.end_group(commit=not burst.failed):
+                        burst.failed = True
+                        self._note_failure("the COMMIT failed")
+                        self._reset()
+                    elif not burst.failed:
+                        self._committed_at = time.monotonic()
+                finally:
+                    self._housekeeping()
+                    self._lock.release()
+
+    def _begin_burst(self, burst):
+        """Take the connection and BEGIN for a burst, waiting at most BURST_WAIT.
+        Raises: sqlite3.Error (the burst fails; its requests go to the pool)."""
+        if not self._lock.acquire(timeout=BURST_WAIT):
+            raise sqlite3.OperationalError("the webhook's writer is busy")
+        burst.locked = True
+        try:
+            store = self._open()
+            store.begin_group(BURST_WAIT)
+        except sqlite3.Error:
+            self._reset()  # a connection that cannot even BEGIN may be broken: the next one is fresh
+            raise
+        burst.store = store
+
+    def trouble(self):
+        """Why a text cannot be stored now, or None: a write has waited for the lock for
+        WAITING_TOO_LONG, or the last write failed (within TROUBLE_MEMORY) and none has
+        been committed since. Never touches the database or the lock."""
+        now = time.monotonic()
+        since = self._lock_wait_since
+        if since is not None and now - since >= WAITING_TOO_LONG:
+            return f"a text has waited {now - since:.1f} s for the database lock"
+        at, why = self._failed
+        if at > self._committed_at and now - at < TROUBLE_MEMORY:
+            return f"the last text could not be stored {now - at:.1f} s ago: {why}"
+        return None
+
+    def _note_failure(self, why):
+        self._failed = (time.monotonic(), why)
 
     def _run(self, group):
         """Run the jobs in one transaction; if that fails, in one transaction each, so
-        one bad job fails only itself. Every job is done afterwards."""
+        one bad job fails only itself. Jobs past their deadline fail at once. Every job
+        is done afterwards."""
         try:
+            now = time.monotonic()
+            for job in group:
+                if job.deadline <= now:
+                    job.finish(error=sqlite3.OperationalError("database is locked (waited until the deadline)"))
+            group = [job for job in group if not job.done]
             if len(group) > 1:
                 self._run_together(group)
             for job in group:
@@ -178,44 +245,46 @@ class Writer:
                     job.finish(error=RuntimeError("the writer stopped before storing this text"))
 
     def _run_together(self, group):
-        with self._transaction() as burst:
-            try:
-                results = [burst.run(job.work) for job in group]
-            except Exception:
-                pass  # burst.failed is set: nothing of the group is committed
-        if burst.error is not None:  # could not even begin: alone, each would wait as long again
+        store = self._open()
+        self._lock_wait_since = time.monotonic()
+        try:
+            store.begin_group(min(job.deadline for job in group) - time.monotonic())
+        except sqlite3.Error as exc:  # could not even begin: alone, each would wait as long again
+            self._note_failure(str(exc))
+            self._reset()
             for job in group:
-                job.finish(error=burst.error)
-        elif not burst.failed:
+                job.finish(error=exc)
+            return
+        finally:
+            self._lock_wait_since = None
+        try:
+            results = [job.work(store) for job in group]
+        except Exception:
+            store.end_group(commit=False)  # one of them failed: they run alone next
+            return
+        if store.end_group(commit=True):
+            self._committed_at = time.monotonic()
             for job, result in zip(group, results):
                 job.finish(result)
+        else:
+            self._note_failure("the COMMIT failed")
+            self._reset()
 
     def _run_alone(self, job):
         try:
-            job.finish(job.work(self._open()))
+            store = self._open()
+            store.wait_at_most(job.deadline - time.monotonic())
+            self._lock_wait_since = time.monotonic()
+            try:
+                result = job.work(store)
+            finally:
+                self._lock_wait_since = None
+            self._committed_at = time.monotonic()
+            job.finish(result)
         except Exception as exc:
             job.finish(error=exc)
             if isinstance(exc, sqlite3.Error):
-                self._reset()
-
-    @contextmanager
-    def _transaction(self):
-        """A Burst: one transaction, committed at the end unless it failed (then rolled back)."""
-        burst = Burst()
-        try:
-            burst.store = self._open()
-            burst.store.begin_group()
-        except Exception as exc:
-            burst.store, burst.failed, burst.error = None, True, exc
-            self._reset()  # a connection that cannot even BEGIN may be broken: the next one is fresh
-        try:
-            yield burst
-        except BaseException:
-            burst.failed = True
-            raise
-        finally:
-            if burst.store is not None and not burst.store.end_group(commit=not burst.failed):
-                burst.failed = True
+                self._note_failure(str(exc))
                 self._reset()
 
     def _open(self):
