@@ -55,16 +55,18 @@ def write_bodies(path, count):
             out.write(f"{validator.compute_signature(PUBLIC_URL, params)} {urlencode(params)}\n")
 
 
-def start_server(db, folder, threads):
-    """`smsbatch serve --port 0` on a fresh db; returns (process, port)."""
+def start_server(db, folder, threads, cmd=None):
+    """`smsbatch serve --port 0` (or `cmd`, printing the same "listening on" line) on a
+    fresh db; returns (process, port)."""
     subprocess.run(smsbatch_cmd() + ["--db", db, "migrate"], check=True, capture_output=True,
                    env=clean_env(), timeout=60)
     errpath = os.path.join(folder, "serve.stderr")
     errfile = open(errpath, "w")
     env = clean_env(TWILIO_AUTH_TOKEN=TOKEN, SMSBATCH_PUBLIC_URL=PUBLIC_URL)
-    cmd = smsbatch_cmd() + ["--db", db, "serve", "--host", "127.0.0.1", "--port", "0"]
-    if threads:
-        cmd += ["--threads", str(threads)]
+    if cmd is None:
+        cmd = smsbatch_cmd() + ["--db", db, "serve", "--host", "127.0.0.1", "--port", "0"]
+        if threads:
+            cmd += ["--threads", str(threads)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errfile, env=env)
     errfile.close()
     deadline = time.monotonic() + 30
@@ -106,10 +108,11 @@ def settle(db, limit=10.0):
     return last
 
 
-def one_run(bodies, seconds, threads, wrk_threads):
+def one_run(bodies, seconds, threads, wrk_threads, cmd=None):
+    """One wrk run against a fresh server; `cmd(db)` gives another server's command line."""
     with tempdir("webhook") as folder:
         db = os.path.join(folder, "webhook.db")
-        proc, port = start_server(db, folder, threads)
+        proc, port = start_server(db, folder, threads, cmd(db) if cmd else None)
         try:
             result = run_wrk(port, bodies, seconds, wrk_threads)
             settle(db)  # requests wrk sent just before it stopped are still being stored
