@@ -143,8 +143,8 @@ class SelectorWSGIServer(WSGIServer):
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.socket, selectors.EVENT_READ, None)
         self.max_connections = connection_cap()
-        self._pooled = 0  # connections handed to the pool and not yet answered
-        self._pooled_lock = threading.Lock()
+        self._held = 0  # whole requests not yet answered (committing, or in the pool)
+        self._held_lock = threading.Lock()
         self._paused_until = 0.0  # accept() paused after EMFILE until then
         self._out_of_fds = False  # in an EMFILE/ENFILE episode (logged once)
         self._stop = False
@@ -207,7 +207,7 @@ class SelectorWSGIServer(WSGIServer):
                 log.warning("webhook: accepting connections again (%d open)", self.open_connections())
             if self.open_connections() >= self.max_connections:
                 self._shed_oldest()
-                if self.open_connections() >= self.max_connections:  # all waiting in the pool
+                if self.open_connections() >= self.max_connections:  # all being answered
                     sock.close()
                     continue
             sock.setblocking(False)
@@ -226,8 +226,8 @@ class SelectorWSGIServer(WSGIServer):
         self._paused_until = time.monotonic() + ACCEPT_PAUSE
 
     def open_connections(self):
-        """Client connections open now: still arriving, plus those waiting in the pool."""
-        return len(self.conns) + self._pooled
+        """Client connections open now: still arriving, plus those not yet answered."""
+        return len(self.conns) + self._held
 
     def _shed_oldest(self):
         if self.conns:
@@ -285,30 +285,37 @@ class SelectorWSGIServer(WSGIServer):
         self._send(conn, head + body)
 
     def _answer(self, ready):
-        """Answer whole requests; those that wrote are sent only after their COMMIT."""
+        """Answer whole requests; those that wrote are sent only once committed."""
         burst = getattr(self.get_app(), "burst", None)
         if burst is None:
             for conn in ready:
                 self._send(conn, self._run(conn))
             return
         held = []
-        with burst() as state:
+        self._hold(len(ready))
+        with burst(lambda failed: self._after_commit(held, failed)) as state:
             for conn in ready:
                 writes = state.writes
                 answer = self._run(conn)
                 if state.writes == writes:  # stored nothing: its answer waits for no COMMIT
                     self._send(conn, answer)
+                    self._hold(-1)
                 else:
                     held.append((conn, answer))
-        if state.failed:
-            # Nothing of the burst was committed (the database was busy or a write failed):
-            # its writes run again from the pool, each waiting for the lock until its
-            # deadline, while this thread goes on serving everything else.
-            for conn, _ in held:
-                self._to_pool(conn)
-        else:
-            for conn, answer in held:
+
+    def _after_commit(self, held, failed):
+        """The burst's writes are committed (send the answers) or not (the pool runs
+        those requests again, each waiting for the lock until its own deadline)."""
+        for conn, answer in held:
+            if failed:
+                self.jobs.put(conn)
+            else:
                 self._send(conn, answer)
+                self._hold(-1)
+
+    def _hold(self, n):
+        with self._held_lock:
+            self._held += n
 
     def _run(self, conn):
         """Answer a request that was read whole, into memory."""
@@ -327,11 +334,6 @@ class SelectorWSGIServer(WSGIServer):
         finally:
             self.shutdown_request(conn.sock)
 
-    def _to_pool(self, conn):
-        with self._pooled_lock:
-            self._pooled += 1
-        self.jobs.put(conn)
-
     def _work(self):
         while True:
             conn = self.jobs.get()
@@ -342,12 +344,14 @@ class SelectorWSGIServer(WSGIServer):
                 conn.sock.settimeout(SEND_TIMEOUT)
                 self._send(conn, answer)
             finally:
-                with self._pooled_lock:
-                    self._pooled -= 1
+                self._hold(-1)
 
     def server_close(self):
         """Close the listening socket and every connection still arriving; requests
-        waiting in the pool may finish (they wait at most their deadline)."""
+        being committed or waiting in the pool may finish (at most their deadline)."""
+        drain = getattr(self.get_app(), "drain", None)
+        if drain is not None:  # let its last commits finish and their answers go out
+            drain()
         for _ in self.workers:
             self.jobs.put(None)
         for conn in list(self.conns.values()):

@@ -116,10 +116,14 @@ class Webhook:
         self._health_store = None
         self._health_lock = threading.Lock()
 
-    def burst(self):
-        """Run the writes of one burst of requests in one transaction (see Writer.burst);
-        the server uses it for requests that arrived complete together."""
-        return self.writer.burst()
+    def burst(self, on_done):
+        """Commit the writes of one burst of requests in one transaction (see
+        Writer.burst); the server uses it for requests that arrived whole together."""
+        return self.writer.burst(on_done)
+
+    def drain(self):
+        """Let the writes already handed over be committed (the server is stopping)."""
+        self.writer.close()
 
     def __call__(self, environ, start_response):
         try:
@@ -175,7 +179,8 @@ class Webhook:
             if not self.writer.in_burst():
                 log.error("webhook: could not store MessageSid %s: %s", sid, exc)
             raise Reject("503 Service Unavailable", "could not store the message; try again") from None
-        log.debug("stored %s in batch %s%s", sid, added.batch_id, " (repeat)" if added.duplicate else "")
+        if added is not None:  # None inside a burst: stored at its COMMIT, before this answer goes out
+            log.debug("stored %s in batch %s%s", sid, added.batch_id, " (repeat)" if added.duplicate else "")
         return "200 OK", [("Content-Type", "text/xml")], TWIML_EMPTY
 
     def check_signature(self, environ, params):

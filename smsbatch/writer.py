@@ -1,14 +1,16 @@
 """The webhook's write path: every text written on one shared SQLite connection.
 
-Writer owns that connection. The server's accepting thread writes the requests that
-arrived complete together as one burst, in one transaction (Writer.burst); requests
-served by pool threads (slow clients, or a burst that failed) are committed in groups
-(Writer.submit). Checkpointer keeps the WAL short from a background thread, so no
+Writer owns that connection. The writes of requests that arrived whole together (a
+burst) are committed by a committer thread in one transaction, while the server's
+accepting thread goes on reading (Writer.burst); writes run again by pool threads
+(a burst that failed) are committed in groups (Writer.submit). Every write waits for
+the database lock until its deadline, never longer. Checkpointer keeps the WAL short from a background thread, so no
 COMMIT pays for a checkpoint.
 """
 
 import collections
 import logging
+import queue
 import sqlite3
 import threading
 import time
@@ -18,7 +20,7 @@ from smsbatch.db import Store
 
 log = logging.getLogger("smsbatch.web")
 WEB_BUSY_TIMEOUT = 4.0  # longest a text waits for the lock: its 503 comes well inside Twilio's 15 s
-BURST_WAIT = 0.02  # longest the accepting thread waits for the lock (it serves everyone else)
+REQUEST_WAIT_LIMIT = 10.0  # close(): longest to wait for the committer's last bursts
 MAX_GROUP = 64  # most queued texts one pool thread commits in one transaction
 TROUBLE_MEMORY = 30.0  # seconds a failed write (with none committed since) counts as "cannot store"
 WAITING_TOO_LONG = 1.0  # a write waiting this long for the lock means "cannot store now"
@@ -71,29 +73,22 @@ class WebStore(Store):
 
 
 class Burst:
-    """Writes inside one transaction, begun at the first write (see Writer.burst).
-    `writes`: how many were tried; `failed` once anything in it failed: then nothing of
-    it is committed."""
+    """The writes of requests that arrived together (see Writer.burst): kept until the
+    block ends, then run and committed in one transaction by the committer thread.
+    `writes`: how many were given; `deadline`: the earliest of theirs; `failed` once
+    the commit failed (nothing of it is stored)."""
 
-    __slots__ = ("thread", "writer", "store", "failed", "writes", "locked")
+    __slots__ = ("thread", "works", "writes", "deadline", "failed", "on_done")
 
-    def __init__(self, writer):
-        self.thread, self.writer, self.store = threading.get_ident(), writer, None
-        self.failed, self.writes, self.locked = False, 0, False
+    def __init__(self, on_done):
+        self.thread, self.works, self.writes = threading.get_ident(), [], 0
+        self.deadline, self.failed, self.on_done = float("inf"), False, on_done
 
-    def run(self, work):
-        """work(store) inside this transaction. Raises: what work raised, or sqlite3.Error
-        if the transaction could not begin (the burst fails)."""
+    def run(self, work, deadline):
+        """Keep work(store) for the commit; returns None (the result is not known yet)."""
         self.writes += 1
-        if self.failed:
-            raise sqlite3.OperationalError("this burst's transaction already failed")
-        try:
-            if self.store is None:
-                self.writer._begin_burst(self)
-            return work(self.store)
-        except BaseException:
-            self.failed = True
-            raise
+        self.works.append(work)
+        self.deadline = min(self.deadline, deadline)
 
 
 class _Job:
@@ -112,9 +107,10 @@ class _Job:
 class Writer:
     """The webhook's writes, on one shared connection, many texts per transaction.
 
-    The server's accepting thread writes the requests that arrived complete together
-    as one burst (burst()), waiting at most BURST_WAIT for the lock. Pool threads (the
-    writes of a burst that failed) queue their writes and take the connection lock;
+    The server's accepting thread hands over the writes of the requests that arrived
+    whole together as one burst (burst()); a committer thread commits them, with any
+    other bursts that queued meanwhile, in one transaction. Pool threads (the writes of
+    a burst that failed) queue their writes and take the connection lock;
     whoever gets it runs everything queued in one transaction, so the others usually
     find theirs done (group commit). Every write has a deadline: it waits for the
     database lock until then, never longer, however many wait before it.
@@ -132,6 +128,9 @@ class Writer:
         self._waiting = collections.deque()  # thread-safe append/popleft: no lock of its own
         self._store = None
         self._burst = None
+        self._commits = queue.SimpleQueue()  # bursts for the committer thread
+        self._committer = None
+        self._committer_lock = threading.Lock()
         self._committed_at = 0.0  # monotonic time of the last COMMIT
         self._failed = (0.0, "")  # (monotonic time, why) of the last write that failed
         self._lock_wait_since = None  # a write is waiting for the database lock since then
@@ -141,13 +140,17 @@ class Writer:
         thread's burst if it is in one, else grouped with other threads' writes, waiting
         for the database lock until `deadline` (monotonic; default busy_timeout from now).
 
+        Inside a burst it returns None at once (see burst()).
+
         Raises:
             sqlite3.Error, SmsbatchError: nothing of `work` was stored.
         """
+        if deadline is None:
+            deadline = time.monotonic() + self.busy_timeout
         burst = self._burst
         if burst is not None and burst.thread == threading.get_ident():
-            return burst.run(work)
-        job = _Job(work, time.monotonic() + self.busy_timeout if deadline is None else deadline)
+            return burst.run(work, deadline)
+        job = _Job(work, deadline)
         self._waiting.append(job)
         with self._lock:
             while not job.done:  # else an earlier holder of the lock ran it already
@@ -164,49 +167,95 @@ class Writer:
         return burst is not None and burst.thread == threading.get_ident()
 
     @contextmanager
-    def burst(self):
-        """Until the block ends, every submit() of this thread runs at once inside one
-        transaction, begun at the first submit() (so requests that store nothing never
-        touch the lock) and committed when the block ends. Yields a Burst; if its
-        `failed` is set afterwards, nothing was committed and every answer given to a
-        request that wrote must be thrown away (and the request run again).
+    def burst(self, on_done):
+        """Until the block ends, every submit() of this thread is kept, not run, and
+        returns None; then the committer thread runs them all in one transaction,
+        waiting for the database lock until the earliest of their deadlines, and calls
+        on_done(failed) once they are committed (failed False) or nothing of them is
+        (failed True: each answer given inside the block must be thrown away and the
+        request run again). The thread that opened the burst never waits for the
+        database, and goes on reading requests while the COMMIT (an fsync) runs:
+        bursts that queue meanwhile share the next transaction.
 
-        The caller must not let an answer of a request that wrote out before the block has ended.
+        The caller must not let an answer of a request that wrote out before on_done.
         """
-        burst = Burst(self)
+        burst = Burst(on_done)
         self._burst = burst
         try:
             yield burst
-        except BaseException:
-            burst.failed = True
-            raise
         finally:
             self._burst = None
-            if burst.locked:
-                try:
-                    if burst.store is not None and not burst.store.end_group(commit=not burst.failed):
-                        burst.failed = True
-                        self._note_failure("the COMMIT failed")
-                        self._reset()
-                    elif not burst.failed:
-                        self._committed_at = time.monotonic()
-                finally:
-                    self._housekeeping()
-                    self._lock.release()
+        if not burst.works:
+            on_done(False)
+            return
+        with self._committer_lock:
+            if self._committer is None:
+                self._committer = threading.Thread(target=self._commit_loop, name="smsbatch-commit", daemon=True)
+                self._committer.start()
+        self._commits.put(burst)
 
-    def _begin_burst(self, burst):
-        """Take the connection and BEGIN for a burst, waiting at most BURST_WAIT.
-        Raises: sqlite3.Error (the burst fails; its requests go to the pool)."""
-        if not self._lock.acquire(timeout=BURST_WAIT):
-            raise sqlite3.OperationalError("the webhook's writer is busy")
-        burst.locked = True
+    def close(self, timeout=REQUEST_WAIT_LIMIT):
+        """Let the committer finish the bursts it was given (at most `timeout` seconds)."""
+        with self._committer_lock:
+            committer, self._committer = self._committer, None
+        if committer is not None:
+            self._commits.put(None)
+            committer.join(timeout)
+
+    def _commit_loop(self):
+        while True:
+            bursts = [self._commits.get()]
+            while bursts[-1] is not None:  # everything that queued during the last COMMIT
+                try:
+                    bursts.append(self._commits.get_nowait())
+                except queue.Empty:
+                    break
+            stop = bursts[-1] is None
+            bursts = [b for b in bursts if b is not None]
+            if bursts:
+                self._commit(bursts)
+            if stop:
+                return
+
+    def _commit(self, bursts):
+        """Run the bursts' writes in one transaction and tell each burst how it went."""
+        failed = True
+        with self._lock:
+            try:
+                failed = not self._run_works([w for b in bursts for w in b.works], min(b.deadline for b in bursts))
+            finally:
+                self._housekeeping()
+        for burst in bursts:
+            burst.failed = failed
+            try:
+                burst.on_done(failed)
+            except Exception:
+                log.exception("webhook: answering a burst failed")
+
+    def _run_works(self, works, deadline):
+        """works in one transaction, waiting for the lock until `deadline`; True if committed."""
+        store = self._open()
+        self._lock_wait_since = time.monotonic()
         try:
-            store = self._open()
-            store.begin_group(BURST_WAIT)
-        except sqlite3.Error:
+            store.begin_group(deadline - time.monotonic())
+        except sqlite3.Error as exc:
+            self._note_failure(str(exc))
             self._reset()  # a connection that cannot even BEGIN may be broken: the next one is fresh
-            raise
-        burst.store = store
+            return False
+        finally:
+            self._lock_wait_since = None
+        try:
+            for work in works:
+                work(store)
+        except Exception:
+            store.end_group(commit=False)  # one of them failed: each runs again alone
+            return False
+        if not store.end_group(commit=True):
+            self._note_failure("the COMMIT failed")
+            self._reset()
+            return False
+        self._committed_at = time.monotonic()
+        return True
 
     def trouble(self):
         """Why a text cannot be stored now, or None: a write has waited for the lock for
