@@ -217,11 +217,16 @@ class SelectorWSGIServer(WSGIServer):
                 self.selector.register(sock, selectors.EVENT_READ, conn)
 
     def _descriptors_exhausted(self, exc):
+        """Something else holds descriptors too: lower the cap below what is open now,
+        close the slowest connections down to it, and pause accept()."""
+        open_now = self.open_connections()
+        self.max_connections = max(16, min(self.max_connections, open_now - max(8, open_now // 10)))
         if not self._out_of_fds:
             self._out_of_fds = True
             log.warning("webhook: out of file descriptors (%s) with %d connections open; closing the "
-                        "slowest and pausing accept()", exc.strerror, self.open_connections())
-        self._shed_oldest()
+                        "slowest, at most %d from now on", exc.strerror, open_now, self.max_connections)
+        while self.conns and self.open_connections() >= self.max_connections:
+            self._shed_oldest()
         self.selector.unregister(self.socket)
         self._paused_until = time.monotonic() + ACCEPT_PAUSE
 

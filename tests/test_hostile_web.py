@@ -268,3 +268,53 @@ def test_every_store_connection_commits_durably(db_path):
     assert Store(db_path).conn.execute("PRAGMA synchronous").fetchone()[0] == 2
     writer = Writer(db_path)
     assert writer._open().conn.execute("PRAGMA synchronous").fetchone()[0] == 2
+
+
+def cpu_ticks(pid):
+    """User + system CPU time of a process so far, in clock ticks (/proc/PID/stat)."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+SERVE_UNCAPPED = """
+import sys
+from smsbatch.config import Settings
+from smsbatch.web import make_app, make_server_for
+server = make_server_for(make_app(Settings(db_path=sys.argv[1], twilio_auth_token=sys.argv[2], public_url=sys.argv[3])),
+                         "127.0.0.1", 0)
+server.max_connections = 100_000  # as if the limit were read wrong: accept() meets EMFILE itself
+print(server.server_port, flush=True)
+server.serve_forever(0.05)
+"""
+
+
+def test_accept_failing_with_emfile_is_logged_once_and_texts_are_still_answered(db_path, tmp_path):
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+
+    with open(tmp_path / "serve.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-c", SERVE_UNCAPPED, db_path, TOKEN, URL], stdout=subprocess.PIPE,
+                                stderr=log, text=True, preexec_fn=limit)
+    idle = []
+    try:
+        port = int(proc.stdout.readline())
+        for _ in range(300):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sock.sendall(b"P")
+            idle.append(sock)
+        for n in range(3):
+            status, _, _ = exchange(port, [signed_request(form(n))], timeout=10)
+            assert status == 200
+        busy_before = cpu_ticks(proc.pid)
+        time.sleep(0.3)  # nothing arrives now: the server must not spin on accept()
+        assert cpu_ticks(proc.pid) - busy_before < 0.1 * os.sysconf("SC_CLK_TCK")
+    finally:
+        for sock in idle:
+            sock.close()
+        proc.kill()
+        proc.wait(timeout=10)
+    log_text = open(tmp_path / "serve.log").read()
+    assert log_text.count("out of file descriptors") == 1 and "Traceback" not in log_text
+    assert stored(db_path) == {form(n)["MessageSid"] for n in range(3)}
