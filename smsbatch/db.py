@@ -12,9 +12,21 @@ from importlib import resources
 from smsbatch import batching
 from smsbatch.errors import InvalidTransition, NotFound, SmsbatchError
 
-SCHEMA_VERSION = 1
 # Later schema versions go here as {version: "SQL"}; migrate() applies them in order.
-MIGRATIONS = {}
+MIGRATIONS = {
+    # Webhook requests refused for a bad signature, counted per minute (webhook /health,
+    # status --json): a wrong SMSBATCH_PUBLIC_URL shows up on our side.
+    2: """
+    CREATE TABLE IF NOT EXISTS rejections (
+        minute   INTEGER PRIMARY KEY,   -- epoch seconds // 60
+        count    INTEGER NOT NULL,
+        last_at  REAL NOT NULL,         -- epoch seconds of the latest one that minute
+        last_url TEXT NOT NULL          -- the URL its signature was checked against
+    );
+    """,
+}
+SCHEMA_VERSION = max(MIGRATIONS, default=1)
+REJECTIONS_KEPT_SECONDS = 86400  # rejection counts older than a day are dropped as new ones arrive
 ID_ALPHABET = "23456789abcdefghjkmnpqrstuvwxyz"  # no 0/o, 1/l/i: easy to read aloud and type
 BUSY_TIMEOUT_SECONDS = 30.0
 
@@ -527,6 +539,28 @@ class Store:
             [s.value for s in PENDING],
         ).fetchone()
         return {"pending": row[0], "oldest_pending_age_seconds": None if row[1] is None else round(now - row[1], 1)}
+
+    def record_rejections(self, rows, now):
+        """Add (minute, count, last_at, last_url) rows of bad-signature counts; drop old ones."""
+        with self.transaction() as conn:
+            conn.executemany(
+                "INSERT INTO rejections (minute, count, last_at, last_url) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (minute) DO UPDATE SET count = count + excluded.count,"
+                " last_at = max(last_at, excluded.last_at),"
+                " last_url = CASE WHEN excluded.last_at >= last_at THEN excluded.last_url ELSE last_url END",
+                rows,
+            )
+            conn.execute("DELETE FROM rejections WHERE minute < ?", (int((now - REJECTIONS_KEPT_SECONDS) // 60),))
+
+    def rejected_signatures(self, now):
+        """Webhook requests refused for a bad signature in the last hour, and the latest one's
+        time and checked URL: {"rejected_signatures", "last_rejected_signature_at", ...}."""
+        count = self.conn.execute(
+            "SELECT coalesce(sum(count), 0) FROM rejections WHERE minute >= ?", (int((now - 3600) // 60),)
+        ).fetchone()[0]
+        last = self.conn.execute("SELECT last_at, last_url FROM rejections ORDER BY last_at DESC LIMIT 1").fetchone()
+        return {"rejected_signatures": count, "last_rejected_signature_at": last[0] if last else None,
+                "last_rejected_signature_url": last[1] if last else None}
 
     def messages_since(self, since):
         """Inbound texts received at or after `since`, oldest first (for export)."""

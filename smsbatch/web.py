@@ -21,6 +21,7 @@ from smsbatch.batching import Rules
 from smsbatch.config import Settings
 from smsbatch.db import Store
 from smsbatch.errors import ConfigError, SmsbatchError
+from smsbatch.rejections import Rejections
 from smsbatch.server import make_server_for
 from smsbatch.writer import WEB_BUSY_TIMEOUT, Writer
 
@@ -39,10 +40,11 @@ MIN_FREE_BYTES = 1024 * 1024  # less free disk than this: a COMMIT may fail (SQL
 class Reject(Exception):
     """An HTTP error answer: status line and a one-line reason."""
 
-    def __init__(self, status, reason, headers=()):
+    def __init__(self, status, reason, headers=(), signed_url=None):
         super().__init__(reason)
         self.status = status
         self.headers = list(headers)
+        self.signed_url = signed_url  # a bad signature: the URL it was checked against
 
 
 class FormParams(dict):
@@ -113,6 +115,11 @@ class Webhook:
         elif not insecure:
             raise ConfigError("TWILIO_AUTH_TOKEN is not set: refusing unsigned webhooks")
         self.writer = Writer(settings.db_path, WEB_BUSY_TIMEOUT)
+        self.rejections = Rejections(self.writer.submit, clock)
+        # Behind a proxy the webhook may live under a prefix (https://host/shop/sms/).
+        public_path = urlparse(settings.public_url).path.rstrip("/") if settings.public_url else ""
+        self.sms_paths = {"/sms"} | ({public_path} if public_path else set())
+        self.health_paths = {"/health"} | {p.rsplit("/", 1)[0] + "/health" for p in self.sms_paths}
         self._health_store = None
         self._health_lock = threading.Lock()
 
@@ -131,6 +138,8 @@ class Webhook:
         except Reject as exc:
             status, body = exc.status, (str(exc) + "\n").encode()
             headers = [("Content-Type", "text/plain; charset=utf-8")] + exc.headers
+            if not status.startswith("503"):  # 503s are logged where they happen
+                self.rejections.rejected(status, environ.get("PATH_INFO", ""), str(exc), exc.signed_url)
         except Exception:  # never a traceback page; say why in the log
             log.exception("webhook: unexpected error")
             status, headers, body = "500 Internal Server Error", [("Content-Type", "text/plain")], b"error\n"
@@ -140,12 +149,12 @@ class Webhook:
 
     def route(self, environ):
         """(status, headers, body) for this request. Raises: Reject."""
-        path, method = environ.get("PATH_INFO", ""), environ.get("REQUEST_METHOD", "")
-        if path == "/sms":
+        path, method = environ.get("PATH_INFO", "").rstrip("/"), environ.get("REQUEST_METHOD", "")
+        if path in self.sms_paths:
             if method != "POST":
                 raise Reject("405 Method Not Allowed", "use POST", [("Allow", "POST")])
             return self.inbound(environ)
-        if path == "/health":
+        if path in self.health_paths:
             if method not in ("GET", "HEAD"):
                 raise Reject("405 Method Not Allowed", "use GET", [("Allow", "GET, HEAD")])
             return self.health()
@@ -187,9 +196,18 @@ class Webhook:
         """Raises: Reject 403 unless X-Twilio-Signature is right (or signatures are off)."""
         if self.validator is None:
             return
-        signature = environ.get("HTTP_X_TWILIO_SIGNATURE", "")
-        if not signature or not self.signatures.valid(self.signed_url(environ), params, signature):
-            raise Reject("403 Forbidden", "missing or invalid X-Twilio-Signature")
+        signature, url = environ.get("HTTP_X_TWILIO_SIGNATURE", ""), self.signed_url(environ)
+        if not signature or not self.signatures.valid(url, params, signature):
+            raise Reject("403 Forbidden", "missing or invalid X-Twilio-Signature", signed_url=shown_url(url))
+
+    def signature_note(self):
+        """One line for `serve` to print at start: the URL signatures are checked against."""
+        if self.validator is None:
+            return "signatures are NOT checked"
+        if self.settings.public_url:
+            return f"signatures are checked against {shown_url(self.settings.public_url)} (SMSBATCH_PUBLIC_URL)"
+        return ("signatures are checked against each request's own URL; behind a proxy or TLS terminator "
+                "set SMSBATCH_PUBLIC_URL to the URL configured in Twilio")
 
     def signed_url(self, environ):
         """The URL Twilio signed: SMSBATCH_PUBLIC_URL verbatim when set (behind a proxy),
@@ -220,11 +238,33 @@ class Webhook:
             if self._health_store is None:
                 self._health_store = Store.open_ready(self.settings.db_path, HEALTH_BUSY_TIMEOUT)
             try:
-                return self._health_store.health(self.clock())
+                now = self.clock()
+                info = self._health_store.health(now)
+                info.update(self._rejected_signatures(now))
+                return info
             except Exception:
                 self._health_store.close()
                 self._health_store = None
                 raise
+
+
+    def _rejected_signatures(self, now):
+        """Bad signatures in the last hour: those written to the database plus those not yet."""
+        info = self._health_store.rejected_signatures(now)
+        count, last_at = self.rejections.unwritten(now - 3600)
+        info["rejected_signatures"] += count
+        if last_at is not None and (info["last_rejected_signature_at"] or 0) < last_at:
+            info["last_rejected_signature_at"] = last_at
+        info.pop("last_rejected_signature_url", None)
+        return info
+
+
+def shown_url(url):
+    """The URL with any user:password@ replaced by ***@ (Twilio allows credentials in webhook URLs)."""
+    parsed = urlparse(url)
+    if "@" not in parsed.netloc:
+        return url
+    return parsed._replace(netloc="***@" + parsed.netloc.rsplit("@", 1)[1]).geturl()
 
 
 def unwritable(db_path):
