@@ -19,6 +19,11 @@ SIGNATURE_HINT = ("if these are Twilio's texts, set SMSBATCH_PUBLIC_URL to exact
                   "in the Twilio console (scheme, host, path, trailing slash)")
 
 
+def printable(text, limit=200):
+    """Client-sent text (a path) safe for one log line: control characters and non-ASCII escaped."""
+    return ascii(text[:limit])[1:-1]
+
+
 class RateLimitedLog:
     """log.warning at most LINES_PER_MINUTE times a minute; then one line says how many were left out."""
 
@@ -56,6 +61,7 @@ class Rejections:
 
     def rejected(self, status, path, reason, signed_url=None):
         """Log a rejected request; a bad signature (signed_url given) is counted too."""
+        path = printable(path)
         if signed_url is None:
             self.log.warning("webhook: rejected %s %s: %s", status[:3], path, reason)
             return

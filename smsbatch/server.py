@@ -20,6 +20,8 @@ import time
 from wsgiref.handlers import format_date_time
 from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer, make_server
 
+from smsbatch.rejections import RateLimitedLog, printable
+
 log = logging.getLogger("smsbatch.web")
 REQUEST_DEADLINE = 5.0  # seconds from accept() for the whole request (headers and body)
 MAX_HEAD = 16 * 1024  # a header block larger than this is refused (431)
@@ -147,6 +149,7 @@ class SelectorWSGIServer(WSGIServer):
         self._held_lock = threading.Lock()
         self._paused_until = 0.0  # accept() paused after EMFILE until then
         self._out_of_fds = False  # in an EMFILE/ENFILE episode (logged once)
+        self._refusals = RateLimitedLog()
         self._stop = False
         self._stopped = threading.Event()
         self._stopped.set()
@@ -284,6 +287,8 @@ class SelectorWSGIServer(WSGIServer):
         conn.sock.close()
 
     def _refuse(self, conn, status, reason):
+        target = bytes(conn.buffer[:300]).split(b"\n", 1)[0].split(b" ")[1:2] or [b"?"]
+        self._refusals.warning("webhook: rejected %s %s: %s", status[:3], printable(target[0].decode("latin-1")), reason)
         body = (reason + "\n").encode()
         head = (f"HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()

@@ -101,7 +101,8 @@ def test_serve_prints_the_url_signatures_are_checked_against(db_path, tmp_path):
         first = proc.stderr.readline()
     finally:
         proc.terminate()
-        rest = proc.communicate(timeout=10)[1]
+        rest = proc.stderr.read()  # the same buffered file: readline() may hold the next line already
+        proc.wait(timeout=10)
     assert "listening on" in first and f"signatures are checked against {URL}" in rest.splitlines()[0]
 
 
@@ -126,3 +127,10 @@ def test_a_version_1_database_is_upgraded_with_everything_intact(tmp_path):
     store.record_rejections([(int(T0 // 60), 2, T0, URL)], T0)
     assert store.rejected_signatures(T0)["rejected_signatures"] == 2
     assert store.migrate() == SCHEMA_VERSION  # again: nothing to do
+
+
+def test_a_path_cannot_forge_log_lines(db_path, caplog):
+    app = webhook(db_path)
+    with caplog.at_level(logging.WARNING, logger="smsbatch.web"):
+        call(app, method="GET", path="/x\n2026-01-01 ERROR forged line")
+    assert "\n" not in caplog.records[-1].getMessage() and "\\n2026" in caplog.records[-1].getMessage()
