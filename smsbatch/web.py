@@ -4,9 +4,9 @@
 for any WSGI server (`smsbatch.web:app`); `make_server_for()` (from smsbatch.server)
 runs it on wsgiref. The texts are written through smsbatch.writer.
 
-Speed (bench/run.py webhook, 2 cores, 16 connections, signatures checked): about
-4,000 requests/s with p99 under 10 ms; the figures behind each choice are in the
-docstrings of server.PooledWSGIServer, writer.Writer and writer.Checkpointer.
+Speed: bench/run.py webhook and webhook-vs-flask (durable commits: one fsync per
+burst); the figures behind each choice are in the docstrings of
+server.SelectorWSGIServer, writer.Writer and writer.Checkpointer.
 """
 
 import json
