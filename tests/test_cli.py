@@ -28,13 +28,15 @@ def test_every_command_has_help(command):
 
 
 def test_migrate_is_safe_to_run_again(tmp_path):
+    from smsbatch.db import SCHEMA_VERSION
+
     path = str(tmp_path / "x.db")
     for _ in range(2):
         result = invoke(["--db", path, "migrate"])
-        assert result.exit_code == 0 and "schema version 1" in result.output
+        assert result.exit_code == 0 and f"schema version {SCHEMA_VERSION}" in result.output
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
 def test_migrate_works_from_another_directory_after_a_real_install(tmp_path):
