@@ -103,12 +103,13 @@ class QuietHandler(WSGIRequestHandler):
 class Connection:
     """A client connection whose request is still arriving."""
 
-    __slots__ = ("sock", "address", "buffer", "deadline", "received")
+    __slots__ = ("sock", "address", "buffer", "deadline", "received", "watched")
 
     def __init__(self, sock, address, deadline):
         self.sock, self.address, self.deadline = sock, address, deadline
         self.buffer = bytearray()
         self.received = None
+        self.watched = False  # registered with the selector (most requests are whole at accept())
 
 
 class SelectorWSGIServer(WSGIServer):
@@ -218,6 +219,7 @@ class SelectorWSGIServer(WSGIServer):
             self.conns[sock.fileno()] = conn
             if self._receive(conn, ready):  # TCP_DEFER_ACCEPT: usually the request is here already
                 self.selector.register(sock, selectors.EVENT_READ, conn)
+                conn.watched = True
 
     def _descriptors_exhausted(self, exc):
         """Something else holds descriptors too: lower the cap below what is open now,
@@ -276,11 +278,9 @@ class SelectorWSGIServer(WSGIServer):
 
     def _forget(self, conn):
         """Stop watching a connection (it is answered, refused or closed next)."""
-        if self.conns.pop(conn.sock.fileno(), None) is not None:
-            try:
-                self.selector.unregister(conn.sock)
-            except (KeyError, ValueError):
-                pass  # never registered: its request was whole at accept()
+        if self.conns.pop(conn.sock.fileno(), None) is not None and conn.watched:
+            conn.watched = False
+            self.selector.unregister(conn.sock)
 
     def _close(self, conn):
         self._forget(conn)
