@@ -320,3 +320,18 @@ def test_accept_failing_with_emfile_is_logged_once_and_texts_are_still_answered(
     log_text = open(tmp_path / "serve.log").read()
     assert log_text.count("out of file descriptors") == 1 and "Traceback" not in log_text
     assert stored(db_path) == {form(n)["MessageSid"] for n in range(3)}
+
+
+@pytest.mark.parametrize("head", [b"GET /health HTTP/1.1\r\nHost : x\r\n\r\n",  # space before the colon
+                                  b"GET /health HTTP/1.1\r\nHost: x\r\n folded\r\n\r\n",  # obs-fold
+                                  b"GET /health HTTP/2.0\r\nHost: x\r\n\r\n",
+                                  b"GET /health\r\nHost: x\r\n\r\n"])
+def test_malformed_request_lines_and_headers_are_400(server, head):
+    assert exchange(server.server_port, [head])[0] == 400
+
+
+def test_a_signed_text_with_lf_only_lines_is_served(server, db_path):
+    raw = signed_request(form(8))
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert exchange(server.server_port, [head.replace(b"\r\n", b"\n") + b"\n\n" + body])[0] == 200
+    assert stored(db_path) == {form(8)["MessageSid"]}
