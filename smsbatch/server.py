@@ -173,10 +173,11 @@ class SelectorWSGIServer(WSGIServer):
     Measured on 2 cores (bench/run.py webhook): handing every connection to a pool
     thread cost about 200 us of CPU per request in thread switches and GIL hand-offs,
     more than the request itself; a COMMIT per text cost about 60 us more, and with
-    synchronous=FULL an fsync each. bench/run.py webhook-vs-flask (2 busy cores, 4 paired
-    runs): this server 1,395 req/s median, p99 39 ms; the same app on plain threaded
-    wsgiref with the Writer's group commit 783 req/s, p99 63 ms. The plain server also
-    has no whole-request deadline and no descriptor cap (issue 7's slowloris and EMFILE).
+    synchronous=FULL an fsync each. bench/run.py webhook-vs-flask (2 cores, other work
+    using about one, 4 paired runs): this server 2,544 req/s median, p99 22 ms; the same
+    app on plain threaded wsgiref with the Writer's group commit 929 req/s, p99 58 ms;
+    the Flask quickstart under gunicorn -w 4, 1,134 req/s, p99 64 ms. The plain server
+    also has no whole-request deadline and no descriptor cap (slowloris, EMFILE).
     """
 
     request_queue_size = 128
