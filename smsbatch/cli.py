@@ -487,6 +487,7 @@ def serve(ctx, host, port, threads, insecure_no_signature):
         raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     click.echo(f"listening on http://{host}:{server.server_port}/sms", err=True)
+    click.echo(app.signature_note(), err=True)
     try:
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:

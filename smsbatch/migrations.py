@@ -150,5 +150,16 @@ V5 = (
     "ALTER TABLE batches ADD COLUMN quiet_seconds REAL",
 )
 
-STEPS = {2: V2, 3: V3, 4: V4, 5: V5}
+V6 = (
+    # Webhook requests refused for a bad signature, counted per minute (/health, status
+    # --json): a wrong SMSBATCH_PUBLIC_URL shows up on our side.
+    """CREATE TABLE rejections (
+        minute   INTEGER PRIMARY KEY,
+        count    INTEGER NOT NULL,
+        last_at  REAL NOT NULL,
+        last_url TEXT NOT NULL
+    )""",
+)
+
+STEPS = {2: V2, 3: V3, 4: V4, 5: V5, 6: V6}
 LATEST = max(STEPS)

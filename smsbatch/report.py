@@ -94,6 +94,7 @@ def status(store, settings, now, latest):
         "next_retry": None if retry is None else {"due_at": retry[0], "batch_id": retry[1]},
         "providers": providers,
         "outages": store.outages(),
+        **store.rejected_signatures(now),  # a wrong SMSBATCH_PUBLIC_URL shows up here
     }
 
 
