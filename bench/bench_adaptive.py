@@ -110,7 +110,7 @@ def webhook(runs=3, seconds=5.0):
         web.write_bodies(bodies, int(web.MAX_RATE * seconds))
         for i in range(runs):
             for mode, flag in (("fixed", "0"), ("adaptive", "1")):
-                r = web.one_run(bodies, seconds, None, 1, {"SMSBATCH_ADAPTIVE": flag})
+                r = web.one_run(bodies, seconds, None, 1, extra_env={"SMSBATCH_ADAPTIVE": flag})
                 rate = r["completed"] / (r["duration_us"] / 1e6)
                 figures.setdefault(mode, (Figure("adaptive", f"webhook, {mode}", "req/s"),
                                           Figure("adaptive", f"webhook p99, {mode}", "ms", better="lower")))

@@ -55,16 +55,18 @@ def write_bodies(path, count):
             out.write(f"{validator.compute_signature(PUBLIC_URL, params)} {urlencode(params)}\n")
 
 
-def start_server(db, folder, threads, extra_env=None):
-    """`smsbatch serve --port 0` on a fresh db (`extra_env`: more settings); returns (process, port)."""
+def start_server(db, folder, threads, cmd=None, extra_env=None):
+    """`smsbatch serve --port 0` (or `cmd`, printing the same "listening on" line) on a
+    fresh db (`extra_env`: more settings); returns (process, port)."""
     subprocess.run(smsbatch_cmd() + ["--db", db, "migrate"], check=True, capture_output=True,
                    env=clean_env(), timeout=60)
     errpath = os.path.join(folder, "serve.stderr")
     errfile = open(errpath, "w")
     env = clean_env(TWILIO_AUTH_TOKEN=TOKEN, SMSBATCH_PUBLIC_URL=PUBLIC_URL, **(extra_env or {}))
-    cmd = smsbatch_cmd() + ["--db", db, "serve", "--host", "127.0.0.1", "--port", "0"]
-    if threads:
-        cmd += ["--threads", str(threads)]
+    if cmd is None:
+        cmd = smsbatch_cmd() + ["--db", db, "serve", "--host", "127.0.0.1", "--port", "0"]
+        if threads:
+            cmd += ["--threads", str(threads)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errfile, env=env)
     errfile.close()
     deadline = time.monotonic() + 30
@@ -106,10 +108,11 @@ def settle(db, limit=10.0):
     return last
 
 
-def one_run(bodies, seconds, threads, wrk_threads, extra_env=None):
+def one_run(bodies, seconds, threads, wrk_threads, cmd=None, extra_env=None):
+    """One wrk run against a fresh server; `cmd(db)` gives another server's command line."""
     with tempdir("webhook") as folder:
         db = os.path.join(folder, "webhook.db")
-        proc, port = start_server(db, folder, threads, extra_env)
+        proc, port = start_server(db, folder, threads, cmd(db) if cmd else None, extra_env)
         try:
             result = run_wrk(port, bodies, seconds, wrk_threads)
             settle(db)  # requests wrk sent just before it stopped are still being stored

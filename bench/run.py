@@ -9,6 +9,8 @@ Run with the Python of the virtualenv smsbatch is installed in, e.g. `.venv/bin/
 
 Parts:
     webhook   `smsbatch serve` under wrk, signatures checked: >= 3,000 req/s, p99 <= 20 ms
+    webhook-vs-flask  serve vs Twilio's Flask quickstart under gunicorn -w 4, both durable,
+              alternating runs: ratio >= 2.0, our p99 <= 20 ms (needs the bench extra)
     idle      `smsbatch process` with nothing due: <= 150 ms, openai/twilio/rich not imported
     offline   `smsbatch process --ai offline --sms console`: >= 1,000 batches/s
     slowai    AI stand-in taking 2 s per call, --concurrency 16: >= 7 batches/s
@@ -39,6 +41,7 @@ from common import cpus_busy, log, print_table  # noqa: E402
 
 PARTS = {
     "webhook": "bench_webhook",
+    "webhook-vs-flask": "bench_vs_flask",
     "idle": "bench_idle",
     "offline": "bench_offline",
     "slowai": "bench_slowai",

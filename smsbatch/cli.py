@@ -326,18 +326,25 @@ def status(ctx, as_json, now, latest, watch, interval):
 @click.option("--prompt", is_flag=True, help="With a batch: also the exact prompt sent to the AI.")
 @click.option("--limit", type=click.IntRange(1, 100000), default=50, show_default=True,
               help="With a phone: how many of the latest texts, replies and notes.")
+@click.option("--now", type=TIME, help="With a phone: the quiet period as of this time (default now).")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @click.pass_context
-def show(ctx, target, prompt, limit, as_json):
+def show(ctx, target, prompt, limit, now, as_json):
     """A batch's whole life (texts, every state change, attempts, the reply and its delivery), or
-    the conversation with a phone number as a chat, newest last."""
+    the conversation with a phone number as a chat, newest last, with the quiet period the
+    person's next text would get."""
     from smsbatch import render_ops, report
+    from smsbatch.batching import Rules
 
-    store = open_store(settings_from(ctx))
+    settings = settings_from(ctx)
+    store = open_store(settings)
     kind, key = report.resolve(store, target)
     if kind == "phone" and prompt:
         raise click.UsageError("--prompt is for a batch; `smsbatch show PHONE` lists its batches")
-    info = report.show_batch(store, key, prompt) if kind == "batch" else report.show_phone(store, key, limit)
+    if kind == "batch":
+        info = report.show_batch(store, key, prompt)
+    else:
+        info = report.show_phone(store, key, limit, Rules.from_settings(settings), time.time() if now is None else now)
     if as_json:
         emit_json(info)
     elif kind == "batch":
@@ -486,6 +493,7 @@ def serve(ctx, host, port, threads, insecure_no_signature):
         raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     click.echo(f"listening on http://{host}:{server.server_port}/sms", err=True)
+    click.echo(app.signature_note(), err=True)
     try:
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:
@@ -507,6 +515,9 @@ def demo(as_json, keep):
         import os
 
         os.makedirs(keep, exist_ok=True)
+        if os.path.exists(os.path.join(keep, "demo.db")):
+            raise click.BadParameter(f"{keep} already holds a demo database (demo.db): choose an empty folder",
+                                     param_hint="--keep")
         result = run_demo(keep)
     else:
         with tempfile.TemporaryDirectory(prefix="smsbatch-demo-") as folder:
@@ -553,6 +564,9 @@ def export(ctx, jsonl, since, anonymize, key, output):
     """Write stored inbound texts as a trace for `simulate` or `ingest --jsonl`."""
     from smsbatch.tracegen import Anonymizer, export_lines
 
+    if key is not None and not key.strip():
+        raise click.BadParameter("is empty: anyone could recompute the pseudonyms; leave it out for a "
+                                 "random key", param_hint="--key")
     if key and not anonymize:
         raise click.UsageError("--key only makes sense with --anonymize")
     settings = settings_from(ctx)

@@ -14,6 +14,7 @@ from smsbatch.config import HEARTBEAT_LEASE_SECONDS
 from smsbatch.errors import InvalidTransition, NotFound, SmsbatchError
 
 SCHEMA_VERSION = migrations.LATEST
+REJECTIONS_KEPT_SECONDS = 86400  # rejection counts older than a day are dropped as new ones arrive
 ID_ALPHABET = "23456789abcdefghjkmnpqrstuvwxyz"  # no 0/o, 1/l/i: easy to read aloud and type
 BUSY_TIMEOUT_SECONDS = 30.0
 
@@ -93,7 +94,10 @@ class Store:
             if "not a database" not in str(exc):
                 raise
             raise SmsbatchError(f"{self.path} is not an SQLite database") from None
-        self.conn.execute("PRAGMA synchronous = NORMAL")
+        # FULL: in WAL mode every COMMIT fsyncs the WAL, so a text answered 200 and a batch
+        # marked sending survive power loss (NORMAL may roll them back). The webhook commits
+        # in groups, so it pays one fsync per burst, not per text (bench/run.py webhook-vs-flask).
+        self.conn.execute("PRAGMA synchronous = FULL")
         self.conn.execute("PRAGMA foreign_keys = ON")
 
     @classmethod
@@ -257,6 +261,10 @@ class Store:
         if count >= rules.max_messages:  # a full batch closes: the next text opens a new one
             self._move(conn, row["id"], State.QUEUED, at, f"full: {count} texts")
         return row["id"]
+
+    def quiet_now(self, phone, now, rules):
+        """The quiet period this person's next text would get now (fixed, or fitted to their pace)."""
+        return self._quiet(self.conn, phone, now, rules)
 
     @staticmethod
     def _quiet(conn, phone, at, rules):
@@ -784,6 +792,28 @@ class Store:
             [s.value for s in PENDING],
         ).fetchone()
         return {"pending": row[0], "oldest_pending_age_seconds": None if row[1] is None else round(now - row[1], 1)}
+
+    def record_rejections(self, rows, now):
+        """Add (minute, count, last_at, last_url) rows of bad-signature counts; drop old ones."""
+        with self.transaction() as conn:
+            conn.executemany(
+                "INSERT INTO rejections (minute, count, last_at, last_url) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (minute) DO UPDATE SET count = count + excluded.count,"
+                " last_at = max(last_at, excluded.last_at),"
+                " last_url = CASE WHEN excluded.last_at >= last_at THEN excluded.last_url ELSE last_url END",
+                rows,
+            )
+            conn.execute("DELETE FROM rejections WHERE minute < ?", (int((now - REJECTIONS_KEPT_SECONDS) // 60),))
+
+    def rejected_signatures(self, now):
+        """Webhook requests refused for a bad signature in the last hour, and the latest one's
+        time and checked URL: {"rejected_signatures", "last_rejected_signature_at", ...}."""
+        count = self.conn.execute(
+            "SELECT coalesce(sum(count), 0) FROM rejections WHERE minute >= ?", (int((now - 3600) // 60),)
+        ).fetchone()[0]
+        last = self.conn.execute("SELECT last_at, last_url FROM rejections ORDER BY last_at DESC LIMIT 1").fetchone()
+        return {"rejected_signatures": count, "last_rejected_signature_at": last[0] if last else None,
+                "last_rejected_signature_url": last[1] if last else None}
 
     def messages_since(self, since):
         """Inbound texts received at or after `since`, oldest first (for export)."""

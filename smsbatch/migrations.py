@@ -150,8 +150,19 @@ V5 = (
     "ALTER TABLE batches ADD COLUMN quiet_seconds REAL",
 )
 
-# Version 6: heartbeat leases, what the AI cost, delivery receipts reported (issue 9).
 V6 = (
+    # Webhook requests refused for a bad signature, counted per minute (/health, status
+    # --json): a wrong SMSBATCH_PUBLIC_URL shows up on our side.
+    """CREATE TABLE rejections (
+        minute   INTEGER PRIMARY KEY,
+        count    INTEGER NOT NULL,
+        last_at  REAL NOT NULL,
+        last_url TEXT NOT NULL
+    )""",
+)
+
+# Version 7: heartbeat leases, what the AI cost, delivery receipts reported (issue 9).
+V7 = (
     # Heartbeat leases: who holds a batch in flight (host:pid) and when it last renewed.
     "ALTER TABLE batches ADD COLUMN holder TEXT",
     "ALTER TABLE batches ADD COLUMN heartbeat_at REAL",
@@ -167,5 +178,5 @@ V6 = (
     "CREATE INDEX outbound_status ON outbound(status, sent_at)",
 )
 
-STEPS = {2: V2, 3: V3, 4: V4, 5: V5, 6: V6}
+STEPS = {2: V2, 3: V3, 4: V4, 5: V5, 6: V6, 7: V7}
 LATEST = max(STEPS)

@@ -294,6 +294,10 @@ def show_phone(convo):
     # With several business numbers, say which one each text went to and each reply came from.
     several = len({i["our_number"] for i in convo["items"] if i["kind"] in ("in", "out")}) > 1
     out.print(_grid([_chat_line(item, several) for item in convo["items"]], indent=0))
+    quiet = convo.get("quiet_period")
+    if quiet:
+        how = "fitted to their pace" if quiet["adaptive"] else "fixed: SMSBATCH_ADAPTIVE=0"
+        out.print(Text(f"quiet period for their next text: {quiet['seconds']:g} s ({how})", style="dim"))
 
 
 def _chat_line(item, several=False):

@@ -94,6 +94,7 @@ def status(store, settings, now, latest):
         "next_retry": None if retry is None else {"due_at": retry[0], "batch_id": retry[1]},
         "providers": providers,
         "outages": store.outages(),
+        **store.rejected_signatures(now),  # a wrong SMSBATCH_PUBLIC_URL shows up here
     }
 
 
@@ -153,8 +154,12 @@ def show_batch(store, batch_id, with_prompt=False):
     return life
 
 
-def show_phone(store, phone, limit):
+def show_phone(store, phone, limit, rules=None, now=None):
     """`smsbatch show PHONE`: the last `limit` things in the conversation, oldest first,
-    and whether the person is on hold or opted out now."""
+    whether the person is on hold or opted out now, and (given `rules` and `now`) the quiet
+    period their next text would get."""
     flags = store.person_flags(phone)
-    return {"phone": phone, "items": store.conversation(phone, limit), **flags}
+    quiet = None
+    if rules is not None:
+        quiet = {"seconds": round(store.quiet_now(phone, now, rules), 1), "adaptive": rules.adaptive}
+    return {"phone": phone, "items": store.conversation(phone, limit), "quiet_period": quiet, **flags}

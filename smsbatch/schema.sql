@@ -147,3 +147,12 @@ CREATE TABLE IF NOT EXISTS provider_health (
     alerted_at      REAL,
     last_ok_at      REAL
 );
+
+-- Webhook requests refused for a bad signature, counted per minute (/health, status --json):
+-- a wrong SMSBATCH_PUBLIC_URL shows up on our side. Rows older than a day are dropped.
+CREATE TABLE IF NOT EXISTS rejections (
+    minute   INTEGER PRIMARY KEY,   -- epoch seconds // 60
+    count    INTEGER NOT NULL,
+    last_at  REAL NOT NULL,         -- epoch seconds of the latest one that minute
+    last_url TEXT NOT NULL          -- the URL its signature was checked against
+);

@@ -1,21 +1,36 @@
-"""The HTTP server: wsgiref, answering complete requests at once and slow ones from a pool.
+"""The HTTP server: wsgiref's request handling, with one thread that reads every connection.
 
-It runs any WSGI app; if the app offers `burst()` (the webhook does), the requests that
-arrived complete together share one database transaction. It never imports the app.
+The accepting thread keeps every connection in a selector and buffers what arrives
+until the request is whole (headers and Content-Length bytes of body) or its deadline
+passes (408). Whole requests are answered by that thread at once; if the app offers
+`burst()` (the webhook does), the ones that arrived together share one database
+transaction. A slow client therefore holds only a buffer, never a thread, and a
+request split over many TCP segments is served like any other. The pool threads only
+run writes that must wait for the database lock. It never imports the app.
 """
 
+import errno
 import io
+import logging
 import queue
+import selectors
 import socket
 import threading
 import time
-from contextlib import nullcontext
-from types import SimpleNamespace
 from wsgiref.handlers import format_date_time
 from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer, make_server
 
-SOCKET_TIMEOUT = 5.0
-PEEK_BYTES = 80 * 1024  # a complete request larger than this goes to the pool (the webhook takes 64 KiB bodies)
+from smsbatch.rejections import RateLimitedLog, printable
+
+log = logging.getLogger("smsbatch.web")
+REQUEST_DEADLINE = 5.0  # seconds from accept() for the whole request (headers and body)
+MAX_HEAD = 16 * 1024  # a header block larger than this is refused (431)
+DEFAULT_MAX_BODY = 1024 * 1024  # for apps that do not say (the webhook's max_body is 64 KiB)
+RECV_BYTES = 64 * 1024
+MAX_CONNECTIONS = 4096  # most open client connections, whatever the descriptor limit
+RESERVED_FDS = 64  # descriptors kept for the database, its WAL, logs and the pool's sockets
+ACCEPT_PAUSE = 0.05  # seconds without accept() after EMFILE/ENFILE (else it fails in a loop)
+SEND_TIMEOUT = 2.0  # a pool thread's sendall of one small answer
 
 
 class LeanServerHandler(ServerHandler):
@@ -42,31 +57,56 @@ class LeanServerHandler(ServerHandler):
 
 
 class QuietHandler(WSGIRequestHandler):
-    """wsgiref's handler without a stderr line per request (cost, and client addresses),
-    with a buffered writer so a whole answer leaves in one send (wsgiref flushes it
-    after the body)."""
+    """wsgiref's handler for a request already read whole, answering into memory (the
+    server sends the answer once it may go out), without a stderr line per request.
+    The environ carries `smsbatch.received`: the monotonic time the request was whole."""
 
-    wbufsize = 16 * 1024
-
-    def __init__(self, request, client_address, server, raw=None):
-        self.raw = raw  # the whole request, already read: answer into memory (see setup)
+    def __init__(self, request, client_address, server, raw=b"", received=None):
+        self.raw, self.received = raw, received
         super().__init__(request, client_address, server)
 
     def setup(self):
-        """Socket files as wsgiref's, or memory files for a request already read."""
-        if self.raw is None:
-            return super().setup()
+        """Memory files instead of socket files."""
         self.connection = self.request
         self.rfile = io.BytesIO(self.raw)
-        self.wfile = io.BytesIO()  # the server sends it once the answer may go out
+        self.wfile = io.BytesIO()
 
     def finish(self):
-        """Flush and close the socket files (memory files: the server sends them)."""
-        if self.raw is None:
-            super().finish()
+        """Nothing to flush: the server sends wfile's contents."""
 
     def log_message(self, format, *args):
         """No line per request."""
+
+    def parse_request(self):
+        """http.server's parse_request for HTTP/1.0 and 1.1, with a plain header parser
+        (its email parser cost more CPU than the rest of a webhook request). Anything
+        else, or a malformed header line, gets 400 (False)."""
+        self.command, self.request_version, self.close_connection = None, "HTTP/1.0", True
+        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        words = self.requestline.split()
+        if len(words) != 3 or words[2] not in ("HTTP/1.0", "HTTP/1.1"):
+            self.send_error(400, "Bad request line")
+            return False
+        self.command, self.path, self.request_version = words
+        headers = []
+        while True:
+            line = str(self.rfile.readline(65537), "iso-8859-1")
+            if line in ("\r\n", "\n", ""):
+                break
+            name, colon, value = line.partition(":")
+            # No folded lines, no space before the colon: where parsers disagree, requests get smuggled.
+            if not colon or not name or name != name.strip() or len(headers) >= 100:
+                self.send_error(400, "Bad header line")
+                return False
+            headers.append((name, value.strip()))
+        self.headers = PlainHeaders(headers)
+        return True
+
+    def get_environ(self):
+        """wsgiref's environ plus smsbatch.received."""
+        environ = super().get_environ()
+        environ["smsbatch.received"] = self.received if self.received is not None else time.monotonic()
+        return environ
 
     def handle(self):
         """WSGIRequestHandler.handle, with LeanServerHandler."""
@@ -85,183 +125,367 @@ class QuietHandler(WSGIRequestHandler):
         handler.run(self.server.get_app())
 
 
-class PooledWSGIServer(WSGIServer):
-    """wsgiref's server, answering complete requests at once and slow ones from a pool.
+class PlainHeaders:
+    """Request headers as wsgiref's get_environ reads them (get, [], items, get_content_type)."""
 
-    The accepting thread takes every connection that is waiting (up to `burst_max`) and
-    peeks at each without blocking. A request that has fully arrived (headers and
-    Content-Length bytes of body, as Twilio sends it) is read and answered by the
-    accepting thread itself: nothing can block on the client, and no thread hand-off is
-    paid. If the app offers `burst()` (the Webhook does), the complete requests of one
-    burst share one database transaction, and their answers are sent only after its
-    COMMIT; if anything in the burst fails, nothing of it is committed and the pool
-    runs the requests again (where a text that fails, fails alone). Any other connection (a slow or stalled client,
-    a request still arriving) goes to a fixed pool of reused threads, where it holds one
-    thread for at most SOCKET_TIMEOUT per read, so it cannot hold up the others.
+    def __init__(self, pairs):
+        self._pairs = pairs
+        self._first = {}
+        for name, value in pairs:
+            self._first.setdefault(name.lower(), value)
 
-    Measured on 2 cores: handing every connection to a pool thread cost about 200 us of
-    CPU per request in thread switches and GIL hand-offs, more than the request itself;
-    a COMMIT per text cost about 60 us more.
+    def get(self, name, default=None):
+        """The first value of header `name` (any case), or `default`."""
+        return self._first.get(name.lower(), default)
+
+    def __getitem__(self, name):
+        return self._first.get(name.lower())
+
+    def items(self):
+        """Every (name, value), in order."""
+        return list(self._pairs)
+
+    def get_content_type(self):
+        """The default type, as email.message's (get_environ asks only when there is none)."""
+        return "text/plain"
+
+
+class Connection:
+    """A client connection whose request is still arriving."""
+
+    __slots__ = ("sock", "address", "buffer", "deadline", "received", "watched")
+
+    def __init__(self, sock, address, deadline):
+        self.sock, self.address, self.deadline = sock, address, deadline
+        self.buffer = bytearray()
+        self.received = None
+        self.watched = False  # registered with the selector (most requests are whole at accept())
+
+
+class SelectorWSGIServer(WSGIServer):
+    """wsgiref's server with one thread that accepts, reads and answers (see the module).
+
+    Open connections are capped below the process's descriptor limit (RLIMIT_NOFILE):
+    at the cap, or when accept() fails with EMFILE/ENFILE, the oldest connection still
+    sending its request (the slowest) is closed first. EMFILE/ENFILE is logged once
+    per episode and accept() pauses briefly instead of failing in a loop.
+
+    Measured on 2 cores (bench/run.py webhook): handing every connection to a pool
+    thread cost about 200 us of CPU per request in thread switches and GIL hand-offs,
+    more than the request itself; a COMMIT per text cost about 60 us more, and with
+    synchronous=FULL an fsync each. bench/run.py webhook-vs-flask (2 cores, other work
+    using about one, 4 paired runs): this server 2,544 req/s median, p99 22 ms; the same
+    app on plain threaded wsgiref with the Writer's group commit 929 req/s, p99 58 ms;
+    the Flask quickstart under gunicorn -w 4, 1,134 req/s, p99 64 ms. The plain server
+    also has no whole-request deadline and no descriptor cap (slowloris, EMFILE).
     """
 
     request_queue_size = 128
     allow_reuse_address = True
-    close_wait = SOCKET_TIMEOUT + 1.0  # longest server_close() waits for requests in progress
-    peek_bytes = PEEK_BYTES
-    burst_max = 32  # most connections taken (and committed together) per wake-up
+    accept_max = 64  # most connections taken (and committed together) per wake-up
+    request_deadline = REQUEST_DEADLINE
 
     def __init__(self, address, handler, threads=16):
         self.jobs = queue.SimpleQueue()
         self.workers = []  # server_close() runs if binding fails, before any worker exists
+        self.conns = {}  # fd -> Connection, oldest (earliest deadline) first
+        self.selector = None
         super().__init__(address, handler)
         if hasattr(socket, "TCP_DEFER_ACCEPT"):  # Linux: wake accept() once the request has data
             try:
                 self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
             except OSError:
                 pass
-        self.socket.setblocking(False)  # accept() until nothing is waiting
-        self._peek = bytearray(self.peek_bytes)
+        self.socket.setblocking(False)
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.socket, selectors.EVENT_READ, None)
+        self.max_connections = connection_cap()
+        self._held = 0  # whole requests not yet answered (committing, or in the pool)
+        self._held_lock = threading.Lock()
+        self._paused_until = 0.0  # accept() paused after EMFILE until then
+        self._out_of_fds = False  # in an EMFILE/ENFILE episode (logged once)
+        self._refusals = RateLimitedLog()
+        self._stop = False
+        self._stopped = threading.Event()
+        self._stopped.set()
         self.workers = [threading.Thread(target=self._work, name=f"smsbatch-web-{i}", daemon=True)
                         for i in range(threads)]
         for worker in self.workers:
             worker.start()
 
-    def _handle_request_noblock(self):
+    def serve_forever(self, poll_interval=0.5):
+        """Accept, read and answer until shutdown()."""
+        self._stopped.clear()
+        try:
+            while not self._stop:
+                self.step(poll_interval)
+        finally:
+            self._stop = False
+            self._stopped.set()
+
+    def shutdown(self):
+        """Stop serve_forever() and wait until it has returned (call from another thread)."""
+        self._stop = True
+        self._stopped.wait()
+
+    def step(self, poll_interval=0.5):
+        """Wait for activity (at most poll_interval), then read and answer what is whole."""
+        now = time.monotonic()
+        timeout = poll_interval
+        if self.conns:
+            timeout = min(timeout, max(0.0, next(iter(self.conns.values())).deadline - now))
+        if self._paused_until:
+            timeout = min(timeout, max(0.0, self._paused_until - now))
         ready = []
-        while len(ready) < self.burst_max:
-            try:
-                request, client_address = self.get_request()
-            except OSError:  # nothing more waiting (BlockingIOError), or a client gave up
-                break
-            if not self.verify_request(request, client_address):
-                self.shutdown_request(request)
-                continue
-            raw = self._take_complete(request)
-            if raw is None:
-                self.jobs.put((request, client_address))
-            else:
-                ready.append((request, client_address, raw))
+        for key, _ in self.selector.select(timeout):
+            if key.data is None:
+                self._accept(ready)
+            elif key.data.sock.fileno() in self.conns:
+                self._receive(key.data, ready)
+        now = time.monotonic()
+        if self._paused_until and now >= self._paused_until:
+            self._paused_until = 0.0
+            self.selector.register(self.socket, selectors.EVENT_READ, None)
+        self._expire(now)
         if ready:
             self._answer(ready)
 
-    def _take_complete(self, request):
-        """The whole request if it has arrived (never blocks), else None (nothing read)."""
+    def _accept(self, ready):
+        for _ in range(self.accept_max):
+            try:
+                sock, address = self.socket.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    self._descriptors_exhausted(exc)
+                return  # ECONNABORTED and the like: the client gave up
+            if self._out_of_fds:
+                self._out_of_fds = False
+                log.warning("webhook: accepting connections again (%d open)", self.open_connections())
+            if self.open_connections() >= self.max_connections:
+                self._shed_oldest()
+                if self.open_connections() >= self.max_connections:  # all being answered
+                    sock.close()
+                    continue
+            sock.setblocking(False)
+            conn = Connection(sock, address, time.monotonic() + self.request_deadline)
+            self.conns[sock.fileno()] = conn
+            if self._receive(conn, ready):  # TCP_DEFER_ACCEPT: usually the request is here already
+                self.selector.register(sock, selectors.EVENT_READ, conn)
+                conn.watched = True
+
+    def _descriptors_exhausted(self, exc):
+        """Something else holds descriptors too: lower the cap below what is open now,
+        close the slowest connections down to it, and pause accept()."""
+        open_now = self.open_connections()
+        self.max_connections = max(16, min(self.max_connections, open_now - max(8, open_now // 10)))
+        if not self._out_of_fds:
+            self._out_of_fds = True
+            log.warning("webhook: out of file descriptors (%s) with %d connections open; closing the "
+                        "slowest, at most %d from now on", exc.strerror, open_now, self.max_connections)
+        while self.conns and self.open_connections() >= self.max_connections:
+            self._shed_oldest()
+        self.selector.unregister(self.socket)
+        self._paused_until = time.monotonic() + ACCEPT_PAUSE
+
+    def open_connections(self):
+        """Client connections open now: still arriving, plus those not yet answered."""
+        return len(self.conns) + self._held
+
+    def _shed_oldest(self):
+        if self.conns:
+            self._close(next(iter(self.conns.values())))
+
+    def _receive(self, conn, ready):
+        """Read what has arrived; True while the request is still incomplete."""
         try:
-            if _MSG_DONTWAIT:
-                n = request.recv_into(self._peek, self.peek_bytes, socket.MSG_PEEK | _MSG_DONTWAIT)
-            else:  # pragma: no cover - platforms without MSG_DONTWAIT
-                request.setblocking(False)
-                try:
-                    n = request.recv_into(self._peek, self.peek_bytes, socket.MSG_PEEK)
-                finally:
-                    request.setblocking(True)
-            if not request_complete(self._peek, n):
-                return None
-            request.settimeout(SOCKET_TIMEOUT)
-            raw = request.recv(n)  # the n bytes are there: this returns them at once
-            while len(raw) < n:  # pragma: no cover - only if the kernel splits them
-                more = request.recv(n - len(raw))
-                if not more:
-                    return None
-                raw += more
-            return raw
-        except OSError:  # nothing there yet (BlockingIOError), or the client went away
-            return None
+            data = conn.sock.recv(RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            data = b""
+        if not data:  # the client went away before its request was whole
+            self._close(conn)
+            return False
+        conn.buffer += data
+        verdict = examine(conn.buffer, getattr(self.get_app(), "max_body", DEFAULT_MAX_BODY))
+        if verdict is None:
+            return True
+        self._forget(conn)
+        if verdict is True:
+            conn.received = time.monotonic()
+            ready.append(conn)
+        else:
+            self._refuse(conn, *verdict)
+        return False
+
+    def _expire(self, now):
+        late = []
+        for conn in self.conns.values():
+            if conn.deadline > now:
+                break
+            late.append(conn)
+        for conn in late:
+            self._forget(conn)
+            self._refuse(conn, "408 Request Timeout", "the request did not arrive in time")
+
+    def _forget(self, conn):
+        """Stop watching a connection (it is answered, refused or closed next)."""
+        if self.conns.pop(conn.sock.fileno(), None) is not None and conn.watched:
+            conn.watched = False
+            self.selector.unregister(conn.sock)
+
+    def _close(self, conn):
+        self._forget(conn)
+        conn.sock.close()
+
+    def _refuse(self, conn, status, reason):
+        target = bytes(conn.buffer[:300]).split(b"\n", 1)[0].split(b" ")[1:2] or [b"?"]
+        self._refusals.warning("webhook: rejected %s %s: %s", status[:3], printable(target[0].decode("latin-1")), reason)
+        body = (reason + "\n").encode()
+        head = (f"HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        self._send(conn, head + body)
 
     def _answer(self, ready):
+        """Answer whole requests; those that wrote are sent only once committed."""
         burst = getattr(self.get_app(), "burst", None)
-        answers = []
-        with burst() if burst is not None else nullcontext(_NO_BURST) as state:
-            if state is not None:
-                for request, client_address, raw in ready:
-                    if state.failed:
-                        break
-                    answers.append(self._run(request, client_address, raw))
-        if state is None or state.failed:
-            # Nothing was committed and nothing was sent (or another thread was writing):
-            # the pool runs them again, each in its own transaction, in parallel, so this
-            # thread goes back to accepting rather than waiting out a locked database.
-            for job in ready:
-                self.jobs.put(job)
+        if burst is None:
+            for conn in ready:
+                self._send(conn, self._run(conn))
             return
-        for (request, _, _), answer in zip(ready, answers):
-            self._send(request, answer)
+        held = []
+        self._hold(len(ready))
+        with burst(lambda failed: self._after_commit(held, failed)) as state:
+            for conn in ready:
+                writes = state.writes
+                answer = self._run(conn)
+                if state.writes == writes:  # stored nothing: its answer waits for no COMMIT
+                    self._send(conn, answer)
+                    self._hold(-1)
+                else:
+                    held.append((conn, answer))
 
-    def _send(self, request, answer):
-        try:
-            request.sendall(answer)
-        except OSError:
-            pass
-        finally:
-            self.shutdown_request(request)
+    def _after_commit(self, held, failed):
+        """The burst's writes are committed (send the answers) or not (the pool runs
+        those requests again, each waiting for the lock until its own deadline)."""
+        for conn, answer in held:
+            if failed:
+                self.jobs.put(conn)
+            else:
+                self._send(conn, answer)
+                self._hold(-1)
 
-    def _run(self, request, client_address, raw):
+    def _hold(self, n):
+        with self._held_lock:
+            self._held += n
+
+    def _run(self, conn):
         """Answer a request that was read whole, into memory."""
         try:
-            return self.RequestHandlerClass(request, client_address, self, raw).wfile.getvalue()
+            handler = self.RequestHandlerClass(conn.sock, conn.address, self, bytes(conn.buffer), conn.received)
+            return handler.wfile.getvalue()
         except Exception:
-            self.handle_error(request, client_address)
+            self.handle_error(conn.sock, conn.address)
             return b""
+
+    def _send(self, conn, answer):
+        try:
+            conn.sock.sendall(answer)
+        except OSError:
+            pass  # gone, or not reading (a small answer fits any socket buffer)
+        finally:
+            self.shutdown_request(conn.sock)
 
     def _work(self):
         while True:
-            job = self.jobs.get()
-            if job is None:
+            conn = self.jobs.get()
+            if conn is None:
                 return
-            self._handle(*job)
-
-    def _handle(self, request, client_address, raw=None):
-        if raw is not None:  # read whole already; its burst failed
-            return self._send(request, self._run(request, client_address, raw))
-        try:
-            request.settimeout(SOCKET_TIMEOUT)
-            self.finish_request(request, client_address)
-        except (OSError, socket.timeout):
-            pass
-        except Exception:
-            self.handle_error(request, client_address)
-        finally:
-            self.shutdown_request(request)
+            try:
+                answer = self._run(conn)
+                conn.sock.settimeout(SEND_TIMEOUT)
+                self._send(conn, answer)
+            finally:
+                self._hold(-1)
 
     def server_close(self):
-        """Close the listening socket; requests in progress in the pool may finish."""
+        """Close the listening socket and every connection still arriving; requests
+        being committed or waiting in the pool may finish (at most their deadline)."""
+        drain = getattr(self.get_app(), "drain", None)
+        if drain is not None:  # let its last commits finish and their answers go out
+            drain()
         for _ in self.workers:
             self.jobs.put(None)
+        for conn in list(self.conns.values()):
+            self._close(conn)
+        if self.selector is not None:
+            self.selector.close()
         super().server_close()
-        deadline = time.monotonic() + self.close_wait
+        deadline = time.monotonic() + REQUEST_DEADLINE + 1.0
         for worker in self.workers:
             if worker is not threading.current_thread():
                 worker.join(max(0.0, deadline - time.monotonic()))
 
 
-_MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
-_NO_BURST = SimpleNamespace(failed=False)  # an app without burst(): no transaction that could fail
-
-
-def request_complete(buffer, n):
-    """True if buffer[:n] holds a whole HTTP request: the header block and Content-Length
-    bytes of body. Anything unusual (chunked, a bad length, LF-only lines) says False, and
-    the request is read by a pool thread, with its timeout, as before."""
-    end = buffer.find(b"\r\n\r\n", 0, n)
+def examine(buffer, max_body):
+    """None while the request in `buffer` is incomplete, True once it is whole (headers
+    and Content-Length bytes of body), else (status, reason) to refuse it with at once."""
+    end, start = header_end(buffer)
     if end < 0:
-        return False
-    head = bytes(buffer[:end]).lower()
-    if b"transfer-encoding" in head:
-        return False
+        return ("431 Request Header Fields Too Large", "header block too large") if len(buffer) > MAX_HEAD else None
+    if end > MAX_HEAD:
+        return "431 Request Header Fields Too Large", "header block too large"
+    lengths = []
+    for line in bytes(buffer[:end]).split(b"\n")[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"transfer-encoding":
+            return "411 Length Required", "send a Content-Length, not Transfer-Encoding"
+        if name == b"content-length":
+            lengths.append(value.strip())
+    if len(lengths) > 1:
+        return "400 Bad Request", "more than one Content-Length"
     length = 0
-    at = head.find(b"\r\ncontent-length:")
-    if at >= 0:
-        stop = head.find(b"\r\n", at + 2)
-        value = head[at + 17: stop if stop >= 0 else len(head)].strip()
-        if not value.isdigit() or head.find(b"\r\ncontent-length:", at + 2) >= 0:
-            return False
+    if lengths:
+        value = lengths[0]
+        if not value.isdigit() or len(value) > 12:  # bytes.isdigit(): ASCII digits only, no '9_1'
+            return "400 Bad Request", "bad Content-Length"
         length = int(value)
-    return n - end - 4 >= length
+    if length > max_body:
+        return "413 Content Too Large", f"body over {max_body} bytes"
+    return True if len(buffer) - start >= length else None
+
+
+def header_end(buffer):
+    """(end of the header block, start of the body) in buffer, or (-1, -1) if not there
+    yet. Lines may end in CRLF or, from hand-typed clients, LF alone."""
+    crlf = buffer.find(b"\r\n\r\n")
+    lf = buffer.find(b"\n\n")
+    if crlf >= 0 and (lf < 0 or crlf < lf):
+        return crlf, crlf + 4
+    if lf >= 0:
+        return lf, lf + 2
+    return -1, -1
+
+
+def connection_cap():
+    """Most client connections to keep open: below RLIMIT_NOFILE, at most MAX_CONNECTIONS."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):  # pragma: no cover - not a Unix
+        return 1000
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS
+    return max(16, min(MAX_CONNECTIONS, soft - RESERVED_FDS))
 
 
 def make_server_for(wsgi_app, host="127.0.0.1", port=8080, threads=16):
-    """A pooled wsgiref server around `wsgi_app`; port 0 picks a free port."""
+    """A wsgiref server around `wsgi_app` (see the module); port 0 picks a free port."""
     return make_server(
-        host, port, wsgi_app, server_class=lambda addr, handler: PooledWSGIServer(addr, handler, threads),
+        host, port, wsgi_app, server_class=lambda addr, handler: SelectorWSGIServer(addr, handler, threads),
         handler_class=QuietHandler,
     )

@@ -4,13 +4,14 @@
 for any WSGI server (`smsbatch.web:app`); `make_server_for()` (from smsbatch.server)
 runs it on wsgiref. The texts are written through smsbatch.writer.
 
-Speed (bench/run.py webhook, 2 cores, 16 connections, signatures checked): about
-4,000 requests/s with p99 under 10 ms; the figures behind each choice are in the
-docstrings of server.PooledWSGIServer, writer.Writer and writer.Checkpointer.
+Speed: bench/run.py webhook and webhook-vs-flask (durable commits: one fsync per
+burst); the figures behind each choice are in the docstrings of
+server.SelectorWSGIServer, writer.Writer and writer.Checkpointer.
 """
 
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -21,6 +22,7 @@ from smsbatch.batching import Rules, opt_out_scope
 from smsbatch.config import Settings
 from smsbatch.db import Store
 from smsbatch.errors import ConfigError, SmsbatchError
+from smsbatch.rejections import Rejections
 from smsbatch.server import make_server_for
 from smsbatch.sms import status_callback_url
 from smsbatch.writer import WEB_BUSY_TIMEOUT, Writer
@@ -33,18 +35,18 @@ TWIML_EMPTY = b'<?xml version="1.0" encoding="UTF-8"?><Response/>'
 MAX_MEDIA = 10  # Twilio sends at most 10 media per message
 CARRIER_KINDS = {"STOP": "opt_out", "START": "opt_in"}  # OptOutType; HELP is an ordinary text
 SINGLE_FIELDS = ("MessageSid", "From", "To", "Body", "NumMedia")
-# Delivery receipts: SMSBATCH_PUBLIC_URL + /status, which a proxy passing /sms through
-# hands us as /sms/status.
-STATUS_PATHS = ("/status", "/sms/status")
+HEALTH_BUSY_TIMEOUT = 0.5  # a WAL reader waits only in rare recovery moments: never long
+MIN_FREE_BYTES = 1024 * 1024  # less free disk than this: a COMMIT may fail (SQLITE_FULL)
 
 
 class Reject(Exception):
     """An HTTP error answer: status line and a one-line reason."""
 
-    def __init__(self, status, reason, headers=()):
+    def __init__(self, status, reason, headers=(), signed_url=None):
         super().__init__(reason)
         self.status = status
         self.headers = list(headers)
+        self.signed_url = signed_url  # a bad signature: the URL it was checked against
 
 
 class FormParams(dict):
@@ -96,8 +98,11 @@ class Webhook:
     """The WSGI application. Texts are written through one Writer (one shared
     connection, many texts per transaction): measured faster and steadier (p99) than
     a connection per request, or a transaction per text. /health reads through a
-    connection of its own. A text is answered 200 only once committed.
+    connection of its own. A text is answered 200 only once committed. Answers that
+    store nothing (/health, 404, 405, 415, 403, 400) never take the write lock.
     """
+
+    max_body = MAX_BODY  # the server refuses larger bodies before they arrive
 
     def __init__(self, settings, clock=time.time, insecure=False):
         self.settings = settings
@@ -112,13 +117,25 @@ class Webhook:
         elif not insecure:
             raise ConfigError("TWILIO_AUTH_TOKEN is not set: refusing unsigned webhooks")
         self.writer = Writer(settings.db_path, WEB_BUSY_TIMEOUT)
+        self.rejections = Rejections(self.writer.submit, clock)
+        # Behind a proxy the webhook may live under a prefix (https://host/shop/sms/).
+        public_path = urlparse(settings.public_url).path.rstrip("/") if settings.public_url else ""
+        self.sms_paths = {"/sms"} | ({public_path} if public_path else set())
+        self.health_paths = {"/health"} | {p.rsplit("/", 1)[0] + "/health" for p in self.sms_paths}
+        # Delivery receipts go to SMSBATCH_PUBLIC_URL + /status (a proxy passing the webhook's
+        # path through hands them over as <that path>/status).
+        self.status_paths = {"/status"} | {p + "/status" for p in self.sms_paths}
         self._health_store = None
         self._health_lock = threading.Lock()
 
-    def burst(self):
-        """Run the writes of one burst of requests in one transaction (see Writer.burst);
-        the server uses it for requests that arrived complete together."""
-        return self.writer.burst()
+    def burst(self, on_done):
+        """Commit the writes of one burst of requests in one transaction (see
+        Writer.burst); the server uses it for requests that arrived whole together."""
+        return self.writer.burst(on_done)
+
+    def drain(self):
+        """Let the writes already handed over be committed (the server is stopping)."""
+        self.writer.close()
 
     def __call__(self, environ, start_response):
         try:
@@ -126,25 +143,27 @@ class Webhook:
         except Reject as exc:
             status, body = exc.status, (str(exc) + "\n").encode()
             headers = [("Content-Type", "text/plain; charset=utf-8")] + exc.headers
+            if not status.startswith("503"):  # 503s are logged where they happen
+                self.rejections.rejected(status, environ.get("PATH_INFO", ""), str(exc), exc.signed_url)
         except Exception:  # never a traceback page; say why in the log
             log.exception("webhook: unexpected error")
             status, headers, body = "500 Internal Server Error", [("Content-Type", "text/plain")], b"error\n"
         headers.append(("Content-Length", str(len(body))))
         start_response(status, headers)
-        return [body]
+        return [b""] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
 
     def route(self, environ):
         """(status, headers, body) for this request. Raises: Reject."""
-        path, method = environ.get("PATH_INFO", ""), environ.get("REQUEST_METHOD", "")
-        if path == "/sms":
+        path, method = environ.get("PATH_INFO", "").rstrip("/"), environ.get("REQUEST_METHOD", "")
+        if path in self.sms_paths:
             if method != "POST":
                 raise Reject("405 Method Not Allowed", "use POST", [("Allow", "POST")])
             return self.inbound(environ)
-        if path in STATUS_PATHS:
+        if path in self.status_paths:
             if method != "POST":
                 raise Reject("405 Method Not Allowed", "use POST", [("Allow", "POST")])
             return self.delivery_receipt(environ)
-        if path == "/health":
+        if path in self.health_paths:
             if method not in ("GET", "HEAD"):
                 raise Reject("405 Method Not Allowed", "use GET", [("Allow", "GET, HEAD")])
             return self.health()
@@ -167,15 +186,21 @@ class Webhook:
         # Twilio's Advanced Opt-Out names the keywords configured in the console.
         carrier = CARRIER_KINDS.get(params.one("OptOutType").strip().upper())
         scope = opt_out_scope(to, self.settings.twilio_messaging_service_sid)
+        # The wait for the lock counts from when the request was whole (the server says when).
+        deadline = environ.get("smsbatch.received", time.monotonic()) + self.writer.busy_timeout
         try:
             added = self.writer.submit(
-                lambda store: store.add_message(sid, phone, to, body, clock(), rules, media, carrier, scope)
+                lambda store: store.add_message(sid, phone, to, body, clock(), rules, media, carrier, scope),
+                deadline
             )
         except (sqlite3.Error, SmsbatchError) as exc:
-            # Twilio retries or uses its fallback URL on 5xx; never acknowledge a lost text.
-            log.error("webhook: could not store MessageSid %s: %s", sid, exc)
+            # Never acknowledge a lost text. A failed burst is run again (see Writer.burst):
+            # only the last word is worth a line.
+            if not self.writer.in_burst():
+                log.error("webhook: could not store MessageSid %s: %s", sid, exc)
             raise Reject("503 Service Unavailable", "could not store the message; try again") from None
-        log.debug("stored %s in batch %s%s", sid, added.batch_id, " (repeat)" if added.duplicate else "")
+        if added is not None:  # None inside a burst: stored at its COMMIT, before this answer goes out
+            log.debug("stored %s in batch %s%s", sid, added.batch_id, " (repeat)" if added.duplicate else "")
         return "200 OK", [("Content-Type", "text/xml")], TWIML_EMPTY
 
     def delivery_receipt(self, environ):
@@ -189,8 +214,9 @@ class Webhook:
         if self.validator is not None:
             url = status_callback_url(self.settings.public_url) if self.settings.public_url else None
             signature = environ.get("HTTP_X_TWILIO_SIGNATURE", "")
-            if not signature or not self.signatures.valid(url or self.signed_url(environ), params, signature):
-                raise Reject("403 Forbidden", "missing or invalid X-Twilio-Signature")
+            url = url or self.signed_url(environ)
+            if not signature or not self.signatures.valid(url, params, signature):
+                raise Reject("403 Forbidden", "missing or invalid X-Twilio-Signature", signed_url=shown_url(url))
         sid, status = params.one("MessageSid").strip(), params.one("MessageStatus").strip().lower()
         code = params.one("ErrorCode").strip()
         if not sid or len(sid) > 64 or not delivery.is_status(status):
@@ -209,9 +235,18 @@ class Webhook:
         """Raises: Reject 403 unless X-Twilio-Signature is right (or signatures are off)."""
         if self.validator is None:
             return
-        signature = environ.get("HTTP_X_TWILIO_SIGNATURE", "")
-        if not signature or not self.signatures.valid(self.signed_url(environ), params, signature):
-            raise Reject("403 Forbidden", "missing or invalid X-Twilio-Signature")
+        signature, url = environ.get("HTTP_X_TWILIO_SIGNATURE", ""), self.signed_url(environ)
+        if not signature or not self.signatures.valid(url, params, signature):
+            raise Reject("403 Forbidden", "missing or invalid X-Twilio-Signature", signed_url=shown_url(url))
+
+    def signature_note(self):
+        """One line for `serve` to print at start: the URL signatures are checked against."""
+        if self.validator is None:
+            return "signatures are NOT checked"
+        if self.settings.public_url:
+            return f"signatures are checked against {shown_url(self.settings.public_url)} (SMSBATCH_PUBLIC_URL)"
+        return ("signatures are checked against each request's own URL; behind a proxy or TLS terminator "
+                "set SMSBATCH_PUBLIC_URL to the URL configured in Twilio")
 
     def signed_url(self, environ):
         """The URL Twilio signed: SMSBATCH_PUBLIC_URL verbatim when set (behind a proxy),
@@ -223,23 +258,67 @@ class Webhook:
         return request_uri(environ, include_query=True)
 
     def health(self):
-        """Read through a connection of its own: a reader is never kept waiting by writers."""
+        """200 if texts can be read and stored now, else 503 saying why. Reads through a
+        connection of its own and never takes the write lock: whether a text can be
+        stored comes from the writer's last attempts and the file system."""
         try:
-            with self._health_lock:
-                if self._health_store is None:
-                    self._health_store = Store.open_ready(self.settings.db_path, WEB_BUSY_TIMEOUT)
-                try:
-                    info = self._health_store.health(self.clock())
-                    info["outages"] = self._health_store.outages()  # announced, still going on
-                except Exception:
-                    self._health_store.close()
-                    self._health_store = None
-                    raise
-            status, info = "200 OK", {"ok": True, "database": "ok", **info}
+            info = {"ok": True, "database": "ok", **self._read_health()}
         except Exception as exc:
-            status, info = "503 Service Unavailable", {"ok": False, "database": f"unreadable: {exc}"}
-        body = json.dumps(info).encode()
-        return status, [("Content-Type", "application/json")], body
+            info = {"ok": False, "database": f"unreadable: {exc}"}
+        trouble = self.writer.trouble() or unwritable(self.settings.db_path)
+        info["can_store"] = trouble is None
+        if trouble:
+            info.update(ok=False, cannot_store=trouble)
+        status = "200 OK" if info["ok"] else "503 Service Unavailable"
+        return status, [("Content-Type", "application/json")], json.dumps(info).encode()
+
+    def _read_health(self):
+        with self._health_lock:
+            if self._health_store is None:
+                self._health_store = Store.open_ready(self.settings.db_path, HEALTH_BUSY_TIMEOUT)
+            try:
+                now = self.clock()
+                info = self._health_store.health(now)
+                info.update(self._rejected_signatures(now))
+                info["outages"] = self._health_store.outages()  # announced, still going on
+                return info
+            except Exception:
+                self._health_store.close()
+                self._health_store = None
+                raise
+
+
+    def _rejected_signatures(self, now):
+        """Bad signatures in the last hour: those written to the database plus those not yet."""
+        info = self._health_store.rejected_signatures(now)
+        count, last_at = self.rejections.unwritten(now - 3600)
+        info["rejected_signatures"] += count
+        if last_at is not None and (info["last_rejected_signature_at"] or 0) < last_at:
+            info["last_rejected_signature_at"] = last_at
+        info.pop("last_rejected_signature_url", None)
+        return info
+
+
+def shown_url(url):
+    """The URL with any user:password@ replaced by ***@ (Twilio allows credentials in webhook URLs)."""
+    parsed = urlparse(url)
+    if "@" not in parsed.netloc:
+        return url
+    return parsed._replace(netloc="***@" + parsed.netloc.rsplit("@", 1)[1]).geturl()
+
+
+def unwritable(db_path):
+    """Why the database cannot take a write now (read-only file or folder, disk full), or None."""
+    folder = os.path.dirname(os.path.abspath(db_path))
+    if not os.access(db_path, os.W_OK) or not os.access(folder, os.W_OK):
+        return "the database or its folder is read-only"
+    try:
+        stat = os.statvfs(folder)
+    except OSError:
+        return None
+    if stat.f_bavail * stat.f_frsize < MIN_FREE_BYTES:
+        return "the disk holding the database is full"
+    return None
 
 
 def parse_form(environ):
@@ -248,10 +327,10 @@ def parse_form(environ):
     Raises:
         Reject: 413 too large, 415 not a form, 400 unreadable.
     """
-    try:
-        length = int(environ.get("CONTENT_LENGTH") or 0)
-    except ValueError:
-        raise Reject("400 Bad Request", "bad Content-Length") from None
+    raw_length = environ.get("CONTENT_LENGTH") or "0"
+    if not (raw_length.isascii() and raw_length.isdigit()):  # int() takes '9_1', ' 9' and '+9'
+        raise Reject("400 Bad Request", "bad Content-Length")
+    length = int(raw_length)
     if length > MAX_BODY:
         raise Reject("413 Content Too Large", f"body over {MAX_BODY} bytes")
     ctype = environ.get("CONTENT_TYPE", "").split(";")[0].strip().lower()
@@ -306,7 +385,8 @@ def media_urls(params):
         Reject: NumMedia is not a small whole number.
     """
     raw = params.one("NumMedia", "0").strip() or "0"
-    if not (raw.isascii() and raw.isdigit()) or int(raw) > MAX_MEDIA:  # '²'.isdigit(), yet int('²') fails
+    # '²'.isdigit(), yet int('²') fails; int() of 4,300+ digits raises: look at the length first.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 2 or int(raw) > MAX_MEDIA:
         raise Reject("400 Bad Request", "bad NumMedia")
     return [params.one(f"MediaUrl{i}") for i in range(int(raw)) if params.one(f"MediaUrl{i}")]
 

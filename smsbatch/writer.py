@@ -1,14 +1,16 @@
 """The webhook's write path: every text written on one shared SQLite connection.
 
-Writer owns that connection. The server's accepting thread writes the requests that
-arrived complete together as one burst, in one transaction (Writer.burst); requests
-served by pool threads (slow clients, or a burst that failed) are committed in groups
-(Writer.submit). Checkpointer keeps the WAL short from a background thread, so no
+Writer owns that connection. The writes of requests that arrived whole together (a
+burst) are committed by a committer thread in one transaction, while the server's
+accepting thread goes on reading (Writer.burst); writes run again by pool threads
+(a burst that failed) are committed in groups (Writer.submit). Every write waits for
+the database lock until its deadline, never longer. Checkpointer keeps the WAL short from a background thread, so no
 COMMIT pays for a checkpoint.
 """
 
 import collections
 import logging
+import queue
 import sqlite3
 import threading
 import time
@@ -17,8 +19,11 @@ from contextlib import contextmanager
 from smsbatch.db import Store
 
 log = logging.getLogger("smsbatch.web")
-WEB_BUSY_TIMEOUT = 5.0  # Twilio gives up on a webhook after 15 s; answer 503 well before
+WEB_BUSY_TIMEOUT = 4.0  # longest a text waits for the lock: its 503 comes well inside Twilio's 15 s
+REQUEST_WAIT_LIMIT = 10.0  # close(): longest to wait for the committer's last bursts
 MAX_GROUP = 64  # most queued texts one pool thread commits in one transaction
+TROUBLE_MEMORY = 30.0  # seconds a failed write (with none committed since) counts as "cannot store"
+WAITING_TOO_LONG = 1.0  # a write waiting this long for the lock means "cannot store now"
 CHECKPOINT_EVERY = 0.2  # seconds between background WAL checkpoints while texts arrive
 CHECKPOINT_IDLE_ROUNDS = 5  # the checkpoint thread ends after this many rounds with no new commit
 WAL_CATCH_UP_FRAMES = 10_000  # WAL this long (~40 MB): the writer checkpoints it once itself
@@ -39,8 +44,14 @@ class WebStore(Store):
         with super().transaction() as conn:
             yield conn
 
-    def begin_group(self):
-        """BEGIN IMMEDIATE; until end_group(), transaction() joins this one."""
+    def wait_at_most(self, seconds):
+        """Wait at most this long for another writer's lock (SQLite's busy timeout)."""
+        self.conn.execute(f"PRAGMA busy_timeout = {max(0, int(seconds * 1000))}")
+
+    def begin_group(self, wait):
+        """BEGIN IMMEDIATE, waiting at most `wait` seconds for the lock; until end_group(),
+        transaction() joins this one. Raises: sqlite3.Error (nothing begun)."""
+        self.wait_at_most(wait)
         self.conn.execute("BEGIN IMMEDIATE")
         self._grouped = True
 
@@ -62,32 +73,31 @@ class WebStore(Store):
 
 
 class Burst:
-    """Writes inside one transaction (see Writer.burst). `failed` once anything in it
-    failed: then nothing of it is committed. `error`: why it could not even begin."""
+    """The writes of requests that arrived together (see Writer.burst): kept until the
+    block ends, then run and committed in one transaction by the committer thread.
+    `writes`: how many were given; `deadline`: the earliest of theirs; `failed` once
+    the commit failed (nothing of it is stored)."""
 
-    __slots__ = ("thread", "store", "failed", "error")
+    __slots__ = ("thread", "works", "writes", "deadline", "failed", "on_done")
 
-    def __init__(self):
-        self.thread, self.store, self.failed, self.error = threading.get_ident(), None, False, None
+    def __init__(self, on_done):
+        self.thread, self.works, self.writes = threading.get_ident(), [], 0
+        self.deadline, self.failed, self.on_done = float("inf"), False, on_done
 
-    def run(self, work):
-        """work(store) inside this transaction. Raises: what work raised (the burst fails)."""
-        if self.failed or self.store is None:
-            raise sqlite3.OperationalError("this burst's transaction already failed")
-        try:
-            return work(self.store)
-        except BaseException:
-            self.failed = True
-            raise
+    def run(self, work, deadline):
+        """Keep work(store) for the commit; returns None (the result is not known yet)."""
+        self.writes += 1
+        self.works.append(work)
+        self.deadline = min(self.deadline, deadline)
 
 
 class _Job:
     """One pool thread's write, waiting for whoever holds the connection to run it."""
 
-    __slots__ = ("work", "result", "error", "done")
+    __slots__ = ("work", "deadline", "result", "error", "done")
 
-    def __init__(self, work):
-        self.work, self.result, self.error, self.done = work, None, None, False
+    def __init__(self, work, deadline):
+        self.work, self.deadline, self.result, self.error, self.done = work, deadline, None, None, False
 
     def finish(self, result=None, error=None):
         """Record the outcome; the submitting thread returns or raises it."""
@@ -97,17 +107,18 @@ class _Job:
 class Writer:
     """The webhook's writes, on one shared connection, many texts per transaction.
 
-    The server's accepting thread writes the requests that arrived complete together
-    as one burst (burst()). Pool threads (slow clients, failed bursts) queue their
-    writes and take the connection lock; whoever gets it runs everything queued in one
-    transaction, so the others usually find theirs done (group commit).
+    The server's accepting thread hands over the writes of the requests that arrived
+    whole together as one burst (burst()); a committer thread commits them, with any
+    other bursts that queued meanwhile, in one transaction. Pool threads (the writes of
+    a burst that failed) queue their writes and take the connection lock;
+    whoever gets it runs everything queued in one transaction, so the others usually
+    find theirs done (group commit). Every write has a deadline: it waits for the
+    database lock until then, never longer, however many wait before it.
 
-    Is grouping still worth it, now that bursts carry the load? In bench/run.py webhook
-    every request arrives complete and none takes the pool. With every request forced
-    onto the pool (2 cores, 16 connections, medians of 3 paired rounds), a plain lock
-    and one transaction per request served 1,890-2,070 req/s; this grouping 2,310-2,490,
-    as many as the rotating-leader group commit it replaced (2,040-2,480), at about the
-    same p99 (13-21 ms for all three). So the grouping stays, in this simpler form.
+    Is grouping still worth it, now that bursts carry the load? With every request
+    forced onto the pool (2 cores, 16 connections, medians of 3 paired rounds), a plain
+    lock and one transaction per request served 1,890-2,070 req/s; this grouping
+    2,310-2,490, at about the same p99 (13-21 ms). So the grouping stays.
     """
 
     def __init__(self, path, busy_timeout=WEB_BUSY_TIMEOUT):
@@ -117,18 +128,29 @@ class Writer:
         self._waiting = collections.deque()  # thread-safe append/popleft: no lock of its own
         self._store = None
         self._burst = None
+        self._commits = queue.SimpleQueue()  # bursts for the committer thread
+        self._committer = None
+        self._committer_lock = threading.Lock()
+        self._committed_at = 0.0  # monotonic time of the last COMMIT
+        self._failed = (0.0, "")  # (monotonic time, why) of the last write that failed
+        self._lock_wait_since = None  # a write is waiting for the database lock since then
 
-    def submit(self, work):
+    def submit(self, work, deadline=None):
         """Run work(store) and return what it returns, once committed: inside the calling
-        thread's burst if it is in one, else grouped with other threads' writes.
+        thread's burst if it is in one, else grouped with other threads' writes, waiting
+        for the database lock until `deadline` (monotonic; default busy_timeout from now).
+
+        Inside a burst it returns None at once (see burst()).
 
         Raises:
             sqlite3.Error, SmsbatchError: nothing of `work` was stored.
         """
+        if deadline is None:
+            deadline = time.monotonic() + self.busy_timeout
         burst = self._burst
         if burst is not None and burst.thread == threading.get_ident():
-            return burst.run(work)
-        job = _Job(work)
+            return burst.run(work, deadline)
+        job = _Job(work, deadline)
         self._waiting.append(job)
         with self._lock:
             while not job.done:  # else an earlier holder of the lock ran it already
@@ -139,34 +161,128 @@ class Writer:
             raise job.error
         return job.result
 
-    @contextmanager
-    def burst(self):
-        """Until the block ends, every submit() of this thread runs at once inside one
-        transaction, committed when the block ends. Yields a Burst; if its `failed` is
-        set afterwards, nothing was committed and every answer given inside the block
-        must be thrown away (and the requests run again one by one). Yields None when
-        another thread is writing: submit() then works as usual.
+    def in_burst(self):
+        """True inside this thread's burst(): a write that fails there is run again."""
+        burst = self._burst
+        return burst is not None and burst.thread == threading.get_ident()
 
-        The caller must not let any answer out before the block has ended.
+    @contextmanager
+    def burst(self, on_done):
+        """Until the block ends, every submit() of this thread is kept, not run, and
+        returns None; then the committer thread runs them all in one transaction,
+        waiting for the database lock until the earliest of their deadlines, and calls
+        on_done(failed) once they are committed (failed False) or nothing of them is
+        (failed True: each answer given inside the block must be thrown away and the
+        request run again). The thread that opened the burst never waits for the
+        database, and goes on reading requests while the COMMIT (an fsync) runs:
+        bursts that queue meanwhile share the next transaction.
+
+        The caller must not let an answer of a request that wrote out before on_done.
         """
-        if not self._lock.acquire(blocking=False):
-            yield None  # the caller hands its requests to the pool rather than wait here
-            return
+        burst = Burst(on_done)
+        self._burst = burst
         try:
-            with self._transaction() as burst:
-                self._burst = burst
-                try:
-                    yield burst
-                finally:
-                    self._burst = None
+            yield burst
         finally:
-            self._housekeeping()
-            self._lock.release()
+            self._burst = None
+        if not burst.works:
+            on_done(False)
+            return
+        with self._committer_lock:
+            if self._committer is None:
+                self._committer = threading.Thread(target=self._commit_loop, name="smsbatch-commit", daemon=True)
+                self._committer.start()
+        self._commits.put(burst)
+
+    def close(self, timeout=REQUEST_WAIT_LIMIT):
+        """Let the committer finish the bursts it was given (at most `timeout` seconds)."""
+        with self._committer_lock:
+            committer, self._committer = self._committer, None
+        if committer is not None:
+            self._commits.put(None)
+            committer.join(timeout)
+
+    def _commit_loop(self):
+        while True:
+            bursts = [self._commits.get()]
+            while bursts[-1] is not None:  # everything that queued during the last COMMIT
+                try:
+                    bursts.append(self._commits.get_nowait())
+                except queue.Empty:
+                    break
+            stop = bursts[-1] is None
+            bursts = [b for b in bursts if b is not None]
+            if bursts:
+                self._commit(bursts)
+            if stop:
+                return
+
+    def _commit(self, bursts):
+        """Run the bursts' writes in one transaction and tell each burst how it went."""
+        failed = True
+        with self._lock:
+            try:
+                failed = not self._run_works([w for b in bursts for w in b.works], min(b.deadline for b in bursts))
+            finally:
+                self._housekeeping()
+        for burst in bursts:
+            burst.failed = failed
+            try:
+                burst.on_done(failed)
+            except Exception:
+                log.exception("webhook: answering a burst failed")
+
+    def _run_works(self, works, deadline):
+        """works in one transaction, waiting for the lock until `deadline`; True if committed."""
+        store = self._open()
+        self._lock_wait_since = time.monotonic()
+        try:
+            store.begin_group(deadline - time.monotonic())
+        except sqlite3.Error as exc:
+            self._note_failure(str(exc))
+            self._reset()  # a connection that cannot even BEGIN may be broken: the next one is fresh
+            return False
+        finally:
+            self._lock_wait_since = None
+        try:
+            for work in works:
+                work(store)
+        except Exception:
+            store.end_group(commit=False)  # one of them failed: each runs again alone
+            return False
+        if not store.end_group(commit=True):
+            self._note_failure("the COMMIT failed")
+            self._reset()
+            return False
+        self._committed_at = time.monotonic()
+        return True
+
+    def trouble(self):
+        """Why a text cannot be stored now, or None: a write has waited for the lock for
+        WAITING_TOO_LONG, or the last write failed (within TROUBLE_MEMORY) and none has
+        been committed since. Never touches the database or the lock."""
+        now = time.monotonic()
+        since = self._lock_wait_since
+        if since is not None and now - since >= WAITING_TOO_LONG:
+            return f"a text has waited {now - since:.1f} s for the database lock"
+        at, why = self._failed
+        if at > self._committed_at and now - at < TROUBLE_MEMORY:
+            return f"the last text could not be stored {now - at:.1f} s ago: {why}"
+        return None
+
+    def _note_failure(self, why):
+        self._failed = (time.monotonic(), why)
 
     def _run(self, group):
         """Run the jobs in one transaction; if that fails, in one transaction each, so
-        one bad job fails only itself. Every job is done afterwards."""
+        one bad job fails only itself. Jobs past their deadline fail at once. Every job
+        is done afterwards."""
         try:
+            now = time.monotonic()
+            for job in group:
+                if job.deadline <= now:
+                    job.finish(error=sqlite3.OperationalError("database is locked (waited until the deadline)"))
+            group = [job for job in group if not job.done]
             if len(group) > 1:
                 self._run_together(group)
             for job in group:
@@ -178,44 +294,46 @@ class Writer:
                     job.finish(error=RuntimeError("the writer stopped before storing this text"))
 
     def _run_together(self, group):
-        with self._transaction() as burst:
-            try:
-                results = [burst.run(job.work) for job in group]
-            except Exception:
-                pass  # burst.failed is set: nothing of the group is committed
-        if burst.error is not None:  # could not even begin: alone, each would wait as long again
+        store = self._open()
+        self._lock_wait_since = time.monotonic()
+        try:
+            store.begin_group(min(job.deadline for job in group) - time.monotonic())
+        except sqlite3.Error as exc:  # could not even begin: alone, each would wait as long again
+            self._note_failure(str(exc))
+            self._reset()
             for job in group:
-                job.finish(error=burst.error)
-        elif not burst.failed:
+                job.finish(error=exc)
+            return
+        finally:
+            self._lock_wait_since = None
+        try:
+            results = [job.work(store) for job in group]
+        except Exception:
+            store.end_group(commit=False)  # one of them failed: they run alone next
+            return
+        if store.end_group(commit=True):
+            self._committed_at = time.monotonic()
             for job, result in zip(group, results):
                 job.finish(result)
+        else:
+            self._note_failure("the COMMIT failed")
+            self._reset()
 
     def _run_alone(self, job):
         try:
-            job.finish(job.work(self._open()))
+            store = self._open()
+            store.wait_at_most(job.deadline - time.monotonic())
+            self._lock_wait_since = time.monotonic()
+            try:
+                result = job.work(store)
+            finally:
+                self._lock_wait_since = None
+            self._committed_at = time.monotonic()
+            job.finish(result)
         except Exception as exc:
             job.finish(error=exc)
             if isinstance(exc, sqlite3.Error):
-                self._reset()
-
-    @contextmanager
-    def _transaction(self):
-        """A Burst: one transaction, committed at the end unless it failed (then rolled back)."""
-        burst = Burst()
-        try:
-            burst.store = self._open()
-            burst.store.begin_group()
-        except Exception as exc:
-            burst.store, burst.failed, burst.error = None, True, exc
-            self._reset()  # a connection that cannot even BEGIN may be broken: the next one is fresh
-        try:
-            yield burst
-        except BaseException:
-            burst.failed = True
-            raise
-        finally:
-            if burst.store is not None and not burst.store.end_group(commit=not burst.failed):
-                burst.failed = True
+                self._note_failure(str(exc))
                 self._reset()
 
     def _open(self):

@@ -283,3 +283,20 @@ def test_replay_through_ingest_and_process(tmp_path, adaptive):
         assert split == [(SLOW, 0)]
         assert sorted(fast_latency) == [6.0, 6.0, 7.0]  # even the first burst: its own gaps count
         assert {q for phone, _, q in sent.values() if phone == SLOW} >= {20.0}
+
+
+def test_show_phone_tells_the_quiet_period_a_person_gets_now(tmp_path):
+    path = str(tmp_path / "show.db")
+    Store(path).migrate()
+    store = Store(path)
+    for i in range(8):  # a slow typer: 13 s between texts
+        add(store, SLOW, f"part {i}", T0 + 13 * i, rules=ON)
+    store.close()
+    env = {"SMSBATCH_DB": path}
+    later = str(T0 + 300)
+    adaptive = json.loads(invoke(["show", SLOW, "--json", "--now", later], env).stdout)["quiet_period"]
+    fixed = json.loads(invoke(["show", SLOW, "--json", "--now", later], env | {"SMSBATCH_ADAPTIVE": "0"}).stdout)
+    assert adaptive["adaptive"] and adaptive["seconds"] > 10
+    assert fixed["quiet_period"] == {"seconds": 10.0, "adaptive": False}
+    human = invoke(["show", SLOW, "--now", later], env).stdout
+    assert f"quiet period for their next text: {adaptive['seconds']:g} s (fitted to their pace)" in human

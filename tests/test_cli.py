@@ -28,6 +28,8 @@ def test_every_command_has_help(command):
 
 
 def test_migrate_is_safe_to_run_again(tmp_path):
+    from smsbatch.db import SCHEMA_VERSION
+
     path = str(tmp_path / "x.db")
     for said in ("created at schema version", "already at schema version"):
         result = invoke(["--db", path, "migrate"])

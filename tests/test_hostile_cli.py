@@ -240,3 +240,11 @@ def test_arguments_that_cannot_be_stored_are_one_line(db_path, args):
     result = invoke(args, env_of(db_path))
     assert result.exit_code == 2 and no_traceback(result)
     assert result.output.strip().splitlines()[-1].startswith("Error: Invalid value")
+
+
+def test_an_empty_anonymizing_key_and_a_used_demo_folder_are_refused(tmp_path, db_path):
+    result = invoke(["--db", db_path, "export", "--jsonl", "--anonymize", "--key", ""])
+    assert result.exit_code == 2 and "is empty" in result.output
+    assert invoke(["demo", "--keep", str(tmp_path / "d")]).exit_code == 0
+    again = invoke(["demo", "--keep", str(tmp_path / "d")])
+    assert again.exit_code == 2 and "already holds a demo database" in again.output

@@ -266,14 +266,13 @@ def test_queued_writes_commit_together_and_a_bad_one_fails_alone(db_path):
         except Exception as exc:
             outcomes[i] = exc
 
-    with writer.burst() as burst:  # holds the connection: the threads below queue up
+    with writer._lock:  # as while a burst commits: the threads below queue up
         threads = [threading.Thread(target=submit, args=(i,)) for i in range(8)]
         for t in threads:
             t.start()
         deadline = time.monotonic() + 5
         while len(writer._waiting) < 8 and time.monotonic() < deadline:
             time.sleep(0.01)
-    assert not burst.failed
     for t in threads:
         t.join(5)
     assert isinstance(outcomes.pop(3), AttributeError)
@@ -289,3 +288,40 @@ def test_twilio_opt_out_type_counts_as_an_opt_out(app, db_path):
     conn = sqlite3.connect(db_path)
     assert conn.execute("SELECT kind FROM messages").fetchone()[0] == "opt_out"
     assert conn.execute("SELECT count(*) FROM opt_outs").fetchone()[0] == 1
+
+
+def test_bursts_queued_during_a_commit_share_the_next_one_and_a_bad_burst_stores_nothing(db_path):
+    """The accepting thread never waits for the database: a burst's writes are kept and
+    committed by the committer thread; bursts that queue meanwhile share one transaction;
+    if a write fails, nothing of its transaction is stored and on_done says so."""
+    from smsbatch.batching import Rules
+    from smsbatch.writer import Writer
+
+    writer = Writer(db_path)
+    outcomes = []
+    done = threading.Event()
+
+    def burst_of(sids, rules):
+        with writer.burst(lambda failed: (outcomes.append((sids, failed)), len(outcomes) == 3 and done.set())):
+            for sid in sids:
+                assert writer.submit(lambda store, sid=sid: store.add_message(
+                    sid, "+15550001111", "+15550000000", "hi", T0, rules)) is None  # kept, not run
+
+    with writer._lock:  # as while a COMMIT runs: the three bursts queue up
+        burst_of(("SM1", "SM2"), Rules())
+        burst_of(("SM3",), Rules())
+        burst_of(("SM4",), None)  # None: add_message fails inside the transaction
+        assert count(db_path) == 0
+    assert done.wait(5)
+    writer.close()
+    # One transaction held all three: the bad write failed all of them (the server then runs
+    # each request again, alone); nothing was stored.
+    assert sorted(failed for _, failed in outcomes) == [True, True, True] and count(db_path) == 0
+    outcomes.clear()
+    done.clear()
+    burst_of(("SM5", "SM6"), Rules())
+    burst_of(("SM7",), Rules())
+    burst_of(("SM8",), Rules())
+    assert done.wait(5) and [failed for _, failed in outcomes] == [False, False, False]
+    writer.close()
+    assert count(db_path) == 4
