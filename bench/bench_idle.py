@@ -4,6 +4,11 @@ A migrated database with a few open batches that are not yet due (quiet period 1
 real provider choice (`--ai openai --sms twilio`) with dummy credentials, so the run
 proves the openai and twilio libraries are not even imported when there is no work.
 One extra run under `python -X importtime` checks which modules were imported.
+The backfill (a look into Twilio's message log, once a minute across all processors) is
+off here (SMSBATCH_BACKFILL=0): this is the run that finds nothing to do. With the Twilio
+sender, one run a minute also takes the backfill's turn, which imports twilio and asks
+Twilio: that run is measured as `backfill turn` (against a refused local port, so it
+measures our cost, not Twilio's latency).
 
 Target: <= 150 ms wall per run (median), and openai, twilio and rich never imported.
 
@@ -29,6 +34,7 @@ def idle_env(db):
         OPENAI_API_KEY="sk-dummy-not-used", TWILIO_ACCOUNT_SID="AC" + "0" * 32,
         TWILIO_AUTH_TOKEN="dummy-not-used", TWILIO_FROM_NUMBER=OUR_NUMBER,
         OPENAI_BASE_URL="http://127.0.0.1:9/v1", SMSBATCH_TWILIO_BASE_URL="http://127.0.0.1:9",
+        SMSBATCH_BACKFILL="0",
     )
 
 
@@ -76,6 +82,7 @@ def run(runs=3, **_):
     median = Figure(part, "process, nothing due: median wall", "ms", target=TARGET_MS, better="lower")
     p90 = Figure(part, "process, nothing due: p90 wall", "ms")
     bare = Figure(part, "bare `python -c pass` (floor)", "ms")
+    turn = Figure(part, "process, nothing due, taking the backfill's turn (once a minute): median wall", "ms")
     with tempdir("idle") as folder:
         db = prepare(folder)
         env = idle_env(db)
@@ -87,6 +94,7 @@ def run(runs=3, **_):
             median.values.append(statistics.median(times))
             p90.values.append(percentile(times, 90))
             bare.values.append(statistics.median(floor))
+            turn.values.append(statistics.median([backfill_turn(db, cmd, env) for _ in range(3)]))
             log(f"idle run {n + 1}/{runs}: {CALLS_PER_RUN} runs, median {statistics.median(times):.0f} ms, "
                 f"p90 {percentile(times, 90):.0f} ms (python alone {statistics.median(floor):.0f} ms)")
         names, top = imported_modules(db, env)
@@ -96,7 +104,18 @@ def run(runs=3, **_):
                    "largest imports: " + ", ".join(f"{name} {us / 1000:.0f} ms" for us, name in top[:4]))
     if heavy:
         median.values.append(float("inf"))  # a heavy import is a miss whatever the time
-    return [median, p90, bare]
+    return [median, p90, bare, turn]
+
+
+def backfill_turn(db, cmd, env):
+    """One run that takes the backfill's turn: the turn is freed first, as a minute passing would."""
+    import sqlite3
+
+    conn = sqlite3.connect(db)
+    conn.execute("DELETE FROM backfill")
+    conn.commit()
+    conn.close()
+    return one_call(cmd, env | {"SMSBATCH_BACKFILL": "1"})
 
 
 def one_call_bare():
