@@ -15,7 +15,6 @@ again right before it writes the request (see deadline.before_write).
 
 import logging
 import os
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ HEARTBEAT_BUSY_TIMEOUT = 0.5  # a renewal that cannot get the database soon is r
 
 def holder_name():
     """Who holds a claim, as `status` shows it: host:pid."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    return f"{os.uname().nodename}:{os.getpid()}"  # the host name, without importing socket
 
 
 def node_id():
