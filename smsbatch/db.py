@@ -43,7 +43,8 @@ _S = State
 TRANSITIONS = {
     _S.OPEN: {_S.QUEUED, _S.PROCESSING, _S.EXPIRED},
     _S.QUEUED: {_S.PROCESSING, _S.EXPIRED},
-    _S.PROCESSING: {_S.PROCESSING, _S.SENDING, _S.QUEUED, _S.SUPERSEDED, _S.SKIPPED, _S.HELD, _S.FAILED},
+    # processing -> sent: a retried batch's earlier send turned out to have gone out
+    _S.PROCESSING: {_S.PROCESSING, _S.SENDING, _S.SENT, _S.QUEUED, _S.SUPERSEDED, _S.SKIPPED, _S.HELD, _S.FAILED},
     # a send found not to have gone out is not sent again to a person put on hold meanwhile
     _S.SENDING: {_S.SENDING, _S.SENT, _S.QUEUED, _S.SUPERSEDED, _S.SKIPPED, _S.HELD, _S.FAILED, _S.UNKNOWN},
     _S.SENT: set(),
@@ -542,19 +543,29 @@ class Store:
                    "superseded_by = ?, due_at = NULL, claim = NULL, completed_at = ?, last_error = NULL",
                    (newer["id"], now))
 
-    def mark_sent(self, batch, provider_sid, now):
-        """Record that the reply went out (and log it in outbound). Returns False if the lease was lost."""
+    def mark_sent(self, batch, provider_sid, now, found=False):
+        """Record that the reply went out (and log it in outbound). `found`: a retried batch
+        whose earlier send Twilio's log shows went out (it moves from *processing*, no second
+        send). Returns False if the lease was lost."""
+        how = f"sent ({provider_sid}): the earlier send was found in Twilio's message log" if found \
+            else f"sent ({provider_sid})"
         with self.transaction() as conn:
             moved = self._update_held(
-                conn, batch, State.SENT, now, f"sent ({provider_sid})",
+                conn, batch, State.SENT, now, how,
                 "provider_sid = ?, sent_at = ?, completed_at = ?, due_at = NULL, last_error = NULL",
-                (provider_sid, now, now), (State.SENDING,))
+                (provider_sid, now, now), (State.PROCESSING,) if found else (State.SENDING,))
             if moved:
                 conn.execute(
                     "INSERT OR IGNORE INTO outbound (sid, batch_id, phone, our_number, body, source, sent_at)"
                     " SELECT provider_sid, id, phone, our_number, response_text, 'ai', sent_at FROM batches"
                     " WHERE id = ?", (batch["id"],))
             return moved
+
+    def note(self, batch, now, reason):
+        """Write a line in a claimed batch's history without moving it (while the claim holds)."""
+        with self.transaction() as conn:
+            if self._holds(conn, batch, State(batch["state"])):
+                self._record(conn, batch["id"], now, batch["state"], batch["state"], reason)
 
     def finish(self, batch, state, now, error=None):
         """Move a claimed batch to a final state (skipped, held, failed, unknown).

@@ -134,6 +134,10 @@ class Processor:
             return self._reconcile(store, batch)
         if batch["attempts"] > s.max_attempts:
             return self._finish(store, batch, State.FAILED, f"gave up after {s.max_attempts} attempts")
+        if stored_reply(batch) is not None and batch["send_started_at"] is not None:
+            sid = self._earlier_send(store, batch)
+            if sid:  # the reply went out after all: record it, never send it twice
+                return "sent" if store.mark_sent(batch, sid, self.clock(), found=True) else "taken_over"
         if store.is_opted_out(batch["phone"], self.scope(batch)):
             return self._finish(store, batch, State.SKIPPED, "opted out")
         hold = store.find_hold(batch["phone"])
@@ -158,6 +162,19 @@ class Processor:
         if state != State.SENDING:
             return State(state).value
         return self._send(store, batch, reply)
+
+    def _earlier_send(self, store, batch):
+        """A retried batch whose stored reply may already have gone out (it was sent before):
+        the SID of that earlier send if Twilio has it (the same lookup as _reconcile), else None.
+        When Twilio cannot be asked, the operator chose to retry after checking: None, noted."""
+        try:
+            return self._call(store, "sms", self.sender.find_sent, batch["phone"], batch["our_number"],
+                              batch["send_started_at"], batch["response_text"],
+                              exclude=store.reply_sids(batch["phone"]))
+        except (CannotReconcile, DeliveryError) as exc:
+            store.note(batch, self.clock(), f"could not check whether the earlier send went out ({exc}); "
+                       "sending, as the operator retried it")
+            return None
 
     def _ask_ai(self, store, batch):
         """The AI's one reply to the batch's texts, with the conversation so far.
