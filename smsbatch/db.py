@@ -41,8 +41,9 @@ _S = State
 # Every move a batch may make, written down once. A move to the same state (a claim
 # taken over, a send left to be checked again) is a move too, so it is recorded.
 TRANSITIONS = {
-    _S.OPEN: {_S.QUEUED, _S.PROCESSING, _S.EXPIRED},
-    _S.QUEUED: {_S.PROCESSING, _S.EXPIRED},
+    # open/queued -> held: texts of the hold not yet claimed when it is released
+    _S.OPEN: {_S.QUEUED, _S.PROCESSING, _S.EXPIRED, _S.HELD},
+    _S.QUEUED: {_S.PROCESSING, _S.EXPIRED, _S.HELD},
     # processing -> sent: a retried batch's earlier send turned out to have gone out
     _S.PROCESSING: {_S.PROCESSING, _S.SENDING, _S.SENT, _S.QUEUED, _S.SUPERSEDED, _S.SKIPPED, _S.HELD, _S.FAILED},
     # a send found not to have gone out is not sent again to a person put on hold meanwhile
@@ -790,10 +791,22 @@ class Store:
             if hold is None:
                 raise NotFound(f"{phone} is not on hold")
             conn.execute("DELETE FROM holds WHERE phone = ?", (phone,))
+            self._hold_waiting(conn, phone, hold, now)
             held = conn.execute("SELECT * FROM batches WHERE phone = ? AND state = 'held' AND completed_at >= ?"
                                 " ORDER BY seq", (phone, hold["since"])).fetchall()
             requeued = self._answer_held(conn, held, now) if answer_pending else []
         return dict(hold) | {"held_batches": len(held), "held_texts": sum(r["message_count"] for r in held)}, requeued
+
+    def _hold_waiting(self, conn, phone, hold, now):
+        """Texts that came during the hold but whose batches were not yet due (open, queued)
+        end *held* like the others: answered only if the operator asks (--answer-pending)."""
+        waiting = conn.execute("SELECT id FROM batches WHERE phone = ? AND state IN ('open', 'queued')"
+                               " AND created_at >= ? ORDER BY seq", (phone, hold["since"])).fetchall()
+        why = f": {hold['reason']}" if hold["reason"] else ""
+        reason = f"came while on hold, not answered at its release (smsbatch retry to answer it){why}"
+        for row in waiting:
+            self._move(conn, row["id"], State.HELD, now, reason,
+                       "due_at = NULL, claim = NULL, completed_at = ?, last_error = ?", (now, reason))
 
     def _answer_held(self, conn, held, now):
         newest = {row["our_number"]: row for row in held}
