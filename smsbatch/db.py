@@ -410,24 +410,31 @@ class Store:
             "SELECT sid, body, media, received_at FROM messages WHERE batch_id = ?"
             " ORDER BY received_at, id", (batch_id,))]
 
-    def history(self, phone, our_number, batch_id, before, limit):
-        """The conversation before this batch: (time, role, text, media), oldest first.
+    def history(self, phone, our_number, batch_id, before, limit, until=None):
+        """The conversation before this batch: (time, role, text, media, source), oldest first;
+        with `until`, then every reply sent after `before` up to `until` (ai.build_prompt
+        places those among the batch's texts).
 
         Replies are every SMS we sent to this person from this number: the AI's and
-        those an operator sent by hand.
+        those an operator sent by hand (source 'ai' / 'manual'; None for their texts).
         """
         texts = self.conn.execute(
-            "SELECT received_at, 'user', body, media FROM messages WHERE phone = ? AND our_number = ?"
+            "SELECT received_at, 'user', body, media, NULL FROM messages WHERE phone = ? AND our_number = ?"
             " AND batch_id != ? AND kind = 'text' AND received_at <= ? ORDER BY received_at DESC LIMIT ?",
             (phone, our_number, batch_id, before, limit),
         ).fetchall()
         replies = self.conn.execute(
-            "SELECT sent_at, 'assistant', body, NULL FROM outbound WHERE phone = ? AND our_number = ?"
+            "SELECT sent_at, 'assistant', body, NULL, source FROM outbound WHERE phone = ? AND our_number = ?"
             " AND sent_at <= ? ORDER BY sent_at DESC LIMIT ?",
             (phone, our_number, before, limit),
         ).fetchall()
         merged = sorted([tuple(r) for r in texts] + [tuple(r) for r in replies], key=lambda r: r[0])
-        return merged[-limit:] if limit else []
+        merged = merged[-limit:] if limit else []
+        if until is not None:
+            merged += [tuple(r) for r in self.conn.execute(
+                "SELECT sent_at, 'assistant', body, NULL, source FROM outbound WHERE phone = ? AND our_number = ?"
+                " AND sent_at > ? AND sent_at <= ? ORDER BY sent_at", (phone, our_number, before, until))]
+        return merged
 
     def reply_sids(self, phone):
         """The provider SIDs already recorded for messages we sent this phone (any number)."""

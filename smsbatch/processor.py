@@ -185,7 +185,7 @@ class Processor:
         s = self.settings
         texts = store.batch_texts(batch["id"])
         history = store.history(batch["phone"], batch["our_number"], batch["id"], texts[0]["received_at"],
-                                s.history_messages)
+                                s.history_messages, until=self.clock())
         messages = ai.build_prompt(self.prompts.for_number(batch["our_number"]), history, texts)
         store.record_prompt(batch, messages)  # `show --prompt`: exactly what the AI is sent
         return batching.shorten(self._call(store, "ai", self.responder.answer, messages))
