@@ -54,7 +54,7 @@ def effective_settings(settings):
         ("TWILIO_MESSAGING_SERVICE_SID", s.twilio_messaging_service_sid or "(not set)"),
         ("SMSBATCH_TWILIO_BASE_URL", display_url(s.twilio_base_url) if s.twilio_base_url
          else f"(not set: {TWILIO_DEFAULT_BASE_URL})"),
-        ("SMSBATCH_PUBLIC_URL", s.public_url or "(not set: the request's own URL)"),
+        ("SMSBATCH_PUBLIC_URL", display_url(s.public_url) if s.public_url else "(not set: the request's own URL)"),
         ("batching", f"quiet {s.quiet_seconds:g} s, max wait {s.max_wait_seconds:g} s, "
                      f"max {s.max_messages} texts, max age {s.max_age_seconds:g} s"),
         ("retries", f"{s.max_attempts} attempts, base {s.retry_base_seconds:g} s, lease {s.lease:g} s"),
@@ -202,15 +202,17 @@ def check_number(client, settings, number, fix_webhook):
                      "use a number this account owns (Phone Numbers > Active numbers), or the right account")
     resource, want = found[0], settings.public_url
     if not want:
-        return Check(name, False, f"webhook is {resource.sms_url or '(none)'} ({resource.sms_method}); "
+        return Check(name, False, f"webhook is {_url(resource.sms_url)} ({resource.sms_method}); "
                      "SMSBATCH_PUBLIC_URL is not set, so it cannot be compared",
                      "set SMSBATCH_PUBLIC_URL to the exact URL Twilio posts to (e.g. https://sms.example.com/sms)")
     if resource.sms_url == want and (resource.sms_method or "POST").upper() == "POST":
-        return Check(name, True, f"belongs to the account; webhook {want} (POST)")
+        return Check(name, True, f"belongs to the account; webhook {display_url(want)} (POST)")
     if fix_webhook:
         return fix_number(name, resource, want, settings)
-    return Check(name, False, f"webhook is {resource.sms_url or '(none)'} ({resource.sms_method}), "
-                 f"not {want} (POST): Twilio's texts would be rejected or go elsewhere",
+    hidden = " (they differ in the password or query, not shown)" if resource.sms_url and \
+        display_url(resource.sms_url) == display_url(want) else ""
+    return Check(name, False, f"webhook is {_url(resource.sms_url)} ({resource.sms_method}), "
+                 f"not {display_url(want)} (POST){hidden}: Twilio's texts would be rejected or go elsewhere",
                  "smsbatch check --fix-webhook (sets it to SMSBATCH_PUBLIC_URL, POST)")
 
 
@@ -219,9 +221,14 @@ def fix_number(name, resource, want, settings):
         updated = resource.update(sms_url=want, sms_method="POST")
     except Exception as exc:
         return twilio_failure(name, exc, settings)
-    was = resource.sms_url or "(none)"
-    return Check(name, updated.sms_url == want, f"webhook set to {updated.sms_url} (POST); was {was}",
+    return Check(name, updated.sms_url == want,
+                 f"webhook set to {_url(updated.sms_url)} (POST); was {_url(resource.sms_url)}",
                  "" if updated.sms_url == want else "set it in the Twilio console")
+
+
+def _url(url):
+    """A webhook URL as shown: without password or query (display_url), '(none)' when unset."""
+    return display_url(url) if url else "(none)"
 
 
 # -- OpenAI ---------------------------------------------------------------------
@@ -239,7 +246,7 @@ def check_openai(settings):
                            timeout=min(settings.ai_timeout_seconds, CHECK_TIMEOUT_SECONDS), max_retries=0)
     model = settings.ai_model
     try:
-        client.models.retrieve(model)
+        found = client.models.retrieve(model)
     except openai.APIStatusError as exc:
         url = f"{base}/models/{model}"
         if exc.status_code in (401, 403):
@@ -252,4 +259,8 @@ def check_openai(settings):
         kind = "timed out" if isinstance(exc, openai.APITimeoutError) else "unreachable"
         return Check(name, False, f"{base} {kind}",
                      "check OPENAI_BASE_URL (e.g. http://127.0.0.1:8000/v1; unset for OpenAI itself)")
+    if getattr(found, "id", None) != model:  # a web page or another API answering 200 is not the model
+        return Check(name, False, f"{base}/models/{model} answered, but not with model {model!r} "
+                     "(not an OpenAI-compatible API?)",
+                     "check OPENAI_BASE_URL (it should end in /v1, e.g. http://127.0.0.1:8000/v1)")
     return Check(name, True, f"{base} answers; model {model} exists")
