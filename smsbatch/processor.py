@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from smsbatch import ai, batching
 from smsbatch.config import FAULT_POINT
 from smsbatch.db import State, Store, held_reason
-from smsbatch.errors import CannotReconcile, DeliveryError, InvalidInput, redact
+from smsbatch.errors import CannotReconcile, DeliveryError, InvalidInput, hide_numbers, redact
 from smsbatch.inputs import check_phone, iso_time
 
 log = logging.getLogger("smsbatch.processor")
@@ -28,9 +28,6 @@ POLL_SECONDS = 1.0  # with --for, new work is picked up within about this long
 # batch is left to its lease (then retried, or failed after its attempts).
 OUTCOMES = ("sent", "skipped", "superseded", "retrying", "failed", "unknown", "taken_over", "error", "held")
 PROVIDER_NAMES = {"ai": "AI", "sms": "Twilio"}
-
-
-PHONE_DIGITS = re.compile(r"\+?\d[\d ().-]{6,}\d")
 
 
 def _digits(phone):
@@ -239,7 +236,7 @@ class Processor:
         try:
             result = call(*args, **kwargs)
         except DeliveryError as exc:
-            self._note_health(store, provider, None if exc.opted_out else PHONE_DIGITS.sub("[number]", str(exc)))
+            self._note_health(store, provider, None if exc.opted_out else hide_numbers(exc))
             raise
         self._note_health(store, provider, None)
         return result
@@ -271,7 +268,7 @@ class Processor:
             # stderr: cron mails it, so a person hears about batches that need them
             # Provider errors may quote the number: the log (cron mail) gets the batch id instead.
             log.warning("batch %s %s: %s (smsbatch retry %s)", batch["id"], State(state).value,
-                        PHONE_DIGITS.sub("[number]", error), batch["id"])
+                        hide_numbers(error), batch["id"])
         return State(state).value if ok else "taken_over"
 
     def _later(self, move, batch, error):
@@ -286,7 +283,7 @@ class Processor:
             return self.handle(batch)
         except Exception:
             # Redacted like provider errors: an exception's text may quote a secret or a number.
-            trace = PHONE_DIGITS.sub("[number]", redact(traceback.format_exc(), self.settings.secrets()))
+            trace = hide_numbers(redact(traceback.format_exc(), self.settings.secrets()))
             log.error("batch %s: unexpected error (a bug); the batch is left to its lease, then retried "
                       "or failed after its attempts\n%s", batch["id"], trace.rstrip())
             return "error"
