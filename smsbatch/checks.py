@@ -67,6 +67,8 @@ def effective_settings(settings):
 def run_checks(settings, fix_webhook=False):
     """Every check, in order: database, Twilio account, reply numbers and their webhook, OpenAI."""
     results = [check_database(settings.db_path)]
+    if settings.prompts_dir:
+        results.append(check_prompts(settings.prompts_dir))
     if settings.sms != "twilio":
         results.append(Check("twilio", True, f"skipped: SMSBATCH_SMS={settings.sms}"))
     else:
@@ -110,6 +112,26 @@ def check_database(path):
         return Check(name, False, f"{path} is readable by others (mode {mode:o}); it holds customer texts",
                      f"chmod 600 {path}")
     return Check(name, True, f"{path}: writable, schema version {version}")
+
+
+def check_prompts(folder):
+    """SMSBATCH_PROMPTS_DIR is a folder whose every *.txt is named like a number and reads as UTF-8."""
+    from smsbatch.ai import PROMPT_FILE_NAME, SystemPrompts
+
+    name = "prompts"
+    if not os.path.isdir(folder):
+        return Check(name, False, f"SMSBATCH_PROMPTS_DIR={folder} is not a folder",
+                     "create it, or unset SMSBATCH_PROMPTS_DIR for one system prompt for every number")
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".txt"))
+    for file in files:
+        if not PROMPT_FILE_NAME.match(file.removesuffix(".txt")):
+            return Check(name, False, f"{os.path.join(folder, file)} is not named like a number, so it is never used",
+                         "name each prompt file after the number it is for, e.g. +15550001111.txt")
+        try:
+            SystemPrompts._read(os.path.join(folder, file))
+        except SmsbatchError as exc:
+            return Check(name, False, str(exc), "save it as UTF-8 text, readable by the user smsbatch runs as")
+    return Check(name, True, f"{folder}: {len(files)} prompt file{'' if len(files) == 1 else 's'}, all readable")
 
 
 # -- Twilio ---------------------------------------------------------------------

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from smsbatch import ai, batching
 from smsbatch.config import FAULT_POINT
 from smsbatch.db import State, Store, held_reason
-from smsbatch.errors import CannotReconcile, DeliveryError, InvalidInput, hide_numbers, redact
+from smsbatch.errors import CannotReconcile, ConfigError, DeliveryError, InvalidInput, hide_numbers, redact
 from smsbatch.inputs import check_phone, iso_time
 
 log = logging.getLogger("smsbatch.processor")
@@ -183,9 +183,23 @@ class Processor:
         texts = store.batch_texts(batch["id"])
         history = store.history(batch["phone"], batch["our_number"], batch["id"], texts[0]["received_at"],
                                 s.history_messages, until=self.clock())
-        messages = ai.build_prompt(self.prompts.for_number(batch["our_number"]), history, texts)
+        messages = ai.build_prompt(self._system_prompt(batch), history, texts)
         store.record_prompt(batch, messages)  # `show --prompt`: exactly what the AI is sent
         return batching.shorten(self._call(store, "ai", self.responder.answer, messages))
+
+    def _system_prompt(self, batch):
+        """The system prompt for the batch's number.
+
+        Raises:
+            DeliveryError (transient): its prompt file cannot be read. A configuration problem,
+            not a bug: the attempt is retried with backoff, like an outage, until someone fixes it.
+        """
+        try:
+            return self.prompts.for_number(batch["our_number"])
+        except ConfigError as exc:
+            log.warning("batch %s: %s; retrying later (fix the file in SMSBATCH_PROMPTS_DIR)", batch["id"],
+                        hide_numbers(exc))
+            raise DeliveryError(str(exc), transient=True) from None
 
     def _send(self, store, batch, reply):
         fault_point("before_twilio")

@@ -192,3 +192,32 @@ def test_a_web_page_answering_200_is_not_taken_for_openai(env, twilio_standin):
     assert result.exit_code == 1
     assert f"FAIL  openai: {page.url}/v1/models/gpt-4o-mini answered, but not with model 'gpt-4o-mini'" \
            in result.output and "exists" not in result.output
+
+
+def test_check_reads_every_prompt_file(env, twilio_standin, tmp_path):
+    twilio_standin.add_number(OURS, PUBLIC)
+    folder = tmp_path / "prompts"
+
+    def prompts_check():
+        result = invoke(["check", "--json"], env | {"SMSBATCH_PROMPTS_DIR": str(folder)})
+        return result.exit_code, next(c for c in json.loads(result.output)["checks"] if c["name"] == "prompts")
+
+    code, found = prompts_check()
+    assert code == 1 and not found["ok"] and found["detail"] == f"SMSBATCH_PROMPTS_DIR={folder} is not a folder"
+    folder.mkdir()
+    (folder / f"{OURS}.txt").write_text("You sell bicycles.")
+    (folder / "README.md").write_text("not a prompt: ignored")
+    code, found = prompts_check()
+    assert code == 0 and found["ok"] and found["detail"] == f"{folder}: 1 prompt file, all readable"
+    (folder / "sales.txt").write_text("hi")
+    code, found = prompts_check()
+    assert code == 1 and found["detail"] == f"{folder}/sales.txt is not named like a number, so it is never used"
+    (folder / "sales.txt").unlink()
+    (folder / "+15550000001.txt").write_bytes(b"\xff\xfe bad")
+    code, found = prompts_check()
+    assert code == 1 and found["detail"].startswith(f"cannot read the system prompt {folder}/+15550000001.txt: 'utf-8'")
+    assert "UTF-8" in found["fix"]
+    (folder / "+15550000001.txt").unlink()
+    (folder / "+15550000002.txt").mkdir()  # unreadable as a file
+    code, found = prompts_check()
+    assert code == 1 and found["detail"].startswith(f"cannot read the system prompt {folder}/+15550000002.txt")
