@@ -6,6 +6,7 @@ The SQL lives in db.py; this module handles the files and the rules around it.
 
 import os
 import secrets
+import stat
 
 from smsbatch.db import Store
 from smsbatch.errors import SmsbatchError
@@ -18,13 +19,17 @@ def backup(db_path, dest, force=False):
     `dest` is never a half-written file. Returns what the copy holds (version, texts, batches, bytes).
 
     Raises:
-        SmsbatchError: no database, `dest` exists (without `force`), or its folder cannot be written.
+        SmsbatchError: no database, `dest` exists (without `force`; or is not a regular file), or
+            its folder cannot be written.
     """
     if not os.path.exists(db_path):
         raise SmsbatchError(f"database {db_path} does not exist")
     dest = os.path.abspath(dest)
     if os.path.abspath(db_path) == dest:
         raise SmsbatchError("the backup file must not be the database itself")
+    if os.path.lexists(dest) and not stat.S_ISREG(os.lstat(dest).st_mode):
+        # a device, a folder, a FIFO or a link: never replaced, whatever --force says
+        raise SmsbatchError(f"{dest} exists and is not a regular file: choose another name")
     if os.path.exists(dest) and not force:
         raise SmsbatchError(f"{dest} already exists: choose another name, or --force to overwrite it")
     temp = os.path.join(os.path.dirname(dest), f".{os.path.basename(dest)}.{secrets.token_hex(4)}.tmp")
