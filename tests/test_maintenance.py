@@ -179,6 +179,18 @@ def test_prune_refuses_a_bad_age(db_path):
     assert result.exit_code == 2 and "bad duration" in result.output
 
 
+def test_an_absurd_duration_is_refused_in_one_line(db_path):
+    """Longer than 100 years (or too many digits for a float) is a typo, not a traceback."""
+    env = {"SMSBATCH_DB": db_path}
+    for args in (["prune", "--older-than", "1000000d"], ["prune", "--older-than", "4" * 400 + "d"],
+                 ["retry", "--failed", "--since", "1000000d"], ["stats", "--since", "99999999w"]):
+        result = invoke(args, env)
+        errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+        assert result.exit_code == 2 and "Traceback" not in result.output, (args, result.output)
+        assert len(errors) == 1 and "at most 100 years (36525d)" in errors[0] and len(errors[0]) < 120
+    assert invoke(["prune", "--older-than", "36525d", "--dry-run"], env).exit_code == 0
+
+
 # -- the README's upgrade procedure on a database of the first release ----------------
 
 
