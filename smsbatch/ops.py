@@ -85,7 +85,7 @@ def retry_batches(store, batch_ids, states, since, now, dry_run=False, fresh=Fal
     chosen, refused = [], []
     if states:
         chosen = store.retry_candidates(states, since)
-    for batch_id in batch_ids:
+    for batch_id in dict.fromkeys(batch_ids):  # an id given twice is requeued (and listed) once
         try:
             reason = store.retry_refusal(batch_id)
         except NotFound as exc:

@@ -162,3 +162,12 @@ def test_retry_of_an_unknown_batch_sends_when_twilio_cannot_be_asked(db_path, st
     assert twilio_standin.bodies_to(A) == ["the reply"] and store.get_batch(batch_id)["state"] == "sent"
     assert any(r.startswith("could not check whether the earlier send went out") and
                r.endswith("sending, as the operator retried it") for r in reasons(store, batch_id))
+
+
+def test_an_id_given_twice_is_requeued_once(db_path, store):
+    batch_id = failed_batch(store, A, T0)
+    dry = invoke(["retry", batch_id, batch_id, "--dry-run", "--now", str(T0 + 100)], env_for(db_path))
+    assert dry.exit_code == 0 and dry.output.count(f"would requeue batch {batch_id}") == 1, dry.output
+    result = invoke(["retry", batch_id, batch_id, "--now", str(T0 + 100)], env_for(db_path))
+    assert result.exit_code == 0 and result.output.strip() == f"batch {batch_id} requeued (1 text from {A})"
+    assert store.get_batch(batch_id)["state"] == "queued"
