@@ -197,3 +197,12 @@ def test_release_answer_pending_answers_texts_not_yet_claimed(db_path, store, se
     clock.now = T0 + 81
     assert offline_processor(settings, clock, sender=sender).run().counts["sent"] == 1
     assert "while held" in sender.sent[0][2] and "still held" in sender.sent[0][2]
+
+
+def test_a_hold_reason_with_control_characters_is_never_printed_raw(db_path, store):
+    reason = "angry\x1b[2J\x1b]0;pwned\x07 customer\rover"
+    result = invoke(["hold", A, "--reason", reason, "--now", str(T0)], {"SMSBATCH_DB": db_path})
+    assert result.exit_code == 0 and "\x1b" not in result.output and "\x07" not in result.output
+    assert "(angry\\x1b[2J\\x1b]0;pwned\\x07 customer over)" in result.output
+    assert len(result.output.splitlines()) == 1
+    assert store.find_hold(A)["reason"] == reason  # stored as given; cleaned only when shown

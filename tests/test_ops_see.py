@@ -231,6 +231,12 @@ def test_status_watch_and_json_do_not_mix(db_path):
     assert result.exit_code == 2 and "--watch" in result.output
 
 
+def test_status_watch_refuses_in_one_line_when_stdout_is_not_a_terminal(db_path):
+    result = invoke(["status", "--watch"], env_for(db_path))  # the CLI runner's stdout is no terminal
+    assert result.exit_code == 1 and result.output == (
+        "Error: --watch redraws a terminal, and stdout is not one: drop --watch to print the status once\n")
+
+
 # -- status --watch in a real terminal --------------------------------------------
 
 
