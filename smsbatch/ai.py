@@ -65,18 +65,20 @@ def build_prompt(system_prompt, history, texts):
 
     `history` is [(time, role, text, media, source)], oldest first (source: 'ai'/'manual' for
     our replies): the conversation before the burst and every reply we sent since its first
-    text. Those later replies take their place among the burst's texts (`texts`: rows with
-    body, media, received_at), so the AI sees what was already answered; when our reply is
-    the last word, a note says so and asks it to answer only what is still open.
+    text. A reply sent by hand since then takes its place among the burst's texts (`texts`:
+    rows with body, media, received_at), so the AI sees what a person already answered; when
+    it is the last word, a note asks the AI to answer only what is still open. An AI reply
+    sent since then answered an earlier batch (never these texts): it goes before the burst.
     """
     first = texts[0]["received_at"]
+    by_hand = [h for h in history if h[0] > first and h[4] == "manual"]
     messages = [{"role": "system", "content": system_prompt}]
-    for _, role, text, media, _ in (h for h in history if h[0] <= first):
+    for _, role, text, media, _ in (h for h in history if h[0] <= first or h[4] != "manual"):
         messages.append({"role": role, "content": describe_text(text, media) if role == "user" else text})
-    timeline = sorted([(t["received_at"], 0, describe_text(t["body"], t["media"]), None) for t in texts]
-                      + [(h[0], 1, h[2], h[4]) for h in history if h[0] > first], key=lambda x: x[:2])
+    timeline = sorted([(t["received_at"], 0, describe_text(t["body"], t["media"])) for t in texts]
+                      + [(h[0], 1, h[2]) for h in by_hand])
     burst = []
-    for at, is_reply, content, source in timeline:
+    for _, is_reply, content in timeline:
         if is_reply:
             if burst:
                 messages.append({"role": "user", "content": _burst(burst, last=False)})
@@ -87,14 +89,11 @@ def build_prompt(system_prompt, history, texts):
     if burst:
         messages.append({"role": "user", "content": _burst(burst, last=True)})
     else:
-        messages.append({"role": "system", "content": ANSWERED_BY_HAND if timeline[-1][3] == "manual"
-                         else ANSWERED_ALREADY})
+        messages.append({"role": "system", "content": ANSWERED_BY_HAND})
     return messages
 
 
 ANSWERED_BY_HAND = ("Someone on our team already replied by hand (the last reply above) after these texts. "
-                    "Answer only what is still open; do not repeat that reply.")
-ANSWERED_ALREADY = ("A reply already went out (the last one above) after these texts. "
                     "Answer only what is still open; do not repeat that reply.")
 
 

@@ -3,7 +3,7 @@ sent since its first text placed among its texts (a reply by hand is never ignor
 
 from conftest import T0, add, invoke, real_processor
 from fakes import provider_env
-from smsbatch.ai import ANSWERED_ALREADY, ANSWERED_BY_HAND, build_prompt
+from smsbatch.ai import ANSWERED_BY_HAND, build_prompt
 
 A, US = "+15554440001", "+15550000000"
 
@@ -36,8 +36,16 @@ def test_when_our_reply_is_the_last_word_the_ai_is_told_so():
     assert by_hand[-2:] == [{"role": "assistant", "content": "it ships Monday"},
                             {"role": "system", "content": ANSWERED_BY_HAND}]
     assert "by hand" in ANSWERED_BY_HAND and "only what is still open" in ANSWERED_BY_HAND
-    by_ai = build_prompt("p", [(T0 + 3, "assistant", "an earlier answer", None, "ai")], texts)
-    assert by_ai[-1] == {"role": "system", "content": ANSWERED_ALREADY}
+
+
+def test_an_ai_reply_sent_during_the_burst_answered_an_earlier_batch_and_goes_before_it():
+    """The AI's reply to the batch before (in flight while these texts came) never saw them."""
+    history = [(T0 - 5, "user", "first question", None, None),
+               (T0 + 3, "assistant", "answer to the first question", None, "ai")]
+    assert build_prompt("p", history, [text("second question", T0)])[1:] == [
+        {"role": "user", "content": "first question"},
+        {"role": "assistant", "content": "answer to the first question"},
+        {"role": "user", "content": "second question"}]
 
 
 def test_the_ai_sees_a_reply_sent_by_hand_after_the_batch_began(db_path, store, clock, openai_standin,
