@@ -760,7 +760,8 @@ class Store:
         values = [State(s).value for s in states]
         return [dict(r) for r in self.conn.execute(
             "SELECT id, phone, state, message_count, completed_at, last_error, response_text IS NOT NULL"
-            f" AS has_reply FROM batches b WHERE state IN ({placeholders(values)}) AND completed_at >= ?"
+            f" AS has_reply, send_started_at FROM batches b WHERE state IN ({placeholders(values)})"
+            " AND completed_at >= ?"
             " AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.batch_id = b.id AND m.kind != 'text')"
             " AND phone NOT IN (SELECT phone FROM holds) ORDER BY completed_at, seq", (*values, since))]
 

@@ -109,7 +109,9 @@ def retry_batches(store, batch_ids, states, since, now, dry_run=False, fresh=Fal
 def _summary(batch, fresh):
     reuse = batch.get("has_reply", batch.get("response_text") is not None) and not fresh
     return {"id": batch["id"], "phone": batch["phone"], "state": batch["state"],
-            "texts": batch["message_count"], "last_error": batch["last_error"], "reuses_reply": bool(reuse)}
+            "texts": batch["message_count"], "last_error": batch["last_error"], "reuses_reply": bool(reuse),
+            # sent before: Twilio's log is asked first, so a reply that went out is not sent twice
+            "checks_first": bool(reuse) and batch.get("send_started_at") is not None}
 
 
 def retry_lines(result):
@@ -119,6 +121,7 @@ def retry_lines(result):
     for b in result["requeued"]:
         texts = "1 text" if b["texts"] == 1 else f"{b['texts']} texts"
         reuse = ", reusing its stored reply" if b["reuses_reply"] else ""
+        reuse += " unless Twilio's log shows it went out" if b["checks_first"] else ""
         error = f": {b['last_error']}" if result["dry_run"] and b["last_error"] else ""
         if result["dry_run"]:
             lines.append(f"would requeue batch {b['id']} ({b['state']}, {texts} from {b['phone']}{reuse}){error}")
