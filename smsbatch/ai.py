@@ -89,21 +89,47 @@ def describe_text(body, media):
 def build_prompt(system_prompt, history, texts):
     """The chat messages for one batch: system prompt, recent conversation, then the burst.
 
-    `history` is [(time, role, text, media)], `texts` the batch's rows (body, media).
+    `history` is [(time, role, text, media, source)], oldest first (source: 'ai'/'manual' for
+    our replies): the conversation before the burst and every reply we sent since its first
+    text. A reply sent by hand since then takes its place among the burst's texts (`texts`:
+    rows with body, media, received_at), so the AI sees what a person already answered; when
+    it is the last word, a note asks the AI to answer only what is still open. An AI reply
+    sent since then answered an earlier batch (never these texts): it goes before the burst.
     """
+    first = texts[0]["received_at"]
+    by_hand = [h for h in history if h[0] > first and h[4] == "manual"]
     messages = [{"role": "system", "content": system_prompt}]
-    for _, role, text, media in history:
-        content = describe_text(text, media) if role == "user" else text
-        messages.append({"role": role, "content": content})
-    burst = [describe_text(t["body"], t["media"]) for t in texts]
-    if len(burst) == 1:
-        content = burst[0]
+    for _, role, text, media, _ in (h for h in history if h[0] <= first or h[4] != "manual"):
+        messages.append({"role": role, "content": describe_text(text, media) if role == "user" else text})
+    timeline = sorted([(t["received_at"], 0, describe_text(t["body"], t["media"])) for t in texts]
+                      + [(h[0], 1, h[2]) for h in by_hand])
+    burst = []
+    for _, is_reply, content in timeline:
+        if is_reply:
+            if burst:
+                messages.append({"role": "user", "content": _burst(burst, last=False)})
+                burst = []
+            messages.append({"role": "assistant", "content": content})
+        else:
+            burst.append(content)
+    if burst:
+        messages.append({"role": "user", "content": _burst(burst, last=True)})
     else:
-        content = f"(The customer sent {len(burst)} texts in a row; answer them together.)\n" + "\n".join(
-            f"{i}. {line}" for i, line in enumerate(burst, 1)
-        )
-    messages.append({"role": "user", "content": content})
+        messages.append({"role": "system", "content": ANSWERED_BY_HAND})
     return messages
+
+
+ANSWERED_BY_HAND = ("Someone on our team already replied by hand (the last reply above) after these texts. "
+                    "Answer only what is still open; do not repeat that reply.")
+
+
+def _burst(lines, last):
+    """Texts in a row as one user turn; the last turn asks for them to be answered together."""
+    if len(lines) == 1:
+        return lines[0]
+    ask = "; answer them together" if last else ""
+    return f"(The customer sent {len(lines)} texts in a row{ask}.)\n" + "\n".join(
+        f"{i}. {line}" for i, line in enumerate(lines, 1))
 
 
 class OfflineResponder:

@@ -54,7 +54,7 @@ def effective_settings(settings):
         ("TWILIO_MESSAGING_SERVICE_SID", s.twilio_messaging_service_sid or "(not set)"),
         ("SMSBATCH_TWILIO_BASE_URL", display_url(s.twilio_base_url) if s.twilio_base_url
          else f"(not set: {TWILIO_DEFAULT_BASE_URL})"),
-        ("SMSBATCH_PUBLIC_URL", s.public_url or "(not set: the request's own URL)"),
+        ("SMSBATCH_PUBLIC_URL", display_url(s.public_url) if s.public_url else "(not set: the request's own URL)"),
         ("batching", f"quiet {s.quiet_seconds:g} s, max wait {s.max_wait_seconds:g} s, "
                      f"max {s.max_messages} texts, max age {s.max_age_seconds:g} s"),
         ("retries", f"{s.max_attempts} attempts, base {s.retry_base_seconds:g} s, lease {s.lease:g} s"),
@@ -67,6 +67,8 @@ def effective_settings(settings):
 def run_checks(settings, fix_webhook=False):
     """Every check, in order: database, Twilio account, reply numbers and their webhook, OpenAI."""
     results = [check_database(settings.db_path)]
+    if settings.prompts_dir:
+        results.append(check_prompts(settings.prompts_dir))
     if settings.sms != "twilio":
         results.append(Check("twilio", True, f"skipped: SMSBATCH_SMS={settings.sms}"))
     else:
@@ -110,6 +112,26 @@ def check_database(path):
         return Check(name, False, f"{path} is readable by others (mode {mode:o}); it holds customer texts",
                      f"chmod 600 {path}")
     return Check(name, True, f"{path}: writable, schema version {version}")
+
+
+def check_prompts(folder):
+    """SMSBATCH_PROMPTS_DIR is a folder whose every *.txt is named like a number and reads as UTF-8."""
+    from smsbatch.ai import PROMPT_FILE_NAME, SystemPrompts
+
+    name = "prompts"
+    if not os.path.isdir(folder):
+        return Check(name, False, f"SMSBATCH_PROMPTS_DIR={folder} is not a folder",
+                     "create it, or unset SMSBATCH_PROMPTS_DIR for one system prompt for every number")
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".txt"))
+    for file in files:
+        if not PROMPT_FILE_NAME.match(file.removesuffix(".txt")):
+            return Check(name, False, f"{os.path.join(folder, file)} is not named like a number, so it is never used",
+                         "name each prompt file after the number it is for, e.g. +15550001111.txt")
+        try:
+            SystemPrompts._read(os.path.join(folder, file))
+        except SmsbatchError as exc:
+            return Check(name, False, str(exc), "save it as UTF-8 text, readable by the user smsbatch runs as")
+    return Check(name, True, f"{folder}: {len(files)} prompt file{'' if len(files) == 1 else 's'}, all readable")
 
 
 # -- Twilio ---------------------------------------------------------------------
@@ -202,15 +224,17 @@ def check_number(client, settings, number, fix_webhook):
                      "use a number this account owns (Phone Numbers > Active numbers), or the right account")
     resource, want = found[0], settings.public_url
     if not want:
-        return Check(name, False, f"webhook is {resource.sms_url or '(none)'} ({resource.sms_method}); "
+        return Check(name, False, f"webhook is {_url(resource.sms_url)} ({resource.sms_method}); "
                      "SMSBATCH_PUBLIC_URL is not set, so it cannot be compared",
                      "set SMSBATCH_PUBLIC_URL to the exact URL Twilio posts to (e.g. https://sms.example.com/sms)")
     if resource.sms_url == want and (resource.sms_method or "POST").upper() == "POST":
-        return Check(name, True, f"belongs to the account; webhook {want} (POST)")
+        return Check(name, True, f"belongs to the account; webhook {display_url(want)} (POST)")
     if fix_webhook:
         return fix_number(name, resource, want, settings)
-    return Check(name, False, f"webhook is {resource.sms_url or '(none)'} ({resource.sms_method}), "
-                 f"not {want} (POST): Twilio's texts would be rejected or go elsewhere",
+    hidden = " (they differ in the password or query, not shown)" if resource.sms_url and \
+        display_url(resource.sms_url) == display_url(want) else ""
+    return Check(name, False, f"webhook is {_url(resource.sms_url)} ({resource.sms_method}), "
+                 f"not {display_url(want)} (POST){hidden}: Twilio's texts would be rejected or go elsewhere",
                  "smsbatch check --fix-webhook (sets it to SMSBATCH_PUBLIC_URL, POST)")
 
 
@@ -219,9 +243,14 @@ def fix_number(name, resource, want, settings):
         updated = resource.update(sms_url=want, sms_method="POST")
     except Exception as exc:
         return twilio_failure(name, exc, settings)
-    was = resource.sms_url or "(none)"
-    return Check(name, updated.sms_url == want, f"webhook set to {updated.sms_url} (POST); was {was}",
+    return Check(name, updated.sms_url == want,
+                 f"webhook set to {_url(updated.sms_url)} (POST); was {_url(resource.sms_url)}",
                  "" if updated.sms_url == want else "set it in the Twilio console")
+
+
+def _url(url):
+    """A webhook URL as shown: without password or query (display_url), '(none)' when unset."""
+    return display_url(url) if url else "(none)"
 
 
 # -- OpenAI ---------------------------------------------------------------------
@@ -239,7 +268,7 @@ def check_openai(settings):
                            timeout=min(settings.ai_timeout_seconds, CHECK_TIMEOUT_SECONDS), max_retries=0)
     model = settings.ai_model
     try:
-        client.models.retrieve(model)
+        found = client.models.retrieve(model)
     except openai.APIStatusError as exc:
         url = f"{base}/models/{model}"
         if exc.status_code in (401, 403):
@@ -252,4 +281,8 @@ def check_openai(settings):
         kind = "timed out" if isinstance(exc, openai.APITimeoutError) else "unreachable"
         return Check(name, False, f"{base} {kind}",
                      "check OPENAI_BASE_URL (e.g. http://127.0.0.1:8000/v1; unset for OpenAI itself)")
+    if getattr(found, "id", None) != model:  # a web page or another API answering 200 is not the model
+        return Check(name, False, f"{base}/models/{model} answered, but not with model {model!r} "
+                     "(not an OpenAI-compatible API?)",
+                     "check OPENAI_BASE_URL (it should end in /v1, e.g. http://127.0.0.1:8000/v1)")
     return Check(name, True, f"{base} answers; model {model} exists")

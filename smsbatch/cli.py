@@ -303,6 +303,9 @@ def status(ctx, as_json, now, latest, watch, interval):
 
     if watch and as_json:
         raise click.UsageError("--watch redraws the screen; it cannot be combined with --json")
+    if watch and not sys.stdout.isatty():  # redrawing a pipe or a file would print nothing readable
+        raise click.ClickException("--watch redraws a terminal, and stdout is not one: drop --watch to print "
+                                   "the status once")
     settings = settings_from(ctx)
     store = open_store(settings)
 
@@ -728,7 +731,7 @@ def hold(ctx, phone, reason, now):
     held = store.hold(phone, reason, time.time() if now is None else now)
     from smsbatch import render
 
-    why = f" ({held['reason']})" if held["reason"] else ""
+    why = f" ({render.clean(' '.join(held['reason'].split()))})" if held["reason"] else ""
     click.echo(f"{phone} on hold since {render.when(held['since'])}{why}: no AI replies until `smsbatch release {phone}`")
 
 

@@ -43,9 +43,11 @@ _S = State
 # Every move a batch may make, written down once. A move to the same state (a claim
 # taken over, a send left to be checked again) is a move too, so it is recorded.
 TRANSITIONS = {
-    _S.OPEN: {_S.QUEUED, _S.PROCESSING, _S.EXPIRED},
-    _S.QUEUED: {_S.PROCESSING, _S.EXPIRED},
-    _S.PROCESSING: {_S.PROCESSING, _S.SENDING, _S.QUEUED, _S.SUPERSEDED, _S.SKIPPED, _S.HELD, _S.FAILED},
+    # open/queued -> held: texts of the hold not yet claimed when it is released
+    _S.OPEN: {_S.QUEUED, _S.PROCESSING, _S.EXPIRED, _S.HELD},
+    _S.QUEUED: {_S.PROCESSING, _S.EXPIRED, _S.HELD},
+    # processing -> sent: a retried batch's earlier send turned out to have gone out
+    _S.PROCESSING: {_S.PROCESSING, _S.SENDING, _S.SENT, _S.QUEUED, _S.SUPERSEDED, _S.SKIPPED, _S.HELD, _S.FAILED},
     # a send found not to have gone out is not sent again to a person put on hold meanwhile
     _S.SENDING: {_S.SENDING, _S.SENT, _S.QUEUED, _S.SUPERSEDED, _S.SKIPPED, _S.HELD, _S.FAILED, _S.UNKNOWN},
     _S.SENT: set(),
@@ -456,24 +458,31 @@ class Store:
             "SELECT sid, body, media, received_at FROM messages WHERE batch_id = ?"
             " ORDER BY received_at, id", (batch_id,))]
 
-    def history(self, phone, our_number, batch_id, before, limit):
-        """The conversation before this batch: (time, role, text, media), oldest first.
+    def history(self, phone, our_number, batch_id, before, limit, until=None):
+        """The conversation before this batch: (time, role, text, media, source), oldest first;
+        with `until`, then every reply sent after `before` up to `until` (ai.build_prompt
+        places those among the batch's texts).
 
         Replies are every SMS we sent to this person from this number: the AI's and
-        those an operator sent by hand.
+        those an operator sent by hand (source 'ai' / 'manual'; None for their texts).
         """
         texts = self.conn.execute(
-            "SELECT received_at, 'user', body, media FROM messages WHERE phone = ? AND our_number = ?"
+            "SELECT received_at, 'user', body, media, NULL FROM messages WHERE phone = ? AND our_number = ?"
             " AND batch_id != ? AND kind = 'text' AND received_at <= ? ORDER BY received_at DESC LIMIT ?",
             (phone, our_number, batch_id, before, limit),
         ).fetchall()
         replies = self.conn.execute(
-            "SELECT sent_at, 'assistant', body, NULL FROM outbound WHERE phone = ? AND our_number = ?"
+            "SELECT sent_at, 'assistant', body, NULL, source FROM outbound WHERE phone = ? AND our_number = ?"
             " AND sent_at <= ? ORDER BY sent_at DESC LIMIT ?",
             (phone, our_number, before, limit),
         ).fetchall()
         merged = sorted([tuple(r) for r in texts] + [tuple(r) for r in replies], key=lambda r: r[0])
-        return merged[-limit:] if limit else []
+        merged = merged[-limit:] if limit else []
+        if until is not None:
+            merged += [tuple(r) for r in self.conn.execute(
+                "SELECT sent_at, 'assistant', body, NULL, source FROM outbound WHERE phone = ? AND our_number = ?"
+                " AND sent_at > ? AND sent_at <= ? ORDER BY sent_at", (phone, our_number, before, until))]
+        return merged
 
     def reply_sids(self, phone):
         """The provider SIDs already recorded for messages we sent this phone (any number)."""
@@ -590,19 +599,29 @@ class Store:
                    "superseded_by = ?, due_at = NULL, claim = NULL, completed_at = ?, last_error = NULL",
                    (newer["id"], now))
 
-    def mark_sent(self, batch, provider_sid, now):
-        """Record that the reply went out (and log it in outbound). Returns False if the lease was lost."""
+    def mark_sent(self, batch, provider_sid, now, found=False):
+        """Record that the reply went out (and log it in outbound). `found`: a retried batch
+        whose earlier send Twilio's log shows went out (it moves from *processing*, no second
+        send). Returns False if the lease was lost."""
+        how = f"sent ({provider_sid}): the earlier send was found in Twilio's message log" if found \
+            else f"sent ({provider_sid})"
         with self.transaction() as conn:
             moved = self._update_held(
-                conn, batch, State.SENT, now, f"sent ({provider_sid})",
+                conn, batch, State.SENT, now, how,
                 "provider_sid = ?, sent_at = ?, completed_at = ?, due_at = NULL, last_error = NULL",
-                (provider_sid, now, now), (State.SENDING,))
+                (provider_sid, now, now), (State.PROCESSING,) if found else (State.SENDING,))
             if moved:
                 conn.execute(
                     "INSERT OR IGNORE INTO outbound (sid, batch_id, phone, our_number, body, source, sent_at)"
                     " SELECT provider_sid, id, phone, our_number, response_text, 'ai', sent_at FROM batches"
                     " WHERE id = ?", (batch["id"],))
             return moved
+
+    def note(self, batch, now, reason):
+        """Write a line in a claimed batch's history without moving it (while the claim holds)."""
+        with self.transaction() as conn:
+            if self._holds(conn, batch, State(batch["state"])):
+                self._record(conn, batch["id"], now, batch["state"], batch["state"], reason)
 
     def finish(self, batch, state, now, error=None):
         """Move a claimed batch to a final state (skipped, held, failed, unknown).
@@ -879,7 +898,8 @@ class Store:
         values = [State(s).value for s in states]
         return [dict(r) for r in self.conn.execute(
             "SELECT id, phone, state, message_count, completed_at, last_error, response_text IS NOT NULL"
-            f" AS has_reply FROM batches b WHERE state IN ({placeholders(values)}) AND completed_at >= ?"
+            f" AS has_reply, send_started_at FROM batches b WHERE state IN ({placeholders(values)})"
+            " AND completed_at >= ?"
             " AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.batch_id = b.id AND m.kind != 'text')"
             " AND phone NOT IN (SELECT phone FROM holds) ORDER BY completed_at, seq", (*values, since))]
 
@@ -917,10 +937,22 @@ class Store:
             if hold is None:
                 raise NotFound(f"{phone} is not on hold")
             conn.execute("DELETE FROM holds WHERE phone = ?", (phone,))
+            self._hold_waiting(conn, phone, hold, now)
             held = conn.execute("SELECT * FROM batches WHERE phone = ? AND state = 'held' AND completed_at >= ?"
                                 " ORDER BY seq", (phone, hold["since"])).fetchall()
             requeued = self._answer_held(conn, held, now) if answer_pending else []
         return dict(hold) | {"held_batches": len(held), "held_texts": sum(r["message_count"] for r in held)}, requeued
+
+    def _hold_waiting(self, conn, phone, hold, now):
+        """Texts that came during the hold but whose batches were not yet due (open, queued)
+        end *held* like the others: answered only if the operator asks (--answer-pending)."""
+        waiting = conn.execute("SELECT id FROM batches WHERE phone = ? AND state IN ('open', 'queued')"
+                               " AND created_at >= ? ORDER BY seq", (phone, hold["since"])).fetchall()
+        why = f": {hold['reason']}" if hold["reason"] else ""
+        reason = f"came while on hold, not answered at its release (smsbatch retry to answer it){why}"
+        for row in waiting:
+            self._move(conn, row["id"], State.HELD, now, reason,
+                       "due_at = NULL, claim = NULL, completed_at = ?, last_error = ?", (now, reason))
 
     def _answer_held(self, conn, held, now):
         newest = {row["our_number"]: row for row in held}

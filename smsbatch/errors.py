@@ -10,6 +10,11 @@ import re
 # secrets go.
 KEY_SHAPE = re.compile(r"sk-[\w*.-]+")
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# A phone number: + and 7-15 digits, or 10-15 digits, with space ( ) - between them. Never
+# part of a word, a path or a dotted address (digits after / . : or joined by dots), nor a
+# number followed by :digits (a port) or .digits (a decimal): "http://127.0.0.1:8000/v1" stays.
+PHONE_DIGITS = re.compile(r"(?<![\w/.+])(?<!\d:)(?:\+\(?\d(?:[ ()-]{0,2}\d){6,14}|\(?\d(?:[ ()-]{0,2}\d){9,14})"
+                          r"(?![\d]|[.:]\d)")
 MIN_SECRET = 4  # a shorter "secret" would blank out ordinary words; real ones are 32+ characters
 
 
@@ -70,3 +75,9 @@ def redact(text, secrets=(), limit=None):
 
 class LeaseLost(SmsbatchError):
     """This processor can no longer prove it holds a batch's lease: it must not act on it."""
+
+
+def hide_numbers(text):
+    """`text` with every phone number replaced by [number]: for log lines (cron mail) and the
+    provider errors kept in provider_health, which need no customer's number."""
+    return PHONE_DIGITS.sub("[number]", str(text))

@@ -188,18 +188,23 @@ def derived_sid(phone, our_number, body, at):
 
 DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+MAX_DURATION_SECONDS = 100 * 365.25 * 86400  # 100 years: longer is a typo, and past what dates can say
 
 
 def parse_duration(text):
-    """'90d', '12h', '30m', '45s', '2w' -> seconds.
+    """'90d', '12h', '30m', '45s', '2w' -> seconds, at most 100 years.
 
     Raises:
-        InvalidInput: not a number followed by one of s, m, h, d, w.
+        InvalidInput: not a number followed by one of s, m, h, d, w, or longer than 100 years.
     """
     match = DURATION.match(str(text).strip().lower())
     if not match:
         raise InvalidInput(f"bad duration {text!r}: use a number and a unit, like 90d, 12h, 30m")
-    return float(match.group(1)) * DURATION_UNITS[match.group(2)]
+    seconds = float(match.group(1)) * DURATION_UNITS[match.group(2)]
+    if seconds > MAX_DURATION_SECONDS:  # also a number too long for a float (inf)
+        shown = text if len(str(text)) <= 20 else str(text)[:20] + "…"
+        raise InvalidInput(f"bad duration {shown!r}: at most 100 years (36525d)")
+    return seconds
 
 
 def parse_since(text, now):
@@ -208,10 +213,8 @@ def parse_since(text, now):
     Raises:
         InvalidInput: neither.
     """
-    try:
-        return now - parse_duration(text)
-    except InvalidInput:
-        pass
+    if DURATION.match(str(text).strip().lower()):
+        return now - parse_duration(text)  # a duration, too long or not: say so, not "bad time"
     try:
         return parse_time(text)
     except InvalidInput:

@@ -6,6 +6,7 @@ The SQL lives in db.py; this module handles the files and the rules around it.
 
 import os
 import secrets
+import stat
 
 from smsbatch.db import Store
 from smsbatch.errors import SmsbatchError
@@ -18,13 +19,17 @@ def backup(db_path, dest, force=False):
     `dest` is never a half-written file. Returns what the copy holds (version, texts, batches, bytes).
 
     Raises:
-        SmsbatchError: no database, `dest` exists (without `force`), or its folder cannot be written.
+        SmsbatchError: no database, `dest` exists (without `force`; or is not a regular file), or
+            its folder cannot be written.
     """
     if not os.path.exists(db_path):
         raise SmsbatchError(f"database {db_path} does not exist")
     dest = os.path.abspath(dest)
     if os.path.abspath(db_path) == dest:
         raise SmsbatchError("the backup file must not be the database itself")
+    if os.path.lexists(dest) and not stat.S_ISREG(os.lstat(dest).st_mode):
+        # a device, a folder, a FIFO or a link: never replaced, whatever --force says
+        raise SmsbatchError(f"{dest} exists and is not a regular file: choose another name")
     if os.path.exists(dest) and not force:
         raise SmsbatchError(f"{dest} already exists: choose another name, or --force to overwrite it")
     temp = os.path.join(os.path.dirname(dest), f".{os.path.basename(dest)}.{secrets.token_hex(4)}.tmp")
@@ -80,7 +85,7 @@ def retry_batches(store, batch_ids, states, since, now, dry_run=False, fresh=Fal
     chosen, refused = [], []
     if states:
         chosen = store.retry_candidates(states, since)
-    for batch_id in batch_ids:
+    for batch_id in dict.fromkeys(batch_ids):  # an id given twice is requeued (and listed) once
         try:
             reason = store.retry_refusal(batch_id)
         except NotFound as exc:
@@ -104,7 +109,9 @@ def retry_batches(store, batch_ids, states, since, now, dry_run=False, fresh=Fal
 def _summary(batch, fresh):
     reuse = batch.get("has_reply", batch.get("response_text") is not None) and not fresh
     return {"id": batch["id"], "phone": batch["phone"], "state": batch["state"],
-            "texts": batch["message_count"], "last_error": batch["last_error"], "reuses_reply": bool(reuse)}
+            "texts": batch["message_count"], "last_error": batch["last_error"], "reuses_reply": bool(reuse),
+            # sent before: Twilio's log is asked first, so a reply that went out is not sent twice
+            "checks_first": bool(reuse) and batch.get("send_started_at") is not None}
 
 
 def retry_lines(result):
@@ -114,6 +121,7 @@ def retry_lines(result):
     for b in result["requeued"]:
         texts = "1 text" if b["texts"] == 1 else f"{b['texts']} texts"
         reuse = ", reusing its stored reply" if b["reuses_reply"] else ""
+        reuse += " unless Twilio's log shows it went out" if b["checks_first"] else ""
         error = f": {b['last_error']}" if result["dry_run"] and b["last_error"] else ""
         if result["dry_run"]:
             lines.append(f"would requeue batch {b['id']} ({b['state']}, {texts} from {b['phone']}{reuse}){error}")

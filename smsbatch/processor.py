@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from smsbatch import ai, batching, delivery
 from smsbatch.config import FAULT_POINT
 from smsbatch.db import State, Store, held_reason
-from smsbatch.errors import CannotReconcile, DeliveryError, InvalidInput, LeaseLost, redact
+from smsbatch.errors import (CannotReconcile, ConfigError, DeliveryError, InvalidInput, LeaseLost, hide_numbers,
+                             redact)
 from smsbatch.inputs import check_phone, iso_time
 from smsbatch.lease import Leases
 
@@ -30,9 +31,6 @@ POLL_SECONDS = 1.0  # with --for, new work is picked up within about this long
 # batch is left to its lease (then retried, or failed after its attempts).
 OUTCOMES = ("sent", "skipped", "superseded", "retrying", "failed", "unknown", "taken_over", "error", "held")
 PROVIDER_NAMES = {"ai": "AI", "sms": "Twilio"}
-
-
-PHONE_DIGITS = re.compile(r"\+?\d[\d ().-]{6,}\d")
 
 
 def _digits(phone):
@@ -159,6 +157,10 @@ class Processor:
             return self._reconcile(store, batch)
         if batch["attempts"] > s.max_attempts:
             return self._finish(store, batch, State.FAILED, f"gave up after {s.max_attempts} attempts")
+        if stored_reply(batch) is not None and batch["send_started_at"] is not None:
+            sid = self._earlier_send(store, batch)
+            if sid:  # the reply went out after all: record it, never send it twice
+                return "sent" if store.mark_sent(batch, sid, self.clock(), found=True) else "taken_over"
         if store.is_opted_out(batch["phone"], self.scope(batch)):
             return self._finish(store, batch, State.SKIPPED, "opted out")
         hold = store.find_hold(batch["phone"])
@@ -184,6 +186,19 @@ class Processor:
             return State(state).value
         return self._send(store, batch, reply)
 
+    def _earlier_send(self, store, batch):
+        """A retried batch whose stored reply may already have gone out (it was sent before):
+        the SID of that earlier send if Twilio has it (the same lookup as _reconcile), else None.
+        When Twilio cannot be asked, the operator chose to retry after checking: None, noted."""
+        try:
+            return self._call(store, "sms", self.sender.find_sent, batch["phone"], batch["our_number"],
+                              batch["send_started_at"], batch["response_text"],
+                              exclude=store.reply_sids(batch["phone"]))
+        except (CannotReconcile, DeliveryError) as exc:
+            store.note(batch, self.clock(), f"could not check whether the earlier send went out ({exc}); "
+                       "sending, as the operator retried it")
+            return None
+
     def _ask_ai(self, store, batch):
         """The AI's one reply to the batch's texts, with the conversation so far.
 
@@ -193,8 +208,8 @@ class Processor:
         s = self.settings
         texts = store.batch_texts(batch["id"])
         history = store.history(batch["phone"], batch["our_number"], batch["id"], texts[0]["received_at"],
-                                s.history_messages)
-        messages = ai.build_prompt(self.prompts.for_number(batch["our_number"]), history, texts)
+                                s.history_messages, until=self.clock())
+        messages = ai.build_prompt(self._system_prompt(batch), history, texts)
         store.record_prompt(batch, messages)  # `show --prompt`: exactly what the AI is sent
         try:
             reply, usage = self._call(store, "ai", ai.ask, self.responder, messages)
@@ -211,6 +226,20 @@ class Processor:
         with self._usage_lock:
             for name in ("requests", "prompt_tokens", "completion_tokens"):
                 setattr(self.usage, name, getattr(self.usage, name) + getattr(usage, name))
+
+    def _system_prompt(self, batch):
+        """The system prompt for the batch's number.
+
+        Raises:
+            DeliveryError (transient): its prompt file cannot be read. A configuration problem,
+            not a bug: the attempt is retried with backoff, like an outage, until someone fixes it.
+        """
+        try:
+            return self.prompts.for_number(batch["our_number"])
+        except ConfigError as exc:
+            log.warning("batch %s: %s; retrying later (fix the file in SMSBATCH_PROMPTS_DIR)", batch["id"],
+                        hide_numbers(exc))
+            raise DeliveryError(str(exc), transient=True) from None
 
     def _send(self, store, batch, reply):
         fault_point("before_twilio")
@@ -271,7 +300,7 @@ class Processor:
         try:
             result = call(*args, **kwargs)
         except DeliveryError as exc:
-            self._note_health(store, provider, None if exc.opted_out else PHONE_DIGITS.sub("[number]", str(exc)))
+            self._note_health(store, provider, None if exc.opted_out else hide_numbers(exc))
             raise
         self._note_health(store, provider, None)
         return result
@@ -303,7 +332,7 @@ class Processor:
             # stderr: cron mails it, so a person hears about batches that need them
             # Provider errors may quote the number: the log (cron mail) gets the batch id instead.
             log.warning("batch %s %s: %s (smsbatch retry %s)", batch["id"], State(state).value,
-                        PHONE_DIGITS.sub("[number]", error), batch["id"])
+                        hide_numbers(error), batch["id"])
         return State(state).value if ok else "taken_over"
 
     def _later(self, move, batch, error):
@@ -318,7 +347,7 @@ class Processor:
             return self.handle(batch)
         except Exception:
             # Redacted like provider errors: an exception's text may quote a secret or a number.
-            trace = PHONE_DIGITS.sub("[number]", redact(traceback.format_exc(), self.settings.secrets()))
+            trace = hide_numbers(redact(traceback.format_exc(), self.settings.secrets()))
             log.error("batch %s: unexpected error (a bug); the batch is left to its lease, then retried "
                       "or failed after its attempts\n%s", batch["id"], trace.rstrip())
             return "error"

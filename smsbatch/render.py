@@ -26,8 +26,14 @@ def console(stderr=False):
 def plain(value, style=""):
     """Stored text (a body, a reply, an error, a number) as rich Text: printed as written,
     never read as markup ([bold], [link=...]) or emoji codes, control characters made visible."""
+    return Text(clean(value), style=style)
+
+
+def clean(value):
+    """Stored text as a plain string for click.echo: control characters made visible (\\x1b),
+    so nothing a terminal would obey (escape sequences, carriage returns) is printed raw."""
     text = "" if value is None else str(value)
-    return Text(CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text), style=style)
+    return CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def age(seconds):

@@ -150,6 +150,13 @@ def _seconds(value):
     return "-" if value is None else age(value) if value >= 120 else f"{value:g}s"
 
 
+def _seconds_cell(value):
+    """A latency for a 5-wide table cell: '4.2s', '106s', '3m', '2h', '12d'."""
+    if value is None or value >= 120:
+        return _seconds(value)
+    return f"{value:.1f}s" if value < 9.95 else f"{round(value)}s"
+
+
 STATS_COLUMNS = (("day", "day", 10), ("texts", "texts", 6), ("batches", "batches", 7), ("AI calls", "ai_requests", 8),
                  ("replies", "replies", 7), ("delivered", "delivered", 9), ("p50", "latency_p50", 5),
                  ("p95", "latency_p95", 5))
@@ -175,7 +182,7 @@ def stats(info):
     out.print(Text("  ".join(f"{h:>{w}}" if i else f"{h:<{w}}" for i, (h, _, w) in enumerate(STATS_COLUMNS)),
                    style="bold"))
     for day in info["days"]:
-        cells = [day["day"]] + [_seconds(day[k]) if k.startswith("latency") else _n(day[k])
+        cells = [day["day"]] + [_seconds_cell(day[k]) if k.startswith("latency") else _n(day[k])
                                 for _, k, _ in STATS_COLUMNS[1:]]
         out.print(Text("  ".join(f"{c:>{w}}" if i else f"{c:<{w}}"
                                  for i, (c, (_, _, w)) in enumerate(zip(cells, STATS_COLUMNS)))))

@@ -468,3 +468,17 @@ def provider_env(openai, twilio, **extra):
     }
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+class WebPage(StandIn):
+    """A web server that is not an API: every GET and POST gets 200 and an HTML page (a
+    base URL pointed at the wrong host)."""
+
+    def dispatch(self, handler, method):
+        self.take(self.read_body(handler))
+        body = b"<html><body>welcome</body></html>"
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/html")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)

@@ -164,3 +164,60 @@ def test_an_openai_base_url_without_v1_is_named_in_the_batch_error(db_path, stor
     error = store.get_batch(batch_id)["last_error"]
     assert error.startswith("AI returned HTTP 404") and f"(from {openai_standin.url};" in error
     assert "sk-test-standin-key" not in error
+
+
+def test_check_never_shows_a_password_or_query_of_the_webhook_urls(env, twilio_standin):
+    """SMSBATCH_PUBLIC_URL and Twilio's stored webhook may carry credentials (Twilio allows
+    user:password@ in a webhook URL) or a key in the query: shown without them."""
+    secret_url = "https://ops:hunter2@sms.example.com/sms?key=abc123"
+    twilio_standin.add_number(OURS, "https://ops:hunter2@sms.example.com/sms")
+    env = env | {"SMSBATCH_PUBLIC_URL": secret_url}
+    result = invoke(["check"], env)
+    assert result.exit_code == 1 and "SMSBATCH_PUBLIC_URL" in result.output
+    assert "https://sms.example.com/sms (POST), not https://sms.example.com/sms (POST) (they differ in the " \
+           "password or query, not shown)" in result.output
+    fixed = invoke(["check", "--fix-webhook", "--json"], env)
+    assert "webhook set to https://sms.example.com/sms (POST)" in fixed.output
+    assert twilio_standin.numbers[0]["sms_url"] == secret_url  # what Twilio gets is the real URL
+    for output in (result.output, fixed.output):
+        assert "hunter2" not in output and "abc123" not in output and "ops@" not in output
+
+
+def test_a_web_page_answering_200_is_not_taken_for_openai(env, twilio_standin):
+    from fakes import WebPage
+
+    twilio_standin.add_number(OURS, PUBLIC)
+    with WebPage() as page:
+        result = invoke(["check"], env | {"OPENAI_BASE_URL": page.url + "/v1"})
+    assert result.exit_code == 1
+    assert f"FAIL  openai: {page.url}/v1/models/gpt-4o-mini answered, but not with model 'gpt-4o-mini'" \
+           in result.output and "exists" not in result.output
+
+
+def test_check_reads_every_prompt_file(env, twilio_standin, tmp_path):
+    twilio_standin.add_number(OURS, PUBLIC)
+    folder = tmp_path / "prompts"
+
+    def prompts_check():
+        result = invoke(["check", "--json"], env | {"SMSBATCH_PROMPTS_DIR": str(folder)})
+        return result.exit_code, next(c for c in json.loads(result.output)["checks"] if c["name"] == "prompts")
+
+    code, found = prompts_check()
+    assert code == 1 and not found["ok"] and found["detail"] == f"SMSBATCH_PROMPTS_DIR={folder} is not a folder"
+    folder.mkdir()
+    (folder / f"{OURS}.txt").write_text("You sell bicycles.")
+    (folder / "README.md").write_text("not a prompt: ignored")
+    code, found = prompts_check()
+    assert code == 0 and found["ok"] and found["detail"] == f"{folder}: 1 prompt file, all readable"
+    (folder / "sales.txt").write_text("hi")
+    code, found = prompts_check()
+    assert code == 1 and found["detail"] == f"{folder}/sales.txt is not named like a number, so it is never used"
+    (folder / "sales.txt").unlink()
+    (folder / "+15550000001.txt").write_bytes(b"\xff\xfe bad")
+    code, found = prompts_check()
+    assert code == 1 and found["detail"].startswith(f"cannot read the system prompt {folder}/+15550000001.txt: 'utf-8'")
+    assert "UTF-8" in found["fix"]
+    (folder / "+15550000001.txt").unlink()
+    (folder / "+15550000002.txt").mkdir()  # unreadable as a file
+    code, found = prompts_check()
+    assert code == 1 and found["detail"].startswith(f"cannot read the system prompt {folder}/+15550000002.txt")

@@ -161,3 +161,48 @@ def test_a_send_found_not_to_have_gone_out_is_not_resent_to_a_person_put_on_hold
     row = store.get_batch(batch_id)
     assert row["state"] == "held" and row["last_error"].startswith("on hold before the reply was sent")
     assert twilio_standin.sent == []
+
+
+def test_release_leaves_texts_not_yet_claimed_unanswered_unless_asked(db_path, store, settings, clock):
+    """Texts of the hold whose batches were still open or queued (the processor had not run,
+    or was paused) are not answered by a plain release: they end held, like the others."""
+    env = {"SMSBATCH_DB": db_path}
+    invoke(["hold", A, "--now", str(T0)], env)
+    add(store, A, "while held 1", T0 + 1)
+    add(store, A, "while held 2", T0 + 2, to="+15550000009")  # another of our numbers: its own batch
+    assert states(store) == ["open", "open"]
+    result = invoke(["release", A, "--now", str(T0 + 100)], env)
+    assert result.exit_code == 0 and "2 texts came while on hold, not answered" in result.output
+    assert states(store) == ["held", "held"]
+    clock.now = T0 + 200
+    assert offline_processor(settings, clock).run().claimed == 0
+    add(store, A, "after the release", T0 + 300)  # a new text opens a new batch, answered as usual
+    clock.now = T0 + 400
+    assert offline_processor(settings, clock).run().counts["sent"] == 1
+
+
+def test_release_answer_pending_answers_texts_not_yet_claimed(db_path, store, settings, clock):
+    env = {"SMSBATCH_DB": db_path}
+    add(store, A, "before the hold", T0 - 50)  # not the hold's: answered as usual
+    clock.now = T0 - 30
+    assert offline_processor(settings, clock).run().counts["sent"] == 1
+    invoke(["hold", A, "--now", str(T0)], env)
+    add(store, A, "while held", T0 + 1)
+    clock.now = T0 + 60
+    offline_processor(settings, clock).run()
+    add(store, A, "still held", T0 + 70)
+    result = invoke(["release", A, "--answer-pending", "--now", str(T0 + 80)], env)
+    assert result.exit_code == 0 and "2 texts came while on hold: requeued for one reply" in result.output
+    sender = __import__("smsbatch.sms").sms.ConsoleSender(quiet=True)
+    clock.now = T0 + 81
+    assert offline_processor(settings, clock, sender=sender).run().counts["sent"] == 1
+    assert "while held" in sender.sent[0][2] and "still held" in sender.sent[0][2]
+
+
+def test_a_hold_reason_with_control_characters_is_never_printed_raw(db_path, store):
+    reason = "angry\x1b[2J\x1b]0;pwned\x07 customer\rover"
+    result = invoke(["hold", A, "--reason", reason, "--now", str(T0)], {"SMSBATCH_DB": db_path})
+    assert result.exit_code == 0 and "\x1b" not in result.output and "\x07" not in result.output
+    assert "(angry\\x1b[2J\\x1b]0;pwned\\x07 customer over)" in result.output
+    assert len(result.output.splitlines()) == 1
+    assert store.find_hold(A)["reason"] == reason  # stored as given; cleaned only when shown

@@ -165,3 +165,41 @@ def test_the_test_number_is_normalised_like_the_command_line(settings, store, cl
     clock.now = T0 + 20
     report = offline_processor(settings.replace(test_number="5552220001"), clock).run()
     assert report.counts["sent"] == 1 and report.counts["skipped"] == 1
+
+
+@pytest.mark.parametrize("text, shown", [
+    ("to +15551234567: bad", "to [number]: bad"),
+    ("The 'To' number +1 (555) 123-4567 is not valid", "The 'To' number [number] is not valid"),
+    ("call (555) 123-4567 or 5551234567", "call [number] or [number]"),
+    ("whatsapp:+15551234567", "whatsapp:[number]"),
+    ("+44 20 7946 0958", "[number]"),
+    # not phone numbers: addresses, ports, paths, times, codes, SIDs
+    ("AI unreachable at http://127.0.0.1:1/v1", "AI unreachable at http://127.0.0.1:1/v1"),
+    ("http://[::1]:8000/v1 and 10.0.0.1", "http://[::1]:8000/v1 and 10.0.0.1"),
+    ("host 5551234567:8080", "host 5551234567:8080"),
+    ("cannot read /etc/prompts/+15550000000.txt", "cannot read /etc/prompts/+15550000000.txt"),
+    ("at 1796160738.922615, 2026-12-01 21:38:45", "at 1796160738.922615, 2026-12-01 21:38:45"),
+    ("Twilio error 21211 (SM2b3247f492153ee9562d7acf4db65887), ticket 1234567",
+     "Twilio error 21211 (SM2b3247f492153ee9562d7acf4db65887), ticket 1234567"),
+])
+def test_the_number_filter_hides_phone_numbers_only(text, shown):
+    from smsbatch.errors import hide_numbers
+
+    assert hide_numbers(text) == shown
+
+
+def test_an_unreachable_ai_is_named_with_its_address_in_the_log_and_health(db_path, store, clock, caplog):
+    """The log line (cron mail) and the stored provider error keep the host and port."""
+    from smsbatch.config import Settings
+
+    settings = Settings.from_env({"SMSBATCH_DB": db_path, "OPENAI_API_KEY": "sk-x", "SMSBATCH_MAX_ATTEMPTS": "1",
+                                  "OPENAI_BASE_URL": "http://u:pw@127.0.0.1:1/v1?k=s", "SMSBATCH_SMS": "console",
+                                  "SMSBATCH_AI_CLIENT_RETRIES": "0"})
+    batch_id = add(store, A, "urgent: call me on 555 123 4567", T0).batch_id
+    clock.now = T0 + 1
+    with caplog.at_level(logging.WARNING, logger="smsbatch.processor"):
+        assert real_processor(settings, clock).run().counts["failed"] == 1
+    assert f"batch {batch_id} failed: AI unreachable at http://127.0.0.1:1/v1: " in caplog.text
+    health = {r["provider"]: r for r in store.provider_health()}
+    assert health["ai"]["last_error"].startswith("AI unreachable at http://127.0.0.1:1/v1")
+    assert "pw" not in caplog.text and "k=s" not in caplog.text

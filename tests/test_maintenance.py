@@ -69,6 +69,22 @@ def test_backup_refuses_to_overwrite_unless_forced(db_path, tmp_path):
     assert result.exit_code == 0 and consistent(str(dest))[0]
 
 
+def test_backup_never_replaces_what_is_not_a_regular_file(db_path, tmp_path):
+    """A device, FIFO or folder at the backup path stays, even with --force (a FIFO stands in
+    for a device node here: the tests never touch a real device)."""
+    fifo, folder = tmp_path / "pipe", tmp_path / "folder"
+    os.mkfifo(fifo)
+    folder.mkdir()
+    for force in ([], ["--force"]):
+        result = invoke(["--db", db_path, "backup", str(fifo), *force])
+        assert result.exit_code == 1, result.output
+        assert result.output.strip() == f"Error: {fifo} exists and is not a regular file: choose another name"
+        result = invoke(["--db", db_path, "backup", str(folder), *force])
+        assert result.exit_code == 2 and "is a directory" in result.output  # click's own refusal
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and os.path.isdir(folder) and os.listdir(folder) == []
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
 def test_backup_errors_are_one_line(tmp_path, db_path):
     result = invoke(["--db", str(tmp_path / "none.db"), "backup", str(tmp_path / "b.db")])
     assert result.exit_code == 1 and "does not exist" in result.output
@@ -161,6 +177,18 @@ def test_process_prunes_with_retention_days(db_path, store, settings, clock):
 def test_prune_refuses_a_bad_age(db_path):
     result = invoke(["prune", "--older-than", "ninety days"], {"SMSBATCH_DB": db_path})
     assert result.exit_code == 2 and "bad duration" in result.output
+
+
+def test_an_absurd_duration_is_refused_in_one_line(db_path):
+    """Longer than 100 years (or too many digits for a float) is a typo, not a traceback."""
+    env = {"SMSBATCH_DB": db_path}
+    for args in (["prune", "--older-than", "1000000d"], ["prune", "--older-than", "4" * 400 + "d"],
+                 ["retry", "--failed", "--since", "1000000d"], ["stats", "--since", "99999999w"]):
+        result = invoke(args, env)
+        errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+        assert result.exit_code == 2 and "Traceback" not in result.output, (args, result.output)
+        assert len(errors) == 1 and "at most 100 years (36525d)" in errors[0] and len(errors[0]) < 120
+    assert invoke(["prune", "--older-than", "36525d", "--dry-run"], env).exit_code == 0
 
 
 # -- the README's upgrade procedure on a database of the first release ----------------

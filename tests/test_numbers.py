@@ -82,3 +82,29 @@ def _rules():
     from smsbatch.batching import Rules
 
     return Rules()
+
+
+def test_an_unreadable_prompt_file_is_retried_with_backoff_and_named(tmp_path, real_settings, store, clock,
+                                                                     openai_standin, caplog):
+    """A configuration problem, not a bug: the attempt backs off (no traceback, not left
+    processing for a lease), and the error and the log line name the file."""
+    import logging
+
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    bad = folder / f"{SALES}.txt"
+    bad.write_bytes(b"\xff\xfe bad")
+    settings = real_settings.replace(prompts_dir=str(folder))
+    batch_id = add(store, PERSON, "hi sales", T0, to=SALES).batch_id
+    clock.now = T0 + 60
+    with caplog.at_level(logging.WARNING, logger="smsbatch.processor"):
+        assert real_processor(settings, clock).run().counts["retrying"] == 1
+    batch = store.get_batch(batch_id)
+    assert batch["state"] == State.QUEUED and batch["due_at"] > clock.now and batch["claim"] is None
+    assert batch["last_error"].startswith(f"cannot read the system prompt {bad}: 'utf-8' codec")
+    assert f"batch {batch_id}: cannot read the system prompt {bad}" in caplog.text
+    assert "Traceback" not in caplog.text and openai_standin.requests == []
+    bad.write_text("You sell bicycles.")  # fixed: the next attempt reads it again
+    clock.now = batch["due_at"]
+    assert real_processor(settings, clock).run().counts["sent"] == 1
+    assert openai_standin.calls[-1][0]["content"] == "You sell bicycles."

@@ -156,6 +156,21 @@ def test_stats_human_output_has_totals_and_a_bar_chart(two_days, db_path):
     assert all(len(line) <= 80 for line in out.splitlines())
 
 
+def test_stats_latency_cells_fit_their_columns(store, settings, clock, db_path):
+    from conftest import offline_processor
+
+    for n, wait in enumerate((105.8, 4.3, 1000)):  # one reply a day, answered this long after the text
+        at = T0 + n * 86400
+        add(store, f"+1555999000{n}", "urgent: hi", at)
+        clock.now = at + wait
+        assert offline_processor(settings, clock).run().counts["sent"] == 1
+    result = invoke(["stats", "--since", "3d", "--now", str(T0 + 3 * 86400)], env_for(db_path, COLUMNS=120))
+    table = result.output.split("\n\n")[1].splitlines()
+    assert len({len(line) for line in table}) == 1, table  # every row as wide as the header
+    assert [row.split()[-2:] for row in table[1:] if "-" not in row.split()[-1]] == [
+        ["106s", "106s"], ["4.3s", "4.3s"], ["16m", "16m"]]
+
+
 @pytest.mark.parametrize("since, said", [("a week", "bad duration"), ("500d", "at most 400d"), ("0d", "more than 0")])
 def test_stats_refuses_a_bad_duration_in_one_line(db_path, since, said):
     result = invoke(["stats", "--since", since], env_for(db_path))
@@ -214,6 +229,12 @@ def test_status_json_has_agent_next_retry_and_outages(troubled, db_path):
 def test_status_watch_and_json_do_not_mix(db_path):
     result = invoke(["status", "--watch", "--json"], env_for(db_path))
     assert result.exit_code == 2 and "--watch" in result.output
+
+
+def test_status_watch_refuses_in_one_line_when_stdout_is_not_a_terminal(db_path):
+    result = invoke(["status", "--watch"], env_for(db_path))  # the CLI runner's stdout is no terminal
+    assert result.exit_code == 1 and result.output == (
+        "Error: --watch redraws a terminal, and stdout is not one: drop --watch to print the status once\n")
 
 
 # -- status --watch in a real terminal --------------------------------------------

@@ -114,3 +114,61 @@ def test_retry_refuses_a_batch_of_a_person_on_hold(db_path, store):
     assert result.exit_code == 1 and f"{A} is on hold; `smsbatch release {A}` first" in result.output
     listed = invoke(["retry", "--failed", "--since", "1d", "--now", str(T0 + 30), "--dry-run"], env_for(db_path))
     assert batch_id not in listed.output and store.get_batch(batch_id)["state"] == "failed"
+
+
+def retried_unknown(db_path, store, twilio_standin, already_sent):
+    """An *unknown* batch (its reply "the reply" may have gone out), retried by an operator."""
+    batch_id = failed_batch(store, A, T0, "send outcome unknown", state="unknown")
+    earlier = twilio_standin.record({"To": A, "From": "+15550000000", "Body": "the reply"}, at=T0 + 10)
+    if not already_sent:
+        twilio_standin.sent.clear()
+    result = invoke(["retry", "--unknown", "--since", "1d", "--now", str(T0 + 100)], env_for(db_path))
+    assert result.exit_code == 0 and f"batch {batch_id} requeued (1 text from {A}, reusing its stored reply " \
+        "unless Twilio's log shows it went out)" in result.output
+    return batch_id, earlier["sid"]
+
+
+def reasons(store, batch_id):
+    return [r[0] for r in store.conn.execute("SELECT reason FROM batch_events WHERE batch_id = ? ORDER BY id",
+                                             (batch_id,))]
+
+
+def test_retry_of_an_unknown_batch_whose_reply_went_out_sends_nothing(db_path, store, openai_standin,
+                                                                        twilio_standin, clock):
+    batch_id, sid = retried_unknown(db_path, store, twilio_standin, already_sent=True)
+    clock.now = T0 + 101
+    counts = real_processor(real_settings_for(db_path, openai_standin, twilio_standin), clock).run().counts
+    assert counts["sent"] == 1 and twilio_standin.bodies_to(A) == ["the reply"]  # no second SMS
+    batch = store.get_batch(batch_id)
+    assert batch["state"] == "sent" and batch["provider_sid"] == sid
+    assert reasons(store, batch_id)[-1] == f"sent ({sid}): the earlier send was found in Twilio's message log"
+    assert [r[0] for r in store.conn.execute("SELECT sid FROM outbound WHERE batch_id = ?", (batch_id,))] == [sid]
+
+
+def test_retry_of_an_unknown_batch_whose_reply_never_went_out_sends_it(db_path, store, openai_standin,
+                                                                       twilio_standin, clock):
+    batch_id, _ = retried_unknown(db_path, store, twilio_standin, already_sent=False)
+    clock.now = T0 + 101
+    real_processor(real_settings_for(db_path, openai_standin, twilio_standin), clock).run()
+    assert twilio_standin.bodies_to(A) == ["the reply"] and store.get_batch(batch_id)["state"] == "sent"
+    assert openai_standin.requests == []  # the stored reply, not a new one
+
+
+def test_retry_of_an_unknown_batch_sends_when_twilio_cannot_be_asked(db_path, store, openai_standin,
+                                                                     twilio_standin, clock):
+    batch_id, _ = retried_unknown(db_path, store, twilio_standin, already_sent=False)
+    twilio_standin.list_script = [(500, 20500)]
+    clock.now = T0 + 101
+    real_processor(real_settings_for(db_path, openai_standin, twilio_standin), clock).run()
+    assert twilio_standin.bodies_to(A) == ["the reply"] and store.get_batch(batch_id)["state"] == "sent"
+    assert any(r.startswith("could not check whether the earlier send went out") and
+               r.endswith("sending, as the operator retried it") for r in reasons(store, batch_id))
+
+
+def test_an_id_given_twice_is_requeued_once(db_path, store):
+    batch_id = failed_batch(store, A, T0)
+    dry = invoke(["retry", batch_id, batch_id, "--dry-run", "--now", str(T0 + 100)], env_for(db_path))
+    assert dry.exit_code == 0 and dry.output.count(f"would requeue batch {batch_id}") == 1, dry.output
+    result = invoke(["retry", batch_id, batch_id, "--now", str(T0 + 100)], env_for(db_path))
+    assert result.exit_code == 0 and result.output.strip() == f"batch {batch_id} requeued (1 text from {A})"
+    assert store.get_batch(batch_id)["state"] == "queued"
