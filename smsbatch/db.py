@@ -704,6 +704,11 @@ class Store:
             ).fetchone()
             if keyword:
                 raise InvalidTransition(f"batch {batch_id} holds an opt-out/opt-in keyword; nothing to answer")
+            if fresh and state == State.UNKNOWN:
+                # Its reply may have gone out: only the stored reply can be looked up in Twilio's
+                # log before sending, so a fresh one could reach the person as a second reply.
+                raise InvalidTransition(f"batch {batch_id} is unknown: its reply may already have been sent; "
+                                        "retry it without --fresh (Twilio's log is checked first)")
             fresh_note = "; its stored reply is dropped (--fresh)" if fresh else ""
             self._move(conn, batch_id, State.QUEUED, now, f"requeued by an operator (smsbatch retry){fresh_note}",
                        "due_at = ?, attempts = 0, claim = NULL, last_error = NULL, completed_at = NULL,"

@@ -172,3 +172,10 @@ def test_an_id_given_twice_is_requeued_once(db_path, store):
     result = invoke(["retry", batch_id, batch_id, "--now", str(T0 + 100)], env_for(db_path))
     assert result.exit_code == 0 and result.output.strip() == f"batch {batch_id} requeued (1 text from {A})"
     assert store.get_batch(batch_id)["state"] == "queued"
+
+
+def test_a_fresh_reply_is_refused_for_a_batch_whose_reply_may_have_gone_out(db_path, store):
+    batch_id = failed_batch(store, A, T0, "send outcome unknown", state="unknown")
+    result = invoke(["retry", batch_id, "--fresh", "--now", str(T0 + 100)], env_for(db_path))
+    assert result.exit_code == 1 and "may already have been sent; retry it without --fresh" in result.output
+    assert store.get_batch(batch_id)["state"] == "unknown" and store.get_batch(batch_id)["response_text"]
