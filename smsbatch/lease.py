@@ -132,11 +132,20 @@ class Leases:
         return self._store
 
     def _beat(self, stop):
+        failing_since, warned = None, False
         while not stop.wait(self.interval):
             try:
                 self.renew()
-            except Exception as exc:  # a busy database: the lease has room for a few missed beats
-                log.warning("lease renewal failed: %s", exc)
+                failing_since, warned = None, False
+            except Exception as exc:
+                # A missed beat is harmless (the lease outlasts several): a busy database under
+                # load must not fill cron mail. Say so once, when the lease itself is at risk.
+                now = self.monotonic()
+                failing_since = now if failing_since is None else failing_since
+                if not warned and now - failing_since >= self.lease / 2:
+                    log.warning("lease renewals failing for %.1f s (%s): another processor may take these "
+                                "batches over; the fence keeps this one from sending them", now - failing_since, exc)
+                    warned = True
 
     def running(self):
         """A context manager: the heartbeat thread runs inside it."""

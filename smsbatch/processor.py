@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 from smsbatch import ai, batching, delivery
 from smsbatch.config import FAULT_POINT
-from smsbatch.db import State, Store, held_reason
+from smsbatch.db import State, Store
+from smsbatch.db_ops import held_reason
 from smsbatch.errors import (CannotReconcile, ConfigError, DeliveryError, InvalidInput, LeaseLost, hide_numbers,
                              redact)
 from smsbatch.inputs import check_phone, iso_time

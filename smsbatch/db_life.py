@@ -1,0 +1,237 @@
+"""One batch's life after it is claimed, and the backfill's bookkeeping: the store's SQL for them."""
+
+from smsbatch import batching
+from smsbatch.config import HEARTBEAT_LEASE_SECONDS
+from smsbatch.db_ops import held_reason
+from smsbatch.states import State, iso_time
+
+
+class BatchLife:
+    """Methods of Store (smsbatch.db): one batch's life after it is claimed, and the backfill's bookkeeping: the store's SQL for them."""
+
+    # -- one batch's life -------------------------------------------------------
+
+    def batch_texts(self, batch_id):
+        """The texts of a batch, oldest first."""
+        return [dict(r) for r in self.conn.execute(
+            "SELECT sid, body, media, received_at FROM messages WHERE batch_id = ?"
+            " ORDER BY received_at, id", (batch_id,))]
+
+    def history(self, phone, our_number, batch_id, before, limit, until=None):
+        """The conversation before this batch: (time, role, text, media, source), oldest first;
+        with `until`, then every reply sent after `before` up to `until` (ai.build_prompt
+        places those among the batch's texts).
+
+        Replies are every SMS we sent to this person from this number: the AI's and
+        those an operator sent by hand (source 'ai' / 'manual'; None for their texts).
+        """
+        texts = self.conn.execute(
+            "SELECT received_at, 'user', body, media, NULL FROM messages WHERE phone = ? AND our_number = ?"
+            " AND batch_id != ? AND kind = 'text' AND received_at <= ? ORDER BY received_at DESC LIMIT ?",
+            (phone, our_number, batch_id, before, limit),
+        ).fetchall()
+        replies = self.conn.execute(
+            "SELECT sent_at, 'assistant', body, NULL, source FROM outbound WHERE phone = ? AND our_number = ?"
+            " AND sent_at <= ? ORDER BY sent_at DESC LIMIT ?",
+            (phone, our_number, before, limit),
+        ).fetchall()
+        merged = sorted([tuple(r) for r in texts] + [tuple(r) for r in replies], key=lambda r: r[0])
+        merged = merged[-limit:] if limit else []
+        if until is not None:
+            merged += [tuple(r) for r in self.conn.execute(
+                "SELECT sent_at, 'assistant', body, NULL, source FROM outbound WHERE phone = ? AND our_number = ?"
+                " AND sent_at > ? AND sent_at <= ? ORDER BY sent_at", (phone, our_number, before, until))]
+        return merged
+
+    def reply_sids(self, phone):
+        """The provider SIDs already recorded for messages we sent this phone (any number)."""
+        return {r[0] for r in self.conn.execute("SELECT sid FROM outbound WHERE phone = ?", (phone,))}
+
+    def is_opted_out(self, phone, scope):
+        """True if `phone` opted out of `scope` (batching.opt_out_scope) or of every number."""
+        return self._opted_out(self.conn, phone, scope)
+
+    @staticmethod
+    def _opted_out(conn, phone, scope):
+        return conn.execute(
+            "SELECT 1 FROM opt_outs WHERE phone = ? AND scope IN (?, '*')", (phone, scope)).fetchone() is not None
+
+    def record_opt_out(self, phone, scope, now, keyword="21610"):
+        """Record that `phone` opted out of `scope` (Twilio's 21610 says so)."""
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT OR IGNORE INTO opt_outs (phone, scope, since, keyword) VALUES (?, ?, ?, ?)",
+                (phone, scope, now, keyword),
+            )
+
+    def begin_send(self, batch, response, now, settings, reused=False):
+        """Commit the reply as *sending* before Twilio is called.
+
+        In the same transaction: a STOP that arrived meanwhile skips the batch; a newer
+        batch of the same conversation that is already answered (this one was backing
+        off) takes this batch's texts, since a late, stale reply helps nobody; and (with
+        `supersede`) a newer unclaimed batch written after this one was claimed takes
+        its texts so the next reply covers both. `reused`: the reply is one stored earlier
+        (an operator's retry), not a new answer. Returns the state the batch is now in, or
+        None if this processor no longer holds the lease.
+        """
+        with self.transaction() as conn:
+            if not self._holds(conn, batch, State.PROCESSING):
+                return None
+            scope = batching.opt_out_scope(batch["our_number"], settings.twilio_messaging_service_sid)
+            if self._opted_out(conn, batch["phone"], scope):
+                self._finish(conn, batch, State.SKIPPED, now, error="opted out before the reply was sent")
+                return State.SKIPPED
+            hold = self._on_hold(conn, batch["phone"])
+            if hold is not None:
+                self._finish(conn, batch, State.HELD, now, error=held_reason(hold, "before the reply was sent"))
+                return State.HELD
+            rules = batching.Rules.from_settings(settings)
+            if self._fold_into_answered(conn, batch, now, settings):
+                return State.SUPERSEDED
+            if settings.supersede and batch["fold_depth"] < settings.max_supersede:
+                # Only texts written after this batch was first claimed supersede it (a batch
+                # closed by max messages is not held back by texts that were already waiting).
+                newer = conn.execute(
+                    "SELECT * FROM batches WHERE phone = ? AND our_number = ? AND state IN ('open', 'queued')"
+                    " AND seq > ? AND created_at >= ? ORDER BY seq LIMIT 1",
+                    (batch["phone"], batch["our_number"], batch["seq"], batch["claimed_at"]),
+                ).fetchone()
+                if newer:
+                    self._fold(conn, batch, newer, now, rules)
+                    return State.SUPERSEDED
+            how = "sending the stored reply again (no new AI call)" if reused else "AI answered; sending"
+            self._move(conn, batch["id"], State.SENDING, now, how,
+                       "response_text = ?, send_started_at = ?, due_at = ?",
+                       (response, now, now + HEARTBEAT_LEASE_SECONDS), claim=batch["claim"])
+        return State.SENDING
+
+    def fold_if_answered(self, batch, now, settings):
+        """Before answering an older batch (it was backing off): if a newer batch of the
+        conversation already went out with these texts in its prompt, fold into it instead
+        of sending a stale reply. Returns True if folded."""
+        with self.transaction() as conn:
+            return self._holds(conn, batch, State(batch["state"])) and self._fold_into_answered(
+                conn, batch, now, settings)
+
+    def _fold_into_answered(self, conn, batch, now, settings):
+        if batch["retried_at"] is not None:  # an operator asked for this one to be answered
+            return False
+        answered = conn.execute(
+            "SELECT * FROM batches WHERE phone = ? AND our_number = ? AND seq > ? AND state IN ('sending', 'sent')"
+            " ORDER BY seq DESC LIMIT 1",
+            (batch["phone"], batch["our_number"], batch["seq"]),
+        ).fetchone()
+        if answered is None or not self._in_prompt_of(conn, batch, answered, settings.history_messages):
+            return False
+        self._fold(conn, batch, answered, now, batching.Rules.from_settings(settings))
+        return True
+
+    @staticmethod
+    def _in_prompt_of(conn, batch, answered, history):
+        """Were this batch's texts in the newer batch's prompt (within its history window)?"""
+        between = conn.execute(
+            "SELECT (SELECT count(*) FROM messages WHERE phone = ? AND our_number = ? AND kind = 'text'"
+            " AND batch_id != ? AND received_at >= ? AND received_at <= ?) + (SELECT count(*) FROM outbound"
+            " WHERE phone = ? AND our_number = ? AND sent_at >= ? AND sent_at <= ?)",
+            (batch["phone"], batch["our_number"], answered["id"], batch["first_at"], answered["first_at"],
+             batch["phone"], batch["our_number"], batch["first_at"], answered["first_at"]),
+        ).fetchone()[0]
+        return 0 < between <= history
+
+    def _fold(self, conn, batch, newer, now, rules):
+        conn.execute("UPDATE messages SET batch_id = ? WHERE batch_id = ?", (newer["id"], batch["id"]))
+        first = min(newer["first_at"], batch["first_at"])
+        count = newer["message_count"] + batch["message_count"]
+        urgent = bool(newer["urgent"] or batch["urgent"])
+        due = newer["due_at"]
+        if newer["state"] == State.OPEN:
+            due = batching.due_at(rules, first, newer["last_at"], count, urgent, newer["quiet_seconds"])
+        conn.execute(
+            "UPDATE batches SET message_count = ?, first_at = ?, urgent = ?, due_at = ?,"
+            " fold_depth = max(fold_depth, ?) WHERE id = ?",
+            (count, first, int(urgent), due, batch["fold_depth"] + 1, newer["id"]),
+        )
+        self._record(conn, newer["id"], now, newer["state"], newer["state"],
+                     f"took the {batch['message_count']} text(s) of batch {batch['id']}")
+        self._move(conn, batch["id"], State.SUPERSEDED, now, f"folded into batch {newer['id']}",
+                   "superseded_by = ?, due_at = NULL, claim = NULL, completed_at = ?, last_error = NULL",
+                   (newer["id"], now))
+
+    def mark_sent(self, batch, provider_sid, now, found=False):
+        """Record that the reply went out (and log it in outbound). `found`: a retried batch
+        whose earlier send Twilio's log shows went out (it moves from *processing*, no second
+        send). Returns False if the lease was lost."""
+        how = f"sent ({provider_sid}): the earlier send was found in Twilio's message log" if found \
+            else f"sent ({provider_sid})"
+        with self.transaction() as conn:
+            moved = self._update_held(
+                conn, batch, State.SENT, now, how,
+                "provider_sid = ?, sent_at = ?, completed_at = ?, due_at = NULL, last_error = NULL",
+                (provider_sid, now, now), (State.PROCESSING,) if found else (State.SENDING,))
+            if moved:
+                conn.execute(
+                    "INSERT OR IGNORE INTO outbound (sid, batch_id, phone, our_number, body, source, sent_at)"
+                    " SELECT provider_sid, id, phone, our_number, response_text, 'ai', sent_at FROM batches"
+                    " WHERE id = ?", (batch["id"],))
+            return moved
+
+    def note(self, batch, now, reason):
+        """Write a line in a claimed batch's history without moving it (while the claim holds)."""
+        with self.transaction() as conn:
+            if self._holds(conn, batch, State(batch["state"])):
+                self._record(conn, batch["id"], now, batch["state"], batch["state"], reason)
+
+    def finish(self, batch, state, now, error=None):
+        """Move a claimed batch to a final state (skipped, held, failed, unknown).
+
+        Returns False if this processor no longer holds the lease.
+        """
+        with self.transaction() as conn:
+            return self._finish(conn, batch, state, now, error)
+
+    def _finish(self, conn, batch, state, now, error):
+        return self._update_held(conn, batch, state, now, error, "last_error = ?, completed_at = ?, due_at = NULL",
+                                 (error, now))
+
+    def requeue(self, batch, due, error, now):
+        """Put a claimed batch back in the queue to try again at `due` (backoff)."""
+        with self.transaction() as conn:
+            return self._update_held(conn, batch, State.QUEUED, now, f"{error}; next try at {iso_time(due)}",
+                                     "due_at = ?, last_error = ?", (due, error))
+
+    def release_sending(self, batch, due, error, now):
+        """Leave a batch in *sending* (outcome unknown) to be reconciled at `due`."""
+        with self.transaction() as conn:
+            return self._update_held(conn, batch, State.SENDING, now, f"{error}; checking at {iso_time(due)}",
+                                     "due_at = ?, last_error = ?", (due, error), (State.SENDING,))
+
+    def _holds(self, conn, batch, state):
+        row = conn.execute("SELECT state, claim FROM batches WHERE id = ?", (batch["id"],)).fetchone()
+        return row is not None and row["claim"] == batch["claim"] and row["state"] == state
+
+    # -- backfill ---------------------------------------------------------------
+
+    def has_message(self, sid):
+        """True if a text with this MessageSid is stored."""
+        return self.conn.execute("SELECT 1 FROM messages WHERE sid = ?", (sid,)).fetchone() is not None
+
+    def known_numbers(self):
+        """Every number of ours that people have written to."""
+        return {r[0] for r in self.conn.execute("SELECT DISTINCT our_number FROM conversations")}
+
+    def claim_backfill(self, now, every):
+        """Take the backfill's turn if nobody took it in the last `every` seconds (across
+        every processor). Returns (True, checked_until) when the turn is ours, else (False, None)."""
+        with self.transaction() as conn:
+            conn.execute("INSERT OR IGNORE INTO backfill (id) VALUES (1)")
+            taken = conn.execute(
+                "UPDATE backfill SET claimed_at = ? WHERE id = 1 AND (claimed_at IS NULL OR claimed_at <= ?"
+                " OR claimed_at > ?) RETURNING checked_until", (now, now - every, now)).fetchone()
+        return (True, taken[0]) if taken else (False, None)
+
+    def finish_backfill(self, until):
+        """Record that Twilio's log was searched up to `until`."""
+        with self.transaction() as conn:
+            conn.execute("UPDATE backfill SET checked_until = max(coalesce(checked_until, 0), ?) WHERE id = 1",
+                         (until,))

@@ -1,0 +1,333 @@
+"""Operators' actions on the store: retry, hold and release, replies by hand, prune, backup."""
+
+import sqlite3
+
+from smsbatch import batching
+from smsbatch.errors import InvalidTransition, NotFound, SmsbatchError
+from smsbatch.states import FINAL, PENDING, RETRYABLE, State, placeholders
+
+
+class OperatorActions:
+    """Methods of Store (smsbatch.db): operators' actions on the store: retry, hold and release, replies by hand, prune, backup."""
+
+    # -- operators --------------------------------------------------------------
+
+    def get_batch(self, batch_id):
+        """Raises: NotFound."""
+        row = self.conn.execute("SELECT * FROM batches WHERE id = ?", (batch_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no batch with id {batch_id!r}")
+        return dict(row)
+
+    def retry(self, batch_id, now, fresh=False):
+        """Requeue a failed, skipped, expired or unknown batch, due at once. Its stored AI reply,
+        if any, is kept to be sent again (no new AI call) unless `fresh`.
+
+        Raises:
+            NotFound: no such batch.
+            InvalidTransition: the batch went out, is pending, or only holds a keyword.
+        """
+        with self.transaction() as conn:
+            batch = self.get_batch(batch_id)
+            state = State(batch["state"])
+            if state not in RETRYABLE:
+                raise InvalidTransition(_why_not_retryable(batch))
+            keyword = conn.execute(
+                "SELECT 1 FROM messages WHERE batch_id = ? AND kind != 'text'", (batch_id,)
+            ).fetchone()
+            if keyword:
+                raise InvalidTransition(f"batch {batch_id} holds an opt-out/opt-in keyword; nothing to answer")
+            if fresh and state == State.UNKNOWN:
+                # Its reply may have gone out: only the stored reply can be looked up in Twilio's
+                # log before sending, so a fresh one could reach the person as a second reply.
+                raise InvalidTransition(f"batch {batch_id} is unknown: its reply may already have been sent; "
+                                        "retry it without --fresh (Twilio's log is checked first)")
+            fresh_note = "; its stored reply is dropped (--fresh)" if fresh else ""
+            self._move(conn, batch_id, State.QUEUED, now, f"requeued by an operator (smsbatch retry){fresh_note}",
+                       "due_at = ?, attempts = 0, claim = NULL, last_error = NULL, completed_at = NULL,"
+                       " retried_at = ?, response_text = CASE WHEN ? THEN NULL ELSE response_text END",
+                       (now, now, int(fresh)))
+        return self.get_batch(batch_id)
+
+    def status(self, now, latest=10):
+        """Counts by state, oldest pending age, latest batches, texts in the last hour."""
+        counts = {s.value: 0 for s in State}
+        for state, n in self.conn.execute("SELECT state, count(*) FROM batches GROUP BY state"):
+            counts[state] = n
+        oldest = self.conn.execute(
+            f"SELECT min(first_at) FROM batches WHERE state IN ({placeholders(PENDING)})",
+            [s.value for s in PENDING],
+        ).fetchone()[0]
+        rows = self.conn.execute(
+            "SELECT id, phone, our_number, message_count, state, first_at, last_at, attempts, last_error,"
+            " provider_sid, quiet_seconds FROM batches ORDER BY seq DESC LIMIT ?",
+            (latest,),
+        ).fetchall()
+        last_hour = self.conn.execute(
+            "SELECT count(*) FROM messages WHERE received_at >= ?", (now - 3600,)
+        ).fetchone()[0]
+        return self._in_flight_and_cost(now) | self._delivery() | {
+            "counts": counts,
+            "pending": sum(counts[s.value] for s in PENDING),
+            "oldest_pending_age_seconds": None if oldest is None else round(now - oldest, 1),
+            "messages_last_hour": last_hour,
+            "latest": [dict(r) | {"age_seconds": round(now - r["last_at"], 1)} for r in rows],
+        }
+
+    def _in_flight_and_cost(self, now):
+        """Who holds each batch in flight and when it last renewed; what the AI cost in all."""
+        rows = self.conn.execute(
+            "SELECT id, state, holder, heartbeat_at, due_at FROM batches"
+            " WHERE state IN ('processing', 'sending') AND claim IS NOT NULL ORDER BY seq LIMIT 100"
+        ).fetchall()
+        in_flight = [dict(r) | {"renewed_seconds_ago": None if r["heartbeat_at"] is None
+                                else round(now - r["heartbeat_at"], 1),
+                                "lease_left_seconds": round(r["due_at"] - now, 1)} for r in rows]
+        cost = self.conn.execute(
+            "SELECT coalesce(sum(ai_requests), 0), coalesce(sum(prompt_tokens), 0),"
+            " coalesce(sum(completion_tokens), 0) FROM batches"
+        ).fetchone()
+        return {"in_flight": in_flight,
+                "ai": {"requests": cost[0], "prompt_tokens": cost[1], "completion_tokens": cost[2]}}
+
+    # -- operators' tools: check, backup, prune, hold, send (issue 10 "Act") ----------
+
+    def check_writable(self):
+        """Take the write lock and let it go, writing nothing.
+
+        Raises:
+            sqlite3.OperationalError: the file or its folder is read-only, or the lock is held too long.
+        """
+        with self.transaction():
+            pass
+
+    def copy_to(self, path):
+        """Copy the whole database, WAL included, into the empty file at `path` with SQLite's
+        backup API: one consistent snapshot, taken in one step so writers are not blocked (WAL)
+        and the copy never mixes two moments. The copy is one self-contained file (no -wal).
+        Returns counts of what it holds.
+
+        Raises:
+            SmsbatchError: the copy fails its integrity check.
+        """
+        target = sqlite3.connect(path, isolation_level=None)
+        try:
+            self.conn.backup(target, pages=-1)
+            target.execute("PRAGMA journal_mode = DELETE").fetchall()
+            verdict = target.execute("PRAGMA quick_check").fetchone()[0]
+            if verdict != "ok":
+                raise SmsbatchError(f"the copy at {path} failed its integrity check: {verdict}")
+            return {"version": target.execute("PRAGMA user_version").fetchone()[0],
+                    "texts": target.execute("SELECT count(*) FROM messages").fetchone()[0],
+                    "batches": target.execute("SELECT count(*) FROM batches").fetchone()[0]}
+        finally:
+            target.close()
+
+    def retry_refusal(self, batch_id):
+        """Why `retry` would refuse this batch, or None if it can be requeued.
+
+        Raises:
+            NotFound: no such batch.
+        """
+        batch = self.get_batch(batch_id)
+        if State(batch["state"]) not in RETRYABLE:
+            return _why_not_retryable(batch)
+        if self.conn.execute("SELECT 1 FROM messages WHERE batch_id = ? AND kind != 'text'", (batch_id,)).fetchone():
+            return f"batch {batch_id} holds an opt-out/opt-in keyword; nothing to answer"
+        if self._on_hold(self.conn, batch["phone"]):
+            return (f"batch {batch_id}: {batch['phone']} is on hold; `smsbatch release {batch['phone']}` first "
+                    "(--answer-pending answers what came meanwhile)")
+        return None
+
+    def retry_candidates(self, states, since):
+        """Batches that ended in one of `states` at or after `since`, oldest first, without
+        keyword batches (nothing to answer) or people on hold: what `retry --failed/--unknown
+        --since` requeues."""
+        values = [State(s).value for s in states]
+        return [dict(r) for r in self.conn.execute(
+            "SELECT id, phone, state, message_count, completed_at, last_error, response_text IS NOT NULL"
+            f" AS has_reply, send_started_at FROM batches b WHERE state IN ({placeholders(values)})"
+            " AND completed_at >= ?"
+            " AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.batch_id = b.id AND m.kind != 'text')"
+            " AND phone NOT IN (SELECT phone FROM holds) ORDER BY completed_at, seq", (*values, since))]
+
+    def hold(self, phone, reason, now):
+        """Put a person on hold: no AI reply to them until released (their texts are still
+        stored). Holding someone already held keeps the start and updates the reason.
+        Returns the hold (phone, since, reason)."""
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT INTO holds (phone, since, reason) VALUES (?, ?, ?)"
+                " ON CONFLICT (phone) DO UPDATE SET reason = coalesce(excluded.reason, holds.reason)",
+                (phone, now, reason))
+            return dict(self._on_hold(conn, phone))
+
+    def find_hold(self, phone):
+        """The person's hold (phone, since, reason), or None."""
+        row = self._on_hold(self.conn, phone)
+        return None if row is None else dict(row)
+
+    @staticmethod
+    def _on_hold(conn, phone):
+        return conn.execute("SELECT phone, since, reason FROM holds WHERE phone = ?", (phone,)).fetchone()
+
+    def release(self, phone, now, answer_pending=False):
+        """End a hold. With `answer_pending`, the batches that ended *held* during it are
+        answered: per conversation, the newest is requeued with the older ones' texts folded
+        in (one reply covers them all). Returns (the hold with held_batches and held_texts:
+        what ended held during it, ids of the requeued batches).
+
+        Raises:
+            NotFound: the person is not on hold.
+        """
+        with self.transaction() as conn:
+            hold = self._on_hold(conn, phone)
+            if hold is None:
+                raise NotFound(f"{phone} is not on hold")
+            conn.execute("DELETE FROM holds WHERE phone = ?", (phone,))
+            self._hold_waiting(conn, phone, hold, now)
+            held = conn.execute("SELECT * FROM batches WHERE phone = ? AND state = 'held' AND completed_at >= ?"
+                                " ORDER BY seq", (phone, hold["since"])).fetchall()
+            requeued = self._answer_held(conn, held, now) if answer_pending else []
+        return dict(hold) | {"held_batches": len(held), "held_texts": sum(r["message_count"] for r in held)}, requeued
+
+    def _hold_waiting(self, conn, phone, hold, now):
+        """Texts that came during the hold but whose batches were not yet due (open, queued)
+        end *held* like the others: answered only if the operator asks (--answer-pending)."""
+        waiting = conn.execute("SELECT id FROM batches WHERE phone = ? AND state IN ('open', 'queued')"
+                               " AND created_at >= ? ORDER BY seq", (phone, hold["since"])).fetchall()
+        why = f": {hold['reason']}" if hold["reason"] else ""
+        reason = f"came while on hold, not answered at its release (smsbatch retry to answer it){why}"
+        for row in waiting:
+            self._move(conn, row["id"], State.HELD, now, reason,
+                       "due_at = NULL, claim = NULL, completed_at = ?, last_error = ?", (now, reason))
+
+    def _answer_held(self, conn, held, now):
+        newest = {row["our_number"]: row for row in held}
+        for row in newest.values():
+            # the stored reply, if any, predates the texts folded in: ask the AI afresh
+            self._move(conn, row["id"], State.QUEUED, now, "released: answering the texts that came while held",
+                       "due_at = ?, attempts = 0, claim = NULL, last_error = NULL, completed_at = NULL,"
+                       " retried_at = ?, response_text = NULL", (now, now))
+        for row in held:
+            target = newest[row["our_number"]]
+            if row["id"] != target["id"]:
+                fresh = conn.execute("SELECT * FROM batches WHERE id = ?", (target["id"],)).fetchone()
+                self._fold(conn, row, fresh, now, batching.Rules())
+        return [row["id"] for row in newest.values()]
+
+    def last_number(self, phone):
+        """The number this person last wrote to, or None."""
+        row = self.conn.execute("SELECT our_number FROM messages WHERE phone = ? ORDER BY received_at DESC, id DESC"
+                                " LIMIT 1", (phone,)).fetchone()
+        return None if row is None else row[0]
+
+    def record_manual(self, sid, phone, our_number, body, now):
+        """Log a reply an operator sent by hand (`smsbatch send`): the AI sees it as history."""
+        with self.transaction() as conn:
+            conn.execute("INSERT INTO outbound (sid, batch_id, phone, our_number, body, source, sent_at)"
+                         " VALUES (?, NULL, ?, ?, ?, 'manual', ?)", (sid, phone, our_number, body, now))
+
+    def prune(self, cutoff, dry_run=False, chunk=500, limit=None):
+        """Delete what is older than `cutoff`: every finished batch whose texts and outcome are
+        all older, with its texts, state history and reply log, and replies sent by hand before
+        then. Never a pending batch, nor anything of a person on hold or opted out (their STOP
+        is the record that they did). Works in transactions of `chunk` batches so the webhook
+        never waits long; at most `limit` batches in all. Returns counts of what went (or,
+        with `dry_run`, would go).
+        """
+        totals = dict.fromkeys(("batches", "texts", "events", "replies", "manual_replies"), 0)
+        if dry_run:
+            self.conn.execute("BEGIN")  # one snapshot to count in; nothing is written
+            try:
+                doomed = self._prunable(self.conn, cutoff, None)
+                for i in range(0, len(doomed), chunk):
+                    _add(totals, self._prune_counts(self.conn, doomed[i:i + chunk]))
+                totals["manual_replies"] = self.conn.execute(
+                    f"SELECT count(*) FROM outbound WHERE {_MANUAL_PRUNABLE}", (cutoff,)).fetchone()[0]
+            finally:
+                self.conn.execute("ROLLBACK")
+            return totals
+        while limit is None or totals["batches"] < limit:
+            with self.transaction() as conn:
+                doomed = self._prunable(conn, cutoff, chunk if limit is None else min(chunk, limit - totals["batches"]))
+                _add(totals, self._prune_counts(conn, doomed))
+                self._delete_batches(conn, doomed)
+            if not doomed:
+                break
+        with self.transaction() as conn:
+            totals["manual_replies"] = conn.execute(f"DELETE FROM outbound WHERE {_MANUAL_PRUNABLE}", (cutoff,)).rowcount
+        return totals
+
+    @staticmethod
+    def _prunable(conn, cutoff, limit):
+        """Ids of finished batches older than `cutoff` that no kept batch points at (superseded_by)."""
+        finished = [s.value for s in FINAL]
+        rows = conn.execute(
+            f"SELECT id FROM batches WHERE state IN ({placeholders(finished)}) AND last_at < ?"
+            " AND coalesce(completed_at, last_at) < ? AND coalesce(retried_at, 0) < ?"
+            " AND phone NOT IN (SELECT phone FROM holds) AND phone NOT IN (SELECT phone FROM opt_outs)"
+            + (" LIMIT ?" if limit else ""), (*finished, cutoff, cutoff, cutoff, *([limit] if limit else [])))
+        doomed = {r[0] for r in rows}
+        while doomed:  # a kept batch folded into a doomed one keeps it (and what it points at)
+            kept = set()
+            for part in _chunks(sorted(doomed)):
+                kept |= {r[1] for r in conn.execute(
+                    f"SELECT id, superseded_by FROM batches WHERE superseded_by IN ({placeholders(part)})", part)
+                    if r[0] not in doomed}
+            if not kept:
+                break
+            doomed -= kept
+        return sorted(doomed)
+
+    @staticmethod
+    def _prune_counts(conn, ids):
+        if not ids:
+            return {}
+        marks = placeholders(ids)
+        return {"batches": len(ids),
+                "texts": conn.execute(f"SELECT count(*) FROM messages WHERE batch_id IN ({marks})", ids).fetchone()[0],
+                "events": conn.execute(f"SELECT count(*) FROM batch_events WHERE batch_id IN ({marks})",
+                                       ids).fetchone()[0],
+                "replies": conn.execute(f"SELECT count(*) FROM outbound WHERE batch_id IN ({marks})", ids).fetchone()[0]}
+
+    @staticmethod
+    def _delete_batches(conn, ids):
+        if not ids:
+            return
+        marks = placeholders(ids)
+        # children first; a conversation whose (stale) open-batch pointer goes is simply recreated
+        # by its next text
+        for table, column in (("conversations", "open_batch"), ("outbound", "batch_id"),
+                              ("batch_events", "batch_id"), ("messages", "batch_id"), ("batches", "id")):
+            conn.execute(f"DELETE FROM {table} WHERE {column} IN ({marks})", ids)
+
+
+# Replies sent by hand (no batch) before the cutoff, to people neither held nor opted out.
+_MANUAL_PRUNABLE = ("batch_id IS NULL AND sent_at < ? AND phone NOT IN (SELECT phone FROM holds)"
+                    " AND phone NOT IN (SELECT phone FROM opt_outs)")
+
+
+def _chunks(items, size=500):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def _add(totals, counts):
+    for key, n in counts.items():
+        totals[key] += n
+
+
+def held_reason(hold, when=""):
+    """A batch's last_error when it ends held: the operator's reason, if they gave one."""
+    why = f": {hold['reason']}" if hold["reason"] else ""
+    return f"on hold{' ' + when if when else ''} (smsbatch release to end it){why}"
+
+
+def _why_not_retryable(batch):
+    state = batch["state"]
+    if state == State.SENT:
+        return f"batch {batch['id']} was already sent ({batch['provider_sid']}); not sending it twice"
+    if state == State.SUPERSEDED:
+        return f"batch {batch['id']} was folded into batch {batch['superseded_by']}; retry that one"
+    return f"batch {batch['id']} is {state}, already waiting to be answered"

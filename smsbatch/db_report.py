@@ -1,0 +1,243 @@
+"""What operators read from the store: status, show, stats, delivery receipts and outages."""
+
+import json
+
+from smsbatch import delivery
+from smsbatch.states import PENDING, placeholders
+
+REJECTIONS_KEPT_SECONDS = 86400  # rejection counts older than a day are dropped as new ones arrive
+
+
+class OperatorReports:
+    """Methods of Store (smsbatch.db): what operators read from the store: status, show, stats, delivery receipts and outages."""
+
+    # -- delivery receipts ------------------------------------------------------
+
+    def _delivery(self, latest=5):
+        """Replies by latest MessageStatus, and the latest undelivered or failed ones."""
+        # No receipt yet: Twilio answered the send itself with queued (accepted, with a
+        # messaging service); counted as queued until a receipt or a check says more.
+        counts = dict(self.conn.execute(
+            "SELECT coalesce(status, 'queued'), count(*) FROM outbound GROUP BY 1 ORDER BY 1").fetchall())
+        problems = self.conn.execute(
+            f"SELECT sid, batch_id, phone, status, error_code, status_at FROM outbound"
+            f" WHERE status IN ({placeholders(delivery.PROBLEMS)}) ORDER BY status_at DESC LIMIT ?",
+            (*delivery.PROBLEMS, latest)).fetchall()
+        return {"delivery": counts,
+                "delivery_problems": [dict(r) | {"error": delivery.explain(r["status"], r["error_code"])}
+                                      for r in problems]}
+
+    def record_delivery(self, sid, status, error_code, at):
+        """Record Twilio's latest MessageStatus (and ErrorCode) of a reply we sent, unless it
+        would move the reply backwards. Returns False for a SID we never sent (ignored)."""
+        with self.transaction() as conn:
+            row = conn.execute("SELECT status FROM outbound WHERE sid = ?", (sid,)).fetchone()
+            if row is None:
+                return False
+            if delivery.moves_forward(row["status"], status):
+                conn.execute("UPDATE outbound SET status = ?, error_code = ?, status_at = ? WHERE sid = ?",
+                             (status, error_code, at, sid))
+            return True
+
+    def deliveries_to_check(self, now, limit):
+        """Replies without a final status CHECK_AFTER_SECONDS after sending, never checked yet."""
+        return [r[0] for r in self.conn.execute(
+            f"SELECT sid FROM outbound WHERE (status IS NULL OR status NOT IN ({placeholders(delivery.FINAL)}))"
+            " AND checked_at IS NULL AND sent_at <= ? ORDER BY sent_at LIMIT ?",
+            (*sorted(delivery.FINAL), now - delivery.CHECK_AFTER_SECONDS, limit))]
+
+    def mark_checked(self, sid, now):
+        with self.transaction() as conn:
+            conn.execute("UPDATE outbound SET checked_at = ? WHERE sid = ?", (now, sid))
+
+    def take_new_problems(self, now):
+        """Replies newly known undelivered or failed, each returned once (marked reported)."""
+        new = self.conn.execute(  # a read first: most runs have nothing to report, and need no write
+            f"SELECT 1 FROM outbound WHERE reported_at IS NULL AND status IN ({placeholders(delivery.PROBLEMS)})"
+            " LIMIT 1", delivery.PROBLEMS).fetchone()
+        if new is None:
+            return []
+        with self.transaction() as conn:
+            return [dict(r) for r in conn.execute(
+                f"UPDATE outbound SET reported_at = ? WHERE reported_at IS NULL"
+                f" AND status IN ({placeholders(delivery.PROBLEMS)})"
+                " RETURNING sid, batch_id, status, error_code", (now, *delivery.PROBLEMS))]
+
+    def health(self, now):
+        """Pending count and the oldest pending batch's age, from one cheap query."""
+        row = self.conn.execute(
+            f"SELECT count(*), min(first_at) FROM batches WHERE state IN ({placeholders(PENDING)})",
+            [s.value for s in PENDING],
+        ).fetchone()
+        return {"pending": row[0], "oldest_pending_age_seconds": None if row[1] is None else round(now - row[1], 1)}
+
+    def record_rejections(self, rows, now):
+        """Add (minute, count, last_at, last_url) rows of bad-signature counts; drop old ones."""
+        with self.transaction() as conn:
+            conn.executemany(
+                "INSERT INTO rejections (minute, count, last_at, last_url) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (minute) DO UPDATE SET count = count + excluded.count,"
+                " last_at = max(last_at, excluded.last_at),"
+                " last_url = CASE WHEN excluded.last_at >= last_at THEN excluded.last_url ELSE last_url END",
+                rows,
+            )
+            conn.execute("DELETE FROM rejections WHERE minute < ?", (int((now - REJECTIONS_KEPT_SECONDS) // 60),))
+
+    def rejected_signatures(self, now):
+        """Webhook requests refused for a bad signature in the last hour, and the latest one's
+        time and checked URL: {"rejected_signatures", "last_rejected_signature_at", ...}."""
+        count = self.conn.execute(
+            "SELECT coalesce(sum(count), 0) FROM rejections WHERE minute >= ?", (int((now - 3600) // 60),)
+        ).fetchone()[0]
+        last = self.conn.execute("SELECT last_at, last_url FROM rejections ORDER BY last_at DESC LIMIT 1").fetchone()
+        return {"rejected_signatures": count, "last_rejected_signature_at": last[0] if last else None,
+                "last_rejected_signature_url": last[1] if last else None}
+
+    def messages_since(self, since):
+        """Inbound texts received at or after `since`, oldest first (for export)."""
+        return self.conn.execute(
+            "SELECT phone, our_number, body, sid, received_at, media FROM messages"
+            " WHERE received_at >= ? ORDER BY received_at, id",
+            (since,),
+        )
+
+    # -- operators: see (issue 10: show, stats, status, outages) ---------------
+
+    def record_prompt(self, batch, messages):
+        """Keep the exact chat messages about to be sent to the AI (`show --prompt`)."""
+        with self.transaction() as conn:
+            conn.execute("UPDATE batches SET prompt = ? WHERE id = ? AND claim = ?",
+                         (json.dumps(messages), batch["id"], batch["claim"]))
+
+    def record_provider(self, provider, now, error=None, alert_after=300.0):
+        """Note one call to a provider ('ai', 'sms') that worked (error None) or failed.
+
+        Returns ('outage', row) the first time its calls have kept failing, with no success
+        in between, for `alert_after` seconds; ('recovered', row) on the first success after
+        an announced outage; else None. Each is returned to one caller only, however many
+        processors run, so the outage is announced once.
+        """
+        if error is None and self._healthy_lately(provider, now):
+            return None  # the common case costs a read, not a write
+        with self.transaction() as conn:
+            row = conn.execute("SELECT * FROM provider_health WHERE provider = ?", (provider,)).fetchone()
+            row = dict(row) if row else {"provider": provider, "failing_since": None, "alerted_at": None}
+            if error is None:
+                conn.execute(
+                    "INSERT INTO provider_health (provider, last_ok_at) VALUES (?, ?) ON CONFLICT (provider)"
+                    " DO UPDATE SET failing_since = NULL, alerted_at = NULL, last_ok_at = excluded.last_ok_at",
+                    (provider, now))
+                return ("recovered", row) if row["alerted_at"] is not None else None
+            since = row["failing_since"] if row["failing_since"] is not None else now
+            alert = row["alerted_at"] is None and now - since >= alert_after
+            conn.execute(
+                "INSERT INTO provider_health (provider, failing_since, last_failure_at, last_error, alerted_at)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (provider) DO UPDATE SET failing_since ="
+                " excluded.failing_since, last_failure_at = excluded.last_failure_at,"
+                " last_error = excluded.last_error, alerted_at = excluded.alerted_at",
+                (provider, since, now, error, now if alert else row["alerted_at"]))
+            row.update(failing_since=since, last_failure_at=now, last_error=error)
+            return ("outage", row) if alert else None
+
+    def _healthy_lately(self, provider, now, within=60.0):
+        row = self.conn.execute(
+            "SELECT failing_since, last_ok_at FROM provider_health WHERE provider = ?", (provider,)).fetchone()
+        return row is not None and row[0] is None and row[1] is not None and now - row[1] < within
+
+    def provider_health(self):
+        """Every provider's health row, failing ones with failing_since set."""
+        return [dict(r) for r in self.conn.execute("SELECT * FROM provider_health ORDER BY provider")]
+
+    def outages(self):
+        """Announced outages still going on (/health, status): provider, since, last error."""
+        return [{"provider": r["provider"], "since": r["failing_since"], "last_failure_at": r["last_failure_at"],
+                 "last_error": r["last_error"]}
+                for r in self.provider_health() if r["failing_since"] is not None and r["alerted_at"] is not None]
+
+    def next_retry(self):
+        """The batch retried soonest: queued again after a failed attempt, or a send to check
+        again. (due_at, batch id), or None."""
+        row = self.conn.execute(
+            "SELECT due_at, id FROM batches WHERE (state = 'queued' AND attempts > 0"
+            " OR state = 'sending' AND claim IS NULL) AND due_at IS NOT NULL ORDER BY due_at LIMIT 1"
+        ).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def batch_life(self, batch_id):
+        """Everything about one batch for `smsbatch show`: its row, texts, every state change
+        (oldest first), the SMS sent for it, and the batches folded into it.
+
+        Raises:
+            NotFound: no such batch.
+        """
+        batch = self.get_batch(batch_id)
+        texts = self.conn.execute(
+            "SELECT sid, body, media, kind, received_at FROM messages WHERE batch_id = ? ORDER BY received_at, id",
+            (batch_id,)).fetchall()
+        events = self.conn.execute(
+            "SELECT at, from_state, to_state, reason FROM batch_events WHERE batch_id = ? ORDER BY id",
+            (batch_id,)).fetchall()
+        sent = self.conn.execute("SELECT * FROM outbound WHERE batch_id = ? ORDER BY sent_at", (batch_id,)).fetchall()
+        folded = self.conn.execute("SELECT id FROM batches WHERE superseded_by = ? ORDER BY seq", (batch_id,))
+        return {"batch": batch, "texts": [dict(r) for r in texts], "events": [dict(r) for r in events],
+                "outbound": [dict(r) for r in sent], "folded": [r[0] for r in folded]}
+
+    def conversation(self, phone, limit):
+        """The last `limit` things in a person's conversation (any of our numbers), oldest first:
+        texts in, SMS out (the AI's and by hand), opt-outs, holds, and batches that ended
+        without a reply."""
+        texts = self.conn.execute(
+            "SELECT received_at AS at, 'in' AS kind, our_number, body, media, batch_id, kind AS detail"
+            " FROM messages WHERE phone = ? ORDER BY received_at DESC, id DESC LIMIT ?", (phone, limit))
+        sent = self.conn.execute(
+            "SELECT sent_at AS at, 'out' AS kind, our_number, body, NULL AS media, batch_id, source AS detail,"
+            " sid, status FROM outbound WHERE phone = ? ORDER BY sent_at DESC LIMIT ?", (phone, limit))
+        unanswered = self.conn.execute(
+            "SELECT completed_at AS at, 'note' AS kind, our_number, last_error AS body, id AS batch_id,"
+            " state AS detail FROM batches WHERE phone = ? AND state IN ('failed', 'unknown', 'expired', 'held')"
+            " AND completed_at IS NOT NULL ORDER BY completed_at DESC LIMIT ?", (phone, limit))
+        opt_outs = self.conn.execute(
+            "SELECT since AS at, 'opt_out' AS kind, scope AS our_number, keyword AS body FROM opt_outs"
+            " WHERE phone = ?", (phone,))
+        holds = self.conn.execute(
+            "SELECT since AS at, 'hold' AS kind, reason AS body FROM holds WHERE phone = ?", (phone,))
+        items = [dict(r) for rows in (texts, sent, unanswered, opt_outs, holds) for r in rows]
+        items.sort(key=lambda item: (item["at"], item["kind"] != "in"))
+        return items[-limit:]
+
+    def person_flags(self, phone):
+        """Is this person on hold ({since, reason} or None), and which scopes did they opt out of."""
+        hold = self.conn.execute("SELECT since, reason FROM holds WHERE phone = ?", (phone,)).fetchone()
+        outs = self.conn.execute("SELECT scope, since, keyword FROM opt_outs WHERE phone = ? ORDER BY since",
+                                 (phone,)).fetchall()
+        return {"hold": None if hold is None else dict(hold), "opt_outs": [dict(r) for r in outs]}
+
+    def columns(self, table):
+        """The column names of a table (another version may lack some)."""
+        return {r[1] for r in self.conn.execute(f"PRAGMA table_info({table})")}
+
+    def stats_rows(self, since, until):
+        """What `smsbatch stats` counts, per UTC day, for [since, until): texts in, batches,
+        AI requests and tokens, replies; and every reply's latency (seconds from the
+        person's last text to the reply)."""
+        texts = self.conn.execute(
+            "SELECT date(received_at, 'unixepoch') AS day, count(*) AS texts,"
+            " sum(kind = 'text') AS answerable FROM messages WHERE received_at >= ? AND received_at < ?"
+            " GROUP BY day", (since, until)).fetchall()
+        have = self.columns("batches")
+        requests = "sum(ai_requests)" if "ai_requests" in have else "sum(response_text IS NOT NULL)"
+        tokens = ", ".join(f"sum({c}) AS {c}" if c in have else f"NULL AS {c}"
+                           for c in ("prompt_tokens", "completion_tokens"))
+        batches = self.conn.execute(
+            f"SELECT date(created_at, 'unixepoch') AS day, count(*) AS batches, {requests} AS ai_requests,"
+            f" {tokens} FROM batches WHERE created_at >= ? AND created_at < ? GROUP BY day",
+            (since, until)).fetchall()
+        # Every SMS we sent (the AI's and by hand); latency only for the AI's, from its batch's last text.
+        replies = self.conn.execute(
+            "SELECT date(o.sent_at, 'unixepoch') AS day, o.sent_at - b.last_at AS latency,"
+            " o.status = 'delivered' AS delivered FROM outbound o LEFT JOIN batches b ON b.id = o.batch_id"
+            " WHERE o.sent_at >= ? AND o.sent_at < ?", (since, until)).fetchall()
+        return {"texts": [dict(r) for r in texts], "batches": [dict(r) for r in batches],
+                "replies": [dict(r) for r in replies],
+                "ai_requests_exact": "ai_requests" in have, "tokens_known": "prompt_tokens" in have,
+                "delivery_known": True}
