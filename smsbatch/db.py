@@ -47,7 +47,7 @@ class Store(BatchLife, OperatorActions, OperatorReports):
     """One SQLite connection and the statements smsbatch runs on it. Not thread-safe."""
 
     def __init__(self, path, busy_timeout=BUSY_TIMEOUT_SECONDS):
-        self.path = str(path)
+        self.path, self.busy_timeout = str(path), busy_timeout
         _create_private(self.path)
         self.conn = sqlite3.connect(
             self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
@@ -91,6 +91,21 @@ class Store(BatchLife, OperatorActions, OperatorReports):
         shared. The journal stays, in memory, so a rolled-back transaction still rolls back."""
         for pragma in ("locking_mode = EXCLUSIVE", "journal_mode = MEMORY", "synchronous = OFF"):
             self.conn.execute(f"PRAGMA {pragma}").fetchall()
+
+    def write_blocked(self, seconds):
+        """Why a write could not start within `seconds` (another connection holds the write
+        lock), or None. Takes the lock for an instant and writes nothing."""
+        self.conn.execute(f"PRAGMA busy_timeout = {int(seconds * 1000)}")
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.execute("ROLLBACK")
+            return None
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            return f"another process holds the database's write lock (waited {seconds:g} s)"
+        finally:
+            self.conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
 
     @contextmanager
     def transaction(self):

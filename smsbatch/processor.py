@@ -422,12 +422,13 @@ class Processor:
                 log.debug("could not prepare %s: %s", getattr(provider, "name", provider), exc)
 
     def follow_deliveries(self):
-        """Without status callbacks (no SMSBATCH_PUBLIC_URL), ask Twilio once about replies
-        still not final a few minutes after sending, a few per run; then report each reply
-        newly known undelivered or failed once, on stderr. Returns how many were reported."""
+        """Ask Twilio once about replies still not final a few minutes after sending, a few
+        per run: without SMSBATCH_PUBLIC_URL there are no callbacks, and with it a callback
+        may be lost or arrive before the reply was recorded. Then report each reply newly
+        known undelivered or failed once, on stderr. Returns how many were reported."""
         store, now = self.store(), self.clock()
         fetch = getattr(self.sender, "fetch_status", None)
-        if fetch is not None and not self.settings.public_url:
+        if fetch is not None:
             for sid in store.deliveries_to_check(now, delivery.CHECKS_PER_RUN):
                 try:
                     status, code = fetch(sid)

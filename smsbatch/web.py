@@ -35,6 +35,8 @@ TWIML_EMPTY = b'<?xml version="1.0" encoding="UTF-8"?><Response/>'
 MAX_MEDIA = 10  # Twilio sends at most 10 media per message
 CARRIER_KINDS = {"STOP": "opt_out", "START": "opt_in"}  # OptOutType; HELP is an ordinary text
 SINGLE_FIELDS = ("MessageSid", "From", "To", "Body", "NumMedia")
+# Longer than any of our own commits (milliseconds), far shorter than a text's 4 s wait.
+WRITE_PROBE_SECONDS = 0.05
 HEALTH_BUSY_TIMEOUT = 0.5  # a WAL reader waits only in rare recovery moments: never long
 MIN_FREE_BYTES = 1024 * 1024  # less free disk than this: a COMMIT may fail (SQLITE_FULL)
 
@@ -219,13 +221,18 @@ class Webhook:
                 raise Reject("403 Forbidden", "missing or invalid X-Twilio-Signature", signed_url=shown_url(url))
         sid, status = params.one("MessageSid").strip(), params.one("MessageStatus").strip().lower()
         code = params.one("ErrorCode").strip()
-        if not sid or len(sid) > 64 or not delivery.is_status(status):
-            raise Reject("400 Bad Request", "missing MessageSid or unknown MessageStatus")
+        if not sid or len(sid) > 64 or not status or len(status) > 32:
+            raise Reject("400 Bad Request", "missing MessageSid or MessageStatus")
+        if not delivery.is_status(status):  # a status Twilio added (partially_delivered, ...): nothing to
+            return "200 OK", [("Content-Type", "text/plain")], b""  # record, and no reason to be asked again
         if code and not (code.isascii() and code.isdigit() and len(code) < 10):
             raise Reject("400 Bad Request", "bad ErrorCode")
         at, error = self.clock(), int(code) if code and code != "0" else None
+        # Like a text's, the wait for the lock counts from when the request was whole, so
+        # receipts never hold texts past their 503 deadline.
+        deadline = environ.get("smsbatch.received", time.monotonic()) + self.writer.busy_timeout
         try:
-            self.writer.submit(lambda store: store.record_delivery(sid, status, error, at))
+            self.writer.submit(lambda store: store.record_delivery(sid, status, error, at), deadline)
         except (sqlite3.Error, SmsbatchError) as exc:
             log.error("webhook: could not store the status of %s: %s", sid, exc)
             raise Reject("503 Service Unavailable", "could not store the status; try again") from None
@@ -259,18 +266,29 @@ class Webhook:
 
     def health(self):
         """200 if texts can be read and stored now, else 503 saying why. Reads through a
-        connection of its own and never takes the write lock: whether a text can be
-        stored comes from the writer's last attempts and the file system."""
+        connection of its own and never waits for the write lock: whether a text can be
+        stored comes from the writer's last attempts, the file system, and a probe that
+        gives up after WRITE_PROBE_SECONDS if another process holds the lock."""
         try:
             info = {"ok": True, "database": "ok", **self._read_health()}
         except Exception as exc:
             info = {"ok": False, "database": f"unreadable: {exc}"}
-        trouble = self.writer.trouble() or unwritable(self.settings.db_path)
+        trouble = self.writer.trouble() or unwritable(self.settings.db_path) or self._probe_write()
         info["can_store"] = trouble is None
         if trouble:
             info.update(ok=False, cannot_store=trouble)
         status = "200 OK" if info["ok"] else "503 Service Unavailable"
         return status, [("Content-Type", "application/json")], json.dumps(info).encode()
+
+    def _probe_write(self):
+        """None if the write lock can be had now, else why not (the probe writes nothing)."""
+        with self._health_lock:
+            if self._health_store is None:
+                return None  # the read above failed and said so
+            try:
+                return self._health_store.write_blocked(WRITE_PROBE_SECONDS)
+            except sqlite3.Error as exc:
+                return f"the database cannot be written: {exc}"
 
     def _read_health(self):
         with self._health_lock:

@@ -140,3 +140,24 @@ def test_without_callbacks_replies_not_final_are_checked_once_a_few_per_run(fast
     assert len(twilio_standin.fetched) == 3
     statuses = dict(store.conn.execute("SELECT phone, status FROM outbound"))
     assert statuses == {A: "delivered", B: "undelivered", "+15557770003": "sent"}
+
+
+def test_a_receipt_that_came_before_the_reply_was_recorded_is_made_good_by_asking(public, webhook, store, clock,
+                                                                                  twilio_standin):
+    """Twilio's callback can beat our own record of the send (or be lost): the reply's fate
+    is still learned, by asking Twilio once when no final receipt came."""
+    answered(public, store, clock, A)
+    [message] = twilio_standin.sent
+    store.conn.execute("UPDATE outbound SET status = NULL")  # as if the early 'delivered' found no row
+    message["status"] = "delivered"
+    clock.now = T0 + 10 + delivery.CHECK_AFTER_SECONDS
+    real_processor(public, clock).run()
+    assert twilio_standin.fetched == [message["sid"]] and outbound(store, message["sid"])["status"] == "delivered"
+
+
+def test_a_status_twilio_added_later_is_answered_200_and_not_recorded(public, webhook, store, clock,
+                                                                       twilio_standin):
+    answered(public, store, clock, A)
+    [message] = twilio_standin.sent
+    assert str(receipt(webhook, twilio_standin, message, "partially_delivered")).startswith("200")
+    assert outbound(store, message["sid"])["status"] is None

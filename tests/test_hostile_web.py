@@ -34,10 +34,10 @@ def form(n=0, **extra):
     return params
 
 
-def signed_request(params, path="/sms"):
-    """The raw bytes of a signed POST, as Twilio sends it."""
+def signed_request(params, path="/sms", url=URL):
+    """The raw bytes of a signed POST, as Twilio sends it (signed for `url`)."""
     body = urlencode(params).encode()
-    signature = RequestValidator(TOKEN).compute_signature(URL, params)
+    signature = RequestValidator(TOKEN).compute_signature(url, params)
     head = (f"POST {path} HTTP/1.1\r\nHost: hooks.example.com\r\nContent-Type: application/x-www-form-urlencoded\r\n"
             f"X-Twilio-Signature: {signature}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
     return head + body
@@ -238,15 +238,27 @@ def test_answers_that_store_nothing_never_wait_while_another_process_holds_the_w
         port = server.server_port
         form_type = {"Content-Type": "application/x-www-form-urlencoded"}
         for method, path, body, headers, expected in [
-            ("GET", "/health", b"", {}, 200), ("HEAD", "/health", b"", {}, 200), ("GET", "/nope", b"", {}, 404),
+            ("GET", "/health", b"", {}, 503), ("HEAD", "/health", b"", {}, 503), ("GET", "/nope", b"", {}, 404),
             ("GET", "/sms", b"", {}, 405), ("POST", "/sms", b"{}", {"Content-Type": "application/json"}, 415),
             ("POST", "/sms", urlencode(form(5)).encode(), form_type, 403),
         ]:
-            status, _, seconds = timed_get(port, path, method, body, headers)
+            status, answer, seconds = timed_get(port, path, method, body, headers)
             assert (status, path) == (expected, path) and seconds < 0.5, (method, path, seconds)
+            if (method, path) == ("GET", "/health"):  # before any text has tried and waited
+                assert "holds the database's write lock" in json.loads(answer)["cannot_store"]
+        started = time.monotonic()
+        # Receipts waiting for the lock too never push a text past its 5 s (Twilio waits 15 s).
+        receipts = [threading.Thread(target=exchange, args=(port, [signed_request(
+            {"MessageSid": f"SMr{i:030d}", "MessageStatus": "delivered"}, "/sms/status", URL + "/status")], 20))
+            for i in range(20)]
+        for thread in receipts:
+            thread.start()
+        time.sleep(0.5)  # the receipts are waiting for the lock first
         started = time.monotonic()
         assert exchange(port, [signed_request(form(6))], timeout=20)[0] == 503
         assert time.monotonic() - started < 5.0
+        for thread in receipts:
+            thread.join(20)
         status, body, seconds = timed_get(port, "/health")
         info = json.loads(body)
         assert status == 503 and info["can_store"] is False and "could not be stored" in info["cannot_store"]
