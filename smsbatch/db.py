@@ -46,7 +46,7 @@ def new_id():
 class Store(BatchLife, OperatorActions, OperatorReports):
     """One SQLite connection and the statements smsbatch runs on it. Not thread-safe."""
 
-    def __init__(self, path, busy_timeout=BUSY_TIMEOUT_SECONDS):
+    def __init__(self, path, busy_timeout=BUSY_TIMEOUT_SECONDS, durable=True):
         self.path, self.busy_timeout = str(path), busy_timeout
         _create_private(self.path)
         self.conn = sqlite3.connect(
@@ -63,7 +63,12 @@ class Store(BatchLife, OperatorActions, OperatorReports):
         # FULL: in WAL mode every COMMIT fsyncs the WAL, so a text answered 200 and a batch
         # marked sending survive power loss (NORMAL may roll them back). The webhook commits
         # in groups, so it pays one fsync per burst, not per text (bench/run.py webhook-vs-flask).
-        self.conn.execute("PRAGMA synchronous = FULL")
+        # The processor's connections are not `durable`: a claim or a *sent* mark lost to power
+        # loss is made good by the lease and by reconcile; the one move whose loss would send a
+        # reply twice, *sending*, commits through durable_transaction(). A FULL commit in WAL
+        # mode syncs every frame before it, so nothing committed earlier is left behind.
+        self.synchronous = "FULL" if durable else "NORMAL"
+        self.conn.execute(f"PRAGMA synchronous = {self.synchronous}")
         self.conn.execute("PRAGMA foreign_keys = ON")
 
     @classmethod
@@ -91,6 +96,21 @@ class Store(BatchLife, OperatorActions, OperatorReports):
         shared. The journal stays, in memory, so a rolled-back transaction still rolls back."""
         for pragma in ("locking_mode = EXCLUSIVE", "journal_mode = MEMORY", "synchronous = OFF"):
             self.conn.execute(f"PRAGMA {pragma}").fetchall()
+        self.synchronous = "OFF"
+
+    @contextmanager
+    def durable_transaction(self):
+        """transaction(), committed with synchronous = FULL whatever this connection's setting
+        (a throwaway database stays as it is): what it commits survives power loss."""
+        upgrade = self.synchronous == "NORMAL"
+        if upgrade:
+            self.conn.execute("PRAGMA synchronous = FULL")
+        try:
+            with self.transaction() as conn:
+                yield conn
+        finally:
+            if upgrade:
+                self.conn.execute("PRAGMA synchronous = NORMAL")
 
     def write_blocked(self, seconds):
         """Why a write could not start within `seconds` (another connection holds the write

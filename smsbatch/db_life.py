@@ -75,7 +75,7 @@ class BatchLife:
         (an operator's retry), not a new answer. Returns the state the batch is now in, or
         None if this processor no longer holds the lease.
         """
-        with self.transaction() as conn:
+        with self.durable_transaction() as conn:  # the mark that keeps a reply from going out twice
             if not self._holds(conn, batch, State.PROCESSING):
                 return None
             scope = batching.opt_out_scope(batch["our_number"], settings.twilio_messaging_service_sid)

@@ -160,6 +160,7 @@ class OperatorActions:
                 "INSERT INTO holds (phone, since, reason) VALUES (?, ?, ?)"
                 " ON CONFLICT (phone) DO UPDATE SET reason = coalesce(excluded.reason, holds.reason)",
                 (phone, now, reason))
+            conn.execute("INSERT INTO hold_log (phone, at, kind, reason) VALUES (?, ?, 'hold', ?)", (phone, now, reason))
             return dict(self._on_hold(conn, phone))
 
     def find_hold(self, phone):
@@ -189,6 +190,10 @@ class OperatorActions:
             held = conn.execute("SELECT * FROM batches WHERE phone = ? AND state = 'held' AND completed_at >= ?"
                                 " ORDER BY seq", (phone, hold["since"])).fetchall()
             requeued = self._answer_held(conn, held, now) if answer_pending else []
+            texts = sum(r["message_count"] for r in held)
+            what = f"{texts} text(s) that came meanwhile " + ("answered" if answer_pending else "not answered")
+            conn.execute("INSERT INTO hold_log (phone, at, kind, reason) VALUES (?, ?, 'release', ?)",
+                         (phone, now, what if held else None))
         return dict(hold) | {"held_batches": len(held), "held_texts": sum(r["message_count"] for r in held)}, requeued
 
     def _hold_waiting(self, conn, phone, hold, now):
@@ -257,6 +262,7 @@ class OperatorActions:
                 break
         with self.transaction() as conn:
             totals["manual_replies"] = conn.execute(f"DELETE FROM outbound WHERE {_MANUAL_PRUNABLE}", (cutoff,)).rowcount
+            conn.execute("DELETE FROM hold_log WHERE at < ? AND phone NOT IN (SELECT phone FROM holds)", (cutoff,))
         return totals
 
     @staticmethod

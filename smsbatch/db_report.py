@@ -200,7 +200,7 @@ class OperatorReports:
             "SELECT since AS at, 'opt_out' AS kind, scope AS our_number, keyword AS body FROM opt_outs"
             " WHERE phone = ?", (phone,))
         holds = self.conn.execute(
-            "SELECT since AS at, 'hold' AS kind, reason AS body FROM holds WHERE phone = ?", (phone,))
+            "SELECT at, kind, reason AS body FROM hold_log WHERE phone = ? ORDER BY at DESC LIMIT ?", (phone, limit))
         items = [dict(r) for rows in (texts, sent, unanswered, opt_outs, holds) for r in rows]
         items.sort(key=lambda item: (item["at"], item["kind"] != "in"))
         return items[-limit:]

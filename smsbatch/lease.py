@@ -128,7 +128,7 @@ class Leases:
 
     def _db(self):
         if self._store is None:
-            self._store = Store(self.db_path, busy_timeout=HEARTBEAT_BUSY_TIMEOUT)
+            self._store = Store(self.db_path, busy_timeout=HEARTBEAT_BUSY_TIMEOUT, durable=False)  # renewals
         return self._store
 
     def _beat(self, stop):

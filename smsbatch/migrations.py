@@ -178,5 +178,18 @@ V7 = (
     "CREATE INDEX outbound_status ON outbound(status, sent_at)",
 )
 
-STEPS = {2: V2, 3: V3, 4: V4, 5: V5, 6: V6, 7: V7}
+V8 = (
+    # Holds and releases, kept after a release so `show PHONE` still tells them.
+    """CREATE TABLE hold_log (
+        id      INTEGER PRIMARY KEY,
+        phone   TEXT NOT NULL,
+        at      REAL NOT NULL,
+        kind    TEXT NOT NULL CHECK (kind IN ('hold', 'release')),
+        reason  TEXT
+    )""",
+    "CREATE INDEX hold_log_phone ON hold_log(phone, at)",
+    "INSERT INTO hold_log (phone, at, kind, reason) SELECT phone, since, 'hold', reason FROM holds",
+)
+
+STEPS = {2: V2, 3: V3, 4: V4, 5: V5, 6: V6, 7: V7, 8: V8}
 LATEST = max(STEPS)

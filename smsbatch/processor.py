@@ -136,7 +136,7 @@ class Processor:
 
     def store(self):
         if not hasattr(self._local, "store"):
-            self._local.store = Store(self.db_path)
+            self._local.store = Store(self.db_path, durable=False)  # begin_send alone commits durably
         return self._local.store
 
     def scope(self, batch):

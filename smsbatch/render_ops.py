@@ -324,4 +324,6 @@ def _chat_line(item, several=False):
         return at, Text("  !", style="bold red"), plain(f"opted out of {scope} ({item['body']})")
     if kind == "hold":
         return at, Text("  !", style="bold yellow"), _line("put on hold", f": {item['body']}" if item["body"] else "")
+    if kind == "release":
+        return at, Text("  !", style="bold yellow"), _line("released from hold", f": {item['body']}" if item["body"] else "")
     return at, Text("  !", style="yellow"), _line(f"batch {item['batch_id']} {item['detail']}: ", item["body"] or "")

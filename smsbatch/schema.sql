@@ -122,6 +122,16 @@ CREATE TABLE IF NOT EXISTS opt_outs (
     PRIMARY KEY (phone, scope)
 );
 
+-- Every hold and release, kept after the release so `show PHONE` still tells them.
+CREATE TABLE IF NOT EXISTS hold_log (
+    id      INTEGER PRIMARY KEY,
+    phone   TEXT NOT NULL,
+    at      REAL NOT NULL,
+    kind    TEXT NOT NULL CHECK (kind IN ('hold', 'release')),
+    reason  TEXT
+);
+CREATE INDEX IF NOT EXISTS hold_log_phone ON hold_log(phone, at);
+
 -- People an operator put on hold (`smsbatch hold`): no AI reply until released.
 CREATE TABLE IF NOT EXISTS holds (
     phone   TEXT PRIMARY KEY,

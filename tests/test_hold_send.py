@@ -206,3 +206,19 @@ def test_a_hold_reason_with_control_characters_is_never_printed_raw(db_path, sto
     assert "(angry\\x1b[2J\\x1b]0;pwned\\x07 customer over)" in result.output
     assert len(result.output.splitlines()) == 1
     assert store.find_hold(A)["reason"] == reason  # stored as given; cleaned only when shown
+
+
+def test_show_phone_keeps_telling_a_hold_after_its_release(db_path, store):
+    import json
+
+    env = {"SMSBATCH_DB": db_path}
+    assert invoke(["hold", A, "--reason", "angry customer", "--now", repr(T0)], env).exit_code == 0
+    add(store, A, "hello?", T0 + 5)
+    offline_processor(__import__("smsbatch.config").config.Settings(db_path=db_path, ai="offline", sms="console"),
+                      lambda: T0 + 60).run()
+    assert invoke(["release", A, "--now", repr(T0 + 120)], env).exit_code == 0
+    items = json.loads(invoke(["show", A, "--json", "--now", repr(T0 + 200)], env).output)["items"]
+    kinds = [(i["kind"], i["body"]) for i in items if i["kind"] in ("hold", "release")]
+    assert kinds == [("hold", "angry customer"), ("release", "1 text(s) that came meanwhile not answered")]
+    human = invoke(["show", A, "--now", repr(T0 + 200)], env).output
+    assert "put on hold: angry customer" in human and "released from hold: 1 text(s)" in human

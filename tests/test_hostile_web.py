@@ -347,3 +347,25 @@ def test_a_signed_text_with_lf_only_lines_is_served(server, db_path):
     head, _, body = raw.partition(b"\r\n\r\n")
     assert exchange(server.server_port, [head.replace(b"\r\n", b"\n") + b"\n\n" + body])[0] == 200
     assert stored(db_path) == {form(8)["MessageSid"]}
+
+
+def test_the_processor_commits_the_sending_mark_durably_and_the_rest_cheaply(db_path):
+    """A processor's connection runs synchronous=NORMAL (a lost claim or *sent* mark is made
+    good by the lease and reconcile), but the commit that marks a batch *sending* runs FULL."""
+    from conftest import Clock, add, offline_processor
+    from smsbatch.config import Settings
+
+    store = Store(db_path)
+    add(store, "+15551230099", "hi", T0)
+    processor = offline_processor(Settings(db_path=db_path, ai="offline", sms="console"), Clock(T0 + 60))
+    conn = processor.store().conn
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    [row], _ = processor.claim(1)
+    seen = []
+    conn.set_trace_callback(seen.append)
+    assert processor.handle(row) == "sent"  # on this thread, so through this connection
+    sending = next(i for i, sql in enumerate(seen) if sql.startswith("UPDATE batches SET state") and "send_started_at" in sql)
+    begin = max(i for i in range(sending) if seen[i] == "BEGIN IMMEDIATE")
+    assert seen[begin - 1] == "PRAGMA synchronous = FULL"  # the transaction that marks it sending
+    commit = next(i for i in range(sending, len(seen)) if seen[i] == "COMMIT")
+    assert seen[commit + 1] == "PRAGMA synchronous = NORMAL"

@@ -324,7 +324,7 @@ def test_show_phone_is_the_conversation_as_a_chat_newest_last(db_path, store, se
     store.conn.execute("INSERT INTO outbound (sid, phone, our_number, body, source, sent_at, status)"
                        " VALUES ('SMmanual1', ?, '+15550000000', 'Call you at 5 - Ann', 'manual', ?, 'delivered')",
                        (A, T0 + 60))
-    store.conn.execute("INSERT INTO holds (phone, since, reason) VALUES (?, ?, 'angry customer')", (A, T0 + 70))
+    store.hold(A, "angry customer", T0 + 70)
     add(store, A, "STOP", T0 + 80)
     add(store, B, "someone else", T0 + 90)
     add(store, "+15554440003", "red \x1b[31malert\x1b[0m [link=http://x]click[/link]", T0 + 95)
