@@ -15,24 +15,14 @@ import json
 import os
 import sqlite3
 import subprocess
-import sys
 import time
 
-from common import OUR_NUMBER, ROOT, T0, Figure, clean_env, fresh_db, log, smsbatch_cmd, tempdir
+from common import OUR_NUMBER, T0, Figure, clean_env, fakes, fresh_db, log, smsbatch_cmd, tempdir
 
 BATCHES = 200
 DELAY = 2.0
 CONCURRENCY = 16
 TARGET = 7.0
-
-
-def fakes():
-    tests = os.path.join(ROOT, "tests")
-    if tests not in sys.path:
-        sys.path.insert(0, tests)
-    import fakes as module
-
-    return module
 
 
 def build(folder, batches):

@@ -32,21 +32,12 @@ import subprocess
 import sys
 import time
 
-from common import OUR_NUMBER, ROOT, Figure, clean_env, fmt, fresh_db, log, print_table, smsbatch_cmd, tempdir
+from common import OUR_NUMBER, Figure, clean_env, fakes, fmt, fresh_db, log, print_table, smsbatch_cmd, tempdir
 
 KILLS = 6
 TARGET = 5.0
 ANCHORS = "pgqueuer 30 s, Procrastinate 30 s + sweep, rq ~90 s, River/Oban 1 h"
 ROUND_TIMEOUT = 30.0
-
-
-def fakes():
-    tests = os.path.join(ROOT, "tests")
-    if tests not in sys.path:
-        sys.path.insert(0, tests)
-    import fakes as module
-
-    return module
 
 
 def env_for(db, openai, twilio):

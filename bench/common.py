@@ -159,3 +159,13 @@ def cpus_busy(seconds=0.5):
 
 def log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def fakes():
+    """The test suite's stand-in servers (tests/fakes.py: FakeOpenAI, FakeTwilio)."""
+    tests = os.path.join(ROOT, "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    import fakes as module
+
+    return module

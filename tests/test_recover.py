@@ -62,13 +62,19 @@ def test_heartbeat_renews_every_held_batch_and_records_holder(store, clock):
     assert [(r["holder"], r["renewed_seconds_ago"]) for r in status["in_flight"]] == [("elsewhere:1", 1.0)] * 2
 
 
-def test_fence_fails_by_our_own_clock_when_renewals_stop(store, clock):
-    """A frozen process's heartbeat froze too: when it wakes, only its own clock tells."""
+def holding(store, clock, hold_limit=60):
+    """A text's batch claimed and held by a Leases on a hand-moved monotonic clock."""
     add(store, A, "hi", T0)
     mono = Mono()
-    leases = Leases(store.path, clock, hold_limit=60, monotonic=mono)
+    leases = Leases(store.path, clock, hold_limit=hold_limit, monotonic=mono)
     [row] = claimed(store)
     leases.add([row], mono())
+    return mono, leases, row
+
+
+def test_fence_fails_by_our_own_clock_when_renewals_stop(store, clock):
+    """A frozen process's heartbeat froze too: when it wakes, only its own clock tells."""
+    mono, leases, row = holding(store, clock)
     mono.now += 2.9
     assert leases.holds(row)  # 1.1 s of lease left: more than the 1 s margin
     mono.now += 0.2
@@ -76,11 +82,7 @@ def test_fence_fails_by_our_own_clock_when_renewals_stop(store, clock):
 
 
 def test_a_batch_taken_over_is_lost_to_its_old_holder(store, clock):
-    add(store, A, "hi", T0)
-    mono = Mono()
-    leases = Leases(store.path, clock, hold_limit=60, monotonic=mono)
-    [row] = claimed(store)
-    leases.add([row], mono())
+    mono, leases, row = holding(store, clock)
     [taken] = claimed(store, T0 + 15)  # its lease ran out; another processor claims it
     assert taken["id"] == row["id"] and taken["claim"] != row["claim"]
     leases.renew()  # the old holder wakes: its renewal finds nothing of its own
@@ -89,11 +91,7 @@ def test_a_batch_taken_over_is_lost_to_its_old_holder(store, clock):
 
 
 def test_renewals_stop_at_the_hold_limit(store, clock):
-    add(store, A, "hi", T0)
-    mono = Mono()
-    leases = Leases(store.path, clock, hold_limit=30, monotonic=mono)
-    [row] = claimed(store)
-    leases.add([row], mono())
+    mono, leases, row = holding(store, clock, hold_limit=30)
     mono.now += 31
     clock.now = T0 + 41
     leases.renew()
