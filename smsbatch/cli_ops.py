@@ -5,6 +5,7 @@ import time
 import click
 
 from smsbatch.cli_common import PHONE, TEXT, TIME, InputParam, emit_json, open_store, settings_from
+from smsbatch.inputs import iso_time
 
 
 @click.command()
@@ -41,13 +42,7 @@ def backfill(ctx, since, until, dry_run, now, as_json):
     click.echo(f"looked at {report.seen} texts to {len(report.numbers)} number(s); {report.already} already stored; "
                f"{verb} {count}" + ("" if dry_run else f" ({report.expired} too old to answer, stored as expired)"))
     for sid, phone, to, at in report.found:
-        click.echo(f"  {sid} from {phone} to {to} at {_iso(at)}")
-
-
-def _iso(epoch):
-    import datetime
-
-    return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        click.echo(f"  {sid} from {phone} to {to} at {iso_time(at)}")
 
 
 @click.command()
@@ -104,7 +99,7 @@ def hold(ctx, phone, reason, now):
     from smsbatch import render
 
     why = f" ({render.clean(' '.join(held['reason'].split()))})" if held["reason"] else ""
-    click.echo(f"{phone} on hold since {render.when(held['since'])}{why}: no AI replies until `smsbatch release {phone}`")
+    click.echo(f"{phone} on hold since {iso_time(held['since'])}{why}: no AI replies until `smsbatch release {phone}`")
 
 
 @click.command()
@@ -171,13 +166,11 @@ def prune(ctx, age, dry_run, now, as_json):
     if as_json:
         emit_json(gone | {"dry_run": dry_run, "cutoff": cutoff})
         return
-    from smsbatch import render
-
     verb = "would delete" if dry_run else "deleted"
     click.echo(f"{verb} {count(gone['batches'], 'batch', 'batches')}, {count(gone['texts'], 'text')}, "
                f"{count(gone['events'], 'history entry', 'history entries')}, "
                f"{count(gone['replies'], 'AI reply', 'AI replies')} and "
-               f"{count(gone['manual_replies'], 'reply', 'replies')} sent by hand, older than {render.when(cutoff)}")
+               f"{count(gone['manual_replies'], 'reply', 'replies')} sent by hand, older than {iso_time(cutoff)}")
 
 
 def count(n, one, many=None):

@@ -3,7 +3,8 @@
 from smsbatch import batching
 from smsbatch.config import HEARTBEAT_LEASE_SECONDS
 from smsbatch.db_ops import held_reason
-from smsbatch.states import State, iso_time
+from smsbatch.inputs import iso_time
+from smsbatch.states import State
 
 
 class BatchLife:

@@ -45,8 +45,7 @@ def check_not_future(at, now):
         InvalidInput: too far in the future.
     """
     if at > now + FUTURE_SLACK_SECONDS:
-        moment = datetime.datetime.fromtimestamp(at, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-        raise InvalidInput(f"time {moment} is in the future (more than {FUTURE_SLACK_SECONDS // 60} minutes "
+        raise InvalidInput(f"time {iso_time(at)} is in the future (more than {FUTURE_SLACK_SECONDS // 60} minutes "
                            f"from now); a text cannot arrive later than it is stored")
     return at
 

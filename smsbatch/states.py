@@ -51,10 +51,3 @@ CLAIMABLE = tuple(s for s in TRANSITIONS if _S.PROCESSING in TRANSITIONS[s]) + (
 def placeholders(items):
     """'?,?,?' for an SQL IN (...) of `items`."""
     return ",".join("?" for _ in items)
-
-
-def iso_time(epoch):
-    """An epoch time as ISO-8601 UTC, for event reasons a person reads."""
-    import datetime
-
-    return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
