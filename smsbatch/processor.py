@@ -297,11 +297,13 @@ class Processor:
 
     def _call(self, store, provider, call, *args, **kwargs):
         """Call a provider ('ai' or 'sms') and note in the database whether it answered: the one
-        place outages are tracked. A refusal for one recipient (opted out) is an answer."""
+        place outages are tracked. Only a transient failure (unreachable, timed out, 429, 5xx)
+        means the provider is failing; a definite refusal (an invalid number, an opted-out
+        recipient, a bad request) is an answer about that one call."""
         try:
             result = call(*args, **kwargs)
         except DeliveryError as exc:
-            self._note_health(store, provider, None if exc.opted_out else hide_numbers(exc))
+            self._note_health(store, provider, hide_numbers(exc) if exc.transient else None)
             raise
         self._note_health(store, provider, None)
         return result

@@ -402,3 +402,14 @@ def test_process_lines_carry_an_iso_time_with_the_stand_ins_too(db_path, store):
     assert re.fullmatch(ISO + r" claimed 1, sent 1, skipped 0, failed 0\n", result.stdout)
     assert re.fullmatch(ISO + r" \[console sms to \+15554440001\] Thanks for your message\. You said: hi\n",
                         result.stderr)
+
+
+def test_a_refusal_for_one_recipient_is_not_a_failing_provider(db_path, store, real_settings, clock, twilio_standin):
+    from conftest import real_processor
+
+    add(store, A, "hi", T0)
+    twilio_standin.script = [(400, 21211)]  # Twilio answered: that number is invalid
+    clock.now = T0 + 15
+    assert real_processor(real_settings, clock).run().counts["failed"] == 1
+    assert [r["failing_since"] for r in store.provider_health()] == [None, None]
+    assert store.outages() == []
