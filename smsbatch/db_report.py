@@ -71,6 +71,24 @@ class OperatorReports:
         ).fetchone()
         return {"pending": row[0], "oldest_pending_age_seconds": None if row[1] is None else round(now - row[1], 1)}
 
+    def note_run(self, host, now, finished=False):
+        """Record that `host`'s processor began (or ended) a run at `now`."""
+        with self.transaction() as conn:
+            if finished:
+                conn.execute("UPDATE processors SET finished_at = ? WHERE host = ?", (now, host))
+            else:
+                conn.execute(
+                    "INSERT INTO processors (host, started_at) VALUES (?, ?) ON CONFLICT (host)"
+                    " DO UPDATE SET started_at = excluded.started_at, finished_at = NULL", (host, now))
+
+    def last_activity(self):
+        """When the last text was stored and a processor last ran (epoch seconds, or None)."""
+        text = self.conn.execute("SELECT max(received_at) FROM messages").fetchone()[0]
+        started, finished = self.conn.execute(
+            "SELECT max(started_at), max(finished_at) FROM processors").fetchone()
+        runs = [t for t in (started, finished) if t is not None]
+        return {"last_text_at": text, "last_run_at": max(runs) if runs else None}
+
     def record_rejections(self, rows, now):
         """Add (minute, count, last_at, last_url) rows of bad-signature counts; drop old ones."""
         with self.transaction() as conn:

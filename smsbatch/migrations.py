@@ -191,5 +191,19 @@ V8 = (
     "INSERT INTO hold_log (phone, at, kind, reason) SELECT phone, since, 'hold', reason FROM holds",
 )
 
-STEPS = {2: V2, 3: V3, 4: V4, 5: V5, 6: V6, 7: V7, 8: V8}
+V9 = (
+    # What a reply is billed as (segments, encoding) and what Twilio charged for it.
+    "ALTER TABLE outbound ADD COLUMN segments INTEGER",
+    "ALTER TABLE outbound ADD COLUMN encoding TEXT",
+    "ALTER TABLE outbound ADD COLUMN price REAL",
+    "ALTER TABLE outbound ADD COLUMN price_unit TEXT",
+    # When each host's processor last ran: status and /health warn when none has.
+    """CREATE TABLE processors (
+        host        TEXT PRIMARY KEY,
+        started_at  REAL NOT NULL,
+        finished_at REAL
+    )""",
+)
+
+STEPS = {2: V2, 3: V3, 4: V4, 5: V5, 6: V6, 7: V7, 8: V8, 9: V9}
 LATEST = max(STEPS)

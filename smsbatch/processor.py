@@ -376,8 +376,16 @@ class Processor:
         """
         stop = stop or threading.Event()
         report = RunReport(paused=not self.settings.enabled)
-        if report.paused:
-            return report
+        host = self.leases.holder.rsplit(":", 1)[0]
+        self.store().note_run(host, self.clock())
+        try:
+            if report.paused:
+                return report
+            return self._run(report, limit, concurrency, seconds, stop)
+        finally:
+            self.store().note_run(host, self.clock(), finished=True)
+
+    def _run(self, report, limit, concurrency, seconds, stop):
         if seconds:  # a long run: have the clients ready before the first batch needs them
             threading.Thread(target=self._warm, name="smsbatch-warm", daemon=True).start()
         deadline = time.monotonic() + seconds

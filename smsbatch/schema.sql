@@ -104,7 +104,11 @@ CREATE TABLE IF NOT EXISTS outbound (
     error_code  INTEGER,
     status_at   REAL,
     checked_at  REAL,                         -- last asked Twilio (no status callbacks)
-    reported_at REAL                          -- `process` reported it undelivered/failed
+    reported_at REAL,                         -- `process` reported it undelivered/failed
+    segments    INTEGER,                      -- SMS segments the body is billed as (NULL: not counted)
+    encoding    TEXT,                         -- 'GSM-7' or 'UCS-2'
+    price       REAL,                         -- Twilio's price for it (negative: a charge), when known
+    price_unit  TEXT                          -- its currency, e.g. 'USD'
 );
 CREATE INDEX IF NOT EXISTS outbound_conversation ON outbound(phone, our_number, sent_at);
 CREATE INDEX IF NOT EXISTS outbound_batch ON outbound(batch_id);
@@ -165,4 +169,12 @@ CREATE TABLE IF NOT EXISTS rejections (
     count    INTEGER NOT NULL,
     last_at  REAL NOT NULL,         -- epoch seconds of the latest one that minute
     last_url TEXT NOT NULL          -- the URL its signature was checked against
+);
+
+-- When each host's processor last ran (one row a host): `status` and /health say when a
+-- processor last ran, and warn when none has while batches wait.
+CREATE TABLE IF NOT EXISTS processors (
+    host        TEXT PRIMARY KEY,
+    started_at  REAL NOT NULL,                -- its latest run began
+    finished_at REAL                          -- its latest run ended (NULL: running, or killed)
 );

@@ -400,3 +400,12 @@ def test_a_send_waiting_to_be_checked_does_not_hold_back_newer_texts(fast, store
     assert run(fast, clock, T0 + 11).counts["sent"] == 1  # not held behind the backoff
     report = run(fast, clock, store.get_batch(first)["due_at"])
     assert report.counts["superseded"] == 1 and len(twilio_standin.sent) == 1
+
+
+def test_a_run_is_recorded_with_its_start_and_end(fast, store, clock):
+    assert store.last_activity() == {"last_text_at": None, "last_run_at": None}
+    add(store, A, "hi", T0)
+    run(fast, clock, T0 + 30)
+    [row] = store.conn.execute("SELECT * FROM processors").fetchall()
+    assert row["started_at"] == row["finished_at"] == T0 + 30
+    assert store.last_activity() == {"last_text_at": T0, "last_run_at": T0 + 30}
