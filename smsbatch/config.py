@@ -3,6 +3,7 @@
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 
 from smsbatch.errors import ConfigError
@@ -101,6 +102,7 @@ class Settings:
     retention_days: float = 0.0  # 0: `process` prunes nothing (SMSBATCH_RETENTION_DAYS)
     backfill: bool = True  # look in Twilio's message log for texts the webhook never got
     prompts_dir: str = ""  # one system prompt per number: <dir>/+15550001111.txt
+    numbers: tuple = ()  # SMSBATCH_NUMBERS: the business numbers smsbatch answers for (E.164)
 
     @classmethod
     def from_env(cls, env=None):
@@ -146,6 +148,7 @@ class Settings:
             retention_days=_number(env, "SMSBATCH_RETENTION_DAYS", 0.0),
             backfill=_flag(g("SMSBATCH_BACKFILL", "1"), "SMSBATCH_BACKFILL"),
             prompts_dir=g("SMSBATCH_PROMPTS_DIR", ""),
+            numbers=_numbers(g("SMSBATCH_NUMBERS", "")),
         )
         return settings.checked()
 
@@ -200,6 +203,14 @@ class Settings:
             )
         return self
 
+    @property
+    def listed_numbers(self):
+        """The business numbers named in the settings: SMSBATCH_NUMBERS, else TWILIO_FROM_NUMBER
+        (with a messaging service, its numbers come on top: sms.TwilioSender.our_numbers)."""
+        if self.numbers:
+            return self.numbers
+        return (self.twilio_from_number,) if self.twilio_from_number else ()
+
     def missing_credentials(self):
         """Names of the environment variables the chosen AI and SMS providers still need."""
         missing = []
@@ -245,6 +256,18 @@ def _adaptive(env):
         "adaptive_window": _number(env, "SMSBATCH_ADAPTIVE_WINDOW", 20, int, 2),
         "adaptive_min_gaps": _number(env, "SMSBATCH_ADAPTIVE_MIN_GAPS", 3, int, 1),
     }
+
+
+E164 = re.compile(r"\+[1-9][0-9]{6,14}")
+
+
+def _numbers(raw):
+    """SMSBATCH_NUMBERS: comma-separated E.164 numbers, in the order given, each once."""
+    numbers = tuple(dict.fromkeys(n.strip() for n in raw.split(",") if n.strip()))
+    for number in numbers:
+        if not E164.fullmatch(number):
+            raise ConfigError(f"SMSBATCH_NUMBERS must list E.164 numbers such as +15551234567, not {number!r}")
+    return numbers
 
 
 def _choice(env, name, choices):

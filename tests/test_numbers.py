@@ -108,3 +108,14 @@ def test_an_unreadable_prompt_file_is_retried_with_backoff_and_named(tmp_path, r
     clock.now = batch["due_at"]
     assert real_processor(settings, clock).run().counts["sent"] == 1
     assert openai_standin.calls[-1][0]["content"] == "You sell bicycles."
+
+
+def test_our_numbers_are_a_setting_checked_at_start():
+    from smsbatch.config import Settings
+    from smsbatch.errors import ConfigError
+
+    env = {"SMSBATCH_NUMBERS": " +15550000001, +15550000002,+15550000001", "TWILIO_FROM_NUMBER": "+15550000009"}
+    assert Settings.from_env(env).listed_numbers == ("+15550000001", "+15550000002")
+    assert Settings.from_env({"TWILIO_FROM_NUMBER": "+15550000009"}).listed_numbers == ("+15550000009",)
+    with pytest.raises(ConfigError, match="E.164"):
+        Settings.from_env({"SMSBATCH_NUMBERS": "5550000001"})
