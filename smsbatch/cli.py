@@ -330,15 +330,17 @@ def retry(ctx, batch_ids, failed, unknown, since, dry_run, fresh, now, as_json):
         since_at = None if since is None else inputs.parse_since(since, now)
     except SmsbatchError as exc:
         raise click.BadParameter(str(exc), param_hint="--since") from None
+    from smsbatch.render import clean
+
     store = open_store(settings_from(ctx))
     result = ops.retry_batches(store, [b.strip() for b in batch_ids], states, since_at, now, dry_run, fresh)
     if as_json:
         emit_json(result)
     else:
         for line in ops.retry_lines(result):
-            click.echo(line)
+            click.echo(clean(line))  # a batch's last error may quote Twilio
     for error in result["refused"]:
-        click.echo(f"Error: {error}", err=True)
+        click.echo(f"Error: {clean(error)}", err=True)
     if result["refused"]:
         ctx.exit(1)
 

@@ -61,8 +61,10 @@ class Group(click.Group):
 
         try:
             return super().invoke(ctx)
-        except SmsbatchError as exc:
-            raise click.ClickException(str(exc)) from None
+        except SmsbatchError as exc:  # may quote a provider, a file or a stored text
+            from smsbatch.render import clean
+
+            raise click.ClickException(clean(str(exc))) from None
         except sqlite3.OperationalError as exc:
             if "locked" in str(exc) or "busy" in str(exc):
                 raise click.ClickException("database is busy: another writer held it too long; try again") from None

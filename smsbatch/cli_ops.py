@@ -37,12 +37,14 @@ def backfill(ctx, since, until, dry_run, now, as_json):
     if as_json:
         emit_json(report.as_dict() | {"dry_run": dry_run})
         return
+    from smsbatch.render import clean
+
     verb = "would store" if dry_run else "stored"
     count = len(report.found) if dry_run else report.stored
     click.echo(f"looked at {report.seen} texts to {len(report.numbers)} number(s); {report.already} already stored; "
                f"{verb} {count}" + ("" if dry_run else f" ({report.expired} too old to answer, stored as expired)"))
     for sid, phone, to, at in report.found:
-        click.echo(f"  {sid} from {phone} to {to} at {iso_time(at)}")
+        click.echo(clean(f"  {sid} from {phone} to {to} at {iso_time(at)}"))  # as Twilio's log gave them
 
 
 @click.command()
@@ -143,7 +145,9 @@ def send(ctx, phone, text, our_number, now):
     store = open_store(settings)
     sent = send_by_hand(store, settings, make_sender(settings), phone, text,
                         our_number, time.time() if now is None else now)
-    click.echo(f"sent to {sent['to']} from {sent['from']} ({sent['sid']})")
+    from smsbatch.render import clean
+
+    click.echo(clean(f"sent to {sent['to']} from {sent['from']} ({sent['sid']})"))  # the SID is Twilio's
     if store.find_hold(phone) is None:
         click.echo(f"note: {phone} is not on hold, so the AI still answers their next texts "
                    f"(`smsbatch hold {phone}` to take over)", err=True)

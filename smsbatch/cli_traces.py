@@ -29,31 +29,65 @@ class SweepParam(click.ParamType):
 @click.option("--anonymize", is_flag=True,
               help="Pseudonyms for numbers and sids, same-length placeholders for bodies (STOP etc. kept).")
 @click.option("--key", type=TEXT,
-              help="Secret for --anonymize: the same key gives the same pseudonyms (default: random).")
+              help="Secret for --anonymize, on the command line: avoid it, every local user can read a "
+              "command's arguments (ps, /proc) and anyone with the key can recompute every pseudonym; "
+              "use SMSBATCH_ANON_KEY or --key-file. The same key gives the same pseudonyms (default: random).")
+@click.option("--key-file", type=click.File("rb"),
+              help="Read the --anonymize secret from this file (its first line), instead of SMSBATCH_ANON_KEY.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, allow_dash=True), default="-",
-              help="Write here instead of stdout; a new file is readable by its owner only (0600).")
+              help="Write here instead of stdout: a new or regular file, made readable by its owner only (0600); "
+              "never a symbolic link, a device or the database.")
 @click.pass_context
-def export(ctx, jsonl, since, anonymize, key, output):
-    """Write stored inbound texts as a trace for `simulate` or `ingest --jsonl`."""
+def export(ctx, jsonl, since, anonymize, key, key_file, output):
+    """Write stored inbound texts as a trace for `simulate` or `ingest --jsonl`.
+
+    With --anonymize, a key kept from run to run (SMSBATCH_ANON_KEY, or --key-file) gives
+    the same pseudonyms each time, so traces can be compared."""
     from smsbatch.tracegen import Anonymizer, export_lines
 
+    if key is not None and key_file is not None:
+        raise click.UsageError("give --key or --key-file, not both")
+    if key is not None:
+        click.echo("warning: --key shows the key to every local user (ps, /proc); use SMSBATCH_ANON_KEY "
+                   "or --key-file", err=True)
+    if key_file is not None:
+        key = read_key_file(key_file)
     if key is not None and not key.strip():
         raise click.BadParameter("is empty: anyone could recompute the pseudonyms; leave it out for a "
                                  "random key", param_hint="--key")
-    if key and not anonymize:
+    if (key or key_file) and not anonymize:
         raise click.UsageError("--key only makes sense with --anonymize")
     settings = settings_from(ctx)
     store = open_store(settings)
     from smsbatch.files import write_lines
 
+    key = key if key is not None else settings.anon_key or None  # none: a random key, new each run
     anonymizer = Anonymizer(key, settings.urgent_keywords) if anonymize else None
     lines = export_lines(store.messages_since(0 if since is None else since), anonymizer)
     try:
-        count = write_lines(output, lines)
+        count = write_lines(output, lines, database=settings.db_path)
     except OSError as exc:
         where = "stdout" if output == "-" else output
         raise click.ClickException(f"cannot write {where}: {exc.strerror or exc}") from None
     click.echo(f"exported {count} texts", err=True)
+
+
+def read_key_file(file):
+    """The key in a --key-file: its first line, without the line end.
+
+    Raises:
+        click.BadParameter: empty, or not UTF-8.
+    """
+    from smsbatch.inputs import decode_text
+
+    try:
+        text = decode_text(file.read(), file.name)
+    except SmsbatchError as exc:
+        raise click.BadParameter(str(exc), param_hint="--key-file") from None
+    key = (text.splitlines() or [""])[0]
+    if not key.strip():
+        raise click.BadParameter(f"{file.name} holds no key on its first line", param_hint="--key-file")
+    return key
 
 
 @click.command()

@@ -103,6 +103,7 @@ class Settings:
     backfill: bool = True  # look in Twilio's message log for texts the webhook never got
     prompts_dir: str = ""  # one system prompt per number: <dir>/+15550001111.txt
     numbers: tuple = ()  # SMSBATCH_NUMBERS: the business numbers smsbatch answers for (E.164)
+    anon_key: str = field(default="", repr=False)  # SMSBATCH_ANON_KEY: `export --anonymize`'s key
 
     @classmethod
     def from_env(cls, env=None):
@@ -149,6 +150,7 @@ class Settings:
             backfill=_flag(g("SMSBATCH_BACKFILL", "1"), "SMSBATCH_BACKFILL"),
             prompts_dir=g("SMSBATCH_PROMPTS_DIR", ""),
             numbers=_numbers(g("SMSBATCH_NUMBERS", "")),
+            anon_key=g("SMSBATCH_ANON_KEY", ""),
         )
         return settings.checked()
 
@@ -234,7 +236,7 @@ class Settings:
         import base64
         from urllib.parse import urlsplit
 
-        found = [self.openai_api_key, self.twilio_auth_token]
+        found = [self.openai_api_key, self.twilio_auth_token, self.anon_key]
         if self.twilio_auth_token:
             basic = base64.b64encode(f"{self.twilio_account_sid}:{self.twilio_auth_token}".encode()).decode()
             found += [basic, basic.rstrip("=")]  # unpadded too: where the padding was dropped

@@ -9,7 +9,10 @@ import re
 # every OpenAI-compatible provider's key starts with sk-: both the pattern and the configured
 # secrets go.
 KEY_SHAPE = re.compile(r"sk-[\w*.-]+")
-CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Unicode bidi controls (embeddings, overrides, isolates, marks): invisible, they reorder what
+# follows on the line, so a text or a provider's error could make a terminal or log lie.
+BIDI = "\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
+CONTROL = re.compile(f"[\\x00-\\x1f\\x7f-\\x9f{BIDI}]")
 # A phone number: + and 7-15 digits, or 10-15 digits, with space ( ) - between them. Never
 # part of a word, a path or a dotted address (digits after / . : or joined by dots), nor a
 # number followed by :digits (a port) or .digits (a decimal): "http://127.0.0.1:8000/v1" stays.

@@ -1,33 +1,88 @@
-"""Writing customer data to a file: private (0600) and never half-written."""
+"""Writing customer data to a file: private (0600), never half-written, and never through a
+link or onto the live database.
+
+A path an operator gives (`export -o`, `backup`) may sit in a folder others can write to: a
+symbolic link planted there would otherwise make smsbatch create or overwrite the file it
+points to, and a name that is the database (or its -wal/-shm), reached through a linked
+folder, would replace the file every process is writing. Both are refused, compared as
+files (device and inode), never as strings.
+"""
 
 import os
 import stat
 import sys
 import tempfile
 
+from smsbatch.errors import SmsbatchError
 
-def write_lines(path, lines):
-    """Write `lines` (str, no newline) to `path` ("-": stdout). Returns how many were written.
+# The files SQLite keeps for a database: the file itself and its WAL, shared-memory and rollback journal.
+DATABASE_SUFFIXES = ("", "-wal", "-shm", "-journal")
 
-    A regular file (new or existing) is written to a temporary file in the same folder,
-    created 0600 whatever the umask, synced, then renamed over the target: on any failure
-    the target is left as it was. Anything else (a device such as /dev/full, a pipe) is
-    written in place and flushed, so a failed write is raised here rather than lost at exit.
+
+def check_target(path, database=None):
+    """Refuse to write `path` when it is a symbolic link, exists and is not a regular file
+    (a device, a FIFO, a folder), or is `database` or one of its -wal/-shm/-journal files
+    (the same file, or the same name in the same folder, however either path is spelt).
 
     Raises:
+        SmsbatchError: saying which, in one line.
+    """
+    try:
+        found = os.lstat(path)
+    except FileNotFoundError:
+        found = None
+    if found is not None and stat.S_ISLNK(found.st_mode):
+        raise SmsbatchError(f"{path} is a symbolic link: give the path of a real file (a link could point anywhere)")
+    if found is not None and not stat.S_ISREG(found.st_mode):
+        raise SmsbatchError(f"{path} exists and is not a regular file: choose another name")
+    if database and is_database_file(path, database):
+        raise SmsbatchError(f"{path} is the live database {database} or one of its -wal/-shm files: "
+                            "choose another name")
+
+
+def is_database_file(path, database):
+    """Is `path` the database or one of its side files? By identity: the same file (a hard
+    link included), or the same name in the same folder (a folder reached through a link)."""
+    place = _place(path)
+    for db in {database, os.path.realpath(database)}:
+        db_place = _place(db)
+        if place and db_place and place[0] == db_place[0] and place[1] in {db_place[1] + s for s in DATABASE_SUFFIXES}:
+            return True
+        for suffix in DATABASE_SUFFIXES:
+            try:
+                if os.path.samefile(path, db + suffix):
+                    return True
+            except OSError:  # one of them does not exist: not the same file
+                continue
+    return False
+
+
+def _place(path):
+    """((device, inode) of the folder holding `path`, its last name), or None if the folder is missing."""
+    folder, name = os.path.split(os.path.abspath(path))
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino), name
+
+
+def write_lines(path, lines, database=None):
+    """Write `lines` (str, no newline) to `path` ("-": stdout). Returns how many were written.
+
+    `path` must be a regular file or a new name (check_target; `database`: the live database,
+    which it must not be). The lines go to a temporary file created in the same folder
+    (O_EXCL, O_NOFOLLOW, 0600 whatever the umask), synced, then renamed over `path`: on any
+    failure `path` is left as it was, and a link planted meanwhile is replaced, never followed.
+
+    Raises:
+        SmsbatchError: `path` is refused (check_target).
         OSError: the write failed (disk full, no permission, ...).
     """
     if path == "-":
         return _write_stream(sys.stdout.buffer, lines)
-    target = os.path.realpath(path)
-    try:
-        regular = stat.S_ISREG(os.stat(target).st_mode)
-    except FileNotFoundError:
-        regular = True
-    if not regular:
-        with open(target, "wb") as stream:
-            return _write_stream(stream, lines)
-    return _write_replacing(target, lines)
+    check_target(path, database)
+    return _write_replacing(os.path.abspath(path), lines)
 
 
 def _write_stream(stream, lines):
@@ -41,13 +96,14 @@ def _write_stream(stream, lines):
 
 def _write_replacing(target, lines):
     folder, name = os.path.split(target)
+    # mkstemp opens with O_CREAT | O_EXCL | O_NOFOLLOW, mode 0600
     fd, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder or ".")
     try:
         os.fchmod(fd, 0o600)  # mkstemp makes it 0600 already; say so, whatever the platform
         with os.fdopen(fd, "wb") as stream:
             count = _write_stream(stream, lines)
             os.fsync(stream.fileno())
-        os.replace(temporary, target)
+        os.replace(temporary, target)  # rename replaces a link itself, never what it points to
     except BaseException:
         try:
             os.unlink(temporary)

@@ -10,46 +10,60 @@ import stat
 
 from smsbatch.db import Store
 from smsbatch.errors import SmsbatchError
+from smsbatch.files import check_target
 
 
 def backup(db_path, dest, force=False):
     """Write a consistent copy of the database to `dest` (mode 0600) while serve and process run.
 
-    The copy is made in a private temporary file next to `dest` and then put in place, so
-    `dest` is never a half-written file. Returns what the copy holds (version, texts, batches, bytes).
+    The copy is made in a private temporary file next to `dest` (O_EXCL, O_NOFOLLOW) and then
+    put in place, so `dest` is never a half-written file. `dest` must be a regular file or a
+    new name: never a symbolic link, a device, nor the database or its -wal/-shm (compared as
+    files, so a linked folder does not hide them), whatever `force` says. Returns what the
+    copy holds (version, texts, batches, bytes).
 
     Raises:
-        SmsbatchError: no database, `dest` exists (without `force`; or is not a regular file), or
-            its folder cannot be written.
+        SmsbatchError: no database, `dest` refused (files.check_target) or exists (without
+            `force`), or its folder cannot be written.
     """
     if not os.path.exists(db_path):
         raise SmsbatchError(f"database {db_path} does not exist")
+    check_target(dest, db_path)
     dest = os.path.abspath(dest)
-    if os.path.abspath(db_path) == dest:
-        raise SmsbatchError("the backup file must not be the database itself")
-    if os.path.lexists(dest) and not stat.S_ISREG(os.lstat(dest).st_mode):
-        # a device, a folder, a FIFO or a link: never replaced, whatever --force says
-        raise SmsbatchError(f"{dest} exists and is not a regular file: choose another name")
     if os.path.exists(dest) and not force:
         raise SmsbatchError(f"{dest} already exists: choose another name, or --force to overwrite it")
     temp = os.path.join(os.path.dirname(dest), f".{os.path.basename(dest)}.{secrets.token_hex(4)}.tmp")
     try:
-        os.close(os.open(temp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        fd = os.open(temp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o600)
     except OSError as exc:
         raise SmsbatchError(f"cannot write {dest}: {exc.strerror}") from None
     try:
+        made = os.fstat(fd)
         store = Store(db_path)
         try:
+            _still(temp, made)  # SQLite opens by name: the name must still be the file we made
             info = store.copy_to(temp)
         finally:
             store.close()
+        _still(temp, made)
         _fsync(temp)
         _put_in_place(temp, dest, force)
         _fsync(os.path.dirname(dest))  # the new name, too, survives a power loss
     finally:
-        if os.path.exists(temp):
+        os.close(fd)
+        if os.path.lexists(temp):
             os.unlink(temp)
     return info | {"path": dest, "bytes": os.path.getsize(dest)}
+
+
+def _still(path, made):
+    """Raise unless `path` is still the regular file `made` (os.fstat) describes."""
+    try:
+        now = os.lstat(path)
+    except FileNotFoundError:
+        now = None
+    if now is None or not stat.S_ISREG(now.st_mode) or (now.st_dev, now.st_ino) != (made.st_dev, made.st_ino):
+        raise SmsbatchError(f"{path} was replaced while the backup was written: nothing was written there")
 
 
 def _put_in_place(temp, dest, force):

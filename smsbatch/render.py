@@ -8,6 +8,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from smsbatch.errors import BIDI
+
 STATE_STYLE = {
     "sent": "green", "failed": "bold red", "unknown": "bold yellow", "expired": "yellow",
     "skipped": "dim", "superseded": "dim", "processing": "cyan", "sending": "cyan",
@@ -15,8 +17,9 @@ STATE_STYLE = {
 }
 
 
-# Control characters a terminal would act on (escape sequences, carriage returns): shown, not obeyed.
-CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# Control characters a terminal would act on (escape sequences, carriage returns) and bidi
+# controls that reorder the line: shown, not obeyed.
+CONTROL = re.compile(f"[\\x00-\\x08\\x0b-\\x1f\\x7f-\\x9f{BIDI}]")
 
 
 def console(stderr=False):
@@ -30,10 +33,16 @@ def plain(value, style=""):
 
 
 def clean(value):
-    """Stored text as a plain string for click.echo: control characters made visible (\\x1b),
-    so nothing a terminal would obey (escape sequences, carriage returns) is printed raw."""
+    """Stored text as a plain string for click.echo: control characters made visible (\\x1b,
+    \\u202e), so nothing a terminal would obey (escape sequences, carriage returns, bidi
+    overrides) is printed raw."""
     text = "" if value is None else str(value)
-    return CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    return CONTROL.sub(_visible, text)
+
+
+def _visible(match):
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def age(seconds):

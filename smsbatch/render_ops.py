@@ -97,8 +97,9 @@ def _leases_and_delivery(info, problems=3):
         lines.append(Text(f"in flight {row['id']} {row['state']}: held by ") + plain(row["holder"] or "?")
                      + Text(f", renewed {renewed}, lease {row['lease_left_seconds']:g}s left"))
     for row in info.get("delivery_problems", ())[:problems]:
-        lines.append(Text(f"{row['status']}: batch {row['batch_id'] or '(manual)'} to ", style="yellow")
-                     + plain(row["phone"]) + Text(f": {row['error'].split(': ', 1)[-1]}", style="yellow"))
+        # status and error come from Twilio's receipts: plain text, never obeyed
+        lines.append(plain(f"{row['status']}: batch {row['batch_id'] or '(manual)'} to ", "yellow")
+                     + plain(row["phone"]) + plain(f": {row['error'].split(': ', 1)[-1]}", "yellow"))
     return lines
 
 

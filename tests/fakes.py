@@ -189,7 +189,9 @@ class FakeTwilio(StandIn):
     the message as sent, then answer that error); ("echo-auth", status) (an error whose
     message quotes the Authorization header it got and the token, like a misbehaving proxy);
     "accept-then-garbage" (record the message as sent, then answer 201 with a body that is not JSON);
-    "accept-then-trickle" (record it, then answer one byte a second: no read timeout fires).
+    "accept-then-trickle" (record it, then answer one byte a second: no read timeout fires);
+    ("error", status, code, message) (an error in Twilio's own words); ("sid", text) (accepted,
+    under that MessageSid).
 
     GET Messages/{sid}.json fetches one message. `link_shortening` rewrites URLs in bodies as
     Twilio's Link Shortening does; `page_cap` lowers the largest page so a test sees several
@@ -236,6 +238,12 @@ class FakeTwilio(StandIn):
         if isinstance(action, tuple) and action[0] == "echo-auth":
             echo = f"bad request; you sent Authorization: {handler.headers.get('Authorization')} token={self.TOKEN}"
             return self.reply(handler, action[1], {"code": 20001, "message": echo, "status": action[1]})
+        if isinstance(action, tuple) and action[0] == "error":  # ("error", status, code, message): Twilio's words
+            return self.reply(handler, action[1], {"code": action[2], "message": action[3], "status": action[1]})
+        if isinstance(action, tuple) and action[0] == "sid":  # ("sid", text): accepted under that MessageSid
+            message = self.record(form)
+            message["sid"] = action[1]
+            return self.reply(handler, 201, self.resource(message))
         if isinstance(action, tuple) and action[0] == "accept-then":
             self.record(form)  # Twilio queued it, then the answer was an error anyway
             action = action[1:]

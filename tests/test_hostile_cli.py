@@ -103,10 +103,18 @@ def test_a_binary_system_prompt_file_is_one_line(db_path, tmp_path):
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 def test_export_to_a_full_device_fails_in_one_line_without_claiming_success(db_path):
+    """stdout on a full device (a real process: the shell's redirection); -o refuses devices."""
+    import subprocess
+    import sys
+
     add(Store(db_path), A, "hi", T0)
+    with open("/dev/full", "wb") as full:
+        done = subprocess.run([sys.executable, "-m", "smsbatch", "--db", db_path, "export"], stdout=full,
+                              stderr=subprocess.PIPE, text=True, timeout=60, env=os.environ | {"SMSBATCH_DB": db_path})
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "cannot write stdout: No space left" in done.stderr and "exported 1" not in done.stderr
     result = invoke(["export", "-o", "/dev/full"], env_of(db_path))
-    assert result.exit_code == 1 and no_traceback(result)
-    assert "cannot write /dev/full: No space left" in result.output and "exported 1" not in result.output
+    assert result.exit_code == 1 and "/dev/full exists and is not a regular file" in result.output
 
 
 def test_export_replaces_a_file_whole_and_makes_it_private(db_path, tmp_path):
