@@ -1,9 +1,10 @@
 """`smsbatch check`: is this installation set up right? Each check says what it found and,
 when it fails, the one thing to do about it.
 
-The checks make real, cheap, read-only requests (one GET of the Twilio account, a filtered
-list of incoming numbers, one model lookup at OpenAI); only `fix_webhook` writes, and only
-the SmsUrl/SmsMethod of numbers whose webhook is wrong.
+The checks make real, cheap, read-only requests (one GET of the Twilio account, the list of
+its incoming numbers and of the messaging service's, one model lookup at OpenAI); only
+`fix_webhook` writes, and only the SmsUrl/SmsMethod of listed numbers (SMSBATCH_NUMBERS)
+whose webhook is wrong, never a number that merely appears in the database.
 """
 
 import os
@@ -26,9 +27,10 @@ class Check:
     ok: bool
     detail: str
     fix: str = ""
+    change: dict = None  # a number's webhook change --fix-webhook would make (check_number)
 
     def as_dict(self):
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "change" or v}
 
 
 def effective_settings(settings):
@@ -52,6 +54,9 @@ def effective_settings(settings):
         ("TWILIO_AUTH_TOKEN", secret(s.twilio_auth_token)),
         ("TWILIO_FROM_NUMBER", s.twilio_from_number or "(not set)"),
         ("TWILIO_MESSAGING_SERVICE_SID", s.twilio_messaging_service_sid or "(not set)"),
+        ("SMSBATCH_NUMBERS", ", ".join(s.numbers) if s.numbers else
+         f"(not set: {s.twilio_from_number or 'no TWILIO_FROM_NUMBER'}"
+         f"{' and the messaging service' if s.twilio_messaging_service_sid else ''})"),
         ("SMSBATCH_TWILIO_BASE_URL", display_url(s.twilio_base_url) if s.twilio_base_url
          else f"(not set: {TWILIO_DEFAULT_BASE_URL})"),
         ("SMSBATCH_PUBLIC_URL", display_url(s.public_url) if s.public_url else "(not set: the request's own URL)"),
@@ -64,8 +69,12 @@ def effective_settings(settings):
     ]
 
 
-def run_checks(settings, fix_webhook=False):
-    """Every check, in order: database, Twilio account, reply numbers and their webhook, OpenAI."""
+def run_checks(settings, fix_webhook=False, dry_run=False, announce=None):
+    """Every check, in order: database, Twilio account, our numbers and their webhook, OpenAI.
+
+    With `fix_webhook`, the listed numbers whose webhook is wrong are set to SMSBATCH_PUBLIC_URL:
+    `announce(changes, dry_run)` is called first with what will change (planned_changes), and
+    with `dry_run` nothing is changed."""
     results = [check_database(settings.db_path)]
     if settings.prompts_dir:
         results.append(check_prompts(settings.prompts_dir))
@@ -76,7 +85,14 @@ def run_checks(settings, fix_webhook=False):
         account = check_twilio_account(client, settings)
         results.append(account)
         if account.ok:
-            results += check_numbers(client, settings, reply_numbers(settings), fix_webhook)
+            numbers = check_all_numbers(client, settings)
+            changes = planned_changes(numbers)
+            if fix_webhook and changes:
+                if announce:
+                    announce(changes, dry_run)
+                if not dry_run:
+                    numbers = fix_webhooks(client, settings, numbers)
+            results += numbers
     if settings.ai != "openai":
         results.append(Check("openai", True, f"skipped: SMSBATCH_AI={settings.ai}"))
     else:
@@ -146,6 +162,7 @@ def twilio_client(settings):
                     http_client=TwilioHttpClient(timeout=min(settings.sms_timeout_seconds, CHECK_TIMEOUT_SECONDS)))
     if settings.twilio_base_url:
         client.api.base_url = settings.twilio_base_url.rstrip("/")
+        client.messaging.base_url = settings.twilio_base_url.rstrip("/")
     return client
 
 
@@ -187,64 +204,109 @@ def twilio_failure(name, exc, settings):
                  "check SMSBATCH_TWILIO_BASE_URL (unset for Twilio itself), DNS and outbound HTTPS")
 
 
-def reply_numbers(settings):
-    """The numbers replies go from: TWILIO_FROM_NUMBER and every number people have written to."""
-    numbers = [settings.twilio_from_number] if settings.twilio_from_number else []
-    if os.path.exists(settings.db_path):
-        try:
-            store = Store.open_ready(settings.db_path)
-        except SmsbatchError:
-            return numbers
-        try:
-            numbers += [n for n in sorted(store.known_numbers()) if n not in numbers]
-        finally:
-            store.close()
-    return numbers
+OTHERS_SHOWN = 10  # the account's other numbers, named for information (then "and N more")
 
 
-def check_numbers(client, settings, numbers, fix_webhook=False):
-    """Each reply number belongs to the account and its incoming-message webhook is ours."""
-    if not numbers:
-        service = settings.twilio_messaging_service_sid
-        detail = f"no reply number to check (messaging service {service}: set its numbers' webhook in " \
-                 "the console)" if service else "no TWILIO_FROM_NUMBER and no texts received yet"
-        return [Check("reply numbers", bool(service), detail, "" if service else "set TWILIO_FROM_NUMBER")]
-    return [check_number(client, settings, number, fix_webhook) for number in numbers]
+def listed_numbers(client, settings):
+    """The numbers smsbatch answers for: Settings.listed_numbers, then the messaging service's.
+
+    Raises: what the twilio client raises (the service cannot be read).
+    """
+    from smsbatch.sms import service_numbers
+
+    service = settings.twilio_messaging_service_sid
+    extra = service_numbers(client, service) if service else []
+    return list(dict.fromkeys([*settings.listed_numbers, *extra]))
 
 
-def check_number(client, settings, number, fix_webhook):
-    name = f"number {number}"
+def check_all_numbers(client, settings):
+    """Every listed number belongs to the account and its webhook is SMSBATCH_PUBLIC_URL (POST),
+    each named when it is wrong; then, for information, the account's other numbers and any
+    number texts came to that is not listed (neither is checked nor ever changed)."""
     try:
-        found = client.incoming_phone_numbers.list(phone_number=number, page_size=50)
+        listed = listed_numbers(client, settings)
+        owned = {n.phone_number: n for n in client.incoming_phone_numbers.stream(page_size=1000)}
     except Exception as exc:
-        return twilio_failure(name, exc, settings)
-    found = [n for n in found if n.phone_number == number]
-    if not found:
+        return [twilio_failure("numbers", exc, settings)]
+    if not listed:
+        return [Check("numbers", False, "no number to check: SMSBATCH_NUMBERS and TWILIO_FROM_NUMBER are not set"
+                      + (" and the messaging service has none" if settings.twilio_messaging_service_sid else ""),
+                      "set SMSBATCH_NUMBERS to the numbers smsbatch answers for, e.g. +15551234567,+15557654321")]
+    results = [check_number(settings, number, owned.get(number)) for number in listed]
+    others = [n for n in owned if n not in listed]
+    if others:
+        named = ", ".join(others[:OTHERS_SHOWN]) + (f" and {len(others) - OTHERS_SHOWN} more"
+                                                    if len(others) > OTHERS_SHOWN else "")
+        results.append(Check("other numbers", True, f"{named}: the account's, not in SMSBATCH_NUMBERS, so not "
+                             "checked and never changed"))
+    texted = [n for n in texted_numbers(settings) if n not in listed]
+    if texted:
+        results.append(Check("texted numbers", True, f"texts in the database went to {', '.join(texted)}, not in "
+                             "SMSBATCH_NUMBERS: not checked and never changed (list it there if smsbatch answers it)"))
+    return results
+
+
+def texted_numbers(settings):
+    """The numbers texts in the database were sent to (none if it cannot be opened)."""
+    if not os.path.exists(settings.db_path):
+        return []
+    try:
+        store = Store.open_ready(settings.db_path)
+    except SmsbatchError:
+        return []
+    try:
+        return sorted(store.known_numbers())
+    finally:
+        store.close()
+
+
+def check_number(settings, number, resource):
+    """One listed number: the account's, its webhook ours. A wrong webhook's Check carries
+    the change --fix-webhook would make (`change`)."""
+    name = f"number {number}"
+    if resource is None:
         return Check(name, False, f"not a number of account {settings.twilio_account_sid}",
-                     "use a number this account owns (Phone Numbers > Active numbers), or the right account")
-    resource, want = found[0], settings.public_url
+                     "use a number this account owns (Phone Numbers > Active numbers), or the right account; "
+                     "SMSBATCH_NUMBERS lists the numbers smsbatch answers for")
+    want = settings.public_url
     if not want:
         return Check(name, False, f"webhook is {_url(resource.sms_url)} ({resource.sms_method}); "
                      "SMSBATCH_PUBLIC_URL is not set, so it cannot be compared",
                      "set SMSBATCH_PUBLIC_URL to the exact URL Twilio posts to (e.g. https://sms.example.com/sms)")
     if resource.sms_url == want and (resource.sms_method or "POST").upper() == "POST":
         return Check(name, True, f"belongs to the account; webhook {display_url(want)} (POST)")
-    if fix_webhook:
-        return fix_number(name, resource, want, settings)
     hidden = " (they differ in the password or query, not shown)" if resource.sms_url and \
         display_url(resource.sms_url) == display_url(want) else ""
+    change = {"number": number, "sid": resource.sid, "was": f"{_url(resource.sms_url)} ({resource.sms_method})",
+              "becomes": f"{display_url(want)} (POST)"}
     return Check(name, False, f"webhook is {_url(resource.sms_url)} ({resource.sms_method}), "
                  f"not {display_url(want)} (POST){hidden}: Twilio's texts would be rejected or go elsewhere",
-                 "smsbatch check --fix-webhook (sets it to SMSBATCH_PUBLIC_URL, POST)")
+                 "smsbatch check --fix-webhook (sets it to SMSBATCH_PUBLIC_URL, POST)", change)
 
 
-def fix_number(name, resource, want, settings):
+def planned_changes(results):
+    """The webhook changes --fix-webhook would make: one dict per listed number whose webhook is wrong."""
+    return [r.change for r in results if r.change]
+
+
+def fix_webhooks(client, settings, results):
+    """Set the webhook of every listed number whose Check carries a change; returns the
+    results with those Checks replaced by what the update did."""
+    fixed = []
+    for result in results:
+        fixed.append(fix_number(client, result, settings) if result.change else result)
+    return fixed
+
+
+def fix_number(client, result, settings):
+    """One number's webhook set to SMSBATCH_PUBLIC_URL (POST)."""
+    change, want = result.change, settings.public_url
     try:
-        updated = resource.update(sms_url=want, sms_method="POST")
+        updated = client.incoming_phone_numbers(change["sid"]).update(sms_url=want, sms_method="POST")
     except Exception as exc:
-        return twilio_failure(name, exc, settings)
-    return Check(name, updated.sms_url == want,
-                 f"webhook set to {_url(updated.sms_url)} (POST); was {_url(resource.sms_url)}",
+        return twilio_failure(result.name, exc, settings)
+    return Check(result.name, updated.sms_url == want,
+                 f"webhook set to {_url(updated.sms_url)} (POST); was {change['was']}",
                  "" if updated.sms_url == want else "set it in the Twilio console")
 
 

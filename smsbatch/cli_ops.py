@@ -49,21 +49,37 @@ def backfill(ctx, since, until, dry_run, now, as_json):
 
 @click.command()
 @click.option("--fix-webhook", is_flag=True,
-              help="Set each reply number's incoming-message webhook to SMSBATCH_PUBLIC_URL (POST) where it differs.")
+              help="Set the incoming-message webhook of each listed number (SMSBATCH_NUMBERS, else "
+              "TWILIO_FROM_NUMBER, plus the messaging service's) to SMSBATCH_PUBLIC_URL (POST) where it "
+              "differs, saying what it changes first. Never touches another number.")
+@click.option("--dry-run", is_flag=True, help="With --fix-webhook: say what would change; change nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the settings and results as JSON.")
 @click.pass_context
-def check(ctx, fix_webhook, as_json):
+def check(ctx, fix_webhook, dry_run, as_json):
     """Show the effective settings (secrets masked), then check the database, Twilio's
-    credentials, the reply numbers' webhook and OpenAI, each failure with its fix.
-    Exit status 0 when every check passes, 1 otherwise."""
+    credentials, every listed number and its webhook, and OpenAI, each failure with its fix;
+    the account's other numbers are listed for information. Exit status 0 when every check
+    passes, 1 otherwise."""
     from smsbatch import checks
+    from smsbatch.render import clean
 
+    if dry_run and not fix_webhook:
+        raise click.UsageError("--dry-run goes with --fix-webhook")
     settings = settings_from(ctx)
     shown = checks.effective_settings(settings)
-    results = checks.run_checks(settings, fix_webhook=fix_webhook)
+    planned = []
+
+    def announce(changes, dry):
+        planned.extend(changes)
+        verb = "would set" if dry else "setting"
+        for c in changes:  # before any change is made (on stderr with --json: one document on stdout)
+            click.echo(clean(f"{verb} the webhook of {c['number']}: {c['was']} -> {c['becomes']}"), err=as_json)
+
+    results = checks.run_checks(settings, fix_webhook=fix_webhook, dry_run=dry_run, announce=announce)
     ok = all(r.ok for r in results)
     if as_json:
-        emit_json({"settings": dict(shown), "checks": [r.as_dict() for r in results], "ok": ok})
+        emit_json({"settings": dict(shown), "checks": [r.as_dict() for r in results], "ok": ok,
+                   "webhook_changes": planned, "dry_run": dry_run})
     else:
         from smsbatch import render
 
@@ -127,7 +143,8 @@ def release(ctx, phone, answer_pending, now):
 @click.argument("phone", type=PHONE)
 @click.argument("text", type=TEXT)
 @click.option("--from", "our_number", type=PHONE,
-              help="Our number to send from (default: the one they last wrote to, else TWILIO_FROM_NUMBER).")
+              help="Our number to send from, one of SMSBATCH_NUMBERS or the messaging service's (default: the "
+              "one they last wrote to, else TWILIO_FROM_NUMBER).")
 @click.option("--now", type=TIME, help="Record it as sent at this time.")
 @click.pass_context
 def send(ctx, phone, text, our_number, now):

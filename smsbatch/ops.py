@@ -155,11 +155,14 @@ def send_by_hand(store, settings, sender, phone, body, our_number, now):
     TWILIO_FROM_NUMBER) and log it in the conversation, where the AI will see it.
 
     Raises:
-        SmsbatchError: the person opted out, no number to send from, or the send failed.
+        SmsbatchError: `our_number` is not one of ours, the person opted out, no number to
+            send from, or the send failed.
     """
     from smsbatch import batching
     from smsbatch.errors import DeliveryError
 
+    if our_number:
+        check_ours(settings, sender, our_number)
     our_number = our_number or store.last_number(phone) or settings.twilio_from_number
     if not our_number:
         raise SmsbatchError(f"{phone} never wrote to us and TWILIO_FROM_NUMBER is not set: give --from NUMBER")
@@ -176,6 +179,29 @@ def send_by_hand(store, settings, sender, phone, body, our_number, now):
         raise SmsbatchError(f"not sent: {exc}") from None
     store.record_manual(sid, phone, our_number, body, now)
     return {"sid": sid, "to": phone, "from": our_number}
+
+
+def check_ours(settings, sender, number):
+    """Refuse a number we do not answer for: not in Settings.listed_numbers nor (with a
+    messaging service) among the service's numbers, which are asked of Twilio only then.
+
+    Raises:
+        SmsbatchError: not one of ours, or the service's numbers could not be read.
+    """
+    from smsbatch.errors import DeliveryError
+
+    listed = settings.listed_numbers
+    service = settings.twilio_messaging_service_sid
+    if number in listed or not (listed or service):  # nothing configured to compare with (console)
+        return
+    if service and hasattr(sender, "service_numbers"):
+        try:
+            if number in sender.service_numbers():
+                return
+        except DeliveryError as exc:
+            raise SmsbatchError(f"cannot tell whether {number} is ours: {exc}") from None
+    ours = ", ".join(listed) + (" and messaging service " + service if service else "")
+    raise SmsbatchError(f"{number} is not one of our numbers ({ours}); list it in SMSBATCH_NUMBERS to send from it")
 
 
 # -- retention --------------------------------------------------------------------

@@ -151,6 +151,28 @@ class TwilioSender:
         return pick_reply(candidates, body)
 
 
+    def service_numbers(self):
+        """The phone numbers of the configured messaging service (none without one), in Twilio's order.
+
+        Raises: DeliveryError.
+        """
+        sid = self.settings.twilio_messaging_service_sid
+        if not sid:
+            return []
+        client = self._get_client()
+        try:
+            return service_numbers(client, sid)
+        except provider_errors() as exc:
+            raise classify(exc, self.settings.secrets()) from None
+
+    def our_numbers(self):
+        """The business numbers we answer for: Settings.listed_numbers, then the messaging
+        service's numbers (asked of Twilio when there is a service).
+
+        Raises: DeliveryError.
+        """
+        return list(dict.fromkeys([*self.settings.listed_numbers, *self.service_numbers()]))
+
     def fetch_status(self, sid):
         """Twilio's current (MessageStatus, ErrorCode) of a message we sent.
 
@@ -172,14 +194,7 @@ class TwilioLog:
 
         Raises: DeliveryError.
         """
-        sid = self.sender.settings.twilio_messaging_service_sid
-        if not sid:
-            return set()
-        client = self.sender._get_client()
-        try:
-            return {n.phone_number for n in client.messaging.v1.services(sid).phone_numbers.stream(page_size=1000)}
-        except provider_errors() as exc:
-            raise classify(exc, self.sender.settings.secrets()) from None
+        return set(self.sender.service_numbers())
 
     def received(self, to, since, until):
         """Inbound texts to `to` that Twilio sent to the webhook between `since` and `until`
@@ -209,6 +224,11 @@ class TwilioLog:
             return []
         base = client.api.base_url.rstrip("/")
         return [base + item.uri.removesuffix(".json") for item in client.messages(message.sid).media.list()]
+
+
+def service_numbers(client, service_sid):
+    """The phone numbers of a messaging service, every page (a twilio Client's errors propagate)."""
+    return [n.phone_number for n in client.messaging.v1.services(service_sid).phone_numbers.stream(page_size=1000)]
 
 
 def _in_window(client, to, fields, start, end, exclude):

@@ -213,13 +213,14 @@ class FakeTwilio(StandIn):
         self.sent = []  # dicts: sid, to, from, body, date_created
         self.numbers = []  # IncomingPhoneNumbers: dicts sid, phone_number, sms_url, sms_method
         self.account_requests = []  # (method, path?query) of the Account/IncomingPhoneNumbers requests
+        self.services = {}  # messaging service sid -> its phone numbers (Messaging v1 PhoneNumbers)
         self.inbound = []  # texts Twilio received: sid, to, from, body, date_sent, media (content types)
         self.pages_served = 0
 
     def dispatch(self, handler, method):
         body = self.read_body(handler)
         path = urlparse(handler.path)
-        if self.serve_account(handler, method, path, body):
+        if self.serve_account(handler, method, path, body) or self.serve_service(handler, method, path):
             return
         if not path.path.startswith(f"/2010-04-01/Accounts/{self.ACCOUNT}/Messages"):
             return self.reply(handler, 404, {"code": 20404, "message": "not found", "status": 404})
@@ -404,7 +405,7 @@ class FakeTwilio(StandIn):
         from urllib.parse import urlencode
 
         wanted = query.get("PhoneNumber", [None])[0]
-        size, page = int(query.get("PageSize", ["50"])[0]), int(query.get("Page", ["0"])[0])
+        size, page = min(int(query.get("PageSize", ["50"])[0]), self.page_cap), int(query.get("Page", ["0"])[0])
         with self.lock:
             # like Twilio's, the filter matches partial numbers: "+1555000" finds "+15550001234"
             found = [n for n in self.numbers if wanted is None or wanted in n["phone_number"]]
@@ -418,6 +419,36 @@ class FakeTwilio(StandIn):
             "next_page_uri": f"{uri}?{urlencode(params)}" if more else None, "page": page, "page_size": size,
             "start": page * size, "end": page * size + len(chunk), "uri": handler.path,
             "first_page_uri": uri, "previous_page_uri": None})
+
+    def serve_service(self, handler, method, path):
+        """GET /v1/Services/{sid}/PhoneNumbers (Twilio's Messaging API, on the same stand-in):
+        the service's numbers, paged with PageSize/Page and meta.next_page_url like Twilio.
+        Returns False for any other path."""
+        match = re.fullmatch(r"/v1/Services/(MG\w+)/PhoneNumbers", path.path)
+        if not match or method != "GET":
+            return False
+        with self.lock:
+            self.account_requests.append((method, handler.path))
+        if handler.headers.get("Authorization", "") != self._basic():
+            self.reply(handler, 401, {"code": 20003, "message": "Authenticate", "status": 401})
+            return True
+        sid, query = match.group(1), parse_qs(path.query)
+        if sid not in self.services:
+            self.reply(handler, 404, {"code": 20404, "message": "The requested resource was not found", "status": 404})
+            return True
+        size, page = min(int(query.get("PageSize", ["50"])[0]), self.page_cap), int(query.get("Page", ["0"])[0])
+        numbers = self.services[sid][page * size:(page + 1) * size]
+        url = f"{self.url}/v1/Services/{sid}/PhoneNumbers"
+        more = (page + 1) * size < len(self.services[sid])
+        self.reply(handler, 200, {
+            "phone_numbers": [{"sid": "PN" + secrets.token_hex(16), "account_sid": self.ACCOUNT, "service_sid": sid,
+                               "phone_number": n, "country_code": "US", "capabilities": ["SMS"],
+                               "url": f"{url}/PN0"} for n in numbers],
+            "meta": {"page": page, "page_size": size, "first_page_url": f"{url}?PageSize={size}&Page=0",
+                     "previous_page_url": None, "url": f"{url}?PageSize={size}&Page={page}",
+                     "next_page_url": f"{url}?PageSize={size}&Page={page + 1}" if more else None,
+                     "key": "phone_numbers"}})
+        return True
 
     def update_number(self, handler, sid, body):
         form = {k: v[0] for k, v in parse_qs(body.decode(), keep_blank_values=True).items()}

@@ -38,25 +38,22 @@ def test_check_passes_masks_secrets_and_makes_one_account_request(env, twilio_st
     assert len(account_gets) == 1
 
 
-def test_wrong_webhook_fails_with_its_fix_and_fix_webhook_sets_it(env, twilio_standin, store):
+def test_wrong_webhook_fails_with_its_fix_and_fix_webhook_sets_it(env, twilio_standin):
     twilio_standin.add_number(OURS, "https://old.example.com/sms")
-    wrote_to = "+15559990000"  # a number people texted: replies go from it too
-    twilio_standin.add_number(wrote_to, PUBLIC, "GET")
-    add(store, "+15551110000", "hi", 1.0, to=wrote_to)
     result = invoke(["check"], env)
     assert result.exit_code == 1
     line = next(ln for ln in result.output.splitlines() if f"number {OURS}" in ln)
     assert "FAIL" in line and "https://old.example.com/sms" in line and "fix: smsbatch check --fix-webhook" in line
-    assert any(f"number {wrote_to}" in ln and "(GET)" in ln for ln in result.output.splitlines())
     result = invoke(["check", "--fix-webhook"], env)
     assert result.exit_code == 0, result.output
-    assert {(n["phone_number"], n["sms_url"], n["sms_method"]) for n in twilio_standin.numbers} == {
-        (OURS, PUBLIC, "POST"), (wrote_to, PUBLIC, "POST")}
+    assert [(n["phone_number"], n["sms_url"], n["sms_method"]) for n in twilio_standin.numbers] == [
+        (OURS, PUBLIC, "POST")]
     assert "was https://old.example.com/sms" in result.output
 
 
 def test_a_number_on_a_later_page_is_found(env, twilio_standin):
-    """Twilio's PhoneNumber filter matches partial numbers: the exact one may be on page 2."""
+    """The account's numbers come in pages: ours may be on page 2."""
+    twilio_standin.page_cap = 50
     for i in range(60):
         twilio_standin.add_number(f"{OURS}{i:02d}", "https://other.example.com/sms")
     twilio_standin.add_number(OURS, PUBLIC)
@@ -64,6 +61,73 @@ def test_a_number_on_a_later_page_is_found(env, twilio_standin):
     assert result.exit_code == 0, result.output
     pages = [p for m, p in twilio_standin.account_requests if "IncomingPhoneNumbers.json" in p]
     assert len(pages) == 2 and "Page=1" in pages[1]
+    others = next(c for c in json.loads(result.output)["checks"] if c["name"] == "other numbers")
+    assert others["ok"] and others["detail"].startswith(f"{OURS}00, {OURS}01") and "and 50 more" in others["detail"]
+
+
+# -- issue 16: our numbers are a setting; issue 15 L7: --fix-webhook changes only them ----------------
+
+SALES, SUPPORT, OTHER_APP = "+15550000001", "+15550000002", "+15550000009"
+DEMO = "https://demo.twilio.com/welcome/sms/reply"
+
+
+def test_check_names_every_listed_number_that_is_wrong_from_day_one(env, twilio_standin):
+    """Two numbers, nobody has texted either: both are checked, the wrong one named; the
+    account's other number is listed for information only."""
+    twilio_standin.add_number(SALES, PUBLIC)
+    twilio_standin.add_number(SUPPORT, DEMO)
+    twilio_standin.add_number(OTHER_APP, "https://other-app.example.com/in")
+    env = env | {"SMSBATCH_NUMBERS": f"{SALES},{SUPPORT}"}
+    result = invoke(["check", "--json"], env)
+    assert result.exit_code == 1
+    checks = {c["name"]: c for c in json.loads(result.output)["checks"]}
+    assert checks[f"number {SALES}"]["ok"] and not checks[f"number {SUPPORT}"]["ok"]
+    assert checks[f"number {SUPPORT}"]["detail"].startswith(f"webhook is {DEMO} (POST), not {PUBLIC} (POST)")
+    assert checks["other numbers"]["ok"] and checks["other numbers"]["detail"].startswith(OTHER_APP)
+    assert f"number {OURS}" not in checks  # TWILIO_FROM_NUMBER is not listed when SMSBATCH_NUMBERS is set
+    text = invoke(["check"], env).output
+    assert "all checks passed" not in text and f"FAIL  number {SUPPORT}" in text
+
+
+def test_the_messaging_services_numbers_are_checked_too(env, twilio_standin):
+    service = "MG" + "1" * 32
+    twilio_standin.services[service] = [SALES, SUPPORT]
+    twilio_standin.add_number(SALES, PUBLIC)
+    twilio_standin.add_number(SUPPORT, DEMO)
+    twilio_standin.add_number(OURS, PUBLIC)
+    result = invoke(["check", "--json"], env | {"TWILIO_MESSAGING_SERVICE_SID": service})
+    checks = {c["name"]: c for c in json.loads(result.output)["checks"]}
+    assert [n for n in checks if n.startswith("number ")] == [f"number {OURS}", f"number {SALES}", f"number {SUPPORT}"]
+    assert not checks[f"number {SUPPORT}"]["ok"] and result.exit_code == 1
+
+
+def test_fix_webhook_changes_only_listed_numbers_says_so_first_and_has_a_dry_run(env, twilio_standin, store):
+    """A number that only appears in the database (an imported trace, another app's number)
+    is never switched over; --dry-run changes nothing; the plan is printed before the change."""
+    twilio_standin.add_number(SALES, DEMO, "GET")
+    twilio_standin.add_number(SUPPORT, PUBLIC)
+    twilio_standin.add_number(OTHER_APP, "https://other-app.example.com/in")
+    add(store, "+15551110000", "imported", 1.0, to=OTHER_APP)
+    env = env | {"SMSBATCH_NUMBERS": f"{SALES},{SUPPORT}"}
+    dry = invoke(["check", "--fix-webhook", "--dry-run"], env)
+    assert dry.exit_code == 1
+    assert f"would set the webhook of {SALES}: {DEMO} (GET) -> {PUBLIC} (POST)" in dry.output
+    assert f"texts in the database went to {OTHER_APP}, not in SMSBATCH_NUMBERS: not checked" in dry.output
+    assert not [p for m, p in twilio_standin.account_requests if m == "POST"]
+    assert [n["sms_url"] for n in twilio_standin.numbers] == [DEMO, PUBLIC, "https://other-app.example.com/in"]
+    fixed = invoke(["check", "--fix-webhook"], env)
+    assert fixed.exit_code == 0, fixed.output
+    lines = fixed.output.splitlines()
+    plan = lines.index(f"setting the webhook of {SALES}: {DEMO} (GET) -> {PUBLIC} (POST)")
+    assert plan < lines.index("settings")  # said before the change, not only after
+    assert [(n["sms_url"], n["sms_method"]) for n in twilio_standin.numbers] == [
+        (PUBLIC, "POST"), (PUBLIC, "POST"), ("https://other-app.example.com/in", "POST")]
+    posts = [p for m, p in twilio_standin.account_requests if m == "POST"]
+    assert len(posts) == 1 and twilio_standin.numbers[0]["sid"] in posts[0]
+    as_json = json.loads(invoke(["check", "--fix-webhook", "--dry-run", "--json"], env).output)
+    assert as_json["ok"] and as_json["webhook_changes"] == [] and as_json["dry_run"] is True
+    usage = invoke(["check", "--dry-run"], env)
+    assert usage.exit_code == 2 and "--dry-run goes with --fix-webhook" in usage.output
 
 
 def test_a_number_the_account_does_not_own_fails(env):

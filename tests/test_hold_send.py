@@ -122,9 +122,28 @@ def test_send_by_hand_goes_through_twilio_and_the_ai_sees_it(env, store, clock, 
 
 
 def test_send_from_a_chosen_number(env, twilio_standin):
+    env = env | {"SMSBATCH_NUMBERS": f"{US},+15550000007"}
     result = invoke(["send", A, "hello", "--from", "+15550000007"], env)
     assert result.exit_code == 0 and twilio_standin.sent[-1]["from"] == "+15550000007"
     assert f"note: {A} is not on hold" in result.output  # the AI would still answer them
+
+
+def test_send_from_a_number_that_is_not_ours_is_refused(env, store, twilio_standin):
+    """Issue 16: --from must be a listed number (SMSBATCH_NUMBERS, else TWILIO_FROM_NUMBER,
+    plus the messaging service's)."""
+    result = invoke(["send", A, "hello", "--from", "+15550000007"], env)
+    assert result.exit_code == 1 and twilio_standin.sent == []
+    assert result.output.strip() == (f"Error: +15550000007 is not one of our numbers ({US}); list it in "
+                                     "SMSBATCH_NUMBERS to send from it")
+    assert store.conn.execute("SELECT count(*) FROM outbound").fetchone()[0] == 0
+    service = "MG" + "2" * 32
+    twilio_standin.services[service] = ["+15550000007"]
+    result = invoke(["send", A, "hello", "--from", "+15550000007"], env | {"TWILIO_MESSAGING_SERVICE_SID": service})
+    assert result.exit_code == 0, result.output
+    assert (twilio_standin.sent[-1]["from"], twilio_standin.sent[-1]["messaging_service_sid"]) == (
+        "+15550000007", service)
+    result = invoke(["send", A, "hello", "--from", "+15550000008"], env | {"TWILIO_MESSAGING_SERVICE_SID": service})
+    assert result.exit_code == 1 and "is not one of our numbers" in result.output and len(twilio_standin.sent) == 1
 
 
 def test_send_is_refused_for_an_opted_out_number(env, store, twilio_standin):
