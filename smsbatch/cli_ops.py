@@ -104,39 +104,66 @@ def backup(ctx, file, force):
 
 
 @click.command()
-@click.argument("phone", type=PHONE)
-@click.option("--reason", type=TEXT, help="Why (shown with the person's batches).")
+@click.argument("phone", type=PHONE, required=False)
+@click.option("--number", type=PHONE,
+              help="Pause one of our numbers instead (support overnight, say): texts to it are stored and shown, "
+              "their batches end *held*, the other numbers are answered as usual.")
+@click.option("--reason", type=TEXT, help="Why (shown with the held batches).")
 @click.option("--now", type=TIME, help="Act as if it were this time.")
 @click.pass_context
-def hold(ctx, phone, reason, now):
+def hold(ctx, phone, number, reason, now):
     """Stop AI replies to PHONE until `smsbatch release`. Their texts are still stored and
     shown, their batches end *held*, and their START does not undo it. Reply by hand with
-    `smsbatch send`."""
-    store = open_store(settings_from(ctx))
-    held = store.hold(phone, reason, time.time() if now is None else now)
+    `smsbatch send`. With --number, stop AI replies from one of our numbers instead."""
     from smsbatch import render
 
+    _one_of(phone, number)
+    settings = settings_from(ctx)
+    store = open_store(settings)
+    now = time.time() if now is None else now
+    held = store.hold(phone, reason, now) if phone else store.hold_number(number, reason, now)
     why = f" ({render.clean(' '.join(held['reason'].split()))})" if held["reason"] else ""
-    click.echo(f"{phone} on hold since {iso_time(held['since'])}{why}: no AI replies until `smsbatch release {phone}`")
+    if phone:
+        click.echo(f"{phone} on hold since {iso_time(held['since'])}{why}: no AI replies until "
+                   f"`smsbatch release {phone}`")
+        return
+    click.echo(f"our number {number} paused since {iso_time(held['since'])}{why}: texts to it are stored, "
+               f"no AI replies from it until `smsbatch release --number {number}`")
+    if settings.listed_numbers and number not in settings.listed_numbers:
+        click.echo(f"note: {number} is not in SMSBATCH_NUMBERS (listed: {', '.join(settings.listed_numbers)})",
+                   err=True)
+
+
+def _one_of(phone, number):
+    """hold/release take a person's PHONE or --number, exactly one."""
+    if bool(phone) == bool(number):
+        raise click.UsageError("give a PHONE (a person) or --number (one of our numbers), not both"
+                               if phone else "give a PHONE (a person) or --number NUMBER (one of our numbers)")
 
 
 @click.command()
-@click.argument("phone", type=PHONE)
+@click.argument("phone", type=PHONE, required=False)
+@click.option("--number", type=PHONE, help="End the pause of one of our numbers (`hold --number`) instead.")
 @click.option("--answer-pending", is_flag=True,
               help="Answer the texts that came while on hold (one reply per conversation); by default they are not answered late.")
 @click.option("--now", type=TIME, help="Act as if it were this time.")
 @click.pass_context
-def release(ctx, phone, answer_pending, now):
-    """End the hold on PHONE: AI replies resume with their next text."""
+def release(ctx, phone, number, answer_pending, now):
+    """End the hold on PHONE (or the pause of our --number): AI replies resume with their next text."""
+    _one_of(phone, number)
     store = open_store(settings_from(ctx))
-    hold_, requeued = store.release(phone, time.time() if now is None else now, answer_pending)
+    now = time.time() if now is None else now
+    if phone:
+        hold_, requeued = store.release(phone, now, answer_pending)
+    else:
+        hold_, requeued = store.release_number(number, now, answer_pending)
     texts = hold_["held_texts"]
-    said = f"{texts} text{'' if texts == 1 else 's'} came while on hold"
+    said = f"{texts} text{'' if texts == 1 else 's'} came while {'on hold' if phone else 'paused'}"
     if answer_pending:
         said += f": requeued for one reply ({', '.join(requeued)})" if requeued else ""
     elif texts:
         said += ", not answered (--answer-pending to answer them)"
-    click.echo(f"{phone} released; {said}")
+    click.echo(f"{phone} released; {said}" if phone else f"our number {number} released; {said}")
 
 
 @click.command()

@@ -83,7 +83,7 @@ class BatchLife:
             if self._opted_out(conn, batch["phone"], scope):
                 self._finish(conn, batch, State.SKIPPED, now, error="opted out before the reply was sent")
                 return State.SKIPPED
-            hold = self._on_hold(conn, batch["phone"])
+            hold = self._hold_for(conn, batch["phone"], batch["our_number"])  # the person's, or our number's
             if hold is not None:
                 self._finish(conn, batch, State.HELD, now, error=held_reason(hold, "before the reply was sent"))
                 return State.HELD

@@ -137,6 +137,9 @@ class OperatorActions:
         if self._on_hold(self.conn, batch["phone"]):
             return (f"batch {batch_id}: {batch['phone']} is on hold; `smsbatch release {batch['phone']}` first "
                     "(--answer-pending answers what came meanwhile)")
+        if self._number_on_hold(self.conn, batch["our_number"]):
+            return (f"batch {batch_id}: our number {batch['our_number']} is paused; `smsbatch release --number "
+                    f"{batch['our_number']}` first (--answer-pending answers what came meanwhile)")
         return None
 
     def retry_candidates(self, states, since):
@@ -149,7 +152,8 @@ class OperatorActions:
             f" AS has_reply, send_started_at FROM batches b WHERE state IN ({placeholders(values)})"
             " AND completed_at >= ?"
             " AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.batch_id = b.id AND m.kind != 'text')"
-            " AND phone NOT IN (SELECT phone FROM holds) ORDER BY completed_at, seq", (*values, since))]
+            " AND phone NOT IN (SELECT phone FROM holds) AND our_number NOT IN (SELECT number FROM number_holds)"
+            " ORDER BY completed_at, seq", (*values, since))]
 
     def hold(self, phone, reason, now):
         """Put a person on hold: no AI reply to them until released (their texts are still
@@ -172,6 +176,16 @@ class OperatorActions:
     def _on_hold(conn, phone):
         return conn.execute("SELECT phone, since, reason FROM holds WHERE phone = ?", (phone,)).fetchone()
 
+    def find_hold_for(self, batch):
+        """What keeps the AI from answering this batch's conversation: the person's hold, else
+        its number's pause (a dict with `number`), or None."""
+        return self._hold_for(self.conn, batch["phone"], batch["our_number"])
+
+    @classmethod
+    def _hold_for(cls, conn, phone, our_number):
+        hold = cls._on_hold(conn, phone) or cls._number_on_hold(conn, our_number)
+        return None if hold is None else dict(hold)
+
     def release(self, phone, now, answer_pending=False):
         """End a hold. With `answer_pending`, the batches that ended *held* during it are
         answered: per conversation, the newest is requeued with the older ones' texts folded
@@ -186,7 +200,7 @@ class OperatorActions:
             if hold is None:
                 raise NotFound(f"{phone} is not on hold")
             conn.execute("DELETE FROM holds WHERE phone = ?", (phone,))
-            self._hold_waiting(conn, phone, hold, now)
+            self._hold_waiting(conn, "phone", phone, hold, now)
             held = conn.execute("SELECT * FROM batches WHERE phone = ? AND state = 'held' AND completed_at >= ?"
                                 " ORDER BY seq", (phone, hold["since"])).fetchall()
             requeued = self._answer_held(conn, held, now) if answer_pending else []
@@ -196,30 +210,75 @@ class OperatorActions:
                          (phone, now, what if held else None))
         return dict(hold) | {"held_batches": len(held), "held_texts": sum(r["message_count"] for r in held)}, requeued
 
-    def _hold_waiting(self, conn, phone, hold, now):
-        """Texts that came during the hold but whose batches were not yet due (open, queued)
-        end *held* like the others: answered only if the operator asks (--answer-pending)."""
-        waiting = conn.execute("SELECT id FROM batches WHERE phone = ? AND state IN ('open', 'queued')"
-                               " AND created_at >= ? ORDER BY seq", (phone, hold["since"])).fetchall()
+    def _hold_waiting(self, conn, column, value, hold, now):
+        """Texts that came during the hold (of a person: `column` phone, or of one of our
+        numbers: our_number) but whose batches were not yet due (open, queued) end *held*
+        like the others: answered only if the operator asks (--answer-pending)."""
+        assert column in ("phone", "our_number")  # a name of ours, never input
+        waiting = conn.execute(f"SELECT id FROM batches WHERE {column} = ? AND state IN ('open', 'queued')"
+                               " AND created_at >= ? ORDER BY seq", (value, hold["since"])).fetchall()
         why = f": {hold['reason']}" if hold["reason"] else ""
-        reason = f"came while on hold, not answered at its release (smsbatch retry to answer it){why}"
+        during = "on hold" if column == "phone" else f"our number {value} was paused"
+        reason = f"came while {during}, not answered at its release (smsbatch retry to answer it){why}"
         for row in waiting:
             self._move(conn, row["id"], State.HELD, now, reason,
                        "due_at = NULL, claim = NULL, completed_at = ?, last_error = ?", (now, reason))
 
     def _answer_held(self, conn, held, now):
-        newest = {row["our_number"]: row for row in held}
+        newest = {(row["phone"], row["our_number"]): row for row in held}  # one reply per conversation
         for row in newest.values():
             # the stored reply, if any, predates the texts folded in: ask the AI afresh
             self._move(conn, row["id"], State.QUEUED, now, "released: answering the texts that came while held",
                        "due_at = ?, attempts = 0, claim = NULL, last_error = NULL, completed_at = NULL,"
                        " retried_at = ?, response_text = NULL", (now, now))
         for row in held:
-            target = newest[row["our_number"]]
+            target = newest[(row["phone"], row["our_number"])]
             if row["id"] != target["id"]:
                 fresh = conn.execute("SELECT * FROM batches WHERE id = ?", (target["id"],)).fetchone()
                 self._fold(conn, row, fresh, now, batching.Rules())
         return [row["id"] for row in newest.values()]
+
+    # -- pausing one of our numbers (issue 16) ---------------------------------
+
+    def hold_number(self, number, reason, now):
+        """Pause one of our numbers: texts to it are stored, their batches end held, until
+        release_number. Pausing it again keeps the start and updates the reason.
+        Returns the pause (number, since, reason)."""
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT INTO number_holds (number, since, reason) VALUES (?, ?, ?)"
+                " ON CONFLICT (number) DO UPDATE SET reason = coalesce(excluded.reason, number_holds.reason)",
+                (number, now, reason))
+            return dict(self._number_on_hold(conn, number))
+
+    def number_holds(self):
+        """Our paused numbers (number, since, reason), oldest pause first."""
+        return [dict(r) for r in self.conn.execute("SELECT number, since, reason FROM number_holds ORDER BY since")]
+
+    @staticmethod
+    def _number_on_hold(conn, number):
+        return conn.execute("SELECT number, since, reason FROM number_holds WHERE number = ?", (number,)).fetchone()
+
+    def release_number(self, number, now, answer_pending=False):
+        """End the pause of one of our numbers, as release() ends a person's hold: with
+        `answer_pending`, each conversation's texts that came meanwhile get one reply (not
+        those of people still on hold themselves). Returns (the pause with held_batches and
+        held_texts, ids of the requeued batches).
+
+        Raises:
+            NotFound: the number is not paused.
+        """
+        with self.transaction() as conn:
+            hold = self._number_on_hold(conn, number)
+            if hold is None:
+                raise NotFound(f"our number {number} is not paused")
+            conn.execute("DELETE FROM number_holds WHERE number = ?", (number,))
+            self._hold_waiting(conn, "our_number", number, hold, now)
+            held = conn.execute("SELECT * FROM batches WHERE our_number = ? AND state = 'held' AND completed_at >= ?"
+                                " ORDER BY seq", (number, hold["since"])).fetchall()
+            free = [row for row in held if self._on_hold(conn, row["phone"]) is None]
+            requeued = self._answer_held(conn, free, now) if answer_pending else []
+        return dict(hold) | {"held_batches": len(held), "held_texts": sum(r["message_count"] for r in held)}, requeued
 
     def last_number(self, phone):
         """The number this person last wrote to, or None."""
@@ -325,9 +384,13 @@ def _add(totals, counts):
 
 
 def held_reason(hold, when=""):
-    """A batch's last_error when it ends held: the operator's reason, if they gave one."""
+    """A batch's last_error when it ends held (a person's hold, or a pause of our number:
+    find_hold_for): the operator's reason, if they gave one."""
     why = f": {hold['reason']}" if hold["reason"] else ""
-    return f"on hold{' ' + when if when else ''} (smsbatch release to end it){why}"
+    when = " " + when if when else ""
+    if "number" in hold:
+        return f"our number {hold['number']} paused{when} (smsbatch release --number {hold['number']} to end it){why}"
+    return f"on hold{when} (smsbatch release to end it){why}"
 
 
 def _why_not_retryable(batch):

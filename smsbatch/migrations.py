@@ -205,5 +205,15 @@ V9 = (
     )""",
 )
 
-STEPS = {2: V2, 3: V3, 4: V4, 5: V5, 6: V6, 7: V7, 8: V8, 9: V9}
+V10 = (
+    # Business numbers paused by an operator (`smsbatch hold --number`): texts to them are
+    # stored, their batches end held, until `release --number`.
+    """CREATE TABLE number_holds (
+        number  TEXT PRIMARY KEY,
+        since   REAL NOT NULL,
+        reason  TEXT
+    )""",
+)
+
+STEPS = {2: V2, 3: V3, 4: V4, 5: V5, 6: V6, 7: V7, 8: V8, 9: V9, 10: V10}
 LATEST = max(STEPS)

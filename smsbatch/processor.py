@@ -164,7 +164,7 @@ class Processor:
                 return "sent" if store.mark_sent(batch, sid, self.clock(), found=True) else "taken_over"
         if store.is_opted_out(batch["phone"], self.scope(batch)):
             return self._finish(store, batch, State.SKIPPED, "opted out")
-        hold = store.find_hold(batch["phone"])
+        hold = store.find_hold_for(batch)  # the person on hold, or our number paused
         if hold is not None:
             return self._finish(store, batch, State.HELD, held_reason(hold))
         if s.test_number and not same_number(batch["phone"], s.test_number):
@@ -286,7 +286,7 @@ class Processor:
             return "sent" if store.mark_sent(batch, sid, self.clock()) else "taken_over"
         if store.is_opted_out(batch["phone"], self.scope(batch)):
             return self._finish(store, batch, State.SKIPPED, "opted out before the reply was sent")
-        hold = store.find_hold(batch["phone"])
+        hold = store.find_hold_for(batch)  # the person on hold, or our number paused
         if hold is not None:
             return self._finish(store, batch, State.HELD, held_reason(hold, "before the reply was sent"))
         if store.fold_if_answered(batch, self.clock(), self.settings):

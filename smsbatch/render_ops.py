@@ -61,12 +61,24 @@ def _agent(info):
     return Text("agent on", style="green")
 
 
+def _paused(info):
+    """['paused numbers: +1555... (reason), ...'] when our numbers are on hold (`hold --number`), else []."""
+    paused = info.get("paused_numbers") or ()
+    if not paused:
+        return []
+    line = Text("paused numbers (not answered): ", style="bold yellow")
+    for i, p in enumerate(paused):
+        why = f" ({' '.join(p['reason'].split())})" if p["reason"] else ""
+        line += plain(("" if i == 0 else ", ") + p["number"] + why, "yellow")
+    return [line]
+
+
 def _header(info, width):
     counts, now = info["counts"], info["now"]
     finished = [s for s in counts if s not in PENDING]
     retry = info["next_retry"]
     nxt = "none" if retry is None else f"in {age(retry['due_at'] - now)} ({retry['batch_id']})"
-    lines = [Text(f"smsbatch {iso_time(now)}  ") + _agent(info),
+    lines = [Text(f"smsbatch {iso_time(now)}  ") + _agent(info), *_paused(info),
              *_counts_lines(f"pending {info['pending']}: ", counts, PENDING, width),
              *_counts_lines("", counts, finished, width),
              Text(f"oldest pending {age(info['oldest_pending_age_seconds'])} · texts last hour "

@@ -91,6 +91,7 @@ def status(store, settings, now, latest):
     return info | {
         "now": now,
         "agent": {"enabled": settings.enabled, "test_number": settings.test_number or None},
+        "paused_numbers": store.number_holds(),  # our numbers on hold: texts stored, not answered
         "next_retry": None if retry is None else {"due_at": retry[0], "batch_id": retry[1]},
         "providers": providers,
         "outages": store.outages(),

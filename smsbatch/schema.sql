@@ -143,6 +143,14 @@ CREATE TABLE IF NOT EXISTS holds (
     reason  TEXT
 );
 
+-- Our numbers an operator paused (`smsbatch hold --number`): texts to them are stored and
+-- their batches end held, until `smsbatch release --number`.
+CREATE TABLE IF NOT EXISTS number_holds (
+    number  TEXT PRIMARY KEY,
+    since   REAL NOT NULL,
+    reason  TEXT
+);
+
 -- The backfill's progress (one row): texts in Twilio's log up to checked_until were
 -- looked for; claimed_at is when a processor last took the turn (once a minute, for all).
 CREATE TABLE IF NOT EXISTS backfill (

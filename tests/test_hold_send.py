@@ -1,5 +1,7 @@
 """`smsbatch hold` / `release` / `send`: an operator takes a conversation over and hands it back."""
 
+import json
+
 import pytest
 
 from conftest import T0, TextMeanwhile, add, invoke, offline_processor, real_processor
@@ -241,3 +243,103 @@ def test_show_phone_keeps_telling_a_hold_after_its_release(db_path, store):
     assert kinds == [("hold", "angry customer"), ("release", "1 text(s) that came meanwhile not answered")]
     human = invoke(["show", A, "--now", repr(T0 + 200)], env).output
     assert "put on hold: angry customer" in human and "released from hold: 1 text(s)" in human
+
+
+# -- issue 16: pause one of our numbers --------------------------------------------------------------
+
+SALES, SUPPORT, B = "+15550000001", "+15550000002", "+15554440002"
+
+
+def test_a_paused_number_stores_its_texts_holds_its_batches_and_the_others_are_answered(
+        db_path, store, real_settings, clock, twilio_standin):
+    env = {"SMSBATCH_DB": db_path, "COLUMNS": "160", "SMSBATCH_NUMBERS": f"{SALES},{SUPPORT}"}
+    result = invoke(["hold", "--number", SUPPORT, "--reason", "closed overnight", "--now", str(T0)], env)
+    assert result.exit_code == 0, result.output
+    assert f"our number {SUPPORT} paused since" in result.output and "closed overnight" in result.output
+    to_support = add(store, A, "my order is broken", T0 + 1, to=SUPPORT).batch_id
+    add(store, B, "also broken", T0 + 2, to=SUPPORT)
+    add(store, A, "price of the blue one?", T0 + 3, to=SALES)
+    clock.now = T0 + 60
+    report = real_processor(real_settings, clock).run()
+    assert (report.counts["held"], report.counts["sent"]) == (2, 1)
+    assert [(m["to"], m["from"]) for m in twilio_standin.sent] == [(A, SALES)]
+    row = store.get_batch(to_support)
+    assert row["state"] == "held"
+    assert row["last_error"] == (f"our number {SUPPORT} paused (smsbatch release --number {SUPPORT} to end it): "
+                                 "closed overnight")
+    status = invoke(["status", "--now", str(T0 + 70)], env).output
+    assert f"paused numbers (not answered): {SUPPORT} (closed overnight)" in status
+    paused = json.loads(invoke(["status", "--json", "--now", str(T0 + 70)], env).output)["paused_numbers"]
+    assert paused == [{"number": SUPPORT, "since": T0, "reason": "closed overnight"}]
+    assert "my order is broken" in invoke(["show", A], env).output  # stored and shown
+    retry = invoke(["retry", to_support], env)
+    assert retry.exit_code == 1 and f"our number {SUPPORT} is paused" in retry.output
+    add(store, B, "hello??", T0 + 80, to=SUPPORT)  # not yet due at the release: ends held too
+    result = invoke(["release", "--number", SUPPORT, "--now", str(T0 + 90)], env)
+    assert result.exit_code == 0
+    assert f"our number {SUPPORT} released; 3 texts came while paused, not answered" in result.output
+    assert "paused numbers" not in invoke(["status", "--now", str(T0 + 95)], env).output
+    add(store, A, "are you open now?", T0 + 100, to=SUPPORT)  # after the release: answered again
+    clock.now = T0 + 200
+    assert real_processor(real_settings, clock).run().counts["sent"] == 1
+    assert (twilio_standin.sent[-1]["to"], twilio_standin.sent[-1]["from"]) == (A, SUPPORT)
+    again = invoke(["release", "--number", SUPPORT], env)
+    assert again.exit_code == 1 and again.output.strip() == f"Error: our number {SUPPORT} is not paused"
+
+
+def test_release_number_answer_pending_gives_each_conversation_one_reply(db_path, store, settings, clock):
+    env = {"SMSBATCH_DB": db_path}
+    invoke(["hold", "--number", SUPPORT, "--now", str(T0)], env)
+    invoke(["hold", B, "--now", str(T0)], env)  # B is on hold themselves: stays unanswered
+    add(store, A, "first", T0 + 1, to=SUPPORT)
+    add(store, B, "from b", T0 + 2, to=SUPPORT)
+    clock.now = T0 + 60
+    offline_processor(settings, clock).run()
+    add(store, A, "second", T0 + 100, to=SUPPORT)
+    clock.now = T0 + 200
+    offline_processor(settings, clock).run()
+    result = invoke(["release", "--number", SUPPORT, "--answer-pending", "--now", str(T0 + 300)], env)
+    assert result.exit_code == 0 and "3 texts came while paused: requeued for one reply" in result.output
+    sender = __import__("smsbatch.sms").sms.ConsoleSender(quiet=True)
+    clock.now = T0 + 301
+    assert offline_processor(settings, clock, sender=sender).run().counts["sent"] == 1
+    assert [(to, "first" in body and "second" in body) for _, to, body in sender.sent] == [(A, True)]
+    assert states(store, B) == ["held"]
+
+
+def test_a_number_paused_while_the_ai_answers_wins(db_path, store, settings, clock):
+    """Like a person's hold: checked again in the transaction that commits the reply for sending."""
+    batch_id = add(store, A, "hi", T0, to=SUPPORT).batch_id
+
+    class PauseMeanwhile(TextMeanwhile):
+        def answer(self, messages):
+            assert invoke(["hold", "--number", SUPPORT, "--now", str(T0 + 30)], {"SMSBATCH_DB": db_path}).exit_code == 0
+            return "the AI's reply"
+
+    sender = __import__("smsbatch.sms").sms.ConsoleSender(quiet=True)
+    clock.now = T0 + 60
+    report = offline_processor(settings, clock, responder=PauseMeanwhile(db_path, A, None, T0), sender=sender).run()
+    assert report.counts["held"] == 1 and sender.sent == []
+    assert store.get_batch(batch_id)["last_error"].startswith(f"our number {SUPPORT} paused before the reply was sent")
+
+
+def test_a_send_found_not_to_have_gone_out_is_not_resent_from_a_paused_number(
+        store, real_settings, clock, twilio_standin):
+    batch_id = add(store, A, "hi", T0, to=SUPPORT).batch_id
+    twilio_standin.script = [(500, 20500)]
+    settings = real_settings.replace(retry_base_seconds=1)
+    clock.now = T0 + 20
+    assert real_processor(settings, clock).run().counts["retrying"] == 1
+    assert store.get_batch(batch_id)["state"] == "sending" and twilio_standin.sent == []
+    store.hold_number(SUPPORT, None, T0 + 21)
+    clock.now = T0 + 30
+    assert real_processor(settings, clock).run().counts["held"] == 1
+    assert store.get_batch(batch_id)["state"] == "held" and twilio_standin.sent == []
+
+
+def test_hold_and_release_take_a_person_or_a_number_not_both(db_path):
+    env = {"SMSBATCH_DB": db_path}
+    for args in (["hold"], ["hold", A, "--number", SUPPORT], ["release"], ["release", A, "--number", SUPPORT]):
+        result = invoke(args, env)
+        assert result.exit_code == 2 and "--number" in result.output and "Traceback" not in result.output
+    assert "Pause one of our numbers" in invoke(["hold", "--help"]).output
