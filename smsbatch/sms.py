@@ -14,7 +14,7 @@ import threading
 import time
 
 from smsbatch import deadline
-from smsbatch.errors import CannotReconcile, DeliveryError, redact
+from smsbatch.errors import BIDI, CannotReconcile, DeliveryError, redact
 
 # Twilio error codes worth trying again later: rate limit, unreachable handset, unknown carrier error.
 TRANSIENT_CODES = frozenset({20429, 30003, 30008})
@@ -41,7 +41,7 @@ class ConsoleSender:
         if not self.quiet:  # a reply may quote the customer: escape sequences are shown, not obeyed
             from smsbatch.inputs import iso_time
 
-            shown = re.sub(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]", "?", f"[console sms to {to}] {body}")
+            shown = re.sub(f"[\\x00-\\x09\\x0b-\\x1f\\x7f-\\x9f{BIDI}]", "?", f"[console sms to {to}] {body}")
             print(f"{iso_time(time.time())} {shown}", file=self.stream)
         return sid
 

@@ -213,3 +213,11 @@ def test_a_key_file_that_is_empty_or_binary_is_one_usage_error(db_path, tmp_path
     for path, why in ((empty, "holds no key"), (binary, "not a UTF-8 text file")):
         result = invoke(["export", "--anonymize", "--key-file", str(path)], env_of(db_path))
         assert result.exit_code == 2 and why in result.output and "Traceback" not in result.output
+
+
+def test_the_console_stand_in_prints_a_reply_quoting_a_bidi_override_visibly(db_path):
+    """`process --sms console` prints each reply on stderr; the offline AI quotes the text."""
+    add(Store(db_path), A, f"refund {RLO}01$ ot{LRI}", T0)
+    result = invoke(["process", "--ai", "offline", "--sms", "console", "--now", str(T0 + 120)], env_of(db_path))
+    assert result.exit_code == 0, result.output
+    assert "[console sms to" in result.stderr and raw_controls(result.stderr) == []
