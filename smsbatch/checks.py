@@ -235,15 +235,19 @@ def check_all_numbers(client, settings):
     results = [check_number(settings, number, owned.get(number)) for number in listed]
     others = [n for n in owned if n not in listed]
     if others:
-        named = ", ".join(others[:OTHERS_SHOWN]) + (f" and {len(others) - OTHERS_SHOWN} more"
-                                                    if len(others) > OTHERS_SHOWN else "")
-        results.append(Check("other numbers", True, f"{named}: the account's, not in SMSBATCH_NUMBERS, so not "
-                             "checked and never changed"))
+        results.append(Check("other numbers", True, f"{_some(others)}: the account's, not in SMSBATCH_NUMBERS, "
+                             "so not checked and never changed"))
     texted = [n for n in texted_numbers(settings) if n not in listed]
     if texted:
-        results.append(Check("texted numbers", True, f"texts in the database went to {', '.join(texted)}, not in "
+        results.append(Check("texted numbers", True, f"texts in the database went to {_some(texted)}, not in "
                              "SMSBATCH_NUMBERS: not checked and never changed (list it there if smsbatch answers it)"))
     return results
+
+
+def _some(numbers):
+    """'+1..., +1... and 12 more': the first OTHERS_SHOWN numbers and a count of the rest."""
+    more = len(numbers) - OTHERS_SHOWN
+    return ", ".join(numbers[:OTHERS_SHOWN]) + (f" and {more} more" if more > 0 else "")
 
 
 def texted_numbers(settings):
