@@ -191,7 +191,7 @@ def test_an_absurd_duration_is_refused_in_one_line(db_path):
     assert invoke(["prune", "--older-than", "36525d", "--dry-run"], env).exit_code == 0
 
 
-# -- the README's upgrade procedure on a database of the first release ----------------
+# -- the upgrade procedure (docs/operations.md) on a database of the first release ------
 
 
 def test_upgrade_procedure_backup_then_migrate_keeps_everything(tmp_path):
