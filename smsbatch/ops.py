@@ -138,13 +138,16 @@ def retry_lines(result):
 
 def send_by_hand(store, settings, sender, phone, body, our_number, now):
     """Send `body` to `phone` from `our_number` (default: the number they last wrote to, else
-    TWILIO_FROM_NUMBER) and log it in the conversation, where the AI will see it.
+    TWILIO_FROM_NUMBER) and log it in the conversation, where the AI will see it. Look-alikes
+    are smart-encoded as in AI replies (SMSBATCH_SMART_ENCODING); no budget applies.
 
     Raises:
         SmsbatchError: the person opted out, no number to send from, or the send failed.
     """
-    from smsbatch import batching
+    from smsbatch import batching, segments
     from smsbatch.errors import DeliveryError
+
+    body = segments.smart_encode(body) if settings.smart_encoding else body
 
     our_number = our_number or store.last_number(phone) or settings.twilio_from_number
     if not our_number:
@@ -161,7 +164,8 @@ def send_by_hand(store, settings, sender, phone, body, our_number, now):
             raise SmsbatchError(f"{exc}: it may have gone out; check Twilio's message log before sending again") from None
         raise SmsbatchError(f"not sent: {exc}") from None
     store.record_manual(sid, phone, our_number, body, now)
-    return {"sid": sid, "to": phone, "from": our_number}
+    size = segments.count(body)
+    return {"sid": sid, "to": phone, "from": our_number, "segments": size.segments, "encoding": size.encoding}
 
 
 # -- retention --------------------------------------------------------------------
