@@ -215,7 +215,7 @@ class OperatorReports:
             " FROM messages WHERE phone = ? ORDER BY received_at DESC, id DESC LIMIT ?", (phone, limit))
         sent = self.conn.execute(
             "SELECT sent_at AS at, 'out' AS kind, our_number, body, NULL AS media, batch_id, source AS detail,"
-            " sid, status FROM outbound WHERE phone = ? ORDER BY sent_at DESC LIMIT ?", (phone, limit))
+            " sid, status, segments FROM outbound WHERE phone = ? ORDER BY sent_at DESC LIMIT ?", (phone, limit))
         unanswered = self.conn.execute(
             "SELECT completed_at AS at, 'note' AS kind, our_number, last_error AS body, id AS batch_id,"
             " state AS detail FROM batches WHERE phone = ? AND state IN ('failed', 'unknown', 'expired', 'held')"
@@ -239,6 +239,20 @@ class OperatorReports:
     def columns(self, table):
         """The column names of a table (another version may lack some)."""
         return {r[1] for r in self.conn.execute(f"PRAGMA table_info({table})")}
+
+    def reply_costs(self, since, until):
+        """Every SMS we sent in [since, until): when, its segments (NULL: sent before they were
+        counted; its body then comes too, to count them from), and Twilio's price and currency."""
+        return [dict(r) for r in self.conn.execute(
+            "SELECT sent_at, segments, CASE WHEN segments IS NULL THEN body END AS body, price, price_unit"
+            " FROM outbound WHERE sent_at >= ? AND sent_at < ?", (since, until))]
+
+    def tokens_between(self, since, until):
+        """(prompt, completion) tokens billed for the batches created in [since, until)."""
+        row = self.conn.execute(
+            "SELECT coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0) FROM batches"
+            " WHERE created_at >= ? AND created_at < ?", (since, until)).fetchone()
+        return row[0], row[1]
 
     def stats_rows(self, since, until):
         """What `smsbatch stats` counts, per UTC day, for [since, until): texts in, batches,
