@@ -143,12 +143,12 @@ def send(ctx, phone, text, our_number, now):
     store = open_store(settings)
     sent = send_by_hand(store, settings, make_sender(settings), phone, text,
                         our_number, time.time() if now is None else now)
-    n = sent["segments"]
-    click.echo(f"sent to {sent['to']} from {sent['from']} ({sent['sid']}): {n} SMS segment{'s' * (n != 1)}, "
-               f"{sent['encoding']}")
+    click.echo(f"sent to {sent['to']} from {sent['from']} ({sent['sid']})")
     if store.find_hold(phone) is None:
         click.echo(f"note: {phone} is not on hold, so the AI still answers their next texts "
                    f"(`smsbatch hold {phone}` to take over)", err=True)
+    n = sent["segments"]
+    click.echo(f"billed as {n} SMS segment{'s' * (n != 1)}, {sent['encoding']}")
 
 
 @click.command()

@@ -100,14 +100,14 @@ class Settings:
     sms_timeout_seconds: float = 10.0
     lease_seconds: float = 0.0  # 0 means derived from the timeouts
     alert_after_seconds: float = 300.0  # provider calls failing this long: an outage (process warns)
-    retention_days: float = 0.0  # 0: `process` prunes nothing (SMSBATCH_RETENTION_DAYS)
-    backfill: bool = True  # look in Twilio's message log for texts the webhook never got
-    prompts_dir: str = ""  # one system prompt per number: <dir>/+15550001111.txt
-    numbers: tuple = ()  # SMSBATCH_NUMBERS: the business numbers smsbatch answers for (E.164)
     max_segments: int = 3  # SMSBATCH_MAX_SEGMENTS: the reply budget, in SMS segments
     smart_encoding: bool = True  # replace curly quotes, dashes, odd spaces... by GSM-7 look-alikes
     ai_price_input_per_mtok: float = None  # None: the model's list price if known (AI_LIST_PRICES)
     ai_price_output_per_mtok: float = None
+    retention_days: float = 0.0  # 0: `process` prunes nothing (SMSBATCH_RETENTION_DAYS)
+    backfill: bool = True  # look in Twilio's message log for texts the webhook never got
+    prompts_dir: str = ""  # one system prompt per number: <dir>/+15550001111.txt
+    numbers: tuple = ()  # SMSBATCH_NUMBERS: the business numbers smsbatch answers for (E.164)
 
     @classmethod
     def from_env(cls, env=None):
@@ -126,6 +126,7 @@ class Settings:
             max_messages=_number(env, "SMSBATCH_MAX_MESSAGES", 10, int, 1),
             urgent_keywords=tuple(k.strip().lower() for k in keywords.split(",") if k.strip()),
             **_adaptive(env),
+            **_cost(env),
             supersede=_flag(g("SMSBATCH_SUPERSEDE", "1"), "SMSBATCH_SUPERSEDE"),
             max_age_seconds=_number(env, "SMSBATCH_MAX_AGE_SECONDS", 3600.0),
             enabled=_flag(g("ENABLE_AI_SMS_AGENT", "true"), "ENABLE_AI_SMS_AGENT"),
@@ -154,7 +155,6 @@ class Settings:
             backfill=_flag(g("SMSBATCH_BACKFILL", "1"), "SMSBATCH_BACKFILL"),
             prompts_dir=g("SMSBATCH_PROMPTS_DIR", ""),
             numbers=_numbers(g("SMSBATCH_NUMBERS", "")),
-            **_cost(env),
         )
         return settings.checked()
 

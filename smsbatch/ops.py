@@ -138,16 +138,13 @@ def retry_lines(result):
 
 def send_by_hand(store, settings, sender, phone, body, our_number, now):
     """Send `body` to `phone` from `our_number` (default: the number they last wrote to, else
-    TWILIO_FROM_NUMBER) and log it in the conversation, where the AI will see it. Look-alikes
-    are smart-encoded as in AI replies (SMSBATCH_SMART_ENCODING); no budget applies.
+    TWILIO_FROM_NUMBER) and log it in the conversation, where the AI will see it.
 
     Raises:
         SmsbatchError: the person opted out, no number to send from, or the send failed.
     """
-    from smsbatch import batching, segments
+    from smsbatch import batching
     from smsbatch.errors import DeliveryError
-
-    body = segments.smart_encode(body) if settings.smart_encoding else body
 
     our_number = our_number or store.last_number(phone) or settings.twilio_from_number
     if not our_number:
@@ -155,6 +152,9 @@ def send_by_hand(store, settings, sender, phone, body, our_number, now):
     scope = batching.opt_out_scope(our_number, settings.twilio_messaging_service_sid)
     if store.is_opted_out(phone, scope):
         raise SmsbatchError(f"{phone} opted out (STOP) of {scope}: not sending")
+    from smsbatch import segments
+
+    body = segments.smart_encode(body) if settings.smart_encoding else body  # as for AI replies; no budget
     try:
         sid = sender.send(phone, body, our_number)
     except DeliveryError as exc:

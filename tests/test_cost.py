@@ -173,7 +173,7 @@ def test_a_reply_by_hand_is_smart_encoded_and_its_segments_recorded(env, store, 
     result = invoke(["send", A, "It\u2019s ready \u2014 come by\u2026", "--from", "+15550000000"], env)
     assert result.exit_code == 0, result.output
     assert twilio_standin.sent[0]["body"] == "It's ready - come by..."
-    assert "1 SMS segment, GSM-7" in result.output
+    assert "billed as 1 SMS segment, GSM-7" in result.output
     row = reply_row(store)
     assert (row["source"], row["segments"], row["encoding"]) == ("manual", 1, "GSM-7")
 
