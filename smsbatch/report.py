@@ -67,8 +67,8 @@ def stats(store, since, until, prices=None):
 
 def _costs(day, replies, prices):
     """A day's SMS segments and money, AI money, and the AI calls batching saved."""
-    return cost.sms_spend(replies) | {"ai_cost": cost.ai_spend(day["prompt_tokens"], day["completion_tokens"], prices),
-                                      "ai_calls_saved": day["answerable"] - day["ai_requests"]}
+    ai_cost = cost.ai_spend(day["prompt_tokens"], day["completion_tokens"], prices)
+    return cost.sms_spend(replies) | {"ai_cost": ai_cost, "ai_calls_saved": day["answerable"] - day["ai_requests"]}
 
 
 def _empty(day, known):

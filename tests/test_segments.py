@@ -64,8 +64,8 @@ def test_smart_encoding_replaces_look_alikes():
 
 
 def test_smart_encoding_keeps_emoji_and_other_scripts_as_written():
-    for text in (f"Don\u2019t worry {EMOJI}", "\u041d\u0435 \u0431\u0435\u0441\u043f\u043e\u043a\u043e\u0439\u0442\u0435\u0441\u044c\u2026",
-                 "\u4f60\u597d\u3002\u8c22\u8c22\uff01"):
+    for text in (f"Don\u2019t worry {EMOJI}", "\u041d\u0435 \u0431\u0435\u0441\u043f\u043e\u043a\u043e\u0439\u0442"
+                 "\u0435\u0441\u044c\u2026", "\u4f60\u597d\u3002\u8c22\u8c22\uff01"):
         assert smart_encode(text) == text
 
 
