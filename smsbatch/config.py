@@ -285,14 +285,11 @@ AI_LIST_PRICES = {"gpt-4o-mini": (0.15, 0.60)}
 
 def _cost(env):
     """The reply budget, smart encoding and AI prices, as Settings fields."""
-    prices = {}
-    for field_name, name in (("ai_price_input_per_mtok", "SMSBATCH_AI_PRICE_INPUT_PER_MTOK"),
-                             ("ai_price_output_per_mtok", "SMSBATCH_AI_PRICE_OUTPUT_PER_MTOK")):
-        prices[field_name] = _number(env, name, None)
     return {
         "max_segments": _number(env, "SMSBATCH_MAX_SEGMENTS", 3, int, 1),
         "smart_encoding": _flag(env.get("SMSBATCH_SMART_ENCODING", "1"), "SMSBATCH_SMART_ENCODING"),
-        **prices,
+        "ai_price_input_per_mtok": _number(env, "SMSBATCH_AI_PRICE_INPUT_PER_MTOK", None),
+        "ai_price_output_per_mtok": _number(env, "SMSBATCH_AI_PRICE_OUTPUT_PER_MTOK", None),
     }
 
 
