@@ -213,8 +213,8 @@ def summary_line(report):
               help="Seconds between redraws with --watch.")
 @click.pass_context
 def status(ctx, as_json, now, latest, watch, interval):
-    """Counts by state, the agent's mode, the next retry, outages, and the latest batches
-    (fits an 80x24 terminal)."""
+    """Counts by state, the agent's mode, the next retry, outages, what today's replies cost
+    (SMS segments, Twilio's prices, AI), and the latest batches (fits an 80x24 terminal)."""
     from smsbatch import report
 
     if watch and as_json:
@@ -249,9 +249,9 @@ def status(ctx, as_json, now, latest, watch, interval):
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @click.pass_context
 def show(ctx, target, prompt, limit, now, as_json):
-    """A batch's whole life (texts, every state change, attempts, the reply and its delivery), or
-    the conversation with a phone number as a chat, newest last, with the quiet period the
-    person's next text would get."""
+    """A batch's whole life (texts, every state change, attempts, the reply, its delivery, SMS
+    segments and price), or the conversation with a phone number as a chat, newest last, with
+    the quiet period the person's next text would get."""
     from smsbatch import render_ops, report
     from smsbatch.batching import Rules
 
