@@ -10,7 +10,7 @@ import re
 import threading
 from dataclasses import dataclass
 
-from smsbatch import deadline
+from smsbatch import deadline, segments
 from smsbatch.config import OPENAI_DEFAULT_BASE_URL, display_url
 from smsbatch.errors import ConfigError, DeliveryError, redact
 
@@ -86,8 +86,18 @@ def describe_text(body, media):
     return " ".join(parts) or "[empty message]"
 
 
-def build_prompt(system_prompt, history, texts):
+def budget_note(max_segments):
+    """What the AI is told about the length it has: the characters `max_segments` SMS hold."""
+    gsm, ucs = segments.room(max_segments)
+    texts = "one text message" if max_segments == 1 else f"{max_segments} text messages"
+    return (f"Your reply is sent by SMS and must fit in {texts}: at most {gsm} characters, "
+            f"or {ucs} if it uses emoji or letters outside the basic Latin alphabet. "
+            "A longer reply is cut off.")
+
+
+def build_prompt(system_prompt, history, texts, budget=None):
     """The chat messages for one batch: system prompt, recent conversation, then the burst.
+    `budget` (budget_note), when given, follows the system prompt as a system message of its own.
 
     `history` is [(time, role, text, media, source)], oldest first (source: 'ai'/'manual' for
     our replies): the conversation before the burst and every reply we sent since its first
@@ -99,6 +109,8 @@ def build_prompt(system_prompt, history, texts):
     first = texts[0]["received_at"]
     by_hand = [h for h in history if h[0] > first and h[4] == "manual"]
     messages = [{"role": "system", "content": system_prompt}]
+    if budget:
+        messages.append({"role": "system", "content": budget})
     for _, role, text, media, _ in (h for h in history if h[0] <= first or h[4] != "manual"):
         messages.append({"role": role, "content": describe_text(text, media) if role == "user" else text})
     timeline = sorted([(t["received_at"], 0, describe_text(t["body"], t["media"])) for t in texts]

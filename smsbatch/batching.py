@@ -6,11 +6,9 @@ from dataclasses import dataclass
 
 OPT_OUT_WORDS = frozenset({"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT"})
 OPT_IN_WORDS = frozenset({"START", "UNSTOP", "YES"})
-SMS_LIMIT = 1600  # Twilio's maximum body length for one message
 # The longest inbound text body stored, in UTF-8 bytes, by every way in (webhook and ingest):
 # the webhook's whole form limit, far above any real SMS or WhatsApp text.
 MAX_TEXT_BYTES = 64 * 1024
-ELLIPSIS = "…"
 # The adaptive quiet period (quiet_for), chosen by simulation (see README, "Choosing your settings"):
 TYPING_FLOOR = 1.0  # seconds: nobody sends two texts closer together than this
 TAIL = 2.6  # means past the floor: an exponential tail's 93rd percentile (ln(1/0.074))
@@ -113,19 +111,3 @@ def backoff_seconds(attempt, base, rng=random):
     """Exponential backoff with full jitter in [base*2^(n-1)/2, base*2^(n-1)], capped at an hour."""
     ceiling = min(base * 2 ** max(attempt - 1, 0), 3600.0)
     return ceiling / 2 + rng.random() * ceiling / 2
-
-
-def shorten(text, limit=SMS_LIMIT):
-    """Cut a reply to at most `limit` characters at a sentence or word boundary."""
-    text = (text or "").strip()
-    if len(text) <= limit:
-        return text
-    cut = text[: limit - len(ELLIPSIS)]
-    for mark in (". ", "! ", "? ", "\n"):
-        end = cut.rfind(mark)
-        if end >= limit // 2:
-            return cut[: end + 1].rstrip()
-    space = cut.rfind(" ")
-    if space >= limit // 2:
-        cut = cut[:space]
-    return cut.rstrip(" ,;:-") + ELLIPSIS

@@ -63,6 +63,10 @@ def effective_settings(settings):
         ("batching", f"quiet {s.quiet_seconds:g} s, max wait {s.max_wait_seconds:g} s, "
                      f"max {s.max_messages} texts, max age {s.max_age_seconds:g} s"),
         ("retries", f"{s.max_attempts} attempts, base {s.retry_base_seconds:g} s, lease {s.lease:g} s"),
+        ("replies", f"at most {s.max_segments} SMS segments (SMSBATCH_MAX_SEGMENTS), smart encoding "
+                    f"{'on' if s.smart_encoding else 'off (SMSBATCH_SMART_ENCODING=0)'}"),
+        ("AI prices", "(not known: AI cost not shown; SMSBATCH_AI_PRICE_INPUT_PER_MTOK and _OUTPUT_PER_MTOK)"
+         if s.ai_prices is None else f"${s.ai_prices[0]:g} input, ${s.ai_prices[1]:g} output per million tokens"),
         ("SMSBATCH_PROMPTS_DIR", s.prompts_dir or "(not set: one system prompt for every number)"),
         ("SMSBATCH_BACKFILL", "on" if s.backfill else "off"),
         ("SMSBATCH_RETENTION_DAYS", f"{s.retention_days:g}" if s.retention_days else "(not set: keep everything)"),

@@ -213,8 +213,8 @@ def summary_line(report):
               help="Seconds between redraws with --watch.")
 @click.pass_context
 def status(ctx, as_json, now, latest, watch, interval):
-    """Counts by state, the agent's mode, the next retry, outages, and the latest batches
-    (fits an 80x24 terminal)."""
+    """Counts by state, the agent's mode, the next retry, outages, what today's replies cost
+    (SMS segments, Twilio's prices, AI), and the latest batches (fits an 80x24 terminal)."""
     from smsbatch import report
 
     if watch and as_json:
@@ -249,9 +249,9 @@ def status(ctx, as_json, now, latest, watch, interval):
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @click.pass_context
 def show(ctx, target, prompt, limit, now, as_json):
-    """A batch's whole life (texts, every state change, attempts, the reply and its delivery), or
-    the conversation with a phone number as a chat, newest last, with the quiet period the
-    person's next text would get."""
+    """A batch's whole life (texts, every state change, attempts, the reply, its delivery, SMS
+    segments and price), or the conversation with a phone number as a chat, newest last, with
+    the quiet period the person's next text would get."""
     from smsbatch import render_ops, report
     from smsbatch.batching import Rules
 
@@ -280,8 +280,10 @@ def show(ctx, target, prompt, limit, now, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @click.pass_context
 def stats(ctx, since, now, as_json):
-    """Texts, batches, AI requests and tokens, replies sent and delivered, AI calls saved and
-    latency, in all and per day, with a bar chart of texts and AI calls per day."""
+    """Texts, batches, AI requests and tokens, replies sent and delivered, AI calls saved,
+    latency, and what replies cost (SMS segments, Twilio's prices, AI tokens at
+    SMSBATCH_AI_PRICE_*_PER_MTOK), in all and per day, with a bar chart of texts and AI
+    calls per day."""
     from smsbatch import report
 
     if not 0 < since <= report.MAX_STATS_DAYS * 86400:
@@ -289,7 +291,7 @@ def stats(ctx, since, now, as_json):
                                  param_hint="--since")
     settings = settings_from(ctx)
     until = time.time() if now is None else now
-    info = report.stats(open_store(settings), max(0.0, until - since), until)
+    info = report.stats(open_store(settings), max(0.0, until - since), until, settings.ai_prices)
     if as_json:
         emit_json(info)
     else:

@@ -195,6 +195,8 @@ def send(ctx, phone, text, our_number, now):
     if store.find_hold(phone) is None:
         click.echo(f"note: {phone} is not on hold, so the AI still answers their next texts "
                    f"(`smsbatch hold {phone}` to take over)", err=True)
+    n = sent["segments"]
+    click.echo(f"billed as {n} SMS segment{'s' * (n != 1)}, {sent['encoding']}")
 
 
 @click.command()

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field
 
 from smsbatch.errors import ConfigError
+from smsbatch.segments import MOST_SEGMENTS
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful assistant answering customers by SMS. The customer may have "
@@ -99,6 +100,10 @@ class Settings:
     sms_timeout_seconds: float = 10.0
     lease_seconds: float = 0.0  # 0 means derived from the timeouts
     alert_after_seconds: float = 300.0  # provider calls failing this long: an outage (process warns)
+    max_segments: int = 3  # SMSBATCH_MAX_SEGMENTS: the reply budget, in SMS segments
+    smart_encoding: bool = True  # replace curly quotes, dashes, odd spaces... by GSM-7 look-alikes
+    ai_price_input_per_mtok: float = None  # None: the model's list price if known (AI_LIST_PRICES)
+    ai_price_output_per_mtok: float = None
     retention_days: float = 0.0  # 0: `process` prunes nothing (SMSBATCH_RETENTION_DAYS)
     backfill: bool = True  # look in Twilio's message log for texts the webhook never got
     prompts_dir: str = ""  # one system prompt per number: <dir>/+15550001111.txt
@@ -122,6 +127,7 @@ class Settings:
             max_messages=_number(env, "SMSBATCH_MAX_MESSAGES", 10, int, 1),
             urgent_keywords=tuple(k.strip().lower() for k in keywords.split(",") if k.strip()),
             **_adaptive(env),
+            **_cost(env),
             supersede=_flag(g("SMSBATCH_SUPERSEDE", "1"), "SMSBATCH_SUPERSEDE"),
             max_age_seconds=_number(env, "SMSBATCH_MAX_AGE_SECONDS", 3600.0),
             enabled=_flag(g("ENABLE_AI_SMS_AGENT", "true"), "ENABLE_AI_SMS_AGENT"),
@@ -197,6 +203,12 @@ class Settings:
                 f"SMSBATCH_ADAPTIVE_MIN_GAPS={self.adaptive_min_gaps} needs more texts than "
                 f"SMSBATCH_ADAPTIVE_WINDOW={self.adaptive_window} holds (at most {self.adaptive_window - 1} gaps)"
             )
+        if not 1 <= self.max_segments <= MOST_SEGMENTS:
+            raise ConfigError(f"SMSBATCH_MAX_SEGMENTS must be 1 to {MOST_SEGMENTS} (Twilio takes at most 1,600 "
+                              f"characters), not {self.max_segments}")
+        if (self.ai_price_input_per_mtok is None) != (self.ai_price_output_per_mtok is None):
+            raise ConfigError("set both SMSBATCH_AI_PRICE_INPUT_PER_MTOK and SMSBATCH_AI_PRICE_OUTPUT_PER_MTOK, "
+                              "or neither")
         if self.lease_seconds and self.lease_seconds < self.min_lease_seconds:
             raise ConfigError(
                 f"SMSBATCH_LEASE_SECONDS={self.lease_seconds:g} is shorter than the "
@@ -204,6 +216,14 @@ class Settings:
                 "and retries; raise it or lower the timeouts"
             )
         return self
+
+    @property
+    def ai_prices(self):
+        """(input, output) price in US dollars per million tokens: the configured ones, else the
+        model's list price when smsbatch knows it, else None (AI cost is then not shown)."""
+        if self.ai_price_input_per_mtok is not None:
+            return self.ai_price_input_per_mtok, self.ai_price_output_per_mtok
+        return AI_LIST_PRICES.get(self.ai_model) if self.ai == "openai" else None
 
     @property
     def listed_numbers(self):
@@ -257,6 +277,21 @@ def _adaptive(env):
         "adaptive_pause_seconds": _number(env, "SMSBATCH_ADAPTIVE_PAUSE_SECONDS", 30.0, float, 1),
         "adaptive_window": _number(env, "SMSBATCH_ADAPTIVE_WINDOW", 20, int, 2),
         "adaptive_min_gaps": _number(env, "SMSBATCH_ADAPTIVE_MIN_GAPS", 3, int, 1),
+    }
+
+
+# OpenAI's list prices (US dollars per million input and output tokens) of the default model, so
+# that `stats` shows what the AI cost out of the box. Other models: SMSBATCH_AI_PRICE_*_PER_MTOK.
+AI_LIST_PRICES = {"gpt-4o-mini": (0.15, 0.60)}
+
+
+def _cost(env):
+    """The reply budget, smart encoding and AI prices, as Settings fields."""
+    return {
+        "max_segments": _number(env, "SMSBATCH_MAX_SEGMENTS", 3, int, 1),
+        "smart_encoding": _flag(env.get("SMSBATCH_SMART_ENCODING", "1"), "SMSBATCH_SMART_ENCODING"),
+        "ai_price_input_per_mtok": _number(env, "SMSBATCH_AI_PRICE_INPUT_PER_MTOK", None),
+        "ai_price_output_per_mtok": _number(env, "SMSBATCH_AI_PRICE_OUTPUT_PER_MTOK", None),
     }
 
 

@@ -1,6 +1,6 @@
 """One batch's life after it is claimed, and the backfill's bookkeeping: the store's SQL for them."""
 
-from smsbatch import batching
+from smsbatch import batching, segments
 from smsbatch.config import HEARTBEAT_LEASE_SECONDS
 from smsbatch.db_ops import held_reason
 from smsbatch.inputs import iso_time
@@ -171,10 +171,14 @@ class BatchLife:
                 "provider_sid = ?, sent_at = ?, completed_at = ?, due_at = NULL, last_error = NULL",
                 (provider_sid, now, now), (State.PROCESSING,) if found else (State.SENDING,))
             if moved:
+                row = conn.execute("SELECT provider_sid, id, phone, our_number, response_text, sent_at FROM batches"
+                                   " WHERE id = ?", (batch["id"],)).fetchone()
+                size = segments.count(row["response_text"])
                 conn.execute(
-                    "INSERT OR IGNORE INTO outbound (sid, batch_id, phone, our_number, body, source, sent_at)"
-                    " SELECT provider_sid, id, phone, our_number, response_text, 'ai', sent_at FROM batches"
-                    " WHERE id = ?", (batch["id"],))
+                    "INSERT INTO outbound (sid, batch_id, phone, our_number, body, source, sent_at, segments,"
+                    " encoding) VALUES (?, ?, ?, ?, ?, 'ai', ?, ?, ?) ON CONFLICT (sid) DO NOTHING",
+                    (row["provider_sid"], row["id"], row["phone"], row["our_number"], row["response_text"],
+                     row["sent_at"], size.segments, size.encoding))
             return moved
 
     def note(self, batch, now, reason):

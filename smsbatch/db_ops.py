@@ -2,7 +2,7 @@
 
 import sqlite3
 
-from smsbatch import batching
+from smsbatch import batching, segments
 from smsbatch.errors import InvalidTransition, NotFound, SmsbatchError
 from smsbatch.states import FINAL, PENDING, RETRYABLE, State, placeholders
 
@@ -287,10 +287,13 @@ class OperatorActions:
         return None if row is None else row[0]
 
     def record_manual(self, sid, phone, our_number, body, now):
-        """Log a reply an operator sent by hand (`smsbatch send`): the AI sees it as history."""
+        """Log a reply an operator sent by hand (`smsbatch send`), with what it is billed as:
+        the AI sees it as history."""
+        size = segments.count(body)
         with self.transaction() as conn:
-            conn.execute("INSERT INTO outbound (sid, batch_id, phone, our_number, body, source, sent_at)"
-                         " VALUES (?, NULL, ?, ?, ?, 'manual', ?)", (sid, phone, our_number, body, now))
+            conn.execute("INSERT INTO outbound (sid, batch_id, phone, our_number, body, source, sent_at, segments,"
+                         " encoding) VALUES (?, NULL, ?, ?, ?, 'manual', ?, ?, ?)",
+                         (sid, phone, our_number, body, now, size.segments, size.encoding))
 
     def prune(self, cutoff, dry_run=False, chunk=500, limit=None):
         """Delete what is older than `cutoff`: every finished batch whose texts and outcome are

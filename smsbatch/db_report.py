@@ -40,15 +40,21 @@ class OperatorReports:
             return True
 
     def deliveries_to_check(self, now, limit):
-        """Replies without a final status CHECK_AFTER_SECONDS after sending, never checked yet."""
+        """Replies never checked yet, CHECK_AFTER_SECONDS after sending: those without a final
+        status, and those of the last PRICE_WITHIN_SECONDS without a price (a status callback
+        may have said it was delivered, but only the message resource says what it cost)."""
         return [r[0] for r in self.conn.execute(
-            f"SELECT sid FROM outbound WHERE (status IS NULL OR status NOT IN ({placeholders(delivery.FINAL)}))"
-            " AND checked_at IS NULL AND sent_at <= ? ORDER BY sent_at LIMIT ?",
-            (*sorted(delivery.FINAL), now - delivery.CHECK_AFTER_SECONDS, limit))]
+            f"SELECT sid FROM outbound WHERE checked_at IS NULL AND sent_at <= ? AND (status IS NULL"
+            f" OR status NOT IN ({placeholders(delivery.FINAL)}) OR price IS NULL AND sent_at >= ?)"
+            " ORDER BY sent_at LIMIT ?",
+            (now - delivery.CHECK_AFTER_SECONDS, *sorted(delivery.FINAL), now - delivery.PRICE_WITHIN_SECONDS,
+             limit))]
 
-    def mark_checked(self, sid, now):
+    def mark_checked(self, sid, now, price=None, price_unit=None):
+        """Note that Twilio was asked about a reply, and the price it gave (None: not priced yet)."""
         with self.transaction() as conn:
-            conn.execute("UPDATE outbound SET checked_at = ? WHERE sid = ?", (now, sid))
+            conn.execute("UPDATE outbound SET checked_at = ?, price = coalesce(?, price),"
+                         " price_unit = coalesce(?, price_unit) WHERE sid = ?", (now, price, price_unit, sid))
 
     def take_new_problems(self, now):
         """Replies newly known undelivered or failed, each returned once (marked reported)."""
@@ -209,7 +215,7 @@ class OperatorReports:
             " FROM messages WHERE phone = ? ORDER BY received_at DESC, id DESC LIMIT ?", (phone, limit))
         sent = self.conn.execute(
             "SELECT sent_at AS at, 'out' AS kind, our_number, body, NULL AS media, batch_id, source AS detail,"
-            " sid, status FROM outbound WHERE phone = ? ORDER BY sent_at DESC LIMIT ?", (phone, limit))
+            " sid, status, segments FROM outbound WHERE phone = ? ORDER BY sent_at DESC LIMIT ?", (phone, limit))
         unanswered = self.conn.execute(
             "SELECT completed_at AS at, 'note' AS kind, our_number, last_error AS body, id AS batch_id,"
             " state AS detail FROM batches WHERE phone = ? AND state IN ('failed', 'unknown', 'expired', 'held')"
@@ -233,6 +239,20 @@ class OperatorReports:
     def columns(self, table):
         """The column names of a table (another version may lack some)."""
         return {r[1] for r in self.conn.execute(f"PRAGMA table_info({table})")}
+
+    def reply_costs(self, since, until):
+        """Every SMS we sent in [since, until): when, its segments (NULL: sent before they were
+        counted; its body then comes too, to count them from), and Twilio's price and currency."""
+        return [dict(r) for r in self.conn.execute(
+            "SELECT sent_at, segments, CASE WHEN segments IS NULL THEN body END AS body, price, price_unit"
+            " FROM outbound WHERE sent_at >= ? AND sent_at < ?", (since, until))]
+
+    def tokens_between(self, since, until):
+        """(prompt, completion) tokens billed for the batches created in [since, until)."""
+        row = self.conn.execute(
+            "SELECT coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0) FROM batches"
+            " WHERE created_at >= ? AND created_at < ?", (since, until)).fetchone()
+        return row[0], row[1]
 
     def stats_rows(self, since, until):
         """What `smsbatch stats` counts, per UTC day, for [since, until): texts in, batches,

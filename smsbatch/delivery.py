@@ -15,6 +15,9 @@ PROBLEMS = ("undelivered", "failed")
 # callback lost) are fetched from Twilio once, at most CHECKS_PER_RUN per `process` run.
 CHECK_AFTER_SECONDS = 300
 CHECKS_PER_RUN = 20
+# A reply whose status a callback gave is still fetched once for its price, if it went out
+# within this long (older ones are not worth the requests).
+PRICE_WITHIN_SECONDS = 86400
 
 ERROR_WORDS = {
     30003: "unreachable (handset off or out of coverage)",

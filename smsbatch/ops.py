@@ -169,6 +169,9 @@ def send_by_hand(store, settings, sender, phone, body, our_number, now):
     scope = batching.opt_out_scope(our_number, settings.twilio_messaging_service_sid)
     if store.is_opted_out(phone, scope):
         raise SmsbatchError(f"{phone} opted out (STOP) of {scope}: not sending")
+    from smsbatch import segments
+
+    body = segments.smart_encode(body) if settings.smart_encoding else body  # as for AI replies; no budget
     try:
         sid = sender.send(phone, body, our_number)
     except DeliveryError as exc:
@@ -178,7 +181,8 @@ def send_by_hand(store, settings, sender, phone, body, our_number, now):
             raise SmsbatchError(f"{exc}: it may have gone out; check Twilio's message log before sending again") from None
         raise SmsbatchError(f"not sent: {exc}") from None
     store.record_manual(sid, phone, our_number, body, now)
-    return {"sid": sid, "to": phone, "from": our_number}
+    size = segments.count(body)
+    return {"sid": sid, "to": phone, "from": our_number, "segments": size.segments, "encoding": size.encoding}
 
 
 def check_ours(settings, sender, number):

@@ -16,7 +16,7 @@ import traceback
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
-from smsbatch import ai, batching, delivery
+from smsbatch import ai, batching, delivery, segments
 from smsbatch.config import FAULT_POINT
 from smsbatch.db import State, Store
 from smsbatch.db_ops import held_reason
@@ -210,7 +210,7 @@ class Processor:
         texts = store.batch_texts(batch["id"])
         history = store.history(batch["phone"], batch["our_number"], batch["id"], texts[0]["received_at"],
                                 s.history_messages, until=self.clock())
-        messages = ai.build_prompt(self._system_prompt(batch), history, texts)
+        messages = ai.build_prompt(self._system_prompt(batch), history, texts, ai.budget_note(s.max_segments))
         store.record_prompt(batch, messages)  # `show --prompt`: exactly what the AI is sent
         try:
             reply, usage = self._call(store, "ai", ai.ask, self.responder, messages)
@@ -218,7 +218,11 @@ class Processor:
             self._record_usage(store, batch, getattr(exc, "usage", None))
             raise
         self._record_usage(store, batch, usage)
-        return batching.shorten(reply)
+        # What is stored is what is sent, and what its segments are counted from (mark_sent).
+        reply = segments.fit(reply, s.max_segments, s.smart_encoding)
+        if not reply:  # nothing but invisible characters
+            raise DeliveryError("AI returned a reply with nothing to send", transient=True)
+        return reply
 
     def _record_usage(self, store, batch, usage):
         if usage is None:
@@ -441,11 +445,11 @@ class Processor:
         if fetch is not None:
             for sid in store.deliveries_to_check(now, delivery.CHECKS_PER_RUN):
                 try:
-                    status, code = fetch(sid)
+                    status, code, price, price_unit = fetch(sid)
                 except DeliveryError as exc:
                     log.warning("could not check a reply's delivery (next run tries again): %s", exc)
                     break
-                store.mark_checked(sid, now)
+                store.mark_checked(sid, now, price, price_unit)
                 if delivery.is_status(status):
                     store.record_delivery(sid, status, code, now)
         problems = store.take_new_problems(now)

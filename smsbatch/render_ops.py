@@ -104,6 +104,9 @@ def _leases_and_delivery(info, problems=3):
         delivery = ", ".join(f"{k} {v}" for k, v in counts.items()) or "none yet"
         lines.append(Text(f"AI requests {cost.get('requests', 0):,} · tokens {cost.get('prompt_tokens', 0):,} prompt"
                           f" + {cost.get('completion_tokens', 0):,} completion · replies: {delivery}"))
+    today = info.get("today") or {}
+    if today.get("sms_segments") or today.get("prompt_tokens") or today.get("completion_tokens"):
+        lines.append(Text(_today(today)))
     for row in info.get("in_flight", ()):
         renewed = "never" if row["renewed_seconds_ago"] is None else f"{row['renewed_seconds_ago']:g}s ago"
         lines.append(Text(f"in flight {row['id']} {row['state']}: held by ") + plain(row["holder"] or "?")
@@ -113,6 +116,28 @@ def _leases_and_delivery(info, problems=3):
         lines.append(plain(f"{row['status']}: batch {row['batch_id'] or '(manual)'} to ", "yellow")
                      + plain(row["phone"]) + plain(f": {row['error'].split(': ', 1)[-1]}", "yellow"))
     return lines
+
+
+def _today(t):
+    """'today: 5 replies, 12 SMS segments $0.0948 (4 priced) · AI $0.0021': what today cost so far."""
+    n = t["replies"]
+    line = f"today: {n} repl{'y' if n == 1 else 'ies'}, {t['sms_segments']:,} SMS segments"
+    if t["sms_cost"]:
+        line += f" {_money(t['sms_cost'])}" + ("" if t["sms_priced"] == n else f" ({t['sms_priced']} priced)")
+    if t["ai_cost"] is not None and (t["prompt_tokens"] or t["completion_tokens"]):
+        line += f" · AI {_money(t['ai_cost'])}"
+    return line
+
+
+def _money(money):
+    """{currency: amount} as '$0.0948' or '0.0948 EUR' (several joined with +); '-' for none."""
+    if not money:
+        return "-"
+    parts = []
+    for unit, value in money.items():
+        text = f"{value:,.4f}" if abs(value) < 10 else f"{value:,.2f}"
+        parts.append(f"${text}" if unit == "USD" else f"{text} {unit}")
+    return " + ".join(parts)
 
 
 def _batch_line(row, width):
@@ -188,6 +213,10 @@ def stats(info):
         f"replies sent {t['replies']:,}, delivered {_n(t['delivered'])}",
         f"AI calls saved against one call per text: {saved}",
         f"latency, last text to reply: p50 {_seconds(t['latency_p50'])}, p95 {_seconds(t['latency_p95'])}",
+        f"SMS segments {t['sms_segments']:,}, cost {_money(t['sms_cost'])}"
+        + ("" if t["sms_priced"] == t["replies"] else f" ({t['sms_priced']:,} of {t['replies']:,} replies priced)"),
+        "AI cost " + (_money(t["ai_cost"]) if t["ai_cost"] is not None
+                      else "- (no prices: SMSBATCH_AI_PRICE_INPUT_PER_MTOK, _OUTPUT_PER_MTOK)"),
     ]
     for line in lines:
         out.print(Text(line))
@@ -200,7 +229,24 @@ def stats(info):
         out.print(Text("  ".join(f"{c:>{w}}" if i else f"{c:<{w}}"
                                  for i, (c, (_, _, w)) in enumerate(zip(cells, STATS_COLUMNS)))))
     out.print(Text(""))
+    out.print(_cost_table(info["days"]))
+    out.print(Text(""))
     out.print(_chart(info["days"], out.width))
+
+
+COST_COLUMNS = (("day", 10), ("SMS segments", 12), ("SMS cost", 10), ("AI cost", 10), ("AI calls saved", 14))
+
+
+def _cost_table(days):
+    """What each day's replies cost, beside the AI calls batching saved."""
+    lines = [Text("  ".join(f"{h:>{w}}" if i else f"{h:<{w}}" for i, (h, w) in enumerate(COST_COLUMNS)),
+                  style="bold")]
+    for day in days:
+        ai = "-" if day["ai_cost"] is None else _money(day["ai_cost"])
+        cells = (day["day"], f"{day['sms_segments']:,}", _money(day["sms_cost"]), ai, f"{day['ai_calls_saved']:,}")
+        lines.append(Text("  ".join(f"{c:>{w}}" if i else f"{c:<{w}}"
+                                    for i, (c, (_, w)) in enumerate(zip(cells, COST_COLUMNS)))))
+    return Group(*lines)
 
 
 def _chart(days, width):
@@ -285,8 +331,19 @@ def _show_reply(out, batch, outbound):
         status = sms["status"] or "not reported yet"
         error = f"  error {sms['error_code']}" if sms["error_code"] else ""
         out.print(Padding(plain(f"SID {sms['sid']}  sent {_t(sms['sent_at'])}  delivery {status}"
-                               f"{'' if sms['status_at'] is None else ' at ' + _t(sms['status_at'])}{error}",
-                               style="dim"), (0, 0, 0, 2), expand=False))
+                               f"{'' if sms['status_at'] is None else ' at ' + _t(sms['status_at'])}{error}"
+                               f"{_billed(sms)}", style="dim"), (0, 0, 0, 2), expand=False))
+
+
+def _billed(sms):
+    """'  2 SMS segments, GSM-7, price $0.0158': what a reply is billed as (when known)."""
+    if sms.get("segments") is None:
+        return ""
+    n = sms["segments"]
+    text = f"  {n} SMS segment{'s' * (n != 1)}, {sms['encoding']}"
+    if sms.get("price") is not None and sms.get("price_unit"):
+        text += f", price {_money({sms['price_unit']: -sms['price']})}"
+    return text
 
 
 def _show_prompt(out, prompt):
@@ -330,8 +387,10 @@ def _chat_line(item, several=False):
     if kind == "out":
         who = "AI" if item["detail"] == "ai" else "by hand"
         sender = f", from {item['our_number']}" if several else ""
+        n = item.get("segments")
+        size = "" if n is None else f", {n} SMS"
         return at, Text("  <", style="bold green"), _line(
-            item["body"], (f"  ({who}, {item['status'] or 'sent'}{sender})", "dim"))
+            item["body"], (f"  ({who}, {item['status'] or 'sent'}{size}{sender})", "dim"))
     if kind == "opt_out":
         scope = "every number" if item["our_number"] == "*" else item["our_number"]
         return at, Text("  !", style="bold red"), plain(f"opted out of {scope} ({item['body']})")

@@ -4,9 +4,12 @@ batch life and conversation. No SQL here (db.py) and no rich (render_ops.py)."""
 import datetime
 import math
 
+from smsbatch import cost
+
 MAX_STATS_DAYS = 400
 COUNTS = ("texts", "answerable", "batches", "ai_requests", "replies")
 TOKENS = ("prompt_tokens", "completion_tokens")
+SPENT = ("sms_segments", "sms_priced")
 
 
 def percentile(values, q):
@@ -28,11 +31,13 @@ def utc_days(since, until):
     return days
 
 
-def stats(store, since, until):
+def stats(store, since, until, prices=None):
     """`smsbatch stats`: totals over [since, until) and the same figures per UTC day.
 
     AI requests are the calls actually made, retries included, where the store counts them
     (batches.ai_requests); otherwise the replies the AI wrote (`ai_requests_exact` false).
+    Beside them, what replies cost: SMS segments and Twilio's prices, and the AI's tokens at
+    `prices` (settings.ai_prices; None: AI cost not shown).
     """
     rows = store.stats_rows(since, until)
     known = {"tokens": rows["tokens_known"], "delivered": rows["delivery_known"]}
@@ -50,10 +55,20 @@ def stats(store, since, until):
             day["delivered"] += int(bool(reply["delivered"]))
         if reply["latency"] is not None:
             latencies.setdefault(reply["day"], []).append(reply["latency"])
-    ordered = [days[d] | _latency(latencies.get(d, [])) for d in sorted(days)]
+    spent = cost.by_day(store.reply_costs(since, until))
+    for day in spent:
+        days.setdefault(day, _empty(day, known))
+    ordered = [days[d] | _latency(latencies.get(d, [])) | _costs(days[d], spent.get(d, []), prices)
+               for d in sorted(days)]
     every = [x for values in latencies.values() for x in values]
     return {"since": since, "until": until, "ai_requests_exact": rows["ai_requests_exact"],
-            "totals": _totals(ordered, known) | _latency(every), "days": ordered}
+            "totals": _totals(ordered, known, prices) | _latency(every), "days": ordered}
+
+
+def _costs(day, replies, prices):
+    """A day's SMS segments and money, AI money, and the AI calls batching saved."""
+    ai_cost = cost.ai_spend(day["prompt_tokens"], day["completion_tokens"], prices)
+    return cost.sms_spend(replies) | {"ai_cost": ai_cost, "ai_calls_saved": day["answerable"] - day["ai_requests"]}
 
 
 def _empty(day, known):
@@ -69,13 +84,15 @@ def _latency(values):
             "latency_p95": None if p95 is None else round(p95, 1)}
 
 
-def _totals(days, known):
-    totals = {key: sum(d[key] for d in days) for key in COUNTS}
+def _totals(days, known, prices=None):
+    totals = {key: sum(d[key] for d in days) for key in COUNTS + SPENT}
     for key in TOKENS:
         totals[key] = sum(d[key] for d in days) if known["tokens"] else None
     totals["delivered"] = sum(d["delivered"] for d in days) if known["delivered"] else None
     # Against one AI call per text (what answering each text on its own would cost).
     totals["ai_calls_saved"] = totals["answerable"] - totals["ai_requests"]
+    totals["sms_cost"] = cost.add_money(*(d["sms_cost"] for d in days))
+    totals["ai_cost"] = cost.ai_spend(totals["prompt_tokens"], totals["completion_tokens"], prices)
     return totals
 
 
@@ -95,6 +112,7 @@ def status(store, settings, now, latest):
         "next_retry": None if retry is None else {"due_at": retry[0], "batch_id": retry[1]},
         "providers": providers,
         "outages": store.outages(),
+        "today": cost.today(store, settings.ai_prices, now),  # what today's replies cost
         **store.rejected_signatures(now),  # a wrong SMSBATCH_PUBLIC_URL shows up here
     }
 

@@ -7,6 +7,7 @@ DeliveryError, and find_sent raises CannotReconcile when the sender cannot be as
 """
 
 import datetime
+import math
 import re
 import secrets
 import sys
@@ -174,13 +175,14 @@ class TwilioSender:
         return list(dict.fromkeys([*self.settings.listed_numbers, *self.service_numbers()]))
 
     def fetch_status(self, sid):
-        """Twilio's current (MessageStatus, ErrorCode) of a message we sent.
+        """Twilio's current (MessageStatus, ErrorCode, price, price unit) of a message we sent;
+        the price is None until Twilio has priced it (see read_price).
 
         Raises: DeliveryError.
         """
         client = self._get_client()
         message = self._call(lambda: client.messages(sid).fetch())
-        return message.status, message.error_code
+        return (message.status, message.error_code, *read_price(message.price, message.price_unit))
 
 
 class TwilioLog:
@@ -259,6 +261,27 @@ def pick_reply(candidates, body):
         return same[0].sid
     raise CannotReconcile(f"{len(candidates)} messages to this number in the send's time window "
                           "could be this reply")
+
+
+PRICE_UNIT = re.compile(r"[A-Z]{3}")
+MOST_PRICE = 1000.0  # no one SMS costs this much: a larger figure is garbage, not a price
+
+
+def read_price(price, unit):
+    """(price, currency) from a message resource's `price` and `price_unit`, or (None, None).
+
+    Twilio gives the price as a string, negative for a charge ("-0.00790"), and null until
+    the message is priced. Anything that is not a finite number of a sane size, or whose
+    currency is not three capital letters, is no price at all.
+    """
+    try:
+        value = float(str(price).strip())
+    except (TypeError, ValueError):
+        return None, None
+    if price is None or not math.isfinite(value) or abs(value) >= MOST_PRICE:
+        return None, None
+    unit = unit.strip().upper() if isinstance(unit, str) else ""
+    return (value, unit) if PRICE_UNIT.fullmatch(unit) else (None, None)
 
 
 def status_callback_url(public_url):

@@ -96,7 +96,8 @@ class StandIn:
 
 class FakeOpenAI(StandIn):
     """POST /v1/chat/completions. Script items: "ok", an HTTP status (int),
-    ("delay", seconds) then ok, "hang" (never answers within any sane timeout),
+    ("delay", seconds) then ok, ("say", text): a 200 whose reply is `text`,
+    "hang" (never answers within any sane timeout),
     ("echo-key", status): that error, its message quoting the API key it was sent,
     ("200", text): a 200 whose JSON body is `text` as is (cut-off JSON, or JSON without choices),
     or ("trickle", seconds): a good answer written one byte a second for that long, then cut
@@ -146,12 +147,13 @@ class FakeOpenAI(StandIn):
         request = json.loads(body)
         with self.lock:
             self.calls.append(request["messages"])
-        self.reply(handler, 200, self.completion(request))
+        said = action[1] if isinstance(action, tuple) and action[0] == "say" else None
+        self.reply(handler, 200, self.completion(request, said))
 
     @staticmethod
-    def completion(request):
+    def completion(request, said=None):
         last = request["messages"][-1]["content"]
-        content = f"AI reply to: {last}"
+        content = f"AI reply to: {last}" if said is None else said
         prompt = sum(len(m["content"].split()) for m in request["messages"])
         return {
             "id": "chatcmpl-" + secrets.token_hex(6), "object": "chat.completion", "created": int(time.time()),
@@ -196,7 +198,9 @@ class FakeTwilio(StandIn):
     GET Messages/{sid}.json fetches one message. `link_shortening` rewrites URLs in bodies as
     Twilio's Link Shortening does; `page_cap` lowers the largest page so a test sees several
     pages. Each message has a `status` (and `error_code`) a test may change; fetch and list
-    report it; callback() builds the signed status callback Twilio would post.
+    report it; callback() builds the signed status callback Twilio would post. Once a message
+    is sent or final, it has a `price` (PRICE unless a test sets one, any string Twilio might
+    send) and `price_unit`; before that its price is null, as Twilio's is until it is priced.
     """
     URL = re.compile(r"https?://\S+")
 
@@ -329,9 +333,15 @@ class FakeTwilio(StandIn):
                                   "start": 0, "end": len(items), "uri": base + ".json",
                                   "first_page_uri": base + ".json", "previous_page_uri": None})
 
+    PRICED = ("sent", "delivered", "undelivered", "read")  # like Twilio: null until the carrier leg is priced
+    PRICE = "-0.00790"
+
     def resource(self, m):
         sent = m.get("date_sent")
+        priced = m.get("status", "queued") in self.PRICED and m.get("direction", "outbound-api") != "inbound"
         return {"sid": m["sid"], "to": m["to"], "from": m["from"], "body": m["body"],
+                "price": m.get("price", self.PRICE) if priced else None,
+                "price_unit": m.get("price_unit", "USD"),
                 "status": m.get("status", "queued"), "account_sid": self.ACCOUNT,
                 "error_code": m.get("error_code"), "messaging_service_sid": m.get("messaging_service_sid"),
                 "direction": m.get("direction", "outbound-api"), "num_segments": "1",

@@ -130,15 +130,6 @@ def test_supersede_can_be_turned_off(settings, store, clock):
     assert report.counts["sent"] == 1 and report.counts["superseded"] == 0
 
 
-def test_shorten_cuts_cleanly_at_a_sentence():
-    text = ("This is a sentence. " * 120).strip()
-    short = batching.shorten(text)
-    assert len(short) <= 1600 and short.endswith(".")
-    words = batching.shorten("word " * 500)
-    assert len(words) <= 1600 and words.endswith("…") and not words.endswith(" …")
-    assert batching.shorten("x" * 2000) == "x" * 1599 + "…"
-
-
 @pytest.mark.parametrize("body,kind", [("STOP", "opt_out"), (" stop ", "opt_out"), ("Unsubscribe", "opt_out"),
                                        ("start", "opt_in"), ("please stop", None), ("yes!", "opt_in")])
 def test_keywords(body, kind):

@@ -116,7 +116,8 @@ def test_send_by_hand_goes_through_twilio_and_the_ai_sees_it(env, store, clock, 
     clock.now = T0 + 120
     real_processor(real_settings, clock).run()
     assert len(openai_standin.calls) == 1
-    assert openai_standin.calls[0][1:] == [
+    assert openai_standin.calls[0][1]["role"] == "system"  # the reply budget
+    assert openai_standin.calls[0][2:] == [
         {"role": "user", "content": "can I talk to a person"},
         {"role": "assistant", "content": "Hi, this is Sam from Acme. Calling you now."},
         {"role": "user", "content": "thanks, talk soon"}]

@@ -27,7 +27,7 @@ def test_texts_to_two_numbers_are_two_conversations_answered_from_each(real_sett
     add(store, PERSON, "and in red?", T0 + 100, to=SALES)
     clock.now = T0 + 200
     real_processor(real_settings, clock).run()
-    history = [m["content"] for m in openai_standin.calls[-1][1:-1]]
+    history = [m["content"] for m in openai_standin.calls[-1][2:-1]]  # [1]: the reply budget
     assert history == ["price of the blue one?", "AI reply to: price of the blue one?"]
 
 

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from conftest import T0, TextMeanwhile, add, offline_processor, real_processor
+from smsbatch.ai import budget_note
 from smsbatch.config import Settings
 
 A, B = "+15552220001", "+15552220002"
@@ -43,8 +44,9 @@ def test_prompt_carries_the_conversation_so_far(fast, store, clock, openai_stand
     add(store, A, "what's my name?", T0 + 100)
     run(fast, clock, T0 + 110)
     second = openai_standin.calls[1]
-    assert [m["role"] for m in second] == ["system", "user", "assistant", "user"]
-    assert second[1]["content"] == "my name is Ann" and second[2]["content"] == twilio_standin.sent[0]["body"]
+    assert [m["role"] for m in second] == ["system", "system", "user", "assistant", "user"]
+    assert second[1]["content"] == budget_note(3)  # the reply budget, SMSBATCH_MAX_SEGMENTS
+    assert second[2]["content"] == "my name is Ann" and second[3]["content"] == twilio_standin.sent[0]["body"]
 
 
 def test_picture_message_is_described_to_the_ai(fast, store, clock, openai_standin):
@@ -56,7 +58,8 @@ def test_picture_message_is_described_to_the_ai(fast, store, clock, openai_stand
 def test_long_reply_is_shortened_not_rejected(fast, store, clock, twilio_standin):
     add(store, A, "tell me everything " * 120, T0)
     assert run(fast, clock, T0 + 10).counts["sent"] == 1
-    assert 0 < len(twilio_standin.sent[0]["body"]) <= 1600
+    body = twilio_standin.sent[0]["body"]
+    assert 0 < len(body) <= 459 and body.endswith("...")  # SMSBATCH_MAX_SEGMENTS: 3 GSM-7 segments
 
 
 def test_messaging_service_is_used_when_set(fast, store, clock, twilio_standin):

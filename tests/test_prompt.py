@@ -3,7 +3,7 @@ sent since its first text placed among its texts (a reply by hand is never ignor
 
 from conftest import T0, add, invoke, real_processor
 from fakes import provider_env
-from smsbatch.ai import ANSWERED_BY_HAND, build_prompt
+from smsbatch.ai import ANSWERED_BY_HAND, budget_note, build_prompt
 
 A, US = "+15554440001", "+15550000000"
 
@@ -60,9 +60,17 @@ def test_the_ai_sees_a_reply_sent_by_hand_after_the_batch_began(db_path, store, 
 
     clock.now = T0 + 20
     real_processor(Settings.from_env(env), clock).run()
-    assert openai_standin.calls[-1][1:] == [
+    assert openai_standin.calls[-1][1] == {"role": "system", "content": budget_note(3)}
+    assert openai_standin.calls[-1][2:] == [
         {"role": "user", "content": "is my order late?"},
         {"role": "assistant", "content": "Yes, sorry - it ships Monday (ops)"},
         {"role": "user", "content": "ok and the invoice?"},
         {"role": "assistant", "content": "invoice attached to your email (ops)"},
         {"role": "system", "content": ANSWERED_BY_HAND}]
+
+
+def test_the_reply_budget_follows_the_system_prompt():
+    messages = build_prompt("be kind", [], [text("hi", T0)], budget_note(2))
+    assert messages[:2] == [{"role": "system", "content": "be kind"}, {"role": "system", "content": budget_note(2)}]
+    assert "2 text messages: at most 306 characters, or 134 if it uses emoji" in budget_note(2)
+    assert "one text message: at most 160 characters, or 70" in budget_note(1)
