@@ -167,16 +167,7 @@ def stats(info):
     out = console()
     t = info["totals"]
     out.print(Text(f"stats {iso_time(info['since'])} to {iso_time(info['until'])}", style="bold"))
-    estimate = "" if info["ai_requests_exact"] else " (est.: replies written)"
-    saved = f"{t['ai_calls_saved']:,} of {t['answerable']:,}" if t["answerable"] else "0"
-    lines = [
-        f"texts received {t['texts']:,}   batches {t['batches']:,}   AI requests {t['ai_requests']:,}{estimate}",
-        f"tokens {_n(t['prompt_tokens'])} prompt + {_n(t['completion_tokens'])} completion",
-        f"replies sent {t['replies']:,}, delivered {_n(t['delivered'])}",
-        f"AI calls saved against one call per text: {saved}",
-        f"latency, last text to reply: p50 {_seconds(t['latency_p50'])}, p95 {_seconds(t['latency_p95'])}",
-    ]
-    for line in lines:
+    for line in _stats_lines(t):
         out.print(Text(line))
     out.print(Text(""))
     out.print(Text("  ".join(f"{h:>{w}}" if i else f"{h:<{w}}" for i, (h, _, w) in enumerate(STATS_COLUMNS)),
@@ -190,18 +181,52 @@ def stats(info):
     out.print(_chart(info["days"], out.width))
 
 
+def _stats_lines(t):
+    """The totals in words: the saving from batching and the cost of retries kept apart."""
+    lines = [
+        f"texts received {t['texts']:,}   batches {t['batches']:,}   AI requests {t['ai_requests']:,}",
+        f"tokens {_n(t['prompt_tokens'])} prompt + {_n(t['completion_tokens'])} completion",
+        f"replies sent {t['replies']:,}, delivered {_n(t['delivered'])}",
+        f"AI calls saved by batching: {t['ai_calls_saved']:,} ({t['asked_texts']:,} texts, {t['asked']:,} "
+        "calls: one per batch)",
+        f"extra AI requests from retries: {t['retry_requests']:,}",
+        f"latency, last text to reply: p50 {_seconds(t['latency_p50'])}, p95 {_seconds(t['latency_p95'])}",
+    ]
+    if t["uncounted_batches"]:
+        lines.append(f"note: {t['uncounted_batches']:,} batches answered before AI calls were counted "
+                     "(schema 7) are left out")
+    return lines
+
+
 def _chart(days, width):
-    """Two bars a day, texts and AI calls, on one scale."""
+    """Two bars a day, texts and AI calls, on one scale; a run of days with neither is one line."""
     top = max([d["texts"] for d in days] + [d["ai_requests"] for d in days] + [1])
     room = max(10, width - 24)
     lines = [Text("texts and AI calls per day", style="bold")]
-    for day in days:
+    for run in _runs(days):
+        if len(run) > 1 or not (run[0]["texts"] or run[0]["ai_requests"]):
+            span = run[0]["day"][5:] + ("" if len(run) == 1 else f" to {run[-1]['day'][5:]}")
+            lines.append(Text(f"{span}  no texts, no AI calls", style="dim"))
+            continue
+        day = run[0]
         for label, key, style in (("texts", "texts", "cyan"), ("AI", "ai_requests", "magenta")):
             n = day[key]
             bar = "█" * (max(1, round(n * room / top)) if n else 0)
             head = day["day"][5:] if label == "texts" else ""
             lines.append(Text(f"{head:<5} {label:<5} ") + Text(bar, style=style) + Text(f" {n:,}"))
     return Group(*lines)
+
+
+def _runs(days):
+    """Days in order, grouped: each busy day alone, each run of empty days together."""
+    runs = []
+    for day in days:
+        empty = not (day["texts"] or day["ai_requests"])
+        if empty and runs and not (runs[-1][-1]["texts"] or runs[-1][-1]["ai_requests"]):
+            runs[-1].append(day)
+        else:
+            runs.append([day])
+    return runs
 
 
 def _t(epoch):
@@ -303,7 +328,11 @@ def show_phone(convo):
     out.print(_grid([_chat_line(item, several) for item in convo["items"]], indent=0))
     quiet = convo.get("quiet_period")
     if quiet:
-        how = "fitted to their pace" if quiet["adaptive"] else "fixed: SMSBATCH_ADAPTIVE=0"
+        if quiet.get("fitted"):
+            how = "fitted to their pace"
+        else:
+            how = "default: too few recent texts to fit their pace" if quiet["adaptive"] else \
+                "default: SMSBATCH_ADAPTIVE=0"
         out.print(Text(f"quiet period for their next text: {quiet['seconds']:g} s ({how})", style="dim"))
 
 

@@ -149,7 +149,8 @@ def test_stats_human_output_has_totals_and_a_bar_chart(two_days, db_path):
     result = invoke(["stats", "--now", str(DAY2 + 3600)], env_for(db_path, COLUMNS=80))
     assert result.exit_code == 0
     out = result.output
-    assert "texts received 6" in out and "AI calls saved against one call per text: 3 of 5" in out
+    assert "texts received 6" in out and "AI calls saved by batching: 3 (5 texts, 2 calls: one per batch)" in out
+    assert "extra AI requests from retries: 0" in out
     assert "p50 15s, p95 25s" in out and "texts and AI calls per day" in out
     chart = out.split("texts and AI calls per day")[1].splitlines()
     assert any(line.startswith("01-16 texts █") and line.endswith(" 3") for line in chart), chart
@@ -391,7 +392,10 @@ def test_stats_counts_deliveries_and_reads_recorded_ai_usage_when_present(two_da
                  (A,))
     info = json.loads(invoke(["stats", "--now", str(DAY2 + 3600), "--json"], env_for(db_path)).output)
     t = info["totals"]
-    assert info["ai_requests_exact"] and t["ai_requests"] == 3 and t["ai_calls_saved"] == 2
+    # A: 3 texts, one batch, 3 requests (2 of them retries). B's answer counted no request: it
+    # looks answered before counting began, and is left out rather than counted as saved.
+    assert not info["ai_requests_exact"] and t["ai_requests"] == 3 and t["ai_calls_saved"] == 2
+    assert (t["retry_requests"], t["uncounted_batches"]) == (2, 1)
     assert (t["prompt_tokens"], t["completion_tokens"], t["replies"], t["delivered"]) == (100, 20, 2, 1)
 
 
