@@ -204,10 +204,14 @@ def summary_line(report):
     return ", ".join(parts + [f"{name} {n}" for name, n in extra] + cost)
 
 
+STATUS_ROWS, JSON_ROWS = 100, 15  # plain `status` shows as many of its 100 rows as fit the terminal
+
+
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @click.option("--now", type=TIME, help="Measure ages from this time.")
-@click.option("--latest", type=click.IntRange(1, 1000), default=15, show_default=True, help="How many recent batches.")
+@click.option("--latest", type=click.IntRange(1, 1000),
+              help="How many recent batches (default: as many as fit the terminal; 15 with --json).")
 @click.option("--watch", is_flag=True, help="Redraw every --interval seconds until Ctrl-C.")
 @click.option("--interval", type=click.FloatRange(0.1, 3600), default=2.0, show_default=True,
               help="Seconds between redraws with --watch.")
@@ -226,7 +230,8 @@ def status(ctx, as_json, now, latest, watch, interval):
     store = open_store(settings)
 
     def fetch():
-        return report.status(store, settings, time.time() if now is None else now, latest)
+        return report.status(store, settings, time.time() if now is None else now,
+                             latest or (JSON_ROWS if as_json else STATUS_ROWS))
 
     if as_json:
         emit_json(fetch())
@@ -237,7 +242,7 @@ def status(ctx, as_json, now, latest, watch, interval):
     else:
         from smsbatch import render
 
-        render.status(fetch())
+        render.status(fetch(), fit=latest is None)
 
 
 @cli.command()

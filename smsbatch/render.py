@@ -53,11 +53,11 @@ def state(text):
     return plain(text, STATE_STYLE.get(text, ""))
 
 
-def status(info):
+def status(info, fit=True):
     """`smsbatch status`: see render_ops (sized to the terminal, counts first)."""
     from smsbatch import render_ops
 
-    render_ops.status(info)
+    render_ops.status(info, fit)
 
 
 def demo(result):

@@ -1,6 +1,7 @@
 """Human output for the operator views (status, status --watch, stats, show). Rich stays in the
 render modules; customer and provider text is always rich.text.Text, never markup."""
 
+import re
 import time
 
 from rich.console import Console, Group
@@ -13,9 +14,6 @@ from smsbatch.inputs import iso_time
 from smsbatch.render import STATE_STYLE, age, plain
 
 PENDING = ("open", "queued", "processing", "sending")
-# status's batch lines: (header, width, right-aligned); the error takes what is left.
-COLUMNS = (("batch", 10, False), ("phone", 16, False), ("texts", 5, True), ("state", 10, False),
-           ("age", 5, True), ("tries", 5, True))
 
 
 def console():
@@ -61,7 +59,12 @@ def _agent(info):
     return Text("agent on", style="green")
 
 
+def _ago(epoch, now):
+    return "never" if epoch is None else f"{age(now - epoch)} ago"
+
+
 def _header(info, width):
+    """The lines above the batches that are always shown: counts, activity, warnings, outages, cost."""
     counts, now = info["counts"], info["now"]
     finished = [s for s in counts if s not in PENDING]
     retry = info["next_retry"]
@@ -70,7 +73,10 @@ def _header(info, width):
              *_counts_lines(f"pending {info['pending']}: ", counts, PENDING, width),
              *_counts_lines("", counts, finished, width),
              Text(f"oldest pending {age(info['oldest_pending_age_seconds'])} · texts last hour "
-                  f"{info['messages_last_hour']} · next retry {nxt}")]
+                  f"{info['messages_last_hour']} · next retry {nxt}"),
+             Text(f"last text stored {_ago(info.get('last_text_at'), now)} · last processor run "
+                  f"{_ago(info.get('last_run_at'), now)}")]
+    lines += [Text(f"WARNING: {said}", style="bold red") for said in info.get("warnings", ())]
     for p in info["providers"]:
         if p["failing_since"] is None:
             continue
@@ -79,55 +85,126 @@ def _header(info, width):
                     f" (last {age(now - p['last_failure_at'])} ago): ",
                     style="bold red" if kind == "OUTAGE" else "yellow")
         lines.append(line + plain(p["last_error"]))
-    lines += _leases_and_delivery(info)
+    lines += _cost_and_delivery(info, width)
     return [_fit(line, width) for line in lines]
 
 
-def _leases_and_delivery(info, problems=3):
-    """What the AI cost and how replies fared (when there is anything to say), who holds
-    each batch in flight and when it last renewed, and the latest failed deliveries."""
+def _cost_and_delivery(info, width):
+    """What the AI cost, and how replies fared (each on its own line, when there is anything to say)."""
     cost, counts = info.get("ai") or {}, info.get("delivery") or {}
     lines = []
-    if cost.get("requests") or counts:
-        delivery = ", ".join(f"{k} {v}" for k, v in counts.items()) or "none yet"
+    if cost.get("requests"):
         lines.append(Text(f"AI requests {cost.get('requests', 0):,} · tokens {cost.get('prompt_tokens', 0):,} prompt"
-                          f" + {cost.get('completion_tokens', 0):,} completion · replies: {delivery}"))
-    for row in info.get("in_flight", ()):
-        renewed = "never" if row["renewed_seconds_ago"] is None else f"{row['renewed_seconds_ago']:g}s ago"
-        lines.append(Text(f"in flight {row['id']} {row['state']}: held by ") + plain(row["holder"] or "?")
-                     + Text(f", renewed {renewed}, lease {row['lease_left_seconds']:g}s left"))
-    for row in info.get("delivery_problems", ())[:problems]:
-        lines.append(Text(f"{row['status']}: batch {row['batch_id'] or '(manual)'} to ", style="yellow")
-                     + plain(row["phone"]) + Text(f": {row['error'].split(': ', 1)[-1]}", style="yellow"))
+                          f" + {cost.get('completion_tokens', 0):,} completion"))
+    if counts:
+        names = sorted(counts, key=lambda s: (s in DELIVERY_PROBLEMS, s))  # problems last, never cut off
+        lines += _counts_lines("replies: ", {DELIVERY_NAMES.get(k, k): v for k, v in counts.items()},
+                               [DELIVERY_NAMES.get(k, k) for k in names], width)
     return lines
 
 
-def _batch_line(row, width):
-    cells = (row["id"], row["phone"], row["message_count"], row["state"], age(row["age_seconds"]),
-             row["attempts"])
+DELIVERY_NAMES = {"no_receipt": "no receipt yet"}
+DELIVERY_PROBLEMS = ("undelivered", "failed")
+
+
+def _details(info, width, room):
+    """At most `room` lines on the batches in flight (who holds each, when it last renewed)
+    and the latest failed deliveries; what does not fit is summed up in one line."""
+    flights = []
+    for row in info.get("in_flight", ()):
+        renewed = "never" if row["renewed_seconds_ago"] is None else f"{row['renewed_seconds_ago']:g}s ago"
+        flights.append(Text(f"in flight {row['id']} {row['state']}: held by ") + plain(row["holder"] or "?")
+                       + Text(f", renewed {renewed}, lease {row['lease_left_seconds']:g}s left"))
+    problems = [Text(f"{row['status']}: batch {row['batch_id'] or '(by hand)'} to ", style="yellow")
+                + plain(row["phone"]) + Text(f": {row['error'].split(': ', 1)[-1]}", style="yellow")
+                for row in info.get("delivery_problems", ())[:2]]
+    lines = flights + problems
+    if room is not None and len(lines) > room:
+        keep = max(0, room - 1)
+        lines = lines[:keep] + [Text(f"… {len(lines) - keep} more: batches in flight, failed deliveries "
+                                     "(status --json; smsbatch deliveries --since 7d)", style="dim")]
+    return [_fit(line, width) for line in lines[:room] if room is None or room > 0]
+
+
+def brief_error(text, width):
+    """An error in at most `width` characters, keeping its reason: the boilerplate the state and
+    tries columns already say goes first, then the middle (the start names the source and code,
+    the end most often the reason)."""
+    text = " ".join((text or "").split())
+    for noise in BOILERPLATE:
+        text = noise.sub("", text)
+    if len(text) <= width:
+        return text
+    if width < 8:
+        return text[:max(0, width - 1)] + "…"
+    head, sep, _ = text.partition(": ")
+    head = head + ": " if sep and len(head) < width // 2 else text[:width // 3]
+    tail = text[len(text) - (width - len(head) - 1):]
+    if " " in tail[:-1] and text[len(text) - len(tail) - 1] != " ":
+        tail = tail[tail.index(" ") + 1:]  # from a word's start, the head taking what is freed
+    return text[:width - 1 - len(tail)] + "…" + tail
+
+
+BOILERPLATE = tuple(re.compile(p) for p in (
+    r" ?\(after \d+ attempts?\)", r"Unable to (?:create|fetch|update|delete) record: ", r"; check, then retry$",
+    r" \(next run tries again\)"))
+
+
+def _columns(rows, width):
+    """The batch columns for these rows: the phone as wide as the widest shown, and our number
+    (its last digits) when the rows hold several of ours. Returns (columns, labels for ours)."""
+    phone = min(16, max([5] + [len(row["phone"]) for row in rows]))
+    columns = [("batch", 10, False), ("phone", phone, False)]
+    ours = _our_labels({row["our_number"] for row in rows})
+    if len(ours) > 1:
+        columns.append(("to", max(len(v) for v in ours.values()), False))
+    return columns + [("texts", 5, True), ("state", 10, False), ("age", 5, True), ("tries", 5, True)], ours
+
+
+def _our_labels(numbers):
+    """Our numbers by their shortest distinct last digits (at least 4), as people name lines: …4567."""
+    for size in range(4, 17):
+        labels = {n: "…" + n[-size:] if len(n) > size else n for n in numbers}
+        if len(set(labels.values())) == len(labels):
+            return labels
+    return {n: n for n in numbers}
+
+
+def _batch_line(row, columns, ours, width):
+    cells = {"batch": row["id"], "phone": row["phone"], "to": ours.get(row["our_number"], ""),
+             "texts": row["message_count"], "state": row["state"], "age": age(row["age_seconds"]),
+             "tries": row["attempts"]}
     line = Text()
-    for (name, size, right), value in zip(COLUMNS, cells):
+    for name, size, right in columns:
+        value = cells[name]
         line += _padded(value, size, right, STATE_STYLE.get(value, "") if name == "state" else "") + " "
-    line += plain(" ".join((row["last_error"] or "").split()), "red")
+    line += plain(brief_error(row["last_error"], max(0, width - line.cell_len)), "red")
     return _fit(line, width)
 
 
+MIN_ROWS = 3  # batches shown however tall the header: the header gives up detail lines first
+
+
 def status_view(info, width=80, height=None):
-    """`status` as lines that fit `width` (and `height`, if given): counts first."""
-    lines = _header(info, width) + [Text("")]
-    head = Text(" ".join(_padded(n, w, r).plain for n, w, r in COLUMNS) + " error", style="bold")
-    lines.append(_fit(head, width))
+    """`status` as lines that fit `width` (and `height`, if given, with a line to spare for the
+    shell's prompt): the header always, then as many of the latest batches as fit."""
+    header = _header(info, width)
+    room = None if height is None else height - 1 - len(header) - 2 - min(MIN_ROWS, len(info["latest"]))
+    lines = header + _details(info, width, room) + [Text("")]
     rows = info["latest"]
     if height is not None:
-        rows = rows[:max(0, height - len(lines) - 1)]
-    lines += [_batch_line(row, width) for row in rows]
+        rows = rows[:max(0, height - 1 - len(lines) - 1)]
+    columns, ours = _columns(rows, width)
+    head = Text(" ".join(_padded(n, w, r).plain for n, w, r in columns) + " error", style="bold")
+    lines.append(_fit(head, width))
+    lines += [_batch_line(row, columns, ours, width) for row in rows]
     return Group(*lines)
 
 
-def status(info):
-    """`smsbatch status`, sized to the terminal."""
+def status(info, fit=True):
+    """`smsbatch status`, sized to the terminal: with `fit`, as many batches as its height allows."""
     out = console()
-    out.print(status_view(info, out.width))
+    out.print(status_view(info, out.width, out.height if fit else None))
 
 
 def watch(fetch, interval):
@@ -136,7 +213,7 @@ def watch(fetch, interval):
     with Live(console=out, screen=True, auto_refresh=False, redirect_stderr=False) as live:
         try:
             while True:
-                live.update(status_view(fetch(), out.width, out.height), refresh=True)
+                live.update(status_view(fetch(), out.width, out.height + 1), refresh=True)
                 time.sleep(interval)
         except KeyboardInterrupt:
             pass
