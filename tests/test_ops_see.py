@@ -172,7 +172,8 @@ def test_stats_latency_cells_fit_their_columns(store, settings, clock, db_path):
         ["106s", "106s"], ["4.3s", "4.3s"], ["16m", "16m"]]
 
 
-@pytest.mark.parametrize("since, said", [("a week", "bad duration"), ("500d", "at most 400d"), ("0d", "more than 0")])
+@pytest.mark.parametrize("since, said", [("a week", "use a duration before now"), ("500d", "at most 400d"),
+                                         ("0d", "more than 0")])
 def test_stats_refuses_a_bad_duration_in_one_line(db_path, since, said):
     result = invoke(["stats", "--since", since], env_for(db_path))
     assert result.exit_code == 2 and said in result.output and "Traceback" not in result.output
