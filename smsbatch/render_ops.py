@@ -114,7 +114,7 @@ def _details(info, width, room):
     for row in info.get("in_flight", ()):
         renewed = "never" if row["renewed_seconds_ago"] is None else f"{row['renewed_seconds_ago']:g}s ago"
         flights.append(Text(f"in flight {row['id']} {row['state']}: held by ") + plain(row["holder"] or "?")
-                       + Text(f", renewed {renewed}, lease {row['lease_left_seconds']:g}s left"))
+                       + Text(f", renewed {renewed}, {row['lease_left_seconds']:g}s left"))
     problems = [Text(f"{row['status']}: batch {row['batch_id'] or '(by hand)'} to ", style="yellow")
                 + plain(row["phone"]) + Text(f": {row['error'].split(': ', 1)[-1]}", style="yellow")
                 for row in info.get("delivery_problems", ())[:2]]
@@ -137,12 +137,14 @@ def brief_error(text, width):
         return text
     if width < 8:
         return text[:max(0, width - 1)] + "…"
-    head, sep, _ = text.partition(": ")
-    head = head + ": " if sep and len(head) < width // 2 else text[:width // 3]
+    label, sep, _ = text.partition(": ")
+    head = label + ": " if sep and len(label) <= width // 2 else text[:width // 3]
     tail = text[len(text) - (width - len(head) - 1):]
     if " " in tail[:-1] and text[len(text) - len(tail) - 1] != " ":
-        tail = tail[tail.index(" ") + 1:]  # from a word's start, the head taking what is freed
-    return text[:width - 1 - len(tail)] + "…" + tail
+        tail = tail[tail.index(" ") + 1:]  # from a word's start
+    if head.endswith(": "):
+        return head + "…" + tail
+    return text[:width - 1 - len(tail)] + "…" + tail  # no label: the start takes what the word freed
 
 
 BOILERPLATE = tuple(re.compile(p) for p in (

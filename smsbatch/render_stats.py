@@ -51,8 +51,9 @@ def _stats_lines(t):
         f"latency, last text to reply: p50 {_seconds(t['latency_p50'])}, p95 {_seconds(t['latency_p95'])}",
     ]
     if t["uncounted_batches"]:
-        lines.append(f"note: {t['uncounted_batches']:,} batches answered before AI calls were counted "
-                     "(schema 7) are left out")
+        n = t["uncounted_batches"]
+        lines.append(f"note: {n:,} {'batch' if n == 1 else 'batches'} answered before AI calls were counted "
+                     f"(schema 7) {'is' if n == 1 else 'are'} left out")
     return lines
 
 
