@@ -59,6 +59,9 @@ def _agent(info):
     return Text("agent on", style="green")
 
 
+SETTINGS_HERE = " (this shell's settings)"
+
+
 def _ago(epoch, now):
     return "never" if epoch is None else f"{age(now - epoch)} ago"
 
@@ -69,7 +72,10 @@ def _header(info, width):
     finished = [s for s in counts if s not in PENDING]
     retry = info["next_retry"]
     nxt = "none" if retry is None else f"in {age(retry['due_at'] - now)} ({retry['batch_id']})"
-    lines = [Text(f"smsbatch {iso_time(now)}  ") + _agent(info),
+    top = Text(f"smsbatch {iso_time(now)}  ") + _agent(info)
+    if top.cell_len + len(SETTINGS_HERE) <= width:  # the mode is this shell's settings, not a running process's
+        top += Text(SETTINGS_HERE, style="dim")
+    lines = [top,
              *_counts_lines(f"pending {info['pending']}: ", counts, PENDING, width),
              *_counts_lines("", counts, finished, width),
              Text(f"oldest pending {age(info['oldest_pending_age_seconds'])} · texts last hour "

@@ -303,3 +303,18 @@ def test_a_small_prune_leaves_the_file_and_says_how_to_shrink_it(db_path, store)
     assert "free for new texts; `smsbatch prune --vacuum` gives it back to the disk" in result.output
     forced = invoke(["prune", "--older-than", "90d", "--now", repr(T0), "--vacuum"], env_for(db_path))
     assert "MiB back to the disk: the database is now" in forced.output
+
+
+# -- when settings take effect ---------------------------------------------------------
+
+
+def test_status_and_check_say_their_settings_are_this_shells(db_path):
+    """`status` and `check` read the settings of the shell they run in; the processor reads its
+    own at each start and `serve` when started: neither command claims to show theirs."""
+    top = invoke(["status"], env_for(db_path, COLUMNS=80)).output.splitlines()[0]
+    assert top.endswith("agent on (this shell's settings)")
+    paused = invoke(["status"], env_for(db_path, COLUMNS=80, ENABLE_AI_SMS_AGENT="false")).output.splitlines()[0]
+    assert "agent PAUSED (ENABLE_AI_SMS_AGENT off)" in paused and len(paused) <= 80
+    checked = invoke(["check"], env_for(db_path, COLUMNS=200)).output
+    assert checked.splitlines()[0] == ("settings (this shell's environment: `process` reads its own at each start, "
+                                       "`serve` only when started)")
