@@ -223,17 +223,17 @@ def prune(ctx, age, dry_run, vacuum, now, as_json):
     store = open_store(settings_from(ctx))
     cutoff = (time.time() if now is None else now) - age
     gone = store.prune(cutoff, dry_run=dry_run)
-    space = None if dry_run else _reclaim(store, vacuum)
     if as_json:
-        emit_json(gone | {"dry_run": dry_run, "cutoff": cutoff} | ({"space": space} if space else {}))
+        space = {} if dry_run else {"space": _reclaim(store, vacuum)}
+        emit_json(gone | {"dry_run": dry_run, "cutoff": cutoff} | space)
         return
     verb = "would delete" if dry_run else "deleted"
     click.echo(f"{verb} {count(gone['batches'], 'batch', 'batches')}, {count(gone['texts'], 'text')}, "
                f"{count(gone['events'], 'history entry', 'history entries')}, "
                f"{count(gone['replies'], 'AI reply', 'AI replies')} and "
                f"{count(gone['manual_replies'], 'reply', 'replies')} sent by hand, older than {iso_time(cutoff)}")
-    if space is not None:
-        click.echo(_space_line(space))
+    if not dry_run:  # said after the deletion line: a VACUUM that fails (disk, lock) leaves the deletion done
+        click.echo(_space_line(_reclaim(store, vacuum)))
 
 
 def _reclaim(store, vacuum):

@@ -121,8 +121,9 @@ def _details(info, width, room):
         renewed = "never" if row["renewed_seconds_ago"] is None else f"{row['renewed_seconds_ago']:g}s ago"
         flights.append(Text(f"in flight {row['id']} {row['state']}: held by ") + plain(row["holder"] or "?")
                        + Text(f", renewed {renewed}, {row['lease_left_seconds']:g}s left"))
-    problems = [Text(f"{row['status']}: batch {row['batch_id'] or '(by hand)'} to ", style="yellow")
-                + plain(row["phone"]) + Text(f": {row['error'].split(': ', 1)[-1]}", style="yellow")
+    # status and error come from Twilio's receipts: plain text, never obeyed
+    problems = [plain(f"{row['status']}: batch {row['batch_id'] or '(by hand)'} to ", "yellow")
+                + plain(row["phone"]) + plain(f": {row['error'].split(': ', 1)[-1]}", "yellow")
                 for row in info.get("delivery_problems", ())[:2]]
     lines = flights + problems
     if room is not None and len(lines) > room:
