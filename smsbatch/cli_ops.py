@@ -182,6 +182,7 @@ def deliveries(ctx, since, until, statuses, now, as_json):
     """List the replies that were not delivered (by default: undelivered or failed) sent in a
     period, newest first: when, the batch, the reply's SID, to whom and from which of our
     numbers, and the error in words."""
+    from smsbatch.db_report import NO_RECEIPT
     from smsbatch.render import clean
 
     now = time.time() if now is None else now
@@ -192,13 +193,13 @@ def deliveries(ctx, since, until, statuses, now, as_json):
     if as_json:
         emit_json({"since": since, "until": until, "statuses": list(statuses), "replies": rows})
         return
-    which = " or ".join(s.replace("_", " ") for s in statuses)
-    click.echo(f"{count(len(rows), 'reply', 'replies')} {which}, sent {iso_time(since)} to {iso_time(until)}"
+    which = " or ".join("no receipt yet" if s == NO_RECEIPT else s for s in statuses)
+    click.echo(f"{count(len(rows), 'reply', 'replies')} ({which}) sent {iso_time(since)} to {iso_time(until)}"
                + (":" if rows else ""))
     for row in rows:
         batch = row["batch_id"] or "(by hand)"
         click.echo(clean(f"  {iso_time(row['sent_at'])}  batch {batch}  {row['sid']}  to {row['phone']} "
-                         f"from {row['our_number']}  {row['error'].replace('_', ' ')}"))
+                         f"from {row['our_number']}  {row['error']}"))
 
 
 VACUUM_SHARE = 0.25  # prune rewrites the file when at least this share of it is free after deleting

@@ -38,7 +38,8 @@ class OperatorReports:
             "SELECT sid, batch_id, phone, our_number, status, error_code, sent_at, status_at FROM outbound"
             f" WHERE {' AND '.join(where)} ORDER BY coalesce(status_at, sent_at) DESC, sid"
             + (" LIMIT ?" if limit else ""), (*args, *([limit] if limit else []))).fetchall()
-        return [dict(r) | {"error": delivery.explain(r["status"] or NO_RECEIPT, r["error_code"])} for r in rows]
+        return [dict(r) | {"error": delivery.explain(r["status"], r["error_code"]) if r["status"] else "no receipt yet"}
+                for r in rows]
 
     def record_delivery(self, sid, status, error_code, at):
         """Record Twilio's latest MessageStatus (and ErrorCode) of a reply we sent, unless it

@@ -50,6 +50,18 @@ def _counts_lines(label, counts, states, width):
     return lines + [line]
 
 
+def _wrapped(text, width):
+    """A Text as lines of at most `width` cells, broken between words, later lines indented."""
+    lines, line = [], Text("", style=text.style)
+    for word in text.plain.split(" "):
+        sep = " " if line.plain.strip() else ""
+        if line.plain.strip() and line.cell_len + len(sep) + len(word) > width:
+            lines.append(line)
+            line, sep = Text("  ", style=text.style), ""
+        line.append(sep + word)
+    return lines + [line]
+
+
 def _agent(info):
     agent = info["agent"]
     if not agent["enabled"]:
@@ -82,7 +94,8 @@ def _header(info, width):
                   f"{info['messages_last_hour']} · next retry {nxt}"),
              Text(f"last text stored {_ago(info.get('last_text_at'), now)} · last processor run "
                   f"{_ago(info.get('last_run_at'), now)}")]
-    lines += [Text(f"WARNING: {said}", style="bold red") for said in info.get("warnings", ())]
+    for said in info.get("warnings", ()):  # wrapped, never cut: what to check is at the end
+        lines += _wrapped(Text(f"WARNING: {said}", style="bold red"), width)
     for p in info["providers"]:
         if p["failing_since"] is None:
             continue
@@ -338,7 +351,7 @@ def show_phone(convo):
         if quiet.get("fitted"):
             how = "fitted to their pace"
         else:
-            how = "default: too few recent texts to fit their pace" if quiet["adaptive"] else \
+            how = "default: too few recent texts to fit" if quiet["adaptive"] else \
                 "default: SMSBATCH_ADAPTIVE=0"
         out.print(Text(f"quiet period for their next text: {quiet['seconds']:g} s ({how})", style="dim"))
 

@@ -30,9 +30,12 @@ def stats(info):
     out.print(Text(""))
     out.print(Text("  ".join(f"{h:>{w}}" if i else f"{h:<{w}}" for i, (h, _, w) in enumerate(STATS_COLUMNS)),
                    style="bold"))
-    for day in info["days"]:
-        cells = [day["day"]] + [_seconds_cell(day[k]) if k.startswith("latency") else _n(day[k])
-                                for _, k, _ in STATS_COLUMNS[1:]]
+    for run in _runs(info["days"], _quiet_day):
+        if len(run) > 1:  # a run of days with nothing at all: one line
+            out.print(Text(f"{run[0]['day']} to {run[-1]['day'][5:]}: nothing ({len(run)} days)", style="dim"))
+            continue
+        cells = [run[0]["day"]] + [_seconds_cell(run[0][k]) if k.startswith("latency") else _n(run[0][k])
+                                   for _, k, _ in STATS_COLUMNS[1:]]
         out.print(Text("  ".join(f"{c:>{w}}" if i else f"{c:<{w}}"
                                  for i, (c, (_, _, w)) in enumerate(zip(cells, STATS_COLUMNS)))))
     out.print(Text(""))
@@ -62,8 +65,8 @@ def _chart(days, width):
     top = max([d["texts"] for d in days] + [d["ai_requests"] for d in days] + [1])
     room = max(10, width - 24)
     lines = [Text("texts and AI calls per day", style="bold")]
-    for run in _runs(days):
-        if len(run) > 1 or not (run[0]["texts"] or run[0]["ai_requests"]):
+    for run in _runs(days, _empty_day):
+        if len(run) > 1 or _empty_day(run[0]):
             span = run[0]["day"][5:] + ("" if len(run) == 1 else f" to {run[-1]['day'][5:]}")
             lines.append(Text(f"{span}  no texts, no AI calls", style="dim"))
             continue
@@ -76,12 +79,21 @@ def _chart(days, width):
     return Group(*lines)
 
 
-def _runs(days):
-    """Days in order, grouped: each busy day alone, each run of empty days together."""
+def _empty_day(day):
+    """Nothing to chart: no texts, no AI calls."""
+    return not (day["texts"] or day["ai_requests"])
+
+
+def _quiet_day(day):
+    """Nothing for the table: no texts, batches, AI calls or replies."""
+    return not (day["texts"] or day["batches"] or day["ai_requests"] or day["replies"])
+
+
+def _runs(days, empty):
+    """Days in order, grouped: each other day alone, each run of `empty` days together."""
     runs = []
     for day in days:
-        empty = not (day["texts"] or day["ai_requests"])
-        if empty and runs and not (runs[-1][-1]["texts"] or runs[-1][-1]["ai_requests"]):
+        if empty(day) and runs and empty(runs[-1][-1]):
             runs[-1].append(day)
         else:
             runs.append([day])

@@ -116,10 +116,18 @@ def warnings(info, now):
     said = []
     if stalled(info["pending"], info["last_run_at"], now):
         ran = "no processor has ever run" if info["last_run_at"] is None else \
-            f"no processor has run for {round((now - info['last_run_at']) / 60)} min"
-        said.append(f"{ran} while {info['pending']} batch(es) wait: is cron or smsbatch-process.timer "
-                    "running `smsbatch process`?")
+            f"no processor has run for {_how_long(now - info['last_run_at'])}"
+        waiting = "1 batch waits" if info["pending"] == 1 else f"{info['pending']} batches wait"
+        said.append(f"{ran} while {waiting}: is cron or smsbatch-process.timer running `smsbatch process`?")
     return said
+
+
+def _how_long(seconds):
+    """'4 min', '3 h', '5 days': a warning's span, to the unit that reads best."""
+    minutes = int(seconds // 60)
+    if minutes < 120:
+        return f"{minutes} min"
+    return f"{minutes // 60} h" if minutes < 2880 else f"{minutes // 1440} days"
 
 
 def status(store, settings, now, latest):

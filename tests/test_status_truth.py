@@ -44,7 +44,7 @@ def test_status_says_when_the_last_text_came_and_a_processor_ran_and_warns_when_
     assert invoke(ingest, env_for(db_path)).exit_code == 0
     info = status_json(db_path, T0 + 10)
     assert (info["last_text_at"], info["last_run_at"]) == (T0, None)
-    assert info["processor_stalled"] and "no processor has ever run while 1 batch(es) wait" in info["warnings"][0]
+    assert info["processor_stalled"] and "no processor has ever run while 1 batch waits" in info["warnings"][0]
 
     process(db_path, T0 + 30, *OFFLINE)  # answers it: nothing waits
     info = status_json(db_path, T0 + 600)
@@ -57,12 +57,14 @@ def test_status_says_when_the_last_text_came_and_a_processor_ran_and_warns_when_
     assert not status_json(db_path, T0 + 30 + 179)["processor_stalled"]  # within 3 minutes of the run
     late = status_json(db_path, T0 + 30 + 900)
     assert late["processor_stalled"] and late["last_text_at"] == T0 + 700
-    assert late["warnings"] == ["no processor has run for 15 min while 1 batch(es) wait: is cron or "
+    assert late["warnings"] == ["no processor has run for 15 min while 1 batch waits: is cron or "
                                 "smsbatch-process.timer running `smsbatch process`?"]
     human = invoke(["status", "--now", repr(T0 + 930)], env_for(db_path, COLUMNS=80, LINES=24)).output
     lines = human.splitlines()
     assert "last text stored 3m ago · last processor run 15m ago" in human
-    assert any(line.startswith("WARNING: no processor has run for 15 min while 1 batch(es) wait") for line in lines)
+    warning = next(i for i, line in enumerate(lines) if line.startswith("WARNING: no processor has run for 15 min"))
+    assert lines[warning + 1].startswith("  ") and lines[warning + 1].endswith("running `smsbatch process`?")
+    assert all(len(line) <= 80 for line in lines)  # wrapped, not cut
 
 
 @pytest.mark.parametrize("pending, last_run, now, expected", [
@@ -74,6 +76,12 @@ def test_status_says_when_the_last_text_came_and_a_processor_ran_and_warns_when_
 ])
 def test_stalled_is_a_pure_decision_on_pending_batches_and_the_last_run(pending, last_run, now, expected):
     assert report.stalled(pending, last_run, now) is expected
+
+
+def test_a_long_stall_is_said_in_days():
+    info = {"pending": 3, "last_run_at": T0 - 5 * 86400}
+    assert report.warnings(info, T0) == ["no processor has run for 5 days while 3 batches wait: is cron or "
+                                         "smsbatch-process.timer running `smsbatch process`?"]
 
 
 # -- status: 80x24 with its header always on screen --------------------------------
@@ -148,7 +156,7 @@ def test_deliveries_lists_undelivered_and_failed_replies_for_a_period(busy, db_p
     assert {r["error"] for r in replies} >= {"undelivered: 30007 carrier filtered (spam)",
                                              "failed: 30005 unknown number (does not exist)"}
     human = invoke(["deliveries", "--since", "2h", "--now", repr(T0 + 3600)], env_for(db_path)).output.splitlines()
-    assert human[0].startswith("3 replies undelivered or failed, sent ") and len(human) == 4
+    assert human[0].startswith("3 replies (undelivered or failed) sent ") and len(human) == 4
     assert all(re.match(r"  \d{4}-\d\d-\d\dT\S+Z  batch [a-z0-9]{10}  SM\w+  to \+1555444\d{4} from \+1555000", line)
                for line in human[1:]), human
     older = json.loads(invoke(["deliveries", "--since", "60d", "--now", repr(T0 + 3600), "--json"],
@@ -156,7 +164,7 @@ def test_deliveries_lists_undelivered_and_failed_replies_for_a_period(busy, db_p
     assert len(older) == 4 and older[-1]["batch_id"] is None  # the one sent by hand, 30 days ago
     waiting = json.loads(invoke(["deliveries", "--since", "2h", "--status", "no_receipt", "--now", repr(T0 + 3600),
                                  "--json"], env_for(db_path)).output)["replies"]
-    assert len(waiting) == 8 and {r["error"] for r in waiting} == {"no_receipt"}
+    assert len(waiting) == 8 and {r["error"] for r in waiting} == {"no receipt yet"}
 
 
 @pytest.mark.parametrize("args, said", [(["--status", "lost"], "'lost': choose from"),
@@ -219,6 +227,9 @@ def test_stats_chart_spends_one_line_on_a_run_of_empty_days(db_path, store):
     empty = [line for line in chart if "no texts, no AI calls" in line]
     assert len(empty) == 2 and len(chart) == 2 + 2 * 2, chart  # before and between; two lines a busy day
     assert empty[1] == "01-16 to 02-03  no texts, no AI calls", empty
+    table = result.output.split("\n\n")[1].splitlines()
+    assert len(table) == 1 + 4, table  # the header, two busy days, two runs of empty days
+    assert table[1] == "2027-01-05 to 01-14: nothing (10 days)" and table[3] == "2027-01-16 to 02-03: nothing (19 days)"
 
 
 def test_show_phone_says_fitted_only_when_the_quiet_period_was_fitted(db_path, store):
@@ -226,7 +237,7 @@ def test_show_phone_says_fitted_only_when_the_quiet_period_was_fitted(db_path, s
     add(store, A, "hi", T0)
     new = invoke(["show", A, "--now", repr(T0 + 5)], env)
     assert "fitted to their pace" not in new.output
-    assert "(default: too few recent texts to fit their pace)" in new.output
+    assert "(default: too few recent texts to fit)" in new.output
     for n in range(1, 8):  # a quick typer: 3 s between texts
         add(store, A, f"part {n}", T0 + 3 * n)
     known = json.loads(invoke(["show", A, "--json", "--now", repr(T0 + 25)], env).output)["quiet_period"]
