@@ -329,3 +329,17 @@ def test_status_and_check_say_their_settings_are_this_shells(db_path):
     checked = invoke(["check"], env_for(db_path, COLUMNS=200)).output
     assert checked.splitlines()[0] == ("settings (this shell's environment: `process` reads its own at each start, "
                                        "`serve` only when started)")
+
+
+@pytest.mark.parametrize("error, width, shown", [
+    ("AI returned HTTP 503: Service Unavailable (after 5 attempts)", 41, "AI returned HTTP 503: Service Unavailable"),
+    ("send outcome unknown: Twilio call timed out (ReadTimeout); outcome unknown; check, then retry", 40,
+     "send outcome unknown: …outcome unknown"),
+    ("Twilio error 21610: Unable to create record: Attempt to send to unsubscribed recipient", 45,
+     "Twilio error 21610: …unsubscribed recipient"),
+    ("gave up after 5 attempts", 27, "gave up after 5 attempts"),
+])
+def test_a_long_error_loses_its_boilerplate_and_middle_not_its_reason(error, width, shown):
+    from smsbatch.render_ops import brief_error
+
+    assert brief_error(error, width) == shown and len(shown) <= width
