@@ -85,6 +85,13 @@ def gaps_between(times):
     return [b - a for a, b in zip(ordered, ordered[1:])]
 
 
+def fitted(gaps, rules):
+    """Is the quiet period fitted to these gaps (quiet_for)? Only when adaptive and at least
+    `adaptive_min_gaps` of them are typing, not pauses; else it is the fixed quiet period."""
+    typing = [g for g in gaps if g < rules.adaptive_pause_seconds]
+    return rules.adaptive and len(typing) >= max(rules.adaptive_min_gaps, 1)
+
+
 def quiet_for(gaps, rules):
     """The quiet period after a person's latest text, fitted to their pace: `gaps` are the
     seconds between their latest texts, oldest first, the last one ending at that text.
@@ -98,9 +105,9 @@ def quiet_for(gaps, rules):
     stands for, counted as PRIOR_GAPS gaps, so a few gaps move it only part of the way.
     The result is kept within adaptive_min_seconds..adaptive_max_seconds.
     """
-    typing = [g for g in gaps if g < rules.adaptive_pause_seconds]
-    if not rules.adaptive or len(typing) < max(rules.adaptive_min_gaps, 1):
+    if not fitted(gaps, rules):
         return rules.quiet_seconds
+    typing = [g for g in gaps if g < rules.adaptive_pause_seconds]
     prior = max(rules.quiet_seconds - TYPING_FLOOR, 0.0) / TAIL
     past_floor = (sum(typing) - len(typing) * TYPING_FLOOR + PRIOR_GAPS * prior) / (len(typing) + PRIOR_GAPS)
     quiet = TYPING_FLOOR + TAIL * past_floor

@@ -14,9 +14,8 @@ import time
 import click
 
 from smsbatch import cli_ops, cli_traces
-from smsbatch.cli_common import (DURATION, EXIT_SOME_FAILED, PHONE, SID, TEXT, TIME, Finite, Group, emit_json,
+from smsbatch.cli_common import (EXIT_SOME_FAILED, PHONE, SID, TEXT, TIME, WHEN, Finite, Group, emit_json,
                                  open_store, read_text_file, settings_from)
-from smsbatch.errors import SmsbatchError
 
 @click.group(cls=Group)
 @click.option("--db", envvar="SMSBATCH_DB", default="smsbatch.db", show_default=True,
@@ -204,10 +203,14 @@ def summary_line(report):
     return ", ".join(parts + [f"{name} {n}" for name, n in extra] + cost)
 
 
+STATUS_ROWS, JSON_ROWS = 100, 15  # plain `status` shows as many of its 100 rows as fit the terminal
+
+
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @click.option("--now", type=TIME, help="Measure ages from this time.")
-@click.option("--latest", type=click.IntRange(1, 1000), default=15, show_default=True, help="How many recent batches.")
+@click.option("--latest", type=click.IntRange(1, 1000),
+              help="How many recent batches (default: as many as fit the terminal; 15 with --json).")
 @click.option("--watch", is_flag=True, help="Redraw every --interval seconds until Ctrl-C.")
 @click.option("--interval", type=click.FloatRange(0.1, 3600), default=2.0, show_default=True,
               help="Seconds between redraws with --watch.")
@@ -226,7 +229,8 @@ def status(ctx, as_json, now, latest, watch, interval):
     store = open_store(settings)
 
     def fetch():
-        return report.status(store, settings, time.time() if now is None else now, latest)
+        return report.status(store, settings, time.time() if now is None else now,
+                             latest or (JSON_ROWS if as_json else STATUS_ROWS))
 
     if as_json:
         emit_json(fetch())
@@ -237,7 +241,7 @@ def status(ctx, as_json, now, latest, watch, interval):
     else:
         from smsbatch import render
 
-        render.status(fetch())
+        render.status(fetch(), fit=latest is None)
 
 
 @cli.command()
@@ -275,7 +279,8 @@ def show(ctx, target, prompt, limit, now, as_json):
 
 
 @cli.command()
-@click.option("--since", type=DURATION, default="7d", show_default=True, help="How far back: 7d, 24h, 90m.")
+@click.option("--since", type=WHEN, default="7d", show_default=True,
+              help="From then: a duration before --now (7d, 24h, 90m, 2w) or a time (epoch or ISO-8601).")
 @click.option("--now", type=TIME, help="Count up to this time (default now).")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @click.pass_context
@@ -286,18 +291,19 @@ def stats(ctx, since, now, as_json):
     calls per day."""
     from smsbatch import report
 
-    if not 0 < since <= report.MAX_STATS_DAYS * 86400:
-        raise click.BadParameter(f"more than 0 and at most {report.MAX_STATS_DAYS}d (one row a day)",
-                                 param_hint="--since")
-    settings = settings_from(ctx)
     until = time.time() if now is None else now
-    info = report.stats(open_store(settings), max(0.0, until - since), until, settings.ai_prices)
+    since = since.resolve(until)
+    if not 0 < until - since <= report.MAX_STATS_DAYS * 86400:
+        raise click.BadParameter(f"a span more than 0 and at most {report.MAX_STATS_DAYS}d before --now "
+                                 "(one row a day)", param_hint="--since")
+    settings = settings_from(ctx)
+    info = report.stats(open_store(settings), since, until, settings.ai_prices)
     if as_json:
         emit_json(info)
     else:
-        from smsbatch import render_ops
+        from smsbatch import render_stats
 
-        render_ops.stats(info)
+        render_stats.stats(info)
 
 
 @cli.command()
@@ -305,7 +311,8 @@ def stats(ctx, since, now, as_json):
 @click.option("--failed", is_flag=True, help="Every batch that ended failed since --since.")
 @click.option("--unknown", is_flag=True,
               help="Every batch whose send outcome is unknown, since --since (check in Twilio first that it did not go out).")
-@click.option("--since", help="With --failed/--unknown: batches that ended since then: 2h, 7d, or a time.")
+@click.option("--since", type=WHEN,
+              help="With --failed/--unknown: batches that ended since then: 2h, 7d, or a time (epoch or ISO-8601).")
 @click.option("--dry-run", is_flag=True, help="List what would be requeued; change nothing.")
 @click.option("--fresh", is_flag=True, help="Ask the AI again even when only the send of its stored reply failed.")
 @click.option("--now", type=TIME, help="Requeue as of this time.")
@@ -315,7 +322,7 @@ def retry(ctx, batch_ids, failed, unknown, since, dry_run, fresh, now, as_json):
     """Requeue failed, skipped, expired or unknown batches: by id (several at once), or every
     --failed / --unknown batch since a time. A batch whose AI reply was stored and only its
     send failed is sent that reply again, with no new AI call, unless --fresh."""
-    from smsbatch import inputs, ops
+    from smsbatch import ops
 
     now = time.time() if now is None else now
     states = [name for name, wanted in (("failed", failed), ("unknown", unknown)) if wanted]
@@ -328,10 +335,7 @@ def retry(ctx, batch_ids, failed, unknown, since, dry_run, fresh, now, as_json):
                                "answered months late by accident")
     if since is not None and not states:
         raise click.UsageError("--since goes with --failed/--unknown")
-    try:
-        since_at = None if since is None else inputs.parse_since(since, now)
-    except SmsbatchError as exc:
-        raise click.BadParameter(str(exc), param_hint="--since") from None
+    since_at = None if since is None else since.resolve(now)
     from smsbatch.render import clean
 
     store = open_store(settings_from(ctx))
@@ -410,5 +414,5 @@ def demo(as_json, keep):
 
 
 for _command in (cli_ops.check, cli_ops.backup, cli_ops.hold, cli_ops.release, cli_ops.send, cli_ops.prune,
-                 cli_ops.backfill, cli_traces.export, cli_traces.simulate):
+                 cli_ops.backfill, cli_ops.deliveries, cli_traces.export, cli_traces.simulate):
     cli.add_command(_command)

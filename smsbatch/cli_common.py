@@ -100,3 +100,36 @@ def emit_json(data):
 
 
 DURATION = InputParam("DURATION", "parse_duration")  # 7d, 24h, 90m
+
+
+class Moment:
+    """A moment as given on the command line: a duration before now (`ago` seconds) or a time
+    (`at`, epoch seconds). `resolve(now)` gives epoch seconds, never before 1970."""
+
+    def __init__(self, ago=None, at=None):
+        self.ago, self.at = ago, at
+
+    def resolve(self, now):
+        return self.at if self.ago is None else max(0.0, now - self.ago)
+
+
+class MomentParam(click.ParamType):
+    """A time option that takes a duration before now (2h, 7d, 90m, 2w) or a time (epoch seconds
+    or ISO-8601): one type for every --since/--until, resolved against --now by the command."""
+
+    name = "DURATION|TIME"
+
+    def convert(self, value, param, ctx):
+        from smsbatch import inputs
+
+        if isinstance(value, Moment):
+            return value
+        try:
+            if inputs.DURATION.match(str(value).strip().lower()):
+                return Moment(ago=inputs.parse_duration(value))
+            return Moment(at=inputs.parse_since(value, 0.0))
+        except SmsbatchError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+WHEN = MomentParam()

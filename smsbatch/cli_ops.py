@@ -4,13 +4,14 @@ import time
 
 import click
 
-from smsbatch.cli_common import PHONE, TEXT, TIME, InputParam, emit_json, open_store, settings_from
+from smsbatch.cli_common import PHONE, TEXT, TIME, WHEN, InputParam, emit_json, open_store, settings_from
 from smsbatch.inputs import iso_time
 
 
 @click.command()
-@click.option("--since", type=TIME, required=True, help="From this time (epoch seconds or ISO-8601).")
-@click.option("--until", type=TIME, help="Up to this time (default now).")
+@click.option("--since", type=WHEN, required=True,
+              help="From then: a duration before --now (2h, 7d) or a time (epoch seconds or ISO-8601).")
+@click.option("--until", type=WHEN, help="Up to then, given the same way (default now).")
 @click.option("--dry-run", is_flag=True, help="Only list the texts we do not have; store nothing.")
 @click.option("--now", type=TIME, help="Act as if it were this time (what counts as too old to answer).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -29,7 +30,7 @@ def backfill(ctx, since, until, dry_run, now, as_json):
     if missing:
         raise click.ClickException("missing " + ", ".join(missing))
     now = time.time() if now is None else now
-    until = now if until is None else until
+    since, until = since.resolve(now), now if until is None else until.resolve(now)
     if until < since:
         raise click.BadParameter("must not be before --since", param_hint="--until")
     store = open_store(settings)
@@ -199,28 +200,111 @@ def send(ctx, phone, text, our_number, now):
     click.echo(f"billed as {n} SMS segment{'s' * (n != 1)}, {sent['encoding']}")
 
 
+class DeliveryStatuses(click.ParamType):
+    """A comma-separated list of delivery statuses (Twilio's MessageStatus, or no_receipt)."""
+
+    name = "STATUS[,STATUS...]"
+
+    def convert(self, value, param, ctx):
+        from smsbatch import delivery
+        from smsbatch.db_report import NO_RECEIPT
+
+        if isinstance(value, tuple):
+            return value
+        known = sorted(delivery.RANK) + [NO_RECEIPT]
+        wanted = tuple(dict.fromkeys(part.strip().lower() for part in str(value).split(",") if part.strip()))
+        bad = [w for w in wanted if w not in known]
+        if bad or not wanted:
+            self.fail(f"{', '.join(map(repr, bad)) or 'nothing'}: choose from {', '.join(known)}", param, ctx)
+        return wanted
+
+
+@click.command()
+@click.option("--since", type=WHEN, default="7d", show_default=True,
+              help="Replies sent since then: a duration before --now (2h, 7d, 2w) or a time (epoch or ISO-8601).")
+@click.option("--until", type=WHEN, help="...and before then, given the same way (default now).")
+@click.option("--status", "statuses", type=DeliveryStatuses(), default="undelivered,failed", show_default=True,
+              help="Which delivery statuses to list, comma-separated (no_receipt: none reported yet).")
+@click.option("--now", type=TIME, help="Measure durations from this time.")
+@click.option("--json", "as_json", is_flag=True, help="Print the replies as JSON.")
+@click.pass_context
+def deliveries(ctx, since, until, statuses, now, as_json):
+    """List the replies that were not delivered (by default: undelivered or failed) sent in a
+    period, newest first: when, the batch, the reply's SID, to whom and from which of our
+    numbers, and the error in words."""
+    from smsbatch.db_report import NO_RECEIPT
+    from smsbatch.render import clean
+
+    now = time.time() if now is None else now
+    since, until = since.resolve(now), now if until is None else until.resolve(now)
+    if until < since:
+        raise click.BadParameter("must not be before --since", param_hint="--until")
+    rows = open_store(settings_from(ctx)).delivery_problems(since, until, statuses)
+    if as_json:
+        emit_json({"since": since, "until": until, "statuses": list(statuses), "replies": rows})
+        return
+    which = " or ".join("no receipt yet" if s == NO_RECEIPT else s for s in statuses)
+    click.echo(f"{count(len(rows), 'reply', 'replies')} ({which}) sent {iso_time(since)} to {iso_time(until)}"
+               + (":" if rows else ""))
+    for row in rows:
+        batch = row["batch_id"] or "(by hand)"
+        click.echo(clean(f"  {iso_time(row['sent_at'])}  batch {batch}  {row['sid']}  to {row['phone']} "
+                         f"from {row['our_number']}  {row['error']}"))
+
+
+VACUUM_SHARE = 0.25  # prune rewrites the file when at least this share of it is free after deleting
+
+
 @click.command()
 @click.option("--older-than", "age", type=InputParam("DURATION", "parse_duration"), required=True,
               help="Delete what is older than this: 90d, 12w, 36h.")
 @click.option("--dry-run", is_flag=True, help="Count what would be deleted; delete nothing.")
+@click.option("--vacuum/--no-vacuum", default=None,
+              help="After deleting, give the freed space back to the disk (rewrites the database: needs free disk "
+                   "of its size and makes incoming texts wait meanwhile). Default: when a quarter of the file or "
+                   "more is free.")
 @click.option("--now", type=TIME, help="Measure ages from this time.")
 @click.option("--json", "as_json", is_flag=True, help="Print the counts as JSON.")
 @click.pass_context
-def prune(ctx, age, dry_run, now, as_json):
+def prune(ctx, age, dry_run, vacuum, now, as_json):
     """Delete old, finished conversation history: batches whose texts and outcome are all older
     than --older-than, with their texts, state history and replies, and replies sent by hand
-    before then. Never a pending batch, nor anything of a person on hold or opted out."""
+    before then. Never a pending batch, nor anything of a person on hold or opted out. Then,
+    after a large prune, give the space back to the disk (see --vacuum)."""
     store = open_store(settings_from(ctx))
     cutoff = (time.time() if now is None else now) - age
     gone = store.prune(cutoff, dry_run=dry_run)
     if as_json:
-        emit_json(gone | {"dry_run": dry_run, "cutoff": cutoff})
+        space = {} if dry_run else {"space": _reclaim(store, vacuum)}
+        emit_json(gone | {"dry_run": dry_run, "cutoff": cutoff} | space)
         return
     verb = "would delete" if dry_run else "deleted"
     click.echo(f"{verb} {count(gone['batches'], 'batch', 'batches')}, {count(gone['texts'], 'text')}, "
                f"{count(gone['events'], 'history entry', 'history entries')}, "
                f"{count(gone['replies'], 'AI reply', 'AI replies')} and "
                f"{count(gone['manual_replies'], 'reply', 'replies')} sent by hand, older than {iso_time(cutoff)}")
+    if not dry_run:  # said after the deletion line: a VACUUM that fails (disk, lock) leaves the deletion done
+        click.echo(_space_line(_reclaim(store, vacuum)))
+
+
+def _reclaim(store, vacuum):
+    """The database's size before and after; rewritten (store.reclaim_space) when asked, or by
+    default when at least VACUUM_SHARE of it is free."""
+    before = store.space()
+    if vacuum is None:
+        vacuum = before["bytes"] > 0 and before["free_bytes"] >= VACUUM_SHARE * before["bytes"]
+    after = store.reclaim_space() if vacuum else before
+    return {"vacuumed": vacuum, "bytes_before": before["bytes"], "bytes_after": after["bytes"],
+            "free_bytes": after["free_bytes"]}
+
+
+def _space_line(space):
+    mib = 1024 * 1024
+    if space["vacuumed"]:
+        return (f"gave {(space['bytes_before'] - space['bytes_after']) / mib:.1f} MiB back to the disk: the database "
+                f"is now {space['bytes_after'] / mib:.1f} MiB")
+    return (f"{space['free_bytes'] / mib:.1f} MiB of the {space['bytes_after'] / mib:.1f} MiB database is free for "
+            "new texts; `smsbatch prune --vacuum` gives it back to the disk")
 
 
 def count(n, one, many=None):

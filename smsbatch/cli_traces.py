@@ -2,7 +2,9 @@
 
 import click
 
-from smsbatch.cli_common import TEXT, TIME, Finite, emit_json, open_store, settings_from
+import time
+
+from smsbatch.cli_common import TEXT, TIME, WHEN, Finite, emit_json, open_store, settings_from
 from smsbatch.errors import SmsbatchError
 
 
@@ -25,7 +27,8 @@ class SweepParam(click.ParamType):
 @click.command()
 @click.option("--jsonl", is_flag=True, default=True,
               help="JSON Lines, one text a line: from, to, body, sid, at (the only format, and the default).")
-@click.option("--since", type=TIME, help="Only texts received at or after this time.")
+@click.option("--since", type=WHEN,
+              help="Only texts received since then: a duration before now (2h, 7d) or a time (epoch or ISO-8601).")
 @click.option("--anonymize", is_flag=True,
               help="Pseudonyms for numbers and sids, same-length placeholders for bodies (STOP etc. kept).")
 @click.option("--key", type=TEXT,
@@ -63,7 +66,7 @@ def export(ctx, jsonl, since, anonymize, key, key_file, output):
 
     key = key if key is not None else settings.anon_key or None  # none: a random key, new each run
     anonymizer = Anonymizer(key, settings.urgent_keywords) if anonymize else None
-    lines = export_lines(store.messages_since(0 if since is None else since), anonymizer)
+    lines = export_lines(store.messages_since(0 if since is None else since.resolve(time.time())), anonymizer)
     try:
         count = write_lines(output, lines, database=settings.db_path)
     except OSError as exc:

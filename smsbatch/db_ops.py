@@ -123,6 +123,29 @@ class OperatorActions:
         finally:
             target.close()
 
+    def space(self):
+        """How big the database is and how much of it is free (pages a prune emptied, which
+        new rows reuse but the file keeps): {"bytes", "free_bytes"}."""
+        size = self.conn.execute("PRAGMA page_size").fetchone()[0]
+        pages = self.conn.execute("PRAGMA page_count").fetchone()[0]
+        free = self.conn.execute("PRAGMA freelist_count").fetchone()[0]
+        return {"bytes": pages * size, "free_bytes": free * size}
+
+    def reclaim_space(self):
+        """Give the free pages back to the file system: SQLite's VACUUM rewrites the database
+        into a new file without them, then a checkpoint empties the WAL into it and truncates
+        both. It needs free disk of about the database's size while it runs, and holds the
+        write lock for its duration (incoming texts wait, up to the busy timeout). Incremental
+        vacuum would not: but it needs auto_vacuum set before the tables were made (or one
+        VACUUM first) and leaves the file fragmented. Returns space() after.
+
+        Raises:
+            sqlite3.OperationalError: not enough disk, or the lock not had within the busy timeout.
+        """
+        self.conn.execute("VACUUM")
+        self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        return self.space()
+
     def retry_refusal(self, batch_id):
         """Why `retry` would refuse this batch, or None if it can be requeued.
 

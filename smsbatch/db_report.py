@@ -5,6 +5,7 @@ import json
 from smsbatch import delivery
 from smsbatch.states import PENDING, placeholders
 
+NO_RECEIPT = "no_receipt"  # a reply Twilio has sent no status for yet
 REJECTIONS_KEPT_SECONDS = 86400  # rejection counts older than a day are dropped as new ones arrive
 
 
@@ -15,17 +16,30 @@ class OperatorReports:
 
     def _delivery(self, latest=5):
         """Replies by latest MessageStatus, and the latest undelivered or failed ones."""
-        # No receipt yet: Twilio answered the send itself with queued (accepted, with a
-        # messaging service); counted as queued until a receipt or a check says more.
-        counts = dict(self.conn.execute(
-            "SELECT coalesce(status, 'queued'), count(*) FROM outbound GROUP BY 1 ORDER BY 1").fetchall())
-        problems = self.conn.execute(
-            f"SELECT sid, batch_id, phone, status, error_code, status_at FROM outbound"
-            f" WHERE status IN ({placeholders(delivery.PROBLEMS)}) ORDER BY status_at DESC LIMIT ?",
-            (*delivery.PROBLEMS, latest)).fetchall()
-        return {"delivery": counts,
-                "delivery_problems": [dict(r) | {"error": delivery.explain(r["status"], r["error_code"])}
-                                      for r in problems]}
+        # A reply with no status has had no receipt yet (Twilio's answer to the send itself is
+        # not a receipt): counted as such, not as queued.
+        counts = {NO_RECEIPT if status is None else status: n for status, n in self.conn.execute(
+            "SELECT status, count(*) FROM outbound GROUP BY status").fetchall()}
+        return {"delivery": dict(sorted(counts.items())),
+                "delivery_problems": self.delivery_problems(None, None, delivery.PROBLEMS, latest)}
+
+    def delivery_problems(self, since, until, statuses, limit=None):
+        """Replies sent in [since, until) (None: no bound) whose latest status is one of
+        `statuses` (NO_RECEIPT for none yet), newest first, each with its error in words."""
+        wanted = [s for s in statuses if s != NO_RECEIPT]
+        tests = ([f"status IN ({placeholders(wanted)})"] if wanted else []) + \
+            (["status IS NULL"] if NO_RECEIPT in statuses else [])
+        where, args = ["(" + " OR ".join(tests) + ")"], list(wanted)
+        for bound, test in ((since, "sent_at >= ?"), (until, "sent_at < ?")):
+            if bound is not None:
+                where.append(test)
+                args.append(bound)
+        rows = self.conn.execute(
+            "SELECT sid, batch_id, phone, our_number, status, error_code, sent_at, status_at FROM outbound"
+            f" WHERE {' AND '.join(where)} ORDER BY coalesce(status_at, sent_at) DESC, sid"
+            + (" LIMIT ?" if limit else ""), (*args, *([limit] if limit else []))).fetchall()
+        return [dict(r) | {"error": delivery.explain(r["status"], r["error_code"]) if r["status"] else "no receipt yet"}
+                for r in rows]
 
     def record_delivery(self, sid, status, error_code, at):
         """Record Twilio's latest MessageStatus (and ErrorCode) of a reply we sent, unless it
@@ -236,9 +250,11 @@ class OperatorReports:
                                  (phone,)).fetchall()
         return {"hold": None if hold is None else dict(hold), "opt_outs": [dict(r) for r in outs]}
 
-    def columns(self, table):
-        """The column names of a table (another version may lack some)."""
-        return {r[1] for r in self.conn.execute(f"PRAGMA table_info({table})")}
+    def recent_text_times(self, phone, at, limit):
+        """When the person's latest `limit` texts up to `at` arrived, oldest first (their pace)."""
+        rows = self.conn.execute("SELECT received_at FROM messages WHERE phone = ? AND received_at <= ?"
+                                 " ORDER BY received_at DESC LIMIT ?", (phone, at, limit)).fetchall()
+        return [r[0] for r in reversed(rows)]
 
     def reply_costs(self, since, until):
         """Every SMS we sent in [since, until): when, its segments (NULL: sent before they were
@@ -255,27 +271,21 @@ class OperatorReports:
         return row[0], row[1]
 
     def stats_rows(self, since, until):
-        """What `smsbatch stats` counts, per UTC day, for [since, until): texts in, batches,
-        AI requests and tokens, replies; and every reply's latency (seconds from the
-        person's last text to the reply)."""
+        """What `smsbatch stats` counts in [since, until), one row per thing (report.stats buckets
+        them by UTC day): texts in (by arrival), batches (by creation) with their AI requests,
+        tokens, answerable texts and whether the AI answered them, and every SMS we sent with
+        its latency (seconds from its batch's last text; None for one sent by hand)."""
         texts = self.conn.execute(
-            "SELECT date(received_at, 'unixepoch') AS day, count(*) AS texts,"
-            " sum(kind = 'text') AS answerable FROM messages WHERE received_at >= ? AND received_at < ?"
-            " GROUP BY day", (since, until)).fetchall()
-        have = self.columns("batches")
-        requests = "sum(ai_requests)" if "ai_requests" in have else "sum(response_text IS NOT NULL)"
-        tokens = ", ".join(f"sum({c}) AS {c}" if c in have else f"NULL AS {c}"
-                           for c in ("prompt_tokens", "completion_tokens"))
-        batches = self.conn.execute(
-            f"SELECT date(created_at, 'unixepoch') AS day, count(*) AS batches, {requests} AS ai_requests,"
-            f" {tokens} FROM batches WHERE created_at >= ? AND created_at < ? GROUP BY day",
+            "SELECT received_at AS at, kind FROM messages WHERE received_at >= ? AND received_at < ?",
             (since, until)).fetchall()
-        # Every SMS we sent (the AI's and by hand); latency only for the AI's, from its batch's last text.
+        batches = self.conn.execute(
+            "SELECT b.created_at AS at, b.ai_requests, b.prompt_tokens, b.completion_tokens,"
+            " b.response_text IS NOT NULL AS answered,"
+            " (SELECT count(*) FROM messages m WHERE m.batch_id = b.id AND m.kind = 'text') AS texts"
+            " FROM batches b WHERE b.created_at >= ? AND b.created_at < ?", (since, until)).fetchall()
         replies = self.conn.execute(
-            "SELECT date(o.sent_at, 'unixepoch') AS day, o.sent_at - b.last_at AS latency,"
-            " o.status = 'delivered' AS delivered FROM outbound o LEFT JOIN batches b ON b.id = o.batch_id"
-            " WHERE o.sent_at >= ? AND o.sent_at < ?", (since, until)).fetchall()
+            "SELECT o.sent_at AS at, o.sent_at - b.last_at AS latency, o.status FROM outbound o"
+            " LEFT JOIN batches b ON b.id = o.batch_id WHERE o.sent_at >= ? AND o.sent_at < ?",
+            (since, until)).fetchall()
         return {"texts": [dict(r) for r in texts], "batches": [dict(r) for r in batches],
-                "replies": [dict(r) for r in replies],
-                "ai_requests_exact": "ai_requests" in have, "tokens_known": "prompt_tokens" in have,
-                "delivery_known": True}
+                "replies": [dict(r) for r in replies]}

@@ -62,11 +62,11 @@ def state(text):
     return plain(text, STATE_STYLE.get(text, ""))
 
 
-def status(info):
+def status(info, fit=True):
     """`smsbatch status`: see render_ops (sized to the terminal, counts first)."""
     from smsbatch import render_ops
 
-    render_ops.status(info)
+    render_ops.status(info, fit)
 
 
 def demo(result):
@@ -205,7 +205,8 @@ def _latency_histogram(results, width=20):
 def check(settings, results):
     """`smsbatch check`: the settings in force, then one line per check (and its fix)."""
     out = console()
-    out.print("settings", style="bold")
+    out.print(Text("settings", style="bold") + Text(" (this shell's environment: `process` reads its own at each "
+                                                  "start, `serve` only when started)", style="dim"), soft_wrap=True)
     width = max(len(name) for name, _ in settings)
     for name, value in settings:
         out.print(Text.assemble(f"  {name:<{width}}  ", plain(value)), soft_wrap=True)

@@ -1,6 +1,7 @@
-"""Human output for the operator views (status, status --watch, stats, show). Rich stays in the
+"""Human output for the operator views (status, status --watch, show; stats: render_stats). Rich stays in the
 render modules; customer and provider text is always rich.text.Text, never markup."""
 
+import re
 import time
 
 from rich.console import Console, Group
@@ -13,9 +14,6 @@ from smsbatch.inputs import iso_time
 from smsbatch.render import STATE_STYLE, age, plain
 
 PENDING = ("open", "queued", "processing", "sending")
-# status's batch lines: (header, width, right-aligned); the error takes what is left.
-COLUMNS = (("batch", 10, False), ("phone", 16, False), ("texts", 5, True), ("state", 10, False),
-           ("age", 5, True), ("tries", 5, True))
 
 
 def console():
@@ -52,6 +50,18 @@ def _counts_lines(label, counts, states, width):
     return lines + [line]
 
 
+def _wrapped(text, width):
+    """A Text as lines of at most `width` cells, broken between words, later lines indented."""
+    lines, line = [], Text("", style=text.style)
+    for word in text.plain.split(" "):
+        sep = " " if line.plain.strip() else ""
+        if line.plain.strip() and line.cell_len + len(sep) + len(word) > width:
+            lines.append(line)
+            line, sep = Text("  ", style=text.style), ""
+        line.append(sep + word)
+    return lines + [line]
+
+
 def _agent(info):
     agent = info["agent"]
     if not agent["enabled"]:
@@ -73,16 +83,31 @@ def _paused(info):
     return [line]
 
 
+SETTINGS_HERE = " (this shell's settings)"
+
+
+def _ago(epoch, now):
+    return "never" if epoch is None else f"{age(now - epoch)} ago"
+
+
 def _header(info, width):
+    """The lines above the batches that are always shown: counts, activity, warnings, outages, cost."""
     counts, now = info["counts"], info["now"]
     finished = [s for s in counts if s not in PENDING]
     retry = info["next_retry"]
     nxt = "none" if retry is None else f"in {age(retry['due_at'] - now)} ({retry['batch_id']})"
-    lines = [Text(f"smsbatch {iso_time(now)}  ") + _agent(info), *_paused(info),
+    top = Text(f"smsbatch {iso_time(now)}  ") + _agent(info)
+    if top.cell_len + len(SETTINGS_HERE) <= width:  # the mode is this shell's settings, not a running process's
+        top += Text(SETTINGS_HERE, style="dim")
+    lines = [top, *_paused(info),
              *_counts_lines(f"pending {info['pending']}: ", counts, PENDING, width),
              *_counts_lines("", counts, finished, width),
              Text(f"oldest pending {age(info['oldest_pending_age_seconds'])} · texts last hour "
-                  f"{info['messages_last_hour']} · next retry {nxt}")]
+                  f"{info['messages_last_hour']} · next retry {nxt}"),
+             Text(f"last text stored {_ago(info.get('last_text_at'), now)} · last processor run "
+                  f"{_ago(info.get('last_run_at'), now)}")]
+    for said in info.get("warnings", ()):  # wrapped, never cut: what to check is at the end
+        lines += _wrapped(Text(f"WARNING: {said}", style="bold red"), width)
     for p in info["providers"]:
         if p["failing_since"] is None:
             continue
@@ -91,30 +116,24 @@ def _header(info, width):
                     f" (last {age(now - p['last_failure_at'])} ago): ",
                     style="bold red" if kind == "OUTAGE" else "yellow")
         lines.append(line + plain(p["last_error"]))
-    lines += _leases_and_delivery(info)
+    lines += _cost_and_delivery(info, width)
     return [_fit(line, width) for line in lines]
 
 
-def _leases_and_delivery(info, problems=3):
-    """What the AI cost and how replies fared (when there is anything to say), who holds
-    each batch in flight and when it last renewed, and the latest failed deliveries."""
+def _cost_and_delivery(info, width):
+    """What the AI cost, and how replies fared (each on its own line, when there is anything to say)."""
     cost, counts = info.get("ai") or {}, info.get("delivery") or {}
     lines = []
-    if cost.get("requests") or counts:
-        delivery = ", ".join(f"{k} {v}" for k, v in counts.items()) or "none yet"
+    if cost.get("requests"):
         lines.append(Text(f"AI requests {cost.get('requests', 0):,} · tokens {cost.get('prompt_tokens', 0):,} prompt"
-                          f" + {cost.get('completion_tokens', 0):,} completion · replies: {delivery}"))
+                          f" + {cost.get('completion_tokens', 0):,} completion"))
     today = info.get("today") or {}
     if today.get("sms_segments") or today.get("prompt_tokens") or today.get("completion_tokens"):
         lines.append(Text(_today(today)))
-    for row in info.get("in_flight", ()):
-        renewed = "never" if row["renewed_seconds_ago"] is None else f"{row['renewed_seconds_ago']:g}s ago"
-        lines.append(Text(f"in flight {row['id']} {row['state']}: held by ") + plain(row["holder"] or "?")
-                     + Text(f", renewed {renewed}, lease {row['lease_left_seconds']:g}s left"))
-    for row in info.get("delivery_problems", ())[:problems]:
-        # status and error come from Twilio's receipts: plain text, never obeyed
-        lines.append(plain(f"{row['status']}: batch {row['batch_id'] or '(manual)'} to ", "yellow")
-                     + plain(row["phone"]) + plain(f": {row['error'].split(': ', 1)[-1]}", "yellow"))
+    if counts:
+        names = sorted(counts, key=lambda s: (s in DELIVERY_PROBLEMS, s))  # problems last, never cut off
+        lines += _counts_lines("replies: ", {DELIVERY_NAMES.get(k, k): v for k, v in counts.items()},
+                               [DELIVERY_NAMES.get(k, k) for k in names], width)
     return lines
 
 
@@ -140,32 +159,111 @@ def _money(money):
     return " + ".join(parts)
 
 
-def _batch_line(row, width):
-    cells = (row["id"], row["phone"], row["message_count"], row["state"], age(row["age_seconds"]),
-             row["attempts"])
+DELIVERY_NAMES = {"no_receipt": "no receipt yet"}
+DELIVERY_PROBLEMS = ("undelivered", "failed")
+
+
+def _details(info, width, room):
+    """At most `room` lines on the batches in flight (who holds each, when it last renewed)
+    and the latest failed deliveries; what does not fit is summed up in one line."""
+    flights = []
+    for row in info.get("in_flight", ()):
+        renewed = "never" if row["renewed_seconds_ago"] is None else f"{row['renewed_seconds_ago']:g}s ago"
+        flights.append(Text(f"in flight {row['id']} {row['state']}: held by ") + plain(row["holder"] or "?")
+                       + Text(f", renewed {renewed}, {row['lease_left_seconds']:g}s left"))
+    # status and error come from Twilio's receipts: plain text, never obeyed
+    problems = [plain(f"{row['status']}: batch {row['batch_id'] or '(by hand)'} to ", "yellow")
+                + plain(row["phone"]) + plain(f": {row['error'].split(': ', 1)[-1]}", "yellow")
+                for row in info.get("delivery_problems", ())[:2]]
+    lines = flights + problems
+    if room is not None and len(lines) > room:
+        keep = max(0, room - 1)
+        lines = lines[:keep] + [Text(f"… {len(lines) - keep} more: batches in flight, failed deliveries "
+                                     "(status --json; smsbatch deliveries --since 7d)", style="dim")]
+    return [_fit(line, width) for line in lines[:room] if room is None or room > 0]
+
+
+def brief_error(text, width):
+    """An error in at most `width` characters, keeping its reason: the boilerplate the state and
+    tries columns already say goes first, then the middle (the start names the source and code,
+    the end most often the reason)."""
+    text = " ".join((text or "").split())
+    for noise in BOILERPLATE:
+        text = noise.sub("", text)
+    if len(text) <= width:
+        return text
+    if width < 8:
+        return text[:max(0, width - 1)] + "…"
+    label, sep, _ = text.partition(": ")
+    head = label + ": " if sep and len(label) <= width // 2 else text[:width // 3]
+    tail = text[len(text) - (width - len(head) - 1):]
+    if " " in tail[:-1] and text[len(text) - len(tail) - 1] != " ":
+        tail = tail[tail.index(" ") + 1:]  # from a word's start
+    if head.endswith(": "):
+        return head + "…" + tail
+    return text[:width - 1 - len(tail)] + "…" + tail  # no label: the start takes what the word freed
+
+
+BOILERPLATE = tuple(re.compile(p) for p in (
+    r" ?\(after \d+ attempts?\)", r"Unable to (?:create|fetch|update|delete) record: ", r"; check, then retry$",
+    r" \(next run tries again\)"))
+
+
+def _columns(rows, width):
+    """The batch columns for these rows: the phone as wide as the widest shown, and our number
+    (its last digits) when the rows hold several of ours. Returns (columns, labels for ours)."""
+    phone = min(16, max([5] + [len(row["phone"]) for row in rows]))
+    columns = [("batch", 10, False), ("phone", phone, False)]
+    ours = _our_labels({row["our_number"] for row in rows})
+    if len(ours) > 1:
+        columns.append(("to", max(len(v) for v in ours.values()), False))
+    return columns + [("texts", 5, True), ("state", 10, False), ("age", 5, True), ("tries", 5, True)], ours
+
+
+def _our_labels(numbers):
+    """Our numbers by their shortest distinct last digits (at least 4), as people name lines: …4567."""
+    for size in range(4, 17):
+        labels = {n: "…" + n[-size:] if len(n) > size else n for n in numbers}
+        if len(set(labels.values())) == len(labels):
+            return labels
+    return {n: n for n in numbers}
+
+
+def _batch_line(row, columns, ours, width):
+    cells = {"batch": row["id"], "phone": row["phone"], "to": ours.get(row["our_number"], ""),
+             "texts": row["message_count"], "state": row["state"], "age": age(row["age_seconds"]),
+             "tries": row["attempts"]}
     line = Text()
-    for (name, size, right), value in zip(COLUMNS, cells):
+    for name, size, right in columns:
+        value = cells[name]
         line += _padded(value, size, right, STATE_STYLE.get(value, "") if name == "state" else "") + " "
-    line += plain(" ".join((row["last_error"] or "").split()), "red")
+    line += plain(brief_error(row["last_error"], max(0, width - line.cell_len)), "red")
     return _fit(line, width)
 
 
+MIN_ROWS = 3  # batches shown however tall the header: the header gives up detail lines first
+
+
 def status_view(info, width=80, height=None):
-    """`status` as lines that fit `width` (and `height`, if given): counts first."""
-    lines = _header(info, width) + [Text("")]
-    head = Text(" ".join(_padded(n, w, r).plain for n, w, r in COLUMNS) + " error", style="bold")
-    lines.append(_fit(head, width))
+    """`status` as lines that fit `width` (and `height`, if given, with a line to spare for the
+    shell's prompt): the header always, then as many of the latest batches as fit."""
+    header = _header(info, width)
+    room = None if height is None else height - 1 - len(header) - 2 - min(MIN_ROWS, len(info["latest"]))
+    lines = header + _details(info, width, room) + [Text("")]
     rows = info["latest"]
     if height is not None:
-        rows = rows[:max(0, height - len(lines) - 1)]
-    lines += [_batch_line(row, width) for row in rows]
+        rows = rows[:max(0, height - 1 - len(lines) - 1)]
+    columns, ours = _columns(rows, width)
+    head = Text(" ".join(_padded(n, w, r).plain for n, w, r in columns) + " error", style="bold")
+    lines.append(_fit(head, width))
+    lines += [_batch_line(row, columns, ours, width) for row in rows]
     return Group(*lines)
 
 
-def status(info):
-    """`smsbatch status`, sized to the terminal."""
+def status(info, fit=True):
+    """`smsbatch status`, sized to the terminal: with `fit`, as many batches as its height allows."""
     out = console()
-    out.print(status_view(info, out.width))
+    out.print(status_view(info, out.width, out.height if fit else None))
 
 
 def watch(fetch, interval):
@@ -174,7 +272,7 @@ def watch(fetch, interval):
     with Live(console=out, screen=True, auto_refresh=False, redirect_stderr=False) as live:
         try:
             while True:
-                live.update(status_view(fetch(), out.width, out.height), refresh=True)
+                live.update(status_view(fetch(), out.width, out.height + 1), refresh=True)
                 time.sleep(interval)
         except KeyboardInterrupt:
             pass
@@ -186,81 +284,6 @@ def _n(value, unit=""):
 
 def _seconds(value):
     return "-" if value is None else age(value) if value >= 120 else f"{value:g}s"
-
-
-def _seconds_cell(value):
-    """A latency for a 5-wide table cell: '4.2s', '106s', '3m', '2h', '12d'."""
-    if value is None or value >= 120:
-        return _seconds(value)
-    return f"{value:.1f}s" if value < 9.95 else f"{round(value)}s"
-
-
-STATS_COLUMNS = (("day", "day", 10), ("texts", "texts", 6), ("batches", "batches", 7), ("AI calls", "ai_requests", 8),
-                 ("replies", "replies", 7), ("delivered", "delivered", 9), ("p50", "latency_p50", 5),
-                 ("p95", "latency_p95", 5))
-
-
-def stats(info):
-    """`smsbatch stats`: totals, a table per day, and a bar chart of texts and AI calls per day."""
-    out = console()
-    t = info["totals"]
-    out.print(Text(f"stats {iso_time(info['since'])} to {iso_time(info['until'])}", style="bold"))
-    estimate = "" if info["ai_requests_exact"] else " (est.: replies written)"
-    saved = f"{t['ai_calls_saved']:,} of {t['answerable']:,}" if t["answerable"] else "0"
-    lines = [
-        f"texts received {t['texts']:,}   batches {t['batches']:,}   AI requests {t['ai_requests']:,}{estimate}",
-        f"tokens {_n(t['prompt_tokens'])} prompt + {_n(t['completion_tokens'])} completion",
-        f"replies sent {t['replies']:,}, delivered {_n(t['delivered'])}",
-        f"AI calls saved against one call per text: {saved}",
-        f"latency, last text to reply: p50 {_seconds(t['latency_p50'])}, p95 {_seconds(t['latency_p95'])}",
-        f"SMS segments {t['sms_segments']:,}, cost {_money(t['sms_cost'])}"
-        + ("" if t["sms_priced"] == t["replies"] else f" ({t['sms_priced']:,} of {t['replies']:,} replies priced)"),
-        "AI cost " + (_money(t["ai_cost"]) if t["ai_cost"] is not None
-                      else "- (no prices: SMSBATCH_AI_PRICE_INPUT_PER_MTOK, _OUTPUT_PER_MTOK)"),
-    ]
-    for line in lines:
-        out.print(Text(line))
-    out.print(Text(""))
-    out.print(Text("  ".join(f"{h:>{w}}" if i else f"{h:<{w}}" for i, (h, _, w) in enumerate(STATS_COLUMNS)),
-                   style="bold"))
-    for day in info["days"]:
-        cells = [day["day"]] + [_seconds_cell(day[k]) if k.startswith("latency") else _n(day[k])
-                                for _, k, _ in STATS_COLUMNS[1:]]
-        out.print(Text("  ".join(f"{c:>{w}}" if i else f"{c:<{w}}"
-                                 for i, (c, (_, _, w)) in enumerate(zip(cells, STATS_COLUMNS)))))
-    out.print(Text(""))
-    out.print(_cost_table(info["days"]))
-    out.print(Text(""))
-    out.print(_chart(info["days"], out.width))
-
-
-COST_COLUMNS = (("day", 10), ("SMS segments", 12), ("SMS cost", 10), ("AI cost", 10), ("AI calls saved", 14))
-
-
-def _cost_table(days):
-    """What each day's replies cost, beside the AI calls batching saved."""
-    lines = [Text("  ".join(f"{h:>{w}}" if i else f"{h:<{w}}" for i, (h, w) in enumerate(COST_COLUMNS)),
-                  style="bold")]
-    for day in days:
-        ai = "-" if day["ai_cost"] is None else _money(day["ai_cost"])
-        cells = (day["day"], f"{day['sms_segments']:,}", _money(day["sms_cost"]), ai, f"{day['ai_calls_saved']:,}")
-        lines.append(Text("  ".join(f"{c:>{w}}" if i else f"{c:<{w}}"
-                                    for i, (c, (_, w)) in enumerate(zip(cells, COST_COLUMNS)))))
-    return Group(*lines)
-
-
-def _chart(days, width):
-    """Two bars a day, texts and AI calls, on one scale."""
-    top = max([d["texts"] for d in days] + [d["ai_requests"] for d in days] + [1])
-    room = max(10, width - 24)
-    lines = [Text("texts and AI calls per day", style="bold")]
-    for day in days:
-        for label, key, style in (("texts", "texts", "cyan"), ("AI", "ai_requests", "magenta")):
-            n = day[key]
-            bar = "█" * (max(1, round(n * room / top)) if n else 0)
-            head = day["day"][5:] if label == "texts" else ""
-            lines.append(Text(f"{head:<5} {label:<5} ") + Text(bar, style=style) + Text(f" {n:,}"))
-    return Group(*lines)
 
 
 def _t(epoch):
@@ -373,7 +396,11 @@ def show_phone(convo):
     out.print(_grid([_chat_line(item, several) for item in convo["items"]], indent=0))
     quiet = convo.get("quiet_period")
     if quiet:
-        how = "fitted to their pace" if quiet["adaptive"] else "fixed: SMSBATCH_ADAPTIVE=0"
+        if quiet.get("fitted"):
+            how = "fitted to their pace"
+        else:
+            how = "default: too few recent texts to fit" if quiet["adaptive"] else \
+                "default: SMSBATCH_ADAPTIVE=0"
         out.print(Text(f"quiet period for their next text: {quiet['seconds']:g} s ({how})", style="dim"))
 
 

@@ -31,51 +31,86 @@ def utc_days(since, until):
     return days
 
 
+def utc_day(epoch):
+    """The UTC day ('2026-01-31') holding `epoch`."""
+    return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).date().isoformat()
+
+
 def stats(store, since, until, prices=None):
     """`smsbatch stats`: totals over [since, until) and the same figures per UTC day.
 
-    AI requests are the calls actually made, retries included, where the store counts them
-    (batches.ai_requests); otherwise the replies the AI wrote (`ai_requests_exact` false).
     Beside them, what replies cost: SMS segments and Twilio's prices, and the AI's tokens at
     `prices` (settings.ai_prices; None: AI cost not shown).
+
+    AI calls saved by batching are the answerable texts of the batches the AI was asked for
+    minus those batches (one call each instead of one per text); the extra requests that
+    retries made (the client's own and later attempts') are counted apart. A batch the AI
+    answered before its calls were counted (schema version 7; ai_requests 0 beside a stored
+    reply) is left out of both and counted in `uncounted_batches`.
     """
     rows = store.stats_rows(since, until)
-    known = {"tokens": rows["tokens_known"], "delivered": rows["delivery_known"]}
-    days = {d: _empty(d, known) for d in utc_days(since, until)}
-    for row in rows["texts"] + rows["batches"]:
-        day = days.setdefault(row["day"], _empty(row["day"], known))
-        for key, value in row.items():
-            if key != "day" and value is not None:
-                day[key] += value
-    latencies = {d: [] for d in days}
+    days = {d: _empty(d) for d in utc_days(since, until)}
+
+    def day(at):
+        return days.setdefault(utc_day(at), _empty(utc_day(at)))
+
+    for text in rows["texts"]:
+        row = day(text["at"])
+        row["texts"] += 1
+        row["answerable"] += text["kind"] == "text"
+    for batch in rows["batches"]:
+        _count_batch(day(batch["at"]), batch)
+    latencies = {}
     for reply in rows["replies"]:
-        day = days.setdefault(reply["day"], _empty(reply["day"], known))
-        day["replies"] += 1
-        if known["delivered"]:
-            day["delivered"] += int(bool(reply["delivered"]))
+        row = day(reply["at"])
+        row["replies"] += 1
+        row["delivered"] += reply["status"] in DELIVERED
         if reply["latency"] is not None:
-            latencies.setdefault(reply["day"], []).append(reply["latency"])
+            latencies.setdefault(row["day"], []).append(reply["latency"])
     spent = cost.by_day(store.reply_costs(since, until))
-    for day in spent:
-        days.setdefault(day, _empty(day, known))
-    ordered = [days[d] | _latency(latencies.get(d, [])) | _costs(days[d], spent.get(d, []), prices)
+    for when in spent:
+        days.setdefault(when, _empty(when))
+    ordered = [_saving(days[d]) | _latency(latencies.get(d, [])) | _costs(days[d], spent.get(d, []), prices)
                for d in sorted(days)]
     every = [x for values in latencies.values() for x in values]
-    return {"since": since, "until": until, "ai_requests_exact": rows["ai_requests_exact"],
-            "totals": _totals(ordered, known, prices) | _latency(every), "days": ordered}
+    totals = _saving({key: sum(d[key] for d in ordered) for key in COUNTS + TOKENS + EXTRA + SPENT})
+    totals |= {"sms_cost": cost.add_money(*(d["sms_cost"] for d in ordered)),
+               "ai_cost": cost.ai_spend(totals["prompt_tokens"], totals["completion_tokens"], prices)}
+    return {"since": since, "until": until, "ai_requests_exact": totals["uncounted_batches"] == 0,
+            "totals": totals | _latency(every), "days": ordered}
 
 
 def _costs(day, replies, prices):
-    """A day's SMS segments and money, AI money, and the AI calls batching saved."""
+    """A day's SMS segments and money, and its AI money."""
     ai_cost = cost.ai_spend(day["prompt_tokens"], day["completion_tokens"], prices)
-    return cost.sms_spend(replies) | {"ai_cost": ai_cost, "ai_calls_saved": day["answerable"] - day["ai_requests"]}
+    return cost.sms_spend(replies) | {"ai_cost": ai_cost}
 
 
-def _empty(day, known):
-    row = {"day": day} | dict.fromkeys(COUNTS, 0)
-    row |= dict.fromkeys(TOKENS, 0 if known["tokens"] else None)
-    row["delivered"] = 0 if known["delivered"] else None
-    return row
+DELIVERED = ("delivered", "read")
+EXTRA = ("delivered", "asked", "asked_texts", "uncounted_batches")
+
+
+def _empty(day):
+    return {"day": day} | dict.fromkeys(COUNTS + TOKENS + EXTRA, 0)
+
+
+def _count_batch(row, batch):
+    """Add one batch to its day: its AI usage, and whether the AI was asked for it (counted)."""
+    row["batches"] += 1
+    for key in ("ai_requests",) + TOKENS:
+        row[key] += batch[key] or 0
+    if batch["ai_requests"]:
+        row["asked"] += 1
+        row["asked_texts"] += batch["texts"]
+    elif batch["answered"]:  # answered, yet no request counted: from before counting began
+        row["uncounted_batches"] += 1
+
+
+def _saving(row):
+    """The AI calls batching saved (never negative: a batch whose texts moved on to a newer
+    one still cost its call) and the extra requests retries made."""
+    return row | {"ai_calls_saved": max(0, row["asked_texts"] - row["asked"]),
+                  "retry_requests": max(0, row["ai_requests"] - row["asked"])}
 
 
 def _latency(values):
@@ -84,37 +119,57 @@ def _latency(values):
             "latency_p95": None if p95 is None else round(p95, 1)}
 
 
-def _totals(days, known, prices=None):
-    totals = {key: sum(d[key] for d in days) for key in COUNTS + SPENT}
-    for key in TOKENS:
-        totals[key] = sum(d[key] for d in days) if known["tokens"] else None
-    totals["delivered"] = sum(d["delivered"] for d in days) if known["delivered"] else None
-    # Against one AI call per text (what answering each text on its own would cost).
-    totals["ai_calls_saved"] = totals["answerable"] - totals["ai_requests"]
-    totals["sms_cost"] = cost.add_money(*(d["sms_cost"] for d in days))
-    totals["ai_cost"] = cost.ai_spend(totals["prompt_tokens"], totals["completion_tokens"], prices)
-    return totals
+STALL_SECONDS = 180  # no processor run for this long while batches wait: someone must look
+
+
+def stalled(pending, last_run_at, now, after=STALL_SECONDS):
+    """Are batches waiting with no processor running? True when `pending` batches wait and no
+    processor run started or ended in the last `after` seconds (or none ever ran). Pure: /health
+    and `status` decide the same way."""
+    return pending > 0 and (last_run_at is None or now - last_run_at >= after)
+
+
+def warnings(info, now):
+    """What `status` must put in front of a person, in words: no processor while batches wait."""
+    said = []
+    if stalled(info["pending"], info["last_run_at"], now):
+        ran = "no processor has ever run" if info["last_run_at"] is None else \
+            f"no processor has run for {_how_long(now - info['last_run_at'])}"
+        waiting = "1 batch waits" if info["pending"] == 1 else f"{info['pending']} batches wait"
+        said.append(f"{ran} while {waiting}: is cron or smsbatch-process.timer running `smsbatch process`?")
+    return said
+
+
+def _how_long(seconds):
+    """'4 min', '3 h', '5 days': a warning's span, to the unit that reads best."""
+    minutes = int(seconds // 60)
+    if minutes < 120:
+        return f"{minutes} min"
+    return f"{minutes // 60} h" if minutes < 2880 else f"{minutes // 1440} days"
 
 
 def status(store, settings, now, latest):
     """`smsbatch status`: the store's counts and latest batches, whether the agent answers at
-    all, the next retry, and each provider's health (failing since, announced outage)."""
+    all, the next retry, each provider's health (failing since, announced outage), when the
+    last text was stored and a processor last ran, and warnings."""
     from smsbatch.processor import PROVIDER_NAMES
 
-    info = store.status(now, latest)
+    info = store.status(now, latest) | store.last_activity()
     retry = store.next_retry()
     providers = [row | {"name": PROVIDER_NAMES.get(row["provider"], row["provider"])}
                  for row in store.provider_health()]
-    return info | {
+    info |= {
         "now": now,
         "agent": {"enabled": settings.enabled, "test_number": settings.test_number or None},
-        "paused_numbers": store.number_holds(),  # our numbers on hold: texts stored, not answered
         "next_retry": None if retry is None else {"due_at": retry[0], "batch_id": retry[1]},
         "providers": providers,
         "outages": store.outages(),
+        "paused_numbers": store.number_holds(),  # our numbers on hold: texts stored, not answered
         "today": cost.today(store, settings.ai_prices, now),  # what today's replies cost
         **store.rejected_signatures(now),  # a wrong SMSBATCH_PUBLIC_URL shows up here
     }
+    return info | {"processor_stalled": stalled(info["pending"], info["last_run_at"], now),
+                   "warnings": warnings(info, now)}
 
 
 AI_USAGE = ("ai_requests", "prompt_tokens", "completion_tokens")
@@ -180,5 +235,17 @@ def show_phone(store, phone, limit, rules=None, now=None):
     flags = store.person_flags(phone)
     quiet = None
     if rules is not None:
-        quiet = {"seconds": round(store.quiet_now(phone, now, rules), 1), "adaptive": rules.adaptive}
+        quiet = {"seconds": round(store.quiet_now(phone, now, rules), 1), "adaptive": rules.adaptive,
+                 "fitted": _fitted(store, phone, now, rules)}
     return {"phone": phone, "items": store.conversation(phone, limit), "quiet_period": quiet, **flags}
+
+
+def _fitted(store, phone, now, rules):
+    """Was the quiet period fitted to the person's pace? Only when adaptive and their latest
+    texts hold enough typing gaps (batching.quiet_for); else it is the fixed default."""
+    from smsbatch import batching
+
+    if not rules.adaptive:
+        return False
+    times = store.recent_text_times(phone, now, rules.adaptive_window - 1)
+    return batching.fitted(batching.gaps_between(times + [now]), rules)

@@ -296,7 +296,7 @@ def test_show_phone_tells_the_quiet_period_a_person_gets_now(tmp_path):
     later = str(T0 + 300)
     adaptive = json.loads(invoke(["show", SLOW, "--json", "--now", later], env).stdout)["quiet_period"]
     fixed = json.loads(invoke(["show", SLOW, "--json", "--now", later], env | {"SMSBATCH_ADAPTIVE": "0"}).stdout)
-    assert adaptive["adaptive"] and adaptive["seconds"] > 10
-    assert fixed["quiet_period"] == {"seconds": 10.0, "adaptive": False}
+    assert adaptive["adaptive"] and adaptive["fitted"] and adaptive["seconds"] > 10
+    assert fixed["quiet_period"] == {"seconds": 10.0, "adaptive": False, "fitted": False}
     human = invoke(["show", SLOW, "--now", later], env).stdout
     assert f"quiet period for their next text: {adaptive['seconds']:g} s (fitted to their pace)" in human

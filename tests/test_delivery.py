@@ -93,11 +93,11 @@ def test_status_counts_replies_by_delivery_and_explains_failures(public, webhook
     receipt(webhook, twilio_standin, first, "delivered")
     receipt(webhook, twilio_standin, second, "undelivered", 30007)
     info = json.loads(invoke(["--db", db_path, "status", "--json"]).output)
-    assert info["delivery"] == {"delivered": 1, "queued": 1, "undelivered": 1}
+    assert info["delivery"] == {"delivered": 1, "no_receipt": 1, "undelivered": 1}  # no receipt: not "queued"
     [problem] = info["delivery_problems"]
     assert problem["error"] == "undelivered: 30007 carrier filtered (spam)" and problem["phone"] == second["to"]
     human = invoke(["--db", db_path, "status"]).output
-    assert "30007 carrier filtered" in human and "delivered 1" in human
+    assert "30007 carrier filtered" in human and "delivered 1" in human and "no receipt yet 1" in human
 
 
 def test_error_codes_in_words():
