@@ -14,7 +14,7 @@ import time
 import click
 
 from smsbatch import cli_ops, cli_traces
-from smsbatch.cli_common import (DURATION, EXIT_SOME_FAILED, PHONE, SID, TEXT, TIME, Finite, Group, emit_json,
+from smsbatch.cli_common import (DURATION, EXIT_SOME_FAILED, PHONE, SID, TEXT, TIME, Finite, Group, emit_json, note,
                                  open_store, read_text_file, settings_from)
 from smsbatch.errors import SmsbatchError
 
@@ -25,11 +25,22 @@ from smsbatch.errors import SmsbatchError
 @click.pass_context
 def cli(ctx, db):
     """Batch rapid-fire inbound SMS and answer each burst with one AI reply."""
-    ctx.obj = {"db": db}
+    from smsbatch.config import log_format
+
+    try:
+        fmt = log_format()  # before the other settings: their errors are logged in this format
+    except SmsbatchError as exc:
+        raise click.ClickException(str(exc)) from None
+    ctx.obj = {"db": db, "log_format": fmt}
     # Only warnings reach stderr (cron mails it); the twilio and HTTP clients log every
     # request, headers included, at INFO.
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(IsoFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if fmt == "json":
+        from smsbatch.logs import JsonFormatter
+
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(IsoFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
 
 
@@ -144,6 +155,10 @@ def process(ctx, now, limit, seconds, concurrency, system_prompt_file, ai, sms, 
     prune_after_run(settings, clock())
     if as_json:
         emit_json(report.as_dict())
+    elif ctx.obj["log_format"] == "json":  # every line a log shipper reads is JSON, this one too
+        from smsbatch.logs import line
+
+        click.echo(line("smsbatch.process", summary_line(report), report=report.as_dict()))
     else:
         from smsbatch.inputs import iso_time
 
@@ -164,9 +179,8 @@ def prune_after_run(settings, now):
     finally:
         store.close()
     if gone["batches"] or gone["manual_replies"]:
-        click.echo(f"pruned {gone['batches']} batches, {gone['texts']} texts, "
-                   f"{gone['replies'] + gone['manual_replies']} replies older than {settings.retention_days:g} days",
-                   err=True)
+        note(f"pruned {gone['batches']} batches, {gone['texts']} texts, "
+             f"{gone['replies'] + gone['manual_replies']} replies older than {settings.retention_days:g} days")
 
 
 def periodic_backfill(store, sender, settings, now):
@@ -357,7 +371,7 @@ def serve(ctx, host, port, threads, insecure_no_signature):
     settings = settings_from(ctx)
     open_store(settings).close()
     if insecure_no_signature and not settings.twilio_auth_token:
-        click.echo("WARNING: signatures are NOT checked; anyone can post texts.", err=True)
+        note("WARNING: signatures are NOT checked; anyone can post texts.", "WARNING")
     try:
         app = make_app(settings, insecure=insecure_no_signature)
     except ConfigError as exc:  # no TWILIO_AUTH_TOKEN: say how this command allows that
@@ -367,8 +381,8 @@ def serve(ctx, host, port, threads, insecure_no_signature):
     except OSError as exc:  # port in use, an address this machine does not have, a name that does not resolve
         raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
-    click.echo(f"listening on http://{host}:{server.server_port}/sms", err=True)
-    click.echo(app.signature_note(), err=True)
+    note(f"listening on http://{host}:{server.server_port}/sms")
+    note(app.signature_note())
     try:
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:

@@ -93,6 +93,17 @@ def open_store(settings, migrate=False):
     return store
 
 
+def note(message, level="INFO"):
+    """A line for the operator on stderr that is not a logging record (`serve` is listening, `process`
+    pruned): as it is, or as one JSON log line with SMSBATCH_LOG_FORMAT=json."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and (ctx.find_root().obj or {}).get("log_format") == "json":
+        from smsbatch.logs import line
+
+        message = line("smsbatch.cli", message, level)
+    click.echo(message, err=True)
+
+
 def emit_json(data):
     click.echo(json.dumps(data, indent=2, default=str))
 

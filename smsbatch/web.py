@@ -22,6 +22,7 @@ from smsbatch.batching import Rules, opt_out_scope
 from smsbatch.config import Settings
 from smsbatch.db import Store
 from smsbatch.errors import ConfigError, SmsbatchError
+from smsbatch.metrics import WebMetrics
 from smsbatch.rejections import Rejections
 from smsbatch.server import make_server_for
 from smsbatch.sms import status_callback_url
@@ -120,6 +121,7 @@ class Webhook:
             raise ConfigError("TWILIO_AUTH_TOKEN is not set: refusing unsigned webhooks")
         self.writer = Writer(settings.db_path, WEB_BUSY_TIMEOUT)
         self.rejections = Rejections(self.writer.submit, clock)
+        self.metrics = WebMetrics(settings, self.route_label, clock, self.rejections.unwritten)
         # Behind a proxy the webhook may live under a prefix (https://host/shop/sms/).
         public_path = urlparse(settings.public_url).path.rstrip("/") if settings.public_url else ""
         self.sms_paths = {"/sms"} | ({public_path} if public_path else set())
@@ -140,6 +142,7 @@ class Webhook:
         self.writer.close()
 
     def __call__(self, environ, start_response):
+        started = environ.get("smsbatch.received") or time.monotonic()
         try:
             status, headers, body = self.route(environ)
         except Reject as exc:
@@ -151,6 +154,7 @@ class Webhook:
             log.exception("webhook: unexpected error")
             status, headers, body = "500 Internal Server Error", [("Content-Type", "text/plain")], b"error\n"
         headers.append(("Content-Length", str(len(body))))
+        self.metrics.observe(environ.get("PATH_INFO", ""), status, time.monotonic() - started)
         start_response(status, headers)
         return [b""] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
 
@@ -169,7 +173,27 @@ class Webhook:
             if method not in ("GET", "HEAD"):
                 raise Reject("405 Method Not Allowed", "use GET", [("Allow", "GET, HEAD")])
             return self.health()
+        if path == "/metrics":
+            return self.metrics_page(environ, method)
         raise Reject("404 Not Found", "not found")
+
+    def route_label(self, path):
+        """A request path as a metrics label: one of a fixed set of routes, never the path sent."""
+        path = path.rstrip("/")
+        for label, paths in (("/sms", self.sms_paths), ("/status", self.status_paths),
+                             ("/health", self.health_paths), ("/metrics", {"/metrics"})):
+            if path in paths:
+                return label
+        return "other"
+
+    def metrics_page(self, environ, method):
+        """GET /metrics (smsbatch.metrics). Raises: Reject 405, or 401 without the SMSBATCH_METRICS_TOKEN."""
+        if method not in ("GET", "HEAD"):
+            raise Reject("405 Method Not Allowed", "use GET", [("Allow", "GET, HEAD")])
+        if not self.metrics.authorized(environ):
+            raise Reject("401 Unauthorized", "missing or wrong bearer token (SMSBATCH_METRICS_TOKEN)",
+                         [("WWW-Authenticate", 'Bearer realm="smsbatch metrics"')])
+        return self.metrics.page()
 
     def inbound(self, environ):
         """POST /sms: check, store, answer empty TwiML. Raises: Reject (503 if not stored)."""
