@@ -149,10 +149,15 @@ def process(ctx, now, limit, seconds, concurrency, system_prompt_file, ai, sms, 
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    if processor.alerter.active:  # before this run counts as one: had none run while batches waited?
+        from smsbatch.alerts import notice_stall
+
+        notice_stall(processor.store(), processor.alerter, clock(), settings.alert_after_seconds)
     backfilled = periodic_backfill(processor.store(), sender, settings, clock())
     report = processor.run(limit=limit, concurrency=concurrency, seconds=seconds, stop=stop)
     report.backfilled = backfilled
     prune_after_run(settings, clock())
+    processor.alerter.wait()  # alerts still going out: a few seconds at most (alerts.WAIT_AT_END)
     if as_json:
         emit_json(report.as_dict())
     elif ctx.obj["log_format"] == "json":  # every line a log shipper reads is JSON, this one too
@@ -364,7 +369,7 @@ def retry(ctx, batch_ids, failed, unknown, since, dry_run, fresh, now, as_json):
 @click.option("--insecure-no-signature", is_flag=True, help="Accept unsigned requests (testing only).")
 @click.pass_context
 def serve(ctx, host, port, threads, insecure_no_signature):
-    """Run the Twilio webhook (POST /sms, GET /health) on wsgiref."""
+    """Run the Twilio webhook (POST /sms, POST /status, GET /health, GET /metrics) on wsgiref."""
     from smsbatch.errors import ConfigError
     from smsbatch.web import make_app, make_server_for
 
@@ -381,6 +386,10 @@ def serve(ctx, host, port, threads, insecure_no_signature):
     except OSError as exc:  # port in use, an address this machine does not have, a name that does not resolve
         raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    if settings.alert_webhook_url:  # whoever is up notices that no processor runs
+        from smsbatch.alerts import Alerter, watch_stalls
+
+        watch_stalls(settings, Alerter.for_settings(settings), threading.Event())
     note(f"listening on http://{host}:{server.server_port}/sms")
     note(app.signature_note())
     try:

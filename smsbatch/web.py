@@ -457,6 +457,10 @@ def app(environ, start_response):
                     _default_app = make_app(settings)
                 except ConfigError as exc:  # there is no --insecure-no-signature here
                     raise ConfigError(f"{exc}: set TWILIO_AUTH_TOKEN in the WSGI server's environment") from None
+                if settings.alert_webhook_url:  # as `serve`: whoever is up notices that no processor runs
+                    from smsbatch.alerts import Alerter, watch_stalls
+
+                    watch_stalls(settings, Alerter.for_settings(settings), threading.Event())
     return _default_app(environ, start_response)
 
 
