@@ -10,8 +10,9 @@ latency) are ordinary counters and a histogram in a registry per app, so tests c
 several apps.
 
 No label holds a person's number or any text: routes and answer codes come from fixed
-sets, and a business number is a label only if it is in SMSBATCH_NUMBERS (or, without
-that setting, shaped like E.164), at most MAX_NUMBER_LABELS of them.
+sets, and a business number is a label only if it is listed (SMSBATCH_NUMBERS, else
+TWILIO_FROM_NUMBER) or, with none listed, shaped like E.164 while signatures are checked;
+at most MAX_NUMBER_LABELS of them.
 """
 
 import hmac
@@ -58,6 +59,9 @@ class DatabaseCollector(Collector):
         self.settings, self.clock = settings, clock
         self.unwritten_rejections = unwritten_rejections  # since -> (count, last time) not yet written
         self.numbers = frozenset(settings.listed_numbers)
+        # With no number listed (a messaging service), a stored To is trusted only when every
+        # text came through a signed request: unsigned ones (--insecure-no-signature) can claim any To.
+        self.trust_shape = not self.numbers and bool(settings.twilio_auth_token)
         self._store = None
         self._lock = threading.Lock()
 
@@ -96,8 +100,9 @@ class DatabaseCollector(Collector):
         return data
 
     def number_label(self, number):
-        """A business number as a label: listed (or E.164-shaped when none are listed), else 'other'."""
-        known = number in self.numbers if self.numbers else bool(E164.fullmatch(number or ""))
+        """A business number as a label: listed (SMSBATCH_NUMBERS, else TWILIO_FROM_NUMBER), or
+        E.164-shaped when none is listed and signatures are checked; anything else is 'other'."""
+        known = number in self.numbers or (self.trust_shape and bool(E164.fullmatch(number or "")))
         return number if known else "other"
 
     def _texts(self, rows):
@@ -127,7 +132,8 @@ class DatabaseCollector(Collector):
     def _replies(self, rows):
         from smsbatch import delivery
 
-        statuses, segments, cost = {}, {}, {}
+        # The usual statuses always, at 0 if none: a series that appears only later confuses rate() and alerts.
+        statuses, segments, cost = dict.fromkeys(("queued", "sent", "delivered", "undelivered", "failed"), 0), {}, {}
         for status, encoding, unit, count, parts, price in rows:
             # No receipt yet: Twilio answered the send itself with queued (as `status` counts it).
             status = one_of(status or "queued", delivery.RANK)
