@@ -122,6 +122,7 @@ class Webhook:
         self.writer = Writer(settings.db_path, WEB_BUSY_TIMEOUT)
         self.rejections = Rejections(self.writer.submit, clock)
         self.metrics = WebMetrics(settings, self.route_label, clock, self.rejections.unwritten)
+        self._routes = None  # path -> metrics label (route_label)
         # Behind a proxy the webhook may live under a prefix (https://host/shop/sms/).
         public_path = urlparse(settings.public_url).path.rstrip("/") if settings.public_url else ""
         self.sms_paths = {"/sms"} | ({public_path} if public_path else set())
@@ -179,12 +180,10 @@ class Webhook:
 
     def route_label(self, path):
         """A request path as a metrics label: one of a fixed set of routes, never the path sent."""
-        path = path.rstrip("/")
-        for label, paths in (("/sms", self.sms_paths), ("/status", self.status_paths),
-                             ("/health", self.health_paths), ("/metrics", {"/metrics"})):
-            if path in paths:
-                return label
-        return "other"
+        if self._routes is None:
+            self._routes = {"/metrics": "/metrics"} | {p: "/health" for p in self.health_paths} | {
+                p: "/status" for p in self.status_paths} | {p: "/sms" for p in self.sms_paths}
+        return self._routes.get(path.rstrip("/"), "other")
 
     def metrics_page(self, environ, method):
         """GET /metrics (smsbatch.metrics). Raises: Reject 405, or 401 without the SMSBATCH_METRICS_TOKEN."""
