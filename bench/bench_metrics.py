@@ -70,7 +70,7 @@ def timed_scrapes(path):
     from smsbatch.config import Settings
     from smsbatch.web import make_app
 
-    app = make_app(Settings(db_path=path), clock=lambda: T0, insecure=True)
+    app = make_app(Settings(db_path=path, numbers=NUMBERS), clock=lambda: T0, insecure=True)
     scrape(app)
     times = []
     for _ in range(SCRAPES):
@@ -87,7 +87,7 @@ def run(runs=3, **_):
         build(path)
         log(f"metrics: {os.path.getsize(path) // 1024} KiB database built")
         for _ in range(runs):
-            figure.add(statistics.median(timed_scrapes(path)))
+            figure.values.append(statistics.median(timed_scrapes(path)))
     return [figure]
 
 

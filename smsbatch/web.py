@@ -225,7 +225,8 @@ class Webhook:
                 log.error("webhook: could not store MessageSid %s: %s", sid, exc)
             raise Reject("503 Service Unavailable", "could not store the message; try again") from None
         if added is not None:  # None inside a burst: stored at its COMMIT, before this answer goes out
-            log.debug("stored %s in batch %s%s", sid, added.batch_id, " (repeat)" if added.duplicate else "")
+            log.debug("stored %s in batch %s%s", sid, added.batch_id, " (repeat)" if added.duplicate else "",
+                      extra={"batch_id": added.batch_id, "our_number": to})
         return "200 OK", [("Content-Type", "text/xml")], TWIML_EMPTY
 
     def delivery_receipt(self, environ):
@@ -257,7 +258,7 @@ class Webhook:
         try:
             self.writer.submit(lambda store: store.record_delivery(sid, status, error, at), deadline)
         except (sqlite3.Error, SmsbatchError) as exc:
-            log.error("webhook: could not store the status of %s: %s", sid, exc)
+            log.error("webhook: could not store the status of %s: %s", sid, exc, extra={"reply_sid": sid})
             raise Reject("503 Service Unavailable", "could not store the status; try again") from None
         return "200 OK", [("Content-Type", "text/plain")], b""
 
