@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import T0, add, invoke
+from conftest import T0, add, invoke, wait_for
 from fakes import ChatHook, provider_env
 from smsbatch import alerts
 from smsbatch.alerts import Alerter, notice_stall
@@ -177,6 +177,27 @@ def test_a_stalled_processor_is_announced_once_per_episode(db_path, store, chat)
     assert not notice_stall(store, alerter, T0 + 1200, 300)  # ...recently
     assert notice_stall(store, alerter, T0 + 1400, 300)  # a new episode
     assert alerter.wait(10) and len(chat.texts) == 2 and "since " in chat.texts[1]
+
+
+def test_serve_watches_for_a_stalled_processor(db_path, store, chat):
+    """`serve`'s watcher (alerts.watch_stalls) on its own thread and connection, time injected."""
+    import threading
+
+    add(store, A, "anyone there?", T0 - 20)
+    settings = Settings(db_path=db_path, alert_webhook_url=hook_url(chat))
+    clock = [T0]
+    stop = threading.Event()
+    thread = alerts.watch_stalls(settings, Alerter.for_settings(settings), stop, every=0.02, clock=lambda: clock[0])
+    try:
+        time.sleep(0.2)  # a few rounds: nothing has waited long enough yet
+        assert chat.texts == []
+        clock[0] = T0 + 400
+        assert wait_for(lambda: len(chat.texts) == 1)
+        time.sleep(0.2)  # more rounds: the same episode is not announced again
+        assert len(chat.texts) == 1 and "STALLED" in chat.texts[0]
+    finally:
+        stop.set()
+        thread.join(5)
 
 
 def test_process_announces_a_stall_it_finds_then_answers(db_path, store, openai_standin, twilio_standin, chat):
