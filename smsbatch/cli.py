@@ -392,6 +392,9 @@ def serve(ctx, host, port, threads, insecure_no_signature):
         watch_stalls(settings, Alerter.for_settings(settings), threading.Event())
     note(f"listening on http://{host}:{server.server_port}/sms")
     note(app.signature_note())
+    if not settings.metrics_token and host not in ("127.0.0.1", "localhost", "::1"):
+        note(f"GET /metrics answers anyone who reaches {host}:{server.server_port}: keep the port private "
+             "(the proxy forwards only the webhook paths) or set SMSBATCH_METRICS_TOKEN", "WARNING")
     try:
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:

@@ -278,6 +278,16 @@ class OperatorReports:
                 " FROM outbound GROUP BY status, encoding, price_unit")],
         }
 
+    def metrics_snapshot(self, now):
+        """Everything /metrics reads, from one read snapshot (a deferred transaction never takes
+        the write lock): metrics_counts, health, provider health, last activity, bad signatures."""
+        self.conn.execute("BEGIN")
+        try:
+            return {"counts": self.metrics_counts(), "health": self.health(now), "providers": self.provider_health(),
+                    "activity": self.last_activity(), "rejected": self.rejected_signatures(now)["rejected_signatures"]}
+        finally:
+            self.conn.execute("COMMIT")
+
     def waiting_unclaimed(self, now, after):
         """Batches that have been due for `after` seconds or more with no processor acting on
         them: (how many, the earliest due time), or None when there are none."""

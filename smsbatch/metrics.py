@@ -88,9 +88,7 @@ class DatabaseCollector(Collector):
                 self._store = Store.open_ready(self.settings.db_path, SCRAPE_BUSY_TIMEOUT)
             store = self._store
             try:
-                data = {"counts": store.metrics_counts(), "health": store.health(now),
-                        "providers": store.provider_health(), "activity": store.last_activity(),
-                        "rejected": store.rejected_signatures(now)["rejected_signatures"]}
+                data = store.metrics_snapshot(now)
             except Exception:
                 store.close()
                 self._store = None

@@ -193,16 +193,16 @@ def test_metrics_refuses_other_methods(db_path):
 # -- a real `serve`, with the bearer token ---------------------------------------------
 
 
-def start_serve(db_path, log_path, **env_extra):
+def start_serve(db_path, log_path, host="127.0.0.1", **env_extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SMSBATCH_", "TWILIO_"))}
     env.update(SMSBATCH_DB=db_path, TWILIO_AUTH_TOKEN="t", **env_extra)
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "smsbatch", "serve", "--port", "0"], env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "smsbatch", "serve", "--port", "0", "--host", host], env=env,
                                 stdout=subprocess.DEVNULL, stderr=log)
     end = time.monotonic() + 20
     while time.monotonic() < end:
         text = open(log_path).read()
-        match = re.search(r"listening on http://127\.0\.0\.1:(\d+)/sms", text)
+        match = re.search(r"listening on http://[0-9.]+:(\d+)/sms", text)
         if match:
             return proc, int(match.group(1))
         assert proc.poll() is None, text
@@ -242,11 +242,14 @@ def test_the_bearer_token_is_enforced_by_a_real_serve(db_path, store, tmp_path, 
     assert SECRET_TOKEN not in open(tmp_path / "serve.log").read()
 
 
-def test_without_a_token_a_real_serve_answers_metrics(db_path, tmp_path):
-    proc, port = start_serve(db_path, tmp_path / "serve.log")
+@pytest.mark.parametrize("host, warned", [("127.0.0.1", False), ("0.0.0.0", True)])
+def test_without_a_token_a_real_serve_answers_metrics_and_warns_off_loopback(db_path, tmp_path, host, warned):
+    proc, port = start_serve(db_path, tmp_path / "serve.log", host=host)
     try:
         status, _, body = get(port, "/metrics")
         assert status == 200 and value(samples(body), "smsbatch_database_readable") == 1
     finally:
         proc.terminate()
         proc.wait(10)
+    log = open(tmp_path / "serve.log").read()
+    assert ("GET /metrics answers anyone who reaches" in log) == warned, log
