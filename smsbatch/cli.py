@@ -14,11 +14,11 @@ import time
 import click
 
 from smsbatch import cli_ops, cli_traces
-from smsbatch.cli_common import (DURATION, EXIT_SOME_FAILED, PHONE, SID, TEXT, TIME, Finite, Group, emit_json, note,
-                                 open_store, read_text_file, settings_from)
+from smsbatch.cli_common import (DURATION, EXIT_SOME_FAILED, PHONE, SID, TEXT, TIME, Finite, LoggedGroup, emit_json,
+                                 note, open_store, read_text_file, settings_from)
 from smsbatch.errors import SmsbatchError
 
-@click.group(cls=Group)
+@click.group(cls=LoggedGroup)
 @click.option("--db", envvar="SMSBATCH_DB", default="smsbatch.db", show_default=True,
               type=click.Path(dir_okay=False), help="SQLite database file (env SMSBATCH_DB).")
 @click.version_option(package_name="smsbatch")

@@ -117,6 +117,13 @@ def test_every_line_of_a_real_serve_is_json(db_path, tmp_path):
     assert any("rejected 404" in m for m in messages) and any("rejected 403" in m for m in messages)
 
 
+def test_a_command_that_cannot_run_says_why_in_one_json_line(tmp_path, openai_standin, twilio_standin):
+    run = run_process(str(tmp_path / "missing.db"), openai_standin, twilio_standin, T0, SMSBATCH_LOG_FORMAT="json")
+    assert run.returncode == 1 and run.stdout == ""
+    [entry] = json_lines(run.stderr)
+    assert entry["level"] == "ERROR" and "does not exist: run `smsbatch migrate` first" in entry["message"]
+
+
 def test_a_bad_log_format_is_one_line_error():
     result = invoke(["status"], {"SMSBATCH_LOG_FORMAT": "xml"})
     assert result.exit_code == 1 and "SMSBATCH_LOG_FORMAT must be one of plain, json" in result.output
