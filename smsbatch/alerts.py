@@ -45,7 +45,6 @@ class Alerter:
         self.url, self.secrets, self.timeout, self.tries = url, tuple(secrets), timeout, tries
         self._threads = []
         self._lock = threading.Lock()
-        self.delivered = 0  # alerts the endpoint accepted (2xx)
 
     @classmethod
     def for_settings(cls, settings):
@@ -80,8 +79,6 @@ class Alerter:
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as answer:
                     answer.read(4096)
-                with self._lock:
-                    self.delivered += 1
                 return
             except urllib.error.HTTPError as exc:
                 why = f"HTTP {exc.code}"

@@ -2,8 +2,9 @@
 
 Each line holds time (ISO-8601 UTC, milliseconds), level, logger and message, plus
 batch_id, reply_sid and our_number when the call site passed them (`extra=`). Phone
-numbers in the message are masked as in the plain logs (errors.hide_numbers); control
-characters are escaped by JSON itself, so one record is always one line.
+numbers in the message are masked as in the plain logs (errors.hide_numbers); the JSON is
+ASCII, so control characters, escape sequences and bidi controls are escaped (\u001b,
+\u202e) and one record is always one line.
 """
 
 import json
