@@ -36,9 +36,9 @@ def cli(ctx, db):
     # request, headers included, at INFO.
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
-        from smsbatch.logs import JsonFormatter
+        from smsbatch.logs import use_json
 
-        handler.setFormatter(JsonFormatter())
+        use_json(handler)
     else:
         handler.setFormatter(IsoFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.WARNING, handlers=[handler])

@@ -9,6 +9,8 @@ ASCII, so control characters, escape sequences and bidi controls are escaped (\u
 
 import json
 import logging
+import sys
+import threading
 from datetime import datetime, timezone
 
 from smsbatch.errors import hide_numbers
@@ -45,3 +47,17 @@ def line(logger, message, level="INFO", **fields):
     if not fields:
         return text
     return json.dumps(json.loads(text) | fields, default=str)
+
+
+def use_json(handler):
+    """Make `handler` write JSON lines, and send what would reach stderr outside logging there
+    too: Python's warnings, and an uncaught exception's traceback (main thread or another)."""
+    handler.setFormatter(JsonFormatter())
+    logging.captureWarnings(True)
+    crash = logging.getLogger("smsbatch")
+
+    def uncaught(kind, value, trace):
+        crash.critical("unexpected error: %s", value, exc_info=(kind, value, trace))
+
+    sys.excepthook = uncaught
+    threading.excepthook = lambda args: uncaught(args.exc_type, args.exc_value, args.exc_traceback)

@@ -96,6 +96,23 @@ def test_json_formatter_escapes_control_and_bidi_characters_and_masks_numbers():
     assert "our_number" not in entry  # only the keys that apply
 
 
+def test_an_uncaught_exception_and_a_warning_are_json_lines_too():
+    """What would reach stderr outside logging (a bug's traceback, in any thread; a Python warning)."""
+    code = ("import logging, sys, threading, warnings\n"
+            "from smsbatch.logs import use_json\n"
+            "handler = logging.StreamHandler(sys.stderr); use_json(handler)\n"
+            "logging.basicConfig(level=logging.WARNING, handlers=[handler])\n"
+            "warnings.warn('old API used')\n"
+            "t = threading.Thread(target=lambda: 1 / 0); t.start(); t.join()\n"
+            "raise RuntimeError('bug while texting +15554440001')\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert run.returncode == 1
+    entries = json_lines(run.stderr)
+    assert [e["level"] for e in entries] == ["WARNING", "CRITICAL", "CRITICAL"]
+    assert "ZeroDivisionError" in entries[1]["exception"] and "RuntimeError" in entries[2]["exception"]
+    assert "+15554440001" not in run.stderr and "[number]" in entries[2]["message"]
+
+
 def test_every_line_of_a_real_serve_is_json(db_path, tmp_path):
     import urllib.request
     from urllib.error import HTTPError
