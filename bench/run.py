@@ -50,6 +50,7 @@ PARTS = {
     "prune": "bench_prune",
     "adaptive": "bench_adaptive",
     "takeover": "bench_takeover",
+    "metrics": "bench_metrics",
 }
 BUSY_WARN = 0.25  # CPUs used by other processes before a part starts: worth a warning
 

@@ -11,7 +11,7 @@ import os
 import stat
 from dataclasses import asdict, dataclass
 
-from smsbatch.config import OPENAI_DEFAULT_BASE_URL, TWILIO_DEFAULT_BASE_URL, display_url
+from smsbatch.config import OPENAI_DEFAULT_BASE_URL, TWILIO_DEFAULT_BASE_URL, display_secret_url, display_url
 from smsbatch.db import SCHEMA_VERSION, Store
 from smsbatch.errors import SmsbatchError
 
@@ -70,6 +70,11 @@ def effective_settings(settings):
         ("SMSBATCH_PROMPTS_DIR", s.prompts_dir or "(not set: one system prompt for every number)"),
         ("SMSBATCH_BACKFILL", "on" if s.backfill else "off"),
         ("SMSBATCH_RETENTION_DAYS", f"{s.retention_days:g}" if s.retention_days else "(not set: keep everything)"),
+        ("SMSBATCH_LOG_FORMAT", s.log_format),
+        ("SMSBATCH_ALERT_WEBHOOK_URL", display_secret_url(s.alert_webhook_url) if s.alert_webhook_url
+         else "(not set: outages are only logged)"),
+        ("SMSBATCH_METRICS_TOKEN", secret(s.metrics_token) if s.metrics_token
+         else "(not set: /metrics is open to whoever reaches the port)"),
     ]
 
 

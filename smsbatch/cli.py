@@ -14,21 +14,33 @@ import time
 import click
 
 from smsbatch import cli_ops, cli_traces
-from smsbatch.cli_common import (EXIT_SOME_FAILED, PHONE, SID, TEXT, TIME, WHEN, Finite, Group, emit_json,
-                                 open_store, read_text_file, settings_from)
+from smsbatch.cli_common import (EXIT_SOME_FAILED, PHONE, SID, TEXT, TIME, WHEN, Finite, LoggedGroup, emit_json,
+                                 note, open_store, read_text_file, settings_from)
+from smsbatch.errors import SmsbatchError
 
-@click.group(cls=Group)
+@click.group(cls=LoggedGroup)
 @click.option("--db", envvar="SMSBATCH_DB", default="smsbatch.db", show_default=True,
               type=click.Path(dir_okay=False), help="SQLite database file (env SMSBATCH_DB).")
 @click.version_option(package_name="smsbatch")
 @click.pass_context
 def cli(ctx, db):
     """Batch rapid-fire inbound SMS and answer each burst with one AI reply."""
-    ctx.obj = {"db": db}
+    from smsbatch.config import log_format
+
+    try:
+        fmt = log_format()  # before the other settings: their errors are logged in this format
+    except SmsbatchError as exc:
+        raise click.ClickException(str(exc)) from None
+    ctx.obj = {"db": db, "log_format": fmt}
     # Only warnings reach stderr (cron mails it); the twilio and HTTP clients log every
     # request, headers included, at INFO.
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(IsoFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if fmt == "json":
+        from smsbatch.logs import use_json
+
+        use_json(handler)
+    else:
+        handler.setFormatter(IsoFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
 
 
@@ -137,12 +149,21 @@ def process(ctx, now, limit, seconds, concurrency, system_prompt_file, ai, sms, 
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    if processor.alerter.active:  # before this run counts as one: had none run while batches waited?
+        from smsbatch.alerts import notice_stall
+
+        notice_stall(processor.store(), processor.alerter, clock(), settings.alert_after_seconds)
     backfilled = periodic_backfill(processor.store(), sender, settings, clock())
     report = processor.run(limit=limit, concurrency=concurrency, seconds=seconds, stop=stop)
     report.backfilled = backfilled
     prune_after_run(settings, clock())
+    processor.alerter.wait()  # alerts still going out: a few seconds at most (alerts.WAIT_AT_END)
     if as_json:
         emit_json(report.as_dict())
+    elif ctx.obj["log_format"] == "json":  # every line a log shipper reads is JSON, this one too
+        from smsbatch.logs import line
+
+        click.echo(line("smsbatch.process", summary_line(report), report=report.as_dict()))
     else:
         from smsbatch.inputs import iso_time
 
@@ -163,9 +184,8 @@ def prune_after_run(settings, now):
     finally:
         store.close()
     if gone["batches"] or gone["manual_replies"]:
-        click.echo(f"pruned {gone['batches']} batches, {gone['texts']} texts, "
-                   f"{gone['replies'] + gone['manual_replies']} replies older than {settings.retention_days:g} days",
-                   err=True)
+        note(f"pruned {gone['batches']} batches, {gone['texts']} texts, "
+             f"{gone['replies'] + gone['manual_replies']} replies older than {settings.retention_days:g} days")
 
 
 def periodic_backfill(store, sender, settings, now):
@@ -358,14 +378,14 @@ def retry(ctx, batch_ids, failed, unknown, since, dry_run, fresh, now, as_json):
 @click.option("--insecure-no-signature", is_flag=True, help="Accept unsigned requests (testing only).")
 @click.pass_context
 def serve(ctx, host, port, threads, insecure_no_signature):
-    """Run the Twilio webhook (POST /sms, GET /health) on wsgiref."""
+    """Run the Twilio webhook (POST /sms, POST /status, GET /health, GET /metrics) on wsgiref."""
     from smsbatch.errors import ConfigError
     from smsbatch.web import make_app, make_server_for
 
     settings = settings_from(ctx)
     open_store(settings).close()
     if insecure_no_signature and not settings.twilio_auth_token:
-        click.echo("WARNING: signatures are NOT checked; anyone can post texts.", err=True)
+        note("WARNING: signatures are NOT checked; anyone can post texts.", "WARNING")
     try:
         app = make_app(settings, insecure=insecure_no_signature)
     except ConfigError as exc:  # no TWILIO_AUTH_TOKEN: say how this command allows that
@@ -375,8 +395,15 @@ def serve(ctx, host, port, threads, insecure_no_signature):
     except OSError as exc:  # port in use, an address this machine does not have, a name that does not resolve
         raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
-    click.echo(f"listening on http://{host}:{server.server_port}/sms", err=True)
-    click.echo(app.signature_note(), err=True)
+    if settings.alert_webhook_url:  # whoever is up notices that no processor runs
+        from smsbatch.alerts import Alerter, watch_stalls
+
+        watch_stalls(settings, Alerter.for_settings(settings), threading.Event())
+    note(f"listening on http://{host}:{server.server_port}/sms")
+    note(app.signature_note())
+    if not settings.metrics_token and host not in ("127.0.0.1", "localhost", "::1"):
+        note(f"GET /metrics answers anyone who reaches {host}:{server.server_port}: keep the port private "
+             "(the proxy forwards only the webhook paths) or set SMSBATCH_METRICS_TOKEN", "WARNING")
     try:
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:

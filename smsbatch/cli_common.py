@@ -76,6 +76,30 @@ class Group(click.Group):
                                        "not UTF-8, or the terminal cannot show a character") from None
 
 
+class LoggedGroup(Group):
+    """Group whose one-line `Error: ...` is a JSON log line too under SMSBATCH_LOG_FORMAT=json
+    (usage errors, which come before any command runs, stay click's)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError:
+            raise
+        except click.ClickException as exc:
+            if (ctx.obj or {}).get("log_format") != "json":
+                raise
+            raise JsonError(exc.format_message()) from None
+
+
+class JsonError(click.ClickException):
+    """A ClickException shown as one JSON log line (level ERROR) instead of `Error: ...`."""
+
+    def show(self, file=None):
+        from smsbatch.logs import line
+
+        click.echo(line("smsbatch.cli", self.format_message(), "ERROR"), file=file, err=file is None)
+
+
 def settings_from(ctx, **changes):
     """Settings from the environment, with --db and any command options applied."""
     try:
@@ -93,6 +117,17 @@ def open_store(settings, migrate=False):
     store = Store(settings.db_path)
     store.migrate()
     return store
+
+
+def note(message, level="INFO"):
+    """A line for the operator on stderr that is not a logging record (`serve` is listening, `process`
+    pruned): as it is, or as one JSON log line with SMSBATCH_LOG_FORMAT=json."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and (ctx.find_root().obj or {}).get("log_format") == "json":
+        from smsbatch.logs import line
+
+        message = line("smsbatch.cli", message, level)
+    click.echo(message, err=True)
 
 
 def emit_json(data):

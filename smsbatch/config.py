@@ -109,6 +109,9 @@ class Settings:
     prompts_dir: str = ""  # one system prompt per number: <dir>/+15550001111.txt
     numbers: tuple = ()  # SMSBATCH_NUMBERS: the business numbers smsbatch answers for (E.164)
     anon_key: str = field(default="", repr=False)  # SMSBATCH_ANON_KEY: `export --anonymize`'s key
+    log_format: str = "plain"  # SMSBATCH_LOG_FORMAT: plain lines, or one JSON object a line (smsbatch.logs)
+    alert_webhook_url: str = field(default="", repr=False)  # its path is the secret of a Slack webhook
+    metrics_token: str = field(default="", repr=False)  # GET /metrics then needs "Authorization: Bearer <it>"
 
     @classmethod
     def from_env(cls, env=None):
@@ -157,6 +160,9 @@ class Settings:
             prompts_dir=g("SMSBATCH_PROMPTS_DIR", ""),
             numbers=_numbers(g("SMSBATCH_NUMBERS", "")),
             anon_key=g("SMSBATCH_ANON_KEY", ""),
+            log_format=log_format(env),
+            alert_webhook_url=_alert_url(g("SMSBATCH_ALERT_WEBHOOK_URL", "")),
+            metrics_token=g("SMSBATCH_METRICS_TOKEN", "").strip(),
         )
         return settings.checked()
 
@@ -256,7 +262,8 @@ class Settings:
         import base64
         from urllib.parse import urlsplit
 
-        found = [self.openai_api_key, self.twilio_auth_token, self.anon_key]
+        found = [self.openai_api_key, self.twilio_auth_token, self.anon_key, self.metrics_token,
+                 self.alert_webhook_url]
         if self.twilio_auth_token:
             basic = base64.b64encode(f"{self.twilio_account_sid}:{self.twilio_auth_token}".encode()).decode()
             found += [basic, basic.rstrip("=")]  # unpadded too: where the padding was dropped
@@ -265,6 +272,9 @@ class Settings:
                 found.append(urlsplit(url or "").password or "")
             except ValueError:
                 pass
+        if self.alert_webhook_url:  # a chat webhook's path and query are its secret (hooks.slack.com/services/...)
+            parts = urlsplit(self.alert_webhook_url)
+            found += [parts.path.strip("/"), parts.query, parts.password or ""]
         return tuple(s for s in found if s)
 
 
@@ -307,6 +317,33 @@ def _numbers(raw):
     return numbers
 
 
+def log_format(env=None):
+    """SMSBATCH_LOG_FORMAT: 'plain' (the default) or 'json'. Read on its own as well, because
+    logging is set up before a command reads the rest of the settings.
+
+    Raises:
+        ConfigError: another value.
+    """
+    return _choice(os.environ if env is None else env, "SMSBATCH_LOG_FORMAT", ("plain", "json"))
+
+
+def _alert_url(raw):
+    """SMSBATCH_ALERT_WEBHOOK_URL: an http(s) URL with a host, or empty (no alerts)."""
+    from urllib.parse import urlsplit
+
+    url = raw.strip()
+    if not url:
+        return ""
+    try:
+        parts = urlsplit(url)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ConfigError(f"SMSBATCH_ALERT_WEBHOOK_URL must be an http(s) URL, not {display_secret_url(url)!r}")
+    return url
+
+
 def _choice(env, name, choices):
     value = (env.get(name) or choices[0]).strip().lower()
     if value not in choices:
@@ -330,3 +367,20 @@ def display_url(url):
     if parts.port:
         host = f"{host}:{parts.port}"
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def display_secret_url(url):
+    """A URL whose path is itself a secret (a Slack or Discord incoming webhook), as shown:
+    scheme and host only, the rest masked."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+    except ValueError:
+        return "(unparseable URL)"
+    if not parts.scheme or not host:
+        return "***"
+    return f"{parts.scheme}://{host}/***"

@@ -289,3 +289,51 @@ class OperatorReports:
             (since, until)).fetchall()
         return {"texts": [dict(r) for r in texts], "batches": [dict(r) for r in batches],
                 "replies": [dict(r) for r in replies]}
+
+    # -- metrics and alerts (issue 17: /metrics, SMSBATCH_ALERT_WEBHOOK_URL) ---------
+
+    def metrics_counts(self):
+        """What /metrics reads from the database besides health and activity, in three
+        aggregate queries over covering indexes (schema step 10): texts per business number;
+        batches per state with what the AI cost; replies per delivery status (None: no receipt
+        yet), encoding and currency, with their SMS segments and Twilio's prices."""
+        c = self.conn
+        return {
+            "texts": [tuple(r) for r in c.execute("SELECT our_number, count(*) FROM messages GROUP BY our_number")],
+            "batches": [tuple(r) for r in c.execute(
+                "SELECT state, count(*), coalesce(sum(ai_requests), 0), coalesce(sum(prompt_tokens), 0),"
+                " coalesce(sum(completion_tokens), 0) FROM batches GROUP BY state")],
+            "replies": [tuple(r) for r in c.execute(
+                "SELECT status, encoding, price_unit, count(*), coalesce(sum(segments), 0), sum(price)"
+                " FROM outbound GROUP BY status, encoding, price_unit")],
+        }
+
+    def metrics_snapshot(self, now):
+        """Everything /metrics reads, from one read snapshot (a deferred transaction never takes
+        the write lock): metrics_counts, health, provider health, last activity, bad signatures."""
+        self.conn.execute("BEGIN")
+        try:
+            return {"counts": self.metrics_counts(), "health": self.health(now), "providers": self.provider_health(),
+                    "activity": self.last_activity(), "rejected": self.rejected_signatures(now)["rejected_signatures"]}
+        finally:
+            self.conn.execute("COMMIT")
+
+    def waiting_unclaimed(self, now, after):
+        """Batches that have been due for `after` seconds or more with no processor acting on
+        them: (how many, the earliest due time), or None when there are none."""
+        row = self.conn.execute(
+            f"SELECT count(*), min(due_at) FROM batches WHERE state IN ({placeholders(PENDING)}) AND due_at <= ?",
+            [*(s.value for s in PENDING), now - after]).fetchone()
+        return (row[0], row[1]) if row[0] else None
+
+    def claim_alert(self, event, episode, now):
+        """True for exactly one caller per (event, episode), however many processes notice it:
+        that caller sends the alert. A new episode (another value) replaces the old one."""
+        row = self.conn.execute("SELECT episode FROM alerts WHERE event = ?", (event,)).fetchone()
+        if row is not None and row[0] == episode:
+            return False  # the common case costs a read, not a write
+        with self.transaction() as conn:
+            return conn.execute(
+                "INSERT INTO alerts (event, episode, sent_at) VALUES (?, ?, ?) ON CONFLICT (event)"
+                " DO UPDATE SET episode = excluded.episode, sent_at = excluded.sent_at"
+                " WHERE alerts.episode <> excluded.episode", (event, episode, now)).rowcount == 1

@@ -213,6 +213,17 @@ V10 = (
         since   REAL NOT NULL,
         reason  TEXT
     )""",
+    # Alerts sent once per episode (SMSBATCH_ALERT_WEBHOOK_URL), whichever process notices first.
+    """CREATE TABLE alerts (
+        event    TEXT PRIMARY KEY,
+        episode  REAL NOT NULL,
+        sent_at  REAL NOT NULL
+    )""",
+    # /metrics reads totals on every scrape: covering indexes keep that to a few ms on 50,000
+    # texts (bench/bench_metrics.py) instead of scans of rows that hold prompts and bodies.
+    "CREATE INDEX batches_usage ON batches(state, first_at, ai_requests, prompt_tokens, completion_tokens)",
+    "CREATE INDEX messages_number ON messages(our_number)",
+    "CREATE INDEX outbound_billing ON outbound(status, encoding, price_unit, segments, price)",
 )
 
 STEPS = {2: V2, 3: V3, 4: V4, 5: V5, 6: V6, 7: V7, 8: V8, 9: V9, 10: V10}

@@ -17,6 +17,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from smsbatch import ai, batching, delivery, segments
+from smsbatch.alerts import Alerter
 from smsbatch.config import FAULT_POINT
 from smsbatch.db import State, Store
 from smsbatch.db_ops import held_reason
@@ -54,6 +55,11 @@ def same_number(phone, other):
         return check_phone(phone) == check_phone(other)
     except InvalidInput:
         return _digits(phone) == _digits(other)
+
+
+def context(batch):
+    """logging's extra= for a line about a batch: its id and business number (JSON logs show them)."""
+    return {"batch_id": batch["id"], "our_number": batch["our_number"]}
 
 
 def fault_point(name):
@@ -121,7 +127,7 @@ def stored_reply(batch):
 class Processor:
     """Answers batches. Each worker thread gets its own SQLite connection."""
 
-    def __init__(self, db_path, settings, responder, sender, clock=time.time, rng=None):
+    def __init__(self, db_path, settings, responder, sender, clock=time.time, rng=None, alerter=None):
         self.db_path = db_path
         self.settings = settings
         self.responder = responder
@@ -133,6 +139,7 @@ class Processor:
         self.leases = Leases(db_path, clock, settings.lease)
         self.usage = ai.Usage()  # what the AI calls of this processor cost, so far
         self._usage_lock = threading.Lock()
+        self.alerter = alerter or Alerter.for_settings(settings)  # SMSBATCH_ALERT_WEBHOOK_URL
 
     def store(self):
         if not hasattr(self._local, "store"):
@@ -243,7 +250,7 @@ class Processor:
             return self.prompts.for_number(batch["our_number"])
         except ConfigError as exc:
             log.warning("batch %s: %s; retrying later (fix the file in SMSBATCH_PROMPTS_DIR)", batch["id"],
-                        hide_numbers(exc))
+                        hide_numbers(exc), extra=context(batch))
             raise DeliveryError(str(exc), transient=True) from None
 
     def _send(self, store, batch, reply):
@@ -252,13 +259,13 @@ class Processor:
         # database. Only its own monotonic clock can say the lease still runs.
         fence = lambda: self.leases.holds(batch)  # noqa: E731
         if not fence():
-            log.warning("batch %s: lease no longer held (taken over); not sending", batch["id"])
+            log.warning("batch %s: lease no longer held (taken over); not sending", batch["id"], extra=context(batch))
             return "taken_over"
         try:
             kwargs = {"fence": fence} if getattr(self.sender, "takes_fence", False) else {}
             sid = self._call(store, "sms", self.sender.send, batch["phone"], reply, batch["our_number"], **kwargs)
         except LeaseLost as exc:
-            log.warning("batch %s: %s", batch["id"], exc)
+            log.warning("batch %s: %s", batch["id"], exc, extra=context(batch))
             return "taken_over"
         except DeliveryError as exc:
             if exc.opted_out:
@@ -319,13 +326,16 @@ class Processor:
             return
         what, row = change
         name = PROVIDER_NAMES[provider]
-        # stderr, one line each way: cron mails it, so someone hears of the outage and of its end.
+        # stderr, one line each way: cron mails it, so someone hears of the outage and of its end;
+        # and the chat channel, if there is one (announced once among processors, as the line).
         if what == "outage":
-            log.warning("OUTAGE: %s calls failing since %s (%s): %s", name, iso_time(row["failing_since"]),
-                        _span(now - row["failing_since"]), error)
+            text = (f"OUTAGE: {name} calls failing since {iso_time(row['failing_since'])} "
+                    f"({_span(now - row['failing_since'])}): {error}")
         else:
-            log.warning("RECOVERED: %s calls work again after failing for %s (since %s)", name,
-                        _span(now - row["failing_since"]), iso_time(row["failing_since"]))
+            text = (f"RECOVERED: {name} calls work again after failing for {_span(now - row['failing_since'])} "
+                    f"(since {iso_time(row['failing_since'])})")
+        log.warning("%s", text)
+        self.alerter.send(f"smsbatch {text}")
 
     def _failed_attempt(self, store, batch, exc):
         if exc.transient and batch["attempts"] < self.settings.max_attempts:
@@ -339,7 +349,7 @@ class Processor:
             # stderr: cron mails it, so a person hears about batches that need them
             # Provider errors may quote the number: the log (cron mail) gets the batch id instead.
             log.warning("batch %s %s: %s (smsbatch retry %s)", batch["id"], State(state).value,
-                        hide_numbers(error), batch["id"])
+                        hide_numbers(error), batch["id"], extra=context(batch))
         return State(state).value if ok else "taken_over"
 
     def _later(self, move, batch, error):
@@ -356,7 +366,7 @@ class Processor:
             # Redacted like provider errors: an exception's text may quote a secret or a number.
             trace = hide_numbers(redact(traceback.format_exc(), self.settings.secrets()))
             log.error("batch %s: unexpected error (a bug); the batch is left to its lease, then retried "
-                      "or failed after its attempts\n%s", batch["id"], trace.rstrip())
+                      "or failed after its attempts\n%s", batch["id"], trace.rstrip(), extra=context(batch))
             return "error"
 
     # -- the loop ---------------------------------------------------------------
@@ -453,9 +463,13 @@ class Processor:
                 if delivery.is_status(status):
                     store.record_delivery(sid, status, code, now)
         problems = store.take_new_problems(now)
-        for p in problems:
-            log.warning("batch %s: reply %s", p["batch_id"] or "(manual)",
-                        delivery.explain(p["status"], p["error_code"]))
+        lines = [f"batch {p['batch_id'] or '(manual)'}: reply {delivery.explain(p['status'], p['error_code'])}"
+                 for p in problems]
+        for p, line in zip(problems, lines):
+            log.warning("%s", line, extra={"batch_id": p["batch_id"], "reply_sid": p["sid"]})
+        if lines:  # one alert per run, however many: each reply is reported once (take_new_problems)
+            more = f"\n... and {len(lines) - 10} more (smsbatch status)" if len(lines) > 10 else ""
+            self.alerter.send("smsbatch UNDELIVERED:\n" + "\n".join(lines[:10]) + more)
         return len(problems)
 
     def _idle_wait(self):

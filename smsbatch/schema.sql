@@ -49,6 +49,8 @@ CREATE INDEX IF NOT EXISTS batches_state_last ON batches(state, last_at);  -- ex
 CREATE INDEX IF NOT EXISTS batches_conversation ON batches(phone, our_number);  -- no state: claiming does not rewrite it
 CREATE INDEX IF NOT EXISTS batches_superseded_by ON batches(superseded_by) WHERE superseded_by IS NOT NULL;  -- prune
 CREATE INDEX IF NOT EXISTS batches_created ON batches(created_at);  -- `stats` over a window
+-- /metrics and /health: totals by state, and the oldest pending batch, without reading rows
+CREATE INDEX IF NOT EXISTS batches_usage ON batches(state, first_at, ai_requests, prompt_tokens, completion_tokens);
 
 -- Every state change of every batch, oldest first: `smsbatch show` reads it, `retry`
 -- adds to it. from_state is NULL for the move that created the batch.
@@ -88,6 +90,7 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE INDEX IF NOT EXISTS messages_batch ON messages(batch_id);
 CREATE INDEX IF NOT EXISTS messages_phone ON messages(phone, received_at);
 CREATE INDEX IF NOT EXISTS messages_received ON messages(received_at);
+CREATE INDEX IF NOT EXISTS messages_number ON messages(our_number);  -- /metrics: texts per business number
 
 -- Every SMS we sent: AI replies (recorded when Twilio accepted them) and replies an
 -- operator sent by hand. The AI sees both as the conversation so far. status and
@@ -114,6 +117,7 @@ CREATE INDEX IF NOT EXISTS outbound_conversation ON outbound(phone, our_number, 
 CREATE INDEX IF NOT EXISTS outbound_batch ON outbound(batch_id);
 CREATE INDEX IF NOT EXISTS outbound_sent ON outbound(sent_at);  -- `stats` over a window
 CREATE INDEX IF NOT EXISTS outbound_status ON outbound(status, sent_at);
+CREATE INDEX IF NOT EXISTS outbound_billing ON outbound(status, encoding, price_unit, segments, price);  -- /metrics
 
 -- Numbers that texted STOP (and have not texted START since). scope: the number they
 -- wrote to, the messaging service when one is used (Twilio opts out of the whole
@@ -185,4 +189,13 @@ CREATE TABLE IF NOT EXISTS processors (
     host        TEXT PRIMARY KEY,
     started_at  REAL NOT NULL,                -- its latest run began
     finished_at REAL                          -- its latest run ended (NULL: running, or killed)
+);
+
+-- Alerts posted to SMSBATCH_ALERT_WEBHOOK_URL that must go out once per episode, whoever
+-- notices: event 'stalled' (no processor ran while batches waited), episode = the time of the
+-- last run before it (a later run starts a new episode).
+CREATE TABLE IF NOT EXISTS alerts (
+    event    TEXT PRIMARY KEY,
+    episode  REAL NOT NULL,
+    sent_at  REAL NOT NULL
 );

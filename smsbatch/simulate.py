@@ -196,7 +196,7 @@ class Replay:
 
     def __init__(self, folder, records, setup):
         settings = setup.settings.replace(db_path=os.path.join(folder, "simulate.db"),
-                                          test_number="", enabled=True)
+                                          test_number="", enabled=True, alert_webhook_url="")  # no real alerts
         self.setup, self.clock = setup, VirtualClock()
         setup_store = Store(settings.db_path)
         setup_store.migrate()

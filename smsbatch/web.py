@@ -22,6 +22,7 @@ from smsbatch.batching import Rules, opt_out_scope
 from smsbatch.config import Settings
 from smsbatch.db import Store
 from smsbatch.errors import ConfigError, SmsbatchError
+from smsbatch.metrics import WebMetrics
 from smsbatch.rejections import Rejections
 from smsbatch.server import make_server_for
 from smsbatch.sms import status_callback_url
@@ -120,6 +121,8 @@ class Webhook:
             raise ConfigError("TWILIO_AUTH_TOKEN is not set: refusing unsigned webhooks")
         self.writer = Writer(settings.db_path, WEB_BUSY_TIMEOUT)
         self.rejections = Rejections(self.writer.submit, clock)
+        self.metrics = WebMetrics(settings, self.route_label, clock, self.rejections.unwritten)
+        self._routes = None  # path -> metrics label (route_label)
         # Behind a proxy the webhook may live under a prefix (https://host/shop/sms/).
         public_path = urlparse(settings.public_url).path.rstrip("/") if settings.public_url else ""
         self.sms_paths = {"/sms"} | ({public_path} if public_path else set())
@@ -140,6 +143,7 @@ class Webhook:
         self.writer.close()
 
     def __call__(self, environ, start_response):
+        started = environ.get("smsbatch.received") or time.monotonic()
         try:
             status, headers, body = self.route(environ)
         except Reject as exc:
@@ -151,6 +155,7 @@ class Webhook:
             log.exception("webhook: unexpected error")
             status, headers, body = "500 Internal Server Error", [("Content-Type", "text/plain")], b"error\n"
         headers.append(("Content-Length", str(len(body))))
+        self.metrics.observe(environ.get("PATH_INFO", ""), status, time.monotonic() - started)
         start_response(status, headers)
         return [b""] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
 
@@ -169,7 +174,25 @@ class Webhook:
             if method not in ("GET", "HEAD"):
                 raise Reject("405 Method Not Allowed", "use GET", [("Allow", "GET, HEAD")])
             return self.health()
+        if path == "/metrics":
+            return self.metrics_page(environ, method)
         raise Reject("404 Not Found", "not found")
+
+    def route_label(self, path):
+        """A request path as a metrics label: one of a fixed set of routes, never the path sent."""
+        if self._routes is None:
+            self._routes = {"/metrics": "/metrics"} | {p: "/health" for p in self.health_paths} | {
+                p: "/status" for p in self.status_paths} | {p: "/sms" for p in self.sms_paths}
+        return self._routes.get(path.rstrip("/"), "other")
+
+    def metrics_page(self, environ, method):
+        """GET /metrics (smsbatch.metrics). Raises: Reject 405, or 401 without the SMSBATCH_METRICS_TOKEN."""
+        if method not in ("GET", "HEAD"):
+            raise Reject("405 Method Not Allowed", "use GET", [("Allow", "GET, HEAD")])
+        if not self.metrics.authorized(environ):
+            raise Reject("401 Unauthorized", "missing or wrong bearer token (SMSBATCH_METRICS_TOKEN)",
+                         [("WWW-Authenticate", 'Bearer realm="smsbatch metrics"')])
+        return self.metrics.page()
 
     def inbound(self, environ):
         """POST /sms: check, store, answer empty TwiML. Raises: Reject (503 if not stored)."""
@@ -202,7 +225,8 @@ class Webhook:
                 log.error("webhook: could not store MessageSid %s: %s", sid, exc)
             raise Reject("503 Service Unavailable", "could not store the message; try again") from None
         if added is not None:  # None inside a burst: stored at its COMMIT, before this answer goes out
-            log.debug("stored %s in batch %s%s", sid, added.batch_id, " (repeat)" if added.duplicate else "")
+            log.debug("stored %s in batch %s%s", sid, added.batch_id, " (repeat)" if added.duplicate else "",
+                      extra={"batch_id": added.batch_id, "our_number": to})
         return "200 OK", [("Content-Type", "text/xml")], TWIML_EMPTY
 
     def delivery_receipt(self, environ):
@@ -234,7 +258,7 @@ class Webhook:
         try:
             self.writer.submit(lambda store: store.record_delivery(sid, status, error, at), deadline)
         except (sqlite3.Error, SmsbatchError) as exc:
-            log.error("webhook: could not store the status of %s: %s", sid, exc)
+            log.error("webhook: could not store the status of %s: %s", sid, exc, extra={"reply_sid": sid})
             raise Reject("503 Service Unavailable", "could not store the status; try again") from None
         return "200 OK", [("Content-Type", "text/plain")], b""
 
@@ -433,6 +457,10 @@ def app(environ, start_response):
                     _default_app = make_app(settings)
                 except ConfigError as exc:  # there is no --insecure-no-signature here
                     raise ConfigError(f"{exc}: set TWILIO_AUTH_TOKEN in the WSGI server's environment") from None
+                if settings.alert_webhook_url:  # as `serve`: whoever is up notices that no processor runs
+                    from smsbatch.alerts import Alerter, watch_stalls
+
+                    watch_stalls(settings, Alerter.for_settings(settings), threading.Event())
     return _default_app(environ, start_response)
 
 

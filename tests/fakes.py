@@ -531,3 +531,25 @@ class WebPage(StandIn):
         handler.send_header("Content-Length", str(len(body)))
         handler.end_headers()
         handler.wfile.write(body)
+
+
+class ChatHook(StandIn):
+    """An incoming chat webhook (Slack, Mattermost, Discord's /slack): takes a POSTed JSON
+    {"text": ...} and answers 200 "ok", as Slack does. Script items: "ok", an HTTP status
+    (int), "hang" (never answers within any sane timeout)."""
+
+    def dispatch(self, handler, method):
+        action = self.take(self.read_body(handler))
+        status = action if isinstance(action, int) else 200
+        body = b"ok" if status == 200 else b"server error"
+        handler.send_response(status)
+        handler.send_header("Content-Type", "text/plain")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    @property
+    def texts(self):
+        """The text of every alert received, tries included, in order."""
+        with self.lock:
+            return [json.loads(body)["text"] for body in self.requests]
