@@ -6,6 +6,7 @@ cli_traces (export and simulate).
 """
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -138,7 +139,8 @@ def process(ctx, now, limit, seconds, concurrency, system_prompt_file, ai, sms, 
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    backfilled = periodic_backfill(processor.store(), sender, settings, clock())
+    warn_if_not_the_deployments_db(settings)
+    backfilled = periodic_backfill(processor.store(), sender, settings, clock(), stop)
     report = processor.run(limit=limit, concurrency=concurrency, seconds=seconds, stop=stop)
     report.backfilled = backfilled
     prune_after_run(settings, clock())
@@ -158,9 +160,14 @@ def prune_after_run(settings, now):
         return
     from smsbatch.ops import PRUNE_PER_RUN
 
+    age = settings.retention_days * 86400
+    if backfill_runs(settings):  # never inside the backfill's look-back: a pruned text would be answered again
+        from smsbatch.backfill import min_prune_age
+
+        age = max(age, min_prune_age(settings))
     store = open_store(settings)
     try:
-        gone = store.prune(now - settings.retention_days * 86400, limit=PRUNE_PER_RUN)
+        gone = store.prune(now - age, limit=PRUNE_PER_RUN)
     finally:
         store.close()
     if gone["batches"] or gone["manual_replies"]:
@@ -169,21 +176,49 @@ def prune_after_run(settings, now):
                    err=True)
 
 
-def periodic_backfill(store, sender, settings, now):
+def periodic_backfill(store, sender, settings, now, stop=None):
     """`process`'s look into Twilio's log for texts the webhook never got (see smsbatch.backfill).
-    Returns how many it stored; a Twilio failure is logged and processing goes on."""
-    if not settings.backfill or settings.sms != "twilio":
+    Returns how many it stored; a Twilio failure is logged and processing goes on. `stop`
+    (set by SIGTERM) ends its reading between two pages."""
+    if not backfill_runs(settings):
         return 0
     from smsbatch.backfill import backfill_if_due
     from smsbatch.errors import DeliveryError
-    from smsbatch.sms import TwilioLog
+    from smsbatch.twilio_log import Paging, TwilioLog
 
     try:
-        report = backfill_if_due(store, TwilioLog(sender), settings, now)
+        report = backfill_if_due(store, TwilioLog(sender, Paging(stop)), settings, now)
     except DeliveryError as exc:
         logging.getLogger("smsbatch.backfill").warning("backfill: could not read Twilio's message log: %s", exc)
         return 0
     return report.stored if report else 0
+
+
+def backfill_runs(settings):
+    """Does `process` look into Twilio's message log (SMSBATCH_BACKFILL, with the Twilio sender)?"""
+    return settings.backfill and settings.sms == "twilio"
+
+
+def warn_if_not_the_deployments_db(settings):
+    """One warning line when `process` would send real SMS from a database that is not the one
+    SMSBATCH_DB names (--db copy.db): a copy's backfill and pending batches answer people again."""
+    configured = settings.deployment_db
+    if settings.sms != "twilio" or not configured or same_file(configured, settings.db_path):
+        return
+    from smsbatch.errors import visible
+
+    logging.getLogger("smsbatch").warning(
+        "sending real SMS from %s, not from the deployment's database %s (SMSBATCH_DB): a copy or a "
+        "restored file may answer texts that were answered already", visible(settings.db_path, 200),
+        visible(configured, 200))
+
+
+def same_file(a, b):
+    """Are two paths the same file (compared as files when both exist, else as absolute paths)?"""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
 
 
 def summary_line(report):

@@ -22,7 +22,8 @@ def backfill(ctx, since, until, dry_run, now, as_json):
     the others are answered by the next `process` run.
     """
     from smsbatch.backfill import backfill as run_backfill
-    from smsbatch.sms import TwilioLog, TwilioSender
+    from smsbatch.sms import TwilioSender
+    from smsbatch.twilio_log import TwilioLog
 
     settings = settings_from(ctx)
     missing = [m for m in settings.missing_credentials() if m.startswith("TWILIO_ACCOUNT") or m == "TWILIO_AUTH_TOKEN"]
@@ -159,8 +160,18 @@ def send(ctx, phone, text, our_number, now):
 def prune(ctx, age, dry_run, now, as_json):
     """Delete old, finished conversation history: batches whose texts and outcome are all older
     than --older-than, with their texts, state history and replies, and replies sent by hand
-    before then. Never a pending batch, nor anything of a person on hold or opted out."""
-    store = open_store(settings_from(ctx))
+    before then. Never a pending batch, nor anything of a person on hold or opted out.
+    Refused for an age inside the backfill's look-back (SMSBATCH_MAX_AGE_SECONDS plus 5
+    minutes): a text deleted there would be found in Twilio's log and answered again."""
+    from smsbatch.backfill import min_prune_age
+
+    settings = settings_from(ctx)
+    if settings.backfill and age < min_prune_age(settings):
+        raise click.ClickException(
+            f"--older-than {span(age) if age % 60 == 0 else f'{age:g}s'} is inside the backfill's look-back (SMSBATCH_MAX_AGE_SECONDS plus 5 minutes: "
+            f"a text deleted there is found in Twilio's log and answered again); the smallest allowed age is "
+            f"{span(min_prune_age(settings))}")
+    store = open_store(settings)
     cutoff = (time.time() if now is None else now) - age
     gone = store.prune(cutoff, dry_run=dry_run)
     if as_json:
@@ -171,6 +182,15 @@ def prune(ctx, age, dry_run, now, as_json):
                f"{count(gone['events'], 'history entry', 'history entries')}, "
                f"{count(gone['replies'], 'AI reply', 'AI replies')} and "
                f"{count(gone['manual_replies'], 'reply', 'replies')} sent by hand, older than {iso_time(cutoff)}")
+
+
+def span(seconds):
+    """'65m', '2h', '3d': an age as `prune --older-than` takes it, in whole minutes (rounded up)."""
+    minutes = -(-int(seconds) // 60)
+    for unit, size in (("d", 1440), ("h", 60)):
+        if minutes >= size and minutes % size == 0:
+            return f"{minutes // size}{unit}"
+    return f"{minutes}m"
 
 
 def count(n, one, many=None):

@@ -103,6 +103,7 @@ class Settings:
     backfill: bool = True  # look in Twilio's message log for texts the webhook never got
     prompts_dir: str = ""  # one system prompt per number: <dir>/+15550001111.txt
     numbers: tuple = ()  # SMSBATCH_NUMBERS: the business numbers smsbatch answers for (E.164)
+    deployment_db: str = ""  # SMSBATCH_DB as set (db_path may be another file: --db)
 
     @classmethod
     def from_env(cls, env=None):
@@ -149,6 +150,7 @@ class Settings:
             backfill=_flag(g("SMSBATCH_BACKFILL", "1"), "SMSBATCH_BACKFILL"),
             prompts_dir=g("SMSBATCH_PROMPTS_DIR", ""),
             numbers=_numbers(g("SMSBATCH_NUMBERS", "")),
+            deployment_db=g("SMSBATCH_DB") or "",
         )
         return settings.checked()
 

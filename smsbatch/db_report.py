@@ -40,13 +40,15 @@ class OperatorReports:
             return True
 
     def deliveries_to_check(self, now, limit):
-        """Replies without a final status CHECK_AFTER_SECONDS after sending, never checked yet."""
-        return [r[0] for r in self.conn.execute(
-            f"SELECT sid FROM outbound WHERE (status IS NULL OR status NOT IN ({placeholders(delivery.FINAL)}))"
+        """Replies without a final status CHECK_AFTER_SECONDS after sending, never checked yet:
+        rows of sid and batch_id."""
+        return [dict(r) for r in self.conn.execute(
+            f"SELECT sid, batch_id FROM outbound WHERE (status IS NULL OR status NOT IN ({placeholders(delivery.FINAL)}))"
             " AND checked_at IS NULL AND sent_at <= ? ORDER BY sent_at LIMIT ?",
             (*sorted(delivery.FINAL), now - delivery.CHECK_AFTER_SECONDS, limit))]
 
     def mark_checked(self, sid, now):
+        """Record that Twilio was asked about this reply: it is not asked again."""
         with self.transaction() as conn:
             conn.execute("UPDATE outbound SET checked_at = ? WHERE sid = ?", (now, sid))
 

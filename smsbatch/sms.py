@@ -12,9 +12,11 @@ import secrets
 import sys
 import threading
 import time
+from dataclasses import dataclass
+from urllib.parse import quote
 
-from smsbatch import deadline
-from smsbatch.errors import CannotReconcile, DeliveryError, redact
+from smsbatch import deadline, twilio_fields
+from smsbatch.errors import CannotReconcile, DeliveryError, redact, visible
 
 # Twilio error codes worth trying again later: rate limit, unreachable handset, unknown carrier error.
 TRANSIENT_CODES = frozenset({20429, 30003, 30008})
@@ -152,63 +154,62 @@ class TwilioSender:
 
 
     def fetch_status(self, sid):
-        """Twilio's current (MessageStatus, ErrorCode) of a message we sent.
+        """Twilio's current status of a message we sent (GET Messages/{sid}.json), each field
+        checked: one Twilio gives in a shape smsbatch does not know is None in the answer and
+        named in its `problems`.
 
-        Raises: DeliveryError.
+        Raises: DeliveryError (not transient for a SID that is not one, or Twilio's 404).
         """
+        try:
+            sid = twilio_fields.message_sid(sid)
+        except twilio_fields.BadField:
+            raise DeliveryError("not a Twilio message SID", transient=False) from None
         client = self._get_client()
-        message = self._call(lambda: client.messages(sid).fetch())
-        return message.status, message.error_code
+        account = quote(self.settings.twilio_account_sid, safe="")
+        url = f"{client.api.base_url.rstrip('/')}/2010-04-01/Accounts/{account}/Messages/{sid}.json"
+        message = self._call(lambda: get_json(client, url))
+        return delivery_status(message if isinstance(message, dict) else {})
 
 
-class TwilioLog:
-    """Reads Twilio's message log: the texts it received for our numbers (the backfill)."""
+@dataclass
+class DeliveryStatus:
+    """What a delivery fetch learned of one message we sent."""
 
-    def __init__(self, sender):
-        self.sender = sender
+    status: str = None  # a MessageStatus smsbatch knows, else None
+    error_code: int = None  # Twilio's ErrorCode; None: none, or not a sane one
+    problems: tuple = ()  # the fields Twilio gave in a shape smsbatch does not know
 
-    def service_numbers(self):
-        """The phone numbers of the configured messaging service (none without one).
 
-        Raises: DeliveryError.
-        """
-        sid = self.sender.settings.twilio_messaging_service_sid
-        if not sid:
-            return set()
-        client = self.sender._get_client()
+def delivery_status(message):
+    """A DeliveryStatus from a Message resource (a dict as Twilio's JSON has it)."""
+    found, problems = {}, []
+    for name, read in (("status", twilio_fields.status), ("error_code", twilio_fields.error_code)):
         try:
-            return {n.phone_number for n in client.messaging.v1.services(sid).phone_numbers.stream(page_size=1000)}
-        except provider_errors() as exc:
-            raise classify(exc, self.sender.settings.secrets()) from None
+            found[name] = read(message.get(name))
+        except twilio_fields.BadField:
+            problems.append(f"{name} {visible(repr(message.get(name)), 40)}")
+    return DeliveryStatus(found.get("status"), found.get("error_code"), tuple(problems))
 
-    def received(self, to, since, until):
-        """Inbound texts to `to` that Twilio sent to the webhook between `since` and `until`
-        (epoch seconds), following every page: dicts of sid, phone, to, body, at, media.
 
-        Twilio's DateSent filters are asked for the window, and the window is checked here
-        too, since the API documents them to the day only.
+def get_json(client, url, params=None):
+    """GET a Twilio URL with the client's credentials; its JSON answer.
 
-        Raises: DeliveryError.
-        """
-        client = self.sender._get_client()
-        after = datetime.datetime.fromtimestamp(since, datetime.timezone.utc)
-        before = datetime.datetime.fromtimestamp(until, datetime.timezone.utc)
+    Raises: TwilioRestException (not 200: classify() maps it), json.JSONDecodeError.
+    """
+    import json
+
+    from twilio.base.exceptions import TwilioRestException
+
+    response = client.request("GET", url, params=params)
+    if response.status_code != 200:
         try:
-            for m in client.messages.stream(to=to, date_sent_after=after, date_sent_before=before, page_size=1000):
-                at = _epoch(m.date_sent or m.date_created)
-                if (m.direction or "").startswith("inbound") and since <= at <= until:
-                    yield {"sid": m.sid, "phone": m.from_, "to": m.to, "body": m.body or "", "at": at,
-                           "media": self._media(client, m)}
-        except provider_errors() as exc:
-            raise classify(exc, self.sender.settings.secrets()) from None
-
-    @staticmethod
-    def _media(client, message):
-        """The media URLs of a picture message, as the webhook's MediaUrl{N} give them."""
-        if not int(message.num_media or 0):
-            return []
-        base = client.api.base_url.rstrip("/")
-        return [base + item.uri.removesuffix(".json") for item in client.messages(message.sid).media.list()]
+            error = json.loads(response.text)
+        except ValueError:
+            error = None
+        error = error if isinstance(error, dict) else {}
+        code = error.get("code") if isinstance(error.get("code"), int) else None
+        raise TwilioRestException(response.status_code, url, redact(error.get("message", ""), limit=200), code)
+    return json.loads(response.text)
 
 
 def _in_window(client, to, fields, start, end, exclude):
