@@ -6,7 +6,6 @@ cli_traces (export and simulate).
 """
 
 import logging
-import os
 import signal
 import sys
 import threading
@@ -15,8 +14,9 @@ import time
 import click
 
 from smsbatch import cli_ops, cli_traces
-from smsbatch.cli_common import (DURATION, EXIT_SOME_FAILED, PHONE, SID, TEXT, TIME, Finite, Group, emit_json,
-                                 open_store, read_text_file, settings_from)
+from smsbatch.cli_common import (DURATION, EXIT_SOME_FAILED, PHONE, SID, TEXT, TIME, Finite, Group, backfill_runs,
+                                 emit_json, open_store, read_text_file, settings_from,
+                                 warn_if_not_the_deployments_db)
 from smsbatch.errors import SmsbatchError
 
 @click.group(cls=Group)
@@ -192,33 +192,6 @@ def periodic_backfill(store, sender, settings, now, stop=None):
         logging.getLogger("smsbatch.backfill").warning("backfill: could not read Twilio's message log: %s", exc)
         return 0
     return report.stored if report else 0
-
-
-def backfill_runs(settings):
-    """Does `process` look into Twilio's message log (SMSBATCH_BACKFILL, with the Twilio sender)?"""
-    return settings.backfill and settings.sms == "twilio"
-
-
-def warn_if_not_the_deployments_db(settings):
-    """One warning line when `process` would send real SMS from a database that is not the one
-    SMSBATCH_DB names (--db copy.db): a copy's backfill and pending batches answer people again."""
-    configured = settings.deployment_db
-    if settings.sms != "twilio" or not configured or same_file(configured, settings.db_path):
-        return
-    from smsbatch.errors import visible
-
-    logging.getLogger("smsbatch").warning(
-        "sending real SMS from %s, not from the deployment's database %s (SMSBATCH_DB): a copy or a "
-        "restored file may answer texts that were answered already", visible(settings.db_path, 200),
-        visible(configured, 200))
-
-
-def same_file(a, b):
-    """Are two paths the same file (compared as files when both exist, else as absolute paths)?"""
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return os.path.abspath(a) == os.path.abspath(b)
 
 
 def summary_line(report):

@@ -167,8 +167,9 @@ def prune(ctx, age, dry_run, now, as_json):
 
     settings = settings_from(ctx)
     if settings.backfill and age < min_prune_age(settings):
+        given = span(age) if age % 60 == 0 else f"{age:g}s"
         raise click.ClickException(
-            f"--older-than {span(age) if age % 60 == 0 else f'{age:g}s'} is inside the backfill's look-back (SMSBATCH_MAX_AGE_SECONDS plus 5 minutes: "
+            f"--older-than {given} is inside the backfill's look-back (SMSBATCH_MAX_AGE_SECONDS plus 5 minutes: "
             f"a text deleted there is found in Twilio's log and answered again); the smallest allowed age is "
             f"{span(min_prune_age(settings))}")
     store = open_store(settings)

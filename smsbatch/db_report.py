@@ -43,7 +43,8 @@ class OperatorReports:
         """Replies without a final status CHECK_AFTER_SECONDS after sending, never checked yet:
         rows of sid and batch_id."""
         return [dict(r) for r in self.conn.execute(
-            f"SELECT sid, batch_id FROM outbound WHERE (status IS NULL OR status NOT IN ({placeholders(delivery.FINAL)}))"
+            "SELECT sid, batch_id FROM outbound"
+            f" WHERE (status IS NULL OR status NOT IN ({placeholders(delivery.FINAL)}))"
             " AND checked_at IS NULL AND sent_at <= ? ORDER BY sent_at LIMIT ?",
             (*sorted(delivery.FINAL), now - delivery.CHECK_AFTER_SECONDS, limit))]
 

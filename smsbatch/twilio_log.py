@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl, quote, urlencode, urljoin, urlsplit
 
 from smsbatch import twilio_fields
-from smsbatch.errors import SmsbatchError, visible
+from smsbatch.errors import DeliveryError, SmsbatchError, visible
 from smsbatch.sms import get_json
 
 log = logging.getLogger("smsbatch.backfill")
@@ -177,8 +177,23 @@ class TwilioLog:
             return Found(raw.get("sid"), problem=str(exc))
         if text["to"] != to:
             return Found(text["sid"], problem=f"sent to {text['to']}, not to {to} as asked")
-        text["media"] = self._media(text["sid"]) if text.pop("num_media") else []
+        text["media"] = self._media_or_none(text["sid"]) if text.pop("num_media") else []
         return Found(text["sid"], text)
+
+    def _media_or_none(self, sid):
+        """_media(), or [] when Twilio answers about this text with an error (its media gone):
+        the text is stored all the same.
+
+        Raises: DeliveryError (transient: the next turn tries again), PagingStopped.
+        """
+        try:
+            return self._media(sid)
+        except DeliveryError as exc:
+            if exc.transient:
+                raise
+            log.warning("backfill: text %s: its pictures could not be listed (%s); stored without them", sid,
+                        visible(exc, 200))
+            return []
 
     def _media(self, sid):
         """The media URLs of a picture message, as the webhook's MediaUrl{N} give them."""

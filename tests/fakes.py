@@ -195,6 +195,14 @@ class FakeTwilio(StandIn):
     Twilio's Link Shortening does; `page_cap` lowers the largest page so a test sees several
     pages. Each message has a `status` (and `error_code`) a test may change; fetch and list
     report it; callback() builds the signed status callback Twilio would post.
+
+    Hostile answers (the backfill's attacks): deliver_inbound(..., raw={...}) lists a text with
+    those fields as given (a date that does not parse, `from: null`, ...); `next_link` makes
+    every listing of texts to a number link on: "self" (to the page just served), "endless"
+    (to ever new page numbers, serving the same page again), a URI or URL given as is, or
+    ("meta", url) (a v1-style meta.next_page_url, which the twilio package prefers);
+    `page_delay` slows each such page. `services` maps a messaging service SID to its numbers
+    (GET /v1/Services/{sid}/PhoneNumbers).
     """
     URL = re.compile(r"https?://\S+")
 
@@ -213,12 +221,18 @@ class FakeTwilio(StandIn):
         self.account_requests = []  # (method, path?query) of the Account/IncomingPhoneNumbers requests
         self.inbound = []  # texts Twilio received: sid, to, from, body, date_sent, media (content types)
         self.pages_served = 0
+        self.next_link = None
+        self.clock = time.time  # when a sent message is created (a test may pin it to its `now`)
+        self.page_delay = 0.0
+        self.services = {}  # messaging service SID -> its phone numbers
 
     def dispatch(self, handler, method):
         body = self.read_body(handler)
         path = urlparse(handler.path)
         if self.serve_account(handler, method, path, body):
             return
+        if path.path.startswith("/v1/Services/"):
+            return self.service_numbers(handler, path.path.split("/")[3])
         if not path.path.startswith(f"/2010-04-01/Accounts/{self.ACCOUNT}/Messages"):
             return self.reply(handler, 404, {"code": 20404, "message": "not found", "status": 404})
         if handler.headers.get("Authorization", "") != self._basic():
@@ -254,7 +268,7 @@ class FakeTwilio(StandIn):
 
     def record(self, form, at=None, queued=False):
         """Store a message as Twilio would; `queued`: not handed to a carrier yet (no DateSent)."""
-        created = datetime.fromtimestamp(time.time() if at is None else at, timezone.utc)
+        created = datetime.fromtimestamp(self.clock() if at is None else at, timezone.utc)
         body = form.get("Body")
         if self.link_shortening and body:
             body = self.URL.sub(lambda _: "https://twil.io/" + secrets.token_hex(4), body)
@@ -286,25 +300,52 @@ class FakeTwilio(StandIn):
         page = found[start:start + size]
         self.pages_served += 1
         path = urlparse(handler.path).path
-        following = None
+        following, meta = None, None
+        rest = {k: v for k, v in one.items() if k not in ("Page", "PageToken")}
+        number = int(one.get("Page", 0)) + 1
         if start + size < len(found):
-            rest = {k: v for k, v in one.items() if k not in ("Page", "PageToken")}
-            number = int(one.get("Page", 0)) + 1
             following = path + "?" + urlencode({**rest, "Page": number, "PageToken": "PA" + page[-1]["sid"]})
-        self.reply(handler, 200, {"messages": [self.resource(m) for m in page], "next_page_uri": following,
-                                  "page": int(one.get("Page", 0)), "page_size": size, "start": start,
-                                  "end": start + len(page), "uri": handler.path,
-                                  "first_page_uri": handler.path, "previous_page_uri": None})
+        hostile = self.next_link if "To" in one else None
+        if hostile is not None:
+            time.sleep(self.page_delay)
+            page = found[:size]  # the same first page, whatever link was followed
+            if hostile == "self":
+                following = handler.path
+            elif hostile == "endless":
+                following = path + "?" + urlencode({**rest, "Page": number, "PageToken": f"PA{number}"})
+            elif isinstance(hostile, tuple):
+                meta = {"key": "messages", "next_page_url": hostile[1], "page": number - 1, "page_size": size}
+            else:
+                following = hostile
+        answer = {"messages": [self.resource(m) for m in page], "next_page_uri": following,
+                  "page": int(one.get("Page", 0)), "page_size": size, "start": start,
+                  "end": start + len(page), "uri": handler.path,
+                  "first_page_uri": handler.path, "previous_page_uri": None}
+        self.reply(handler, 200, answer | ({"meta": meta} if meta else {}))
 
-    def deliver_inbound(self, phone, to, body, at, media=()):
+    def service_numbers(self, handler, sid):
+        """GET /v1/Services/{sid}/PhoneNumbers (the Messaging API), one page."""
+        if handler.headers.get("Authorization", "") != self._basic():
+            return self.reply(handler, 401, {"code": 20003, "message": "Authenticate", "status": 401})
+        if sid not in self.services:
+            return self.reply(handler, 404, {"code": 20404, "message": "not found", "status": 404})
+        url = f"{self.url}/v1/Services/{sid}/PhoneNumbers"
+        numbers = [{"sid": "PN" + secrets.token_hex(16), "service_sid": sid, "account_sid": self.ACCOUNT,
+                    "phone_number": n, "country_code": "US", "capabilities": ["SMS"], "url": url}
+                   for n in self.services[sid]]
+        self.reply(handler, 200, {"phone_numbers": numbers,
+                                  "meta": {"page": 0, "page_size": 50, "first_page_url": url, "previous_page_url": None,
+                                           "url": url, "next_page_url": None, "key": "phone_numbers"}})
+
+    def deliver_inbound(self, phone, to, body, at, media=(), raw=None):
         """A text Twilio received (its message log has it), whether or not our webhook got it.
-        Returns its MessageSid."""
+        `raw`: fields listed as given instead (an odd record). Returns its MessageSid."""
         sid = "SM" + secrets.token_hex(16)
         sent = datetime.fromtimestamp(at, timezone.utc)
         with self.lock:
             self.inbound.append({"sid": sid, "to": to, "from": phone, "body": body, "date_created": sent,
                                  "date_sent": sent, "direction": "inbound", "status": "received",
-                                 "media": list(media)})
+                                 "media": list(media), "raw": dict(raw or {})})
         return sid
 
     def media_list(self, handler, sid):
@@ -329,7 +370,7 @@ class FakeTwilio(StandIn):
                 "num_media": str(len(m.get("media", ()))),
                 "date_created": format_datetime(m["date_created"]),
                 "date_sent": format_datetime(sent) if sent else None, "date_updated": None,
-                "uri": f"/2010-04-01/Accounts/{self.ACCOUNT}/Messages/{m['sid']}.json"}
+                "uri": f"/2010-04-01/Accounts/{self.ACCOUNT}/Messages/{m['sid']}.json"} | m.get("raw", {})
 
     def fetch(self, handler, sid):
         with self.lock:
@@ -468,6 +509,15 @@ def provider_env(openai, twilio, **extra):
     }
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+class Bystander(StandIn):
+    """Another host: records each request's method, path and Authorization header, and
+    answers an empty page of messages (where a foreign next-page link would lead)."""
+
+    def dispatch(self, handler, method):
+        self.take((method, handler.path, handler.headers.get("Authorization")))
+        self.reply(handler, 200, {"messages": [], "next_page_uri": None, "page": 1, "page_size": 50})
 
 
 class WebPage(StandIn):
