@@ -44,6 +44,15 @@ def backfill(ctx, since, until, dry_run, now, as_json):
                f"{verb} {count}" + ("" if dry_run else f" ({report.expired} too old to answer, stored as expired)"))
     for sid, phone, to, at in report.found:
         click.echo(f"  {sid} from {phone} to {to} at {iso_time(at)}")
+    if report.answered:
+        click.echo(f"{report.answered} of them answered already (Twilio's log shows our reply after it): "
+                   "stored as skipped, not answered again")
+    if report.unreadable:
+        click.echo(f"{report.unreadable} record(s) could not be read and were skipped (named on stderr)")
+    if report.cut:
+        from smsbatch.errors import visible
+
+        click.echo(f"stopped early: {visible(report.cut, 200)}; run it again for the rest", err=True)
 
 
 @click.command()

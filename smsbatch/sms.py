@@ -104,7 +104,12 @@ class TwilioSender:
         client, fields = self._get_client(), self.sender_fields(from_)
         if self.settings.public_url:
             fields["status_callback"] = status_callback_url(self.settings.public_url)
-        return self._call(lambda: client.messages.create(to=to, body=body, **fields).sid, fence)
+        sid = self._call(lambda: client.messages.create(to=to, body=body, **fields).sid, fence)
+        try:
+            return twilio_fields.message_sid(sid)
+        except twilio_fields.BadField:  # accepted, but which message is it? The log is asked before resending
+            raise DeliveryError("Twilio's answer holds no valid message SID; outcome unknown", transient=True,
+                                ambiguous=True) from None
 
     def _call(self, fn, fence=None, seconds=None):
         """One Twilio call under its total deadline (the SMS deadline unless given), its
@@ -147,7 +152,10 @@ class TwilioSender:
         start, end = since - RECONCILE_SLACK_SECONDS, since + self.settings.sms_deadline + RECONCILE_SLACK_SECONDS
 
         def scan():
-            return list(_in_window(client, to, fields, start, end, exclude))
+            try:
+                return list(_in_window(client, to, fields, start, end, exclude))
+            except ValueError:  # the twilio package could not read a record (a date in the year 99999)
+                raise CannotReconcile("Twilio's message log holds a record that cannot be read") from None
 
         candidates = self._call(scan, None, self.settings.sms_deadline * 2)
         return pick_reply(candidates, body)
@@ -231,8 +239,10 @@ def pick_reply(candidates, body):
     """Which of the candidate messages is our reply: the only one, or else the only one
     whose body matches ours. Returns its SID or None (no candidate).
 
-    Raises: CannotReconcile when several remain.
+    Raises: CannotReconcile when several remain, or a candidate's SID is not one.
     """
+    if not all(isinstance(m.sid, str) and twilio_fields.MESSAGE_SID.fullmatch(m.sid) for m in candidates):
+        raise CannotReconcile("a message in the send's time window has no valid SID")
     if len(candidates) <= 1:
         return candidates[0].sid if candidates else None
     same = [m for m in candidates if fingerprint(m.body) == fingerprint(body)]

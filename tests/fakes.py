@@ -189,7 +189,8 @@ class FakeTwilio(StandIn):
     the message as sent, then answer that error); ("echo-auth", status) (an error whose
     message quotes the Authorization header it got and the token, like a misbehaving proxy);
     "accept-then-garbage" (record the message as sent, then answer 201 with a body that is not JSON);
-    "accept-then-trickle" (record it, then answer one byte a second: no read timeout fires).
+    "accept-then-trickle" (record it, then answer one byte a second: no read timeout fires);
+    ("accept-as", {fields}) (record it, then answer 201 with those fields of the resource as given).
 
     GET Messages/{sid}.json fetches one message. `link_shortening` rewrites URLs in bodies as
     Twilio's Link Shortening does; `page_cap` lowers the largest page so a test sees several
@@ -225,6 +226,7 @@ class FakeTwilio(StandIn):
         self.clock = time.time  # when a sent message is created (a test may pin it to its `now`)
         self.page_delay = 0.0
         self.services = {}  # messaging service SID -> its phone numbers
+        self.media_gone = set()  # SIDs of texts whose Media list answers 404 (deleted pictures)
 
     def dispatch(self, handler, method):
         body = self.read_body(handler)
@@ -250,6 +252,8 @@ class FakeTwilio(StandIn):
         if isinstance(action, tuple) and action[0] == "echo-auth":
             echo = f"bad request; you sent Authorization: {handler.headers.get('Authorization')} token={self.TOKEN}"
             return self.reply(handler, action[1], {"code": 20001, "message": echo, "status": action[1]})
+        if isinstance(action, tuple) and action[0] == "accept-as":
+            return self.reply(handler, 201, self.resource(self.record(form)) | action[1])
         if isinstance(action, tuple) and action[0] == "accept-then":
             self.record(form)  # Twilio queued it, then the answer was an error anyway
             action = action[1:]
@@ -351,7 +355,7 @@ class FakeTwilio(StandIn):
     def media_list(self, handler, sid):
         """GET Messages/{sid}/Media.json: the media of an inbound text."""
         with self.lock:
-            message = next((m for m in self.inbound if m["sid"] == sid), None)
+            message = next((m for m in self.inbound if m["sid"] == sid and sid not in self.media_gone), None)
         if message is None:
             return self.reply(handler, 404, {"code": 20404, "message": "not found", "status": 404})
         base = f"/2010-04-01/Accounts/{self.ACCOUNT}/Messages/{sid}/Media"

@@ -170,3 +170,13 @@ def test_the_backfill_reads_every_listed_number_and_the_services(env, store, twi
     asked = {q.get("To") for q in twilio_standin.listed if q.get("To")}
     assert asked == {US, support, service_number}
     assert [m["from"] for m in twilio_standin.sent if m["to"] == PERSON] == [support]
+
+
+def test_a_picture_whose_media_is_gone_is_stored_without_it(env, store, twilio_standin, caplog):
+    caplog.set_level(logging.WARNING, "smsbatch")
+    sid = twilio_standin.deliver_inbound(PERSON, US, "look", T0 - 30, media=["image/jpeg"])
+    twilio_standin.media_gone.add(sid)
+    assert process(env, T0)["backfilled"] == 1
+    row = store.conn.execute("SELECT body, media FROM messages WHERE sid = ?", (sid,)).fetchone()
+    assert tuple(row) == ("look", None)
+    assert any(sid in r.getMessage() and "stored without them" in r.getMessage() for r in caplog.records)

@@ -233,3 +233,17 @@ def test_retention_never_prunes_a_text_the_backfill_would_find_again(env, db_pat
     process(tiny, T0)
     process(tiny, T0 + 120)
     assert store.has_message(sid) and len(twilio_standin.bodies_to(PERSON)) == 1
+
+
+# -- M3: what Twilio answers to a send and a reconcile ------------------------------------------
+
+def test_a_send_answered_with_a_malformed_sid_is_checked_not_stored(env, db_path, store, twilio_standin):
+    """Twilio accepted the reply but its answer's SID is garbage: nothing is recorded as
+    sent with it; the next run finds the reply in the log by its real SID, sent once."""
+    twilio_standin.script = [("accept-as", {"sid": "SM\x1b[2J" + "z" * 300})]
+    add(store, PERSON, "hi", T0 - 30)
+    assert process(env, T0)["retrying"] == 1
+    assert store.conn.execute("SELECT count(*) FROM outbound").fetchone()[0] == 0
+    process(env, T0 + 600)
+    [message] = twilio_standin.sent
+    assert [r[0] for r in store.conn.execute("SELECT provider_sid FROM batches")] == [message["sid"]]
