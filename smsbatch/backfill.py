@@ -54,6 +54,8 @@ class BackfillReport:
     answered: int = 0  # stored as already answered: Twilio's log shows our reply after it
     unreadable: int = 0  # records skipped: a field could not be read
     cut: str = None  # why reading stopped early (the window is read again next turn)
+    fresh_since: float = None  # before this, the previous turn read the log too
+    named: int = 0  # unreadable records named in the log
     found: list = field(default_factory=list)  # (sid, phone, to, at) of texts we did not have
 
     def as_dict(self):
@@ -63,9 +65,13 @@ class BackfillReport:
                 "found": [dict(zip(("sid", "from", "to", "at"), f)) for f in self.found]}
 
     def skip(self, record):
-        """Count a record that cannot be read, and name it in the log (the first few a run)."""
+        """Count a record that cannot be read, and name it in the log (the first few a run),
+        unless its date says the turn before read it too (the overlap): named once, not each minute."""
         self.unreadable += 1
-        if self.unreadable <= SKIPS_LOGGED:
+        if record.at is not None and self.fresh_since is not None and record.at < self.fresh_since:
+            return
+        self.named += 1
+        if self.named <= SKIPS_LOGGED:
             sid = "(no SID)" if record.sid is None else repr(visible(record.sid, 60))
             log.warning("backfill: skipped record %s of Twilio's message log: %s", sid, visible(record.problem))
 
@@ -80,13 +86,14 @@ def our_numbers(store, settings, twilio_log):
     return sorted(numbers | twilio_log.service_numbers())
 
 
-def backfill(store, twilio_log, settings, since, until, now, dry_run=False):
+def backfill(store, twilio_log, settings, since, until, now, dry_run=False, fresh_since=None):
     """Store every text of Twilio's log between `since` and `until` that we do not have.
+    `fresh_since`: the previous turn read up to there (unreadable records before it were named).
 
     Raises:
         DeliveryError: Twilio could not be asked (what was stored before stays stored).
     """
-    report = BackfillReport(since, until, [])
+    report = BackfillReport(since, until, [], fresh_since=fresh_since)
     try:
         report.numbers = our_numbers(store, settings, twilio_log)
     except PagingStopped as exc:
@@ -161,9 +168,10 @@ def backfill_if_due(store, twilio_log, settings, now):
     if not ours:
         return None
     start = now - settings.max_age_seconds if checked_until is None else checked_until - OVERLAP_SECONDS
-    report = backfill(store, twilio_log, settings, max(start, now - settings.max_age_seconds), now, now)
-    if report.unreadable > SKIPS_LOGGED:
-        log.warning("backfill: %d more unreadable records skipped", report.unreadable - SKIPS_LOGGED)
+    report = backfill(store, twilio_log, settings, max(start, now - settings.max_age_seconds), now, now,
+                      fresh_since=checked_until)
+    if report.named > SKIPS_LOGGED:
+        log.warning("backfill: %d more unreadable records skipped", report.named - SKIPS_LOGGED)
     if report.cut:
         log.warning("backfill: stopped early (%s); what was read is stored, the next turn reads from %s again",
                     report.cut, iso_time(report.since))

@@ -62,6 +62,7 @@ class Found:
     sid: object  # as Twilio gave it: shown only through errors.visible
     text: dict = None
     problem: str = None
+    at: float = None  # when it was sent, if even that cannot be read: None
 
 
 def origin(url):
@@ -79,6 +80,16 @@ def _link(url, params):
     parts = urlsplit(url)
     query = sorted(parse_qsl(parts.query, keep_blank_values=True) + [(k, str(v)) for k, v in (params or {}).items()])
     return (origin(url), parts.path, tuple(query))
+
+
+def _any_date(raw):
+    """The first of a record's dates that can be read (epoch seconds), else None."""
+    for name in ("date_sent", "date_created"):
+        try:
+            return twilio_fields.moment(raw.get(name))
+        except twilio_fields.BadField:
+            pass
+    return None
 
 
 def _iso(epoch):
@@ -161,7 +172,8 @@ class TwilioLog:
         base = self._client.api.base_url
         for raw in self.pages(self._messages_url() + ".json", params, "messages", base):
             found = self._inbound(raw, to)
-            if found is not None and (found.text is None or since <= found.text["at"] <= until):
+            at = found.text["at"] if found is not None and found.text else getattr(found, "at", None)
+            if found is not None and (at is None or since <= at <= until):
                 yield found
 
     def _inbound(self, raw, to):
@@ -174,7 +186,7 @@ class TwilioLog:
         try:
             text = twilio_fields.inbound_text(raw)
         except twilio_fields.BadField as exc:
-            return Found(raw.get("sid"), problem=str(exc))
+            return Found(raw.get("sid"), problem=str(exc), at=_any_date(raw))
         if text["to"] != to:
             return Found(text["sid"], problem=f"sent to {text['to']}, not to {to} as asked")
         text["media"] = self._media_or_none(text["sid"]) if text.pop("num_media") else []

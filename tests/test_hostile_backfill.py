@@ -247,3 +247,11 @@ def test_a_send_answered_with_a_malformed_sid_is_checked_not_stored(env, db_path
     process(env, T0 + 600)
     [message] = twilio_standin.sent
     assert [r[0] for r in store.conn.execute("SELECT provider_sid FROM batches")] == [message["sid"]]
+
+
+def test_an_unreadable_record_is_named_once_not_every_minute(env, store, twilio_standin, caplog):
+    caplog.set_level(logging.WARNING, "smsbatch")
+    twilio_standin.deliver_inbound(OTHER, US, "odd", T0 - 40, raw={"from": None})
+    process(env, T0)
+    process(env, T0 + 61)  # reads from T0 - 300 again (the overlap): the record is listed again
+    assert len([line for line in backfill_lines(caplog) if "skipped record" in line]) == 1
