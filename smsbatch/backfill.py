@@ -130,6 +130,7 @@ def _read_number(store, twilio_log, settings, number, report, now, dry_run):
     if found and not dry_run:
         replies = twilio_log.replies(number, report.since)
         for text in found:
+            text["media"] = twilio_log.media(text)
             _store(store, settings, text, replies.get(text["phone"]), report, now)
     if cut is not None:
         raise cut

@@ -62,7 +62,7 @@ class Found:
     sid: object  # as Twilio gave it: shown only through errors.visible
     text: dict = None
     problem: str = None
-    at: float = None  # when it was sent, if even that cannot be read: None
+    at: float = None  # when it was sent (None: not even that can be read)
 
 
 def origin(url):
@@ -162,8 +162,8 @@ class TwilioLog:
 
     def received(self, to, since, until):
         """Found records of the texts to `to` that Twilio received between `since` and
-        `until` (epoch seconds), every page: each a text (sid, phone, to, body, at, media)
-        or a problem. Twilio's DateSent filters ask for the window; it is checked here too,
+        `until` (epoch seconds), every page: each a text (sid, phone, to, body, at, num_media;
+        media() lists its pictures) or a problem. Twilio's DateSent filters ask for the window; it is checked here too,
         since the API documents them to the day only.
 
         Raises: PagingStopped, DeliveryError.
@@ -172,8 +172,7 @@ class TwilioLog:
         base = self._client.api.base_url
         for raw in self.pages(self._messages_url() + ".json", params, "messages", base):
             found = self._inbound(raw, to)
-            at = found.text["at"] if found is not None and found.text else getattr(found, "at", None)
-            if found is not None and (at is None or since <= at <= until):
+            if found is not None and (found.at is None or since <= found.at <= until):
                 yield found
 
     def _inbound(self, raw, to):
@@ -188,23 +187,24 @@ class TwilioLog:
         except twilio_fields.BadField as exc:
             return Found(raw.get("sid"), problem=str(exc), at=_any_date(raw))
         if text["to"] != to:
-            return Found(text["sid"], problem=f"sent to {text['to']}, not to {to} as asked")
-        text["media"] = self._media_or_none(text["sid"]) if text.pop("num_media") else []
-        return Found(text["sid"], text)
+            return Found(text["sid"], problem=f"sent to {text['to']}, not to {to} as asked", at=text["at"])
+        return Found(text["sid"], text, at=text["at"])
 
-    def _media_or_none(self, sid):
-        """_media(), or [] when Twilio answers about this text with an error (its media gone):
-        the text is stored all the same.
+    def media(self, text):
+        """The media URLs of a found text (none without num_media), or [] when Twilio answers
+        about them with an error (pictures deleted): the text is stored all the same.
 
         Raises: DeliveryError (transient: the next turn tries again), PagingStopped.
         """
+        if not text["num_media"]:
+            return []
         try:
-            return self._media(sid)
+            return self._media(text["sid"])
         except DeliveryError as exc:
             if exc.transient:
                 raise
-            log.warning("backfill: text %s: its pictures could not be listed (%s); stored without them", sid,
-                        visible(exc, 200))
+            log.warning("backfill: text %s: its pictures could not be listed (%s); stored without them",
+                        text["sid"], visible(exc, 200))
             return []
 
     def _media(self, sid):
