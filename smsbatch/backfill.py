@@ -131,14 +131,23 @@ def _read_number(store, twilio_log, settings, number, report, now, dry_run):
         replies = twilio_log.replies(number, report.since)
         for text in found:
             text["media"] = twilio_log.media(text)
-            _store(store, settings, text, replies.get(text["phone"]), report, now)
+            _store(store, settings, text, answered_by(store, text, replies.get(text["phone"], ())), report, now)
     if cut is not None:
         raise cut
 
 
-def _store(store, settings, text, reply, report, now):
-    """Store one found text: expired when too old, skipped when our reply came after it."""
-    answered = reply if reply is not None and reply["at"] > text["at"] else None
+def answered_by(store, text, replies):
+    """Our first reply to the text's sender after it that this database has no record of, or
+    None. Such a reply was sent from a database we no longer have (a backup was restored, or
+    `process` ran on a copy): the text was answered there. A reply this database sent did not
+    see the text (the webhook lost it), so it does not count."""
+    known = store.reply_sids(text["phone"])
+    later = [r for r in replies if r["at"] > text["at"] and r["sid"] not in known]
+    return min(later, key=lambda r: r["at"]) if later else None
+
+
+def _store(store, settings, text, answered, report, now):
+    """Store one found text: skipped when `answered` (answered_by), else expired when too old."""
     reason = None
     if answered:
         reason = (f"found in Twilio's message log, already answered by {answered['sid']} at "

@@ -220,13 +220,13 @@ class TwilioLog:
         return urls[:twilio_fields.MAX_MEDIA]
 
     def replies(self, from_, since):
-        """The latest message we sent from `from_` to each number since `since`: {to: reply},
-        a reply being a dict of sid, to, at, body, status (twilio_fields.reply). Records
-        that cannot be read are passed over.
+        """The messages we sent from `from_` since `since`, by the number they went to:
+        {to: [reply, ...]}, a reply being a dict of sid, to, at, body, status
+        (twilio_fields.reply). Records that cannot be read are passed over.
 
         Raises: PagingStopped, DeliveryError.
         """
-        latest = {}
+        sent = {}
         base = self._client.api.base_url
         for raw in self.pages(self._messages_url() + ".json", {"From": from_, "PageSize": PAGE_SIZE}, "messages",
                               base):
@@ -234,14 +234,13 @@ class TwilioLog:
             if not (isinstance(direction, str) and direction.startswith("outbound")):
                 continue
             try:
-                sent = twilio_fields.reply(raw)
+                reply = twilio_fields.reply(raw)
             except twilio_fields.BadField:
                 continue
-            if sent["at"] < since:
+            if reply["at"] < since:
                 break  # newest first: the rest were sent before
-            if sent["to"] not in latest or latest[sent["to"]]["at"] < sent["at"]:
-                latest[sent["to"]] = sent
-        return latest
+            sent.setdefault(reply["to"], []).append(reply)
+        return sent
 
     def service_numbers(self):
         """The phone numbers of the configured messaging service (none without one).

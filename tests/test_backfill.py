@@ -180,3 +180,18 @@ def test_a_picture_whose_media_is_gone_is_stored_without_it(env, store, twilio_s
     row = store.conn.execute("SELECT body, media FROM messages WHERE sid = ?", (sid,)).fetchone()
     assert tuple(row) == ("look", None)
     assert any(sid in r.getMessage() and "stored without them" in r.getMessage() for r in caplog.records)
+
+
+def test_a_lost_text_is_answered_even_after_a_reply_this_database_sent(env, store, twilio_standin):
+    """The webhook lost the first text; the second was stored and answered before the next
+    backfill. That reply never saw the first text: the first is answered, not skipped."""
+    twilio_standin.clock = lambda: T0
+    process(env, T0 - 100)
+    lost = twilio_standin.deliver_inbound(PERSON, US, "first question", T0 - 90)
+    seen = twilio_standin.deliver_inbound(PERSON, US, "second question", T0 - 80)
+    add(store, PERSON, "second question", T0 - 80, sid=seen)
+    twilio_standin.clock = lambda: T0 - 60
+    report = process(env, T0 - 60)  # within the minute: no backfill turn yet
+    assert report["sent"] == 1 and report["backfilled"] == 0
+    assert process(env, T0 + 61)["backfilled"] == 1 and store.has_message(lost)
+    assert len(twilio_standin.bodies_to(PERSON)) == 2
