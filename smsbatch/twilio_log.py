@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl, quote, urlencode, urljoin, urlsplit
 
 from smsbatch import twilio_fields
+from smsbatch.config import display_url
 from smsbatch.errors import DeliveryError, SmsbatchError, visible
 from smsbatch.sms import get_json
 
@@ -133,7 +134,8 @@ class TwilioLog:
         allowed, seen, read = self.origins(), set(), 0
         while url:
             if origin(url) not in allowed:
-                raise PagingStopped(f"a next-page link leads off Twilio ({visible(url, 60)}): not followed")
+                raise PagingStopped(f"a next-page link leads off Twilio (to {visible(display_url(url), 80)}): "
+                                    "not followed")
             page = _link(url, params)
             if page in seen:
                 raise PagingStopped("a next-page link repeats an earlier page")

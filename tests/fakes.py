@@ -189,8 +189,7 @@ class FakeTwilio(StandIn):
     the message as sent, then answer that error); ("echo-auth", status) (an error whose
     message quotes the Authorization header it got and the token, like a misbehaving proxy);
     "accept-then-garbage" (record the message as sent, then answer 201 with a body that is not JSON);
-    "accept-then-trickle" (record it, then answer one byte a second: no read timeout fires);
-    ("accept-as", {fields}) (record it, then answer 201 with those fields of the resource as given).
+    "accept-then-trickle" (record it, then answer one byte a second: no read timeout fires).
 
     GET Messages/{sid}.json fetches one message. `link_shortening` rewrites URLs in bodies as
     Twilio's Link Shortening does; `page_cap` lowers the largest page so a test sees several
@@ -202,8 +201,8 @@ class FakeTwilio(StandIn):
     every listing of texts to a number link on: "self" (to the page just served), "endless"
     (to ever new page numbers, serving the same page again), a URI or URL given as is, or
     ("meta", url) (a v1-style meta.next_page_url, which the twilio package prefers);
-    `page_delay` slows each such page. `services` maps a messaging service SID to its numbers
-    (GET /v1/Services/{sid}/PhoneNumbers).
+    `page_delay` slows each such page. Script item ("accept-as", {fields}): record the message,
+    then answer 201 with those fields of its resource as given (a malformed SID, say).
     """
     URL = re.compile(r"https?://\S+")
 
@@ -220,21 +219,19 @@ class FakeTwilio(StandIn):
         self.sent = []  # dicts: sid, to, from, body, date_created
         self.numbers = []  # IncomingPhoneNumbers: dicts sid, phone_number, sms_url, sms_method
         self.account_requests = []  # (method, path?query) of the Account/IncomingPhoneNumbers requests
+        self.services = {}  # messaging service sid -> its phone numbers (Messaging v1 PhoneNumbers)
         self.inbound = []  # texts Twilio received: sid, to, from, body, date_sent, media (content types)
         self.pages_served = 0
         self.next_link = None
         self.clock = time.time  # when a sent message is created (a test may pin it to its `now`)
         self.page_delay = 0.0
-        self.services = {}  # messaging service SID -> its phone numbers
         self.media_gone = set()  # SIDs of texts whose Media list answers 404 (deleted pictures)
 
     def dispatch(self, handler, method):
         body = self.read_body(handler)
         path = urlparse(handler.path)
-        if self.serve_account(handler, method, path, body):
+        if self.serve_account(handler, method, path, body) or self.serve_service(handler, method, path):
             return
-        if path.path.startswith("/v1/Services/"):
-            return self.service_numbers(handler, path.path.split("/")[3])
         if not path.path.startswith(f"/2010-04-01/Accounts/{self.ACCOUNT}/Messages"):
             return self.reply(handler, 404, {"code": 20404, "message": "not found", "status": 404})
         if handler.headers.get("Authorization", "") != self._basic():
@@ -247,13 +244,13 @@ class FakeTwilio(StandIn):
             return self.list(handler, parse_qs(path.query))
         form = {k: v[0] for k, v in parse_qs(body.decode(), keep_blank_values=True).items()}
         action = self.take(form)
+        if isinstance(action, tuple) and action[0] == "accept-as":
+            return self.reply(handler, 201, self.resource(self.record(form)) | action[1])
         if action == "hang":
             return
         if isinstance(action, tuple) and action[0] == "echo-auth":
             echo = f"bad request; you sent Authorization: {handler.headers.get('Authorization')} token={self.TOKEN}"
             return self.reply(handler, action[1], {"code": 20001, "message": echo, "status": action[1]})
-        if isinstance(action, tuple) and action[0] == "accept-as":
-            return self.reply(handler, 201, self.resource(self.record(form)) | action[1])
         if isinstance(action, tuple) and action[0] == "accept-then":
             self.record(form)  # Twilio queued it, then the answer was an error anyway
             action = action[1:]
@@ -326,20 +323,6 @@ class FakeTwilio(StandIn):
                   "end": start + len(page), "uri": handler.path,
                   "first_page_uri": handler.path, "previous_page_uri": None}
         self.reply(handler, 200, answer | ({"meta": meta} if meta else {}))
-
-    def service_numbers(self, handler, sid):
-        """GET /v1/Services/{sid}/PhoneNumbers (the Messaging API), one page."""
-        if handler.headers.get("Authorization", "") != self._basic():
-            return self.reply(handler, 401, {"code": 20003, "message": "Authenticate", "status": 401})
-        if sid not in self.services:
-            return self.reply(handler, 404, {"code": 20404, "message": "not found", "status": 404})
-        url = f"{self.url}/v1/Services/{sid}/PhoneNumbers"
-        numbers = [{"sid": "PN" + secrets.token_hex(16), "service_sid": sid, "account_sid": self.ACCOUNT,
-                    "phone_number": n, "country_code": "US", "capabilities": ["SMS"], "url": url}
-                   for n in self.services[sid]]
-        self.reply(handler, 200, {"phone_numbers": numbers,
-                                  "meta": {"page": 0, "page_size": 50, "first_page_url": url, "previous_page_url": None,
-                                           "url": url, "next_page_url": None, "key": "phone_numbers"}})
 
     def deliver_inbound(self, phone, to, body, at, media=(), raw=None):
         """A text Twilio received (its message log has it), whether or not our webhook got it.
@@ -455,6 +438,36 @@ class FakeTwilio(StandIn):
             "next_page_uri": f"{uri}?{urlencode(params)}" if more else None, "page": page, "page_size": size,
             "start": page * size, "end": page * size + len(chunk), "uri": handler.path,
             "first_page_uri": uri, "previous_page_uri": None})
+
+    def serve_service(self, handler, method, path):
+        """GET /v1/Services/{sid}/PhoneNumbers (Twilio's Messaging API, on the same stand-in):
+        the service's numbers, paged with PageSize/Page and meta.next_page_url like Twilio.
+        Returns False for any other path."""
+        match = re.fullmatch(r"/v1/Services/(MG\w+)/PhoneNumbers", path.path)
+        if not match or method != "GET":
+            return False
+        with self.lock:
+            self.account_requests.append((method, handler.path))
+        if handler.headers.get("Authorization", "") != self._basic():
+            self.reply(handler, 401, {"code": 20003, "message": "Authenticate", "status": 401})
+            return True
+        sid, query = match.group(1), parse_qs(path.query)
+        if sid not in self.services:
+            self.reply(handler, 404, {"code": 20404, "message": "The requested resource was not found", "status": 404})
+            return True
+        size, page = min(int(query.get("PageSize", ["50"])[0]), self.page_cap), int(query.get("Page", ["0"])[0])
+        numbers = self.services[sid][page * size:(page + 1) * size]
+        url = f"{self.url}/v1/Services/{sid}/PhoneNumbers"
+        more = (page + 1) * size < len(self.services[sid])
+        self.reply(handler, 200, {
+            "phone_numbers": [{"sid": "PN" + secrets.token_hex(16), "account_sid": self.ACCOUNT, "service_sid": sid,
+                               "phone_number": n, "country_code": "US", "capabilities": ["SMS"],
+                               "url": f"{url}/PN0"} for n in numbers],
+            "meta": {"page": page, "page_size": size, "first_page_url": f"{url}?PageSize={size}&Page=0",
+                     "previous_page_url": None, "url": f"{url}?PageSize={size}&Page={page}",
+                     "next_page_url": f"{url}?PageSize={size}&Page={page + 1}" if more else None,
+                     "key": "phone_numbers"}})
+        return True
 
     def update_number(self, handler, sid, body):
         form = {k: v[0] for k, v in parse_qs(body.decode(), keep_blank_values=True).items()}
