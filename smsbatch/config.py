@@ -64,6 +64,7 @@ class Settings:
     """
 
     db_path: str = "smsbatch.db"
+    deployment_db: str = ""  # SMSBATCH_DB as set (db_path may be another file: --db)
     quiet_seconds: float = 10.0
     max_wait_seconds: float = 45.0
     max_messages: int = 10
@@ -103,7 +104,6 @@ class Settings:
     backfill: bool = True  # look in Twilio's message log for texts the webhook never got
     prompts_dir: str = ""  # one system prompt per number: <dir>/+15550001111.txt
     numbers: tuple = ()  # SMSBATCH_NUMBERS: the business numbers smsbatch answers for (E.164)
-    deployment_db: str = ""  # SMSBATCH_DB as set (db_path may be another file: --db)
 
     @classmethod
     def from_env(cls, env=None):
@@ -117,6 +117,7 @@ class Settings:
         keywords = g("SMSBATCH_URGENT_KEYWORDS", "urgent,emergency")
         settings = cls(
             db_path=g("SMSBATCH_DB") or "smsbatch.db",
+            deployment_db=g("SMSBATCH_DB") or "",
             quiet_seconds=_number(env, "SMSBATCH_QUIET_SECONDS", 10.0),
             max_wait_seconds=_number(env, "SMSBATCH_MAX_WAIT_SECONDS", 45.0),
             max_messages=_number(env, "SMSBATCH_MAX_MESSAGES", 10, int, 1),
@@ -150,7 +151,6 @@ class Settings:
             backfill=_flag(g("SMSBATCH_BACKFILL", "1"), "SMSBATCH_BACKFILL"),
             prompts_dir=g("SMSBATCH_PROMPTS_DIR", ""),
             numbers=_numbers(g("SMSBATCH_NUMBERS", "")),
-            deployment_db=g("SMSBATCH_DB") or "",
         )
         return settings.checked()
 
