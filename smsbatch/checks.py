@@ -163,16 +163,11 @@ def check_prompts(folder):
 
 
 def twilio_client(settings):
-    """A twilio Client for the checks: the configured base URL, a timeout on every request."""
-    from twilio.http.http_client import TwilioHttpClient
-    from twilio.rest import Client
+    """A twilio Client for the checks: the configured base URL, a timeout on every request,
+    never a request outside Twilio's own origins (sms.twilio_client)."""
+    from smsbatch import sms
 
-    client = Client(settings.twilio_account_sid or "AC-not-set", settings.twilio_auth_token or "not-set",
-                    http_client=TwilioHttpClient(timeout=min(settings.sms_timeout_seconds, CHECK_TIMEOUT_SECONDS)))
-    if settings.twilio_base_url:
-        client.api.base_url = settings.twilio_base_url.rstrip("/")
-        client.messaging.base_url = settings.twilio_base_url.rstrip("/")
-    return client
+    return sms.twilio_client(settings, min(settings.sms_timeout_seconds, CHECK_TIMEOUT_SECONDS))
 
 
 def twilio_base(settings):
@@ -216,24 +211,14 @@ def twilio_failure(name, exc, settings):
 OTHERS_SHOWN = 10  # the account's other numbers, named for information (then "and N more")
 
 
-def listed_numbers(client, settings):
-    """The numbers smsbatch answers for: Settings.listed_numbers, then the messaging service's.
-
-    Raises: what the twilio client raises (the service cannot be read).
-    """
-    from smsbatch.sms import service_numbers
-
-    service = settings.twilio_messaging_service_sid
-    extra = service_numbers(client, service) if service else []
-    return list(dict.fromkeys([*settings.listed_numbers, *extra]))
-
-
 def check_all_numbers(client, settings):
     """Every listed number belongs to the account and its webhook is SMSBATCH_PUBLIC_URL (POST),
     each named when it is wrong; then, for information, the account's other numbers and any
     number texts came to that is not listed (neither is checked nor ever changed)."""
+    from smsbatch.sms import TwilioSender
+
     try:
-        listed = listed_numbers(client, settings)
+        listed = TwilioSender(settings).our_numbers()  # SMSBATCH_NUMBERS, then the service's
         owned = {n.phone_number: n for n in client.incoming_phone_numbers.stream(page_size=1000)}
     except Exception as exc:
         return [twilio_failure("numbers", exc, settings)]

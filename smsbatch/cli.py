@@ -14,8 +14,9 @@ import time
 import click
 
 from smsbatch import cli_ops, cli_traces
-from smsbatch.cli_common import (EXIT_SOME_FAILED, PHONE, SID, TEXT, TIME, WHEN, Finite, LoggedGroup, emit_json,
-                                 note, open_store, read_text_file, settings_from)
+from smsbatch.cli_common import (EXIT_SOME_FAILED, PHONE, SID, TEXT, TIME, WHEN, Finite, LoggedGroup,
+                                 backfill_runs, emit_json, note, open_store, read_text_file, settings_from,
+                                 warn_if_not_the_deployments_db)
 from smsbatch.errors import SmsbatchError
 
 @click.group(cls=LoggedGroup)
@@ -153,7 +154,8 @@ def process(ctx, now, limit, seconds, concurrency, system_prompt_file, ai, sms, 
         from smsbatch.alerts import notice_stall
 
         notice_stall(processor.store(), processor.alerter, clock(), settings.alert_after_seconds)
-    backfilled = periodic_backfill(processor.store(), sender, settings, clock())
+    warn_if_not_the_deployments_db(settings)
+    backfilled = periodic_backfill(processor.store(), sender, settings, clock(), stop)
     report = processor.run(limit=limit, concurrency=concurrency, seconds=seconds, stop=stop)
     report.backfilled = backfilled
     prune_after_run(settings, clock())
@@ -178,9 +180,14 @@ def prune_after_run(settings, now):
         return
     from smsbatch.ops import PRUNE_PER_RUN
 
+    age = settings.retention_days * 86400
+    if backfill_runs(settings):  # never inside the backfill's look-back: a pruned text would be answered again
+        from smsbatch.backfill import min_prune_age
+
+        age = max(age, min_prune_age(settings))
     store = open_store(settings)
     try:
-        gone = store.prune(now - settings.retention_days * 86400, limit=PRUNE_PER_RUN)
+        gone = store.prune(now - age, limit=PRUNE_PER_RUN)
     finally:
         store.close()
     if gone["batches"] or gone["manual_replies"]:
@@ -188,17 +195,18 @@ def prune_after_run(settings, now):
              f"{gone['replies'] + gone['manual_replies']} replies older than {settings.retention_days:g} days")
 
 
-def periodic_backfill(store, sender, settings, now):
+def periodic_backfill(store, sender, settings, now, stop=None):
     """`process`'s look into Twilio's log for texts the webhook never got (see smsbatch.backfill).
-    Returns how many it stored; a Twilio failure is logged and processing goes on."""
-    if not settings.backfill or settings.sms != "twilio":
+    Returns how many it stored; a Twilio failure is logged and processing goes on. `stop`
+    (set by SIGTERM) ends its reading between two pages."""
+    if not backfill_runs(settings):
         return 0
     from smsbatch.backfill import backfill_if_due
     from smsbatch.errors import DeliveryError
-    from smsbatch.sms import TwilioLog
+    from smsbatch.twilio_log import Paging, TwilioLog
 
     try:
-        report = backfill_if_due(store, TwilioLog(sender), settings, now)
+        report = backfill_if_due(store, TwilioLog(sender, Paging(stop)), settings, now)
     except DeliveryError as exc:
         logging.getLogger("smsbatch.backfill").warning("backfill: could not read Twilio's message log: %s", exc)
         return 0

@@ -1,6 +1,8 @@
 """What every command shares: click types for checked input, settings, the store, JSON output."""
 
 import json
+import logging
+import os
 
 import click
 
@@ -168,3 +170,30 @@ class MomentParam(click.ParamType):
 
 
 WHEN = MomentParam()
+
+
+def backfill_runs(settings):
+    """Does `process` look into Twilio's message log (SMSBATCH_BACKFILL, with the Twilio sender)?"""
+    return settings.backfill and settings.sms == "twilio"
+
+
+def warn_if_not_the_deployments_db(settings):
+    """One warning line when `process` sends real SMS from a database that is not the one
+    SMSBATCH_DB names (--db copy.db): what is pending in a copy is answered a second time."""
+    configured = settings.deployment_db
+    if settings.sms != "twilio" or not configured or same_file(configured, settings.db_path):
+        return
+    from smsbatch.errors import visible
+
+    logging.getLogger("smsbatch").warning(
+        "process sends real SMS from %s, which is not the deployment's database %s (SMSBATCH_DB): texts "
+        "pending in it may have been answered from the other one already", visible(settings.db_path, 200),
+        visible(configured, 200))
+
+
+def same_file(a, b):
+    """Are two paths the same file (compared as files when both exist, else as absolute paths)?"""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)

@@ -23,7 +23,8 @@ def backfill(ctx, since, until, dry_run, now, as_json):
     the others are answered by the next `process` run.
     """
     from smsbatch.backfill import backfill as run_backfill
-    from smsbatch.sms import TwilioLog, TwilioSender
+    from smsbatch.sms import TwilioSender
+    from smsbatch.twilio_log import TwilioLog
 
     settings = settings_from(ctx)
     missing = [m for m in settings.missing_credentials() if m.startswith("TWILIO_ACCOUNT") or m == "TWILIO_AUTH_TOKEN"]
@@ -46,6 +47,15 @@ def backfill(ctx, since, until, dry_run, now, as_json):
                f"{verb} {count}" + ("" if dry_run else f" ({report.expired} too old to answer, stored as expired)"))
     for sid, phone, to, at in report.found:
         click.echo(clean(f"  {sid} from {phone} to {to} at {iso_time(at)}"))  # as Twilio's log gave them
+    if report.answered:
+        click.echo(f"{report.answered} of them answered already (Twilio's log shows our reply after it): "
+                   "stored as skipped, not answered again")
+    if report.unreadable:
+        click.echo(f"{report.unreadable} record(s) could not be read and were skipped (named on stderr)")
+    if report.cut:
+        from smsbatch.errors import visible
+
+        click.echo(f"stopped early: {visible(report.cut, 200)}; run it again for the rest", err=True)
 
 
 @click.command()
@@ -269,9 +279,20 @@ VACUUM_SHARE = 0.25  # prune rewrites the file when at least this share of it is
 def prune(ctx, age, dry_run, vacuum, now, as_json):
     """Delete old, finished conversation history: batches whose texts and outcome are all older
     than --older-than, with their texts, state history and replies, and replies sent by hand
-    before then. Never a pending batch, nor anything of a person on hold or opted out. Then,
+    before then. Never a pending batch, nor anything of a person on hold or opted out.
+    Refused for an age inside the backfill's look-back (SMSBATCH_MAX_AGE_SECONDS plus 5
+    minutes): a text deleted there would be found in Twilio's log and answered again. Then,
     after a large prune, give the space back to the disk (see --vacuum)."""
-    store = open_store(settings_from(ctx))
+    from smsbatch.backfill import min_prune_age
+
+    settings = settings_from(ctx)
+    if settings.backfill and age < min_prune_age(settings):
+        given = span(age) if age % 60 == 0 else f"{age:g}s"
+        raise click.ClickException(
+            f"--older-than {given} is inside the backfill's look-back (SMSBATCH_MAX_AGE_SECONDS plus 5 minutes: "
+            f"a text deleted there is found in Twilio's log and answered again); the smallest allowed age is "
+            f"{span(min_prune_age(settings))}")
+    store = open_store(settings)
     cutoff = (time.time() if now is None else now) - age
     gone = store.prune(cutoff, dry_run=dry_run)
     if as_json:
@@ -305,6 +326,15 @@ def _space_line(space):
                 f"is now {space['bytes_after'] / mib:.1f} MiB")
     return (f"{space['free_bytes'] / mib:.1f} MiB of the {space['bytes_after'] / mib:.1f} MiB database is free for "
             "new texts; `smsbatch prune --vacuum` gives it back to the disk")
+
+
+def span(seconds):
+    """'65m', '2h', '3d': an age as `prune --older-than` takes it, in whole minutes (rounded up)."""
+    minutes = -(-int(seconds) // 60)
+    for unit, size in (("d", 1440), ("h", 60)):
+        if minutes >= size and minutes % size == 0:
+            return f"{minutes // size}{unit}"
+    return f"{minutes}m"
 
 
 def count(n, one, many=None):

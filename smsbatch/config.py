@@ -65,6 +65,7 @@ class Settings:
     """
 
     db_path: str = "smsbatch.db"
+    deployment_db: str = ""  # SMSBATCH_DB as set (db_path may be another file: --db)
     quiet_seconds: float = 10.0
     max_wait_seconds: float = 45.0
     max_messages: int = 10
@@ -125,6 +126,7 @@ class Settings:
         keywords = g("SMSBATCH_URGENT_KEYWORDS", "urgent,emergency")
         settings = cls(
             db_path=g("SMSBATCH_DB") or "smsbatch.db",
+            deployment_db=g("SMSBATCH_DB") or "",
             quiet_seconds=_number(env, "SMSBATCH_QUIET_SECONDS", 10.0),
             max_wait_seconds=_number(env, "SMSBATCH_MAX_WAIT_SECONDS", 45.0),
             max_messages=_number(env, "SMSBATCH_MAX_MESSAGES", 10, int, 1),

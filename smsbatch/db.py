@@ -185,7 +185,7 @@ class Store(BatchLife, OperatorActions, OperatorReports):
     # -- inbound ----------------------------------------------------------------
 
     def add_message(self, sid, phone, our_number, body, received_at, rules, media=(), carrier_kind=None,
-                    scope=None, expired=False):
+                    scope=None, expired=False, answered=None):
         """Store one inbound text exactly once and put it in its conversation's open batch.
 
         A conversation is the person (`phone`) and the number they wrote to (`our_number`).
@@ -193,7 +193,9 @@ class Store(BatchLife, OperatorActions, OperatorReports):
         default our_number) and get a batch of their own, skipped at once, so they never
         reach the AI. `carrier_kind` ('opt_out'/'opt_in') is Twilio's own verdict
         (OptOutType), for keywords configured in Twilio. `expired`: a text found too late to
-        answer (the backfill) is stored in a batch of its own, expired at once.
+        answer (the backfill) is stored in a batch of its own, expired at once. `answered`: a
+        text found already answered (the backfill: our reply after it is in Twilio's log) is
+        stored in a batch of its own, skipped at once, with this reason.
         """
         kind = carrier_kind or (batching.keyword_kind(body) if not media else None)
         scope = scope or our_number
@@ -206,6 +208,9 @@ class Store(BatchLife, OperatorActions, OperatorReports):
                 kind = None  # "yes" answering the AI's question is a text, not a re-subscription
             if kind:
                 batch_id = self._add_keyword(conn, phone, our_number, scope, body, received_at, kind)
+            elif answered:
+                batch_id = self._insert_batch(conn, phone, our_number, received_at, State.SKIPPED, None,
+                                              reason=answered)
             elif expired:
                 batch_id = self._insert_batch(conn, phone, our_number, received_at, State.EXPIRED, None,
                                               reason=LATE_REASON)

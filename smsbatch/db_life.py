@@ -221,6 +221,15 @@ class BatchLife:
         """True if a text with this MessageSid is stored."""
         return self.conn.execute("SELECT 1 FROM messages WHERE sid = ?", (sid,)).fetchone() is not None
 
+    def record_found_reply(self, reply, batch_id, phone, our_number):
+        """Log a reply Twilio's log shows we sent (a dict of sid, at, body, status), answering a
+        text the backfill found: the AI sees it as history, and its SID is not taken for
+        another batch's reply. A reply already logged is left as it is."""
+        with self.transaction() as conn:
+            conn.execute("INSERT INTO outbound (sid, batch_id, phone, our_number, body, source, sent_at, status)"
+                         " VALUES (?, ?, ?, ?, ?, 'ai', ?, ?) ON CONFLICT (sid) DO NOTHING",
+                         (reply["sid"], batch_id, phone, our_number, reply["body"], reply["at"], reply["status"]))
+
     def known_numbers(self):
         """Every number of ours that people have written to."""
         return {r[0] for r in self.conn.execute("SELECT DISTINCT our_number FROM conversations")}

@@ -56,16 +56,18 @@ class OperatorReports:
     def deliveries_to_check(self, now, limit):
         """Replies never checked yet, CHECK_AFTER_SECONDS after sending: those without a final
         status, and those of the last PRICE_WITHIN_SECONDS without a price (a status callback
-        may have said it was delivered, but only the message resource says what it cost)."""
-        return [r[0] for r in self.conn.execute(
-            f"SELECT sid FROM outbound WHERE checked_at IS NULL AND sent_at <= ? AND (status IS NULL"
+        may have said it was delivered, but only the message resource says what it cost).
+        Rows of sid and batch_id."""
+        return [dict(r) for r in self.conn.execute(
+            f"SELECT sid, batch_id FROM outbound WHERE checked_at IS NULL AND sent_at <= ? AND (status IS NULL"
             f" OR status NOT IN ({placeholders(delivery.FINAL)}) OR price IS NULL AND sent_at >= ?)"
             " ORDER BY sent_at LIMIT ?",
             (now - delivery.CHECK_AFTER_SECONDS, *sorted(delivery.FINAL), now - delivery.PRICE_WITHIN_SECONDS,
              limit))]
 
     def mark_checked(self, sid, now, price=None, price_unit=None):
-        """Note that Twilio was asked about a reply, and the price it gave (None: not priced yet)."""
+        """Note that Twilio was asked about a reply (it is not asked again), and the price it
+        gave (None: not priced yet)."""
         with self.transaction() as conn:
             conn.execute("UPDATE outbound SET checked_at = ?, price = coalesce(?, price),"
                          " price_unit = coalesce(?, price_unit) WHERE sid = ?", (now, price, price_unit, sid))

@@ -47,5 +47,7 @@ def explain(status, error_code):
     """A receipt in words: 'undelivered: 30007 carrier filtered (spam)'."""
     if not error_code:
         return status
-    words = ERROR_WORDS.get(int(error_code))
+    if not isinstance(error_code, int):  # a row stored before codes were checked: shown, never a traceback
+        return f"{status}: Twilio error (unreadable code)"
+    words = ERROR_WORDS.get(error_code)
     return f"{status}: {error_code} {words}" if words else f"{status}: Twilio error {error_code}"

@@ -84,3 +84,16 @@ def hide_numbers(text):
     """`text` with every phone number replaced by [number]: for log lines (cron mail) and the
     provider errors kept in provider_health, which need no customer's number."""
     return PHONE_DIGITS.sub("[number]", str(text))
+
+
+# Control characters (C0, DEL, C1) and the Unicode bidi controls that reorder what is read.
+UNSEEN = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def visible(value, limit=80):
+    """Provider- or client-written text for a log line: on one line, control characters, escape
+    sequences and bidi controls shown as \\x1b or \\u202e, cut to `limit` characters."""
+    text = "" if value is None else str(value)
+    shown = UNSEEN.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
+                       else f"\\u{ord(m.group()):04x}", text)
+    return shown if len(shown) <= limit else shown[: limit - 1] + "…"

@@ -22,7 +22,7 @@ from smsbatch.config import FAULT_POINT
 from smsbatch.db import State, Store
 from smsbatch.db_ops import held_reason
 from smsbatch.errors import (CannotReconcile, ConfigError, DeliveryError, InvalidInput, LeaseLost, hide_numbers,
-                             redact)
+                             redact, visible)
 from smsbatch.inputs import check_phone, iso_time
 from smsbatch.lease import Leases
 
@@ -453,15 +453,9 @@ class Processor:
         store, now = self.store(), self.clock()
         fetch = getattr(self.sender, "fetch_status", None)
         if fetch is not None:
-            for sid in store.deliveries_to_check(now, delivery.CHECKS_PER_RUN):
-                try:
-                    status, code, price, price_unit = fetch(sid)
-                except DeliveryError as exc:
-                    log.warning("could not check a reply's delivery (next run tries again): %s", exc)
+            for row in store.deliveries_to_check(now, delivery.CHECKS_PER_RUN):
+                if not self._check_delivery(store, fetch, row, now):
                     break
-                store.mark_checked(sid, now, price, price_unit)
-                if delivery.is_status(status):
-                    store.record_delivery(sid, status, code, now)
         problems = store.take_new_problems(now)
         lines = [f"batch {p['batch_id'] or '(manual)'}: reply {delivery.explain(p['status'], p['error_code'])}"
                  for p in problems]
@@ -471,6 +465,30 @@ class Processor:
             more = f"\n... and {len(lines) - 10} more (smsbatch status)" if len(lines) > 10 else ""
             self.alerter.send("smsbatch UNDELIVERED:\n" + "\n".join(lines[:10]) + more)
         return len(problems)
+
+    def _check_delivery(self, store, fetch, row, now):
+        """Fetch one reply's status and record it. A definite answer, an error about this reply
+        (Twilio's 404) included, is final for it: it is not asked again. Returns False when
+        Twilio is failing (the next run tries again), True to go on with the next reply."""
+        batch, sid = row["batch_id"] or "(manual)", visible(row["sid"], 40)
+        try:
+            fetched = fetch(row["sid"])
+        except DeliveryError as exc:
+            if exc.transient:
+                log.warning("batch %s: could not check the delivery of reply %s (the next run tries again): %s",
+                            batch, sid, hide_numbers(exc))
+                return False
+            store.mark_checked(row["sid"], now)
+            log.warning("batch %s: Twilio could not tell the delivery of reply %s (%s); not asked again",
+                        batch, sid, hide_numbers(exc))
+            return True
+        store.mark_checked(row["sid"], now, fetched.price, fetched.price_unit)
+        if fetched.problems:
+            log.warning("batch %s: reply %s: Twilio gave %s; recorded as unknown", batch, sid,
+                        ", ".join(fetched.problems))
+        if fetched.status is not None:
+            store.record_delivery(row["sid"], fetched.status, fetched.error_code, now)
+        return True
 
     def _idle_wait(self):
         """How long to sleep when nothing is due: until the next batch is due, at most POLL_SECONDS."""

@@ -13,9 +13,11 @@ import secrets
 import sys
 import threading
 import time
+from dataclasses import dataclass
+from urllib.parse import quote, urlsplit
 
-from smsbatch import deadline
-from smsbatch.errors import BIDI, CannotReconcile, DeliveryError, redact
+from smsbatch import deadline, twilio_fields
+from smsbatch.errors import BIDI, CannotReconcile, DeliveryError, redact, visible
 
 # Twilio error codes worth trying again later: rate limit, unreachable handset, unknown carrier error.
 TRANSIENT_CODES = frozenset({20429, 30003, 30008})
@@ -72,13 +74,7 @@ class TwilioSender:
                 from twilio.rest import Client
 
                 s = self.settings
-                http = TwilioHttpClient(timeout=s.sms_timeout_seconds)
-                for prefix in ("http://", "https://"):
-                    http.session.mount(prefix, _fenced_adapter())
-                client = Client(s.twilio_account_sid, s.twilio_auth_token, http_client=http)
-                if s.twilio_base_url:
-                    client.api.base_url = s.twilio_base_url.rstrip("/")
-                    client.messaging.base_url = s.twilio_base_url.rstrip("/")
+                client = twilio_client(s, s.sms_timeout_seconds, fenced=True)
                 client.messages  # noqa: B018 (imports the resource now, not within a send's deadline)
                 self._client = client
             return self._client
@@ -103,7 +99,12 @@ class TwilioSender:
         client, fields = self._get_client(), self.sender_fields(from_)
         if self.settings.public_url:
             fields["status_callback"] = status_callback_url(self.settings.public_url)
-        return self._call(lambda: client.messages.create(to=to, body=body, **fields).sid, fence)
+        sid = self._call(lambda: client.messages.create(to=to, body=body, **fields).sid, fence)
+        try:
+            return twilio_fields.message_sid(sid)
+        except twilio_fields.BadField:  # accepted, but which message is it? The log is asked before resending
+            raise DeliveryError("Twilio's answer holds no valid message SID; outcome unknown", transient=True,
+                                ambiguous=True) from None
 
     def _call(self, fn, fence=None, seconds=None):
         """One Twilio call under its total deadline (the SMS deadline unless given), its
@@ -146,7 +147,10 @@ class TwilioSender:
         start, end = since - RECONCILE_SLACK_SECONDS, since + self.settings.sms_deadline + RECONCILE_SLACK_SECONDS
 
         def scan():
-            return list(_in_window(client, to, fields, start, end, exclude))
+            try:
+                return list(_in_window(client, to, fields, start, end, exclude))
+            except ValueError:  # the twilio package could not read a record (a date in the year 99999)
+                raise CannotReconcile("Twilio's message log holds a record that cannot be read") from None
 
         candidates = self._call(scan, None, self.settings.sms_deadline * 2)
         return pick_reply(candidates, body)
@@ -160,11 +164,12 @@ class TwilioSender:
         sid = self.settings.twilio_messaging_service_sid
         if not sid:
             return []
-        client = self._get_client()
-        try:
-            return service_numbers(client, sid)
-        except provider_errors() as exc:
-            raise classify(exc, self.settings.secrets()) from None
+        from smsbatch.twilio_log import PagingStopped, TwilioLog
+
+        try:  # paged under the backfill's rules: next-page links only on Twilio's own origin
+            return sorted(TwilioLog(self).service_numbers())
+        except PagingStopped as exc:
+            raise DeliveryError(f"could not list the messaging service's numbers: {exc}", transient=True) from None
 
     def our_numbers(self):
         """The business numbers we answer for: Settings.listed_numbers, then the messaging
@@ -175,57 +180,65 @@ class TwilioSender:
         return list(dict.fromkeys([*self.settings.listed_numbers, *self.service_numbers()]))
 
     def fetch_status(self, sid):
-        """Twilio's current (MessageStatus, ErrorCode, price, price unit) of a message we sent;
-        the price is None until Twilio has priced it (see read_price).
+        """Twilio's current status of a message we sent (GET Messages/{sid}.json), each field
+        checked: one Twilio gives in a shape smsbatch does not know is None in the answer and
+        named in its `problems`.
 
-        Raises: DeliveryError.
+        Raises: DeliveryError (not transient for a SID that is not one, or Twilio's 404).
         """
-        client = self._get_client()
-        message = self._call(lambda: client.messages(sid).fetch())
-        return (message.status, message.error_code, *read_price(message.price, message.price_unit))
-
-
-class TwilioLog:
-    """Reads Twilio's message log: the texts it received for our numbers (the backfill)."""
-
-    def __init__(self, sender):
-        self.sender = sender
-
-    def service_numbers(self):
-        """The phone numbers of the configured messaging service (none without one).
-
-        Raises: DeliveryError.
-        """
-        return set(self.sender.service_numbers())
-
-    def received(self, to, since, until):
-        """Inbound texts to `to` that Twilio sent to the webhook between `since` and `until`
-        (epoch seconds), following every page: dicts of sid, phone, to, body, at, media.
-
-        Twilio's DateSent filters are asked for the window, and the window is checked here
-        too, since the API documents them to the day only.
-
-        Raises: DeliveryError.
-        """
-        client = self.sender._get_client()
-        after = datetime.datetime.fromtimestamp(since, datetime.timezone.utc)
-        before = datetime.datetime.fromtimestamp(until, datetime.timezone.utc)
         try:
-            for m in client.messages.stream(to=to, date_sent_after=after, date_sent_before=before, page_size=1000):
-                at = _epoch(m.date_sent or m.date_created)
-                if (m.direction or "").startswith("inbound") and since <= at <= until:
-                    yield {"sid": m.sid, "phone": m.from_, "to": m.to, "body": m.body or "", "at": at,
-                           "media": self._media(client, m)}
-        except provider_errors() as exc:
-            raise classify(exc, self.sender.settings.secrets()) from None
+            sid = twilio_fields.message_sid(sid)
+        except twilio_fields.BadField:
+            raise DeliveryError("not a Twilio message SID", transient=False) from None
+        client = self._get_client()
+        account = quote(self.settings.twilio_account_sid, safe="")
+        url = f"{client.api.base_url.rstrip('/')}/2010-04-01/Accounts/{account}/Messages/{sid}.json"
+        message = self._call(lambda: get_json(client, url))
+        return delivery_status(message if isinstance(message, dict) else {})
 
-    @staticmethod
-    def _media(client, message):
-        """The media URLs of a picture message, as the webhook's MediaUrl{N} give them."""
-        if not int(message.num_media or 0):
-            return []
-        base = client.api.base_url.rstrip("/")
-        return [base + item.uri.removesuffix(".json") for item in client.messages(message.sid).media.list()]
+
+@dataclass
+class DeliveryStatus:
+    """What a delivery fetch learned of one message we sent."""
+
+    status: str = None  # a MessageStatus smsbatch knows, else None
+    error_code: int = None  # Twilio's ErrorCode; None: none, or not a sane one
+    problems: tuple = ()  # the fields Twilio gave in a shape smsbatch does not know
+    price: float = None  # Twilio's price (negative: a charge); None until priced (read_price)
+    price_unit: str = None
+
+
+def delivery_status(message):
+    """A DeliveryStatus from a Message resource (a dict as Twilio's JSON has it)."""
+    found, problems = {}, []
+    for name, read in (("status", twilio_fields.status), ("error_code", twilio_fields.error_code)):
+        try:
+            found[name] = read(message.get(name))
+        except twilio_fields.BadField:
+            problems.append(f"{name} {visible(repr(message.get(name)), 40)}")
+    price, unit = read_price(message.get("price"), message.get("price_unit"))  # None while not priced
+    return DeliveryStatus(found.get("status"), found.get("error_code"), tuple(problems), price, unit)
+
+
+def get_json(client, url, params=None):
+    """GET a Twilio URL with the client's credentials; its JSON answer.
+
+    Raises: TwilioRestException (not 200: classify() maps it), json.JSONDecodeError.
+    """
+    import json
+
+    from twilio.base.exceptions import TwilioRestException
+
+    response = client.request("GET", url, params=params)
+    if response.status_code != 200:
+        try:
+            error = json.loads(response.text)
+        except ValueError:
+            error = None
+        error = error if isinstance(error, dict) else {}
+        code = error.get("code") if isinstance(error.get("code"), int) else None
+        raise TwilioRestException(response.status_code, url, redact(error.get("message", ""), limit=200), code)
+    return json.loads(response.text)
 
 
 def service_numbers(client, service_sid):
@@ -252,8 +265,10 @@ def pick_reply(candidates, body):
     """Which of the candidate messages is our reply: the only one, or else the only one
     whose body matches ours. Returns its SID or None (no candidate).
 
-    Raises: CannotReconcile when several remain.
+    Raises: CannotReconcile when several remain, or a candidate's SID is not one.
     """
+    if not all(isinstance(m.sid, str) and twilio_fields.MESSAGE_SID.fullmatch(m.sid) for m in candidates):
+        raise CannotReconcile("a message in the send's time window has no valid SID")
     if len(candidates) <= 1:
         return candidates[0].sid if candidates else None
     same = [m for m in candidates if fingerprint(m.body) == fingerprint(body)]
@@ -287,6 +302,51 @@ def read_price(price, unit):
 def status_callback_url(public_url):
     """Where Twilio posts delivery receipts: the webhook's URL + /status."""
     return public_url.rstrip("/") + "/status"
+
+
+TWILIO_ORIGINS = ("https://api.twilio.com", "https://messaging.twilio.com")
+
+
+def origin(url):
+    """(scheme, host, port) of a URL, the default port filled in; None when unparseable."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or {"https": 443, "http": 80}.get(parts.scheme.lower())
+        return (parts.scheme.lower(), (parts.hostname or "").lower(), port) if parts.hostname else None
+    except ValueError:
+        return None
+
+
+def twilio_client(settings, timeout, fenced=False):
+    """A twilio Client for our account whose requests time out after `timeout` and never leave
+    Twilio's own origins (SMSBATCH_TWILIO_BASE_URL's, when set): a next-page link to another
+    host, which the twilio package would follow with the account's credentials, is refused.
+    `fenced`: each request asks deadline.before_write() right before it is written."""
+    from twilio.http.http_client import TwilioHttpClient
+    from twilio.rest import Client
+
+    base = settings.twilio_base_url.rstrip("/")
+    allowed = {origin(u) for u in ((base,) if base else TWILIO_ORIGINS)}
+
+    class OursOnly(TwilioHttpClient):
+        def request(self, method, url, *args, **kwargs):
+            if origin(url) not in allowed:
+                from requests.exceptions import InvalidURL
+
+                raise InvalidURL("refused to send the account's credentials outside Twilio's API: "
+                                 + visible(str(url), 80))
+            return super().request(method, url, *args, **kwargs)
+
+    http = OursOnly(timeout=timeout)
+    if fenced:
+        for prefix in ("http://", "https://"):
+            http.session.mount(prefix, _fenced_adapter())
+    client = Client(settings.twilio_account_sid or "AC-not-set", settings.twilio_auth_token or "not-set",
+                    http_client=http)
+    if base:
+        client.api.base_url = base
+        client.messaging.base_url = base
+    return client
 
 
 def _fenced_adapter():

@@ -201,6 +201,14 @@ class FakeTwilio(StandIn):
     report it; callback() builds the signed status callback Twilio would post. Once a message
     is sent or final, it has a `price` (PRICE unless a test sets one, any string Twilio might
     send) and `price_unit`; before that its price is null, as Twilio's is until it is priced.
+
+    Hostile answers (the backfill's attacks): deliver_inbound(..., raw={...}) lists a text with
+    those fields as given (a date that does not parse, `from: null`, ...); `next_link` makes
+    every listing of texts to a number link on: "self" (to the page just served), "endless"
+    (to ever new page numbers, serving the same page again), a URI or URL given as is, or
+    ("meta", url) (a v1-style meta.next_page_url, which the twilio package prefers);
+    `page_delay` slows each such page. Script item ("accept-as", {fields}): record the message,
+    then answer 201 with those fields of its resource as given (a malformed SID, say).
     """
     URL = re.compile(r"https?://\S+")
 
@@ -220,6 +228,10 @@ class FakeTwilio(StandIn):
         self.services = {}  # messaging service sid -> its phone numbers (Messaging v1 PhoneNumbers)
         self.inbound = []  # texts Twilio received: sid, to, from, body, date_sent, media (content types)
         self.pages_served = 0
+        self.next_link = None
+        self.clock = time.time  # when a sent message is created (a test may pin it to its `now`)
+        self.page_delay = 0.0
+        self.media_gone = set()  # SIDs of texts whose Media list answers 404 (deleted pictures)
 
     def dispatch(self, handler, method):
         body = self.read_body(handler)
@@ -238,6 +250,8 @@ class FakeTwilio(StandIn):
             return self.list(handler, parse_qs(path.query))
         form = {k: v[0] for k, v in parse_qs(body.decode(), keep_blank_values=True).items()}
         action = self.take(form)
+        if isinstance(action, tuple) and action[0] == "accept-as":
+            return self.reply(handler, 201, self.resource(self.record(form)) | action[1])
         if action == "hang":
             return
         if isinstance(action, tuple) and action[0] == "echo-auth":
@@ -267,7 +281,7 @@ class FakeTwilio(StandIn):
 
     def record(self, form, at=None, queued=False):
         """Store a message as Twilio would; `queued`: not handed to a carrier yet (no DateSent)."""
-        created = datetime.fromtimestamp(time.time() if at is None else at, timezone.utc)
+        created = datetime.fromtimestamp(self.clock() if at is None else at, timezone.utc)
         body = form.get("Body")
         if self.link_shortening and body:
             body = self.URL.sub(lambda _: "https://twil.io/" + secrets.token_hex(4), body)
@@ -299,31 +313,44 @@ class FakeTwilio(StandIn):
         page = found[start:start + size]
         self.pages_served += 1
         path = urlparse(handler.path).path
-        following = None
+        following, meta = None, None
+        rest = {k: v for k, v in one.items() if k not in ("Page", "PageToken")}
+        number = int(one.get("Page", 0)) + 1
         if start + size < len(found):
-            rest = {k: v for k, v in one.items() if k not in ("Page", "PageToken")}
-            number = int(one.get("Page", 0)) + 1
             following = path + "?" + urlencode({**rest, "Page": number, "PageToken": "PA" + page[-1]["sid"]})
-        self.reply(handler, 200, {"messages": [self.resource(m) for m in page], "next_page_uri": following,
-                                  "page": int(one.get("Page", 0)), "page_size": size, "start": start,
-                                  "end": start + len(page), "uri": handler.path,
-                                  "first_page_uri": handler.path, "previous_page_uri": None})
+        hostile = self.next_link if "To" in one else None
+        if hostile is not None:
+            time.sleep(self.page_delay)
+            page = found[:size]  # the same first page, whatever link was followed
+            if hostile == "self":
+                following = handler.path
+            elif hostile == "endless":
+                following = path + "?" + urlencode({**rest, "Page": number, "PageToken": f"PA{number}"})
+            elif isinstance(hostile, tuple):
+                meta = {"key": "messages", "next_page_url": hostile[1], "page": number - 1, "page_size": size}
+            else:
+                following = hostile
+        answer = {"messages": [self.resource(m) for m in page], "next_page_uri": following,
+                  "page": int(one.get("Page", 0)), "page_size": size, "start": start,
+                  "end": start + len(page), "uri": handler.path,
+                  "first_page_uri": handler.path, "previous_page_uri": None}
+        self.reply(handler, 200, answer | ({"meta": meta} if meta else {}))
 
-    def deliver_inbound(self, phone, to, body, at, media=()):
+    def deliver_inbound(self, phone, to, body, at, media=(), raw=None):
         """A text Twilio received (its message log has it), whether or not our webhook got it.
-        Returns its MessageSid."""
+        `raw`: fields listed as given instead (an odd record). Returns its MessageSid."""
         sid = "SM" + secrets.token_hex(16)
         sent = datetime.fromtimestamp(at, timezone.utc)
         with self.lock:
             self.inbound.append({"sid": sid, "to": to, "from": phone, "body": body, "date_created": sent,
                                  "date_sent": sent, "direction": "inbound", "status": "received",
-                                 "media": list(media)})
+                                 "media": list(media), "raw": dict(raw or {})})
         return sid
 
     def media_list(self, handler, sid):
         """GET Messages/{sid}/Media.json: the media of an inbound text."""
         with self.lock:
-            message = next((m for m in self.inbound if m["sid"] == sid), None)
+            message = next((m for m in self.inbound if m["sid"] == sid and sid not in self.media_gone), None)
         if message is None:
             return self.reply(handler, 404, {"code": 20404, "message": "not found", "status": 404})
         base = f"/2010-04-01/Accounts/{self.ACCOUNT}/Messages/{sid}/Media"
@@ -348,7 +375,7 @@ class FakeTwilio(StandIn):
                 "num_media": str(len(m.get("media", ()))),
                 "date_created": format_datetime(m["date_created"]),
                 "date_sent": format_datetime(sent) if sent else None, "date_updated": None,
-                "uri": f"/2010-04-01/Accounts/{self.ACCOUNT}/Messages/{m['sid']}.json"}
+                "uri": f"/2010-04-01/Accounts/{self.ACCOUNT}/Messages/{m['sid']}.json"} | m.get("raw", {})
 
     def fetch(self, handler, sid):
         with self.lock:
@@ -517,6 +544,15 @@ def provider_env(openai, twilio, **extra):
     }
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+class Bystander(StandIn):
+    """Another host: records each request's method, path and Authorization header, and
+    answers an empty page of messages (where a foreign next-page link would lead)."""
+
+    def dispatch(self, handler, method):
+        self.take((method, handler.path, handler.headers.get("Authorization")))
+        self.reply(handler, 200, {"messages": [], "next_page_uri": None, "page": 1, "page_size": 50})
 
 
 class WebPage(StandIn):

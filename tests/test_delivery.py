@@ -161,3 +161,29 @@ def test_a_status_twilio_added_later_is_answered_200_and_not_recorded(public, we
     [message] = twilio_standin.sent
     assert str(receipt(webhook, twilio_standin, message, "partially_delivered")).startswith("200")
     assert outbound(store, message["sid"])["status"] is None
+
+
+def test_a_reply_twilio_cannot_find_is_final_and_the_others_are_still_checked(fast, store, clock, twilio_standin,
+                                                                             caplog):
+    """Issue 16: a 404 for one reply used to break the loop before the reply was marked, so
+    every run asked again, warned again, and no later reply was ever checked."""
+    answered(fast, store, clock, A, B, "+15557770003")
+    lost = next(m for m in twilio_standin.sent if m["to"] == A)
+    store.conn.execute("UPDATE outbound SET sent_at = sent_at - 1 WHERE sid = ?", (lost["sid"],))  # asked first
+    store.conn.commit()
+    twilio_standin.sent.remove(lost)  # Twilio has no such message: 404, code 20404
+    for message in twilio_standin.sent:
+        message["status"] = "delivered"
+    caplog.set_level(logging.WARNING, "smsbatch")
+    clock.now = T0 + 10 + delivery.CHECK_AFTER_SECONDS
+    real_processor(fast, clock).run()
+    assert len(twilio_standin.fetched) == 3
+    statuses = dict(store.conn.execute("SELECT phone, status FROM outbound"))
+    assert statuses == {A: None, B: "delivered", "+15557770003": "delivered"}
+    batch = store.conn.execute("SELECT batch_id FROM outbound WHERE sid = ?", (lost["sid"],)).fetchone()[0]
+    [line] = [r.getMessage() for r in caplog.records if lost["sid"] in r.getMessage()]
+    assert line.startswith(f"batch {batch}: ") and "20404" in line and "not asked again" in line
+    clock.now += 60
+    caplog.clear()
+    real_processor(fast, clock).run()
+    assert len(twilio_standin.fetched) == 3 and not [r for r in caplog.records if lost["sid"] in r.getMessage()]
