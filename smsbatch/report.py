@@ -82,10 +82,14 @@ def _totals(days, known):
 def status(store, settings, now, latest):
     """`smsbatch status`: the store's counts and latest batches, whether the agent answers at
     all, the next retry, and each provider's health (failing since, announced outage)."""
+    from smsbatch.config import display_url
     from smsbatch.processor import PROVIDER_NAMES
 
     info = store.status(now, latest)
     retry = store.next_retry()
+    rejected = store.rejected_signatures(now)  # a wrong SMSBATCH_PUBLIC_URL shows up here
+    if rejected["last_rejected_signature_url"]:  # stored masked; rows from older versions were not
+        rejected["last_rejected_signature_url"] = display_url(rejected["last_rejected_signature_url"], masked=True)
     providers = [row | {"name": PROVIDER_NAMES.get(row["provider"], row["provider"])}
                  for row in store.provider_health()]
     return info | {
@@ -94,7 +98,7 @@ def status(store, settings, now, latest):
         "next_retry": None if retry is None else {"due_at": retry[0], "batch_id": retry[1]},
         "providers": providers,
         "outages": store.outages(),
-        **store.rejected_signatures(now),  # a wrong SMSBATCH_PUBLIC_URL shows up here
+        **rejected,
     }
 
 

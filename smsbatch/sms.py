@@ -242,8 +242,12 @@ def pick_reply(candidates, body):
 
 
 def status_callback_url(public_url):
-    """Where Twilio posts delivery receipts: the webhook's URL + /status."""
-    return public_url.rstrip("/") + "/status"
+    """Where Twilio posts delivery receipts: the webhook's URL with /status added to its path,
+    before any query string (https://host/sms?key=abc -> https://host/sms/status?key=abc)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(public_url)
+    return urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/status"))
 
 
 def _fenced_adapter():

@@ -29,7 +29,7 @@ URL = "https://hooks.example.com/sms"
 
 def form(n=0, **extra):
     params = {"MessageSid": f"SM{n:032d}", "From": "+15553330001", "To": "+15550000000", "Body": f"hi {n}",
-              "NumMedia": "0", "AccountSid": "AC123"}
+              "NumMedia": "0", "AccountSid": "AC" + "0" * 32}
     params.update(extra)
     return params
 
