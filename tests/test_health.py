@@ -85,3 +85,26 @@ def test_unknown_strict_values_are_not_strict(db_path, store):
 def test_the_verdict_is_a_pure_function_of_the_facts_and_now(facts, now, codes):
     reasons = attention.needed(facts, now)
     assert [r.code for r in reasons] == codes and all(r.text for r in reasons)
+
+
+def test_a_long_processor_run_notes_that_it_still_runs(db_path, settings, store, monkeypatch):
+    """`process --for 3600` is running, not stopped: it notes so while it runs."""
+    import sqlite3
+    import threading
+
+    from conftest import Clock, offline_processor, wait_for
+    from smsbatch import processor
+
+    monkeypatch.setattr(processor, "STILL_RUNNING_EVERY", 0.05, raising=False)
+    clock = Clock(T0)
+    run = threading.Thread(target=offline_processor(settings, clock).run, kwargs={"seconds": 2.0})
+    run.start()
+    try:
+        assert wait_for(lambda: store.last_activity()["last_run_at"] == T0)
+        add(store, "+15551110004", "hi", T0 + 190)  # it waits for its quiet period
+        clock.now = T0 + 200  # 200 s into the run
+        rows = lambda: sqlite3.connect(db_path).execute("SELECT started_at, finished_at FROM processors").fetchall()
+        assert wait_for(lambda: rows() == [(T0 + 200, None)])  # noted mid-run, not at its end
+        assert attention.needed(attention.gather(store, T0 + 200), T0 + 200) == []
+    finally:
+        run.join(10)
