@@ -59,7 +59,7 @@ def effective_settings(settings):
          f"{' and the messaging service' if s.twilio_messaging_service_sid else ''})"),
         ("SMSBATCH_TWILIO_BASE_URL", display_url(s.twilio_base_url) if s.twilio_base_url
          else f"(not set: {TWILIO_DEFAULT_BASE_URL})"),
-        ("SMSBATCH_PUBLIC_URL", display_url(s.public_url) if s.public_url else "(not set: the request's own URL)"),
+        ("SMSBATCH_PUBLIC_URL", display_url(s.public_url) if s.public_url else "(not set: serve refuses to start)"),
         ("batching", f"quiet {s.quiet_seconds:g} s, max wait {s.max_wait_seconds:g} s, "
                      f"max {s.max_messages} texts, max age {s.max_age_seconds:g} s"),
         ("retries", f"{s.max_attempts} attempts, base {s.retry_base_seconds:g} s, lease {s.lease:g} s"),

@@ -386,7 +386,10 @@ def retry(ctx, batch_ids, failed, unknown, since, dry_run, fresh, now, as_json):
 @click.option("--insecure-no-signature", is_flag=True, help="Accept unsigned requests (testing only).")
 @click.pass_context
 def serve(ctx, host, port, threads, insecure_no_signature):
-    """Run the Twilio webhook (POST /sms, POST /status, GET /health, GET /metrics) on wsgiref."""
+    """Run the Twilio webhook (POST /sms, POST /status, GET /health, GET /metrics) on wsgiref.
+
+    Needs TWILIO_AUTH_TOKEN and SMSBATCH_PUBLIC_URL (the webhook URL configured in Twilio:
+    signatures are checked against it, never against the request's Host header)."""
     from smsbatch.errors import ConfigError
     from smsbatch.web import make_app, make_server_for
 
@@ -397,7 +400,8 @@ def serve(ctx, host, port, threads, insecure_no_signature):
     try:
         app = make_app(settings, insecure=insecure_no_signature)
     except ConfigError as exc:  # no TWILIO_AUTH_TOKEN: say how this command allows that
-        raise click.ClickException(f"{exc} (--insecure-no-signature to allow, for testing)") from None
+        hint = "" if settings.twilio_auth_token else " (--insecure-no-signature to allow, for testing)"
+        raise click.ClickException(f"{exc}{hint}") from None
     try:
         server = make_server_for(app, host, port, threads)
     except OSError as exc:  # port in use, an address this machine does not have, a name that does not resolve

@@ -357,18 +357,24 @@ OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
 TWILIO_DEFAULT_BASE_URL = "https://api.twilio.com"
 
 
-def display_url(url):
-    """A URL safe to print: no user:password@ and no query string (either may hold a secret)."""
+def display_url(url, masked=False):
+    """A URL safe to print or store: no user:password@ and no query string (either may hold a
+    secret). `masked`: show that they were there, as ***@ and ?***."""
     from urllib.parse import urlsplit, urlunsplit
 
     try:
         parts = urlsplit(url)
+        port = parts.port
     except ValueError:
         return "(unparseable URL)"
     host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+    if ":" in host:  # an IPv6 literal
+        host = f"[{host}]"
+    if port:
+        host = f"{host}:{port}"
+    if masked and "@" in parts.netloc:
+        host = "***@" + host
+    return urlunsplit((parts.scheme, host, parts.path, "***" if masked and parts.query else "", ""))
 
 
 def display_secret_url(url):

@@ -86,12 +86,14 @@ class OperatorReports:
                 " RETURNING sid, batch_id, status, error_code", (now, *delivery.PROBLEMS))]
 
     def health(self, now):
-        """Pending count and the oldest pending batch's age, from one cheap query."""
+        """Pending count, the oldest pending batch's age and the earliest due_at among them
+        (when a processor had to act first), from one cheap query."""
         row = self.conn.execute(
-            f"SELECT count(*), min(first_at) FROM batches WHERE state IN ({placeholders(PENDING)})",
+            f"SELECT count(*), min(first_at), min(due_at) FROM batches WHERE state IN ({placeholders(PENDING)})",
             [s.value for s in PENDING],
         ).fetchone()
-        return {"pending": row[0], "oldest_pending_age_seconds": None if row[1] is None else round(now - row[1], 1)}
+        return {"pending": row[0], "oldest_pending_age_seconds": None if row[1] is None else round(now - row[1], 1),
+                "earliest_due_at": row[2]}
 
     def note_run(self, host, now, finished=False):
         """Record that `host`'s processor began (or ended) a run at `now`."""

@@ -15,6 +15,7 @@ from smsbatch.web import make_app
 
 DEMO_TOKEN = "demo-auth-token"
 DEMO_URL = "https://demo.smsbatch.invalid/sms"
+DEMO_ACCOUNT = "AC" + "de70" * 8
 OUR_NUMBER = "+15550000000"
 # (seconds after start, phone, text): bursts, a lone text, an urgent one, an opt-out.
 SCRIPT = [
@@ -68,7 +69,8 @@ def run_demo(folder, start=None):
     validator = RequestValidator(DEMO_TOKEN)
     for i, (offset, phone, text) in enumerate(sorted(SCRIPT)):
         clock[0] = start + offset
-        params = {"MessageSid": f"SMdemo{i:026d}", "From": phone, "To": OUR_NUMBER, "Body": text, "NumMedia": "0"}
+        params = {"MessageSid": f"SM{0xde70:04x}{i:028x}", "AccountSid": DEMO_ACCOUNT, "From": phone,
+                  "To": OUR_NUMBER, "Body": text, "NumMedia": "0"}
         status = post(app, signed_request(validator, params))
         if not status.startswith("200"):
             raise RuntimeError(f"demo webhook answered {status}")

@@ -28,6 +28,9 @@ from smsbatch.lease import Leases
 
 log = logging.getLogger("smsbatch.processor")
 POLL_SECONDS = 1.0  # with --for, new work is picked up within about this long
+# A long run (--for) notes that it still runs this often, so `status` and /health?strict=1
+# (attention.IDLE_PROCESSOR_SECONDS: 3 minutes) never take it for a stopped processor.
+STILL_RUNNING_EVERY = 60.0
 # taken_over: this processor's lease ran out and another took the batch over (harmless: it goes on there).
 # error: an unexpected exception (a bug) while handling it; logged with its traceback, and the
 # batch is left to its lease (then retried, or failed after its attempts).
@@ -407,7 +410,11 @@ class Processor:
         usage_before = dataclasses.replace(self.usage)
         with self.leases.running(), ThreadPoolExecutor(concurrency, thread_name_prefix="smsbatch") as pool:
             inflight = set()
+            noted = time.monotonic()
             while not stop.is_set():
+                if time.monotonic() - noted >= STILL_RUNNING_EVERY:
+                    noted = time.monotonic()
+                    self.store().note_run(self.leases.holder.rsplit(":", 1)[0], self.clock())
                 # With --for, nothing new is claimed past the deadline: finish what is in hand.
                 claiming = not seconds or time.monotonic() < deadline
                 room = min(concurrency - len(inflight), limit - report.claimed) if claiming else 0

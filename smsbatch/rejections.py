@@ -1,5 +1,5 @@
 """Rejected webhook requests, made visible: a rate-limited log line each, and bad
-signatures counted per minute in the database (for /health and `status --json`).
+signatures counted per minute in the database (for `status --json`).
 
 A wrong SMSBATCH_PUBLIC_URL makes Twilio's every text a 403; without this, nothing on
 our side would show it. The counts are written at most once a second, from a thread
@@ -20,8 +20,10 @@ SIGNATURE_HINT = ("if these are Twilio's texts, set SMSBATCH_PUBLIC_URL to exact
 
 
 def printable(text, limit=200):
-    """Client-sent text (a path) safe for one log line: control characters and non-ASCII escaped."""
-    return ascii(text[:limit])[1:-1]
+    """Client-sent text (a path, a Host header, a field name) safe for one log line: control
+    characters (ESC, bare CR, OSC 52's BEL), bidi controls and all other non-ASCII escaped
+    as \\x1b, \\r, \\u202e."""
+    return ascii(str(text)[:limit])[1:-1]
 
 
 class RateLimitedLog:
@@ -60,11 +62,13 @@ class Rejections:
         self._thread = None
 
     def rejected(self, status, path, reason, signed_url=None):
-        """Log a rejected request; a bad signature (signed_url given) is counted too."""
-        path = printable(path)
+        """Log a rejected request; a bad signature (signed_url given, secrets masked) is counted
+        too. Everything in the line that a client could have written is escaped (printable)."""
+        path, reason = printable(path), printable(reason)
         if signed_url is None:
             self.log.warning("webhook: rejected %s %s: %s", status[:3], path, reason)
             return
+        signed_url = printable(signed_url, 500)
         self.log.warning("webhook: rejected %s %s: %s; checked against %s (%s)", status[:3], path, reason,
                          signed_url, SIGNATURE_HINT)
         now = self.clock()
@@ -75,7 +79,8 @@ class Rejections:
             self._start_locked()
 
     def unwritten(self, since):
-        """(count, last time) of bad signatures at or after `since` not yet in the database."""
+        """(count, last time) of bad signatures at or after `since` not yet in the database
+        (/metrics adds them to the stored counts)."""
         with self._lock:
             entries = [e for minute, e in self._pending.items() if (minute + 1) * 60 > since]
         return sum(e[0] for e in entries), max((e[1] for e in entries), default=None)

@@ -152,10 +152,14 @@ def status(store, settings, now, latest):
     """`smsbatch status`: the store's counts and latest batches, whether the agent answers at
     all, the next retry, each provider's health (failing since, announced outage), when the
     last text was stored and a processor last ran, and warnings."""
+    from smsbatch.config import display_url
     from smsbatch.processor import PROVIDER_NAMES
 
     info = store.status(now, latest) | store.last_activity()
     retry = store.next_retry()
+    rejected = store.rejected_signatures(now)  # a wrong SMSBATCH_PUBLIC_URL shows up here
+    if rejected["last_rejected_signature_url"]:  # stored masked; rows from older versions were not
+        rejected["last_rejected_signature_url"] = display_url(rejected["last_rejected_signature_url"], masked=True)
     providers = [row | {"name": PROVIDER_NAMES.get(row["provider"], row["provider"])}
                  for row in store.provider_health()]
     info |= {
@@ -166,7 +170,7 @@ def status(store, settings, now, latest):
         "outages": store.outages(),
         "paused_numbers": store.number_holds(),  # our numbers on hold: texts stored, not answered
         "today": cost.today(store, settings.ai_prices, now),  # what today's replies cost
-        **store.rejected_signatures(now),  # a wrong SMSBATCH_PUBLIC_URL shows up here
+        **rejected,
     }
     return info | {"processor_stalled": stalled(info["pending"], info["last_run_at"], now),
                    "warnings": warnings(info, now)}

@@ -300,8 +300,12 @@ def read_price(price, unit):
 
 
 def status_callback_url(public_url):
-    """Where Twilio posts delivery receipts: the webhook's URL + /status."""
-    return public_url.rstrip("/") + "/status"
+    """Where Twilio posts delivery receipts: the webhook's URL with /status added to its path,
+    before any query string (https://host/sms?key=abc -> https://host/sms/status?key=abc)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(public_url)
+    return urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/status"))
 
 
 TWILIO_ORIGINS = ("https://api.twilio.com", "https://messaging.twilio.com")

@@ -12,57 +12,42 @@ server.SelectorWSGIServer, writer.Writer and writer.Checkpointer.
 import json
 import logging
 import os
+import re
 import sqlite3
 import threading
 import time
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, urlparse
 
-from smsbatch import delivery
+from smsbatch import attention, delivery
 from smsbatch.batching import Rules, opt_out_scope
-from smsbatch.config import Settings
+from smsbatch.config import Settings, display_url
 from smsbatch.db import Store
 from smsbatch.errors import ConfigError, SmsbatchError
 from smsbatch.metrics import WebMetrics
-from smsbatch.rejections import Rejections
+from smsbatch.rejections import Rejections, printable
 from smsbatch.server import make_server_for
 from smsbatch.sms import status_callback_url
+from smsbatch.webform import MAX_BODY, FormParams, Refused, media_urls, parse_form, well_formed
 from smsbatch.writer import WEB_BUSY_TIMEOUT, Writer
 
-__all__ = ["app", "make_app", "make_server_for"]  # make_server_for: from smsbatch.server
+__all__ = ["app", "make_app", "make_server_for", "MAX_BODY", "FormParams"]  # re-exported
 
 log = logging.getLogger("smsbatch.web")
-MAX_BODY = 64 * 1024
 TWIML_EMPTY = b'<?xml version="1.0" encoding="UTF-8"?><Response/>'
-MAX_MEDIA = 10  # Twilio sends at most 10 media per message
 CARRIER_KINDS = {"STOP": "opt_out", "START": "opt_in"}  # OptOutType; HELP is an ordinary text
-SINGLE_FIELDS = ("MessageSid", "From", "To", "Body", "NumMedia")
 # Longer than any of our own commits (milliseconds), far shorter than a text's 4 s wait.
 WRITE_PROBE_SECONDS = 0.05
 HEALTH_BUSY_TIMEOUT = 0.5  # a WAL reader waits only in rare recovery moments: never long
 MIN_FREE_BYTES = 1024 * 1024  # less free disk than this: a COMMIT may fail (SQLITE_FULL)
 
 
-class Reject(Exception):
+class Reject(Refused):
     """An HTTP error answer: status line and a one-line reason."""
 
     def __init__(self, status, reason, headers=(), signed_url=None):
-        super().__init__(reason)
-        self.status = status
+        super().__init__(status, reason)
         self.headers = list(headers)
         self.signed_url = signed_url  # a bad signature: the URL it was checked against
-
-
-class FormParams(dict):
-    """A form as {name: [values]} that twilio's RequestValidator can read (getall)."""
-
-    def getall(self, name):
-        """Every value of `name`. Raises: KeyError if there is none."""
-        return self[name]
-
-    def one(self, name, default=""):
-        """The first value of `name`, or `default`."""
-        values = self.get(name)
-        return values[0] if values else default
 
 
 class SignatureChecker:
@@ -117,6 +102,9 @@ class Webhook:
 
             self.validator = RequestValidator(settings.twilio_auth_token)
             self.signatures = SignatureChecker(self.validator)
+            if not settings.public_url:  # else a client's Host header would choose what is signed
+                raise ConfigError("SMSBATCH_PUBLIC_URL is not set: set it to the webhook URL configured in "
+                                  "Twilio (signatures are checked against it)")
         elif not insecure:
             raise ConfigError("TWILIO_AUTH_TOKEN is not set: refusing unsigned webhooks")
         self.writer = Writer(settings.db_path, WEB_BUSY_TIMEOUT)
@@ -146,11 +134,12 @@ class Webhook:
         started = environ.get("smsbatch.received") or time.monotonic()
         try:
             status, headers, body = self.route(environ)
-        except Reject as exc:
+        except Refused as exc:
             status, body = exc.status, (str(exc) + "\n").encode()
-            headers = [("Content-Type", "text/plain; charset=utf-8")] + exc.headers
+            headers = [("Content-Type", "text/plain; charset=utf-8")] + getattr(exc, "headers", [])
             if not status.startswith("503"):  # 503s are logged where they happen
-                self.rejections.rejected(status, environ.get("PATH_INFO", ""), str(exc), exc.signed_url)
+                self.rejections.rejected(status, environ.get("PATH_INFO", ""), str(exc),
+                                         getattr(exc, "signed_url", None))
         except Exception:  # never a traceback page; say why in the log
             log.exception("webhook: unexpected error")
             status, headers, body = "500 Internal Server Error", [("Content-Type", "text/plain")], b"error\n"
@@ -162,6 +151,8 @@ class Webhook:
     def route(self, environ):
         """(status, headers, body) for this request. Raises: Reject."""
         path, method = environ.get("PATH_INFO", "").rstrip("/"), environ.get("REQUEST_METHOD", "")
+        if not valid_host(environ.get("HTTP_HOST", "")):
+            raise Reject("400 Bad Request", "bad Host header")
         if path in self.sms_paths:
             if method != "POST":
                 raise Reject("405 Method Not Allowed", "use POST", [("Allow", "POST")])
@@ -173,7 +164,7 @@ class Webhook:
         if path in self.health_paths:
             if method not in ("GET", "HEAD"):
                 raise Reject("405 Method Not Allowed", "use GET", [("Allow", "GET, HEAD")])
-            return self.health()
+            return self.health(environ.get("QUERY_STRING", ""))
         if path == "/metrics":
             return self.metrics_page(environ, method)
         raise Reject("404 Not Found", "not found")
@@ -197,15 +188,15 @@ class Webhook:
     def inbound(self, environ):
         """POST /sms: check, store, answer empty TwiML. Raises: Reject (503 if not stored)."""
         params = parse_form(environ)
-        self.check_signature(environ, params)
-        for name in SINGLE_FIELDS:
-            if len(params.get(name, ())) > 1:
-                raise Reject("400 Bad Request", f"field {name} given more than once")
-        sid, phone = params.one("MessageSid").strip(), params.one("From").strip()
-        if not sid or not phone:
-            raise Reject("400 Bad Request", "missing From or MessageSid")
-        if len(sid) > 64 or len(phone) > 64:
-            raise Reject("400 Bad Request", "From or MessageSid too long")
+        self.check_signature(environ, params, self.settings.public_url)
+        wrong = well_formed(params)
+        if wrong:
+            raise Reject("400 Bad Request", wrong)
+        sid, phone = params.one("MessageSid"), params.one("From").strip()
+        if not phone:
+            raise Reject("400 Bad Request", "missing From")
+        if len(phone) > 64:
+            raise Reject("400 Bad Request", "From too long")
         media = media_urls(params)
         to, body, rules, clock = params.one("To").strip(), params.one("Body"), self.rules, self.clock
         # Twilio's Advanced Opt-Out names the keywords configured in the console.
@@ -238,15 +229,14 @@ class Webhook:
         """
         params = parse_form(environ)
         if self.validator is not None:
-            url = status_callback_url(self.settings.public_url) if self.settings.public_url else None
-            signature = environ.get("HTTP_X_TWILIO_SIGNATURE", "")
-            url = url or self.signed_url(environ)
-            if not signature or not self.signatures.valid(url, params, signature):
-                raise Reject("403 Forbidden", "missing or invalid X-Twilio-Signature", signed_url=shown_url(url))
-        sid, status = params.one("MessageSid").strip(), params.one("MessageStatus").strip().lower()
+            self.check_signature(environ, params, status_callback_url(self.settings.public_url))
+        wrong = well_formed(params)
+        if wrong:
+            raise Reject("400 Bad Request", wrong)
+        sid, status = params.one("MessageSid"), params.one("MessageStatus").strip().lower()
         code = params.one("ErrorCode").strip()
-        if not sid or len(sid) > 64 or not status or len(status) > 32:
-            raise Reject("400 Bad Request", "missing MessageSid or MessageStatus")
+        if not status or len(status) > 32:
+            raise Reject("400 Bad Request", "missing MessageStatus")
         if not delivery.is_status(status):  # a status Twilio added (partially_delivered, ...): nothing to
             return "200 OK", [("Content-Type", "text/plain")], b""  # record, and no reason to be asked again
         if code and not (code.isascii() and code.isdigit() and len(code) < 10):
@@ -262,45 +252,42 @@ class Webhook:
             raise Reject("503 Service Unavailable", "could not store the status; try again") from None
         return "200 OK", [("Content-Type", "text/plain")], b""
 
-    def check_signature(self, environ, params):
-        """Raises: Reject 403 unless X-Twilio-Signature is right (or signatures are off)."""
+    def check_signature(self, environ, params, url):
+        """Raises: Reject 403 unless X-Twilio-Signature is Twilio's for `url` and these fields
+        (or signatures are off). `url` is always from SMSBATCH_PUBLIC_URL, never the request."""
         if self.validator is None:
             return
-        signature, url = environ.get("HTTP_X_TWILIO_SIGNATURE", ""), self.signed_url(environ)
+        signature = environ.get("HTTP_X_TWILIO_SIGNATURE", "")
         if not signature or not self.signatures.valid(url, params, signature):
-            raise Reject("403 Forbidden", "missing or invalid X-Twilio-Signature", signed_url=shown_url(url))
+            raise Reject("403 Forbidden", "missing or invalid X-Twilio-Signature",
+                         signed_url=display_url(url, masked=True))
 
     def signature_note(self):
         """One line for `serve` to print at start: the URL signatures are checked against."""
         if self.validator is None:
             return "signatures are NOT checked"
-        if self.settings.public_url:
-            return f"signatures are checked against {shown_url(self.settings.public_url)} (SMSBATCH_PUBLIC_URL)"
-        return ("signatures are checked against each request's own URL; behind a proxy or TLS terminator "
-                "set SMSBATCH_PUBLIC_URL to the URL configured in Twilio")
+        return (f"signatures are checked against {display_url(self.settings.public_url, masked=True)} "
+                "(SMSBATCH_PUBLIC_URL)")
 
-    def signed_url(self, environ):
-        """The URL Twilio signed: SMSBATCH_PUBLIC_URL verbatim when set (behind a proxy),
-        else the URL of this request."""
-        if self.settings.public_url:
-            return self.settings.public_url
-        from wsgiref.util import request_uri
+    def health(self, query=""):
+        """GET /health for monitors, without credentials: only whether texts can be stored
+        (`can_store`) and whether a person is needed (`person_needed`, attention.needed);
+        the details stay in `smsbatch status`. 200 while texts can be stored; with
+        ?strict=1, 503 as well whenever a person is needed.
 
-        return request_uri(environ, include_query=True)
-
-    def health(self):
-        """200 if texts can be read and stored now, else 503 saying why. Reads through a
-        connection of its own and never waits for the write lock: whether a text can be
-        stored comes from the writer's last attempts, the file system, and a probe that
-        gives up after WRITE_PROBE_SECONDS if another process holds the lock."""
+        Reads through a connection of its own and never waits for the write lock: whether a
+        text can be stored comes from the writer's last attempts, the file system, and a
+        probe that gives up after WRITE_PROBE_SECONDS if another process holds the lock."""
+        strict = parse_qs(query).get("strict", [""])[-1].lower() in ("1", "true", "yes")
         try:
-            info = {"ok": True, "database": "ok", **self._read_health()}
-        except Exception as exc:
-            info = {"ok": False, "database": f"unreadable: {exc}"}
-        trouble = self.writer.trouble() or unwritable(self.settings.db_path) or self._probe_write()
-        info["can_store"] = trouble is None
-        if trouble:
-            info.update(ok=False, cannot_store=trouble)
+            reasons = self._attention()
+        except Exception as exc:  # unreadable: nothing can be stored either, and someone must look
+            self.rejections.log.warning("webhook: /health cannot read the database: %s", printable(exc))
+            reasons, trouble = ["unreadable"], "unreadable"
+        else:
+            trouble = self.writer.trouble() or unwritable(self.settings.db_path) or self._probe_write()
+        info = {"can_store": trouble is None, "person_needed": bool(reasons)}
+        info["ok"] = info["can_store"] and not (strict and info["person_needed"])
         status = "200 OK" if info["ok"] else "503 Service Unavailable"
         return status, [("Content-Type", "application/json")], json.dumps(info).encode()
 
@@ -314,39 +301,32 @@ class Webhook:
             except sqlite3.Error as exc:
                 return f"the database cannot be written: {exc}"
 
-    def _read_health(self):
+    def _attention(self):
+        """Why a person is needed now (attention.needed), read through the health connection."""
         with self._health_lock:
             if self._health_store is None:
                 self._health_store = Store.open_ready(self.settings.db_path, HEALTH_BUSY_TIMEOUT)
             try:
                 now = self.clock()
-                info = self._health_store.health(now)
-                info.update(self._rejected_signatures(now))
-                info["outages"] = self._health_store.outages()  # announced, still going on
-                return info
+                return attention.needed(attention.gather(self._health_store, now), now)
             except Exception:
                 self._health_store.close()
                 self._health_store = None
                 raise
 
 
-    def _rejected_signatures(self, now):
-        """Bad signatures in the last hour: those written to the database plus those not yet."""
-        info = self._health_store.rejected_signatures(now)
-        count, last_at = self.rejections.unwritten(now - 3600)
-        info["rejected_signatures"] += count
-        if last_at is not None and (info["last_rejected_signature_at"] or 0) < last_at:
-            info["last_rejected_signature_at"] = last_at
-        info.pop("last_rejected_signature_url", None)
-        return info
+# A Host header: a name or IPv4 address (RFC 3986 reg-name characters) or a bracketed IPv6
+# literal, then an optional port. Nothing here depends on it; anything else is a client's junk.
+HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(:[0-9]{0,5})?")
 
 
-def shown_url(url):
-    """The URL with any user:password@ replaced by ***@ (Twilio allows credentials in webhook URLs)."""
-    parsed = urlparse(url)
-    if "@" not in parsed.netloc:
-        return url
-    return parsed._replace(netloc="***@" + parsed.netloc.rsplit("@", 1)[1]).geturl()
+def valid_host(host):
+    """True if `host` (a Host header, "" when absent) is host[:port] with a port up to 65535."""
+    match = HOST.fullmatch(host)
+    if match is None:
+        return False
+    port = (match.group(2) or ":")[1:]
+    return not port or int(port) <= 65535
 
 
 def unwritable(db_path):
@@ -361,76 +341,6 @@ def unwritable(db_path):
     if stat.f_bavail * stat.f_frsize < MIN_FREE_BYTES:
         return "the disk holding the database is full"
     return None
-
-
-def parse_form(environ):
-    """Read and parse a form-encoded body of at most MAX_BODY bytes.
-
-    Raises:
-        Reject: 413 too large, 415 not a form, 400 unreadable.
-    """
-    raw_length = environ.get("CONTENT_LENGTH") or "0"
-    if not (raw_length.isascii() and raw_length.isdigit()):  # int() takes '9_1', ' 9' and '+9'
-        raise Reject("400 Bad Request", "bad Content-Length")
-    length = int(raw_length)
-    if length > MAX_BODY:
-        raise Reject("413 Content Too Large", f"body over {MAX_BODY} bytes")
-    ctype = environ.get("CONTENT_TYPE", "").split(";")[0].strip().lower()
-    if ctype != "application/x-www-form-urlencoded":
-        raise Reject("415 Unsupported Media Type", "expected application/x-www-form-urlencoded")
-    try:
-        raw = environ["wsgi.input"].read(length) if length > 0 else b""
-    except (OSError, ValueError):
-        raise Reject("400 Bad Request", "could not read the body") from None
-    if len(raw) < length:
-        raise Reject("400 Bad Request", "body shorter than Content-Length")
-    try:
-        pairs = form_pairs(raw.decode("ascii"))
-    except (UnicodeDecodeError, ValueError):
-        raise Reject("400 Bad Request", "body is not valid form-encoded UTF-8") from None
-    params = FormParams()
-    for name, value in pairs:
-        params.setdefault(name, []).append(value)
-    return params
-
-
-def form_pairs(text):
-    """The (name, value) pairs of a form body: exactly parse_qsl(text, keep_blank_values=True,
-    encoding="utf-8", errors="strict"), at about half the cost (only pieces holding '+'
-    or '%' are decoded). keep_blank_values: Twilio signs empty fields too, so dropping
-    them would break signatures.
-
-    Raises:
-        UnicodeDecodeError: a %-escape that is not UTF-8.
-    """
-    pairs = []
-    for piece in text.split("&") if text else ():
-        if not piece:
-            continue
-        name, _, value = piece.partition("=")
-        if "+" in name:
-            name = name.replace("+", " ")
-        if "%" in name:
-            name = unquote(name, "utf-8", "strict")
-        if "+" in value:
-            value = value.replace("+", " ")
-        if "%" in value:
-            value = unquote(value, "utf-8", "strict")
-        pairs.append((name, value))
-    return pairs
-
-
-def media_urls(params):
-    """MediaUrl0..N-1 of a picture message.
-
-    Raises:
-        Reject: NumMedia is not a small whole number.
-    """
-    raw = params.one("NumMedia", "0").strip() or "0"
-    # '²'.isdigit(), yet int('²') fails; int() of 4,300+ digits raises: look at the length first.
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 2 or int(raw) > MAX_MEDIA:
-        raise Reject("400 Bad Request", "bad NumMedia")
-    return [params.one(f"MediaUrl{i}") for i in range(int(raw)) if params.one(f"MediaUrl{i}")]
 
 
 def make_app(settings, clock=time.time, insecure=False):

@@ -26,6 +26,7 @@ TROUBLE_MEMORY = 30.0  # seconds a failed write (with none committed since) coun
 WAITING_TOO_LONG = 1.0  # a write waiting this long for the lock means "cannot store now"
 CHECKPOINT_EVERY = 0.2  # seconds between background WAL checkpoints while texts arrive
 CHECKPOINT_IDLE_ROUNDS = 5  # the checkpoint thread ends after this many rounds with no new commit
+LOCK_SLACK = 0.05  # seconds: SQLite's busy handler sleeps in steps; a deadline this close has come
 WAL_CATCH_UP_FRAMES = 10_000  # WAL this long (~40 MB): the writer checkpoints it once itself
 
 
@@ -152,11 +153,20 @@ class Writer:
             return burst.run(work, deadline)
         job = _Job(work, deadline)
         self._waiting.append(job)
-        with self._lock:
-            while not job.done:  # else an earlier holder of the lock ran it already
-                group = [self._waiting.popleft() for _ in range(min(len(self._waiting), MAX_GROUP))]
-                self._run(group)
-                self._housekeeping()
+        # The committer may hold the connection while it waits for the database lock: wait
+        # for it only until this write's own deadline (a holder running this job finishes
+        # by then too, so a little slack), else the 503 would come late.
+        if not self._lock.acquire(timeout=max(0.0, deadline - time.monotonic()) + LOCK_SLACK):
+            if not job.done:  # still queued: whoever runs it next drops it (past its deadline)
+                raise sqlite3.OperationalError("database is locked (waited until the deadline)")
+        else:
+            try:
+                while not job.done:  # else an earlier holder of the lock ran it already
+                    group = [self._waiting.popleft() for _ in range(min(len(self._waiting), MAX_GROUP))]
+                    self._run(group)
+                    self._housekeeping()
+            finally:
+                self._lock.release()
         if job.error is not None:
             raise job.error
         return job.result
@@ -218,13 +228,29 @@ class Writer:
                 return
 
     def _commit(self, bursts):
-        """Run the bursts' writes in one transaction and tell each burst how it went."""
-        failed = True
-        with self._lock:
-            try:
-                failed = not self._run_works([w for b in bursts for w in b.works], min(b.deadline for b in bursts))
-            finally:
-                self._housekeeping()
+        """Run the bursts' writes in one transaction and tell each burst how it went.
+
+        If the database lock cannot be had by the earliest deadline, only the bursts whose
+        deadline has come are failed then (their requests get their 503 in time); the others
+        try again until theirs, so no burst waits past its own deadline."""
+        while bursts:
+            committed = False
+            with self._lock:
+                try:
+                    committed = self._run_works([w for b in bursts for w in b.works],
+                                                min(b.deadline for b in bursts))
+                finally:
+                    self._housekeeping()
+            due = time.monotonic() + LOCK_SLACK
+            expired = [b for b in bursts if b.deadline <= due]
+            if committed or not expired:  # done, or failed before any deadline: not the lock
+                self._done(bursts, failed=not committed)
+                return
+            self._done(expired, failed=True)
+            bursts = [b for b in bursts if b.deadline > due]
+
+    @staticmethod
+    def _done(bursts, failed):
         for burst in bursts:
             burst.failed = failed
             try:

@@ -45,13 +45,13 @@ def client_texts(index, seed):
                 bodies[n] += " " + rng.choice(URGENT_WORDS)
         if p % STOP_EVERY == 0:
             bodies[-1] = "STOP"
-        queues.append([(f"SMload{index:02d}{p:05d}{n:04d}", phone, b) for n, b in enumerate(bodies)])
+        queues.append([(f"SM{0x10ad:04x}{index:06d}{p:010d}{n:012d}", phone, b) for n, b in enumerate(bodies)])
     order = []
     while any(queues):
         queue = rng.choice([q for q in queues if q])
         order.append(queue.pop(0))
     for n in range(SHARED):  # as if Twilio retried a webhook on another connection
-        order.insert(rng.randrange(len(order) + 1), (f"SMshared{n:04d}", f"+1555888{n:04d}", f"shared {n}"))
+        order.insert(rng.randrange(len(order) + 1), (f"SM{0x5ea2ed:06x}{n:026d}", f"+1555888{n:04d}", f"shared {n}"))
     return order
 
 

@@ -76,7 +76,7 @@ def history(db_path, store, openai_standin, twilio_standin):
 
 def test_metrics_agree_with_the_database_after_a_real_process_run(db_path, history):
     now, conn = history
-    app = make_app(Settings(db_path=db_path, twilio_auth_token="t"), clock=lambda: now)
+    app = make_app(Settings(db_path=db_path, twilio_auth_token="t", public_url="https://sms.example.com/sms"), clock=lambda: now)
     found = samples(scrape(app))
     q = lambda sql: conn.execute(sql).fetchall()  # noqa: E731
     assert value(found, "smsbatch_database_readable") == 1
@@ -118,7 +118,7 @@ def test_no_label_holds_a_persons_number_or_any_text(db_path, history):
     # Unsigned requests (--insecure-no-signature) can claim any To: a person's number, or words.
     app = make_app(Settings(db_path=db_path), clock=lambda: now, insecure=True)
     for n, to in enumerate(["+15553330002", "hello there friend", "+1 (555) 333-0003", "x" * 300]):
-        body, _ = signed(form(MessageSid=f"SMforged{n:026d}", To=to, From=PEOPLE[n]))
+        body, _ = signed(form(MessageSid=f"SM{n:032x}", To=to, From=PEOPLE[n]))
         assert call(app, body=body)[0] == 200
     call(app, method="GET", path="/+15553330004")  # a path holding a number is counted as "other"
     text = scrape(app)
@@ -155,7 +155,7 @@ def test_webhook_requests_and_latency_are_counted_per_process(db_path):
     assert value(found, "smsbatch_webhook_request_duration_seconds_bucket", route="/sms", le="+Inf") == 4
     assert value(found, "smsbatch_rejected_signatures_last_hour") == 1  # counted, though not yet written
     # Another app (another process) has counts of its own; the database's are the same for both.
-    other = samples(scrape(make_app(Settings(db_path=db_path, twilio_auth_token="t"), clock=lambda: T0)))
+    other = samples(scrape(make_app(Settings(db_path=db_path, twilio_auth_token="t", public_url="https://sms.example.com/sms"), clock=lambda: T0)))
     assert value(other, "smsbatch_webhook_requests_total", route="/sms", code="200") is None
     assert value(other, "smsbatch_texts_stored", our_number="+15550000000") == 3
 
@@ -165,7 +165,7 @@ def test_a_scrape_never_waits_for_the_write_lock(db_path, store):
     holder = sqlite3.connect(db_path, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")  # another process is writing
     try:
-        app = make_app(Settings(db_path=db_path, twilio_auth_token="t"), clock=lambda: T0)
+        app = make_app(Settings(db_path=db_path, twilio_auth_token="t", public_url="https://sms.example.com/sms"), clock=lambda: T0)
         started = time.monotonic()
         found = samples(scrape(app))
         assert time.monotonic() - started < 1.0
@@ -177,7 +177,7 @@ def test_a_scrape_never_waits_for_the_write_lock(db_path, store):
 def test_an_unreadable_database_is_a_metric_not_an_error(tmp_path):
     path = str(tmp_path / "gone.db")
     Store(path).migrate()
-    app = make_app(Settings(db_path=path, twilio_auth_token="t"), clock=lambda: T0)
+    app = make_app(Settings(db_path=path, twilio_auth_token="t", public_url="https://sms.example.com/sms"), clock=lambda: T0)
     os.remove(path)
     found = samples(scrape(app))
     assert value(found, "smsbatch_database_readable") == 0
@@ -185,7 +185,7 @@ def test_an_unreadable_database_is_a_metric_not_an_error(tmp_path):
 
 
 def test_metrics_refuses_other_methods(db_path):
-    app = make_app(Settings(db_path=db_path, twilio_auth_token="t"), clock=lambda: T0)
+    app = make_app(Settings(db_path=db_path, twilio_auth_token="t", public_url="https://sms.example.com/sms"), clock=lambda: T0)
     status, headers, _ = call(app, method="POST", path="/metrics")
     assert status == 405 and headers["Allow"] == "GET, HEAD"
 
@@ -195,7 +195,7 @@ def test_metrics_refuses_other_methods(db_path):
 
 def start_serve(db_path, log_path, host="127.0.0.1", **env_extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SMSBATCH_", "TWILIO_"))}
-    env.update(SMSBATCH_DB=db_path, TWILIO_AUTH_TOKEN="t", **env_extra)
+    env.update(SMSBATCH_DB=db_path, TWILIO_AUTH_TOKEN="t", SMSBATCH_PUBLIC_URL="https://sms.example.com/sms", **env_extra)
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "smsbatch", "serve", "--port", "0", "--host", host], env=env,
                                 stdout=subprocess.DEVNULL, stderr=log)

@@ -67,14 +67,15 @@ def test_a_success_between_failures_means_no_outage(store):
     assert store.outages() == [] and store.provider_health()[0]["failing_since"] is None
 
 
-def test_health_shows_a_current_outage(db_path, store):
-    app = make_app(Settings(db_path=db_path, twilio_auth_token="t"), clock=lambda: T0)
-    assert json.loads(call(app, method="GET", path="/health")[2])["outages"] == []
-    store.record_provider("sms", T0, "Twilio unreachable (ConnectionError)", 300)
-    store.record_provider("sms", T0 + 300, "Twilio unreachable (ConnectionError)", 300)
-    info = json.loads(call(app, method="GET", path="/health")[2])
-    assert info["outages"][0]["provider"] == "sms" and info["outages"][0]["since"] == T0
-    assert "unreachable" in info["outages"][0]["last_error"]
+def test_health_says_a_person_is_needed_during_an_outage_without_its_details(db_path, store):
+    app = make_app(Settings(db_path=db_path, twilio_auth_token="t", public_url="https://h.example/sms"),
+                   clock=lambda: T0)
+    assert json.loads(call(app, method="GET", path="/health")[2])["person_needed"] is False
+    store.record_provider("sms", T0, "Twilio unreachable at http://10.0.0.7:8443 (ConnectionError)", 300)
+    store.record_provider("sms", T0 + 300, "Twilio unreachable at http://10.0.0.7:8443 (ConnectionError)", 300)
+    status, _, out = call(app, method="GET", path="/health")
+    assert status == 200 and json.loads(out) == {"ok": True, "can_store": True, "person_needed": True}
+    assert b"10.0.0.7" not in out and b"unreachable" not in out  # the details stay in `status`
 
 
 def run_process(db_path, openai, twilio, now):

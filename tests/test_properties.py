@@ -113,7 +113,7 @@ def call(app, env):
 texts = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
 field_names = st.sampled_from(["MessageSid", "From", "To", "Body", "NumMedia", "MediaUrl0", "MediaUrl1",
                                "AccountSid", "SmsStatus"]) | st.text(min_size=1, max_size=12)
-sids = st.text(string.ascii_letters + string.digits, min_size=1, max_size=34)
+sids = st.text("0123456789abcdef", min_size=32, max_size=32)  # Twilio's shape: SM + 32 hex digits
 phones = st.from_regex(r"\+1555[0-9]{7}", fullmatch=True) | st.sampled_from(["whatsapp:+15551234567", "12345"])
 lengths = st.sampled_from(["exact", "exact", "exact", None, "", "-1", "abc", "99999999", str(MAX_BODY + 1), "3"])
 ctypes = st.sampled_from(["application/x-www-form-urlencoded", "application/x-www-form-urlencoded; charset=utf-8",
@@ -176,10 +176,12 @@ def garbage(draw):
 FOUND = {
     # a byte >= 0x80 in X-Twilio-Signature: hmac.compare_digest refuses non-ASCII str -> TypeError
     "non-ASCII signature": {"kind": "forged", "signature": "\x80", "replays": 1, "pairs": [
-        ("MessageSid", "SM0"), ("From", "+15551234567"), ("To", "+15550000000"), ("Body", "hi")]},
+        ("MessageSid", "SM" + "0" * 32), ("AccountSid", "AC" + "0" * 32), ("From", "+15551234567"),
+        ("To", "+15550000000"), ("Body", "hi")]},
     # "²".isdigit() is True but int("²") raises ValueError (needs a valid signature)
     "non-ASCII digit in NumMedia": {"kind": "signed", "replays": 1, "pairs": [
-        ("MessageSid", "SMfound1"), ("From", "+15551234567"), ("NumMedia", "²")]},
+        ("MessageSid", "SM" + "f" * 32), ("AccountSid", "AC" + "0" * 32), ("From", "+15551234567"),
+        ("NumMedia", "²")]},
 }
 
 
@@ -209,7 +211,7 @@ def test_webhook_never_500_never_unsigned_rows_signed_stored_once(copies):
             return
         pairs = request["pairs"]
         if request["kind"] == "good":  # a MessageSid no earlier example used
-            pairs = [(k, f"SM{COUNTED['webhook']:06d}{v}" if k == "MessageSid" else v) for k, v in pairs]
+            pairs = [(k, f"SM{COUNTED['webhook']:08x}{v[10:]}" if k == "MessageSid" else v) for k, v in pairs]
         body = urlencode(pairs).encode()
         signature = request.get("signature", sign(pairs)) if request["kind"] == "forged" else sign(pairs)
         statuses = []
@@ -257,9 +259,10 @@ def test_replaying_a_stored_text_later_stores_nothing_new(copies):
     first = {}
 
     @settings(max_examples=100, deadline=None)
-    @given(st.sampled_from(["SMa", "SMb", "SMc", "SMd"]), phones, texts)
+    @given(st.sampled_from(["SM" + c * 32 for c in "abcd"]), phones, texts)
     def check(sid, phone, body):
-        pairs = [("MessageSid", sid), ("From", phone), ("To", "+15550000000"), ("Body", body)]
+        pairs = [("MessageSid", sid), ("AccountSid", "AC" + "0" * 32), ("From", phone), ("To", "+15550000000"),
+                 ("Body", body)]
         status, _ = call(app, environ_for(body=urlencode(pairs).encode(), signature=sign(pairs)))
         assert status.startswith("200")
         first.setdefault(sid, (phone, body))

@@ -32,7 +32,7 @@ def app(wsettings):
 
 def form(**extra):
     params = {"MessageSid": "SM" + "a" * 32, "From": "+15553330001", "To": "+15550000000", "Body": "hi",
-              "NumMedia": "0", "AccountSid": "AC123", "SmsStatus": "received", "FromCity": ""}
+              "NumMedia": "0", "AccountSid": "AC" + "0" * 32, "SmsStatus": "received", "FromCity": ""}
     params.update(extra)
     return params
 
@@ -171,21 +171,22 @@ def test_unwritable_database_answers_503_and_acknowledges_nothing(wsettings, db_
     assert call(app, body=body, headers=headers)[0] == 200  # recovers once the lock is gone
 
 
-def test_health_reports_pending_batches(app, db_path):
+def test_health_says_only_whether_texts_can_be_stored_and_whether_a_person_is_needed(app, db_path):
+    from smsbatch.db import Store
+
     body, headers = signed(form())
     call(app, body=body, headers=headers)
+    Store(db_path).note_run("host", T0 - 30)  # a processor ran lately: the text's batch is in hand
     status, headers, out = call(app, method="GET", path="/health")
-    info = json.loads(out)
-    assert status == 200 and info["database"] == "ok" and info["pending"] == 1
-    assert info["oldest_pending_age_seconds"] == 0
+    assert status == 200 and json.loads(out) == {"ok": True, "can_store": True, "person_needed": False}
 
 
 def test_health_is_503_when_the_database_cannot_be_read(tmp_path):
     path = tmp_path / "broken.db"
     path.write_bytes(b"this is not a database" * 100)
-    app = make_app(Settings(db_path=str(path), twilio_auth_token=TOKEN), clock=lambda: T0)
+    app = make_app(Settings(db_path=str(path), twilio_auth_token=TOKEN, public_url=URL), clock=lambda: T0)
     status, _, out = call(app, method="GET", path="/health")
-    assert status == 503 and json.loads(out)["ok"] is False
+    assert status == 503 and json.loads(out) == {"ok": False, "can_store": False, "person_needed": True}
 
 
 def test_refuses_to_run_without_a_token_unless_insecure(db_path):
@@ -196,15 +197,15 @@ def test_refuses_to_run_without_a_token_unless_insecure(db_path):
 
 
 def test_through_a_real_server_on_port_0(wsettings, db_path):
-    """Signatures over the URL the server really has, no SMSBATCH_PUBLIC_URL."""
-    app = make_app(wsettings.replace(public_url=""))
+    """Signatures over SMSBATCH_PUBLIC_URL, whatever the Host header says."""
+    app = make_app(wsettings)
     server = make_server_for(app, "127.0.0.1", 0, threads=4)
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     url = f"http://127.0.0.1:{server.server_port}/sms"
     try:
         params = form()
         request = urllib.request.Request(url, data=urlencode(params).encode(), headers={
-            "X-Twilio-Signature": RequestValidator(TOKEN).compute_signature(url, params),
+            "X-Twilio-Signature": RequestValidator(TOKEN).compute_signature(URL, params),
             "Content-Type": "application/x-www-form-urlencoded"})
         with urllib.request.urlopen(request, timeout=5) as response:
             assert response.status == 200 and b"<Response/>" in response.read()
@@ -221,7 +222,7 @@ def test_through_a_real_server_on_port_0(wsettings, db_path):
 def test_a_stalled_client_does_not_block_others(wsettings, db_path):
     import socket
 
-    server = make_server_for(make_app(wsettings.replace(public_url="")), "127.0.0.1", 0, threads=4)
+    server = make_server_for(make_app(wsettings), "127.0.0.1", 0, threads=4)
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     stalled = socket.create_connection(("127.0.0.1", server.server_port))
     stalled.sendall(b"POST /sms HTTP/1.1\r\nContent-Length: 100\r\n")  # and then nothing
