@@ -18,6 +18,7 @@ import time
 import urllib.error
 import urllib.request
 
+from smsbatch import attention
 from smsbatch.config import display_secret_url
 from smsbatch.errors import hide_numbers, redact
 from smsbatch.inputs import iso_time
@@ -106,7 +107,7 @@ def notice_stall(store, alerter, now, after):
     if waiting is None:
         return False
     last_run = store.last_activity()["last_run_at"]
-    if last_run is not None and now - last_run < after:
+    if not attention.idle(waiting[0], last_run, now, after):
         return False  # a processor is running; the batches may be held up for another reason
     if not store.claim_alert(STALLED, last_run if last_run is not None else 0.0, now):
         return False  # already announced for this episode (by this or another process)

@@ -37,11 +37,31 @@ def needed(facts, now):
     if due is not None and now - due > STUCK_AFTER_SECONDS:
         reasons.append(Reason("stuck", f"a batch is {_minutes(now - due)} past the moment a processor "
                                        "had to act on it"))
-    last_run = facts["last_run_at"]
-    if facts["pending"] and (last_run is None or now - last_run >= IDLE_PROCESSOR_SECONDS):
-        when = "has ever run" if last_run is None else f"has run for {_minutes(now - last_run)}"
-        reasons.append(Reason("idle", f"no processor {when} while {facts['pending']} batches wait"))
+    if idle(facts["pending"], facts["last_run_at"], now):
+        reasons.append(Reason("idle", idle_text(facts["pending"], facts["last_run_at"], now)))
     return reasons
+
+
+def idle(pending, last_run_at, now, after=IDLE_PROCESSOR_SECONDS):
+    """Do batches wait with no processor running? True when `pending` batches wait and no
+    processor run began or ended in the last `after` seconds (or none ever ran)."""
+    return pending > 0 and (last_run_at is None or now - last_run_at >= after)
+
+
+def idle_text(pending, last_run_at, now):
+    """The idle processor in words, with what to check."""
+    ran = "no processor has ever run" if last_run_at is None else \
+        f"no processor has run for {how_long(now - last_run_at)}"
+    waiting = "1 batch waits" if pending == 1 else f"{pending} batches wait"
+    return f"{ran} while {waiting}: is cron or smsbatch-process.timer running `smsbatch process`?"
+
+
+def how_long(seconds):
+    """'4 min', '3 h', '5 days': a span, to the unit that reads best."""
+    minutes = int(seconds // 60)
+    if minutes < 120:
+        return f"{minutes} min"
+    return f"{minutes // 60} h" if minutes < 2880 else f"{minutes // 1440} days"
 
 
 def _minutes(seconds):

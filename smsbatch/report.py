@@ -119,33 +119,14 @@ def _latency(values):
             "latency_p95": None if p95 is None else round(p95, 1)}
 
 
-STALL_SECONDS = 180  # no processor run for this long while batches wait: someone must look
-
-
-def stalled(pending, last_run_at, now, after=STALL_SECONDS):
-    """Are batches waiting with no processor running? True when `pending` batches wait and no
-    processor run started or ended in the last `after` seconds (or none ever ran). Pure: /health
-    and `status` decide the same way."""
-    return pending > 0 and (last_run_at is None or now - last_run_at >= after)
-
-
 def warnings(info, now):
-    """What `status` must put in front of a person, in words: no processor while batches wait."""
-    said = []
-    if stalled(info["pending"], info["last_run_at"], now):
-        ran = "no processor has ever run" if info["last_run_at"] is None else \
-            f"no processor has run for {_how_long(now - info['last_run_at'])}"
-        waiting = "1 batch waits" if info["pending"] == 1 else f"{info['pending']} batches wait"
-        said.append(f"{ran} while {waiting}: is cron or smsbatch-process.timer running `smsbatch process`?")
-    return said
+    """What `status` must put in front of a person, in words: no processor while batches wait
+    (attention.idle: the same verdict as /health?strict=1)."""
+    from smsbatch import attention
 
-
-def _how_long(seconds):
-    """'4 min', '3 h', '5 days': a warning's span, to the unit that reads best."""
-    minutes = int(seconds // 60)
-    if minutes < 120:
-        return f"{minutes} min"
-    return f"{minutes // 60} h" if minutes < 2880 else f"{minutes // 1440} days"
+    if attention.idle(info["pending"], info["last_run_at"], now):
+        return [attention.idle_text(info["pending"], info["last_run_at"], now)]
+    return []
 
 
 def status(store, settings, now, latest):
@@ -172,7 +153,9 @@ def status(store, settings, now, latest):
         "today": cost.today(store, settings.ai_prices, now),  # what today's replies cost
         **rejected,
     }
-    return info | {"processor_stalled": stalled(info["pending"], info["last_run_at"], now),
+    from smsbatch import attention
+
+    return info | {"processor_stalled": attention.idle(info["pending"], info["last_run_at"], now),
                    "warnings": warnings(info, now)}
 
 

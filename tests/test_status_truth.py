@@ -11,7 +11,7 @@ import pytest
 
 from conftest import T0, add, invoke
 from fakes import provider_env
-from smsbatch import report
+from smsbatch import attention, report
 
 A, B, C = "+15554440001", "+15554440002", "+15554440003"
 SALES, SUPPORT = "+15550000000", "+15550001111"
@@ -75,7 +75,7 @@ def test_status_says_when_the_last_text_came_and_a_processor_ran_and_warns_when_
     (0, T0 - 9999, T0, False),
 ])
 def test_stalled_is_a_pure_decision_on_pending_batches_and_the_last_run(pending, last_run, now, expected):
-    assert report.stalled(pending, last_run, now) is expected
+    assert attention.idle(pending, last_run, now) is expected
 
 
 def test_a_long_stall_is_said_in_days():
