@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 
 from smsbatch.config import OPENAI_DEFAULT_BASE_URL, TWILIO_DEFAULT_BASE_URL, display_url
 from smsbatch.db import SCHEMA_VERSION, Store
+from smsbatch.engine import is_postgres, shown_target
 from smsbatch.errors import SmsbatchError
 
 MASK = "******"
@@ -88,8 +89,12 @@ def run_checks(settings, fix_webhook=False):
 
 
 def check_database(path):
-    """The database exists, is migrated to this smsbatch's schema, can be written, and is private."""
+    """The database exists, is migrated to this smsbatch's schema, can be written, and is private
+    (PostgreSQL: the server answers, the schema is this smsbatch's, and the user has the rights
+    smsbatch needs)."""
     name = "database"
+    if is_postgres(path):
+        return check_postgres(path)
     if not os.path.exists(path):
         return Check(name, False, f"{path} does not exist", f"smsbatch --db {path} migrate")
     try:
@@ -102,7 +107,7 @@ def check_database(path):
             return Check(name, False, f"{path} is at schema version {version}, this smsbatch needs "
                          f"{SCHEMA_VERSION}", f"smsbatch --db {path} backup FILE, then smsbatch --db {path} migrate")
         store.check_writable()
-    except Exception as exc:  # sqlite3.OperationalError: read-only file or folder, locked
+    except Exception as exc:  # StoreError: read-only file or folder, locked
         return Check(name, False, f"{path} cannot be written: {exc}",
                      "run smsbatch as the user that owns the database and its folder")
     finally:
@@ -112,6 +117,33 @@ def check_database(path):
         return Check(name, False, f"{path} is readable by others (mode {mode:o}); it holds customer texts",
                      f"chmod 600 {path}")
     return Check(name, True, f"{path}: writable, schema version {version}")
+
+
+def check_postgres(url):
+    """PostgreSQL: connection, schema version, and the rights smsbatch needs (reading and
+    writing its tables; `migrate` also needs to create them)."""
+    name, shown = "database", shown_target(url)
+    try:
+        store = Store(url)
+    except SmsbatchError as exc:
+        return Check(name, False, f"cannot connect to {shown}: {exc}",
+                     "check SMSBATCH_DB (host, port, user, database) and that the server runs")
+    try:
+        version = store.version()
+        if version != SCHEMA_VERSION:
+            return Check(name, False, f"{shown} is at schema version {version}, this smsbatch needs "
+                         f"{SCHEMA_VERSION}", f"pg_dump it, then smsbatch --db URL migrate")
+        missing = store.db.missing_rights()
+        if missing:
+            return Check(name, False, f"{shown}: the user lacks {', '.join(missing)}",
+                         "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA (and USAGE on "
+                         "its sequences) to smsbatch's user")
+        store.check_writable()
+    except SmsbatchError as exc:
+        return Check(name, False, f"{shown}: {exc}", "check the server and the user's rights")
+    finally:
+        store.close()
+    return Check(name, True, f"{shown}: writable, schema version {version}")
 
 
 def check_prompts(folder):
@@ -190,7 +222,7 @@ def twilio_failure(name, exc, settings):
 def reply_numbers(settings):
     """The numbers replies go from: TWILIO_FROM_NUMBER and every number people have written to."""
     numbers = [settings.twilio_from_number] if settings.twilio_from_number else []
-    if os.path.exists(settings.db_path):
+    if is_postgres(settings.db_path) or os.path.exists(settings.db_path):
         try:
             store = Store.open_ready(settings.db_path)
         except SmsbatchError:

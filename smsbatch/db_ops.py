@@ -1,7 +1,5 @@
 """Operators' actions on the store: retry, hold and release, replies by hand, prune, backup."""
 
-import sqlite3
-
 from smsbatch import batching
 from smsbatch.errors import InvalidTransition, NotFound, SmsbatchError
 from smsbatch.states import FINAL, PENDING, RETRYABLE, State, placeholders
@@ -28,7 +26,7 @@ class OperatorActions:
             InvalidTransition: the batch went out, is pending, or only holds a keyword.
         """
         with self.transaction() as conn:
-            batch = self.get_batch(batch_id)
+            batch = self._locked_batch(conn, batch_id)
             state = State(batch["state"])
             if state not in RETRYABLE:
                 raise InvalidTransition(_why_not_retryable(batch))
@@ -45,9 +43,16 @@ class OperatorActions:
             fresh_note = "; its stored reply is dropped (--fresh)" if fresh else ""
             self._move(conn, batch_id, State.QUEUED, now, f"requeued by an operator (smsbatch retry){fresh_note}",
                        "due_at = ?, attempts = 0, claim = NULL, last_error = NULL, completed_at = NULL,"
-                       " retried_at = ?, response_text = CASE WHEN ? THEN NULL ELSE response_text END",
-                       (now, now, int(fresh)))
+                       " retried_at = ?, response_text = CASE WHEN ? = 1 THEN NULL ELSE response_text END",
+                       (now, now, int(fresh)), expect=[s.value for s in RETRYABLE])
         return self.get_batch(batch_id)
+
+    def _locked_batch(self, conn, batch_id):
+        """The batch's row, locked (PostgreSQL) until the transaction ends. Raises: NotFound."""
+        row = conn.execute("SELECT * FROM batches WHERE id = ?" + self.db.for_update, (batch_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no batch with id {batch_id!r}")
+        return dict(row)
 
     def status(self, now, latest=10):
         """Counts by state, oldest pending age, latest batches, texts in the last hour."""
@@ -96,32 +101,19 @@ class OperatorActions:
         """Take the write lock and let it go, writing nothing.
 
         Raises:
-            sqlite3.OperationalError: the file or its folder is read-only, or the lock is held too long.
+            StoreError: the file or its folder is read-only, the lock is held too long, or
+            (PostgreSQL) the server refuses.
         """
-        with self.transaction():
-            pass
+        self.db.check_writable()
 
     def copy_to(self, path):
-        """Copy the whole database, WAL included, into the empty file at `path` with SQLite's
-        backup API: one consistent snapshot, taken in one step so writers are not blocked (WAL)
-        and the copy never mixes two moments. The copy is one self-contained file (no -wal).
-        Returns counts of what it holds.
+        """Copy the whole SQLite database into the empty file at `path` (see
+        engine_sqlite.Database.copy_to); returns counts of what it holds.
 
         Raises:
-            SmsbatchError: the copy fails its integrity check.
+            SmsbatchError: the copy fails its integrity check, or this is PostgreSQL (pg_dump).
         """
-        target = sqlite3.connect(path, isolation_level=None)
-        try:
-            self.conn.backup(target, pages=-1)
-            target.execute("PRAGMA journal_mode = DELETE").fetchall()
-            verdict = target.execute("PRAGMA quick_check").fetchone()[0]
-            if verdict != "ok":
-                raise SmsbatchError(f"the copy at {path} failed its integrity check: {verdict}")
-            return {"version": target.execute("PRAGMA user_version").fetchone()[0],
-                    "texts": target.execute("SELECT count(*) FROM messages").fetchone()[0],
-                    "batches": target.execute("SELECT count(*) FROM batches").fetchone()[0]}
-        finally:
-            target.close()
+        return self.db.copy_to(path)
 
     def retry_refusal(self, batch_id):
         """Why `retry` would refuse this batch, or None if it can be requeued.
@@ -182,13 +174,14 @@ class OperatorActions:
             NotFound: the person is not on hold.
         """
         with self.transaction() as conn:
-            hold = self._on_hold(conn, phone)
+            # DELETE ... RETURNING: of two releases at once, one ends the hold, the other finds none
+            hold = conn.execute("DELETE FROM holds WHERE phone = ? RETURNING phone, since, reason",
+                                (phone,)).fetchone()
             if hold is None:
                 raise NotFound(f"{phone} is not on hold")
-            conn.execute("DELETE FROM holds WHERE phone = ?", (phone,))
             self._hold_waiting(conn, phone, hold, now)
             held = conn.execute("SELECT * FROM batches WHERE phone = ? AND state = 'held' AND completed_at >= ?"
-                                " ORDER BY seq", (phone, hold["since"])).fetchall()
+                                " ORDER BY seq" + self.db.for_update, (phone, hold["since"])).fetchall()
             requeued = self._answer_held(conn, held, now) if answer_pending else []
             texts = sum(r["message_count"] for r in held)
             what = f"{texts} text(s) that came meanwhile " + ("answered" if answer_pending else "not answered")
@@ -200,12 +193,14 @@ class OperatorActions:
         """Texts that came during the hold but whose batches were not yet due (open, queued)
         end *held* like the others: answered only if the operator asks (--answer-pending)."""
         waiting = conn.execute("SELECT id FROM batches WHERE phone = ? AND state IN ('open', 'queued')"
-                               " AND created_at >= ? ORDER BY seq", (phone, hold["since"])).fetchall()
+                               " AND created_at >= ? ORDER BY seq" + self.db.for_update,
+                               (phone, hold["since"])).fetchall()
         why = f": {hold['reason']}" if hold["reason"] else ""
         reason = f"came while on hold, not answered at its release (smsbatch retry to answer it){why}"
-        for row in waiting:
+        for row in waiting:  # a claim that came first leaves its batch to begin_send, which sees the hold
             self._move(conn, row["id"], State.HELD, now, reason,
-                       "due_at = NULL, claim = NULL, completed_at = ?, last_error = ?", (now, reason))
+                       "due_at = NULL, claim = NULL, completed_at = ?, last_error = ?", (now, reason),
+                       expect=("open", "queued"))
 
     def _answer_held(self, conn, held, now):
         newest = {row["our_number"]: row for row in held}
@@ -243,19 +238,17 @@ class OperatorActions:
         """
         totals = dict.fromkeys(("batches", "texts", "events", "replies", "manual_replies"), 0)
         if dry_run:
-            self.conn.execute("BEGIN")  # one snapshot to count in; nothing is written
-            try:
-                doomed = self._prunable(self.conn, cutoff, None)
+            with self.db.snapshot() as conn:  # one snapshot to count in; nothing is written
+                doomed = self._prunable(conn, cutoff, None)
                 for i in range(0, len(doomed), chunk):
-                    _add(totals, self._prune_counts(self.conn, doomed[i:i + chunk]))
-                totals["manual_replies"] = self.conn.execute(
+                    _add(totals, self._prune_counts(conn, doomed[i:i + chunk]))
+                totals["manual_replies"] = conn.execute(
                     f"SELECT count(*) FROM outbound WHERE {_MANUAL_PRUNABLE}", (cutoff,)).fetchone()[0]
-            finally:
-                self.conn.execute("ROLLBACK")
             return totals
         while limit is None or totals["batches"] < limit:
             with self.transaction() as conn:
-                doomed = self._prunable(conn, cutoff, chunk if limit is None else min(chunk, limit - totals["batches"]))
+                doomed = self._prunable(conn, cutoff, chunk if limit is None else min(chunk, limit - totals["batches"]),
+                                        self.db.for_update)
                 _add(totals, self._prune_counts(conn, doomed))
                 self._delete_batches(conn, doomed)
             if not doomed:
@@ -266,14 +259,16 @@ class OperatorActions:
         return totals
 
     @staticmethod
-    def _prunable(conn, cutoff, limit):
-        """Ids of finished batches older than `cutoff` that no kept batch points at (superseded_by)."""
+    def _prunable(conn, cutoff, limit, lock=""):
+        """Ids of finished batches older than `cutoff` that no kept batch points at (superseded_by).
+        With `lock` (FOR UPDATE), the rows stay locked until the deletion: a batch an operator
+        retries meanwhile is either retried after the prune (gone: NotFound) or kept."""
         finished = [s.value for s in FINAL]
         rows = conn.execute(
             f"SELECT id FROM batches WHERE state IN ({placeholders(finished)}) AND last_at < ?"
             " AND coalesce(completed_at, last_at) < ? AND coalesce(retried_at, 0) < ?"
             " AND phone NOT IN (SELECT phone FROM holds) AND phone NOT IN (SELECT phone FROM opt_outs)"
-            + (" LIMIT ?" if limit else ""), (*finished, cutoff, cutoff, cutoff, *([limit] if limit else [])))
+            + (" LIMIT ?" if limit else "") + lock, (*finished, cutoff, cutoff, cutoff, *([limit] if limit else [])))
         doomed = {r[0] for r in rows}
         while doomed:  # a kept batch folded into a doomed one keeps it (and what it points at)
             kept = set()
@@ -299,6 +294,7 @@ class OperatorActions:
 
     @staticmethod
     def _delete_batches(conn, ids):
+        """Delete these finished batches and what hangs on them (locked by _prunable)."""
         if not ids:
             return
         marks = placeholders(ids)

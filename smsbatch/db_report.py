@@ -31,12 +31,13 @@ class OperatorReports:
         """Record Twilio's latest MessageStatus (and ErrorCode) of a reply we sent, unless it
         would move the reply backwards. Returns False for a SID we never sent (ignored)."""
         with self.transaction() as conn:
-            row = conn.execute("SELECT status FROM outbound WHERE sid = ?", (sid,)).fetchone()
+            # locked (PostgreSQL): of two receipts at once the second waits and compares with the first
+            row = conn.execute("SELECT status FROM outbound WHERE sid = ?" + self.db.for_update, (sid,)).fetchone()
             if row is None:
                 return False
-            if delivery.moves_forward(row["status"], status):
-                conn.execute("UPDATE outbound SET status = ?, error_code = ?, status_at = ? WHERE sid = ?",
-                             (status, error_code, at, sid))
+            if delivery.moves_forward(row["status"], status):  # compare-and-set on the status read
+                conn.execute("UPDATE outbound SET status = ?, error_code = ?, status_at = ? WHERE sid = ?"
+                             " AND coalesce(status, '') = ?", (status, error_code, at, sid, row["status"] or ""))
             return True
 
     def deliveries_to_check(self, now, limit):
@@ -94,9 +95,10 @@ class OperatorReports:
         with self.transaction() as conn:
             conn.executemany(
                 "INSERT INTO rejections (minute, count, last_at, last_url) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT (minute) DO UPDATE SET count = count + excluded.count,"
-                " last_at = max(last_at, excluded.last_at),"
-                " last_url = CASE WHEN excluded.last_at >= last_at THEN excluded.last_url ELSE last_url END",
+                " ON CONFLICT (minute) DO UPDATE SET count = rejections.count + excluded.count,"
+                f" last_at = {self.db.greatest('rejections.last_at', 'excluded.last_at')},"
+                " last_url = CASE WHEN excluded.last_at >= rejections.last_at THEN excluded.last_url"
+                " ELSE rejections.last_url END",
                 rows,
             )
             conn.execute("DELETE FROM rejections WHERE minute < ?", (int((now - REJECTIONS_KEPT_SECONDS) // 60),))
@@ -138,7 +140,9 @@ class OperatorReports:
         if error is None and self._healthy_lately(provider, now):
             return None  # the common case costs a read, not a write
         with self.transaction() as conn:
-            row = conn.execute("SELECT * FROM provider_health WHERE provider = ?", (provider,)).fetchone()
+            # locked (PostgreSQL): of several processors failing at once, one announces the outage
+            row = conn.execute("SELECT * FROM provider_health WHERE provider = ?" + self.db.for_update,
+                               (provider,)).fetchone()
             row = dict(row) if row else {"provider": provider, "failing_since": None, "alerted_at": None}
             if error is None:
                 conn.execute(
@@ -232,28 +236,28 @@ class OperatorReports:
 
     def columns(self, table):
         """The column names of a table (another version may lack some)."""
-        return {r[1] for r in self.conn.execute(f"PRAGMA table_info({table})")}
+        return self.db.columns(table)
 
     def stats_rows(self, since, until):
         """What `smsbatch stats` counts, per UTC day, for [since, until): texts in, batches,
         AI requests and tokens, replies; and every reply's latency (seconds from the
         person's last text to the reply)."""
         texts = self.conn.execute(
-            "SELECT date(received_at, 'unixepoch') AS day, count(*) AS texts,"
-            " sum(kind = 'text') AS answerable FROM messages WHERE received_at >= ? AND received_at < ?"
-            " GROUP BY day", (since, until)).fetchall()
+            f"SELECT {self.db.day('received_at')} AS day, count(*) AS texts,"
+            " sum(CASE WHEN kind = 'text' THEN 1 ELSE 0 END) AS answerable FROM messages"
+            " WHERE received_at >= ? AND received_at < ? GROUP BY 1", (since, until)).fetchall()
         have = self.columns("batches")
-        requests = "sum(ai_requests)" if "ai_requests" in have else "sum(response_text IS NOT NULL)"
+        requests = "sum(ai_requests)" if "ai_requests" in have else "sum(CASE WHEN response_text IS NOT NULL THEN 1 ELSE 0 END)"
         tokens = ", ".join(f"sum({c}) AS {c}" if c in have else f"NULL AS {c}"
                            for c in ("prompt_tokens", "completion_tokens"))
         batches = self.conn.execute(
-            f"SELECT date(created_at, 'unixepoch') AS day, count(*) AS batches, {requests} AS ai_requests,"
-            f" {tokens} FROM batches WHERE created_at >= ? AND created_at < ? GROUP BY day",
+            f"SELECT {self.db.day('created_at')} AS day, count(*) AS batches, {requests} AS ai_requests,"
+            f" {tokens} FROM batches WHERE created_at >= ? AND created_at < ? GROUP BY 1",
             (since, until)).fetchall()
         # Every SMS we sent (the AI's and by hand); latency only for the AI's, from its batch's last text.
         replies = self.conn.execute(
-            "SELECT date(o.sent_at, 'unixepoch') AS day, o.sent_at - b.last_at AS latency,"
-            " o.status = 'delivered' AS delivered FROM outbound o LEFT JOIN batches b ON b.id = o.batch_id"
+            f"SELECT {self.db.day('o.sent_at')} AS day, o.sent_at - b.last_at AS latency,"
+            " CASE WHEN o.status = 'delivered' THEN 1 ELSE 0 END AS delivered FROM outbound o LEFT JOIN batches b ON b.id = o.batch_id"
             " WHERE o.sent_at >= ? AND o.sent_at < ?", (since, until)).fetchall()
         return {"texts": [dict(r) for r in texts], "batches": [dict(r) for r in batches],
                 "replies": [dict(r) for r in replies],

@@ -1,11 +1,15 @@
 """Schema migrations: frozen steps that bring an older database to the current schema.
 
-A new database is made from schema.sql in one go. An existing one is at the version in
-PRAGMA user_version, and every step above it runs in order, in one transaction with
+A new SQLite database is made from schema.sql in one go. An existing one is at the version
+in PRAGMA user_version, and every step above it runs in order, in one transaction with
 foreign keys off (a step may rebuild a table). Steps are frozen: once released, a step
 is never edited, because databases in the field have already run it; a later change
 gets a new step (and the same change in schema.sql). tests/test_migrations.py builds
 a version-1 database, upgrades it, and checks it against a fresh one.
+
+PostgreSQL starts from schema_pg.sql, version 9 (PG_BASELINE) in meaning, and goes up by
+the `postgres` statements of every later Step; its version is in the schema_version table.
+A new step must be a Step, written for both engines.
 """
 
 # Version 1 (the first release) had: batches (state without 'held'), phones (one open
@@ -205,5 +209,43 @@ V9 = (
     )""",
 )
 
-STEPS = {2: V2, 3: V3, 4: V4, 5: V5, 6: V6, 7: V7, 8: V8, 9: V9}
+
+class Step:
+    """A schema step written for both engines (steps from 10 on): `sqlite` and `postgres`
+    are the statements that bring version - 1 to it on each. Steps 2-9 are plain tuples:
+    SQLite only, since PostgreSQL starts at version 9 (schema_pg.sql, PG_BASELINE)."""
+
+    def __init__(self, sqlite, postgres):
+        self.sqlite, self.postgres = tuple(sqlite), tuple(postgres)
+
+
+# Version 10, issue 14: exclusion lives in the database, for several writers on any engine.
+# One open batch per conversation (texts join it, under the conversation's lock), and at
+# most one claim per conversation (one batch in flight: no two replies racing each other).
+# An older database could hold a second open batch or a second claim of a conversation
+# (a stale claim); the newer open one is closed (queued, answered as usual) and the later
+# claims dropped (their batches are claimed again when due) before the indexes go up.
+_V10 = (
+    "UPDATE batches SET state = 'queued' WHERE state = 'open' AND seq NOT IN"
+    " (SELECT max(seq) FROM batches WHERE state = 'open' GROUP BY phone, our_number)",
+    "UPDATE batches SET claim = NULL WHERE claim IS NOT NULL AND seq NOT IN"
+    " (SELECT min(seq) FROM batches WHERE claim IS NOT NULL GROUP BY phone, our_number)",
+    "CREATE UNIQUE INDEX batches_one_open ON batches(phone, our_number) WHERE state = 'open'",
+    "CREATE UNIQUE INDEX batches_one_claim ON batches(phone, our_number) WHERE claim IS NOT NULL",
+)
+V10 = Step(sqlite=_V10, postgres=_V10)
+
+STEPS = {2: V2, 3: V3, 4: V4, 5: V5, 6: V6, 7: V7, 8: V8, 9: V9, 10: V10}
 LATEST = max(STEPS)
+PG_BASELINE = 9  # schema_pg.sql: today's schema at version 9; later steps carry a `postgres` variant
+
+
+def sqlite_step(version):
+    """The statements of step `version` on SQLite."""
+    step = STEPS[version]
+    return step.sqlite if isinstance(step, Step) else step
+
+
+def postgres_step(version):
+    """The statements of step `version` on PostgreSQL (only steps after PG_BASELINE have them)."""
+    return STEPS[version].postgres

@@ -49,6 +49,10 @@ CREATE INDEX IF NOT EXISTS batches_state_last ON batches(state, last_at);  -- ex
 CREATE INDEX IF NOT EXISTS batches_conversation ON batches(phone, our_number);  -- no state: claiming does not rewrite it
 CREATE INDEX IF NOT EXISTS batches_superseded_by ON batches(superseded_by) WHERE superseded_by IS NOT NULL;  -- prune
 CREATE INDEX IF NOT EXISTS batches_created ON batches(created_at);  -- `stats` over a window
+-- Exclusion in the database (several writers): one open batch per conversation, and at
+-- most one claim (one batch in flight) per conversation.
+CREATE UNIQUE INDEX IF NOT EXISTS batches_one_open ON batches(phone, our_number) WHERE state = 'open';
+CREATE UNIQUE INDEX IF NOT EXISTS batches_one_claim ON batches(phone, our_number) WHERE claim IS NOT NULL;
 
 -- Every state change of every batch, oldest first: `smsbatch show` reads it, `retry`
 -- adds to it. from_state is NULL for the move that created the batch.

@@ -46,6 +46,9 @@ TRANSITIONS = {
 }
 # Claiming moves a due batch to processing; a batch found in *sending* stays there (reconciled).
 CLAIMABLE = tuple(s for s in TRANSITIONS if _S.PROCESSING in TRANSITIONS[s]) + (_S.SENDING,)
+# The move a claim makes from each claimable state, each one allowed by TRANSITIONS.
+CLAIM_MOVES = {s: (_S.SENDING if s == _S.SENDING else _S.PROCESSING) for s in CLAIMABLE}
+assert all(to in TRANSITIONS[s] for s, to in CLAIM_MOVES.items())
 
 
 def placeholders(items):
