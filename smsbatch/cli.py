@@ -118,7 +118,7 @@ def ingest(ctx, phone, our_number, body, sid, at, jsonl, now, as_json):
 @click.pass_context
 def process(ctx, now, limit, seconds, concurrency, system_prompt_file, ai, sms, as_json):
     """Answer due batches: one AI reply each, sent by SMS (run by cron every minute)."""
-    from smsbatch.lease import DatabaseClock
+    from smsbatch.lease import DatabaseClock, calibrate
     from smsbatch.processor import Clock, Processor
 
     changes = {k: v for k, v in (("ai", ai), ("sms", sms)) if v}
@@ -142,6 +142,7 @@ def process(ctx, now, limit, seconds, concurrency, system_prompt_file, ai, sms, 
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    calibrate(clock, processor.store(), force=True)  # the backfill's turn is kept on the database's clock too
     backfilled = periodic_backfill(processor.store(), sender, settings, clock())
     report = processor.run(limit=limit, concurrency=concurrency, seconds=seconds, stop=stop)
     report.backfilled = backfilled
