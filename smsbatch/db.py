@@ -144,7 +144,7 @@ class Store(BatchLife, OperatorActions, OperatorReports):
         answer (the backfill) is stored in a batch of its own, expired at once.
 
         The text and its batch are one transaction, serialised per conversation by the
-        database (Database.lock_conversation; one open batch per conversation is also a
+        database (Database.conversation_lock; one open batch per conversation is also a
         unique index). A MessageSid stored meanwhile by another writer (a second webhook,
         the backfill) is a duplicate, never an error.
         """
@@ -152,8 +152,7 @@ class Store(BatchLife, OperatorActions, OperatorReports):
         scope = scope or our_number
         try:
             with self.transaction() as conn:
-                self.db.lock_conversation(phone, our_number)
-                seen = conn.execute("SELECT batch_id FROM messages WHERE sid = ?", (sid,)).fetchone()
+                seen = self._lock_and_find(conn, phone, our_number, sid)
                 if seen:
                     return Added(seen[0], True, kind or "text")
                 batch_id, kind = self._batch_for(conn, phone, our_number, scope, body, received_at, rules, kind,
@@ -170,6 +169,17 @@ class Store(BatchLife, OperatorActions, OperatorReports):
             seen = self.conn.execute("SELECT batch_id FROM messages WHERE sid = ?", (sid,)).fetchone()
             return Added(seen[0], True, kind or "text")
         return Added(batch_id, False, kind or "text")
+
+    def _lock_and_find(self, conn, phone, our_number, sid):
+        """Take the conversation's lock (Database.conversation_lock) and look for the sid, in
+        one statement. The look may miss a text another writer stored while this one waited
+        for the lock: the INSERT ... ON CONFLICT (sid) then finds it (see add_message)."""
+        lock = self.db.conversation_lock
+        if lock is None:
+            return conn.execute("SELECT batch_id FROM messages WHERE sid = ?", (sid,)).fetchone()
+        row = conn.execute(f"SELECT {lock}, (SELECT batch_id FROM messages WHERE sid = ?)",
+                           (phone, our_number, sid)).fetchone()
+        return None if row[1] is None else (row[1],)
 
     def _batch_for(self, conn, phone, our_number, scope, body, at, rules, kind, carrier_kind, expired):
         """(The batch a new text goes in, opening or closing batches as needed; the text's kind)."""

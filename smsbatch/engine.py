@@ -14,8 +14,9 @@ A Database offers:
                           fetchall, iteration, rowcount); rows by name and by index
     transaction()         context manager: one transaction (SQLite: BEGIN IMMEDIATE)
     durable_transaction() the same, committed so that it survives power loss
-    lock_conversation(phone, our_number)  serialise writers of one conversation until the
-                          transaction ends (SQLite: the write lock already does)
+    conversation_lock     an SQL expression of (phone, our_number) that serialises the writers
+                          of one conversation until the transaction ends, or None (SQLite:
+                          the write lock already does)
     for_update, skip_locked  clauses appended to a SELECT that locks the rows it reads
     greatest(a, b), day(column), group_concat(column)  dialect words
     now()                 the database's clock (epoch seconds)

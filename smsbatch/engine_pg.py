@@ -12,7 +12,7 @@ lost (server restart, failover) is opened again at the next transaction.
 import functools
 import logging
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from importlib import resources
 
 import psycopg
@@ -31,6 +31,10 @@ BUSY = (pgerrors.LockNotAvailable, pgerrors.QueryCanceled, pgerrors.Serializatio
         pgerrors.DeadlockDetected)
 UNAVAILABLE = (pgerrors.AdminShutdown, pgerrors.CannotConnectNow, pgerrors.ReadOnlySqlTransaction,
                pgerrors.IdleInTransactionSessionTimeout)
+
+
+class StaleConnection(StoreUnavailable):
+    """A pooled connection the server had dropped: found at BEGIN, so nothing ran on it."""
 
 
 def translate(exc):
@@ -171,9 +175,8 @@ class Database:
     def group_concat(column):
         return f"string_agg(CAST({column} AS text), ',')"
 
-    def lock_conversation(self, phone, our_number):
-        """Serialise the writers of one conversation until this transaction ends."""
-        self.conn.execute("SELECT pg_advisory_xact_lock(hashtext(?), hashtext(?))", (phone, our_number)).fetchall()
+    # Serialises the writers of one conversation (phone, our number) until the transaction ends.
+    conversation_lock = "pg_advisory_xact_lock(hashtext(?), hashtext(?))"
 
     def now(self):
         """The database server's clock (epoch seconds): the one clock every host shares."""
@@ -182,58 +185,69 @@ class Database:
     # -- transactions ---------------------------------------------------------------
 
     @contextmanager
-    def transaction(self):
-        """One transaction (READ COMMITTED). Within the webhook's deadline when one is set."""
+    def transaction(self, begin="BEGIN"):
+        """One transaction (READ COMMITTED). Within the webhook's deadline when one is set:
+        its statement and lock timeouts go with the BEGIN, in the same round trip."""
+        if self.deadline is not None:
+            left = max(1, int((self.deadline - time.monotonic()) * 1000))
+            begin += f"; SET LOCAL statement_timeout = {left}; SET LOCAL lock_timeout = {left}"
+        raw = self._begin(begin)
+        self._in_transaction = True
         try:
-            with self._begin() as raw:
-                self._in_transaction = True
-                if self.deadline is not None:
-                    left = max(1, int((self.deadline - time.monotonic()) * 1000))
-                    raw.execute("SELECT set_config('statement_timeout', %s, true),"
-                                " set_config('lock_timeout', %s, true)", (f"{left}ms", f"{left}ms"))
-                yield self.conn
-        except psycopg.Error as exc:
-            raise translate(exc) from exc
-        finally:
-            self._in_transaction = False
+            yield self.conn
+        except BaseException:
+            self._end(raw, "ROLLBACK")
+            raise
+        else:
+            self._end(raw, "COMMIT")
 
-    @contextmanager
-    def _begin(self, **options):
-        """psycopg's transaction block; if its BEGIN finds that the server dropped this (own)
-        connection, nothing has run yet: once more on a new connection."""
-        stack = ExitStack()
+    def _begin(self, begin):
+        """Send BEGIN (and what goes with it). If it finds that the server dropped the
+        connection, nothing has run yet: an own connection tries once more on a new one; a
+        pooled one raises StaleConnection (the pool lends another)."""
         raw = self.raw()
         try:
-            stack.enter_context(raw.transaction(**options))
-        except psycopg.OperationalError:
-            if not (self._owned and raw.broken):
-                raise
-            raw = self.raw()
-            stack.enter_context(raw.transaction(**options))
-        with stack:
-            yield raw
+            raw.execute(begin)
+            return raw
+        except psycopg.OperationalError as exc:
+            if not raw.broken:
+                raise translate(exc) from exc
+            if not self._owned:
+                raise StaleConnection(translate(exc)) from exc
+        raw = self.raw()
+        try:
+            raw.execute(begin)
+        except psycopg.Error as exc:
+            raise translate(exc) from exc
+        return raw
+
+    def _end(self, raw, how):
+        """COMMIT or ROLLBACK. Raises: StoreError (COMMIT only: a lost connection's
+        transaction is rolled back by the server, so a failed ROLLBACK is no news)."""
+        try:
+            raw.execute(how)
+        except psycopg.Error as exc:
+            if how == "COMMIT":
+                raise translate(exc) from exc
+        finally:
+            self._in_transaction = False
 
     @contextmanager
     def durable_transaction(self):
         """transaction(), committed with synchronous_commit on whatever the connection's
         setting: once it returns, what it committed survives the server's crash."""
-        with self.transaction() as conn:
-            if not self.durable:
-                conn.execute("SET LOCAL synchronous_commit = on")
+        with self.transaction("BEGIN" if self.durable else "BEGIN; SET LOCAL synchronous_commit = on") as conn:
             yield conn
 
     @contextmanager
     def snapshot(self):
         """A read-only transaction: every read inside sees one moment; nothing is written."""
+        raw = self._begin("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        self._in_transaction = True
         try:
-            with self._begin(force_rollback=True) as raw:
-                self._in_transaction = True
-                raw.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                yield self.conn
-        except psycopg.Error as exc:
-            raise translate(exc) from exc
+            yield self.conn
         finally:
-            self._in_transaction = False
+            self._end(raw, "ROLLBACK")
 
     def make_throwaway(self):
         raise SmsbatchError("a throwaway database must be an SQLite file")
@@ -333,31 +347,39 @@ class Database:
 
 class Pool:
     """The webhook's connections: each request borrows one for its own transaction, so
-    requests on several threads (and several hosts) write at once. A connection found
-    broken is replaced by the pool; one the server dropped is discarded on return."""
+    requests on several threads (and several hosts) write at once. A connection the server
+    dropped is found at its next BEGIN (nothing run yet: the request takes another) and
+    discarded on return; the pool opens new ones as needed."""
 
     def __init__(self, url, busy_timeout, size=16):
         self.url, self.busy_timeout = url, busy_timeout
         self._pool = ConnectionPool(
             url, min_size=2, max_size=size, open=False, name="smsbatch",
             kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT},
-            configure=lambda raw: configure(raw, True, busy_timeout), check=ConnectionPool.check_connection,
-            reconnect_timeout=0)
+            configure=lambda raw: configure(raw, True, busy_timeout), reconnect_timeout=0)
         self._pool.open(wait=False)
 
-    @contextmanager
-    def database(self, deadline):
-        """A Database on a pooled connection, every statement ending before `deadline`
-        (monotonic). Raises: StoreUnavailable (no connection before the deadline)."""
-        try:
-            with self._pool.connection(timeout=max(0.01, deadline - time.monotonic())) as raw:
-                database = Database(self.url, self.busy_timeout, raw=raw)
-                database.deadline = deadline
-                yield database
-        except PoolTimeout:
-            raise StoreUnavailable(f"no connection to {shown_target(self.url)} before the deadline") from None
-        except psycopg.Error as exc:
-            raise translate(exc) from exc
+    def run(self, work, deadline):
+        """work(database) in a Database on a pooled connection, every statement ending before
+        `deadline` (monotonic); on a connection the server had dropped, once more on another.
+
+        Raises:
+            StoreUnavailable: no connection before the deadline, or the server is away.
+        """
+        for attempt in range(2):
+            try:
+                with self._pool.connection(timeout=max(0.01, deadline - time.monotonic())) as raw:
+                    database = Database(self.url, self.busy_timeout, raw=raw)
+                    database.deadline = deadline
+                    return work(database)
+            except StaleConnection:
+                if attempt:
+                    raise
+                self._pool.check()  # the others were probably dropped too (a restart): replace them
+            except PoolTimeout:
+                raise StoreUnavailable(f"no connection to {shown_target(self.url)} before the deadline") from None
+            except psycopg.Error as exc:
+                raise translate(exc) from exc
 
     def close(self):
         self._pool.close()

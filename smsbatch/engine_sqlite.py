@@ -97,8 +97,9 @@ class Database:
     def group_concat(column):
         return f"group_concat({column})"
 
-    def lock_conversation(self, phone, our_number):
-        """Nothing to do: inside transaction() this connection holds the file's write lock."""
+    # A conversation's writers need no lock of their own: inside transaction() this
+    # connection holds the file's write lock.
+    conversation_lock = None
 
     def now(self):
         """The database's clock: with SQLite every process shares this host's."""

@@ -34,8 +34,7 @@ class PoolWriter:
         if deadline is None:
             deadline = time.monotonic() + self.busy_timeout
         try:
-            with self.pool.database(deadline) as database:
-                result = work(Store.on(database))
+            result = self.pool.run(lambda database: work(Store.on(database)), deadline)
         except StoreError as exc:
             self._failed = (time.monotonic(), str(exc))
             raise
