@@ -122,7 +122,8 @@ class Webhook:
             from smsbatch.writer_pool import PoolWriter
 
             self.writer = PoolWriter(settings.db_path, WEB_BUSY_TIMEOUT)
-            self.burst = None  # no group commit: the server runs each request on its own thread
+            self.burst = None  # no group commit: each request writes on a pooled connection,
+            self.concurrent = True  # and the server runs them on its threads side by side
         else:
             self.writer = Writer(settings.db_path, WEB_BUSY_TIMEOUT)
         self.rejections = Rejections(self.writer.submit, clock)

@@ -300,3 +300,45 @@ def test_a_database_away_for_seconds_gets_503s_then_everything_reconnects(db_pat
     finally:
         app.drain()
         proxy.close()
+
+
+def test_through_a_real_server_a_request_waiting_for_a_lock_does_not_hold_up_others(db_path):
+    """On PostgreSQL each request writes on its own connection and the server runs them
+    side by side: a text waiting for its conversation's lock does not delay another's."""
+    import urllib.request
+    from urllib.parse import urlencode
+
+    from twilio.request_validator import RequestValidator
+
+    from smsbatch.web import make_server_for
+
+    app = make_app(Settings(db_path=db_path, twilio_auth_token="t"))
+    server = make_server_for(app, "127.0.0.1", 0, threads=4)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/sms"
+
+    def post(phone, sid):
+        params = form(From=phone, MessageSid=sid)
+        request = urllib.request.Request(url, data=urlencode(params).encode(), headers={
+            "X-Twilio-Signature": RequestValidator("t").compute_signature(url, params),
+            "Content-Type": "application/x-www-form-urlencoded"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+
+    store = Store(db_path)
+    try:
+        with store.transaction() as conn:  # another host is storing a text of +1555...0001 right now
+            conn.execute(f"SELECT {store.db.conversation_lock}", ("+15550000001", US)).fetchall()
+            waiting = threading.Thread(target=post, args=("+15550000001", "SM" + "1" * 32))
+            waiting.start()
+            time.sleep(0.2)  # it is waiting for the lock now
+            started = time.monotonic()
+            assert post("+15550000002", "SM" + "2" * 32) == 200
+            assert time.monotonic() - started < 1.5
+        waiting.join(10)
+        assert store.conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 2
+    finally:
+        store.close()
+        server.shutdown()
+        server.server_close()
+        app.drain()
