@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 from smsbatch.config import OPENAI_DEFAULT_BASE_URL, TWILIO_DEFAULT_BASE_URL, display_secret_url, display_url
 from smsbatch.db import SCHEMA_VERSION, Store
+from smsbatch.engine import is_postgres, shown_target
 from smsbatch.errors import SmsbatchError
 
 MASK = "******"
@@ -41,7 +42,7 @@ def effective_settings(settings):
         return f"{MASK} (set)" if value else "(not set)"
 
     return [
-        ("SMSBATCH_DB", s.db_path),
+        ("SMSBATCH_DB", shown_target(s.db_path)),
         ("ENABLE_AI_SMS_AGENT", "true" if s.enabled else "false (replies paused)"),
         ("AI_SMS_TEST_NUMBER", s.test_number or "(not set: everyone is answered)"),
         ("SMSBATCH_AI", s.ai),
@@ -113,8 +114,12 @@ def run_checks(settings, fix_webhook=False, dry_run=False, announce=None):
 
 
 def check_database(path):
-    """The database exists, is migrated to this smsbatch's schema, can be written, and is private."""
+    """The database exists, is migrated to this smsbatch's schema, can be written, and is private
+    (PostgreSQL: the server answers, the schema is this smsbatch's, and the user has the rights
+    smsbatch needs)."""
     name = "database"
+    if is_postgres(path):
+        return check_postgres(path)
     if not os.path.exists(path):
         return Check(name, False, f"{path} does not exist", f"smsbatch --db {path} migrate")
     try:
@@ -127,7 +132,7 @@ def check_database(path):
             return Check(name, False, f"{path} is at schema version {version}, this smsbatch needs "
                          f"{SCHEMA_VERSION}", f"smsbatch --db {path} backup FILE, then smsbatch --db {path} migrate")
         store.check_writable()
-    except Exception as exc:  # sqlite3.OperationalError: read-only file or folder, locked
+    except Exception as exc:  # StoreError: read-only file or folder, locked
         return Check(name, False, f"{path} cannot be written: {exc}",
                      "run smsbatch as the user that owns the database and its folder")
     finally:
@@ -137,6 +142,33 @@ def check_database(path):
         return Check(name, False, f"{path} is readable by others (mode {mode:o}); it holds customer texts",
                      f"chmod 600 {path}")
     return Check(name, True, f"{path}: writable, schema version {version}")
+
+
+def check_postgres(url):
+    """PostgreSQL: connection, schema version, and the rights smsbatch needs (reading and
+    writing its tables; `migrate` also needs to create them)."""
+    name, shown = "database", shown_target(url)
+    try:
+        store = Store(url)
+    except SmsbatchError as exc:
+        return Check(name, False, f"cannot connect to {shown}: {exc}",
+                     "check SMSBATCH_DB (host, port, user, database) and that the server runs")
+    try:
+        version = store.version()
+        if version != SCHEMA_VERSION:
+            return Check(name, False, f"{shown} is at schema version {version}, this smsbatch needs "
+                         f"{SCHEMA_VERSION}", "pg_dump it, then smsbatch --db URL migrate")
+        missing = store.db.missing_rights()
+        if missing:
+            return Check(name, False, f"{shown}: the user lacks {', '.join(missing)}",
+                         "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA (and USAGE on "
+                         "its sequences) to smsbatch's user")
+        store.check_writable()
+    except SmsbatchError as exc:
+        return Check(name, False, f"{shown}: {exc}", "check the server and the user's rights")
+    finally:
+        store.close()
+    return Check(name, True, f"{shown}: writable, schema version {version}")
 
 
 def check_prompts(folder):

@@ -17,11 +17,14 @@ from smsbatch import cli_ops, cli_traces
 from smsbatch.cli_common import (EXIT_SOME_FAILED, PHONE, SID, TEXT, TIME, WHEN, Finite, LoggedGroup,
                                  backfill_runs, emit_json, note, open_store, read_text_file, settings_from,
                                  warn_if_not_the_deployments_db)
+from smsbatch.engine import shown_target
 from smsbatch.errors import SmsbatchError
 
 @click.group(cls=LoggedGroup)
 @click.option("--db", envvar="SMSBATCH_DB", default="smsbatch.db", show_default=True,
-              type=click.Path(dir_okay=False), help="SQLite database file (env SMSBATCH_DB).")
+              type=click.Path(dir_okay=False),
+              help="SQLite database file, or a postgresql:// URL for several hosts on one PostgreSQL "
+                   "database (pip install 'smsbatch[postgres]') (env SMSBATCH_DB).")
 @click.version_option(package_name="smsbatch")
 @click.pass_context
 def cli(ctx, db):
@@ -72,7 +75,7 @@ def migrate(ctx):
         said = f"upgraded from schema version {before} to {after}"
     else:
         said = f"already at schema version {after}"
-    click.echo(f"{settings.db_path}: {said}")
+    click.echo(f"{shown_target(settings.db_path)}: {said}")
 
 
 @cli.command()
@@ -127,6 +130,7 @@ def ingest(ctx, phone, our_number, body, sid, at, jsonl, now, as_json):
 @click.pass_context
 def process(ctx, now, limit, seconds, concurrency, system_prompt_file, ai, sms, as_json):
     """Answer due batches: one AI reply each, sent by SMS (run by cron every minute)."""
+    from smsbatch.lease import DatabaseClock, calibrate
     from smsbatch.processor import Clock, Processor
 
     changes = {k: v for k, v in (("ai", ai), ("sms", sms)) if v}
@@ -144,7 +148,7 @@ def process(ctx, now, limit, seconds, concurrency, system_prompt_file, ai, sms, 
     from smsbatch.ai import make_responder
     from smsbatch.sms import make_sender
 
-    clock = Clock(now, advancing=bool(seconds)) if now is not None else time.time
+    clock = Clock(now, advancing=bool(seconds)) if now is not None else DatabaseClock()
     sender = make_sender(settings)
     processor = Processor(settings.db_path, settings, make_responder(settings), sender, clock=clock)
     stop = threading.Event()
@@ -155,6 +159,7 @@ def process(ctx, now, limit, seconds, concurrency, system_prompt_file, ai, sms, 
 
         notice_stall(processor.store(), processor.alerter, clock(), settings.alert_after_seconds)
     warn_if_not_the_deployments_db(settings)
+    calibrate(clock, processor.store(), force=True)  # the backfill's turn is kept on the database's clock too
     backfilled = periodic_backfill(processor.store(), sender, settings, clock(), stop)
     report = processor.run(limit=limit, concurrency=concurrency, seconds=seconds, stop=stop)
     report.backfilled = backfilled

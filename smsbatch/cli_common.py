@@ -59,20 +59,20 @@ class Group(click.Group):
     """Turns smsbatch and database errors into one line and exit status 1, never a traceback."""
 
     def invoke(self, ctx):
-        import sqlite3
+        from smsbatch.engine import StoreBusy, StoreError, StoreUnavailable
 
         try:
             return super().invoke(ctx)
+        except StoreBusy:
+            raise click.ClickException("database is busy: another writer held it too long; try again") from None
+        except StoreUnavailable as exc:
+            raise click.ClickException(f"database unavailable: {exc}") from None
+        except StoreError as exc:
+            raise click.ClickException(f"database error: {exc}") from None
         except SmsbatchError as exc:  # may quote a provider, a file or a stored text
             from smsbatch.render import clean
 
             raise click.ClickException(clean(str(exc))) from None
-        except sqlite3.OperationalError as exc:
-            if "locked" in str(exc) or "busy" in str(exc):
-                raise click.ClickException("database is busy: another writer held it too long; try again") from None
-            raise click.ClickException(f"database error: {exc}") from None
-        except sqlite3.DatabaseError as exc:
-            raise click.ClickException(f"database error: {exc}") from None
         except UnicodeEncodeError as exc:  # a setting with bytes that are not UTF-8, or a terminal that is not
             raise click.ClickException(f"cannot encode text as {exc.encoding}: a setting holds bytes that are "
                                        "not UTF-8, or the terminal cannot show a character") from None

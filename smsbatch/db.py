@@ -10,18 +10,16 @@ moves are in smsbatch.states.
 import json
 import os
 import secrets
-import sqlite3
-from contextlib import contextmanager
 from dataclasses import dataclass
-from importlib import resources
 
-from smsbatch import batching, migrations
+from smsbatch import batching, engine, migrations
 from smsbatch.db_life import BatchLife
 from smsbatch.db_ops import OperatorActions
 from smsbatch.db_report import OperatorReports
+from smsbatch.engine import StoreConflict
 from smsbatch.errors import InvalidTransition, NotFound, SmsbatchError
 # State, PENDING and TRANSITIONS are imported from here by the rest of smsbatch, as before.
-from smsbatch.states import CLAIMABLE, PENDING, TRANSITIONS, State, placeholders
+from smsbatch.states import CLAIM_MOVES, CLAIMABLE, PENDING, TRANSITIONS, State, placeholders
 
 SCHEMA_VERSION = migrations.LATEST
 ID_ALPHABET = "23456789abcdefghjkmnpqrstuvwxyz"  # no 0/o, 1/l/i: easy to read aloud and type
@@ -38,47 +36,40 @@ class Added:
     kind: str
 
 
+class _Duplicate(Exception):
+    """Rolls back add_message's transaction: another writer stored the same MessageSid."""
+
+
 def new_id():
     """A short random batch id such as 'b7k2mq9xza'."""
     return "".join(secrets.choice(ID_ALPHABET) for _ in range(10))
 
 
 class Store(BatchLife, OperatorActions, OperatorReports):
-    """One SQLite connection and the statements smsbatch runs on it. Not thread-safe."""
+    """One database connection (SQLite file or PostgreSQL, see smsbatch.engine) and the
+    statements smsbatch runs on it. Not thread-safe."""
 
     def __init__(self, path, busy_timeout=BUSY_TIMEOUT_SECONDS, durable=True):
         self.path, self.busy_timeout = str(path), busy_timeout
-        _create_private(self.path)
-        self.conn = sqlite3.connect(
-            self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
-        )
-        self.conn.row_factory = sqlite3.Row
-        self.conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-        try:
-            self.conn.execute("PRAGMA journal_mode = WAL")
-        except sqlite3.DatabaseError as exc:
-            if "not a database" not in str(exc):
-                raise
-            raise SmsbatchError(f"{self.path} is not an SQLite database") from None
-        # FULL: in WAL mode every COMMIT fsyncs the WAL, so a text answered 200 and a batch
-        # marked sending survive power loss (NORMAL may roll them back). The webhook commits
-        # in groups, so it pays one fsync per burst, not per text (bench/run.py webhook-vs-flask).
-        # The processor's connections are not `durable`: a claim or a *sent* mark lost to power
-        # loss is made good by the lease and by reconcile; the one move whose loss would send a
-        # reply twice, *sending*, commits through durable_transaction(). A FULL commit in WAL
-        # mode syncs every frame before it, so nothing committed earlier is left behind.
-        self.synchronous = "FULL" if durable else "NORMAL"
-        self.conn.execute(f"PRAGMA synchronous = {self.synchronous}")
-        self.conn.execute("PRAGMA foreign_keys = ON")
+        self.db = engine.connect(self.path, busy_timeout, durable)
+        self.conn = self.db.conn
+
+    @classmethod
+    def on(cls, database):
+        """A Store on a Database opened elsewhere (the webhook's pooled connections)."""
+        store = cls.__new__(cls)
+        store.path, store.busy_timeout, store.db, store.conn = database.path, database.busy_timeout, database, \
+            database.conn
+        return store
 
     @classmethod
     def open_ready(cls, path, busy_timeout=BUSY_TIMEOUT_SECONDS):
         """Open an existing, migrated database (never creates one).
 
         Raises:
-            SmsbatchError: missing, not an SQLite database, or not migrated.
+            SmsbatchError: missing, not a database, or not migrated.
         """
-        if str(path) != ":memory:" and not os.path.exists(path):
+        if not engine.is_postgres(path) and str(path) != ":memory:" and not os.path.exists(path):
             raise SmsbatchError(f"database {path} does not exist: run `smsbatch migrate` first")
         store = cls(path, busy_timeout=busy_timeout)
         try:
@@ -88,99 +79,56 @@ class Store(BatchLife, OperatorActions, OperatorReports):
             raise
         return store
 
+    @property
+    def shown(self):
+        """The database's name as it may be printed (a URL without its password)."""
+        return engine.shown_target(self.path)
+
     def close(self):
-        self.conn.close()
+        self.db.close()
 
     def make_throwaway(self):
-        """Make a scratch database (simulate's) fast: it need not survive a crash nor be
-        shared. The journal stays, in memory, so a rolled-back transaction still rolls back."""
-        for pragma in ("locking_mode = EXCLUSIVE", "journal_mode = MEMORY", "synchronous = OFF"):
-            self.conn.execute(f"PRAGMA {pragma}").fetchall()
-        self.synchronous = "OFF"
+        """Make a scratch SQLite database (simulate's) fast: it need not survive a crash nor be shared."""
+        self.db.make_throwaway()
 
-    @contextmanager
     def durable_transaction(self):
-        """transaction(), committed with synchronous = FULL whatever this connection's setting
-        (a throwaway database stays as it is): what it commits survives power loss."""
-        upgrade = self.synchronous == "NORMAL"
-        if upgrade:
-            self.conn.execute("PRAGMA synchronous = FULL")
-        try:
-            with self.transaction() as conn:
-                yield conn
-        finally:
-            if upgrade:
-                self.conn.execute("PRAGMA synchronous = NORMAL")
+        """transaction(), committed so that what it commits survives power loss."""
+        return self.db.durable_transaction()
 
     def write_blocked(self, seconds):
-        """Why a write could not start within `seconds` (another connection holds the write
-        lock), or None. Takes the lock for an instant and writes nothing."""
-        self.conn.execute(f"PRAGMA busy_timeout = {int(seconds * 1000)}")
-        try:
-            self.conn.execute("BEGIN IMMEDIATE")
-            self.conn.execute("ROLLBACK")
-            return None
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) and "busy" not in str(exc):
-                raise
-            return f"another process holds the database's write lock (waited {seconds:g} s)"
-        finally:
-            self.conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+        """Why a write could not start within `seconds`, or None (writes nothing)."""
+        return self.db.write_blocked(seconds)
 
-    @contextmanager
     def transaction(self):
-        """BEGIN IMMEDIATE ... COMMIT: one writer at a time, waiting its turn (busy timeout)."""
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.conn
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        self.conn.execute("COMMIT")
+        """One transaction (SQLite: BEGIN IMMEDIATE, one writer at a time, waiting its turn)."""
+        return self.db.transaction()
+
+    def db_now(self):
+        """The database's clock (epoch seconds): every host agrees on it (leases)."""
+        return self.db.now()
 
     # -- schema -----------------------------------------------------------------
 
     def version(self):
-        return self.conn.execute("PRAGMA user_version").fetchone()[0]
+        return self.db.version()
 
     def migrate(self):
-        """Create or upgrade the schema; safe to run again. Returns (version before, version after).
+        """Create or upgrade the schema; safe to run again, also from two hosts at once.
+        Returns (version before, version after).
 
         Raises:
             SmsbatchError: the database is newer than this smsbatch.
         """
-        # A step may rebuild a table that others reference: foreign keys are off while it
-        # runs (SQLite ignores this pragma inside a transaction) and checked before COMMIT.
-        self.conn.execute("PRAGMA foreign_keys = OFF")
-        try:
-            with self.transaction() as conn:
-                before = conn.execute("PRAGMA user_version").fetchone()[0]
-                if before > SCHEMA_VERSION:
-                    raise SmsbatchError(
-                        f"database schema version {before} is newer than this smsbatch ({SCHEMA_VERSION})")
-                if before == 0:
-                    for statement in _statements(resources.files("smsbatch").joinpath("schema.sql").read_text()):
-                        conn.execute(statement)
-                else:
-                    for version in range(before + 1, SCHEMA_VERSION + 1):
-                        for statement in migrations.STEPS[version]:
-                            conn.execute(statement)
-                broken = conn.execute("PRAGMA foreign_key_check").fetchone()
-                if broken:
-                    raise SmsbatchError(f"upgrade stopped: table {broken[0]} has a row whose {broken[2]} is missing")
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        finally:
-            self.conn.execute("PRAGMA foreign_keys = ON")
-        return before, SCHEMA_VERSION
+        return self.db.migrate(SCHEMA_VERSION), SCHEMA_VERSION
 
     def require_schema(self):
         """Raises: SmsbatchError when the database was never migrated."""
         version = self.version()
         if version > SCHEMA_VERSION:
-            raise SmsbatchError(f"database {self.path} has schema version {version}, newer than this smsbatch "
+            raise SmsbatchError(f"database {self.shown} has schema version {version}, newer than this smsbatch "
                                 f"({SCHEMA_VERSION}): upgrade smsbatch")
         if version != SCHEMA_VERSION:
-            raise SmsbatchError(f"database {self.path} is not ready: run `smsbatch migrate` first")
+            raise SmsbatchError(f"database {self.shown} is not ready: run `smsbatch migrate` first")
 
     # -- inbound ----------------------------------------------------------------
 
@@ -196,34 +144,58 @@ class Store(BatchLife, OperatorActions, OperatorReports):
         answer (the backfill) is stored in a batch of its own, expired at once. `answered`: a
         text found already answered (the backfill: our reply after it is in Twilio's log) is
         stored in a batch of its own, skipped at once, with this reason.
+
+        The text and its batch are one transaction, serialised per conversation by the
+        database (Database.conversation_lock; one open batch per conversation is also a
+        unique index). A MessageSid stored meanwhile by another writer (a second webhook,
+        the backfill) is a duplicate, never an error.
         """
         kind = carrier_kind or (batching.keyword_kind(body) if not media else None)
         scope = scope or our_number
-        with self.transaction() as conn:
-            seen = conn.execute("SELECT batch_id FROM messages WHERE sid = ?", (sid,)).fetchone()
-            if seen:
-                return Added(seen[0], True, kind or "text")
-            yes = body.strip().strip(".!").upper() == "YES"
-            if kind == "opt_in" and yes and not carrier_kind and not self._opted_out(conn, phone, scope):
-                kind = None  # "yes" answering the AI's question is a text, not a re-subscription
-            if kind:
-                batch_id = self._add_keyword(conn, phone, our_number, scope, body, received_at, kind)
-            elif answered:
-                batch_id = self._insert_batch(conn, phone, our_number, received_at, State.SKIPPED, None,
-                                              reason=answered)
-            elif expired:
-                batch_id = self._insert_batch(conn, phone, our_number, received_at, State.EXPIRED, None,
-                                              reason=LATE_REASON)
-            else:
-                urgent = batching.is_urgent(body, rules.urgent_keywords)
-                batch_id = self._join_open(conn, phone, our_number, received_at, urgent, rules)
-            conn.execute(
-                "INSERT INTO messages (sid, phone, our_number, body, media, kind, received_at, batch_id)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (sid, phone, our_number, body, json.dumps(list(media)) if media else None,
-                 kind or "text", received_at, batch_id),
-            )
+        try:
+            with self.transaction() as conn:
+                seen = self._lock_and_find(conn, phone, our_number, sid)
+                if seen:
+                    return Added(seen[0], True, kind or "text")
+                batch_id, kind = self._batch_for(conn, phone, our_number, scope, body, received_at, rules, kind,
+                                                 carrier_kind, expired, answered)
+                stored = conn.execute(
+                    "INSERT INTO messages (sid, phone, our_number, body, media, kind, received_at, batch_id)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (sid) DO NOTHING",
+                    (sid, phone, our_number, body, json.dumps(list(media)) if media else None,
+                     kind or "text", received_at, batch_id),
+                ).rowcount
+                if not stored:  # stored by another writer since the check: undo this transaction
+                    raise _Duplicate
+        except _Duplicate:
+            seen = self.conn.execute("SELECT batch_id FROM messages WHERE sid = ?", (sid,)).fetchone()
+            return Added(seen[0], True, kind or "text")
         return Added(batch_id, False, kind or "text")
+
+    def _lock_and_find(self, conn, phone, our_number, sid):
+        """Take the conversation's lock (Database.conversation_lock) and look for the sid, in
+        one statement. The look may miss a text another writer stored while this one waited
+        for the lock: the INSERT ... ON CONFLICT (sid) then finds it (see add_message)."""
+        lock = self.db.conversation_lock
+        if lock is None:
+            return conn.execute("SELECT batch_id FROM messages WHERE sid = ?", (sid,)).fetchone()
+        row = conn.execute(f"SELECT {lock}, (SELECT batch_id FROM messages WHERE sid = ?)",
+                           (phone, our_number, sid)).fetchone()
+        return None if row[1] is None else (row[1],)
+
+    def _batch_for(self, conn, phone, our_number, scope, body, at, rules, kind, carrier_kind, expired, answered):
+        """(The batch a new text goes in, opening or closing batches as needed; the text's kind)."""
+        yes = body.strip().strip(".!").upper() == "YES"
+        if kind == "opt_in" and yes and not carrier_kind and not self._opted_out(conn, phone, scope):
+            kind = None  # "yes" answering the AI's question is a text, not a re-subscription
+        if kind:
+            return self._add_keyword(conn, phone, our_number, scope, body, at, kind), kind
+        if answered:
+            return self._insert_batch(conn, phone, our_number, at, State.SKIPPED, None, reason=answered), kind
+        if expired:
+            return self._insert_batch(conn, phone, our_number, at, State.EXPIRED, None, reason=LATE_REASON), kind
+        urgent = batching.is_urgent(body, rules.urgent_keywords)
+        return self._join_open(conn, phone, our_number, at, urgent, rules), kind
 
     def _add_keyword(self, conn, phone, our_number, scope, body, at, kind):
         word = body.strip().upper()
@@ -240,9 +212,11 @@ class Store(BatchLife, OperatorActions, OperatorReports):
         )
 
     def _join_open(self, conn, phone, our_number, at, urgent, rules):
+        # Locked (PostgreSQL): a claim cannot close this batch between this read and the update.
         row = conn.execute(
             "SELECT b.id, b.first_at, b.last_at, b.message_count, b.urgent FROM conversations c"
-            " JOIN batches b ON b.id = c.open_batch WHERE c.phone = ? AND c.our_number = ? AND b.state = 'open'",
+            " JOIN batches b ON b.id = c.open_batch WHERE c.phone = ? AND c.our_number = ? AND b.state = 'open'"
+            + self.db.for_update,
             (phone, our_number),
         ).fetchone()
         quiet = self._quiet(conn, phone, at, rules)
@@ -260,7 +234,7 @@ class Store(BatchLife, OperatorActions, OperatorReports):
         count, urgent = row["message_count"] + 1, bool(row["urgent"]) or urgent
         conn.execute(
             "UPDATE batches SET message_count = ?, first_at = ?, last_at = ?, urgent = ?, due_at = ?,"
-            " quiet_seconds = ? WHERE id = ?",
+            " quiet_seconds = ? WHERE id = ? AND state = 'open'",
             (count, first, last, int(urgent), batching.due_at(rules, first, last, count, urgent, quiet),
              quiet, row["id"]),
         )
@@ -272,8 +246,7 @@ class Store(BatchLife, OperatorActions, OperatorReports):
         """The quiet period this person's next text would get now (fixed, or fitted to their pace)."""
         return self._quiet(self.conn, phone, now, rules)
 
-    @staticmethod
-    def _quiet(conn, phone, at, rules):
+    def _quiet(self, conn, phone, at, rules):
         """The quiet period after the phone's text at `at`: fixed, or (adaptive) fitted to the
         gaps between its latest texts up to `at` (batching.quiet_for). Reads at most
         `adaptive_window` index entries of messages_phone: no scan, whatever the history."""
@@ -281,8 +254,8 @@ class Store(BatchLife, OperatorActions, OperatorReports):
             return rules.quiet_seconds
         # One row for the whole window: half the cost of fetching its rows one by one.
         joined = conn.execute(
-            "SELECT group_concat(received_at) FROM (SELECT received_at FROM messages WHERE phone = ?"
-            " AND received_at <= ? ORDER BY received_at DESC LIMIT ?)", (phone, at, rules.adaptive_window - 1),
+            f"SELECT {self.db.group_concat('received_at')} FROM (SELECT received_at FROM messages WHERE phone = ?"
+            " AND received_at <= ? ORDER BY received_at DESC LIMIT ?) w", (phone, at, rules.adaptive_window - 1),
         ).fetchone()[0]
         times = list(map(float, joined.split(","))) if joined else []
         return batching.quiet_for(batching.gaps_between(times + [at]), rules)
@@ -291,18 +264,16 @@ class Store(BatchLife, OperatorActions, OperatorReports):
         final = due is None
         for _ in range(5):
             batch_id = new_id()
-            try:
-                conn.execute(
-                    "INSERT INTO batches (id, phone, our_number, state, message_count, first_at, last_at,"
-                    " urgent, due_at, last_error, completed_at, created_at, quiet_seconds)"
-                    " VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (batch_id, phone, our_number, state, at, at, int(urgent), due, reason if final else None,
-                     at if final else None, at, quiet),
-                )
+            # ON CONFLICT (id): a random id already taken is picked again, without an error
+            # (which would end a PostgreSQL transaction)
+            if conn.execute(
+                "INSERT INTO batches (id, phone, our_number, state, message_count, first_at, last_at,"
+                " urgent, due_at, last_error, completed_at, created_at, quiet_seconds)"
+                " VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                (batch_id, phone, our_number, state, at, at, int(urgent), due, reason if final else None,
+                 at if final else None, at, quiet),
+            ).rowcount:
                 break
-            except sqlite3.IntegrityError as exc:
-                if "batches.id" not in str(exc):
-                    raise
         else:
             raise SmsbatchError("could not pick a unique batch id")  # pragma: no cover
         self._record(conn, batch_id, at, None, state, reason or "first text")
@@ -320,14 +291,17 @@ class Store(BatchLife, OperatorActions, OperatorReports):
 
     def _move(self, conn, batch_id, to, now, reason, assignments="", values=(), claim=None, expect=None):
         """Move one batch to state `to` (with further column `assignments`), recorded in
-        batch_events. With `claim`/`expect`, only while that claim holds the batch and it
-        is in one of the `expect` states; returns False (nothing changed) otherwise.
+        batch_events: a compare-and-set on the state (and `claim`) read, checked by rowcount,
+        with the row locked (PostgreSQL) from the read to the update. With `claim`/`expect`,
+        only while that claim holds the batch and it is in one of the `expect` states;
+        returns False (nothing changed) otherwise, or if another writer moved it first.
 
         Raises:
             NotFound: no such batch.
             InvalidTransition: TRANSITIONS does not allow this move.
         """
-        row = conn.execute("SELECT state, claim FROM batches WHERE id = ?", (batch_id,)).fetchone()
+        row = conn.execute("SELECT state, claim FROM batches WHERE id = ?" + self.db.for_update,
+                           (batch_id,)).fetchone()
         if row is None:
             raise NotFound(f"no batch with id {batch_id!r}")
         if (claim is not None and row["claim"] != claim) or (expect is not None and row["state"] not in expect):
@@ -336,7 +310,11 @@ class Store(BatchLife, OperatorActions, OperatorReports):
         if to not in TRANSITIONS[current]:
             raise InvalidTransition(f"batch {batch_id} cannot move from {current.value} to {to.value}")
         extra = f", {assignments}" if assignments else ""
-        conn.execute(f"UPDATE batches SET state = ?{extra} WHERE id = ?", (to.value, *values, batch_id))
+        held = " AND claim = ?" if claim is not None else ""
+        moved = conn.execute(f"UPDATE batches SET state = ?{extra} WHERE id = ? AND state = ?{held}",
+                             (to.value, *values, batch_id, current.value, *([claim] if claim is not None else [])))
+        if moved.rowcount != 1:
+            return False  # another writer moved it since the read (SQLite: cannot happen, one writer)
         self._record(conn, batch_id, now, current, to, reason)
         return True
 
@@ -362,39 +340,53 @@ class Store(BatchLife, OperatorActions, OperatorReports):
         (its holder died); a sending one keeps its state so it is reconciled, not resent.
         Every claim counts as an attempt.
 
-        One batch per conversation at a time: a batch is not claimed while another batch
-        of the same person and number is in flight (lease still running) or an older one
-        is also due, so nobody gets two replies racing each other; the later texts fold
-        into the newer batch instead (begin_send).
+        One batch per conversation at a time, enforced by the database (the unique index
+        batches_one_claim): a batch is not claimed while another batch of the same person
+        and number holds a claim (a dead holder's is taken over first) or an older one is
+        also due, so nobody gets two replies racing each other; the later texts fold into
+        the newer batch instead (begin_send). Several processors claim at once without
+        waiting for each other (SKIP LOCKED on PostgreSQL); one that loses a race for a
+        conversation tries again and skips it.
         """
+        for attempt in range(3):
+            try:
+                with self.transaction() as conn:
+                    expired = self._expire(conn, now, max_age)
+                    return self._claim(conn, now, limit, lease, holder, node), expired
+            except StoreConflict:  # another processor claimed a batch of the same conversation
+                if attempt == 2:
+                    raise
+        return [], 0  # pragma: no cover
+
+    def _claim(self, conn, now, limit, lease, holder, node):
+        """Pick and claim (compare-and-set on each row's state, moves from CLAIM_MOVES)."""
+        picked = conn.execute(
+            f"SELECT seq, id, state, attempts FROM batches b WHERE state IN ({placeholders(CLAIMABLE)})"
+            " AND due_at <= ? AND NOT EXISTS (SELECT 1 FROM batches o"
+            " WHERE o.phone = b.phone AND o.our_number = b.our_number AND o.seq != b.seq"
+            f" AND o.state IN ({placeholders(PENDING)}) AND (o.claim IS NOT NULL"
+            " OR b.claim IS NULL AND o.due_at <= ? AND o.seq < b.seq))"
+            " ORDER BY due_at LIMIT ?" + self.db.skip_locked,
+            (*[x.value for x in CLAIMABLE], now, *[x.value for x in PENDING], now, limit),
+        ).fetchall()
+        if not picked:
+            return []
         token = secrets.token_hex(8)
-        with self.transaction() as conn:
-            expired = self._expire(conn, now, max_age)
-            pending = placeholders(PENDING)
-            candidates = conn.execute(
-                f"SELECT seq, id, state, attempts FROM batches b WHERE state IN ({placeholders(CLAIMABLE)})"
-                " AND due_at <= ? AND NOT EXISTS (SELECT 1 FROM batches o"
-                f" WHERE o.phone = b.phone AND o.our_number = b.our_number AND o.seq != b.seq"
-                f" AND o.state IN ({pending}) AND (o.due_at > ? AND o.state IN ('processing', 'sending')"
-                " AND o.claim IS NOT NULL OR o.due_at <= ? AND o.seq < b.seq))"
-                " ORDER BY due_at LIMIT ?",
-                (*[x.value for x in CLAIMABLE], now, *[x.value for x in PENDING], now, now, limit),
-            ).fetchall()
-            if not candidates:
-                return [], expired
-            rows = conn.execute(
-                "UPDATE batches SET claim = ?, due_at = ?, started_at = ?, claimed_at = coalesce(claimed_at, ?),"
-                " holder = ?, holder_node = ?, heartbeat_at = ?,"
-                " state = CASE state WHEN 'sending' THEN 'sending' ELSE 'processing' END,"
-                f" attempts = attempts + 1 WHERE seq IN ({placeholders(candidates)}) RETURNING *",
-                (token, now + lease, now, now, holder, node, now, *[c["seq"] for c in candidates]),
-            ).fetchall()
-            for c in candidates:
+        to_state = " ".join(f"WHEN '{s.value}' THEN '{t.value}'" for s, t in CLAIM_MOVES.items())
+        rows = conn.execute(
+            "UPDATE batches SET claim = ?, due_at = ?, started_at = ?, claimed_at = coalesce(claimed_at, ?),"
+            f" holder = ?, holder_node = ?, heartbeat_at = ?, state = CASE state {to_state} END,"
+            f" attempts = attempts + 1 WHERE {' OR '.join(['(seq = ? AND state = ?)'] * len(picked))} RETURNING *",
+            (token, now + lease, now, now, holder, node, now, *[v for c in picked for v in (c["seq"], c["state"])]),
+        ).fetchall()
+        claimed = {r["seq"] for r in rows}
+        for c in picked:
+            if c["seq"] in claimed:
                 taken_over = c["state"] in (State.PROCESSING, State.SENDING)
                 how = "lease ran out; taken over" if taken_over else "claimed"
-                to = State.SENDING if c["state"] == State.SENDING else State.PROCESSING
-                self._record(conn, c["id"], now, c["state"], to, f"{how} (attempt {c['attempts'] + 1})")
-        return [dict(r) for r in rows], expired
+                self._record(conn, c["id"], now, c["state"], CLAIM_MOVES[State(c["state"])],
+                             f"{how} (attempt {c['attempts'] + 1})")
+        return [dict(r) for r in rows]
 
     def renew_claims(self, claims, due, now):
         """Extend the leases of these claims to `due` (a heartbeat); returns the (claim, batch id)
@@ -438,14 +430,13 @@ class Store(BatchLife, OperatorActions, OperatorReports):
             # batches old enough to expire, not every due one (flat with a large backlog).
             "SELECT seq, id, state FROM batches WHERE state IN ('open', 'queued') AND +due_at <= ? AND last_at < ?"
             # a batch an operator requeued is answered, however old its texts
-            " AND retried_at IS NULL",
+            " AND retried_at IS NULL" + self.db.skip_locked,
             (now, now - max_age),
         ).fetchall()
         reason = "not answered: older than SMSBATCH_MAX_AGE_SECONDS"
-        for row in rows:
-            self._move(conn, row["id"], State.EXPIRED, now, reason,
-                       "due_at = NULL, claim = NULL, completed_at = ?, last_error = ?", (now, reason))
-        return len(rows)
+        return sum(self._move(conn, row["id"], State.EXPIRED, now, reason,
+                              "due_at = NULL, claim = NULL, completed_at = ?, last_error = ?", (now, reason),
+                              expect=("open", "queued")) for row in rows)
 
     def next_due(self):
         """The earliest due_at among pending batches, or None."""
@@ -453,27 +444,3 @@ class Store(BatchLife, OperatorActions, OperatorReports):
             "SELECT min(due_at) FROM batches WHERE state IN ('open', 'queued', 'processing', 'sending')"
         ).fetchone()
         return row[0]
-
-
-def _statements(script):
-    """Split a schema script into statements (sqlite3.complete_statement knows where they end)."""
-    statement = ""
-    for line in script.splitlines(keepends=True):
-        statement += line
-        if sqlite3.complete_statement(statement):
-            if statement.strip():
-                yield statement.strip()
-            statement = ""
-
-
-def _create_private(path):
-    """Create the database file readable by its owner only, before SQLite opens it."""
-    if path == ":memory:" or os.path.exists(path):
-        return
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise SmsbatchError(f"cannot create database {path}: folder {directory} does not exist")
-    try:
-        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-    except OSError as exc:
-        raise SmsbatchError(f"cannot create database {path}: {exc.strerror}") from None

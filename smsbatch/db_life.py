@@ -61,7 +61,7 @@ class BatchLife:
         """Record that `phone` opted out of `scope` (Twilio's 21610 says so)."""
         with self.transaction() as conn:
             conn.execute(
-                "INSERT OR IGNORE INTO opt_outs (phone, scope, since, keyword) VALUES (?, ?, ?, ?)",
+                "INSERT INTO opt_outs (phone, scope, since, keyword) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 (phone, scope, now, keyword),
             )
 
@@ -95,7 +95,7 @@ class BatchLife:
                 # closed by max messages is not held back by texts that were already waiting).
                 newer = conn.execute(
                     "SELECT * FROM batches WHERE phone = ? AND our_number = ? AND state IN ('open', 'queued')"
-                    " AND seq > ? AND created_at >= ? ORDER BY seq LIMIT 1",
+                    " AND seq > ? AND created_at >= ? ORDER BY seq LIMIT 1" + self.db.for_update,
                     (batch["phone"], batch["our_number"], batch["seq"], batch["claimed_at"]),
                 ).fetchone()
                 if newer:
@@ -120,7 +120,7 @@ class BatchLife:
             return False
         answered = conn.execute(
             "SELECT * FROM batches WHERE phone = ? AND our_number = ? AND seq > ? AND state IN ('sending', 'sent')"
-            " ORDER BY seq DESC LIMIT 1",
+            " ORDER BY seq DESC LIMIT 1" + self.db.for_update,
             (batch["phone"], batch["our_number"], batch["seq"]),
         ).fetchone()
         if answered is None or not self._in_prompt_of(conn, batch, answered, settings.history_messages):
@@ -150,7 +150,7 @@ class BatchLife:
             due = batching.due_at(rules, first, newer["last_at"], count, urgent, newer["quiet_seconds"])
         conn.execute(
             "UPDATE batches SET message_count = ?, first_at = ?, urgent = ?, due_at = ?,"
-            " fold_depth = max(fold_depth, ?) WHERE id = ?",
+            f" fold_depth = {self.db.greatest('fold_depth', '?')} WHERE id = ?",
             (count, first, int(urgent), due, batch["fold_depth"] + 1, newer["id"]),
         )
         self._record(conn, newer["id"], now, newer["state"], newer["state"],
@@ -212,7 +212,10 @@ class BatchLife:
                                      "due_at = ?, last_error = ?", (due, error), (State.SENDING,))
 
     def _holds(self, conn, batch, state):
-        row = conn.execute("SELECT state, claim FROM batches WHERE id = ?", (batch["id"],)).fetchone()
+        """Does this processor's claim still hold the batch, in `state`? The row stays locked
+        (PostgreSQL) until the transaction ends, so what is decided on it cannot go stale."""
+        row = conn.execute("SELECT state, claim FROM batches WHERE id = ?" + self.db.for_update,
+                           (batch["id"],)).fetchone()
         return row is not None and row["claim"] == batch["claim"] and row["state"] == state
 
     # -- backfill ---------------------------------------------------------------
@@ -238,7 +241,7 @@ class BatchLife:
         """Take the backfill's turn if nobody took it in the last `every` seconds (across
         every processor). Returns (True, checked_until) when the turn is ours, else (False, None)."""
         with self.transaction() as conn:
-            conn.execute("INSERT OR IGNORE INTO backfill (id) VALUES (1)")
+            conn.execute("INSERT INTO backfill (id) VALUES (1) ON CONFLICT DO NOTHING")
             taken = conn.execute(
                 "UPDATE backfill SET claimed_at = ? WHERE id = 1 AND (claimed_at IS NULL OR claimed_at <= ?"
                 " OR claimed_at > ?) RETURNING checked_until", (now, now - every, now)).fetchone()
@@ -247,5 +250,5 @@ class BatchLife:
     def finish_backfill(self, until):
         """Record that Twilio's log was searched up to `until`."""
         with self.transaction() as conn:
-            conn.execute("UPDATE backfill SET checked_until = max(coalesce(checked_until, 0), ?) WHERE id = 1",
-                         (until,))
+            conn.execute(f"UPDATE backfill SET checked_until = {self.db.greatest('coalesce(checked_until, 0)', '?')}"
+                         " WHERE id = 1", (until,))

@@ -1,10 +1,8 @@
 """Operators' actions on the store: retry, hold and release, replies by hand, prune, backup."""
 
-import sqlite3
-
 from smsbatch import batching, segments
 from smsbatch.errors import InvalidTransition, NotFound, SmsbatchError
-from smsbatch.states import FINAL, PENDING, RETRYABLE, State, placeholders
+from smsbatch.states import FINAL, PENDING, RETRYABLE, State, placeholders, retry_refusal
 
 
 class OperatorActions:
@@ -28,26 +26,28 @@ class OperatorActions:
             InvalidTransition: the batch went out, is pending, or only holds a keyword.
         """
         with self.transaction() as conn:
-            batch = self.get_batch(batch_id)
-            state = State(batch["state"])
-            if state not in RETRYABLE:
-                raise InvalidTransition(_why_not_retryable(batch))
-            keyword = conn.execute(
-                "SELECT 1 FROM messages WHERE batch_id = ? AND kind != 'text'", (batch_id,)
-            ).fetchone()
-            if keyword:
-                raise InvalidTransition(f"batch {batch_id} holds an opt-out/opt-in keyword; nothing to answer")
-            if fresh and state == State.UNKNOWN:
-                # Its reply may have gone out: only the stored reply can be looked up in Twilio's
-                # log before sending, so a fresh one could reach the person as a second reply.
-                raise InvalidTransition(f"batch {batch_id} is unknown: its reply may already have been sent; "
-                                        "retry it without --fresh (Twilio's log is checked first)")
+            batch = self._locked_batch(conn, batch_id)
+            why = retry_refusal(batch, self._holds_keyword(conn, batch_id), fresh)
+            if why:
+                raise InvalidTransition(why)
             fresh_note = "; its stored reply is dropped (--fresh)" if fresh else ""
             self._move(conn, batch_id, State.QUEUED, now, f"requeued by an operator (smsbatch retry){fresh_note}",
                        "due_at = ?, attempts = 0, claim = NULL, last_error = NULL, completed_at = NULL,"
-                       " retried_at = ?, response_text = CASE WHEN ? THEN NULL ELSE response_text END",
-                       (now, now, int(fresh)))
+                       " retried_at = ?, response_text = CASE WHEN ? = 1 THEN NULL ELSE response_text END",
+                       (now, now, int(fresh)), expect=[s.value for s in RETRYABLE])
         return self.get_batch(batch_id)
+
+    @staticmethod
+    def _holds_keyword(conn, batch_id):
+        return conn.execute("SELECT 1 FROM messages WHERE batch_id = ? AND kind != 'text'",
+                            (batch_id,)).fetchone() is not None
+
+    def _locked_batch(self, conn, batch_id):
+        """The batch's row, locked (PostgreSQL) until the transaction ends. Raises: NotFound."""
+        row = conn.execute("SELECT * FROM batches WHERE id = ?" + self.db.for_update, (batch_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no batch with id {batch_id!r}")
+        return dict(row)
 
     def status(self, now, latest=10):
         """Counts by state, oldest pending age, latest batches, texts in the last hour."""
@@ -96,55 +96,34 @@ class OperatorActions:
         """Take the write lock and let it go, writing nothing.
 
         Raises:
-            sqlite3.OperationalError: the file or its folder is read-only, or the lock is held too long.
+            StoreError: the file or its folder is read-only, the lock is held too long, or
+            (PostgreSQL) the server refuses.
         """
-        with self.transaction():
-            pass
+        self.db.check_writable()
 
     def copy_to(self, path):
-        """Copy the whole database, WAL included, into the empty file at `path` with SQLite's
-        backup API: one consistent snapshot, taken in one step so writers are not blocked (WAL)
-        and the copy never mixes two moments. The copy is one self-contained file (no -wal).
-        Returns counts of what it holds.
+        """Copy the whole SQLite database into the empty file at `path` (see
+        engine_sqlite.Database.copy_to); returns counts of what it holds.
 
         Raises:
-            SmsbatchError: the copy fails its integrity check.
+            SmsbatchError: the copy fails its integrity check, or this is PostgreSQL (pg_dump).
         """
-        target = sqlite3.connect(path, isolation_level=None)
-        try:
-            self.conn.backup(target, pages=-1)
-            target.execute("PRAGMA journal_mode = DELETE").fetchall()
-            verdict = target.execute("PRAGMA quick_check").fetchone()[0]
-            if verdict != "ok":
-                raise SmsbatchError(f"the copy at {path} failed its integrity check: {verdict}")
-            return {"version": target.execute("PRAGMA user_version").fetchone()[0],
-                    "texts": target.execute("SELECT count(*) FROM messages").fetchone()[0],
-                    "batches": target.execute("SELECT count(*) FROM batches").fetchone()[0]}
-        finally:
-            target.close()
+        return self.db.copy_to(path)
 
     def space(self):
-        """How big the database is and how much of it is free (pages a prune emptied, which
-        new rows reuse but the file keeps): {"bytes", "free_bytes"}."""
-        size = self.conn.execute("PRAGMA page_size").fetchone()[0]
-        pages = self.conn.execute("PRAGMA page_count").fetchone()[0]
-        free = self.conn.execute("PRAGMA freelist_count").fetchone()[0]
-        return {"bytes": pages * size, "free_bytes": free * size}
+        """How big the database is and how much of it is free: {"bytes", "free_bytes"}
+        (the engine's measure: engine_sqlite / engine_pg Database.space)."""
+        return self.db.space()
 
     def reclaim_space(self):
-        """Give the free pages back to the file system: SQLite's VACUUM rewrites the database
-        into a new file without them, then a checkpoint empties the WAL into it and truncates
-        both. It needs free disk of about the database's size while it runs, and holds the
-        write lock for its duration (incoming texts wait, up to the busy timeout). Incremental
-        vacuum would not: but it needs auto_vacuum set before the tables were made (or one
-        VACUUM first) and leaves the file fragmented. Returns space() after.
+        """Give the space a prune freed back (SQLite: VACUUM, which needs free disk of about the
+        database's size and holds the write lock while it runs; PostgreSQL: VACUUM of each table,
+        which marks it reusable without locking). Returns space() after.
 
         Raises:
-            sqlite3.OperationalError: not enough disk, or the lock not had within the busy timeout.
+            StoreError: not enough disk, or the lock not had within the busy timeout.
         """
-        self.conn.execute("VACUUM")
-        self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-        return self.space()
+        return self.db.reclaim_space()
 
     def retry_refusal(self, batch_id):
         """Why `retry` would refuse this batch, or None if it can be requeued.
@@ -153,10 +132,9 @@ class OperatorActions:
             NotFound: no such batch.
         """
         batch = self.get_batch(batch_id)
-        if State(batch["state"]) not in RETRYABLE:
-            return _why_not_retryable(batch)
-        if self.conn.execute("SELECT 1 FROM messages WHERE batch_id = ? AND kind != 'text'", (batch_id,)).fetchone():
-            return f"batch {batch_id} holds an opt-out/opt-in keyword; nothing to answer"
+        why = retry_refusal(batch, self._holds_keyword(self.conn, batch_id))
+        if why:
+            return why
         if self._on_hold(self.conn, batch["phone"]):
             return (f"batch {batch_id}: {batch['phone']} is on hold; `smsbatch release {batch['phone']}` first "
                     "(--answer-pending answers what came meanwhile)")
@@ -219,13 +197,14 @@ class OperatorActions:
             NotFound: the person is not on hold.
         """
         with self.transaction() as conn:
-            hold = self._on_hold(conn, phone)
+            # DELETE ... RETURNING: of two releases at once, one ends the hold, the other finds none
+            hold = conn.execute("DELETE FROM holds WHERE phone = ? RETURNING phone, since, reason",
+                                (phone,)).fetchone()
             if hold is None:
                 raise NotFound(f"{phone} is not on hold")
-            conn.execute("DELETE FROM holds WHERE phone = ?", (phone,))
             self._hold_waiting(conn, "phone", phone, hold, now)
             held = conn.execute("SELECT * FROM batches WHERE phone = ? AND state = 'held' AND completed_at >= ?"
-                                " ORDER BY seq", (phone, hold["since"])).fetchall()
+                                " ORDER BY seq" + self.db.for_update, (phone, hold["since"])).fetchall()
             requeued = self._answer_held(conn, held, now) if answer_pending else []
             texts = sum(r["message_count"] for r in held)
             what = f"{texts} text(s) that came meanwhile " + ("answered" if answer_pending else "not answered")
@@ -239,13 +218,15 @@ class OperatorActions:
         like the others: answered only if the operator asks (--answer-pending)."""
         assert column in ("phone", "our_number")  # a name of ours, never input
         waiting = conn.execute(f"SELECT id FROM batches WHERE {column} = ? AND state IN ('open', 'queued')"
-                               " AND created_at >= ? ORDER BY seq", (value, hold["since"])).fetchall()
+                               " AND created_at >= ? ORDER BY seq" + self.db.for_update,
+                               (value, hold["since"])).fetchall()
         why = f": {hold['reason']}" if hold["reason"] else ""
         during = "on hold" if column == "phone" else f"our number {value} was paused"
         reason = f"came while {during}, not answered at its release (smsbatch retry to answer it){why}"
-        for row in waiting:
+        for row in waiting:  # a claim that came first leaves its batch to begin_send, which sees the hold
             self._move(conn, row["id"], State.HELD, now, reason,
-                       "due_at = NULL, claim = NULL, completed_at = ?, last_error = ?", (now, reason))
+                       "due_at = NULL, claim = NULL, completed_at = ?, last_error = ?", (now, reason),
+                       expect=("open", "queued"))
 
     def _answer_held(self, conn, held, now):
         newest = {(row["phone"], row["our_number"]): row for row in held}  # one reply per conversation
@@ -292,13 +273,14 @@ class OperatorActions:
             NotFound: the number is not paused.
         """
         with self.transaction() as conn:
-            hold = self._number_on_hold(conn, number)
+            # DELETE ... RETURNING: of two releases at once, one ends the pause, the other finds none
+            hold = conn.execute("DELETE FROM number_holds WHERE number = ? RETURNING number, since, reason",
+                                (number,)).fetchone()
             if hold is None:
                 raise NotFound(f"our number {number} is not paused")
-            conn.execute("DELETE FROM number_holds WHERE number = ?", (number,))
             self._hold_waiting(conn, "our_number", number, hold, now)
             held = conn.execute("SELECT * FROM batches WHERE our_number = ? AND state = 'held' AND completed_at >= ?"
-                                " ORDER BY seq", (number, hold["since"])).fetchall()
+                                " ORDER BY seq" + self.db.for_update, (number, hold["since"])).fetchall()
             free = [row for row in held if self._on_hold(conn, row["phone"]) is None]
             requeued = self._answer_held(conn, free, now) if answer_pending else []
         return dict(hold) | {"held_batches": len(held), "held_texts": sum(r["message_count"] for r in held)}, requeued
@@ -328,19 +310,17 @@ class OperatorActions:
         """
         totals = dict.fromkeys(("batches", "texts", "events", "replies", "manual_replies"), 0)
         if dry_run:
-            self.conn.execute("BEGIN")  # one snapshot to count in; nothing is written
-            try:
-                doomed = self._prunable(self.conn, cutoff, None)
+            with self.db.snapshot() as conn:  # one snapshot to count in; nothing is written
+                doomed = self._prunable(conn, cutoff, None)
                 for i in range(0, len(doomed), chunk):
-                    _add(totals, self._prune_counts(self.conn, doomed[i:i + chunk]))
-                totals["manual_replies"] = self.conn.execute(
+                    _add(totals, self._prune_counts(conn, doomed[i:i + chunk]))
+                totals["manual_replies"] = conn.execute(
                     f"SELECT count(*) FROM outbound WHERE {_MANUAL_PRUNABLE}", (cutoff,)).fetchone()[0]
-            finally:
-                self.conn.execute("ROLLBACK")
             return totals
         while limit is None or totals["batches"] < limit:
             with self.transaction() as conn:
-                doomed = self._prunable(conn, cutoff, chunk if limit is None else min(chunk, limit - totals["batches"]))
+                doomed = self._prunable(conn, cutoff, chunk if limit is None else min(chunk, limit - totals["batches"]),
+                                        self.db.for_update)
                 _add(totals, self._prune_counts(conn, doomed))
                 self._delete_batches(conn, doomed)
             if not doomed:
@@ -351,14 +331,16 @@ class OperatorActions:
         return totals
 
     @staticmethod
-    def _prunable(conn, cutoff, limit):
-        """Ids of finished batches older than `cutoff` that no kept batch points at (superseded_by)."""
+    def _prunable(conn, cutoff, limit, lock=""):
+        """Ids of finished batches older than `cutoff` that no kept batch points at (superseded_by).
+        With `lock` (FOR UPDATE), the rows stay locked until the deletion: a batch an operator
+        retries meanwhile is either retried after the prune (gone: NotFound) or kept."""
         finished = [s.value for s in FINAL]
         rows = conn.execute(
             f"SELECT id FROM batches WHERE state IN ({placeholders(finished)}) AND last_at < ?"
             " AND coalesce(completed_at, last_at) < ? AND coalesce(retried_at, 0) < ?"
             " AND phone NOT IN (SELECT phone FROM holds) AND phone NOT IN (SELECT phone FROM opt_outs)"
-            + (" LIMIT ?" if limit else ""), (*finished, cutoff, cutoff, cutoff, *([limit] if limit else [])))
+            + (" LIMIT ?" if limit else "") + lock, (*finished, cutoff, cutoff, cutoff, *([limit] if limit else [])))
         doomed = {r[0] for r in rows}
         while doomed:  # a kept batch folded into a doomed one keeps it (and what it points at)
             kept = set()
@@ -384,6 +366,7 @@ class OperatorActions:
 
     @staticmethod
     def _delete_batches(conn, ids):
+        """Delete these finished batches and what hangs on them (locked by _prunable)."""
         if not ids:
             return
         marks = placeholders(ids)
@@ -418,11 +401,3 @@ def held_reason(hold, when=""):
         return f"our number {hold['number']} paused{when} (smsbatch release --number {hold['number']} to end it){why}"
     return f"on hold{when} (smsbatch release to end it){why}"
 
-
-def _why_not_retryable(batch):
-    state = batch["state"]
-    if state == State.SENT:
-        return f"batch {batch['id']} was already sent ({batch['provider_sid']}); not sending it twice"
-    if state == State.SUPERSEDED:
-        return f"batch {batch['id']} was folded into batch {batch['superseded_by']}; retry that one"
-    return f"batch {batch['id']} is {state}, already waiting to be answered"

@@ -2,7 +2,7 @@
 
 import json
 
-from smsbatch import delivery
+from smsbatch import delivery, outages
 from smsbatch.states import PENDING, placeholders
 
 NO_RECEIPT = "no_receipt"  # a reply Twilio has sent no status for yet
@@ -45,12 +45,13 @@ class OperatorReports:
         """Record Twilio's latest MessageStatus (and ErrorCode) of a reply we sent, unless it
         would move the reply backwards. Returns False for a SID we never sent (ignored)."""
         with self.transaction() as conn:
-            row = conn.execute("SELECT status FROM outbound WHERE sid = ?", (sid,)).fetchone()
+            # locked (PostgreSQL): of two receipts at once the second waits and compares with the first
+            row = conn.execute("SELECT status FROM outbound WHERE sid = ?" + self.db.for_update, (sid,)).fetchone()
             if row is None:
                 return False
-            if delivery.moves_forward(row["status"], status):
-                conn.execute("UPDATE outbound SET status = ?, error_code = ?, status_at = ? WHERE sid = ?",
-                             (status, error_code, at, sid))
+            if delivery.moves_forward(row["status"], status):  # compare-and-set on the status read
+                conn.execute("UPDATE outbound SET status = ?, error_code = ?, status_at = ? WHERE sid = ?"
+                             " AND coalesce(status, '') = ?", (status, error_code, at, sid, row["status"] or ""))
             return True
 
     def deliveries_to_check(self, now, limit):
@@ -118,9 +119,10 @@ class OperatorReports:
         with self.transaction() as conn:
             conn.executemany(
                 "INSERT INTO rejections (minute, count, last_at, last_url) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT (minute) DO UPDATE SET count = count + excluded.count,"
-                " last_at = max(last_at, excluded.last_at),"
-                " last_url = CASE WHEN excluded.last_at >= last_at THEN excluded.last_url ELSE last_url END",
+                " ON CONFLICT (minute) DO UPDATE SET count = rejections.count + excluded.count,"
+                f" last_at = {self.db.greatest('rejections.last_at', 'excluded.last_at')},"
+                " last_url = CASE WHEN excluded.last_at >= rejections.last_at THEN excluded.last_url"
+                " ELSE rejections.last_url END",
                 rows,
             )
             conn.execute("DELETE FROM rejections WHERE minute < ?", (int((now - REJECTIONS_KEPT_SECONDS) // 60),))
@@ -162,24 +164,25 @@ class OperatorReports:
         if error is None and self._healthy_lately(provider, now):
             return None  # the common case costs a read, not a write
         with self.transaction() as conn:
-            row = conn.execute("SELECT * FROM provider_health WHERE provider = ?", (provider,)).fetchone()
+            # locked (PostgreSQL): of several processors failing at once, one announces the outage
+            row = conn.execute("SELECT * FROM provider_health WHERE provider = ?" + self.db.for_update,
+                               (provider,)).fetchone()
             row = dict(row) if row else {"provider": provider, "failing_since": None, "alerted_at": None}
+            changes, event = outages.after_call(row, now, error, alert_after)
             if error is None:
                 conn.execute(
                     "INSERT INTO provider_health (provider, last_ok_at) VALUES (?, ?) ON CONFLICT (provider)"
                     " DO UPDATE SET failing_since = NULL, alerted_at = NULL, last_ok_at = excluded.last_ok_at",
                     (provider, now))
-                return ("recovered", row) if row["alerted_at"] is not None else None
-            since = row["failing_since"] if row["failing_since"] is not None else now
-            alert = row["alerted_at"] is None and now - since >= alert_after
+                return (event, row) if event else None
             conn.execute(
                 "INSERT INTO provider_health (provider, failing_since, last_failure_at, last_error, alerted_at)"
                 " VALUES (?, ?, ?, ?, ?) ON CONFLICT (provider) DO UPDATE SET failing_since ="
                 " excluded.failing_since, last_failure_at = excluded.last_failure_at,"
                 " last_error = excluded.last_error, alerted_at = excluded.alerted_at",
-                (provider, since, now, error, now if alert else row["alerted_at"]))
-            row.update(failing_since=since, last_failure_at=now, last_error=error)
-            return ("outage", row) if alert else None
+                (provider, changes["failing_since"], now, error, changes["alerted_at"]))
+            row.update(failing_since=changes["failing_since"], last_failure_at=now, last_error=error)
+            return (event, row) if event else None
 
     def _healthy_lately(self, provider, now, within=60.0):
         row = self.conn.execute(
@@ -313,14 +316,11 @@ class OperatorReports:
         }
 
     def metrics_snapshot(self, now):
-        """Everything /metrics reads, from one read snapshot (a deferred transaction never takes
-        the write lock): metrics_counts, health, provider health, last activity, bad signatures."""
-        self.conn.execute("BEGIN")
-        try:
+        """Everything /metrics reads, from one read snapshot (read-only: it never takes the write
+        lock): metrics_counts, health, provider health, last activity, bad signatures."""
+        with self.db.snapshot():
             return {"counts": self.metrics_counts(), "health": self.health(now), "providers": self.provider_health(),
                     "activity": self.last_activity(), "rejected": self.rejected_signatures(now)["rejected_signatures"]}
-        finally:
-            self.conn.execute("COMMIT")
 
     def waiting_unclaimed(self, now, after):
         """Batches that have been due for `after` seconds or more with no processor acting on

@@ -1,9 +1,9 @@
 """Storing texts from the command line: one, or many from a JSONL trace."""
 
-import sqlite3
 import time
 
 from smsbatch.batching import Rules, opt_out_scope
+from smsbatch.engine import StoreConflict
 from smsbatch.errors import InvalidInput
 from smsbatch.inputs import check_body, check_not_future, derived_sid, parse_record
 
@@ -51,7 +51,7 @@ def ingest_lines(store, lines, settings, now=None):
             scope = opt_out_scope(r["our_number"], settings.twilio_messaging_service_sid)
             added = store.add_message(r["sid"], r["phone"], r["our_number"], r["body"], r["at"], rules,
                                       scope=scope)
-        except sqlite3.IntegrityError as exc:  # the line is bad; the file goes on
+        except StoreConflict as exc:  # the line is bad; the file goes on
             errors.append((number, f"not stored: {exc}"))
             continue
         duplicates += added.duplicate

@@ -1,11 +1,15 @@
 """Schema migrations: frozen steps that bring an older database to the current schema.
 
-A new database is made from schema.sql in one go. An existing one is at the version in
-PRAGMA user_version, and every step above it runs in order, in one transaction with
+A new SQLite database is made from schema.sql in one go. An existing one is at the version
+in PRAGMA user_version, and every step above it runs in order, in one transaction with
 foreign keys off (a step may rebuild a table). Steps are frozen: once released, a step
 is never edited, because databases in the field have already run it; a later change
 gets a new step (and the same change in schema.sql). tests/test_migrations.py builds
 a version-1 database, upgrades it, and checks it against a fresh one.
+
+PostgreSQL starts from schema_pg.sql, version 9 (PG_BASELINE) in meaning, and goes up by
+the `postgres` statements of every later Step; its version is in the schema_version table.
+A new step must be a Step, written for both engines.
 """
 
 # Version 1 (the first release) had: batches (state without 'held'), phones (one open
@@ -205,26 +209,68 @@ V9 = (
     )""",
 )
 
-V10 = (
-    # Business numbers paused by an operator (`smsbatch hold --number`): texts to them are
-    # stored, their batches end held, until `release --number`.
-    """CREATE TABLE number_holds (
+
+class Step:
+    """A schema step written for both engines (steps from 10 on): `sqlite` and `postgres`
+    are the statements that bring version - 1 to it on each. Steps 2-9 are plain tuples:
+    SQLite only, since PostgreSQL starts at version 9 (schema_pg.sql, PG_BASELINE)."""
+
+    def __init__(self, sqlite, postgres):
+        self.sqlite, self.postgres = tuple(sqlite), tuple(postgres)
+
+
+# Version 10, issue 14: exclusion lives in the database, for several writers on any engine.
+# One open batch per conversation (texts join it, under the conversation's lock), and at
+# most one claim per conversation (one batch in flight: no two replies racing each other).
+# An older database could hold a second open batch or a second claim of a conversation
+# (a stale claim); an open batch its conversation does not point at is closed (queued,
+# answered as usual: texts join the one it points at) and the later claims dropped (their batches are claimed again when due) before the indexes go up.
+_V10 = (
+    "UPDATE batches SET state = 'queued' WHERE state = 'open' AND id NOT IN (SELECT open_batch FROM conversations)",
+    "UPDATE batches SET claim = NULL WHERE claim IS NOT NULL AND seq NOT IN"
+    " (SELECT min(seq) FROM batches WHERE claim IS NOT NULL GROUP BY phone, our_number)",
+    "CREATE UNIQUE INDEX batches_one_open ON batches(phone, our_number) WHERE state = 'open'",
+    "CREATE UNIQUE INDEX batches_one_claim ON batches(phone, our_number) WHERE claim IS NOT NULL",
+)
+
+
+def _v10_tables(real):
+    """Step 10's new tables, with the engine's type for epoch seconds."""
+    return (
+        # Business numbers paused by an operator (`smsbatch hold --number`): texts to them are
+        # stored, their batches end held, until `release --number`.
+        f"""CREATE TABLE number_holds (
         number  TEXT PRIMARY KEY,
-        since   REAL NOT NULL,
+        since   {real} NOT NULL,
         reason  TEXT
     )""",
-    # Alerts sent once per episode (SMSBATCH_ALERT_WEBHOOK_URL), whichever process notices first.
-    """CREATE TABLE alerts (
+        # Alerts sent once per episode (SMSBATCH_ALERT_WEBHOOK_URL), whichever process notices first.
+        f"""CREATE TABLE alerts (
         event    TEXT PRIMARY KEY,
-        episode  REAL NOT NULL,
-        sent_at  REAL NOT NULL
+        episode  {real} NOT NULL,
+        sent_at  {real} NOT NULL
     )""",
-    # /metrics reads totals on every scrape: covering indexes keep that to a few ms on 50,000
-    # texts (bench/bench_metrics.py) instead of scans of rows that hold prompts and bodies.
-    "CREATE INDEX batches_usage ON batches(state, first_at, ai_requests, prompt_tokens, completion_tokens)",
-    "CREATE INDEX messages_number ON messages(our_number)",
-    "CREATE INDEX outbound_billing ON outbound(status, encoding, price_unit, segments, price)",
-)
+        # /metrics reads totals on every scrape: covering indexes keep that to a few ms on 50,000
+        # texts (bench/bench_metrics.py) instead of scans of rows that hold prompts and bodies.
+        "CREATE INDEX batches_usage ON batches(state, first_at, ai_requests, prompt_tokens, completion_tokens)",
+        "CREATE INDEX messages_number ON messages(our_number)",
+        "CREATE INDEX outbound_billing ON outbound(status, encoding, price_unit, segments, price)",
+    )
+
+
+V10 = Step(sqlite=_V10 + _v10_tables("REAL"), postgres=_V10 + _v10_tables("double precision"))
 
 STEPS = {2: V2, 3: V3, 4: V4, 5: V5, 6: V6, 7: V7, 8: V8, 9: V9, 10: V10}
 LATEST = max(STEPS)
+PG_BASELINE = 9  # schema_pg.sql: today's schema at version 9; later steps carry a `postgres` variant
+
+
+def sqlite_step(version):
+    """The statements of step `version` on SQLite."""
+    step = STEPS[version]
+    return step.sqlite if isinstance(step, Step) else step
+
+
+def postgres_step(version):
+    """The statements of step `version` on PostgreSQL (only steps after PG_BASELINE have them)."""
+    return STEPS[version].postgres

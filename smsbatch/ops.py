@@ -9,6 +9,7 @@ import secrets
 import stat
 
 from smsbatch.db import Store
+from smsbatch.engine import is_postgres
 from smsbatch.errors import SmsbatchError
 from smsbatch.files import check_target
 
@@ -26,6 +27,9 @@ def backup(db_path, dest, force=False):
         SmsbatchError: no database, `dest` refused (files.check_target) or exists (without
             `force`), or its folder cannot be written.
     """
+    if is_postgres(db_path):
+        raise SmsbatchError("backup copies an SQLite file; for PostgreSQL use pg_dump "
+                            "(e.g. pg_dump -Fc -f smsbatch.dump DBNAME), which is consistent while smsbatch runs")
     if not os.path.exists(db_path):
         raise SmsbatchError(f"database {db_path} does not exist")
     check_target(dest, db_path)

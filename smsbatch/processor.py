@@ -21,10 +21,11 @@ from smsbatch.alerts import Alerter
 from smsbatch.config import FAULT_POINT
 from smsbatch.db import State, Store
 from smsbatch.db_ops import held_reason
+from smsbatch.engine import StoreBusy, StoreError, StoreUnavailable
 from smsbatch.errors import (CannotReconcile, ConfigError, DeliveryError, InvalidInput, LeaseLost, hide_numbers,
                              redact, visible)
 from smsbatch.inputs import check_phone, iso_time
-from smsbatch.lease import Leases
+from smsbatch.lease import Leases, calibrate
 
 log = logging.getLogger("smsbatch.processor")
 POLL_SECONDS = 1.0  # with --for, new work is picked up within about this long
@@ -143,6 +144,7 @@ class Processor:
         self.usage = ai.Usage()  # what the AI calls of this processor cost, so far
         self._usage_lock = threading.Lock()
         self.alerter = alerter or Alerter.for_settings(settings)  # SMSBATCH_ALERT_WEBHOOK_URL
+        self._next_due = 0.0  # the earliest due_at the last claim saw; None: nothing pending
 
     def store(self):
         if not hasattr(self._local, "store"):
@@ -365,6 +367,10 @@ class Processor:
         batch to its lease (retried later) rather than half-finished."""
         try:
             return self.handle(batch)
+        except (StoreUnavailable, StoreBusy) as exc:  # not a bug: the database is away or busy
+            log.warning("batch %s: the database could not be written (%s); the batch is left to its lease, "
+                        "then taken up again", batch["id"], exc)
+            return "error"
         except Exception:
             # Redacted like provider errors: an exception's text may quote a secret or a number.
             trace = hide_numbers(redact(traceback.format_exc(), self.settings.secrets()))
@@ -377,7 +383,14 @@ class Processor:
     def claim(self, limit):
         """Claim up to `limit` due batches now, leases tracked (and renewed while `run` runs).
         Returns (rows, expired count)."""
-        confirmed, store, now = time.monotonic(), self.store(), self.clock()
+        store = self.store()
+        calibrate(self.clock, store)
+        confirmed, now = time.monotonic(), self.clock()
+        # One cheap read first: with nothing pending (an idle processor) it is the only query
+        # of the round, so idling costs about one query a second (POLL_SECONDS).
+        self._next_due = store.next_due()
+        if self._next_due is None:
+            return [], 0
         self.leases.free_dead(store, now)
         rows, expired = store.claim_due(now, limit, self.leases.lease, self.settings.max_age_seconds,
                                         holder=self.leases.holder, node=self.leases.node)
@@ -394,13 +407,17 @@ class Processor:
         stop = stop or threading.Event()
         report = RunReport(paused=not self.settings.enabled)
         host = self.leases.holder.rsplit(":", 1)[0]
+        calibrate(self.clock, self.store(), force=True)
         self.store().note_run(host, self.clock())
         try:
             if report.paused:
                 return report
             return self._run(report, limit, concurrency, seconds, stop)
         finally:
-            self.store().note_run(host, self.clock(), finished=True)
+            try:
+                self.store().note_run(host, self.clock(), finished=True)
+            except StoreError as exc:  # the run's own outcome matters more than this note
+                log.warning("could not record the end of this run: %s", exc)
 
     def _run(self, report, limit, concurrency, seconds, stop):
         if seconds:  # a long run: have the clients ready before the first batch needs them
@@ -420,7 +437,7 @@ class Processor:
                 room = min(concurrency - len(inflight), limit - report.claimed) if claiming else 0
                 claimed = 0
                 if room > 0:
-                    rows, expired = self.claim(room)
+                    rows, expired = self._claim_or_wait(room, long_run=bool(seconds))
                     report.claimed += len(rows)
                     report.expired += expired
                     claimed = len(rows)
@@ -444,6 +461,18 @@ class Processor:
                                   self.usage.prompt_tokens - usage_before.prompt_tokens,
                                   self.usage.completion_tokens - usage_before.completion_tokens))
         return report
+
+    def _claim_or_wait(self, room, long_run):
+        """claim(room); in a long run (--for) a database that is away or busy is waited out
+        (the connection reopens by itself when it is back) instead of ending the run."""
+        try:
+            return self.claim(room)
+        except (StoreUnavailable, StoreBusy) as exc:
+            if not long_run:
+                raise
+            log.warning("cannot claim batches now (%s); trying again", exc)
+            time.sleep(POLL_SECONDS)
+            return [], 0
 
     def _warm(self):
         for provider in (self.responder, self.sender):
@@ -499,7 +528,7 @@ class Processor:
 
     def _idle_wait(self):
         """How long to sleep when nothing is due: until the next batch is due, at most POLL_SECONDS."""
-        due = self.store().next_due()
+        due = None if self._next_due is None else self.store().next_due()  # None: nothing was pending
         if due is None or due <= self.clock():  # due but not claimable: its phone is busy
             return POLL_SECONDS
         return max(0.02, min(POLL_SECONDS, due - self.clock()))

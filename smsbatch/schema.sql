@@ -51,6 +51,10 @@ CREATE INDEX IF NOT EXISTS batches_superseded_by ON batches(superseded_by) WHERE
 CREATE INDEX IF NOT EXISTS batches_created ON batches(created_at);  -- `stats` over a window
 -- /metrics and /health: totals by state, and the oldest pending batch, without reading rows
 CREATE INDEX IF NOT EXISTS batches_usage ON batches(state, first_at, ai_requests, prompt_tokens, completion_tokens);
+-- Exclusion in the database (several writers): one open batch per conversation, and at
+-- most one claim (one batch in flight) per conversation.
+CREATE UNIQUE INDEX IF NOT EXISTS batches_one_open ON batches(phone, our_number) WHERE state = 'open';
+CREATE UNIQUE INDEX IF NOT EXISTS batches_one_claim ON batches(phone, our_number) WHERE claim IS NOT NULL;
 
 -- Every state change of every batch, oldest first: `smsbatch show` reads it, `retry`
 -- adds to it. from_state is NULL for the move that created the batch.

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import re
-import sqlite3
 import threading
 import time
 from urllib.parse import parse_qs, urlparse
@@ -22,6 +21,7 @@ from smsbatch import attention, delivery
 from smsbatch.batching import Rules, opt_out_scope
 from smsbatch.config import Settings, display_url
 from smsbatch.db import Store
+from smsbatch.engine import is_postgres
 from smsbatch.errors import ConfigError, SmsbatchError
 from smsbatch.metrics import WebMetrics
 from smsbatch.rejections import Rejections, printable
@@ -107,7 +107,14 @@ class Webhook:
                                   "Twilio (signatures are checked against it)")
         elif not insecure:
             raise ConfigError("TWILIO_AUTH_TOKEN is not set: refusing unsigned webhooks")
-        self.writer = Writer(settings.db_path, WEB_BUSY_TIMEOUT)
+        if is_postgres(settings.db_path):
+            from smsbatch.writer_pool import PoolWriter
+
+            self.writer = PoolWriter(settings.db_path, WEB_BUSY_TIMEOUT)
+            self.burst = None  # no group commit: each request writes on a pooled connection,
+            self.concurrent = True  # and the server runs them on its threads side by side
+        else:
+            self.writer = Writer(settings.db_path, WEB_BUSY_TIMEOUT)
         self.rejections = Rejections(self.writer.submit, clock)
         self.metrics = WebMetrics(settings, self.route_label, clock, self.rejections.unwritten)
         self._routes = None  # path -> metrics label (route_label)
@@ -209,7 +216,7 @@ class Webhook:
                 lambda store: store.add_message(sid, phone, to, body, clock(), rules, media, carrier, scope),
                 deadline
             )
-        except (sqlite3.Error, SmsbatchError) as exc:
+        except SmsbatchError as exc:
             # Never acknowledge a lost text. A failed burst is run again (see Writer.burst):
             # only the last word is worth a line.
             if not self.writer.in_burst():
@@ -247,7 +254,7 @@ class Webhook:
         deadline = environ.get("smsbatch.received", time.monotonic()) + self.writer.busy_timeout
         try:
             self.writer.submit(lambda store: store.record_delivery(sid, status, error, at), deadline)
-        except (sqlite3.Error, SmsbatchError) as exc:
+        except SmsbatchError as exc:
             log.error("webhook: could not store the status of %s: %s", sid, exc, extra={"reply_sid": sid})
             raise Reject("503 Service Unavailable", "could not store the status; try again") from None
         return "200 OK", [("Content-Type", "text/plain")], b""
@@ -298,7 +305,7 @@ class Webhook:
                 return None  # the read above failed and said so
             try:
                 return self._health_store.write_blocked(WRITE_PROBE_SECONDS)
-            except sqlite3.Error as exc:
+            except SmsbatchError as exc:
                 return f"the database cannot be written: {exc}"
 
     def _attention(self):
@@ -330,7 +337,10 @@ def valid_host(host):
 
 
 def unwritable(db_path):
-    """Why the database cannot take a write now (read-only file or folder, disk full), or None."""
+    """Why the database cannot take a write now (read-only file or folder, disk full), or None.
+    (PostgreSQL: the write probe asks the server.)"""
+    if is_postgres(db_path):
+        return None
     folder = os.path.dirname(os.path.abspath(db_path))
     if not os.access(db_path, os.W_OK) or not os.access(folder, os.W_OK):
         return "the database or its folder is read-only"

@@ -1,4 +1,7 @@
-"""The webhook's write path: every text written on one shared SQLite connection.
+"""The SQLite webhook's write path: every text written on one shared SQLite connection.
+
+Part of the SQLite engine (smsbatch.engine_sqlite): PostgreSQL writes each text through a
+pooled connection instead (smsbatch.engine_pg.PoolWriter).
 
 Writer owns that connection. The writes of requests that arrived whole together (a
 burst) are committed by a committer thread in one transaction, while the server's
@@ -11,12 +14,13 @@ COMMIT pays for a checkpoint.
 import collections
 import logging
 import queue
-import sqlite3
 import threading
 import time
 from contextlib import contextmanager
 
 from smsbatch.db import Store
+from smsbatch.engine import StoreBusy, StoreError
+from smsbatch.engine_sqlite import plain_connection
 
 log = logging.getLogger("smsbatch.web")
 WEB_BUSY_TIMEOUT = 4.0  # longest a text waits for the lock: its 503 comes well inside Twilio's 15 s
@@ -47,13 +51,13 @@ class WebStore(Store):
 
     def wait_at_most(self, seconds):
         """Wait at most this long for another writer's lock (SQLite's busy timeout)."""
-        self.conn.execute(f"PRAGMA busy_timeout = {max(0, int(seconds * 1000))}")
+        self.db.wait_at_most(seconds)
 
     def begin_group(self, wait):
         """BEGIN IMMEDIATE, waiting at most `wait` seconds for the lock; until end_group(),
-        transaction() joins this one. Raises: sqlite3.Error (nothing begun)."""
+        transaction() joins this one. Raises: StoreError (nothing begun)."""
         self.wait_at_most(wait)
-        self.conn.execute("BEGIN IMMEDIATE")
+        self.db.begin()
         self._grouped = True
 
     def end_group(self, commit):
@@ -61,15 +65,10 @@ class WebStore(Store):
         (it is then rolled back: nothing of the group is stored)."""
         self._grouped = False
         try:
-            self.conn.execute("COMMIT" if commit else "ROLLBACK")
+            self.db.end(commit)
             return True
-        except sqlite3.Error as exc:
+        except StoreError as exc:
             log.error("webhook: could not commit a burst of texts: %s", exc)
-            if self.conn.in_transaction:
-                try:
-                    self.conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
             return False
 
 
@@ -144,7 +143,7 @@ class Writer:
         Inside a burst it returns None at once (see burst()).
 
         Raises:
-            sqlite3.Error, SmsbatchError: nothing of `work` was stored.
+            SmsbatchError (StoreError among them): nothing of `work` was stored.
         """
         if deadline is None:
             deadline = time.monotonic() + self.busy_timeout
@@ -158,7 +157,7 @@ class Writer:
         # by then too, so a little slack), else the 503 would come late.
         if not self._lock.acquire(timeout=max(0.0, deadline - time.monotonic()) + LOCK_SLACK):
             if not job.done:  # still queued: whoever runs it next drops it (past its deadline)
-                raise sqlite3.OperationalError("database is locked (waited until the deadline)")
+                raise StoreBusy("database is locked (waited until the deadline)")
         else:
             try:
                 while not job.done:  # else an earlier holder of the lock ran it already
@@ -264,7 +263,7 @@ class Writer:
         self._lock_wait_since = time.monotonic()
         try:
             store.begin_group(deadline - time.monotonic())
-        except sqlite3.Error as exc:
+        except StoreError as exc:
             self._note_failure(str(exc))
             self._reset()  # a connection that cannot even BEGIN may be broken: the next one is fresh
             return False
@@ -307,7 +306,7 @@ class Writer:
             now = time.monotonic()
             for job in group:
                 if job.deadline <= now:
-                    job.finish(error=sqlite3.OperationalError("database is locked (waited until the deadline)"))
+                    job.finish(error=StoreBusy("database is locked (waited until the deadline)"))
             group = [job for job in group if not job.done]
             if len(group) > 1:
                 self._run_together(group)
@@ -324,7 +323,7 @@ class Writer:
         self._lock_wait_since = time.monotonic()
         try:
             store.begin_group(min(job.deadline for job in group) - time.monotonic())
-        except sqlite3.Error as exc:  # could not even begin: alone, each would wait as long again
+        except StoreError as exc:  # could not even begin: alone, each would wait as long again
             self._note_failure(str(exc))
             self._reset()
             for job in group:
@@ -358,7 +357,7 @@ class Writer:
             job.finish(result)
         except Exception as exc:
             job.finish(error=exc)
-            if isinstance(exc, sqlite3.Error):
+            if isinstance(exc, StoreError):
                 self._note_failure(str(exc))
                 self._reset()
 
@@ -366,7 +365,7 @@ class Writer:
         """The shared connection, opened on first use (and after a failure)."""
         if self._store is None:
             store = WebStore.open_ready(self.path, self.busy_timeout)
-            store.conn.execute("PRAGMA wal_autocheckpoint = 0")  # see Checkpointer
+            store.db.checkpoint(autocheckpoint=0)  # see Checkpointer
             self._store = store
         return self._store
 
@@ -375,7 +374,7 @@ class Writer:
         if self._store is not None:
             try:
                 self._store.close()
-            except sqlite3.Error:
+            except StoreError:
                 pass
             self._store = None
 
@@ -387,7 +386,7 @@ class Writer:
             self.checkpointer.poke()
             if self.checkpointer.wal_long:
                 self.checkpointer.wal_long = False
-                self._store.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                self._store.db.checkpoint()
         except Exception:
             log.exception("webhook: housekeeping after a commit failed")
 
@@ -425,8 +424,7 @@ class Checkpointer:
         conn = None
         idle = 0
         try:
-            conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None,
-                                   check_same_thread=False)
+            conn = plain_connection(self.path, self.busy_timeout)
             while True:
                 time.sleep(CHECKPOINT_EVERY)
                 with self._lock:
@@ -438,7 +436,7 @@ class Checkpointer:
                 if dirty:
                     _, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                     self.wal_long = frames > WAL_CATCH_UP_FRAMES
-        except sqlite3.Error as exc:
+        except StoreError as exc:
             log.warning("webhook: background checkpoint failed: %s", exc)
         finally:
             if conn is not None:

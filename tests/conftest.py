@@ -17,12 +17,81 @@ from smsbatch.processor import Processor  # noqa: E402
 from smsbatch.sms import ConsoleSender, TwilioSender  # noqa: E402
 
 T0 = 1_800_000_000.0  # a fixed "now" for tests
+# PostgreSQL tests run when this names a server (e.g. postgresql://postgres@127.0.0.1:5432/postgres);
+# each test gets a schema of its own there, dropped afterwards.
+POSTGRES_URL = os.environ.get("SMSBATCH_TEST_POSTGRES_URL", "")
+# Mark a test (or a module: pytestmark = pytest.mark.engines) to run it on both engines:
+# every test using db_path/store/settings then runs once per engine.
+ENGINES = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "postgres: needs SMSBATCH_TEST_POSTGRES_URL (a PostgreSQL server)")
+    config.addinivalue_line("markers", "engines: run on SQLite and on PostgreSQL (the engine_name fixture)")
+    config.addinivalue_line("markers", "sqlite_only: in an `engines` module, a test of SQLite itself")
+
+
+def pytest_generate_tests(metafunc):
+    if metafunc.definition.get_closest_marker("engines") and "engine_name" in metafunc.fixturenames:
+        sqlite_only = metafunc.definition.get_closest_marker("sqlite_only")
+        metafunc.parametrize("engine_name", ENGINES[:1] if sqlite_only else ENGINES)
+
+
+def postgres_line():
+    if POSTGRES_URL:
+        return f"postgresql: tests also ran on {POSTGRES_URL.split('@')[-1]} (SMSBATCH_TEST_POSTGRES_URL)"
+    return "postgresql: SMSBATCH_TEST_POSTGRES_URL is not set: the PostgreSQL tests were skipped (deselected)"
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line, shown with -q too, saying whether the PostgreSQL half ran."""
+    terminalreporter.write_line(postgres_line())
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without a server the PostgreSQL tests are deselected: one line in the header, not one per test."""
+    if POSTGRES_URL:
+        return
+    keep = [item for item in items if item.get_closest_marker("postgres") is None]
+    if len(keep) != len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item.get_closest_marker("postgres")])
+        items[:] = keep
+
+
+def with_search_path(url, schema):
+    """The URL with every session's search_path set to `schema` (and named after it, so a
+    test can find its own sessions in pg_stat_activity)."""
+    return f"{url}{'&' if '?' in url else '?'}application_name={schema}&options=-csearch_path%3D{schema}"
 
 
 @pytest.fixture
-def db_path(tmp_path):
-    path = str(tmp_path / "smsbatch.db")
-    Store(path).migrate()
+def pg_url():
+    """A PostgreSQL URL whose connections see a fresh, empty schema of their own (dropped after)."""
+    import secrets
+
+    import psycopg
+
+    schema = f"smsbatch_test_{secrets.token_hex(6)}"
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
+        admin.execute(f"CREATE SCHEMA {schema}")
+    yield with_search_path(POSTGRES_URL, schema)
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
+        admin.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture
+def engine_name():
+    """Which engine `db_path` is on: SQLite unless a test is parametrized with ENGINES."""
+    return "sqlite"
+
+
+@pytest.fixture
+def db_path(request, tmp_path, engine_name):
+    """A migrated database: an SQLite file in tmp_path, or (engine_name "postgres") a URL."""
+    path = request.getfixturevalue("pg_url") if engine_name == "postgres" else str(tmp_path / "smsbatch.db")
+    store = Store(path)
+    store.migrate()
+    store.close()
     return path
 
 

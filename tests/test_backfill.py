@@ -16,6 +16,8 @@ from smsbatch.db import State, Store
 from smsbatch.sms import TwilioSender
 from smsbatch.twilio_log import TwilioLog
 
+pytestmark = pytest.mark.engines  # on SQLite and PostgreSQL (conftest.ENGINES)
+
 US, PERSON, OTHER = "+15550000000", "+15557770001", "+15557770002"
 
 

@@ -12,6 +12,8 @@ from smsbatch import delivery
 from smsbatch.web import make_app
 from test_web import call
 
+pytestmark = pytest.mark.engines  # on SQLite and PostgreSQL (conftest.ENGINES)
+
 A, B = "+15557770001", "+15557770002"
 PUBLIC = "https://sms.example.com/sms"
 

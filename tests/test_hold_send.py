@@ -8,6 +8,8 @@ from conftest import T0, TextMeanwhile, add, invoke, offline_processor, real_pro
 from fakes import FakeTwilio, provider_env
 from smsbatch.db import Store
 
+pytestmark = pytest.mark.engines  # on SQLite and PostgreSQL (conftest.ENGINES)
+
 A = "+15554440001"
 US = "+15550000000"
 

@@ -8,6 +8,8 @@ from conftest import T0, TextMeanwhile, add, offline_processor, real_processor
 from smsbatch.ai import budget_note
 from smsbatch.config import Settings
 
+pytestmark = pytest.mark.engines  # on SQLite and PostgreSQL (conftest.ENGINES)
+
 A, B = "+15552220001", "+15552220002"
 
 

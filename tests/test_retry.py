@@ -2,9 +2,13 @@
 
 import json
 
+import pytest
+
 from conftest import T0, add, invoke, real_processor
 from fakes import provider_env
 from smsbatch.db import Store
+
+pytestmark = pytest.mark.engines  # on SQLite and PostgreSQL (conftest.ENGINES)
 
 A, B, C = "+15554440001", "+15554440002", "+15554440003"
 

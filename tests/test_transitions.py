@@ -6,6 +6,8 @@ from conftest import T0, add, offline_processor
 from smsbatch.db import TRANSITIONS, State
 from smsbatch.errors import InvalidTransition
 
+pytestmark = pytest.mark.engines  # on SQLite and PostgreSQL (conftest.ENGINES)
+
 
 def events(store, batch_id):
     return [(r["from_state"], r["to_state"]) for r in store.conn.execute(

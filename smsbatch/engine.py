@@ -1,0 +1,122 @@
+"""The storage seam: which engine a database target names, and the errors every engine raises.
+
+A target is an SQLite file path (the default: nothing to install) or a PostgreSQL URL
+(`postgresql://...` or `postgres://...`, with `pip install 'smsbatch[postgres]'`).
+`connect(target)` opens it with its engine module — smsbatch.engine_sqlite or
+smsbatch.engine_pg — and returns a Database. Nothing outside those two modules imports
+a driver: the store (smsbatch.db and its mixins) runs its SQL through Database.conn and
+asks the Database for the few things the engines do differently (transactions, locks,
+the schema version, a handful of dialect words). Driver errors come out as the neutral
+errors below, so the webhook, the processor and the commands need not know the engine.
+
+A Database offers:
+    conn                  execute(sql, params) with `?` placeholders -> cursor (fetchone,
+                          fetchall, iteration, rowcount); rows by name and by index
+    transaction()         context manager: one transaction (SQLite: BEGIN IMMEDIATE)
+    durable_transaction() the same, committed so that it survives power loss
+    conversation_lock     an SQL expression of (phone, our_number) that serialises the writers
+                          of one conversation until the transaction ends, or None (SQLite:
+                          the write lock already does)
+    for_update, skip_locked  clauses appended to a SELECT that locks the rows it reads
+    greatest(a, b), day(column), group_concat(column)  dialect words
+    now()                 the database's clock (epoch seconds)
+    version(), migrate(), columns(table), write_blocked(seconds), check_writable(),
+    copy_to(path), exists(), close()
+"""
+
+from smsbatch.errors import SmsbatchError
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+INSTALL_POSTGRES = "pip install 'smsbatch[postgres]'"
+
+
+class StoreError(SmsbatchError):
+    """The database refused or failed a statement (a driver error, translated)."""
+
+
+class StoreBusy(StoreError):
+    """Another writer held a lock too long (lock/statement timeout, SQLite busy, deadlock,
+    serialization failure): trying again later may work."""
+
+
+class StoreConflict(StoreError):
+    """A statement broke a uniqueness or other integrity rule."""
+
+
+class StoreUnavailable(StoreError):
+    """The database cannot be reached or written now (server down, connection lost,
+    read-only file): the same request may work once it is back."""
+
+
+def is_postgres(target):
+    """True if `target` is a PostgreSQL URL rather than an SQLite file path."""
+    return str(target).lower().startswith(POSTGRES_SCHEMES)
+
+
+def shown_target(target):
+    """The target as it may be printed: a URL's password is replaced by ***."""
+    target = str(target)
+    if not is_postgres(target):
+        return target
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(target)
+    if parts.password is None:
+        return target
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def connect(target, busy_timeout, durable=True):
+    """Open the database `target` names with its engine. Raises: SmsbatchError."""
+    if is_postgres(target):
+        try:
+            from smsbatch import engine_pg
+        except ImportError:
+            raise SmsbatchError(f"{shown_target(target)} is a PostgreSQL database: {INSTALL_POSTGRES}") from None
+        return engine_pg.Database(str(target), busy_timeout, durable)
+    from smsbatch import engine_sqlite
+
+    return engine_sqlite.Database(str(target), busy_timeout, durable)
+
+
+def open_pool(url, busy_timeout):
+    """The webhook's pool of PostgreSQL connections (engine_pg.Pool). Raises: SmsbatchError."""
+    try:
+        from smsbatch import engine_pg
+    except ImportError:
+        raise SmsbatchError(f"{shown_target(url)} is a PostgreSQL database: {INSTALL_POSTGRES}") from None
+    return engine_pg.Pool(url, busy_timeout)
+
+
+class Row:
+    """A result row addressable by column name and by position, like sqlite3.Row
+    (`dict(row)`, `row["state"]`, `row[0]`, `tuple(row)`)."""
+
+    __slots__ = ("_values", "_index")
+
+    def __init__(self, values, index):
+        self._values, self._index = values, index
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return self._values[self._index[key]]
+        return self._values[key]
+
+    def keys(self):
+        return list(self._index)
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self):
+        return len(self._values)
+
+    def __eq__(self, other):
+        return isinstance(other, Row) and self._values == other._values and self._index == other._index
+
+    __hash__ = None
+
+    def __repr__(self):
+        return f"Row({dict(zip(self._index, self._values))!r})"

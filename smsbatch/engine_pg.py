@@ -1,0 +1,385 @@
+"""The PostgreSQL engine: psycopg 3 (+ psycopg_pool for the webhook), for several hosts on one database.
+
+The only module that imports psycopg. Connections are in autocommit mode and every
+transaction is an explicit `transaction()` block (READ COMMITTED, PostgreSQL's default):
+rows a decision rests on are read `FOR UPDATE`, claims `FOR UPDATE SKIP LOCKED`, and the
+writers of one conversation are serialised by a transaction-scoped advisory lock. The
+store's SQL is written with `?` placeholders; this module turns them into psycopg's `%s`.
+Driver errors come out as smsbatch.engine's neutral errors, and a connection that was
+lost (server restart, failover) is opened again at the next transaction.
+"""
+
+import functools
+import logging
+import time
+from contextlib import contextmanager
+from importlib import resources
+
+import psycopg
+import psycopg.errors as pgerrors
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from smsbatch import migrations
+from smsbatch.engine import Row, StoreBusy, StoreConflict, StoreError, StoreUnavailable, shown_target
+from smsbatch.errors import SmsbatchError
+
+log = logging.getLogger("smsbatch.engine_pg")
+MIGRATE_LOCK = 0x736D7362  # "smsb": pg_advisory_xact_lock key that serialises `migrate` across hosts
+CONNECT_TIMEOUT = 4  # seconds to reach the server: a text's 503 still comes within its deadline
+IDLE_IN_TRANSACTION = "60s"  # a frozen process cannot hold row locks longer than this
+BUSY = (pgerrors.LockNotAvailable, pgerrors.QueryCanceled, pgerrors.SerializationFailure,
+        pgerrors.DeadlockDetected)
+UNAVAILABLE = (pgerrors.AdminShutdown, pgerrors.CannotConnectNow, pgerrors.ReadOnlySqlTransaction,
+               pgerrors.IdleInTransactionSessionTimeout)
+
+
+class StaleConnection(StoreUnavailable):
+    """A pooled connection the server had dropped: found at BEGIN, so nothing ran on it."""
+
+
+def translate(exc):
+    """The neutral error for a psycopg error (the original stays as its __cause__)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, BUSY):
+        return StoreBusy(text)
+    if isinstance(exc, pgerrors.IntegrityError):
+        return StoreConflict(text)
+    if isinstance(exc, UNAVAILABLE + (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)):
+        return StoreUnavailable(text)
+    return StoreError(text)
+
+
+@functools.lru_cache(maxsize=1024)
+def to_psycopg(sql):
+    """The store's SQL with `?` placeholders as psycopg's `%s` (a literal % doubled);
+    nothing inside quotes is touched."""
+    out, quote = [], None
+    for ch in sql:
+        if quote:
+            if ch == quote:
+                quote = None
+            out.append("%%" if ch == "%" else ch)
+        elif ch in "'\"":
+            quote = ch
+            out.append(ch)
+        elif ch == "?":
+            out.append("%s")
+        else:
+            out.append("%%" if ch == "%" else ch)
+    return "".join(out)
+
+
+def _rows(cursor):
+    """psycopg row factory: rows addressable by name and by index, like sqlite3.Row."""
+    if cursor.description is None:
+        return tuple
+    index = {column.name: i for i, column in enumerate(cursor.description)}
+    return lambda values: Row(values, index)
+
+
+class Connection:
+    """What the store calls `conn`: execute(sql, params) with `?` placeholders -> a cursor
+    (fetchone, fetchall, iteration, rowcount), raising smsbatch.engine's errors."""
+
+    def __init__(self, database):
+        self._database = database
+
+    def execute(self, sql, parameters=()):
+        raw = self._database.raw()
+        try:
+            return raw.execute(to_psycopg(sql), tuple(parameters))
+        except psycopg.Error as exc:
+            if self._database.may_retry(raw, sql):  # a read on a connection the server dropped: once more
+                return self._database.raw().execute(to_psycopg(sql), tuple(parameters))
+            raise translate(exc) from exc
+
+    def executemany(self, sql, seq):
+        raw = self._database.raw()
+        try:
+            with raw.cursor() as cursor:
+                cursor.executemany(to_psycopg(sql), [tuple(p) for p in seq])
+        except psycopg.Error as exc:
+            raise translate(exc) from exc
+
+
+def _open(url, durable, busy_timeout):
+    """A new autocommit connection set up for smsbatch. Raises: StoreUnavailable, SmsbatchError."""
+    try:
+        raw = psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT, row_factory=_rows)
+    except psycopg.Error as exc:
+        raise StoreUnavailable(f"cannot connect to {shown_target(url)}: {translate(exc)}") from None
+    configure(raw, durable, busy_timeout)
+    return raw
+
+
+def configure(raw, durable, busy_timeout):
+    """Session settings: how long to wait for a row lock (like SQLite's busy timeout),
+    commits durable or not (a processor's: see Database.durable_transaction), no transaction
+    left open by a frozen process for long."""
+    raw.row_factory = _rows
+    raw.execute("SELECT set_config('lock_timeout', %s, false), set_config('synchronous_commit', %s, false),"
+                " set_config('idle_in_transaction_session_timeout', %s, false)",
+                (f"{int(busy_timeout * 1000)}ms", "on" if durable else "off", IDLE_IN_TRANSACTION))
+
+
+class Database:
+    """One PostgreSQL connection (own, or lent by the webhook's pool) and what smsbatch
+    needs of it. Not thread-safe."""
+
+    engine = "postgres"
+    for_update = " FOR UPDATE"
+    skip_locked = " FOR UPDATE SKIP LOCKED"
+
+    def __init__(self, url, busy_timeout, durable=True, raw=None):
+        self.path, self.busy_timeout, self.durable = url, busy_timeout, durable
+        self._raw = raw if raw is not None else _open(url, durable, busy_timeout)
+        self._owned = raw is None
+        self.conn = Connection(self)
+        self.deadline = None  # monotonic time; set by the webhook: every statement ends before it
+        self._in_transaction = False
+
+    def raw(self):
+        """The psycopg connection, opened again if it was lost while no transaction ran."""
+        if self._raw.broken or self._raw.closed:
+            if not self._owned:
+                raise StoreUnavailable("the connection to the database was lost")
+            if not self._in_transaction:  # never in the middle of a transaction: it is lost, and says so
+                log.info("reconnecting to %s", shown_target(self.path))
+                self._raw = _open(self.path, self.durable, self.busy_timeout)
+        return self._raw
+
+    def may_retry(self, raw, sql):
+        """True if a statement that failed may run again on a new connection: a read, outside
+        any transaction, on an own connection the server dropped (a restart, a failover)."""
+        return self._owned and raw.broken and not self._in_transaction and sql.lstrip()[:6].upper() == "SELECT"
+
+    def exists(self):
+        return True
+
+    def close(self):
+        if self._owned:
+            self._raw.close()
+
+    # -- dialect ------------------------------------------------------------------
+
+    @staticmethod
+    def greatest(a, b):
+        return f"GREATEST({a}, {b})"
+
+    @staticmethod
+    def day(column):
+        """The UTC day (YYYY-MM-DD) of an epoch-seconds column."""
+        return f"to_char(to_timestamp({column}) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
+
+    @staticmethod
+    def group_concat(column):
+        return f"string_agg(CAST({column} AS text), ',')"
+
+    # Serialises the writers of one conversation (phone, our number) until the transaction ends.
+    conversation_lock = "pg_advisory_xact_lock(hashtext(?), hashtext(?))"
+
+    def now(self):
+        """The database server's clock (epoch seconds): the one clock every host shares."""
+        return self.conn.execute("SELECT extract(epoch FROM clock_timestamp())::double precision").fetchone()[0]
+
+    # -- transactions ---------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self, begin="BEGIN"):
+        """One transaction (READ COMMITTED). Within the webhook's deadline when one is set:
+        its statement and lock timeouts go with the BEGIN, in the same round trip."""
+        if self.deadline is not None:
+            left = max(1, int((self.deadline - time.monotonic()) * 1000))
+            begin += f"; SET LOCAL statement_timeout = {left}; SET LOCAL lock_timeout = {left}"
+        raw = self._begin(begin)
+        self._in_transaction = True
+        try:
+            yield self.conn
+        except BaseException:
+            self._end(raw, "ROLLBACK")
+            raise
+        else:
+            self._end(raw, "COMMIT")
+
+    def _begin(self, begin):
+        """Send BEGIN (and what goes with it). If it finds that the server dropped the
+        connection, nothing has run yet: an own connection tries once more on a new one; a
+        pooled one raises StaleConnection (the pool lends another)."""
+        raw = self.raw()
+        try:
+            raw.execute(begin)
+            return raw
+        except psycopg.OperationalError as exc:
+            if not raw.broken:
+                raise translate(exc) from exc
+            if not self._owned:
+                raise StaleConnection(translate(exc)) from exc
+        raw = self.raw()
+        try:
+            raw.execute(begin)
+        except psycopg.Error as exc:
+            raise translate(exc) from exc
+        return raw
+
+    def _end(self, raw, how):
+        """COMMIT or ROLLBACK. Raises: StoreError (COMMIT only: a lost connection's
+        transaction is rolled back by the server, so a failed ROLLBACK is no news)."""
+        try:
+            raw.execute(how)
+        except psycopg.Error as exc:
+            if how == "COMMIT":
+                raise translate(exc) from exc
+        finally:
+            self._in_transaction = False
+
+    @contextmanager
+    def durable_transaction(self):
+        """transaction(), committed with synchronous_commit on whatever the connection's
+        setting: once it returns, what it committed survives the server's crash."""
+        with self.transaction("BEGIN" if self.durable else "BEGIN; SET LOCAL synchronous_commit = on") as conn:
+            yield conn
+
+    @contextmanager
+    def snapshot(self):
+        """A read-only transaction: every read inside sees one moment; nothing is written."""
+        raw = self._begin("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        self._in_transaction = True
+        try:
+            yield self.conn
+        finally:
+            self._end(raw, "ROLLBACK")
+
+    def make_throwaway(self):
+        raise SmsbatchError("a throwaway database must be an SQLite file")
+
+    def write_blocked(self, seconds):
+        """Why a write could not be made now (the server is a read-only replica, or does not
+        answer within `seconds`), or None. Writes nothing."""
+        try:
+            with self.transaction() as conn:
+                conn.execute("SELECT set_config('statement_timeout', ?, true)", (f"{max(1, int(seconds * 1000))}ms",))
+                row = conn.execute("SELECT pg_is_in_recovery(), current_setting('transaction_read_only')").fetchone()
+        except StoreError as exc:
+            return f"the database does not answer: {exc}"
+        if row[0] or row[1] == "on":
+            return "the database server is read-only (a standby?): texts cannot be stored"
+        return None
+
+    def check_writable(self):
+        """Raises StoreUnavailable if this server cannot take writes now."""
+        why = self.write_blocked(self.busy_timeout)
+        if why:
+            raise StoreUnavailable(why)
+
+    def missing_rights(self):
+        """The rights on smsbatch's tables this user lacks, e.g. ['UPDATE on batches']."""
+        missing = []
+        for table in sorted(self.tables()):
+            for right in ("SELECT", "INSERT", "UPDATE", "DELETE"):
+                if not self.conn.execute("SELECT has_table_privilege(?, ?)", (table, right)).fetchone()[0]:
+                    missing.append(f"{right} on {table}")
+        return missing
+
+    # -- schema ---------------------------------------------------------------------
+
+    def version(self):
+        if self.conn.execute("SELECT to_regclass('schema_version')").fetchone()[0] is None:
+            return 0
+        row = self.conn.execute("SELECT version FROM schema_version").fetchone()
+        return 0 if row is None else row[0]
+
+    def columns(self, table):
+        return {r[0] for r in self.conn.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_schema = current_schema()"
+            " AND table_name = ?", (table,))}
+
+    def tables(self):
+        """{table: [column names]} of smsbatch's tables (schema_version aside)."""
+        names = [r[0] for r in self.conn.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()"
+            " AND table_type = 'BASE TABLE' AND table_name != 'schema_version'")]
+        return {name: sorted(self.columns(name)) for name in names}
+
+    def migrate(self, latest):
+        """Create or upgrade the schema to `latest`; returns the version before. Two hosts
+        migrating at once take turns (an advisory lock): the second finds it done.
+
+        Raises:
+            SmsbatchError: the database is newer than this smsbatch.
+        """
+        with self.transaction() as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(?)", (MIGRATE_LOCK,)).fetchall()
+            before = self.version()
+            if before > latest:
+                raise SmsbatchError(f"database schema version {before} is newer than this smsbatch ({latest})")
+            current = before
+            if before == 0:
+                script = resources.files("smsbatch").joinpath("schema_pg.sql").read_text()
+                self._raw.execute(script)  # no parameters: the whole script in one go
+                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (migrations.PG_BASELINE,))
+                current = migrations.PG_BASELINE
+            for version in range(current + 1, latest + 1):
+                for statement in migrations.postgres_step(version):
+                    conn.execute(statement)
+            conn.execute("UPDATE schema_version SET version = ?", (latest,))
+        return before
+
+    def space(self):
+        """How big smsbatch's tables are (indexes and TOAST included): {"bytes", "free_bytes"}.
+        Free space inside them is reused by PostgreSQL itself (autovacuum) and not measured
+        without an extension: free_bytes is 0, so nothing asks to rewrite the tables."""
+        size = self.conn.execute(
+            "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0)::bigint FROM pg_class c JOIN pg_namespace n"
+            " ON n.oid = c.relnamespace WHERE n.nspname = current_schema() AND c.relkind = 'r'").fetchone()[0]
+        return {"bytes": size, "free_bytes": 0}
+
+    def reclaim_space(self):
+        """VACUUM smsbatch's tables now (marks the space a prune freed reusable; never VACUUM
+        FULL, which would lock the tables). Returns space() after."""
+        for table in sorted(self.tables()):
+            self.conn.execute(f"VACUUM {table}")
+        return self.space()
+
+    def copy_to(self, path):
+        raise SmsbatchError("backup copies an SQLite file; for PostgreSQL use pg_dump "
+                            "(e.g. pg_dump -Fc -f smsbatch.dump DBNAME)")
+
+
+class Pool:
+    """The webhook's connections: each request borrows one for its own transaction, so
+    requests on several threads (and several hosts) write at once. A connection the server
+    dropped is found at its next BEGIN (nothing run yet: the request takes another) and
+    discarded on return; the pool opens new ones as needed."""
+
+    def __init__(self, url, busy_timeout, size=16):
+        self.url, self.busy_timeout = url, busy_timeout
+        self._pool = ConnectionPool(
+            url, min_size=2, max_size=size, open=False, name="smsbatch",
+            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT},
+            configure=lambda raw: configure(raw, True, busy_timeout), reconnect_timeout=0)
+        self._pool.open(wait=False)
+
+    def run(self, work, deadline):
+        """work(database) in a Database on a pooled connection, every statement ending before
+        `deadline` (monotonic); on a connection the server had dropped, once more on another.
+
+        Raises:
+            StoreUnavailable: no connection before the deadline, or the server is away.
+        """
+        for attempt in range(2):
+            try:
+                with self._pool.connection(timeout=max(0.01, deadline - time.monotonic())) as raw:
+                    database = Database(self.url, self.busy_timeout, raw=raw)
+                    database.deadline = deadline
+                    return work(database)
+            except StaleConnection:
+                if attempt:
+                    raise
+                self._pool.check()  # the others were probably dropped too (a restart): replace them
+            except PoolTimeout:
+                raise StoreUnavailable(f"no connection to {shown_target(self.url)} before the deadline") from None
+            except psycopg.Error as exc:
+                raise translate(exc) from exc
+
+    def close(self):
+        self._pool.close()
