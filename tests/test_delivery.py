@@ -171,8 +171,8 @@ def test_a_reply_twilio_cannot_find_is_final_and_the_others_are_still_checked(fa
     every run asked again, warned again, and no later reply was ever checked."""
     answered(fast, store, clock, A, B, "+15557770003")
     lost = next(m for m in twilio_standin.sent if m["to"] == A)
-    store.conn.execute("UPDATE outbound SET sent_at = sent_at - 1 WHERE sid = ?", (lost["sid"],))  # asked first
-    store.conn.commit()
+    with store.transaction() as conn:  # asked first
+        conn.execute("UPDATE outbound SET sent_at = sent_at - 1 WHERE sid = ?", (lost["sid"],))
     twilio_standin.sent.remove(lost)  # Twilio has no such message: 404, code 20404
     for message in twilio_standin.sent:
         message["status"] = "delivered"
