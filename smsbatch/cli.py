@@ -16,11 +16,14 @@ import click
 from smsbatch import cli_ops, cli_traces
 from smsbatch.cli_common import (DURATION, EXIT_SOME_FAILED, PHONE, SID, TEXT, TIME, Finite, Group, emit_json,
                                  open_store, read_text_file, settings_from)
+from smsbatch.engine import shown_target
 from smsbatch.errors import SmsbatchError
 
 @click.group(cls=Group)
 @click.option("--db", envvar="SMSBATCH_DB", default="smsbatch.db", show_default=True,
-              type=click.Path(dir_okay=False), help="SQLite database file (env SMSBATCH_DB).")
+              type=click.Path(dir_okay=False),
+              help="SQLite database file, or a postgresql:// URL for several hosts on one PostgreSQL "
+                   "database (pip install 'smsbatch[postgres]') (env SMSBATCH_DB).")
 @click.version_option(package_name="smsbatch")
 @click.pass_context
 def cli(ctx, db):
@@ -60,7 +63,7 @@ def migrate(ctx):
         said = f"upgraded from schema version {before} to {after}"
     else:
         said = f"already at schema version {after}"
-    click.echo(f"{settings.db_path}: {said}")
+    click.echo(f"{shown_target(settings.db_path)}: {said}")
 
 
 @cli.command()
@@ -115,6 +118,7 @@ def ingest(ctx, phone, our_number, body, sid, at, jsonl, now, as_json):
 @click.pass_context
 def process(ctx, now, limit, seconds, concurrency, system_prompt_file, ai, sms, as_json):
     """Answer due batches: one AI reply each, sent by SMS (run by cron every minute)."""
+    from smsbatch.lease import DatabaseClock
     from smsbatch.processor import Clock, Processor
 
     changes = {k: v for k, v in (("ai", ai), ("sms", sms)) if v}
@@ -132,7 +136,7 @@ def process(ctx, now, limit, seconds, concurrency, system_prompt_file, ai, sms, 
     from smsbatch.ai import make_responder
     from smsbatch.sms import make_sender
 
-    clock = Clock(now, advancing=bool(seconds)) if now is not None else time.time
+    clock = Clock(now, advancing=bool(seconds)) if now is not None else DatabaseClock()
     sender = make_sender(settings)
     processor = Processor(settings.db_path, settings, make_responder(settings), sender, clock=clock)
     stop = threading.Event()

@@ -55,6 +55,14 @@ class Store(BatchLife, OperatorActions, OperatorReports):
         self.conn = self.db.conn
 
     @classmethod
+    def on(cls, database):
+        """A Store on a Database opened elsewhere (the webhook's pooled connections)."""
+        store = cls.__new__(cls)
+        store.path, store.busy_timeout, store.db, store.conn = database.path, database.busy_timeout, database, \
+            database.conn
+        return store
+
+    @classmethod
     def open_ready(cls, path, busy_timeout=BUSY_TIMEOUT_SECONDS):
         """Open an existing, migrated database (never creates one).
 

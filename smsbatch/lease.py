@@ -54,6 +54,41 @@ def pid_alive(pid):
     return True
 
 
+class DatabaseClock:
+    """Wall time by the database's clock: this host's time plus its offset from the
+    database server's, measured at the start of a run and again at claims and heartbeats
+    (at most every RECALIBRATE_SECONDS). Leases are written and judged by every processor
+    in this time, so hosts whose clocks differ neither steal live leases nor keep dead ones.
+    With SQLite the database's clock is this host's: the offset stays 0 and nothing is asked."""
+
+    RECALIBRATE_SECONDS = 10.0
+
+    def __init__(self):
+        self.offset = 0.0
+        self._measured = None  # monotonic time of the last measurement
+
+    def __call__(self):
+        return time.time() + self.offset
+
+    def calibrate(self, store, force=False):
+        """Measure the offset again (cheap: one query on PostgreSQL, none on SQLite)."""
+        if getattr(store.db, "engine", "") != "postgres":
+            return
+        now = time.monotonic()
+        if not force and self._measured is not None and now - self._measured < self.RECALIBRATE_SECONDS:
+            return
+        before = time.time()
+        theirs = store.db_now()
+        self.offset = theirs - (before + time.time()) / 2  # the server read its clock about midway
+        self._measured = now
+
+
+def calibrate(clock, store, force=False):
+    """Bring a DatabaseClock back in line with the database (other clocks are left alone)."""
+    if isinstance(clock, DatabaseClock):
+        clock.calibrate(store, force)
+
+
 @dataclass
 class Held:
     """One claim this processor holds: when (monotonic) its lease was last confirmed."""
@@ -105,6 +140,7 @@ class Leases:
             keys = [k for k, h in self._held.items() if not h.lost and started - h.taken < self.hold_limit]
         if not keys:
             return
+        calibrate(self.clock, self._db())
         now = self.clock()
         renewed = self._db().renew_claims(sorted({claim for claim, _ in keys}), now + self.lease, now)
         with self._lock:

@@ -23,7 +23,7 @@ from smsbatch.db_ops import held_reason
 from smsbatch.errors import (CannotReconcile, ConfigError, DeliveryError, InvalidInput, LeaseLost, hide_numbers,
                              redact)
 from smsbatch.inputs import check_phone, iso_time
-from smsbatch.lease import Leases
+from smsbatch.lease import Leases, calibrate
 
 log = logging.getLogger("smsbatch.processor")
 POLL_SECONDS = 1.0  # with --for, new work is picked up within about this long
@@ -360,7 +360,9 @@ class Processor:
     def claim(self, limit):
         """Claim up to `limit` due batches now, leases tracked (and renewed while `run` runs).
         Returns (rows, expired count)."""
-        confirmed, store, now = time.monotonic(), self.store(), self.clock()
+        store = self.store()
+        calibrate(self.clock, store)
+        confirmed, now = time.monotonic(), self.clock()
         self.leases.free_dead(store, now)
         rows, expired = store.claim_due(now, limit, self.leases.lease, self.settings.max_age_seconds,
                                         holder=self.leases.holder, node=self.leases.node)
@@ -377,6 +379,7 @@ class Processor:
         stop = stop or threading.Event()
         report = RunReport(paused=not self.settings.enabled)
         host = self.leases.holder.rsplit(":", 1)[0]
+        calibrate(self.clock, self.store(), force=True)
         self.store().note_run(host, self.clock())
         try:
             if report.paused:

@@ -20,6 +20,7 @@ from smsbatch import delivery
 from smsbatch.batching import Rules, opt_out_scope
 from smsbatch.config import Settings
 from smsbatch.db import Store
+from smsbatch.engine import is_postgres
 from smsbatch.errors import ConfigError, SmsbatchError
 from smsbatch.rejections import Rejections
 from smsbatch.server import make_server_for
@@ -117,7 +118,13 @@ class Webhook:
             self.signatures = SignatureChecker(self.validator)
         elif not insecure:
             raise ConfigError("TWILIO_AUTH_TOKEN is not set: refusing unsigned webhooks")
-        self.writer = Writer(settings.db_path, WEB_BUSY_TIMEOUT)
+        if is_postgres(settings.db_path):
+            from smsbatch.writer_pool import PoolWriter
+
+            self.writer = PoolWriter(settings.db_path, WEB_BUSY_TIMEOUT)
+            self.burst = None  # no group commit: the server runs each request on its own thread
+        else:
+            self.writer = Writer(settings.db_path, WEB_BUSY_TIMEOUT)
         self.rejections = Rejections(self.writer.submit, clock)
         # Behind a proxy the webhook may live under a prefix (https://host/shop/sms/).
         public_path = urlparse(settings.public_url).path.rstrip("/") if settings.public_url else ""
@@ -325,7 +332,10 @@ def shown_url(url):
 
 
 def unwritable(db_path):
-    """Why the database cannot take a write now (read-only file or folder, disk full), or None."""
+    """Why the database cannot take a write now (read-only file or folder, disk full), or None.
+    (PostgreSQL: the write probe asks the server.)"""
+    if is_postgres(db_path):
+        return None
     folder = os.path.dirname(os.path.abspath(db_path))
     if not os.access(db_path, os.W_OK) or not os.access(folder, os.W_OK):
         return "the database or its folder is read-only"
