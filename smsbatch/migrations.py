@@ -223,11 +223,10 @@ class Step:
 # One open batch per conversation (texts join it, under the conversation's lock), and at
 # most one claim per conversation (one batch in flight: no two replies racing each other).
 # An older database could hold a second open batch or a second claim of a conversation
-# (a stale claim); the newer open one is closed (queued, answered as usual) and the later
-# claims dropped (their batches are claimed again when due) before the indexes go up.
+# (a stale claim); an open batch its conversation does not point at is closed (queued,
+# answered as usual: texts join the one it points at) and the later claims dropped (their batches are claimed again when due) before the indexes go up.
 _V10 = (
-    "UPDATE batches SET state = 'queued' WHERE state = 'open' AND seq NOT IN"
-    " (SELECT max(seq) FROM batches WHERE state = 'open' GROUP BY phone, our_number)",
+    "UPDATE batches SET state = 'queued' WHERE state = 'open' AND id NOT IN (SELECT open_batch FROM conversations)",
     "UPDATE batches SET claim = NULL WHERE claim IS NOT NULL AND seq NOT IN"
     " (SELECT min(seq) FROM batches WHERE claim IS NOT NULL GROUP BY phone, our_number)",
     "CREATE UNIQUE INDEX batches_one_open ON batches(phone, our_number) WHERE state = 'open'",

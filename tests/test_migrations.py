@@ -2,8 +2,11 @@
 
 import sqlite3
 
+import pytest
+
 from conftest import Clock, invoke, offline_processor
 from legacy import BATCHES, MESSAGES, NEWER, OPEN, SENT, T, US, make_v1_database
+from smsbatch.batching import Rules
 from smsbatch.config import Settings
 from smsbatch.db import SCHEMA_VERSION, State, Store
 
@@ -86,3 +89,53 @@ def test_a_newer_database_is_refused(tmp_path):
     conn.close()
     result = invoke(["--db", path, "migrate"])
     assert result.exit_code == 1 and "newer than this smsbatch" in result.output
+
+
+def test_a_version_9_database_upgrades_to_10_with_every_text_batch_and_opt_out_intact(tmp_path):
+    """Step 10 adds "one open batch" and "one claim" per conversation as unique indexes; a
+    database that broke either rule (possible before) is mended first, losing nothing."""
+    path = str(tmp_path / "v9.db")
+    make_v1_database(path)
+    store = Store(path)
+    assert store.db.migrate(9) == 1
+    conn = store.conn
+    # a second open batch of the open conversation, and two claims in another one
+    conn.execute("INSERT INTO batches (id, phone, our_number, state, first_at, last_at, created_at, due_at)"
+                 " VALUES ('secondopen', '+15551110005', ?, 'open', ?, ?, ?, ?)", (US, T, T, T, T + 30))
+    conn.execute("INSERT INTO batches (id, phone, our_number, state, first_at, last_at, created_at, claim, due_at)"
+                 " VALUES ('claimone', '+15551119999', ?, 'processing', ?, ?, ?, 'c1', ?),"
+                 " ('claimtwo', '+15551119999', ?, 'processing', ?, ?, ?, 'c2', ?)",
+                 (US, T, T, T, T + 4, US, T, T, T, T + 4))
+    before = {table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+              for table in ("messages", "batches", "opt_outs", "outbound", "batch_events", "conversations")}
+    assert store.migrate() == (9, SCHEMA_VERSION)
+    after = {table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] for table in before}
+    assert after == before
+    texts = {r["sid"]: (r["phone"], r["body"], r["kind"], r["batch_id"]) for r in conn.execute("SELECT * FROM messages")}
+    assert texts == {sid: (phone, body, kind, b) for sid, phone, body, kind, b in MESSAGES}
+    assert store.is_opted_out("+15551110004", US)
+    states = dict(conn.execute("SELECT id, state FROM batches WHERE id IN (?, ?)", (OPEN, "secondopen")).fetchall())
+    assert states == {OPEN: "open", "secondopen": "queued"}  # texts keep joining the one they joined
+    assert store.add_message("SMnew", "+15551110005", US, "more", T + 5, Rules()).batch_id == OPEN
+    claims = dict(conn.execute("SELECT id, claim FROM batches WHERE phone = '+15551119999'").fetchall())
+    assert claims == {"claimone": "c1", "claimtwo": None}  # claimed again when its lease runs out
+    store.close()
+
+
+@pytest.mark.postgres
+def test_postgresql_has_the_same_tables_and_columns_as_sqlite(db_path, pg_url):
+    """schema_pg.sql plus the later steps' PostgreSQL statements must give what schema.sql gives."""
+    sqlite, postgres = Store(db_path), Store(pg_url)
+    try:
+        postgres.migrate()
+        assert postgres.version() == sqlite.version() == SCHEMA_VERSION
+        assert postgres.db.tables() == sqlite.db.tables()
+        indexes = "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema() AND indexname LIKE 'batches_%'"
+        names = {r[0] for r in postgres.conn.execute(indexes)}
+        assert {"batches_one_open", "batches_one_claim", "batches_state_due"} <= names
+        # times are double precision: a 4-byte real would round today's epoch to 128 s
+        postgres.conn.execute("INSERT INTO holds (phone, since) VALUES ('+1', ?)", (T + 0.25,))
+        assert postgres.conn.execute("SELECT since FROM holds").fetchone()[0] == T + 0.25
+    finally:
+        sqlite.close()
+        postgres.close()
