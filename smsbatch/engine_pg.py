@@ -12,7 +12,7 @@ lost (server restart, failover) is opened again at the next transaction.
 import functools
 import logging
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from importlib import resources
 
 import psycopg
@@ -85,6 +85,8 @@ class Connection:
         try:
             return raw.execute(to_psycopg(sql), tuple(parameters))
         except psycopg.Error as exc:
+            if self._database.may_retry(raw, sql):  # a read on a connection the server dropped: once more
+                return self._database.raw().execute(to_psycopg(sql), tuple(parameters))
             raise translate(exc) from exc
 
     def executemany(self, sql, seq):
@@ -130,16 +132,22 @@ class Database:
         self._owned = raw is None
         self.conn = Connection(self)
         self.deadline = None  # monotonic time; set by the webhook: every statement ends before it
+        self._in_transaction = False
 
     def raw(self):
         """The psycopg connection, opened again if it was lost while no transaction ran."""
         if self._raw.broken or self._raw.closed:
             if not self._owned:
                 raise StoreUnavailable("the connection to the database was lost")
-            if self._raw.info.transaction_status == psycopg.pq.TransactionStatus.IDLE or self._raw.closed:
+            if not self._in_transaction:  # never in the middle of a transaction: it is lost, and says so
                 log.info("reconnecting to %s", shown_target(self.path))
                 self._raw = _open(self.path, self.durable, self.busy_timeout)
         return self._raw
+
+    def may_retry(self, raw, sql):
+        """True if a statement that failed may run again on a new connection: a read, outside
+        any transaction, on an own connection the server dropped (a restart, a failover)."""
+        return self._owned and raw.broken and not self._in_transaction and sql.lstrip()[:6].upper() == "SELECT"
 
     def exists(self):
         return True
@@ -176,9 +184,9 @@ class Database:
     @contextmanager
     def transaction(self):
         """One transaction (READ COMMITTED). Within the webhook's deadline when one is set."""
-        raw = self.raw()
         try:
-            with raw.transaction():
+            with self._begin() as raw:
+                self._in_transaction = True
                 if self.deadline is not None:
                     left = max(1, int((self.deadline - time.monotonic()) * 1000))
                     raw.execute("SELECT set_config('statement_timeout', %s, true),"
@@ -186,6 +194,24 @@ class Database:
                 yield self.conn
         except psycopg.Error as exc:
             raise translate(exc) from exc
+        finally:
+            self._in_transaction = False
+
+    @contextmanager
+    def _begin(self, **options):
+        """psycopg's transaction block; if its BEGIN finds that the server dropped this (own)
+        connection, nothing has run yet: once more on a new connection."""
+        stack = ExitStack()
+        raw = self.raw()
+        try:
+            stack.enter_context(raw.transaction(**options))
+        except psycopg.OperationalError:
+            if not (self._owned and raw.broken):
+                raise
+            raw = self.raw()
+            stack.enter_context(raw.transaction(**options))
+        with stack:
+            yield raw
 
     @contextmanager
     def durable_transaction(self):
@@ -199,13 +225,15 @@ class Database:
     @contextmanager
     def snapshot(self):
         """A read-only transaction: every read inside sees one moment; nothing is written."""
-        raw = self.raw()
         try:
-            with raw.transaction(force_rollback=True):
+            with self._begin(force_rollback=True) as raw:
+                self._in_transaction = True
                 raw.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
                 yield self.conn
         except psycopg.Error as exc:
             raise translate(exc) from exc
+        finally:
+            self._in_transaction = False
 
     def make_throwaway(self):
         raise SmsbatchError("a throwaway database must be an SQLite file")

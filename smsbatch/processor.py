@@ -20,6 +20,7 @@ from smsbatch import ai, batching, delivery
 from smsbatch.config import FAULT_POINT
 from smsbatch.db import State, Store
 from smsbatch.db_ops import held_reason
+from smsbatch.engine import StoreBusy, StoreError, StoreUnavailable
 from smsbatch.errors import (CannotReconcile, ConfigError, DeliveryError, InvalidInput, LeaseLost, hide_numbers,
                              redact)
 from smsbatch.inputs import check_phone, iso_time
@@ -348,6 +349,10 @@ class Processor:
         batch to its lease (retried later) rather than half-finished."""
         try:
             return self.handle(batch)
+        except (StoreUnavailable, StoreBusy) as exc:  # not a bug: the database is away or busy
+            log.warning("batch %s: the database could not be written (%s); the batch is left to its lease, "
+                        "then taken up again", batch["id"], exc)
+            return "error"
         except Exception:
             # Redacted like provider errors: an exception's text may quote a secret or a number.
             trace = hide_numbers(redact(traceback.format_exc(), self.settings.secrets()))
@@ -386,7 +391,10 @@ class Processor:
                 return report
             return self._run(report, limit, concurrency, seconds, stop)
         finally:
-            self.store().note_run(host, self.clock(), finished=True)
+            try:
+                self.store().note_run(host, self.clock(), finished=True)
+            except StoreError as exc:  # the run's own outcome matters more than this note
+                log.warning("could not record the end of this run: %s", exc)
 
     def _run(self, report, limit, concurrency, seconds, stop):
         if seconds:  # a long run: have the clients ready before the first batch needs them
@@ -402,7 +410,7 @@ class Processor:
                 room = min(concurrency - len(inflight), limit - report.claimed) if claiming else 0
                 claimed = 0
                 if room > 0:
-                    rows, expired = self.claim(room)
+                    rows, expired = self._claim_or_wait(room, long_run=bool(seconds))
                     report.claimed += len(rows)
                     report.expired += expired
                     claimed = len(rows)
@@ -426,6 +434,18 @@ class Processor:
                                   self.usage.prompt_tokens - usage_before.prompt_tokens,
                                   self.usage.completion_tokens - usage_before.completion_tokens))
         return report
+
+    def _claim_or_wait(self, room, long_run):
+        """claim(room); in a long run (--for) a database that is away or busy is waited out
+        (the connection reopens by itself when it is back) instead of ending the run."""
+        try:
+            return self.claim(room)
+        except (StoreUnavailable, StoreBusy) as exc:
+            if not long_run:
+                raise
+            log.warning("cannot claim batches now (%s); trying again", exc)
+            time.sleep(POLL_SECONDS)
+            return [], 0
 
     def _warm(self):
         for provider in (self.responder, self.sender):

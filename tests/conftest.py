@@ -52,8 +52,9 @@ def pytest_collection_modifyitems(config, items):
 
 
 def with_search_path(url, schema):
-    """The URL with every session's search_path set to `schema`."""
-    return f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{schema}"
+    """The URL with every session's search_path set to `schema` (and named after it, so a
+    test can find its own sessions in pg_stat_activity)."""
+    return f"{url}{'&' if '?' in url else '?'}application_name={schema}&options=-csearch_path%3D{schema}"
 
 
 @pytest.fixture

@@ -1,0 +1,153 @@
+"""PostgreSQL as the store: every command, the webhook on pooled connections, a server that
+is down, and connections the server drops (pg_terminate_backend) — all reconnect by themselves.
+
+Runs when SMSBATCH_TEST_POSTGRES_URL names a server (conftest); each test in a schema of its own.
+"""
+
+import json
+import time
+
+import psycopg
+import pytest
+
+from conftest import T0, invoke, offline_processor
+from smsbatch.batching import Rules
+from smsbatch.config import Settings
+from smsbatch.db import Store
+from smsbatch.engine import StoreUnavailable
+from test_web import call, form, signed
+from smsbatch.web import make_app
+
+pytestmark = pytest.mark.postgres
+ME, US = "+15553330001", "+15550000000"
+DOWN = "postgresql://postgres@127.0.0.1:1/postgres"  # nothing listens there: a server that is down
+
+
+@pytest.fixture
+def engine_name():
+    return "postgres"
+
+
+def terminate_all(db_path):
+    """Drop every connection of this test (its sessions are named after its schema), as a
+    server restart or a failover would. Returns how many were dropped."""
+    schema = db_path.rsplit("%3D", 1)[1]
+    with psycopg.connect(db_path.split("?")[0], autocommit=True) as admin:
+        return sum(r[0] for r in admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s", (schema,)))
+
+
+def test_every_command_works_on_postgresql(db_path, tmp_path):
+    env = {"SMSBATCH_DB": db_path}
+    assert "already at schema version" in invoke(["migrate"], env).output
+    assert invoke(["ingest", "--from", ME, "--to", US, "--body", "hello", "--at", str(T0), "--now", str(T0)], env).exit_code == 0
+    assert invoke(["ingest", "--from", ME, "--to", US, "--body", "again", "--at", str(T0 + 1), "--now", str(T0)], env).exit_code == 0
+    run = invoke(["process", "--now", str(T0 + 3600), "--ai", "offline", "--sms", "console", "--json"], env)
+    assert run.exit_code == 0, run.output
+    status = json.loads(invoke(["status", "--json"], env).output)
+    assert status["counts"]["sent"] == 1 and status["pending"] == 0
+    batch_id = status["latest"][0]["id"]
+    shown = invoke(["show", batch_id], env)
+    assert shown.exit_code == 0 and "hello" in shown.output
+    assert invoke(["show", ME], env).exit_code == 0
+    stats = invoke(["stats", "--json", "--since", "2d", "--now", str(T0 + 3600)], env)
+    assert stats.exit_code == 0, stats.output
+    assert invoke(["hold", ME, "--reason", "checking"], env).exit_code == 0
+    assert invoke(["release", ME], env).exit_code == 0
+    retry = invoke(["retry", batch_id], env)
+    assert retry.exit_code == 1 and "already sent" in retry.output
+    exported = invoke(["export", "--since", str(T0 - 10)], env)
+    assert exported.exit_code == 0 and "exported 2 texts" in exported.output
+    assert invoke(["prune", "--older-than", "1d", "--dry-run"], env).exit_code == 0
+    backup = invoke(["backup", str(tmp_path / "copy.db")], env)
+    assert backup.exit_code == 1 and "pg_dump" in backup.output and backup.output.count("\n") == 1
+    check = invoke(["check", "--json"], env | {"SMSBATCH_AI": "offline", "SMSBATCH_SMS": "console"})
+    database = [c for c in json.loads(check.output)["checks"] if c["name"] == "database"][0]
+    assert database["ok"] and "schema version" in database["detail"]
+
+
+def test_a_password_never_reaches_the_output(db_path):
+    url = db_path.replace("postgres@", "postgres:s3cretpw@")  # trust auth: the password is not checked
+    result = invoke(["--db", url, "migrate"])
+    assert "already at schema version" in result.output and "s3cretpw" not in result.output
+
+
+def test_a_server_that_is_down_is_one_line(tmp_path):
+    for args in (["migrate"], ["status"]):
+        result = invoke(["--db", DOWN, *args])
+        assert result.exit_code == 1 and result.output.startswith("Error: ") and result.output.count("\n") == 1
+        assert "cannot connect" in result.output
+
+
+def test_the_webhook_stores_on_postgresql_and_a_repeated_sid_is_200_twice(db_path):
+    app = make_app(Settings(db_path=db_path, twilio_auth_token="t", public_url="https://x.example/sms"),
+                   clock=lambda: T0)
+    body, headers = signed(form(), url="https://x.example/sms", token="t")
+    try:
+        assert call(app, body=body, headers=headers)[0] == 200
+        assert call(app, body=body, headers=headers)[0] == 200  # Twilio's retry: stored once
+        status, _, out = call(app, method="GET", path="/health")
+        assert status == 200 and json.loads(out)["can_store"] is True
+    finally:
+        app.drain()
+    store = Store(db_path)
+    assert store.conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 1
+    store.close()
+
+
+def test_the_webhook_answers_503_within_its_deadline_while_the_database_is_down():
+    app = make_app(Settings(db_path=DOWN, twilio_auth_token="t", public_url="https://x.example/sms"),
+                   clock=lambda: T0)
+    body, headers = signed(form(), url="https://x.example/sms", token="t")
+    try:
+        started = time.monotonic()
+        status, _, out = call(app, body=body, headers=headers)
+        assert status == 503 and time.monotonic() - started < 5
+        status, _, out = call(app, method="GET", path="/health")
+        info = json.loads(out)
+        assert status == 503 and info["ok"] is False
+    finally:
+        app.drain()
+
+
+def test_dropped_connections_reopen_by_themselves(db_path, settings, clock):
+    """The server drops every connection (a restart): the next statements of a store, a
+    processor and the webhook work again without a restart of smsbatch."""
+    store = Store(db_path)
+    app = make_app(Settings(db_path=db_path, twilio_auth_token="t", public_url="https://x.example/sms"),
+                   clock=lambda: T0)
+    try:
+        store.add_message("SM1", ME, US, "before", T0, Rules())
+        body, headers = signed(form(MessageSid="SM" + "b" * 32), url="https://x.example/sms", token="t")
+        assert call(app, body=body, headers=headers)[0] == 200
+        assert terminate_all(db_path) >= 2
+        # a transaction begins on a new connection; a read outside one is asked again
+        store.add_message("SM2", ME, US, "after", T0 + 1, Rules())
+        assert store.conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 3
+        terminate_all(db_path)
+        assert store.conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 3
+        body, headers = signed(form(MessageSid="SM" + "c" * 32), url="https://x.example/sms", token="t")
+        assert call(app, body=body, headers=headers)[0] == 200  # the pool checks before it lends
+        processor = offline_processor(settings, clock)
+        processor.store().conn.execute("SELECT 1").fetchall()
+        terminate_all(db_path)
+        clock.now = T0 + 3600
+        report = processor.run()
+        assert report.counts["sent"] == 1  # one burst of one person: four texts, one reply
+        assert store.conn.execute("SELECT sum(message_count) FROM batches WHERE state = 'sent'").fetchone()[0] == 4
+    finally:
+        app.drain()
+        store.close()
+
+
+def test_a_lost_connection_inside_a_transaction_is_an_error_not_a_silent_retry(db_path):
+    store = Store(db_path)
+    try:
+        with pytest.raises(StoreUnavailable):
+            with store.transaction() as conn:
+                conn.execute("INSERT INTO holds (phone, since) VALUES (?, ?)", (ME, T0))
+                terminate_all(db_path)
+                conn.execute("INSERT INTO holds (phone, since) VALUES (?, ?)", ("+1999", T0))
+        assert store.find_hold(ME) is None  # nothing of it was committed
+    finally:
+        store.close()
