@@ -2,7 +2,7 @@
 
 from smsbatch import batching
 from smsbatch.errors import InvalidTransition, NotFound, SmsbatchError
-from smsbatch.states import FINAL, PENDING, RETRYABLE, State, placeholders
+from smsbatch.states import FINAL, PENDING, RETRYABLE, State, placeholders, retry_refusal
 
 
 class OperatorActions:
@@ -27,25 +27,20 @@ class OperatorActions:
         """
         with self.transaction() as conn:
             batch = self._locked_batch(conn, batch_id)
-            state = State(batch["state"])
-            if state not in RETRYABLE:
-                raise InvalidTransition(_why_not_retryable(batch))
-            keyword = conn.execute(
-                "SELECT 1 FROM messages WHERE batch_id = ? AND kind != 'text'", (batch_id,)
-            ).fetchone()
-            if keyword:
-                raise InvalidTransition(f"batch {batch_id} holds an opt-out/opt-in keyword; nothing to answer")
-            if fresh and state == State.UNKNOWN:
-                # Its reply may have gone out: only the stored reply can be looked up in Twilio's
-                # log before sending, so a fresh one could reach the person as a second reply.
-                raise InvalidTransition(f"batch {batch_id} is unknown: its reply may already have been sent; "
-                                        "retry it without --fresh (Twilio's log is checked first)")
+            why = retry_refusal(batch, self._holds_keyword(conn, batch_id), fresh)
+            if why:
+                raise InvalidTransition(why)
             fresh_note = "; its stored reply is dropped (--fresh)" if fresh else ""
             self._move(conn, batch_id, State.QUEUED, now, f"requeued by an operator (smsbatch retry){fresh_note}",
                        "due_at = ?, attempts = 0, claim = NULL, last_error = NULL, completed_at = NULL,"
                        " retried_at = ?, response_text = CASE WHEN ? = 1 THEN NULL ELSE response_text END",
                        (now, now, int(fresh)), expect=[s.value for s in RETRYABLE])
         return self.get_batch(batch_id)
+
+    @staticmethod
+    def _holds_keyword(conn, batch_id):
+        return conn.execute("SELECT 1 FROM messages WHERE batch_id = ? AND kind != 'text'",
+                            (batch_id,)).fetchone() is not None
 
     def _locked_batch(self, conn, batch_id):
         """The batch's row, locked (PostgreSQL) until the transaction ends. Raises: NotFound."""
@@ -122,10 +117,9 @@ class OperatorActions:
             NotFound: no such batch.
         """
         batch = self.get_batch(batch_id)
-        if State(batch["state"]) not in RETRYABLE:
-            return _why_not_retryable(batch)
-        if self.conn.execute("SELECT 1 FROM messages WHERE batch_id = ? AND kind != 'text'", (batch_id,)).fetchone():
-            return f"batch {batch_id} holds an opt-out/opt-in keyword; nothing to answer"
+        why = retry_refusal(batch, self._holds_keyword(self.conn, batch_id))
+        if why:
+            return why
         if self._on_hold(self.conn, batch["phone"]):
             return (f"batch {batch_id}: {batch['phone']} is on hold; `smsbatch release {batch['phone']}` first "
                     "(--answer-pending answers what came meanwhile)")
@@ -324,12 +318,3 @@ def held_reason(hold, when=""):
     """A batch's last_error when it ends held: the operator's reason, if they gave one."""
     why = f": {hold['reason']}" if hold["reason"] else ""
     return f"on hold{' ' + when if when else ''} (smsbatch release to end it){why}"
-
-
-def _why_not_retryable(batch):
-    state = batch["state"]
-    if state == State.SENT:
-        return f"batch {batch['id']} was already sent ({batch['provider_sid']}); not sending it twice"
-    if state == State.SUPERSEDED:
-        return f"batch {batch['id']} was folded into batch {batch['superseded_by']}; retry that one"
-    return f"batch {batch['id']} is {state}, already waiting to be answered"

@@ -2,7 +2,7 @@
 
 import json
 
-from smsbatch import delivery
+from smsbatch import delivery, outages
 from smsbatch.states import PENDING, placeholders
 
 REJECTIONS_KEPT_SECONDS = 86400  # rejection counts older than a day are dropped as new ones arrive
@@ -144,22 +144,21 @@ class OperatorReports:
             row = conn.execute("SELECT * FROM provider_health WHERE provider = ?" + self.db.for_update,
                                (provider,)).fetchone()
             row = dict(row) if row else {"provider": provider, "failing_since": None, "alerted_at": None}
+            changes, event = outages.after_call(row, now, error, alert_after)
             if error is None:
                 conn.execute(
                     "INSERT INTO provider_health (provider, last_ok_at) VALUES (?, ?) ON CONFLICT (provider)"
                     " DO UPDATE SET failing_since = NULL, alerted_at = NULL, last_ok_at = excluded.last_ok_at",
                     (provider, now))
-                return ("recovered", row) if row["alerted_at"] is not None else None
-            since = row["failing_since"] if row["failing_since"] is not None else now
-            alert = row["alerted_at"] is None and now - since >= alert_after
+                return (event, row) if event else None
             conn.execute(
                 "INSERT INTO provider_health (provider, failing_since, last_failure_at, last_error, alerted_at)"
                 " VALUES (?, ?, ?, ?, ?) ON CONFLICT (provider) DO UPDATE SET failing_since ="
                 " excluded.failing_since, last_failure_at = excluded.last_failure_at,"
                 " last_error = excluded.last_error, alerted_at = excluded.alerted_at",
-                (provider, since, now, error, now if alert else row["alerted_at"]))
-            row.update(failing_since=since, last_failure_at=now, last_error=error)
-            return ("outage", row) if alert else None
+                (provider, changes["failing_since"], now, error, changes["alerted_at"]))
+            row.update(failing_since=changes["failing_since"], last_failure_at=now, last_error=error)
+            return (event, row) if event else None
 
     def _healthy_lately(self, provider, now, within=60.0):
         row = self.conn.execute(

@@ -134,6 +134,7 @@ class Processor:
         self.leases = Leases(db_path, clock, settings.lease)
         self.usage = ai.Usage()  # what the AI calls of this processor cost, so far
         self._usage_lock = threading.Lock()
+        self._next_due = 0.0  # the earliest due_at the last claim saw; None: nothing pending
 
     def store(self):
         if not hasattr(self._local, "store"):
@@ -368,6 +369,11 @@ class Processor:
         store = self.store()
         calibrate(self.clock, store)
         confirmed, now = time.monotonic(), self.clock()
+        # One cheap read first: with nothing pending (an idle processor) it is the only query
+        # of the round, so idling costs about one query a second (POLL_SECONDS).
+        self._next_due = store.next_due()
+        if self._next_due is None:
+            return [], 0
         self.leases.free_dead(store, now)
         rows, expired = store.claim_due(now, limit, self.leases.lease, self.settings.max_age_seconds,
                                         holder=self.leases.holder, node=self.leases.node)
@@ -479,7 +485,7 @@ class Processor:
 
     def _idle_wait(self):
         """How long to sleep when nothing is due: until the next batch is due, at most POLL_SECONDS."""
-        due = self.store().next_due()
+        due = None if self._next_due is None else self.store().next_due()  # None: nothing was pending
         if due is None or due <= self.clock():  # due but not claimable: its phone is busy
             return POLL_SECONDS
         return max(0.02, min(POLL_SECONDS, due - self.clock()))

@@ -54,3 +54,24 @@ assert all(to in TRANSITIONS[s] for s, to in CLAIM_MOVES.items())
 def placeholders(items):
     """'?,?,?' for an SQL IN (...) of `items`."""
     return ",".join("?" for _ in items)
+
+
+def retry_refusal(batch, holds_keyword, fresh=False):
+    """Why `smsbatch retry` must refuse this batch (a dict of its row), or None: it went out,
+    is pending, only holds an opt-out/opt-in keyword (`holds_keyword`), or (`fresh`) is
+    unknown, so its reply may already have gone out. A pure rule: the store applies it."""
+    state, batch_id = State(batch["state"]), batch["id"]
+    if state == _S.SENT:
+        return f"batch {batch_id} was already sent ({batch['provider_sid']}); not sending it twice"
+    if state == _S.SUPERSEDED:
+        return f"batch {batch_id} was folded into batch {batch['superseded_by']}; retry that one"
+    if state not in RETRYABLE:
+        return f"batch {batch_id} is {state.value}, already waiting to be answered"
+    if holds_keyword:
+        return f"batch {batch_id} holds an opt-out/opt-in keyword; nothing to answer"
+    if fresh and state == _S.UNKNOWN:
+        # Its reply may have gone out: only the stored reply can be looked up in Twilio's
+        # log before sending, so a fresh one could reach the person as a second reply.
+        return (f"batch {batch_id} is unknown: its reply may already have been sent; "
+                "retry it without --fresh (Twilio's log is checked first)")
+    return None
