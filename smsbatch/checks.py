@@ -40,7 +40,7 @@ def effective_settings(settings):
         return f"{MASK} (set)" if value else "(not set)"
 
     return [
-        ("SMSBATCH_DB", s.db_path),
+        ("SMSBATCH_DB", shown_target(s.db_path)),
         ("ENABLE_AI_SMS_AGENT", "true" if s.enabled else "false (replies paused)"),
         ("AI_SMS_TEST_NUMBER", s.test_number or "(not set: everyone is answered)"),
         ("SMSBATCH_AI", s.ai),

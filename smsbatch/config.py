@@ -230,7 +230,7 @@ class Settings:
     def secrets(self):
         """Every configured secret, in each form a provider's error text could echo it:
         the OpenAI key (also inside "Bearer ..."), the Twilio auth token, HTTP Basic auth's
-        base64 of sid:token, and any password inside a base URL."""
+        base64 of sid:token, and any password inside a base URL or the database's URL."""
         import base64
         from urllib.parse import urlsplit
 
@@ -238,7 +238,7 @@ class Settings:
         if self.twilio_auth_token:
             basic = base64.b64encode(f"{self.twilio_account_sid}:{self.twilio_auth_token}".encode()).decode()
             found += [basic, basic.rstrip("=")]  # unpadded too: where the padding was dropped
-        for url in (self.openai_base_url, self.twilio_base_url):
+        for url in (self.openai_base_url, self.twilio_base_url, self.db_path):  # db_path: a PostgreSQL URL
             try:
                 found.append(urlsplit(url or "").password or "")
             except ValueError:

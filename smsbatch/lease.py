@@ -63,12 +63,13 @@ class DatabaseClock:
 
     RECALIBRATE_SECONDS = 10.0
 
-    def __init__(self):
+    def __init__(self, host_time=time.time):
+        self.host_time = host_time  # this host's wall clock (a test gives a skewed one)
         self.offset = 0.0
         self._measured = None  # monotonic time of the last measurement
 
     def __call__(self):
-        return time.time() + self.offset
+        return self.host_time() + self.offset
 
     def calibrate(self, store, force=False):
         """Measure the offset again (cheap: one query on PostgreSQL, none on SQLite)."""
@@ -77,9 +78,9 @@ class DatabaseClock:
         now = time.monotonic()
         if not force and self._measured is not None and now - self._measured < self.RECALIBRATE_SECONDS:
             return
-        before = time.time()
+        before = self.host_time()
         theirs = store.db_now()
-        self.offset = theirs - (before + time.time()) / 2  # the server read its clock about midway
+        self.offset = theirs - (before + self.host_time()) / 2  # the server read its clock about midway
         self._measured = now
 
 

@@ -70,6 +70,10 @@ def test_a_password_never_reaches_the_output(db_path):
     url = db_path.replace("postgres@", "postgres:s3cretpw@")  # trust auth: the password is not checked
     result = invoke(["--db", url, "migrate"])
     assert "already at schema version" in result.output and "s3cretpw" not in result.output
+    check = invoke(["--db", url, "check"], {"SMSBATCH_AI": "offline", "SMSBATCH_SMS": "console"})
+    assert "postgres:***@" in check.output and "s3cretpw" not in check.output
+    down = invoke(["--db", DOWN.replace("postgres@", "postgres:s3cretpw@"), "status"])
+    assert down.exit_code == 1 and "s3cretpw" not in down.output
 
 
 def test_a_server_that_is_down_is_one_line(tmp_path):
@@ -151,3 +155,25 @@ def test_a_lost_connection_inside_a_transaction_is_an_error_not_a_silent_retry(d
         assert store.find_hold(ME) is None  # nothing of it was committed
     finally:
         store.close()
+
+
+def test_hosts_with_skewed_clocks_agree_on_leases(db_path):
+    """Two processors' hosts are 30 s fast and 30 s slow: on the database's clock the slow
+    one does not see the fast one's lease as live for 30 s too long, nor the fast one take
+    a live lease of the slow one's."""
+    from smsbatch.lease import DatabaseClock
+
+    fast, slow = DatabaseClock(lambda: time.time() + 30), DatabaseClock(lambda: time.time() - 30)
+    a, b = Store(db_path), Store(db_path)
+    try:
+        fast.calibrate(a, force=True)
+        slow.calibrate(b, force=True)
+        assert abs(fast() - slow()) < 1 and abs(fast() - a.db_now()) < 1
+        a.add_message("SMskew", ME, US, "hi", fast() - 120, Rules(quiet_seconds=1, max_wait_seconds=1))
+        claimed, _ = a.claim_due(fast(), 1, 4.0, 86400)
+        assert len(claimed) == 1
+        assert b.claim_due(slow() + 2, 1, 4.0, 86400)[0] == []  # the lease is live for the slow host too
+        assert len(b.claim_due(slow() + 5, 1, 4.0, 86400)[0]) == 1  # and over for it when it is over
+    finally:
+        a.close()
+        b.close()
