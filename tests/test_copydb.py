@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import T0, TextMeanwhile, invoke, offline_processor
+from conftest import T0, Clock, TextMeanwhile, invoke, offline_processor
 from fakes import FakeTwilio, provider_env
 from smsbatch.config import Settings
 from smsbatch.db import Store
@@ -41,7 +41,7 @@ def populate(db_path, env):
     app.writer.close()
     # A text during A's AI call: that reply is superseded, the next one covers both.
     late = TextMeanwhile(db_path, A, lambda n: "one more" if n == 1 else None, T0 + 40)
-    assert offline_processor(settings, _Clock(T0 + 30), late).run().counts["superseded"] == 1
+    assert offline_processor(settings, Clock(T0 + 30), late).run().counts["superseded"] == 1
     for args in (["process", "--now", str(T0 + 60), "--ai", "offline", "--json"],
                  ["hold", B, "--reason", "angry customer", "--now", str(T0 + 70)],
                  ["hold", C, "--now", str(T0 + 71)], ["release", C, "--now", str(T0 + 72)],
@@ -50,14 +50,6 @@ def populate(db_path, env):
                   "--now", str(T0 + 80)]):
         result = invoke(args, env)
         assert result.exit_code == 0, result.output
-
-
-class _Clock:
-    def __init__(self, now):
-        self.now = now
-
-    def __call__(self):
-        return self.now
 
 
 def table_rows(store):
