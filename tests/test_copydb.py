@@ -153,3 +153,25 @@ def test_copying_into_sqlite_or_from_postgresql_is_refused_in_one_line(tmp_path)
 def test_copy_to_has_help():
     result = invoke(["copy-to", "--help"])
     assert result.exit_code == 0 and "empty PostgreSQL database" in result.output
+
+
+@pytest.mark.postgres
+def test_a_source_table_the_target_lacks_stops_the_copy_and_keeps_nothing(tmp_path, pg_url):
+    source = str(tmp_path / "smsbatch.db")
+    assert invoke(["--db", source, "migrate"]).exit_code == 0
+    assert invoke(["--db", source, "ingest", "--from", A, "--to", OURS, "--body", "STOP"]).exit_code == 0
+    old = Store(source)
+    old.conn.execute("CREATE TABLE number_holds (number TEXT PRIMARY KEY, since REAL)")  # a newer smsbatch's
+    old.close()
+    result = invoke(["--db", source, "copy-to", pg_url])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+    assert "has no number_holds(number, since)" in result.output
+    target = Store(pg_url)
+    assert target.conn.execute("SELECT count(*) FROM opt_outs").fetchone()[0] == 0
+    target.close()
+
+
+def test_a_source_not_migrated_is_refused_in_one_line(tmp_path):
+    result = invoke(["--db", str(tmp_path / "missing.db"), "copy-to", "postgresql://x@127.0.0.1:1/none"])
+    assert result.exit_code == 1 and result.output.startswith("Error: database ")
+    assert "smsbatch migrate" in result.output and len(result.output.strip().splitlines()) == 1
