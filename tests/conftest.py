@@ -28,11 +28,13 @@ ENGINES = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 def pytest_configure(config):
     config.addinivalue_line("markers", "postgres: needs SMSBATCH_TEST_POSTGRES_URL (a PostgreSQL server)")
     config.addinivalue_line("markers", "engines: run on SQLite and on PostgreSQL (the engine_name fixture)")
+    config.addinivalue_line("markers", "sqlite_only: in an `engines` module, a test of SQLite itself")
 
 
 def pytest_generate_tests(metafunc):
     if metafunc.definition.get_closest_marker("engines") and "engine_name" in metafunc.fixturenames:
-        metafunc.parametrize("engine_name", ENGINES)
+        sqlite_only = metafunc.definition.get_closest_marker("sqlite_only")
+        metafunc.parametrize("engine_name", ENGINES[:1] if sqlite_only else ENGINES)
 
 
 def pytest_report_header(config):

@@ -17,6 +17,8 @@ from smsbatch.errors import ConfigError
 from smsbatch.simulate import Setup, replay
 from smsbatch.tracegen import generate, read_trace, trace_line
 
+pytestmark = pytest.mark.engines  # on SQLite and PostgreSQL (conftest.ENGINES)
+
 DATA = os.path.join(os.path.dirname(__file__), "data")
 ON = Rules(adaptive=True)
 FAST, SLOW, NEW = "+15554440001", "+15554440002", "+15554440003"
@@ -136,6 +138,7 @@ def test_a_burst_that_crosses_max_wait_closes_at_max_wait(store):
     assert batch["due_at"] == T0 + 45  # first text + max wait, not last + 20
 
 
+@pytest.mark.sqlite_only  # reads SQLite itself (PRAGMA, trace callback, a shell line)
 def test_only_texts_up_to_this_one_count_and_the_history_is_read_through_the_index(store):
     texts(store, FAST, [100, 101.5, 103, 104.5, 106])  # stored, but later than the next text
     statements = []

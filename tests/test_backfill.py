@@ -11,6 +11,8 @@ from smsbatch.config import Settings
 from smsbatch.db import State, Store
 from smsbatch.sms import TwilioLog, TwilioSender
 
+pytestmark = pytest.mark.engines  # on SQLite and PostgreSQL (conftest.ENGINES)
+
 US, PERSON = "+15550000000", "+15557770001"
 
 

@@ -6,6 +6,8 @@ from conftest import T0, add, real_processor
 from smsbatch.config import Settings
 from smsbatch.db import State
 
+pytestmark = pytest.mark.engines  # on SQLite and PostgreSQL (conftest.ENGINES)
+
 SALES, SUPPORT, PERSON = "+15550000001", "+15550000002", "+15557770009"
 
 

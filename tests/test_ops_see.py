@@ -16,6 +16,8 @@ from test_web import call
 from smsbatch.config import Settings
 from smsbatch.web import make_app
 
+pytestmark = pytest.mark.engines  # on SQLite and PostgreSQL (conftest.ENGINES)
+
 A, B = "+15554440001", "+15554440002"
 ISO = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
 
@@ -244,6 +246,7 @@ def tmux(sock, *args):
     return subprocess.run(["tmux", "-L", sock, *args], capture_output=True, text=True, timeout=10)
 
 
+@pytest.mark.sqlite_only  # reads SQLite itself (PRAGMA, trace callback, a shell line)
 def test_status_watch_in_a_real_80x24_terminal(troubled, db_path, store, tmp_path):
     """tmux gives `status --watch` a real 80x24 terminal: counts on screen, whole headers, no
     wrapped lines; it redraws when a text arrives and ends on Ctrl-C."""
@@ -377,6 +380,7 @@ def test_an_upgraded_version_1_database_can_be_shown_and_counted(tmp_path):
     assert json.loads(invoke(["--db", path, "status", "--json"]).output)["outages"] == []
 
 
+@pytest.mark.sqlite_only  # reads SQLite itself (PRAGMA, trace callback, a shell line)
 def test_stats_counts_deliveries_and_reads_recorded_ai_usage_when_present(two_days, db_path):
     """Delivery reports land in outbound.status; AI usage columns (added by another step) are
     read when the database has them: then the AI requests are exact, retries included."""
