@@ -177,3 +177,44 @@ def test_hosts_with_skewed_clocks_agree_on_leases(db_path):
     finally:
         a.close()
         b.close()
+
+
+def test_twin_first_texts_on_two_webhooks_land_in_one_batch(db_path):
+    """Two webhooks (two pools, as two hosts) get a person's first texts at the same instant,
+    for twenty people at once; and the same MessageSid twice (Twilio's retry reaching the other host)."""
+    import threading
+
+    apps = [make_app(Settings(db_path=db_path, twilio_auth_token="t", public_url="https://x.example/sms"),
+                     clock=lambda: T0) for _ in range(2)]
+    barrier = threading.Barrier(40)
+    statuses = []
+
+    def post(app, params):
+        body, headers = signed(params, url="https://x.example/sms", token="t")
+        barrier.wait()
+        statuses.append(call(app, body=body, headers=headers)[0])
+
+    threads = []
+    for n in range(10):
+        phone = f"+1555444{n:04d}"
+        for i, app in enumerate(apps):  # twins: two texts of one person, one on each webhook
+            threads.append(threading.Thread(target=post, args=(app, form(From=phone, MessageSid=f"SM{n:02d}{i}" + "d" * 29))))
+        sid = f"SM{n:02d}r" + "e" * 29  # one text, delivered to both webhooks
+        for app in apps:
+            threads.append(threading.Thread(target=post, args=(app, form(From=f"+1555555{n:04d}", MessageSid=sid))))
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    finally:
+        for app in apps:
+            app.drain()
+    assert statuses == [200] * 40
+    store = Store(db_path)
+    try:
+        batches = store.conn.execute("SELECT phone, count(*), sum(message_count) FROM batches GROUP BY phone").fetchall()
+        assert sorted(tuple(r)[1:] for r in batches) == [(1, 1)] * 10 + [(1, 2)] * 10
+        assert store.conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 30
+    finally:
+        store.close()
