@@ -132,7 +132,7 @@ def check_postgres(url):
         version = store.version()
         if version != SCHEMA_VERSION:
             return Check(name, False, f"{shown} is at schema version {version}, this smsbatch needs "
-                         f"{SCHEMA_VERSION}", f"pg_dump it, then smsbatch --db URL migrate")
+                         f"{SCHEMA_VERSION}", "pg_dump it, then smsbatch --db URL migrate")
         missing = store.db.missing_rights()
         if missing:
             return Check(name, False, f"{shown}: the user lacks {', '.join(missing)}",
