@@ -310,6 +310,22 @@ class Database:
             conn.execute("UPDATE schema_version SET version = ?", (latest,))
         return before
 
+    def space(self):
+        """How big smsbatch's tables are (indexes and TOAST included): {"bytes", "free_bytes"}.
+        Free space inside them is reused by PostgreSQL itself (autovacuum) and not measured
+        without an extension: free_bytes is 0, so nothing asks to rewrite the tables."""
+        size = self.conn.execute(
+            "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0)::bigint FROM pg_class c JOIN pg_namespace n"
+            " ON n.oid = c.relnamespace WHERE n.nspname = current_schema() AND c.relkind = 'r'").fetchone()[0]
+        return {"bytes": size, "free_bytes": 0}
+
+    def reclaim_space(self):
+        """VACUUM smsbatch's tables now (marks the space a prune freed reusable; never VACUUM
+        FULL, which would lock the tables). Returns space() after."""
+        for table in sorted(self.tables()):
+            self.conn.execute(f"VACUUM {table}")
+        return self.space()
+
     def copy_to(self, path):
         raise SmsbatchError("backup copies an SQLite file; for PostgreSQL use pg_dump "
                             "(e.g. pg_dump -Fc -f smsbatch.dump DBNAME)")

@@ -237,6 +237,23 @@ class Database:
             self.conn.execute("PRAGMA foreign_keys = ON")
         return before
 
+    # -- space (prune reclaims it) ----------------------------------------------------
+
+    def space(self):
+        """How big the database is and how much of it is free (pages a prune emptied, which
+        new rows reuse but the file keeps): {"bytes", "free_bytes"}."""
+        size = self.conn.execute("PRAGMA page_size").fetchone()[0]
+        pages = self.conn.execute("PRAGMA page_count").fetchone()[0]
+        free = self.conn.execute("PRAGMA freelist_count").fetchone()[0]
+        return {"bytes": pages * size, "free_bytes": free * size}
+
+    def reclaim_space(self):
+        """Give the free pages back to the file system (VACUUM, then a WAL checkpoint that
+        truncates it). Holds the write lock while it runs. Returns space() after."""
+        self.conn.execute("VACUUM")
+        self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        return self.space()
+
     # -- backup -----------------------------------------------------------------------
 
     def copy_to(self, path):

@@ -344,3 +344,12 @@ def test_every_step_after_the_postgresql_baseline_is_written_for_both_engines():
 
 def test_the_database_clock_is_close_to_this_hosts(store):
     assert abs(store.db_now() - time.time()) < 5
+
+
+def test_space_is_measured_and_reclaimed(store):
+    failed_batch(store)
+    before = store.db.space()
+    assert before["bytes"] > 0 and before["free_bytes"] >= 0
+    store.prune(T0 + 10_000)
+    after = store.db.reclaim_space()
+    assert after["bytes"] > 0 and after["free_bytes"] == 0
