@@ -5,12 +5,15 @@ Runs when SMSBATCH_TEST_POSTGRES_URL names a server (conftest); each test in a s
 """
 
 import json
+import socket
+import threading
 import time
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
 
-from conftest import T0, invoke, offline_processor
+from conftest import T0, invoke, offline_processor, wait_for
 from smsbatch.batching import Rules
 from smsbatch.config import Settings
 from smsbatch.db import Store
@@ -182,8 +185,6 @@ def test_hosts_with_skewed_clocks_agree_on_leases(db_path):
 def test_twin_first_texts_on_two_webhooks_land_in_one_batch(db_path):
     """Two webhooks (two pools, as two hosts) get a person's first texts at the same instant,
     for twenty people at once; and the same MessageSid twice (Twilio's retry reaching the other host)."""
-    import threading
-
     apps = [make_app(Settings(db_path=db_path, twilio_auth_token="t", public_url="https://x.example/sms"),
                      clock=lambda: T0) for _ in range(2)]
     barrier = threading.Barrier(40)
@@ -218,3 +219,84 @@ def test_twin_first_texts_on_two_webhooks_land_in_one_batch(db_path):
         assert store.conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 30
     finally:
         store.close()
+
+
+class Proxy:
+    """A TCP relay to the PostgreSQL server that can be cut (every connection dropped, new
+    ones refused) and restored: the database unreachable for seconds, as in a restart."""
+
+    def __init__(self, target_port):
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.up, self.pairs = True, []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if not self.up:
+                client.close()
+                continue
+            server = socket.create_connection(("127.0.0.1", self.target_port))
+            self.pairs.append((client, server))
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source, sink):
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for s in (source, sink):
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    def cut(self):
+        self.up = False
+        for pair in self.pairs:
+            for s in pair:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        self.pairs = []
+
+    def close(self):
+        self.cut()
+        self.listener.close()
+
+
+def test_a_database_away_for_seconds_gets_503s_then_everything_reconnects(db_path, settings, clock):
+    proxy = Proxy(urlsplit(db_path).port)
+    url = db_path.replace(f":{urlsplit(db_path).port}/", f":{proxy.port}/")
+    app = make_app(Settings(db_path=url, twilio_auth_token="t", public_url="https://x.example/sms"), clock=lambda: T0)
+    processor = offline_processor(settings.replace(db_path=url), clock)
+    try:
+        def post(n):
+            body, headers = signed(form(MessageSid=f"SM{n:032d}"), url="https://x.example/sms", token="t")
+            return call(app, body=body, headers=headers)[0]
+
+        assert post(1) == 200
+        proxy.cut()
+        started = time.monotonic()
+        assert post(2) == 503 and time.monotonic() - started < 5  # within Twilio's patience
+        assert json.loads(call(app, method="GET", path="/health")[2])["can_store"] is False
+        with pytest.raises(StoreUnavailable):
+            processor.store().add_message("SMx", ME, US, "x", T0, Rules())
+        proxy.up = True  # back: the webhook stores again by itself, within seconds
+        assert wait_for(lambda: post(3) == 200, timeout=10), "the webhook never reconnected"
+        clock.now = T0 + 3600
+        assert processor.run().counts["sent"] == 1  # its thread's connection reopened by itself
+        health = call(app, method="GET", path="/health")
+        assert health[0] == 200 and json.loads(health[2])["can_store"] is True
+    finally:
+        app.drain()
+        proxy.close()
