@@ -37,10 +37,15 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("engine_name", ENGINES[:1] if sqlite_only else ENGINES)
 
 
-def pytest_report_header(config):
+def postgres_line():
     if POSTGRES_URL:
-        return f"postgresql: tests also run on {POSTGRES_URL.split('@')[-1]} (SMSBATCH_TEST_POSTGRES_URL)"
-    return "postgresql: SMSBATCH_TEST_POSTGRES_URL is not set: the PostgreSQL tests are skipped (deselected)"
+        return f"postgresql: tests also ran on {POSTGRES_URL.split('@')[-1]} (SMSBATCH_TEST_POSTGRES_URL)"
+    return "postgresql: SMSBATCH_TEST_POSTGRES_URL is not set: the PostgreSQL tests were skipped (deselected)"
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line, shown with -q too, saying whether the PostgreSQL half ran."""
+    terminalreporter.write_line(postgres_line())
 
 
 def pytest_collection_modifyitems(config, items):
