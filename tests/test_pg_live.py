@@ -7,7 +7,6 @@ stand-in), nothing is left pending. Small on purpose: about 150 texts, a few sec
 """
 
 import random
-import signal
 import subprocess
 import sys
 import threading
@@ -18,7 +17,7 @@ import pytest
 from conftest import wait_for
 from fakes import FakeTwilio
 from smsbatch.db import Store
-from test_load import OUR_NUMBER, base_env, post, start_server, stop
+from test_load import base_env, post, start_server, stop
 from test_pg_races import at_once, params
 
 pytestmark = pytest.mark.engines
