@@ -20,6 +20,8 @@ Parts:
               nothing to delete <= 10 ms, 500 old batches <= 500 ms; backup time
     adaptive  Store.add_message with adaptive quiet periods off and on (informational)
     takeover  a processor SIGKILLed mid-AI-call, another running: reply within 5 s (bench_takeover.py)
+    pg        PostgreSQL beside SQLite: webhook (1 and 2 serve), claim-to-finish with 4 processors,
+              an idle processor's transactions/s (bench_pg.py; once unless --runs)
 
 Each part runs 3 times (simulate: once) unless --runs says otherwise; the table shows
 the median and the spread (min-max) over the runs. The webhook part needs wrk
@@ -51,6 +53,7 @@ PARTS = {
     "adaptive": "bench_adaptive",
     "takeover": "bench_takeover",
     "metrics": "bench_metrics",
+    "pg": "bench_pg",
 }
 BUSY_WARN = 0.25  # CPUs used by other processes before a part starts: worth a warning
 

@@ -458,5 +458,5 @@ def demo(as_json, keep):
 
 
 for _command in (cli_ops.check, cli_ops.backup, cli_ops.hold, cli_ops.release, cli_ops.send, cli_ops.prune,
-                 cli_ops.backfill, cli_ops.deliveries, cli_traces.export, cli_traces.simulate):
+                 cli_ops.backfill, cli_ops.copy_to, cli_ops.deliveries, cli_traces.export, cli_traces.simulate):
     cli.add_command(_command)

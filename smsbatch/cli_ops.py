@@ -1,4 +1,4 @@
-"""Operators' commands: check, backup, hold, release, send, prune and backfill."""
+"""Operators' commands: check, backup, hold, release, send, prune, backfill and copy-to."""
 
 import time
 
@@ -340,3 +340,25 @@ def span(seconds):
 def count(n, one, many=None):
     """'1 text', '3 texts'."""
     return f"{n} {one if n == 1 else many or one + 's'}"
+
+
+@click.command("copy-to")
+@click.argument("url", metavar="POSTGRESQL_URL")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows copied per table as JSON.")
+@click.pass_context
+def copy_to(ctx, url, as_json):
+    """Copy the --db SQLite database into the empty PostgreSQL database at POSTGRESQL_URL
+    (migrated first if it has no schema), then compare every table's row count and look up
+    every opt-out and hold there: any difference keeps nothing. Stop serve and process first."""
+    from smsbatch.copydb import copy_to as copy_database
+    from smsbatch.engine import shown_target
+
+    settings = settings_from(ctx)
+    result = copy_database(settings.db_path, url)
+    if as_json:
+        emit_json(result)
+        return
+    for table, rows in result["tables"].items():
+        click.echo(f"{table}: {count(rows, 'row')}")
+    click.echo(f"copied {settings.db_path} to {shown_target(url)} (schema version {result['version']}): "
+               f"row counts of {len(result['tables'])} tables equal, every opt-out and hold present")

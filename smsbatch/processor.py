@@ -528,7 +528,10 @@ class Processor:
 
     def _idle_wait(self):
         """How long to sleep when nothing is due: until the next batch is due, at most POLL_SECONDS."""
-        due = None if self._next_due is None else self.store().next_due()  # None: nothing was pending
+        try:
+            due = None if self._next_due is None else self.store().next_due()  # None: nothing was pending
+        except (StoreUnavailable, StoreBusy):  # waited out like a failed claim (_claim_or_wait)
+            return POLL_SECONDS
         if due is None or due <= self.clock():  # due but not claimable: its phone is busy
             return POLL_SECONDS
         return max(0.02, min(POLL_SECONDS, due - self.clock()))

@@ -13,6 +13,7 @@ from smsbatch.db import Store
 from smsbatch.engine import StoreError, open_pool
 
 TROUBLE_MEMORY = 30.0  # seconds a failed write (with none committed since) counts as "cannot store"
+PROBE_SECONDS = 1.0  # /health: how long a probe of the database may take once a write failed
 
 
 class PoolWriter:
@@ -50,8 +51,21 @@ class PoolWriter:
         now = time.monotonic()
         at, why = self._failed
         if at > self._committed_at and now - at < TROUBLE_MEMORY:
+            if self._reachable():
+                # The database is back: a load balancer that took this host out on a 503 sends
+                # it no text that could commit, so waiting for one would keep it out 30 s.
+                self._committed_at = now
+                return None
             return f"the last text could not be stored {now - at:.1f} s ago: {why}"
         return None
+
+    def _reachable(self):
+        """True if a pooled connection takes a write now (the probe writes nothing)."""
+        try:
+            with self.pool.database(time.monotonic() + PROBE_SECONDS) as database:
+                return database.write_blocked(PROBE_SECONDS) is None
+        except StoreError:
+            return False
 
     def close(self):
         self.pool.close()
