@@ -183,12 +183,13 @@ def warn_if_not_the_deployments_db(settings):
     configured = settings.deployment_db
     if settings.sms != "twilio" or not configured or same_file(configured, settings.db_path):
         return
+    from smsbatch.engine import shown_target
     from smsbatch.errors import visible
 
-    logging.getLogger("smsbatch").warning(
+    logging.getLogger("smsbatch").warning(  # a PostgreSQL URL's password is masked
         "process sends real SMS from %s, which is not the deployment's database %s (SMSBATCH_DB): texts "
-        "pending in it may have been answered from the other one already", visible(settings.db_path, 200),
-        visible(configured, 200))
+        "pending in it may have been answered from the other one already",
+        visible(shown_target(settings.db_path), 200), visible(shown_target(configured), 200))
 
 
 def same_file(a, b):
