@@ -62,8 +62,8 @@ class PoolWriter:
     def _reachable(self):
         """True if a pooled connection takes a write now (the probe writes nothing)."""
         try:
-            with self.pool.database(time.monotonic() + PROBE_SECONDS) as database:
-                return database.write_blocked(PROBE_SECONDS) is None
+            return self.pool.run(lambda database: database.write_blocked(PROBE_SECONDS),
+                                 time.monotonic() + PROBE_SECONDS) is None
         except StoreError:
             return False
 

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from conftest import T0, Clock, TextMeanwhile, invoke, offline_processor
-from fakes import FakeTwilio, provider_env
+from fakes import FakeTwilio, message_sid, provider_env
 from smsbatch.config import Settings
 from smsbatch.db import Store
 from smsbatch.web import make_app
@@ -20,7 +20,7 @@ A, B, C, D, E, F = (f"+1555777000{i}" for i in range(1, 7))
 
 
 def text(app, sid, phone, body):
-    params = {"MessageSid": sid, "AccountSid": "AC123", "From": phone, "To": OURS, "Body": body, "NumMedia": "0"}
+    params = {"MessageSid": message_sid(sid), "AccountSid": "AC" + "0" * 32, "From": phone, "To": OURS, "Body": body, "NumMedia": "0"}
     body, headers = signed(params, URL, FakeTwilio.TOKEN)
     assert call(app, body=body, headers=headers)[0] == 200
 
@@ -35,7 +35,7 @@ def populate(db_path, env):
         text(app, f"SMcopy{i}a", phone, f"hello from {phone}")
         text(app, f"SMcopy{i}b", phone, "and a second thing")
     text(app, "SMcopyE", E, "STOP")
-    body, headers = signed({"MessageSid": "SMforged", "From": A, "To": OURS, "Body": "x"}, URL, "wrong token")
+    body, headers = signed({"MessageSid": message_sid("forged"), "AccountSid": "AC" + "0" * 32, "From": A, "To": OURS, "Body": "x"}, URL, "wrong token")
     assert call(app, body=body, headers=headers)[0] == 403  # counted in rejections
     app.rejections.flush()
     app.writer.close()
@@ -161,11 +161,11 @@ def test_a_source_table_the_target_lacks_stops_the_copy_and_keeps_nothing(tmp_pa
     assert invoke(["--db", source, "migrate"]).exit_code == 0
     assert invoke(["--db", source, "ingest", "--from", A, "--to", OURS, "--body", "STOP"]).exit_code == 0
     old = Store(source)
-    old.conn.execute("CREATE TABLE number_holds (number TEXT PRIMARY KEY, since REAL)")  # a newer smsbatch's
+    old.conn.execute("CREATE TABLE gadgets (number TEXT PRIMARY KEY, since REAL)")  # a newer smsbatch's
     old.close()
     result = invoke(["--db", source, "copy-to", pg_url])
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
-    assert "has no number_holds(number, since)" in result.output
+    assert "has no gadgets(number, since)" in result.output
     target = Store(pg_url)
     assert target.conn.execute("SELECT count(*) FROM opt_outs").fetchone()[0] == 0
     target.close()

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from conftest import wait_for
-from fakes import FakeTwilio
+from fakes import FakeTwilio, message_sid
 from smsbatch.db import Store
 from test_load import base_env, post, start_server, stop
 from test_pg_races import at_once, params
@@ -69,7 +69,7 @@ def texts(seed):
         bodies = [f"{phone} says {n}" for n in range(rng.randint(*TEXTS_PER_PHONE))]
         if p % 10 == 9:
             bodies[-1] = "STOP"
-        queues.append([(f"SMlive{p:04d}{n:03d}", phone, b) for n, b in enumerate(bodies)])
+        queues.append([(message_sid(f"live{p:04d}{n:03d}"), phone, b) for n, b in enumerate(bodies)])
     order = []
     while any(queues):
         order.append(rng.choice([q for q in queues if q]).pop(0))
@@ -92,7 +92,7 @@ def test_two_webhooks_and_processors_killed_again_and_again(db_path, tmp_path):
                     assert post(*hosts[(i + 1) % 2], FakeTwilio.TOKEN, params(sid, phone, body)) == 200
                 if i % 15 == 0 and len(twins) < TWINS:  # a new person's first text, twice at the same instant
                     phone = f"+1555979{len(twins):04d}"
-                    pair = [(f"SMtwin{len(twins):04d}{s}", phone, f"hi from {phone} {s}") for s in "ab"]
+                    pair = [(message_sid(f"twin{len(twins):04d}{s}"), phone, f"hi from {phone} {s}") for s in "ab"]
                     codes = at_once([lambda h=h, t=t: post(*h, FakeTwilio.TOKEN, params(*t))
                                      for h, t in zip(hosts, pair)])
                     posted += [t + (c,) for t, c in zip(pair, codes)]

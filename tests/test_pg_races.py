@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from conftest import T0, add, wait_for
-from fakes import FakeTwilio
+from fakes import FakeTwilio, message_sid
 from smsbatch.batching import Rules
 from smsbatch.config import Settings
 from smsbatch.db import Store
@@ -135,8 +135,8 @@ def test_twins_on_two_webhooks_land_in_one_batch_and_a_sid_on_both_is_stored_onc
     hosts = [(u.split("//")[1].split(":")[0], int(u.rsplit(":", 1)[1].split("/")[0])) for u in urls]
     phones = [f"+1555919{i:04d}" for i in range(8)]
     for n, phone in enumerate(phones):
-        twins = [params(f"SMtwin{n:03d}{side}", phone, f"first text {side}") for side in "ab"]
-        same = params(f"SMsame{n:03d}", f"+1555929{n:04d}", "the same text twice")
+        twins = [params(message_sid(f"twin{n:03d}{side}"), phone, f"first text {side}") for side in "ab"]
+        same = params(message_sid(f"same{n:03d}"), f"+1555929{n:04d}", "the same text twice")
         statuses = at_once([lambda h=h, p=p: post(*h, FakeTwilio.TOKEN, p) for h, p in zip(hosts, twins)]
                            + [lambda h=h: post(*h, FakeTwilio.TOKEN, same) for h in hosts])
         assert statuses == [200] * 4, statuses
@@ -149,8 +149,9 @@ def test_twins_on_two_webhooks_land_in_one_batch_and_a_sid_on_both_is_stored_onc
                                      (phone,)).fetchall()
         assert [(b["message_count"], b["state"]) for b in batches] == [(2, "sent")], (phone, batches)
         assert len(twilio.bodies_to(phone)) == 1
-    sids = [r[0] for r in store.conn.execute("SELECT sid FROM messages WHERE sid LIKE 'SMsame%'")]
-    assert sorted(sids) == [f"SMsame{n:03d}" for n in range(len(phones))]
+    same = [message_sid(f"same{n:03d}") for n in range(len(phones))]
+    sids = [r[0] for r in store.conn.execute(f"SELECT sid FROM messages WHERE sid IN ({','.join('?' * len(same))})", same)]
+    assert sorted(sids) == sorted(same)
     assert store.conn.execute("SELECT count(*) FROM batches WHERE phone LIKE '+1555929%'").fetchone()[0] == 8
     store.close()
 
