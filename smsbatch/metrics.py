@@ -131,18 +131,19 @@ class DatabaseCollector(Collector):
         from smsbatch import delivery
 
         # The usual statuses always, at 0 if none: a series that appears only later confuses rate() and alerts.
-        statuses, segments, cost = dict.fromkeys(("queued", "sent", "delivered", "undelivered", "failed"), 0), {}, {}
+        statuses = dict.fromkeys(("no_receipt", "queued", "sent", "delivered", "undelivered", "failed"), 0)
+        segments, cost = {}, {}
         for status, encoding, unit, count, parts, price in rows:
-            # No receipt yet: Twilio answered the send itself with queued (as `status` counts it).
-            status = one_of(status or "queued", delivery.RANK)
+            # No receipt yet is said as such, as `status` and `deliveries` say it.
+            status = "no_receipt" if status is None else one_of(status, delivery.RANK)
             statuses[status] = statuses.get(status, 0) + count
             encoding = one_of(encoding, ENCODINGS, "unknown" if encoding is None else "other")
             segments[encoding] = segments.get(encoding, 0) + parts
             if price is not None:
                 unit = unit if CURRENCY.fullmatch(unit or "") else "other"
                 cost[unit] = cost.get(unit, 0.0) - price  # Twilio states a charge as a negative price
-        yield gauge("smsbatch_replies", "SMS replies sent, by Twilio's latest delivery status (queued: no "
-                    "receipt yet)", ["status"], sorted(statuses.items()))
+        yield gauge("smsbatch_replies", "SMS replies sent, by Twilio's latest delivery status (no_receipt: "
+                    "none yet)", ["status"], sorted(statuses.items()))
         yield gauge("smsbatch_sms_segments", "SMS segments sent (what Twilio bills), by encoding", ["encoding"],
                     sorted(segments.items()))
         yield gauge("smsbatch_sms_cost", "What Twilio charged for the replies whose price is known, by currency",

@@ -92,9 +92,9 @@ def test_metrics_agree_with_the_database_after_a_real_process_run(db_path, histo
     assert value(found, "smsbatch_ai_requests") == requests
     assert value(found, "smsbatch_ai_tokens", kind="prompt") == prompt
     assert value(found, "smsbatch_ai_tokens", kind="completion") == completion
-    replies = dict(q("SELECT coalesce(status, 'queued'), count(*) FROM outbound GROUP BY 1"))
+    replies = dict(q("SELECT coalesce(status, 'no_receipt'), count(*) FROM outbound GROUP BY 1"))
     assert replies["delivered"] == 1 and sum(replies.values()) == 4
-    for status in ("queued", "sent", "delivered", "undelivered", "failed"):
+    for status in ("no_receipt", "queued", "sent", "delivered", "undelivered", "failed"):
         assert value(found, "smsbatch_replies", status=status) == replies.get(status, 0)
     assert value(found, "smsbatch_sms_segments", encoding="GSM-7") == 6
     assert value(found, "smsbatch_sms_segments", encoding="UCS-2") == 3
