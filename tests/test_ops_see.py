@@ -411,7 +411,7 @@ def test_process_lines_carry_an_iso_time_with_the_stand_ins_too(db_path, store):
     result = invoke(["process", "--ai", "offline", "--sms", "console", "--now", str(T0 + 30)], env_for(db_path))
     assert result.exit_code == 0
     assert re.fullmatch(ISO + r" claimed 1, sent 1, skipped 0, failed 0\n", result.stdout)
-    assert re.fullmatch(ISO + r" \[console sms to \+15554440001\] Thanks for your message\. You said: hi\n",
+    assert re.fullmatch(ISO + r" \[console sms from \+15550000000 to \+15554440001\] Thanks for your message\. You said: hi\n",
                         result.stderr)
 
 
