@@ -115,3 +115,22 @@ def test_console_replies_are_said_to_get_no_receipts(db_path, store):
     assert "console (no receipts)" in listed and "no receipt yet" not in listed.splitlines()[1]
     batch = store.conn.execute("SELECT id FROM batches").fetchone()[0]
     assert "delivery console (no receipts)" in " ".join(invoke(["show", batch], env).output.split())
+
+
+# -- deploy/env.example: what deployment.md step 3 says to set is there ----------------------
+
+
+def test_the_env_example_shows_the_numbers_and_the_public_url_and_every_line_is_a_valid_setting():
+    from smsbatch.config import Settings
+
+    path = os.path.join(os.path.dirname(__file__), "..", "deploy", "env.example")
+    settings = {}
+    for line in open(path).read().splitlines():
+        line = line.lstrip("#")  # the commented examples too: uncommented, they must be accepted
+        if re.match(r"[A-Z_]+=", line) and " " not in line.split("=", 1)[0]:
+            key, value = line.split("=", 1)
+            settings[key] = value.strip("'")
+    assert "SMSBATCH_NUMBERS" in settings and settings["SMSBATCH_PUBLIC_URL"].startswith("https://")
+    assert re.search(r"^SMSBATCH_PUBLIC_URL=", open(path).read(), re.M)  # set, not commented out
+    loaded = Settings.from_env(settings)
+    assert loaded.public_url == settings["SMSBATCH_PUBLIC_URL"] and len(loaded.numbers) == 2
