@@ -27,15 +27,14 @@ DATABASE_SUFFIXES = ("", "-wal", "-shm", "-journal")
 
 
 def check_target(path, database=None):
-    """Refuse to write `path` when a folder on its way is a planted link (check_folders), when it
-    is a symbolic link, exists and is not a regular file (a device, a FIFO, a folder), or is
-    `database` or one of its -wal/-shm/-journal files (the same file, or the same name in the
-    same folder, however either path is spelt).
+    """Refuse to write `path` when it is a symbolic link, exists and is not a regular file (a
+    device, a FIFO, a folder), is `database` or one of its -wal/-shm/-journal files (the same
+    file, or the same name in the same folder, however either path is spelt), or when a folder
+    on its way is a link (check_folders).
 
     Raises:
         SmsbatchError: saying which, in one line.
     """
-    check_folders(path)
     try:
         found = os.lstat(path)
     except FileNotFoundError:
@@ -47,6 +46,7 @@ def check_target(path, database=None):
     if database and is_database_file(path, database):
         raise SmsbatchError(f"{path} is the live database {database} or one of its -wal/-shm files: "
                             "choose another name")
+    check_folders(path)  # last: of two refusals, "is the live database" says more
 
 
 def check_folders(path):
