@@ -172,8 +172,10 @@ def release(ctx, phone, number, answer_pending, now):
     said = f"{texts} text{'' if texts == 1 else 's'} came while {'on hold' if phone else 'paused'}"
     if answer_pending:
         said += f": requeued for one reply ({', '.join(requeued)})" if requeued else ""
+    elif hold_["held_ids"]:  # the hold is gone now: `release --answer-pending` would say "not on hold"
+        said += f", not answered (to answer them: smsbatch retry {' '.join(hold_['held_ids'])})"
     elif texts:
-        said += ", not answered (--answer-pending to answer them)"
+        said += ", not answered"
     click.echo(f"{phone} released; {said}" if phone else f"our number {number} released; {said}")
 
 

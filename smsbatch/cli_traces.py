@@ -64,6 +64,9 @@ def export(ctx, jsonl, since, anonymize, key, key_file, output):
     store = open_store(settings)
     from smsbatch.files import write_lines
 
+    if anonymize and key is None and settings.anon_key and not settings.anon_key.strip():
+        raise click.ClickException("SMSBATCH_ANON_KEY is blank: anyone could recompute the pseudonyms; "
+                                   "unset it for a random key")
     key = key if key is not None else settings.anon_key or None  # none: a random key, new each run
     anonymizer = Anonymizer(key, settings.urgent_keywords) if anonymize else None
     lines = export_lines(store.messages_since(0 if since is None else since.resolve(time.time())), anonymizer)

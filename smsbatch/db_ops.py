@@ -191,7 +191,7 @@ class OperatorActions:
         """End a hold. With `answer_pending`, the batches that ended *held* during it are
         answered: per conversation, the newest is requeued with the older ones' texts folded
         in (one reply covers them all). Returns (the hold with held_batches and held_texts:
-        what ended held during it, ids of the requeued batches).
+        what ended held during it, and held_ids: those batches; ids of the requeued batches).
 
         Raises:
             NotFound: the person is not on hold.
@@ -210,7 +210,8 @@ class OperatorActions:
             what = f"{texts} text(s) that came meanwhile " + ("answered" if answer_pending else "not answered")
             conn.execute("INSERT INTO hold_log (phone, at, kind, reason) VALUES (?, ?, 'release', ?)",
                          (phone, now, what if held else None))
-        return dict(hold) | {"held_batches": len(held), "held_texts": sum(r["message_count"] for r in held)}, requeued
+        return dict(hold) | {"held_batches": len(held), "held_texts": sum(r["message_count"] for r in held),
+                             "held_ids": [r["id"] for r in held]}, requeued
 
     def _hold_waiting(self, conn, column, value, hold, now):
         """Texts that came during the hold (of a person: `column` phone, or of one of our
@@ -267,7 +268,8 @@ class OperatorActions:
         """End the pause of one of our numbers, as release() ends a person's hold: with
         `answer_pending`, each conversation's texts that came meanwhile get one reply (not
         those of people still on hold themselves). Returns (the pause with held_batches and
-        held_texts, ids of the requeued batches).
+        held_texts, held_ids: the held batches of people not on hold themselves; ids of the
+        requeued batches).
 
         Raises:
             NotFound: the number is not paused.
@@ -283,7 +285,8 @@ class OperatorActions:
                                 " ORDER BY seq" + self.db.for_update, (number, hold["since"])).fetchall()
             free = [row for row in held if self._on_hold(conn, row["phone"]) is None]
             requeued = self._answer_held(conn, free, now) if answer_pending else []
-        return dict(hold) | {"held_batches": len(held), "held_texts": sum(r["message_count"] for r in held)}, requeued
+        return dict(hold) | {"held_batches": len(held), "held_texts": sum(r["message_count"] for r in held),
+                             "held_ids": [r["id"] for r in free]}, requeued
 
     def last_number(self, phone):
         """The number this person last wrote to, or None."""

@@ -17,9 +17,12 @@ class OperatorReports:
     def _delivery(self, latest=5):
         """Replies by latest MessageStatus, and the latest undelivered or failed ones."""
         # A reply with no status has had no receipt yet (Twilio's answer to the send itself is
-        # not a receipt): counted as such, not as queued.
+        # not a receipt): counted as such, not as queued; one the console stand-in "sent" never
+        # gets one, and is counted apart (a prefix of ours, not input: a literal is safe).
+        console = f"status IS NULL AND sid LIKE '{delivery.CONSOLE_SID_PREFIX}%'"
         counts = {NO_RECEIPT if status is None else status: n for status, n in self.conn.execute(
-            "SELECT status, count(*) FROM outbound GROUP BY status").fetchall()}
+            f"SELECT CASE WHEN {console} THEN '{delivery.CONSOLE}' ELSE status END AS s, count(*) FROM outbound"
+            " GROUP BY s").fetchall()}
         return {"delivery": dict(sorted(counts.items())),
                 "delivery_problems": self.delivery_problems(None, None, delivery.PROBLEMS, latest)}
 
@@ -38,7 +41,8 @@ class OperatorReports:
             "SELECT sid, batch_id, phone, our_number, status, error_code, sent_at, status_at FROM outbound"
             f" WHERE {' AND '.join(where)} ORDER BY coalesce(status_at, sent_at) DESC, sid"
             + (" LIMIT ?" if limit else ""), (*args, *([limit] if limit else []))).fetchall()
-        return [dict(r) | {"error": delivery.explain(r["status"], r["error_code"]) if r["status"] else "no receipt yet"}
+        return [dict(r) | {"error": delivery.explain(r["status"], r["error_code"]) if r["status"] else
+                           "console (no receipts)" if delivery.is_console_sid(r["sid"]) else "no receipt yet"}
                 for r in rows]
 
     def record_delivery(self, sid, status, error_code, at):

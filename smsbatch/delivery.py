@@ -15,6 +15,10 @@ PROBLEMS = ("undelivered", "failed")
 # callback lost) are fetched from Twilio once, at most CHECKS_PER_RUN per `process` run.
 CHECK_AFTER_SECONDS = 300
 CHECKS_PER_RUN = 20
+# The SIDs the console stand-in (SMSBATCH_SMS=console) makes up: nothing was sent, so no
+# receipt will ever come; status and deliveries say so instead of "no receipt yet".
+CONSOLE_SID_PREFIX = "SMconsole"
+CONSOLE = "console"  # how such a reply is counted and named: "console (no receipts)"
 # A reply whose status a callback gave is still fetched once for its price, if it went out
 # within this long (older ones are not worth the requests).
 PRICE_WITHIN_SECONDS = 86400
@@ -29,6 +33,11 @@ ERROR_WORDS = {
     21610: "recipient unsubscribed",
     21614: "not a mobile number",
 }
+
+
+def is_console_sid(sid):
+    """True for a SID the console stand-in made up (no receipt ever comes for it)."""
+    return str(sid).startswith(CONSOLE_SID_PREFIX)
 
 
 def is_status(text):

@@ -6,6 +6,13 @@ symbolic link planted there would otherwise make smsbatch create or overwrite th
 points to, and a name that is the database (or its -wal/-shm), reached through a linked
 folder, would replace the file every process is writing. Both are refused, compared as
 files (device and inode), never as strings.
+
+A link among the folders of the path (`shared/exports -> private/`) redirects the write just
+as well, so it is refused too, whoever owns it: a link's owner does not say who chose where it
+points (anyone who can write its folder can replace it; as root, every link is root's), and
+the last name is refused whatever its owner. The one exception is the system's own links
+(/var/run -> /run): owned by root, in folders only root can write from / down, so nobody
+but root could have planted them.
 """
 
 import os
@@ -20,9 +27,10 @@ DATABASE_SUFFIXES = ("", "-wal", "-shm", "-journal")
 
 
 def check_target(path, database=None):
-    """Refuse to write `path` when it is a symbolic link, exists and is not a regular file
-    (a device, a FIFO, a folder), or is `database` or one of its -wal/-shm/-journal files
-    (the same file, or the same name in the same folder, however either path is spelt).
+    """Refuse to write `path` when it is a symbolic link, exists and is not a regular file (a
+    device, a FIFO, a folder), is `database` or one of its -wal/-shm/-journal files (the same
+    file, or the same name in the same folder, however either path is spelt), or when a folder
+    on its way is a link (check_folders).
 
     Raises:
         SmsbatchError: saying which, in one line.
@@ -38,6 +46,42 @@ def check_target(path, database=None):
     if database and is_database_file(path, database):
         raise SmsbatchError(f"{path} is the live database {database} or one of its -wal/-shm files: "
                             "choose another name")
+    check_folders(path)  # last: of two refusals, "is the live database" says more
+
+
+def check_folders(path):
+    """Refuse `path` when one of the folders on the way to it is a symbolic link other than
+    the system's own (see the module's docstring), so no folder link can move the write.
+
+    Raises:
+        SmsbatchError: naming the link and where it points, in one line.
+    """
+    parts = os.path.dirname(os.path.abspath(path)).split(os.sep)[1:]
+    walked = os.sep
+    for part in filter(None, parts):
+        step = os.path.join(walked, part)
+        try:
+            found = os.lstat(step)
+        except OSError:  # missing or unreadable: the write itself will say so
+            return
+        if stat.S_ISLNK(found.st_mode):
+            if not (found.st_uid == 0 and _only_root_writes(walked)):
+                raise SmsbatchError(f"{path}: the folder {step} is a symbolic link (to {os.path.realpath(step)}): "
+                                    "give the real path (a link could point anywhere)")
+            step = os.path.realpath(step)
+        walked = step
+
+
+def _only_root_writes(folder):
+    """Are `folder` and every folder above it owned by root and writable by no one else?"""
+    while True:
+        found = os.stat(folder)
+        if found.st_uid != 0 or found.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return False
+        above = os.path.dirname(folder)
+        if above == folder:
+            return True
+        folder = above
 
 
 def is_database_file(path, database):

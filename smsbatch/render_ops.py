@@ -10,6 +10,7 @@ from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
+from smsbatch import delivery
 from smsbatch.inputs import iso_time
 from smsbatch.render import STATE_STYLE, age, plain
 
@@ -159,7 +160,7 @@ def _money(money):
     return " + ".join(parts)
 
 
-DELIVERY_NAMES = {"no_receipt": "no receipt yet"}
+DELIVERY_NAMES = {"no_receipt": "no receipt yet", "console": "console (no receipts)"}
 DELIVERY_PROBLEMS = ("undelivered", "failed")
 
 
@@ -351,7 +352,7 @@ def _show_reply(out, batch, outbound):
         return
     for sms in outbound:
         out.print(Padding(plain(sms["body"]), (0, 0, 0, 2), expand=False))
-        status = sms["status"] or "not reported yet"
+        status = sms["status"] or ("console (no receipts)" if delivery.is_console_sid(sms["sid"]) else "not reported yet")
         error = f"  error {sms['error_code']}" if sms["error_code"] else ""
         out.print(Padding(plain(f"SID {sms['sid']}  sent {_t(sms['sent_at'])}  delivery {status}"
                                f"{'' if sms['status_at'] is None else ' at ' + _t(sms['status_at'])}{error}"

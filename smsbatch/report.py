@@ -27,6 +27,8 @@ def utc_days(since, until):
     days = []
     while day <= last:
         days.append(day.isoformat())
+        if day == last:  # never a step past `last`: the day after 9999-12-31 does not exist
+            break
         day += datetime.timedelta(days=1)
     return days
 

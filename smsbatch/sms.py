@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from urllib.parse import quote, urlsplit
 
-from smsbatch import deadline, twilio_fields
+from smsbatch import deadline, delivery, twilio_fields
 from smsbatch.errors import BIDI, CannotReconcile, DeliveryError, redact, visible
 
 # Twilio error codes worth trying again later: rate limit, unreachable handset, unknown carrier error.
@@ -38,13 +38,14 @@ class ConsoleSender:
         self._lock = threading.Lock()
 
     def send(self, to, body, from_=None):
-        sid = "SMconsole" + secrets.token_hex(12)
+        sid = delivery.CONSOLE_SID_PREFIX + secrets.token_hex(12)
         with self._lock:
             self.sent.append((sid, to, body))
         if not self.quiet:  # a reply may quote the customer: escape sequences are shown, not obeyed
             from smsbatch.inputs import iso_time
 
-            shown = re.sub(f"[\\x00-\\x09\\x0b-\\x1f\\x7f-\\x9f{BIDI}]", "?", f"[console sms to {to}] {body}")
+            sender = "" if from_ is None else f" from {from_}"  # which of our numbers it would go out from
+            shown = re.sub(f"[\\x00-\\x09\\x0b-\\x1f\\x7f-\\x9f{BIDI}]", "?", f"[console sms{sender} to {to}] {body}")
             print(f"{iso_time(time.time())} {shown}", file=self.stream)
         return sid
 

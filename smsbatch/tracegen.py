@@ -35,7 +35,7 @@ import random
 import secrets
 
 from smsbatch import batching
-from smsbatch.errors import InvalidInput
+from smsbatch.errors import CONTROL, InvalidInput
 from smsbatch.inputs import parse_record
 
 OUR_NUMBER = "+15550000000"
@@ -79,9 +79,14 @@ def read_trace(lines, name="trace"):
 
 
 def trace_line(phone, our_number, body, sid, at):
-    """One trace line (no newline), in the key order ingest's users expect."""
-    return json.dumps({"from": phone, "to": our_number, "body": body, "sid": sid, "at": at},
+    """One trace line (no newline), in the key order ingest's users expect.
+
+    Letters stay as written (café, emoji); the characters a terminal would obey or that
+    reorder a line (DEL, C1 controls such as the one-byte CSI, bidi controls), which JSON
+    would leave raw, are written as \\uXXXX escapes: the line reads back the same."""
+    line = json.dumps({"from": phone, "to": our_number, "body": body, "sid": sid, "at": at},
                       ensure_ascii=False)
+    return CONTROL.sub(lambda m: f"\\u{ord(m.group()):04x}", line)
 
 
 def export_lines(rows, anonymizer=None):

@@ -111,7 +111,7 @@ def test_process_with_stand_ins_and_now(db_path):
     assert json.loads(early.stdout)["claimed"] == 0
     result = invoke(["process", "--now", str(T0 + 11)], env)
     assert result.exit_code == 0 and "claimed 1, sent 1" in result.stdout
-    assert "[console sms to +15554440001] Thanks for your messages" in result.stderr
+    assert "[console sms from +15550000000 to +15554440001] Thanks for your messages" in result.stderr
 
 
 def test_process_exits_3_when_a_batch_failed(db_path, openai_standin, twilio_standin):

@@ -53,7 +53,7 @@ def test_release_does_not_answer_late_unless_asked(db_path, store, settings, clo
     clock.now = T0 + 60
     offline_processor(settings, clock).run()
     result = invoke(["release", A, "--now", str(T0 + 100)], env)
-    assert result.exit_code == 0 and "1 text came while on hold, not answered (--answer-pending" in result.output
+    assert result.exit_code == 0 and "1 text came while on hold, not answered (to answer them: smsbatch retry " in result.output
     clock.now = T0 + 200
     assert offline_processor(settings, clock).run().claimed == 0
     assert states(store) == ["held"] and store.find_hold(A) is None

@@ -221,4 +221,4 @@ def test_the_console_stand_in_prints_a_reply_quoting_a_bidi_override_visibly(db_
     add(Store(db_path), A, f"refund {RLO}01$ ot{LRI}", T0)
     result = invoke(["process", "--ai", "offline", "--sms", "console", "--now", str(T0 + 120)], env_of(db_path))
     assert result.exit_code == 0, result.output
-    assert "[console sms to" in result.stderr and raw_controls(result.stderr) == []
+    assert "[console sms from " in result.stderr and raw_controls(result.stderr) == []

@@ -114,7 +114,7 @@ def test_plain_status_fits_80x24_with_its_header_first_however_many_batches(busy
     # the delivery counts on a line of their own, none cut off; no receipt yet said as such
     replies = next(line for line in lines if line.startswith("replies:"))
     assert "delivered 10" in replies and "undelivered 2" in replies and "· failed 1" in replies
-    assert "no receipt yet 8" in replies and "queued" not in replies
+    assert "console (no receipts) 8" in replies and "queued" not in replies  # console sends: none will come
     header = next(line for line in lines if line.startswith("batch "))
     assert header.split() == ["batch", "phone", "to", "texts", "state", "age", "tries", "error"]
     rows = lines[lines.index(header) + 1:]
@@ -164,7 +164,7 @@ def test_deliveries_lists_undelivered_and_failed_replies_for_a_period(busy, db_p
     assert len(older) == 4 and older[-1]["batch_id"] is None  # the one sent by hand, 30 days ago
     waiting = json.loads(invoke(["deliveries", "--since", "2h", "--status", "no_receipt", "--now", repr(T0 + 3600),
                                  "--json"], env_for(db_path)).output)["replies"]
-    assert len(waiting) == 8 and {r["error"] for r in waiting} == {"no receipt yet"}
+    assert len(waiting) == 8 and {r["error"] for r in waiting} == {"console (no receipts)"}  # console sends
 
 
 @pytest.mark.parametrize("args, said", [(["--status", "lost"], "'lost': choose from"),
