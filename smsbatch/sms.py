@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from urllib.parse import quote, urlsplit
 
 from smsbatch import deadline, twilio_fields
-from smsbatch.errors import BIDI, CannotReconcile, DeliveryError, redact, visible
+from smsbatch.errors import BIDI, CannotReconcile, DeliveryError, read_json, redact, visible
 
 # Twilio error codes worth trying again later: rate limit, unreachable handset, unknown carrier error.
 TRANSIENT_CODES = frozenset({20429, 30003, 30008})
@@ -223,22 +223,20 @@ def delivery_status(message):
 def get_json(client, url, params=None):
     """GET a Twilio URL with the client's credentials; its JSON answer.
 
-    Raises: TwilioRestException (not 200: classify() maps it), json.JSONDecodeError.
+    Raises: TwilioRestException (not 200: classify() maps it), json.JSONDecodeError (read_json).
     """
-    import json
-
     from twilio.base.exceptions import TwilioRestException
 
     response = client.request("GET", url, params=params)
     if response.status_code != 200:
         try:
-            error = json.loads(response.text)
+            error = read_json(response.text)
         except ValueError:
             error = None
         error = error if isinstance(error, dict) else {}
         code = error.get("code") if isinstance(error.get("code"), int) else None
         raise TwilioRestException(response.status_code, url, redact(error.get("message", ""), limit=200), code)
-    return json.loads(response.text)
+    return read_json(response.text)
 
 
 def service_numbers(client, service_sid):
@@ -415,7 +413,7 @@ def classify(exc, secrets=()):
     from twilio.base.exceptions import TwilioRestException
 
     if isinstance(exc, TwilioRestException):
-        code, status = exc.code, exc.status
+        code, status = _error_code(exc.code), exc.status
         message = f"Twilio error {code or status}: {redact(exc.msg, secrets, limit=200)}"
         if code == OPTED_OUT_CODE:
             return DeliveryError(message, transient=False, opted_out=True)
@@ -429,6 +427,15 @@ def classify(exc, secrets=()):
         return DeliveryError(f"Twilio unreachable at {_server(exc)} ({name})", transient=True)
     # Timed out or cut off after the request went out: Twilio may have accepted it.
     return DeliveryError(f"Twilio call failed ({name}); outcome unknown", transient=True, ambiguous=True)
+
+
+def _error_code(value):
+    """Twilio's error `code` when it is a sane one (twilio_fields.error_code), else None: the
+    twilio package passes through whatever the JSON held, text with escape sequences included."""
+    try:
+        return twilio_fields.error_code(value)
+    except twilio_fields.BadField:
+        return None
 
 
 def _server(exc):
