@@ -14,6 +14,7 @@ import datetime
 import logging
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 from urllib.parse import parse_qsl, quote, urlencode, urljoin, urlsplit
 
 from smsbatch import twilio_fields
@@ -81,6 +82,11 @@ def _any_date(raw):
         except twilio_fields.BadField:
             pass
     return None
+
+
+def _text(value):
+    """A string field of a provider's record, else None."""
+    return value if isinstance(value, str) else None
 
 
 def _iso(epoch):
@@ -251,6 +257,22 @@ class TwilioLog:
                 raise
             return sent, oldest, exc
         return sent, since, None
+
+    def account_numbers(self):
+        """The account's phone numbers (IncomingPhoneNumbers), every page under the rules
+        above: each a SimpleNamespace of sid, phone_number, sms_url, sms_method (a field that
+        is not a string is None).
+
+        Raises: PagingStopped, DeliveryError (or, for a sender whose _call passes them through,
+        the twilio package's errors).
+        """
+        base = self._client.api.base_url
+        account = quote(self.sender.settings.twilio_account_sid, safe="")
+        url = f"{base.rstrip('/')}/2010-04-01/Accounts/{account}/IncomingPhoneNumbers.json"
+        fields = ("sid", "phone_number", "sms_url", "sms_method")
+        return [SimpleNamespace(**{name: _text(item.get(name)) for name in fields})
+                for item in self.pages(url, {"PageSize": PAGE_SIZE}, "incoming_phone_numbers", base)
+                if isinstance(item, dict)]
 
     def service_numbers(self):
         """The phone numbers of the configured messaging service (none without one).
