@@ -184,7 +184,10 @@ class TwilioSender:
         checked: one Twilio gives in a shape smsbatch does not know is None in the answer and
         named in its `problems`.
 
-        Raises: DeliveryError (not transient for a SID that is not one, or Twilio's 404).
+        Raises: DeliveryError; not transient when Twilio answered about this message with an
+        error (a 404, a 5xx, an answer that cannot be read): that is final for it, so one
+        reply Twilio keeps failing on does not hold up the checks of every later one. Only
+        "not reached" (a timeout, no connection) and 429 (slow down) are worth another run.
         """
         try:
             sid = twilio_fields.message_sid(sid)
@@ -193,8 +196,23 @@ class TwilioSender:
         client = self._get_client()
         account = quote(self.settings.twilio_account_sid, safe="")
         url = f"{client.api.base_url.rstrip('/')}/2010-04-01/Accounts/{account}/Messages/{sid}.json"
-        message = self._call(lambda: get_json(client, url))
+        message = self._call(lambda: _answered_about(lambda: get_json(client, url), self.settings.secrets()))
         return delivery_status(message if isinstance(message, dict) else {})
+
+
+def _answered_about(fn, secrets):
+    """fn(), an error Twilio answered with (an HTTP error but 429, or JSON that cannot be read)
+    raised as a DeliveryError that is not transient (see TwilioSender.fetch_status)."""
+    import json
+
+    from twilio.base.exceptions import TwilioRestException
+
+    try:
+        return fn()
+    except (TwilioRestException, json.JSONDecodeError) as exc:
+        error = classify(exc, secrets)
+        error.transient = error.transient and getattr(exc, "status", None) == 429
+        raise error from None
 
 
 @dataclass
