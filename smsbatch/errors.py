@@ -100,16 +100,21 @@ def visible(value, limit=80):
     return shown if len(shown) <= limit else shown[: limit - 1] + "…"
 
 
+class UnreadableJSON(json.JSONDecodeError):
+    """Valid JSON Python will not decode (read_json)."""
+
+
 def read_json(text):
     """A provider's JSON answer, parsed. Python refuses some valid JSON with errors other than
     JSONDecodeError (an integer of over 4,300 digits: ValueError; nesting deeper than it
     recurses: RecursionError); those are a provider's unreadable answer too.
 
-    Raises: json.JSONDecodeError for every answer that cannot be read.
+    Raises: json.JSONDecodeError for every answer that cannot be read (UnreadableJSON for
+    those two).
     """
     try:
         return json.loads(text)
     except json.JSONDecodeError:
         raise
     except (ValueError, RecursionError) as exc:
-        raise json.JSONDecodeError(f"unreadable ({type(exc).__name__})", "", 0) from None
+        raise UnreadableJSON(f"unreadable ({type(exc).__name__})", "", 0) from None

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from urllib.parse import quote, urlsplit
 
 from smsbatch import deadline, twilio_fields
-from smsbatch.errors import BIDI, CannotReconcile, DeliveryError, read_json, redact, visible
+from smsbatch.errors import BIDI, CannotReconcile, DeliveryError, UnreadableJSON, read_json, redact, visible
 
 # Twilio error codes worth trying again later: rate limit, unreachable handset, unknown carrier error.
 TRANSIENT_CODES = frozenset({20429, 30003, 30008})
@@ -355,7 +355,9 @@ def twilio_client(settings, timeout, fenced=False):
 
                 raise InvalidURL("refused to send the account's credentials outside Twilio's API: "
                                  + visible(str(url), 80))
-            return super().request(method, url, *args, **kwargs)
+            response = super().request(method, url, *args, **kwargs)
+            _decodable(response.text)
+            return response
 
     http = OursOnly(timeout=timeout)
     if fenced:
@@ -367,6 +369,19 @@ def twilio_client(settings, timeout, fenced=False):
         client.api.base_url = base
         client.messaging.base_url = base
     return client
+
+
+def _decodable(text):
+    """Raise json.JSONDecodeError (a provider error: classify) for an answer the twilio package's
+    own json.loads would fail on with ValueError or RecursionError (an integer of 5,000 digits,
+    nesting too deep), which would escape as a bug; an answer that is not JSON at all is left
+    to the twilio package, which names it."""
+    try:
+        read_json(text)
+    except UnreadableJSON:
+        raise
+    except ValueError:
+        pass
 
 
 def _fenced_adapter():
