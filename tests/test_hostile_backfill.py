@@ -345,3 +345,27 @@ def test_a_fetch_answered_429_is_tried_again_next_run(env, store, twilio_standin
     for run in range(2):
         process(env, T0 + delivery.CHECK_AFTER_SECONDS + 60 + 60 * run)
     assert standin.fetched.count(sid) == 2
+
+
+def test_a_send_answered_with_a_5001_digit_number_is_an_unknown_outcome_not_a_traceback(env, store,
+                                                                                       twilio_standin):
+    """Twilio accepts the reply and its answer holds an integer of 5,001 digits: the twilio
+    package's json.loads raises ValueError. That is Twilio's unreadable answer (maybe sent):
+    no traceback, and the next run finds the reply in Twilio's log instead of sending again."""
+    standin = twilio_standin
+    plain_reply = standin.reply
+
+    def reply(handler, status, payload):
+        if status == 201:
+            return standin.raw(handler, status, json.dumps(payload | {"num_segments": "__ODD__"})
+                               .replace('"__ODD__"', "9" * 5001).encode())
+        return plain_reply(handler, status, payload)
+
+    standin.reply = reply
+    add(store, PERSON, "hi", T0 - 30)
+    done = run_process(env, T0)
+    assert "Traceback" not in done.stderr, done.stderr[-800:]
+    assert done.returncode == 0 and json.loads(done.stdout)["retrying"] == 1
+    standin.reply = plain_reply
+    run_process(env, T0 + 120)
+    assert len(standin.bodies_to(PERSON)) == 1
