@@ -105,7 +105,7 @@ def test_a_picture_found_in_the_log_keeps_its_media(env, store, twilio_standin):
 
 # -- issue 16: no second reply after a restore or on a copy; every listed number is read ----
 
-@pytest.mark.sqlite_only  # `smsbatch backup` copies an SQLite file; a PostgreSQL restore is pg_restore's
+@pytest.mark.sqlite_only  # a file copied back or beside: PostgreSQL restores with pg_restore
 def test_a_restored_backup_does_not_answer_a_text_twice(env, db_path, tmp_path, twilio_standin):
     """The README's restore: backup taken, then a text answered, then the backup copied back
     (its -wal and -shm deleted). The next run finds the text in Twilio's log, and our reply
@@ -148,7 +148,7 @@ def test_a_text_written_after_our_reply_is_still_answered(env, db_path, twilio_s
     assert process(env, T0)["sent"] == 1 and len(twilio_standin.bodies_to(PERSON)) == 2
 
 
-@pytest.mark.sqlite_only  # the copy is made with `smsbatch backup`, an SQLite file
+@pytest.mark.sqlite_only  # a file copied back or beside: PostgreSQL restores with pg_restore
 def test_process_on_a_copy_of_the_database_says_so(env, db_path, tmp_path, caplog):
     caplog.set_level(logging.WARNING, "smsbatch")
     copy = str(tmp_path / "copy.db")
