@@ -257,11 +257,6 @@ def get_json(client, url, params=None):
     return read_json(response.text)
 
 
-def service_numbers(client, service_sid):
-    """The phone numbers of a messaging service, every page (a twilio Client's errors propagate)."""
-    return [n.phone_number for n in client.messaging.v1.services(service_sid).phone_numbers.stream(page_size=1000)]
-
-
 def _in_window(client, to, fields, start, end, exclude):
     """Messages to `to` from our sender created within [start, end], not in `exclude`."""
     sender = {"from_": fields["from_"]} if "from_" in fields else {}
