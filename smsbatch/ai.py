@@ -5,6 +5,7 @@ of {"role", "content"} dicts, and raises DeliveryError on failure.
 """
 
 import json
+import logging
 import os
 import re
 import threading
@@ -12,7 +13,10 @@ from dataclasses import dataclass
 
 from smsbatch import deadline, segments
 from smsbatch.config import OPENAI_DEFAULT_BASE_URL, display_url
-from smsbatch.errors import ConfigError, DeliveryError, redact
+from smsbatch.errors import ConfigError, DeliveryError, read_json, redact, visible
+
+log = logging.getLogger("smsbatch.ai")
+MAX_TOKENS = 10**9  # no one chat completion uses more: a larger count is garbage, not usage
 
 PROMPT_FILE_NAME = re.compile(r"^(whatsapp:)?\+?[0-9]{2,15}$")
 
@@ -268,14 +272,21 @@ def _with_usage(exc, state, spent=None):
 def usage_of(body, requests):
     """What a chat completion cost: `requests` HTTP requests and the body's usage tokens."""
     try:
-        usage = json.loads(body).get("usage")
-    except (ValueError, AttributeError, RecursionError):
+        usage = read_json(body).get("usage")
+    except (ValueError, AttributeError):
         usage = None
     usage = usage if isinstance(usage, dict) else {}
 
     def tokens(name):
+        """A token count (0 when absent); one that is not a whole number from 0 to MAX_TOKENS
+        is counted as 0 (unknown), with a log line: it would not fit the database."""
         value = usage.get(name)
-        return value if isinstance(value, int) and value >= 0 else 0
+        if value is None:
+            return 0
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKENS:
+            return value
+        log.warning("AI usage.%s is not a token count (%s); counted as 0", name, visible(repr(value), 40))
+        return 0
 
     return Usage(requests, tokens("prompt_tokens"), tokens("completion_tokens"))
 
@@ -284,8 +295,8 @@ def reply_text(body):
     """The first choice's message content from a chat completion's JSON body ("" if empty),
     or None when the body is not a chat completion at all."""
     try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):
+        data = read_json(body)
+    except ValueError:
         return None
     choices = data.get("choices") if isinstance(data, dict) else None
     first = choices[0] if isinstance(choices, list) and choices else None

@@ -16,12 +16,16 @@ copy) is stored in a batch marked *skipped*, with that reply, and is not answere
 A record that cannot be read (twilio_fields) is skipped with a log line naming it; the
 others are stored and the window still advances. Reading stops early at the paging
 limits (twilio_log: a repeated or foreign next-page link, a page or time cap, SIGTERM);
-then what was read is kept and the next turn reads the same window again.
+then what was read is kept and the next turn reads the same window again. A picture
+message whose Media listing cannot be read is stored without its pictures (a log line).
+When the listing of our replies is cut short, only the texts it fully covers are stored
+(a found text whose reply may lie in the unread part waits for the next turn).
 
-Twilio API calls, per run: for each of our numbers, GET /2010-04-01/Accounts/{sid}/
+Our numbers are the listed ones and the messaging service's, never one only the database
+names. Twilio API calls, per run: for each of our numbers, GET /2010-04-01/Accounts/{sid}/
 Messages.json?To={number}&DateSent>={from}&DateSent<={until}&PageSize=1000, following
 next_page_uri to the end; when it finds texts we lack, GET Messages.json?From={number}
-(our replies, newest first, back to the window's start); GET .../Messages/{sid}/Media.json
+(our replies, newest first by date sent, back to the window's start); GET .../Messages/{sid}/Media.json
 for a found picture message; with a messaging service, GET https://messaging.twilio.com/
 v1/Services/{sid}/PhoneNumbers.
 """
@@ -54,6 +58,7 @@ class BackfillReport:
     answered: int = 0  # stored as already answered: Twilio's log shows our reply after it
     unreadable: int = 0  # records skipped: a field could not be read
     cut: str = None  # why reading stopped early (the window is read again next turn)
+    left: int = 0  # found texts not stored: reading stopped before we knew enough to store them
     fresh_since: float = None  # before this, the previous turn read the log too
     named: int = 0  # unreadable records named in the log
     found: list = field(default_factory=list)  # (sid, phone, to, at) of texts we did not have
@@ -76,14 +81,14 @@ class BackfillReport:
             log.warning("backfill: skipped record %s of Twilio's message log: %s", sid, visible(record.problem))
 
 
-def our_numbers(store, settings, twilio_log):
-    """Every listed number (SMSBATCH_NUMBERS, else TWILIO_FROM_NUMBER), the messaging
-    service's numbers, and every number people wrote to.
+def our_numbers(settings, twilio_log):
+    """Every listed number (SMSBATCH_NUMBERS, else TWILIO_FROM_NUMBER) and the messaging
+    service's numbers. Never a number that is only in the database (an imported trace may
+    name another app's number on the same account: its customers are not ours to answer).
 
     Raises: PagingStopped, DeliveryError (the messaging service's numbers).
     """
-    numbers = set(store.known_numbers()) | set(settings.listed_numbers)
-    return sorted(numbers | twilio_log.service_numbers())
+    return sorted(set(settings.listed_numbers) | twilio_log.service_numbers())
 
 
 def backfill(store, twilio_log, settings, since, until, now, dry_run=False, fresh_since=None):
@@ -95,10 +100,10 @@ def backfill(store, twilio_log, settings, since, until, now, dry_run=False, fres
     """
     report = BackfillReport(since, until, [], fresh_since=fresh_since)
     try:
-        report.numbers = our_numbers(store, settings, twilio_log)
+        report.numbers = our_numbers(settings, twilio_log)
     except PagingStopped as exc:
         report.cut = f"the messaging service's numbers: {exc}"
-        report.numbers = sorted(set(store.known_numbers()) | set(settings.listed_numbers))
+        report.numbers = sorted(settings.listed_numbers)
     for number in report.numbers:
         try:
             _read_number(store, twilio_log, settings, number, report, now, dry_run)
@@ -128,10 +133,18 @@ def _read_number(store, twilio_log, settings, number, report, now, dry_run):
         cut = exc
     report.found += [(t["sid"], t["phone"], t["to"], t["at"]) for t in found]
     if found and not dry_run:
-        replies = twilio_log.replies(number, report.since)
-        for text in found:
-            text["media"] = twilio_log.media(text)
-            _store(store, settings, text, answered_by(store, text, replies.get(text["phone"], ())), report, now)
+        waiting = list(found)  # not stored yet
+        try:
+            replies, known_since, replies_cut = twilio_log.replies(number, report.since, report.until)
+            for text in found:
+                if text["at"] >= known_since:  # else a reply to it may be in the part of the listing not read
+                    text["media"] = twilio_log.media(text)
+                    _store(store, settings, text, answered_by(store, text, replies.get(text["phone"], ())),
+                           report, now)
+                    waiting.remove(text)
+        finally:  # also on a stop or the time cap (PagingStopped, everything): the rest wait
+            report.left += len(waiting)
+        cut = cut or (replies_cut if waiting else None)
     if cut is not None:
         raise cut
 
@@ -183,8 +196,9 @@ def backfill_if_due(store, twilio_log, settings, now):
     if report.named > SKIPS_LOGGED:
         log.warning("backfill: %d more unreadable records skipped", report.named - SKIPS_LOGGED)
     if report.cut:
-        log.warning("backfill: stopped early (%s); what was read is stored, the next turn reads from %s again",
-                    report.cut, iso_time(report.since))
+        left = f", {report.left} found text(s) left for it" if report.left else ""
+        log.warning("backfill: stopped early (%s); what was read is stored, the next turn reads from %s again%s",
+                    report.cut, iso_time(report.since), left)
     else:
         store.finish_backfill(now)
     if report.stored:

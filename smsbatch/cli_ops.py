@@ -184,7 +184,7 @@ def release(ctx, phone, number, answer_pending, now):
 @click.argument("text", type=TEXT)
 @click.option("--from", "our_number", type=PHONE,
               help="Our number to send from, one of SMSBATCH_NUMBERS or the messaging service's (default: the "
-              "one they last wrote to, else TWILIO_FROM_NUMBER).")
+              "one they last wrote to when it is ours, else TWILIO_FROM_NUMBER).")
 @click.option("--now", type=TIME, help="Record it as sent at this time.")
 @click.pass_context
 def send(ctx, phone, text, our_number, now):

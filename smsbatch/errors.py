@@ -3,6 +3,7 @@
 Also the one place provider and error text is made safe to store, log and print (`redact`).
 """
 
+import json
 import re
 
 # Providers echo part of a rejected key ("Incorrect API key provided: sk-ab***yz"), and not
@@ -97,3 +98,23 @@ def visible(value, limit=80):
     shown = UNSEEN.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
                        else f"\\u{ord(m.group()):04x}", text)
     return shown if len(shown) <= limit else shown[: limit - 1] + "…"
+
+
+class UnreadableJSON(json.JSONDecodeError):
+    """Valid JSON Python will not decode (read_json)."""
+
+
+def read_json(text):
+    """A provider's JSON answer, parsed. Python refuses some valid JSON with errors other than
+    JSONDecodeError (an integer of over 4,300 digits: ValueError; nesting deeper than it
+    recurses: RecursionError); those are a provider's unreadable answer too.
+
+    Raises: json.JSONDecodeError for every answer that cannot be read (UnreadableJSON for
+    those two).
+    """
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except (ValueError, RecursionError) as exc:
+        raise UnreadableJSON(f"unreadable ({type(exc).__name__})", "", 0) from None

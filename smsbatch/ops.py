@@ -155,8 +155,8 @@ def retry_lines(result):
 
 
 def send_by_hand(store, settings, sender, phone, body, our_number, now):
-    """Send `body` to `phone` from `our_number` (default: the number they last wrote to, else
-    TWILIO_FROM_NUMBER) and log it in the conversation, where the AI will see it.
+    """Send `body` to `phone` from `our_number` (default: the number they last wrote to when it
+    is one of ours, else TWILIO_FROM_NUMBER) and log it in the conversation, where the AI will see it.
 
     Raises:
         SmsbatchError: `our_number` is not one of ours, the person opted out, no number to
@@ -167,7 +167,7 @@ def send_by_hand(store, settings, sender, phone, body, our_number, now):
 
     if our_number:
         check_ours(settings, sender, our_number)
-    our_number = our_number or store.last_number(phone) or settings.twilio_from_number
+    our_number = our_number or _default_number(store, settings, sender, phone)
     if not our_number:
         raise SmsbatchError(f"{phone} never wrote to us and TWILIO_FROM_NUMBER is not set: give --from NUMBER")
     scope = batching.opt_out_scope(our_number, settings.twilio_messaging_service_sid)
@@ -187,6 +187,26 @@ def send_by_hand(store, settings, sender, phone, body, our_number, now):
     store.record_manual(sid, phone, our_number, body, now)
     size = segments.count(body)
     return {"sid": sid, "to": phone, "from": our_number, "segments": size.segments, "encoding": size.encoding}
+
+
+def _default_number(store, settings, sender, phone):
+    """The number to send from without --from: the one `phone` last wrote to, else
+    TWILIO_FROM_NUMBER. A number only the database names (an imported trace's, another app's
+    on the same account) is refused rather than sent from.
+
+    Raises: SmsbatchError.
+    """
+    from smsbatch.errors import visible
+
+    last = store.last_number(phone)
+    if last is None:
+        return settings.twilio_from_number
+    try:
+        check_ours(settings, sender, last)
+    except SmsbatchError:
+        raise SmsbatchError(f"{phone} last wrote to {visible(last, 40)}, which is not one of our numbers "
+                            "(SMSBATCH_NUMBERS): give --from NUMBER") from None
+    return last
 
 
 def check_ours(settings, sender, number):

@@ -503,9 +503,10 @@ class Processor:
         return len(problems)
 
     def _check_delivery(self, store, fetch, row, now):
-        """Fetch one reply's status and record it. A definite answer, an error about this reply
-        (Twilio's 404) included, is final for it: it is not asked again. Returns False when
-        Twilio is failing (the next run tries again), True to go on with the next reply."""
+        """Fetch one reply's status and record it. A definite answer, an error Twilio answered
+        about this reply (a 404, a 5xx, an answer that cannot be read) included, is final for
+        it: it is not asked again, and the next reply is. Returns False when Twilio cannot be
+        reached or asks us to slow down (the next run tries again), True to go on."""
         batch, sid = row["batch_id"] or "(manual)", visible(row["sid"], 40)
         try:
             fetched = fetch(row["sid"])

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from urllib.parse import quote, urlsplit
 
 from smsbatch import deadline, delivery, twilio_fields
-from smsbatch.errors import BIDI, CannotReconcile, DeliveryError, redact, visible
+from smsbatch.errors import BIDI, CannotReconcile, DeliveryError, UnreadableJSON, read_json, redact, visible
 
 # Twilio error codes worth trying again later: rate limit, unreachable handset, unknown carrier error.
 TRANSIENT_CODES = frozenset({20429, 30003, 30008})
@@ -185,7 +185,10 @@ class TwilioSender:
         checked: one Twilio gives in a shape smsbatch does not know is None in the answer and
         named in its `problems`.
 
-        Raises: DeliveryError (not transient for a SID that is not one, or Twilio's 404).
+        Raises: DeliveryError; not transient when Twilio answered about this message with an
+        error (a 404, a 5xx, an answer that cannot be read): that is final for it, so one
+        reply Twilio keeps failing on does not hold up the checks of every later one. Only
+        "not reached" (a timeout, no connection) and 429 (slow down) are worth another run.
         """
         try:
             sid = twilio_fields.message_sid(sid)
@@ -194,8 +197,23 @@ class TwilioSender:
         client = self._get_client()
         account = quote(self.settings.twilio_account_sid, safe="")
         url = f"{client.api.base_url.rstrip('/')}/2010-04-01/Accounts/{account}/Messages/{sid}.json"
-        message = self._call(lambda: get_json(client, url))
+        message = self._call(lambda: _answered_about(lambda: get_json(client, url), self.settings.secrets()))
         return delivery_status(message if isinstance(message, dict) else {})
+
+
+def _answered_about(fn, secrets):
+    """fn(), an error Twilio answered with (an HTTP error but 429, or JSON that cannot be read)
+    raised as a DeliveryError that is not transient (see TwilioSender.fetch_status)."""
+    import json
+
+    from twilio.base.exceptions import TwilioRestException
+
+    try:
+        return fn()
+    except (TwilioRestException, json.JSONDecodeError) as exc:
+        error = classify(exc, secrets)
+        error.transient = error.transient and getattr(exc, "status", None) == 429
+        raise error from None
 
 
 @dataclass
@@ -224,27 +242,20 @@ def delivery_status(message):
 def get_json(client, url, params=None):
     """GET a Twilio URL with the client's credentials; its JSON answer.
 
-    Raises: TwilioRestException (not 200: classify() maps it), json.JSONDecodeError.
+    Raises: TwilioRestException (not 200: classify() maps it), json.JSONDecodeError (read_json).
     """
-    import json
-
     from twilio.base.exceptions import TwilioRestException
 
     response = client.request("GET", url, params=params)
     if response.status_code != 200:
         try:
-            error = json.loads(response.text)
+            error = read_json(response.text)
         except ValueError:
             error = None
         error = error if isinstance(error, dict) else {}
         code = error.get("code") if isinstance(error.get("code"), int) else None
         raise TwilioRestException(response.status_code, url, redact(error.get("message", ""), limit=200), code)
-    return json.loads(response.text)
-
-
-def service_numbers(client, service_sid):
-    """The phone numbers of a messaging service, every page (a twilio Client's errors propagate)."""
-    return [n.phone_number for n in client.messaging.v1.services(service_sid).phone_numbers.stream(page_size=1000)]
+    return read_json(response.text)
 
 
 def _in_window(client, to, fields, start, end, exclude):
@@ -340,7 +351,9 @@ def twilio_client(settings, timeout, fenced=False):
 
                 raise InvalidURL("refused to send the account's credentials outside Twilio's API: "
                                  + visible(str(url), 80))
-            return super().request(method, url, *args, **kwargs)
+            response = super().request(method, url, *args, **kwargs)
+            _decodable(response.text)
+            return response
 
     http = OursOnly(timeout=timeout)
     if fenced:
@@ -352,6 +365,19 @@ def twilio_client(settings, timeout, fenced=False):
         client.api.base_url = base
         client.messaging.base_url = base
     return client
+
+
+def _decodable(text):
+    """Raise json.JSONDecodeError (a provider error: classify) for an answer the twilio package's
+    own json.loads would fail on with ValueError or RecursionError (an integer of 5,000 digits,
+    nesting too deep), which would escape as a bug; an answer that is not JSON at all is left
+    to the twilio package, which names it."""
+    try:
+        read_json(text)
+    except UnreadableJSON:
+        raise
+    except ValueError:
+        pass
 
 
 def _fenced_adapter():
@@ -416,7 +442,7 @@ def classify(exc, secrets=()):
     from twilio.base.exceptions import TwilioRestException
 
     if isinstance(exc, TwilioRestException):
-        code, status = exc.code, exc.status
+        code, status = _error_code(exc.code), exc.status
         message = f"Twilio error {code or status}: {redact(exc.msg, secrets, limit=200)}"
         if code == OPTED_OUT_CODE:
             return DeliveryError(message, transient=False, opted_out=True)
@@ -430,6 +456,15 @@ def classify(exc, secrets=()):
         return DeliveryError(f"Twilio unreachable at {_server(exc)} ({name})", transient=True)
     # Timed out or cut off after the request went out: Twilio may have accepted it.
     return DeliveryError(f"Twilio call failed ({name}); outcome unknown", transient=True, ambiguous=True)
+
+
+def _error_code(value):
+    """Twilio's error `code` when it is a sane one (twilio_fields.error_code), else None: the
+    twilio package passes through whatever the JSON held, text with escape sequences included."""
+    try:
+        return twilio_fields.error_code(value)
+    except twilio_fields.BadField:
+        return None
 
 
 def _server(exc):

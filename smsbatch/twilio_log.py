@@ -14,6 +14,7 @@ import datetime
 import logging
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 from urllib.parse import parse_qsl, quote, urlencode, urljoin, urlsplit
 
 from smsbatch import twilio_fields
@@ -81,6 +82,11 @@ def _any_date(raw):
         except twilio_fields.BadField:
             pass
     return None
+
+
+def _text(value):
+    """A string field of a provider's record, else None."""
+    return value if isinstance(value, str) else None
 
 
 def _iso(epoch):
@@ -183,21 +189,27 @@ class TwilioLog:
         return Found(text["sid"], text, at=text["at"])
 
     def media(self, text):
-        """The media URLs of a found text (none without num_media), or [] when Twilio answers
-        about them with an error (pictures deleted): the text is stored all the same.
+        """The media URLs of a found text (none without num_media), or [] when they cannot be
+        listed: Twilio answers with an error (pictures deleted, a 5xx), or the listing is cut
+        short (a looping or foreign next-page link). The text is stored all the same: one
+        listing that fails every turn must not keep the text, and every text after it in the
+        window, from being stored and answered.
 
-        Raises: DeliveryError (transient: the next turn tries again), PagingStopped.
+        Raises: PagingStopped (everything: a stop or the time cap).
         """
         if not text["num_media"]:
             return []
         try:
             return self._media(text["sid"])
-        except DeliveryError as exc:
-            if exc.transient:
+        except PagingStopped as exc:
+            if exc.everything:
                 raise
-            log.warning("backfill: text %s: its pictures could not be listed (%s); stored without them",
-                        text["sid"], visible(exc, 200))
-            return []
+            problem = exc
+        except DeliveryError as exc:
+            problem = exc
+        log.warning("backfill: text %s: its pictures could not be listed (%s); stored without them",
+                    text["sid"], visible(problem, 200))
+        return []
 
     def _media(self, sid):
         """The media URLs of a picture message, as the webhook's MediaUrl{N} give them."""
@@ -211,28 +223,56 @@ class TwilioLog:
                 log.warning("backfill: text %s: a media item without a valid SID was left out", sid)
         return urls[:twilio_fields.MAX_MEDIA]
 
-    def replies(self, from_, since):
+    def replies(self, from_, since, until):
         """The messages we sent from `from_` since `since`, by the number they went to:
         {to: [reply, ...]}, a reply being a dict of sid, to, at, body, status
         (twilio_fields.reply). Records that cannot be read are passed over.
 
-        Raises: PagingStopped, DeliveryError.
+        Twilio lists them newest first by the date they were sent; a scheduled message was
+        created long before (days), so the reading stops at the first sent before `since`.
+        Returns (replies, complete_since, cut): every reply sent after complete_since is there;
+        it is `since` unless the listing was cut short (`cut`, the PagingStopped, says why).
+
+        Raises: PagingStopped (everything), DeliveryError.
         """
-        sent = {}
+        sent, oldest = {}, until
         base = self._client.api.base_url
-        for raw in self.pages(self._messages_url() + ".json", {"From": from_, "PageSize": PAGE_SIZE}, "messages",
-                              base):
-            direction = raw.get("direction") if isinstance(raw, dict) else None
-            if not (isinstance(direction, str) and direction.startswith("outbound")):
-                continue
-            try:
-                reply = twilio_fields.reply(raw)
-            except twilio_fields.BadField:
-                continue
-            if reply["at"] < since:
-                break  # newest first: the rest were sent before
-            sent.setdefault(reply["to"], []).append(reply)
-        return sent
+        try:
+            for raw in self.pages(self._messages_url() + ".json", {"From": from_, "PageSize": PAGE_SIZE},
+                                  "messages", base):
+                at = _any_date(raw) if isinstance(raw, dict) else None
+                if at is not None and at < since:
+                    break  # newest first: the rest were sent before
+                oldest = oldest if at is None else min(oldest, at)
+                direction = raw.get("direction") if isinstance(raw, dict) else None
+                if not (isinstance(direction, str) and direction.startswith("outbound")):
+                    continue
+                try:
+                    reply = twilio_fields.reply(raw)
+                except twilio_fields.BadField:
+                    continue
+                sent.setdefault(reply["to"], []).append(reply)
+        except PagingStopped as exc:
+            if exc.everything:
+                raise
+            return sent, oldest, exc
+        return sent, since, None
+
+    def account_numbers(self):
+        """The account's phone numbers (IncomingPhoneNumbers), every page under the rules
+        above: each a SimpleNamespace of sid, phone_number, sms_url, sms_method (a field that
+        is not a string is None).
+
+        Raises: PagingStopped, DeliveryError (or, for a sender whose _call passes them through,
+        the twilio package's errors).
+        """
+        base = self._client.api.base_url
+        account = quote(self.sender.settings.twilio_account_sid, safe="")
+        url = f"{base.rstrip('/')}/2010-04-01/Accounts/{account}/IncomingPhoneNumbers.json"
+        fields = ("sid", "phone_number", "sms_url", "sms_method")
+        return [SimpleNamespace(**{name: _text(item.get(name)) for name in fields})
+                for item in self.pages(url, {"PageSize": PAGE_SIZE}, "incoming_phone_numbers", base)
+                if isinstance(item, dict)]
 
     def service_numbers(self):
         """The phone numbers of the configured messaging service (none without one).

@@ -228,7 +228,8 @@ class FakeTwilio(StandIn):
         self.services = {}  # messaging service sid -> its phone numbers (Messaging v1 PhoneNumbers)
         self.inbound = []  # texts Twilio received: sid, to, from, body, date_sent, media (content types)
         self.pages_served = 0
-        self.next_link = None
+        self.next_link = None  # a hostile next-page link for the listings of texts To a number
+        self.replies_link = None  # the same for the listings of our messages (From a number)
         self.clock = time.time  # when a sent message is created (a test may pin it to its `now`)
         self.page_delay = 0.0
         self.media_gone = set()  # SIDs of texts whose Media list answers 404 (deleted pictures)
@@ -318,7 +319,7 @@ class FakeTwilio(StandIn):
         number = int(one.get("Page", 0)) + 1
         if start + size < len(found):
             following = path + "?" + urlencode({**rest, "Page": number, "PageToken": "PA" + page[-1]["sid"]})
-        hostile = self.next_link if "To" in one else None
+        hostile = self.next_link if "To" in one else self.replies_link
         if hostile is not None:
             time.sleep(self.page_delay)
             page = found[:size]  # the same first page, whatever link was followed

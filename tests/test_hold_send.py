@@ -106,7 +106,8 @@ def test_send_by_hand_goes_through_twilio_and_the_ai_sees_it(env, store, clock, 
     add(store, A, "can I talk to a person", T0, to="+15550000009")
     clock.now = T0 + 20
     assert real_processor(real_settings, clock).run().counts["held"] == 1
-    result = invoke(["send", A, "Hi, this is Sam from Acme. Calling you now.", "--now", str(T0 + 25)], env)
+    ours = env | {"SMSBATCH_NUMBERS": "+15550000000,+15550000009"}  # the default is the last number when ours
+    result = invoke(["send", A, "Hi, this is Sam from Acme. Calling you now.", "--now", str(T0 + 25)], ours)
     assert result.exit_code == 0, result.output
     assert twilio_standin.sent[-1]["to"] == A and twilio_standin.sent[-1]["from"] == "+15550000009"
     sid = twilio_standin.sent[-1]["sid"]

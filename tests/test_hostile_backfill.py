@@ -273,3 +273,99 @@ def test_no_twilio_request_of_ours_leaves_twilios_origin(twilio_standin):
         with pytest.raises(InvalidURL, match="outside Twilio's API"):
             list(client.messages.stream(to=US, page_size=1))
         assert elsewhere.requests == []
+
+
+# -- round 3: a listing cut short, a Media listing that fails, `send` without --from, fetch errors --
+
+
+def test_a_cut_replies_listing_stores_the_texts_it_covers_and_says_what_waits(env, db_path, store, twilio_standin,
+                                                                               caplog):
+    """Our replies are listed one a page, and the second page links to itself: the replies
+    read cover only the last moments. The text after them is stored and answered; the older
+    one, whose reply may be in the part not read, is left for the next turn and the log line
+    says so (not "what was read is stored" alone); the window does not move past it."""
+    caplog.set_level(logging.WARNING, "smsbatch")
+    standin = twilio_standin
+    standin.page_cap, standin.replies_link = 1, "self"
+    older = standin.deliver_inbound(PERSON, US, "is my order ready?", T0 - 200)
+    standin.record({"To": "+15557770009", "From": US, "Body": "an answer to someone else"}, at=T0 - 20)
+    newer = standin.deliver_inbound(OTHER, US, "hello?", T0 - 10)
+    report = process(env, T0)
+    assert store.has_message(newer) and not store.has_message(older)
+    assert report["backfilled"] == 1 and standin.bodies_to(OTHER) and not standin.bodies_to(PERSON)
+    [line] = [line for line in backfill_lines(caplog) if "stopped early" in line]
+    assert "repeats an earlier page" in line and "1 found text(s) left for it" in line
+    assert checked_until(db_path) is None
+
+
+def test_a_media_listing_answering_500_stores_the_text_without_pictures(env, db_path, store, twilio_standin, caplog):
+    """Twilio answers 500 to one text's Media listing, every time: the text is stored without
+    its pictures (one log line) and answered, and the window advances."""
+    caplog.set_level(logging.WARNING, "smsbatch")
+    standin = twilio_standin
+    standin.media_list = lambda handler, sid: standin.reply(handler, 500, {"code": 20500, "message": "oops",
+                                                                           "status": 500})
+    sid = standin.deliver_inbound(PERSON, US, "a picture", T0 - 30, media=("image/jpeg",))
+    report = process(env, T0)
+    assert report["backfilled"] == 1 and store.has_message(sid) and standin.bodies_to(PERSON)
+    assert checked_until(db_path) == T0
+    assert any("pictures could not be listed" in line for line in backfill_lines(caplog))
+
+
+def test_send_without_from_refuses_a_number_only_the_database_names(env, db_path, store, twilio_standin):
+    """PERSON last wrote to another app's number (an imported trace): `send` without --from
+    does not send from it; it asks for --from in one line."""
+    add(store, PERSON, "old", T0 - 86400, to="+15558880000")
+    result = invoke(["send", PERSON, "hello from us"], env=dict(env, SMSBATCH_NUMBERS=US))
+    assert result.exit_code == 1 and "give --from NUMBER" in result.output and "Traceback" not in result.output
+    assert twilio_standin.sent == []
+    sent = invoke(["send", PERSON, "hello from us", "--from", US], env=dict(env, SMSBATCH_NUMBERS=US))
+    assert sent.exit_code == 0 and [m["from"] for m in twilio_standin.sent] == [US]
+
+
+def test_a_fetch_answered_429_is_tried_again_next_run(env, store, twilio_standin):
+    """A 429 says nothing about the reply (slow down): the loop stops there and the next run
+    asks again; unlike a 5xx about that reply, it is not final."""
+    standin = twilio_standin
+    add(store, PERSON, "hi", T0 - 30)
+    process(env, T0)
+    fetch = standin.fetch
+    answers = iter([429])
+
+    def busy_once(handler, sid):
+        status = next(answers, None)
+        if status is None:
+            return fetch(handler, sid)
+        with standin.lock:
+            standin.fetched.append(sid)
+        return standin.reply(handler, status, {"code": 20429, "message": "Too Many Requests", "status": status})
+
+    standin.fetch = busy_once
+    [sid] = [m["sid"] for m in standin.sent]
+    for run in range(2):
+        process(env, T0 + delivery.CHECK_AFTER_SECONDS + 60 + 60 * run)
+    assert standin.fetched.count(sid) == 2
+
+
+def test_a_send_answered_with_a_5001_digit_number_is_an_unknown_outcome_not_a_traceback(env, store,
+                                                                                       twilio_standin):
+    """Twilio accepts the reply and its answer holds an integer of 5,001 digits: the twilio
+    package's json.loads raises ValueError. That is Twilio's unreadable answer (maybe sent):
+    no traceback, and the next run finds the reply in Twilio's log instead of sending again."""
+    standin = twilio_standin
+    plain_reply = standin.reply
+
+    def reply(handler, status, payload):
+        if status == 201:
+            return standin.raw(handler, status, json.dumps(payload | {"num_segments": "__ODD__"})
+                               .replace('"__ODD__"', "9" * 5001).encode())
+        return plain_reply(handler, status, payload)
+
+    standin.reply = reply
+    add(store, PERSON, "hi", T0 - 30)
+    done = run_process(env, T0)
+    assert "Traceback" not in done.stderr, done.stderr[-800:]
+    assert done.returncode == 0 and json.loads(done.stdout)["retrying"] == 1
+    standin.reply = plain_reply
+    run_process(env, T0 + 120)
+    assert len(standin.bodies_to(PERSON)) == 1
