@@ -213,6 +213,38 @@ class Database:
         with stack:
             yield raw
 
+    # the webhook's group commit (smsbatch.writer_pool): many texts in one transaction
+    def begin(self, seconds):
+        """BEGIN a transaction that end() ends; every statement in it (lock waits included)
+        gives up after `seconds`. BEGIN and its settings are one round trip. If the server
+        dropped this (own) connection, nothing has run yet: once more on a new one.
+        Raises: StoreError (nothing begun)."""
+        ms = max(1, int(seconds * 1000))
+        sql = f"BEGIN; SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms}"
+        raw = self.raw()
+        try:
+            try:
+                raw.execute(sql)
+            except psycopg.OperationalError:
+                if not (self._owned and raw.broken):
+                    raise
+                self.raw().execute(sql)
+        except psycopg.Error as exc:
+            raise translate(exc) from exc
+        self._in_transaction = True
+
+    def end(self, commit):
+        """COMMIT (or ROLLBACK) what begin() began. Raises: StoreError if it was not committed
+        (a COMMIT that the server turned into a ROLLBACK, a statement having failed, too)."""
+        try:
+            status = self._raw.execute("COMMIT" if commit else "ROLLBACK").statusmessage
+        except psycopg.Error as exc:
+            raise translate(exc) from exc
+        finally:
+            self._in_transaction = False
+        if commit and status != "COMMIT":
+            raise StoreError("the transaction was rolled back")
+
     @contextmanager
     def durable_transaction(self):
         """transaction(), committed with synchronous_commit on whatever the connection's
