@@ -1,4 +1,4 @@
-"""The PostgreSQL engine: psycopg 3 (+ psycopg_pool for the webhook), for several hosts on one database.
+"""The PostgreSQL engine: psycopg 3, for several hosts on one database.
 
 The only module that imports psycopg. Connections are in autocommit mode and every
 transaction is an explicit `transaction()` block (READ COMMITTED, PostgreSQL's default):
@@ -17,7 +17,6 @@ from importlib import resources
 
 import psycopg
 import psycopg.errors as pgerrors
-from psycopg_pool import ConnectionPool, PoolTimeout
 
 from smsbatch import migrations
 from smsbatch.engine import Row, StoreBusy, StoreConflict, StoreError, StoreUnavailable, shown_target
@@ -40,7 +39,7 @@ def translate(exc):
         return StoreBusy(text)
     if isinstance(exc, pgerrors.IntegrityError):
         return StoreConflict(text)
-    if isinstance(exc, UNAVAILABLE + (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)):
+    if isinstance(exc, UNAVAILABLE + (psycopg.OperationalError, psycopg.InterfaceError)):
         return StoreUnavailable(text)
     return StoreError(text)
 
@@ -119,8 +118,7 @@ def configure(raw, durable, busy_timeout):
 
 
 class Database:
-    """One PostgreSQL connection (own, or lent by the webhook's pool) and what smsbatch
-    needs of it. Not thread-safe."""
+    """One PostgreSQL connection and what smsbatch needs of it. Not thread-safe."""
 
     engine = "postgres"
     for_update = " FOR UPDATE"
@@ -361,35 +359,3 @@ class Database:
     def copy_to(self, path):
         raise SmsbatchError("backup copies an SQLite file; for PostgreSQL use pg_dump "
                             "(e.g. pg_dump -Fc -f smsbatch.dump DBNAME)")
-
-
-class Pool:
-    """The webhook's connections: each request borrows one for its own transaction, so
-    requests on several threads (and several hosts) write at once. A connection found
-    broken is replaced by the pool; one the server dropped is discarded on return."""
-
-    def __init__(self, url, busy_timeout, size=16):
-        self.url, self.busy_timeout = url, busy_timeout
-        self._pool = ConnectionPool(
-            url, min_size=2, max_size=size, open=False, name="smsbatch",
-            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT},
-            configure=lambda raw: configure(raw, True, busy_timeout), check=ConnectionPool.check_connection,
-            reconnect_timeout=0)
-        self._pool.open(wait=False)
-
-    @contextmanager
-    def database(self, deadline):
-        """A Database on a pooled connection, every statement ending before `deadline`
-        (monotonic). Raises: StoreUnavailable (no connection before the deadline)."""
-        try:
-            with self._pool.connection(timeout=max(0.01, deadline - time.monotonic())) as raw:
-                database = Database(self.url, self.busy_timeout, raw=raw)
-                database.deadline = deadline
-                yield database
-        except PoolTimeout:
-            raise StoreUnavailable(f"no connection to {shown_target(self.url)} before the deadline") from None
-        except psycopg.Error as exc:
-            raise translate(exc) from exc
-
-    def close(self):
-        self._pool.close()
