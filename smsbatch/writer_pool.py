@@ -146,7 +146,7 @@ class PgWriter:
         WAITING_TOO_LONG, or the last write failed (within TROUBLE_MEMORY), none has been
         committed since and a probe finds the database still unable to take writes."""
         now = time.monotonic()
-        since = min(self._busy_since.values(), default=None)
+        since = min(tuple(self._busy_since.values()), default=None)  # a copy: committers change it
         if since is not None and now - since >= WAITING_TOO_LONG:
             return f"a text has waited {now - since:.1f} s for the database"
         at, why = self._failed
