@@ -1,7 +1,7 @@
 """Operators' actions on the store: retry, hold and release, replies by hand, prune, backup."""
 
 from smsbatch import batching, segments
-from smsbatch.errors import InvalidTransition, NotFound, SmsbatchError
+from smsbatch.errors import InvalidTransition, NotFound
 from smsbatch.states import FINAL, PENDING, RETRYABLE, State, placeholders, retry_refusal
 
 

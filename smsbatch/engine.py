@@ -81,15 +81,6 @@ def connect(target, busy_timeout, durable=True):
     return engine_sqlite.Database(str(target), busy_timeout, durable)
 
 
-def open_pool(url, busy_timeout):
-    """The webhook's pool of PostgreSQL connections (engine_pg.Pool). Raises: SmsbatchError."""
-    try:
-        from smsbatch import engine_pg
-    except ImportError:
-        raise SmsbatchError(f"{shown_target(url)} is a PostgreSQL database: {INSTALL_POSTGRES}") from None
-    return engine_pg.Pool(url, busy_timeout)
-
-
 class Row:
     """A result row addressable by column name and by position, like sqlite3.Row
     (`dict(row)`, `row["state"]`, `row[0]`, `tuple(row)`)."""

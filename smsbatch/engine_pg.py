@@ -1,4 +1,4 @@
-"""The PostgreSQL engine: psycopg 3 (+ psycopg_pool for the webhook), for several hosts on one database.
+"""The PostgreSQL engine: psycopg 3, for several hosts on one database.
 
 The only module that imports psycopg. Connections are in autocommit mode and every
 transaction is an explicit `transaction()` block (READ COMMITTED, PostgreSQL's default):
@@ -17,7 +17,7 @@ from importlib import resources
 
 import psycopg
 import psycopg.errors as pgerrors
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg.rows import tuple_row
 
 from smsbatch import migrations
 from smsbatch.engine import Row, StoreBusy, StoreConflict, StoreError, StoreUnavailable, shown_target
@@ -44,7 +44,7 @@ def translate(exc):
         return StoreBusy(text)
     if isinstance(exc, pgerrors.IntegrityError):
         return StoreConflict(text)
-    if isinstance(exc, UNAVAILABLE + (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)):
+    if isinstance(exc, UNAVAILABLE + (psycopg.OperationalError, psycopg.InterfaceError)):
         return StoreUnavailable(text)
     return StoreError(text)
 
@@ -77,6 +77,50 @@ def _rows(cursor):
     return lambda values: Row(values, index)
 
 
+class Result:
+    """A statement's result, read whole at once, so the one cursor a Database reuses can run
+    the next statement (a new psycopg cursor per statement costs about a third of its CPU):
+    fetchone, fetchall, fetchmany, iteration and rowcount, rows as engine.Row."""
+
+    __slots__ = ("_rows", "_index", "_at", "rowcount")
+
+    def __init__(self, cursor, sql):
+        self.rowcount, self._at = cursor.rowcount, 0
+        if cursor.pgresult is None or cursor.pgresult.nfields == 0:
+            self._rows, self._index = (), None
+        else:
+            self._rows, self._index = cursor.fetchall(), _index(sql, cursor)
+
+    def fetchmany(self, size):
+        rows = self._rows[self._at:self._at + size]
+        self._at += len(rows)
+        return [Row(values, self._index) for values in rows]
+
+    def fetchone(self):
+        rows = self.fetchmany(1)
+        return rows[0] if rows else None
+
+    def fetchall(self):
+        return self.fetchmany(len(self._rows))
+
+    def __iter__(self):
+        return iter(self.fetchall())
+
+
+_INDEXES = {}  # (sql, number of columns): {column name: position}
+
+
+def _index(sql, cursor):
+    """The column index of a result of `sql` (the same for every run of the statement)."""
+    key = (sql, cursor.pgresult.nfields)
+    index = _INDEXES.get(key)
+    if index is None:
+        if len(_INDEXES) > 4096:  # statements built with values in them: keep the cache small
+            _INDEXES.clear()
+        index = _INDEXES[key] = {column.name: i for i, column in enumerate(cursor.description)}
+    return index
+
+
 class Connection:
     """What the store calls `conn`: execute(sql, params) with `?` placeholders -> a cursor
     (fetchone, fetchall, iteration, rowcount), raising smsbatch.engine's errors."""
@@ -85,12 +129,14 @@ class Connection:
         self._database = database
 
     def execute(self, sql, parameters=()):
-        raw = self._database.raw()
+        database = self._database
+        raw = database.raw()
         try:
-            return raw.execute(to_psycopg(sql), tuple(parameters))
+            return Result(database.cursor(raw).execute(to_psycopg(sql), tuple(parameters)), sql)
         except psycopg.Error as exc:
-            if self._database.may_retry(raw, sql):  # a read on a connection the server dropped: once more
-                return self._database.raw().execute(to_psycopg(sql), tuple(parameters))
+            if database.may_retry(raw, sql):  # a read on a connection the server dropped: once more
+                raw = database.raw()
+                return Result(database.cursor(raw).execute(to_psycopg(sql), tuple(parameters)), sql)
             raise translate(exc) from exc
 
     def executemany(self, sql, seq):
@@ -123,8 +169,7 @@ def configure(raw, durable, busy_timeout):
 
 
 class Database:
-    """One PostgreSQL connection (own, or lent by the webhook's pool) and what smsbatch
-    needs of it. Not thread-safe."""
+    """One PostgreSQL connection and what smsbatch needs of it. Not thread-safe."""
 
     engine = "postgres"
     for_update = " FOR UPDATE"
@@ -137,6 +182,7 @@ class Database:
         self.conn = Connection(self)
         self.deadline = None  # monotonic time; set by the webhook: every statement ends before it
         self._in_transaction = False
+        self._cursor = None
 
     def raw(self):
         """The psycopg connection, opened again if it was lost while no transaction ran."""
@@ -147,6 +193,12 @@ class Database:
                 log.info("reconnecting to %s", shown_target(self.path))
                 self._raw = _open(self.path, self.durable, self.busy_timeout)
         return self._raw
+
+    def cursor(self, raw):
+        """The cursor every statement on `raw` runs on (Result reads each result whole)."""
+        if self._cursor is None or self._cursor.connection is not raw:
+            self._cursor = raw.cursor(row_factory=tuple_row)
+        return self._cursor
 
     def may_retry(self, raw, sql):
         """True if a statement that failed may run again on a new connection: a read, outside
@@ -231,6 +283,38 @@ class Database:
                 raise translate(exc) from exc
         finally:
             self._in_transaction = False
+
+    # the webhook's group commit (smsbatch.writer_pool): many texts in one transaction
+    def begin(self, seconds):
+        """BEGIN a transaction that end() ends; every statement in it (lock waits included)
+        gives up after `seconds`. BEGIN and its settings are one round trip. If the server
+        dropped this (own) connection, nothing has run yet: once more on a new one.
+        Raises: StoreError (nothing begun)."""
+        ms = max(1, int(seconds * 1000))
+        sql = f"BEGIN; SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms}"
+        raw = self.raw()
+        try:
+            try:
+                raw.execute(sql)
+            except psycopg.OperationalError:
+                if not (self._owned and raw.broken):
+                    raise
+                self.raw().execute(sql)
+        except psycopg.Error as exc:
+            raise translate(exc) from exc
+        self._in_transaction = True
+
+    def end(self, commit):
+        """COMMIT (or ROLLBACK) what begin() began. Raises: StoreError if it was not committed
+        (a COMMIT that the server turned into a ROLLBACK, a statement having failed, too)."""
+        try:
+            status = self._raw.execute("COMMIT" if commit else "ROLLBACK").statusmessage
+        except psycopg.Error as exc:
+            raise translate(exc) from exc
+        finally:
+            self._in_transaction = False
+        if commit and status != "COMMIT":
+            raise StoreError("the transaction was rolled back")
 
     @contextmanager
     def durable_transaction(self):
@@ -343,43 +427,3 @@ class Database:
     def copy_to(self, path):
         raise SmsbatchError("backup copies an SQLite file; for PostgreSQL use pg_dump "
                             "(e.g. pg_dump -Fc -f smsbatch.dump DBNAME)")
-
-
-class Pool:
-    """The webhook's connections: each request borrows one for its own transaction, so
-    requests on several threads (and several hosts) write at once. A connection the server
-    dropped is found at its next BEGIN (nothing run yet: the request takes another) and
-    discarded on return; the pool opens new ones as needed."""
-
-    def __init__(self, url, busy_timeout, size=16):
-        self.url, self.busy_timeout = url, busy_timeout
-        self._pool = ConnectionPool(
-            url, min_size=2, max_size=size, open=False, name="smsbatch",
-            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT},
-            configure=lambda raw: configure(raw, True, busy_timeout), reconnect_timeout=0)
-        self._pool.open(wait=False)
-
-    def run(self, work, deadline):
-        """work(database) in a Database on a pooled connection, every statement ending before
-        `deadline` (monotonic); on a connection the server had dropped, once more on another.
-
-        Raises:
-            StoreUnavailable: no connection before the deadline, or the server is away.
-        """
-        for attempt in range(2):
-            try:
-                with self._pool.connection(timeout=max(0.01, deadline - time.monotonic())) as raw:
-                    database = Database(self.url, self.busy_timeout, raw=raw)
-                    database.deadline = deadline
-                    return work(database)
-            except StaleConnection:
-                if attempt:
-                    raise
-                self._pool.check()  # the others were probably dropped too (a restart): replace them
-            except PoolTimeout:
-                raise StoreUnavailable(f"no connection to {shown_target(self.url)} before the deadline") from None
-            except psycopg.Error as exc:
-                raise translate(exc) from exc
-
-    def close(self):
-        self._pool.close()

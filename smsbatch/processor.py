@@ -384,13 +384,15 @@ class Processor:
         """Claim up to `limit` due batches now, leases tracked (and renewed while `run` runs).
         Returns (rows, expired count)."""
         store = self.store()
-        calibrate(self.clock, store)
-        confirmed, now = time.monotonic(), self.clock()
+        confirmed = time.monotonic()
         # One cheap read first: with nothing pending (an idle processor) it is the only query
-        # of the round, so idling costs about one query a second (POLL_SECONDS).
+        # of the round, so idling costs about one query a second (POLL_SECONDS). The clock is
+        # calibrated only when there is something to claim: nothing else needs it exact.
         self._next_due = store.next_due()
         if self._next_due is None:
             return [], 0
+        calibrate(self.clock, store)
+        now = self.clock()
         self.leases.free_dead(store, now)
         rows, expired = store.claim_due(now, limit, self.leases.lease, self.settings.max_age_seconds,
                                         holder=self.leases.holder, node=self.leases.node)

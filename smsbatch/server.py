@@ -352,13 +352,6 @@ class SelectorWSGIServer(WSGIServer):
         """Answer whole requests; those that wrote are sent only once committed."""
         app = self.get_app()
         burst = getattr(app, "burst", None)
-        if burst is None and getattr(app, "concurrent", False):
-            # each request writes on a connection of its own (PostgreSQL): the pool's threads
-            # run them side by side while this thread goes on reading
-            self._hold(len(ready))
-            for conn in ready:
-                self.jobs.put(conn)
-            return
         if burst is None:
             for conn in ready:
                 self._send(conn, self._run(conn))

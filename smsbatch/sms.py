@@ -71,9 +71,6 @@ class TwilioSender:
     def _get_client(self):
         with self._lock:
             if self._client is None:
-                from twilio.http.http_client import TwilioHttpClient
-                from twilio.rest import Client
-
                 s = self.settings
                 client = twilio_client(s, s.sms_timeout_seconds, fenced=True)
                 client.messages  # noqa: B018 (imports the resource now, not within a send's deadline)

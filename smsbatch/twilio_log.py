@@ -15,7 +15,7 @@ import logging
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
-from urllib.parse import parse_qsl, quote, urlencode, urljoin, urlsplit
+from urllib.parse import parse_qsl, quote, urljoin, urlsplit
 
 from smsbatch import twilio_fields
 from smsbatch.config import display_url

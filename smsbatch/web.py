@@ -108,11 +108,9 @@ class Webhook:
         elif not insecure:
             raise ConfigError("TWILIO_AUTH_TOKEN is not set: refusing unsigned webhooks")
         if is_postgres(settings.db_path):
-            from smsbatch.writer_pool import PoolWriter
+            from smsbatch.writer_pool import PgWriter
 
-            self.writer = PoolWriter(settings.db_path, WEB_BUSY_TIMEOUT)
-            self.burst = None  # no group commit: each request writes on a pooled connection,
-            self.concurrent = True  # and the server runs them on its threads side by side
+            self.writer = PgWriter(settings.db_path, WEB_BUSY_TIMEOUT)
         else:
             self.writer = Writer(settings.db_path, WEB_BUSY_TIMEOUT)
         self.rejections = Rejections(self.writer.submit, clock)

@@ -1,7 +1,7 @@
 """The SQLite webhook's write path: every text written on one shared SQLite connection.
 
-Part of the SQLite engine (smsbatch.engine_sqlite): PostgreSQL writes each text through a
-pooled connection instead (smsbatch.engine_pg.PoolWriter).
+Part of the SQLite engine (smsbatch.engine_sqlite): PostgreSQL has its own group commit,
+on several connections (smsbatch.writer_pool.PgWriter).
 
 Writer owns that connection. The writes of requests that arrived whole together (a
 burst) are committed by a committer thread in one transaction, while the server's

@@ -7,7 +7,6 @@ import logging
 import pytest
 
 from conftest import T0, add, invoke, real_processor
-from fakes import FakeTwilio, provider_env
 from smsbatch import delivery
 from smsbatch.web import make_app
 from test_web import call

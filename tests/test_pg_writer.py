@@ -1,0 +1,164 @@
+"""The PostgreSQL webhook's group commit (smsbatch.writer_pool.PgWriter): many texts in one
+transaction, and what happens when one of them cannot be stored."""
+
+import socket
+import threading
+import time
+from urllib.parse import urlencode
+
+import pytest
+from twilio.request_validator import RequestValidator
+
+from conftest import T0
+from smsbatch.batching import Rules
+from smsbatch.config import Settings
+from smsbatch.db import Store
+from smsbatch.engine import StoreBusy, StoreError
+from smsbatch.web import make_app, make_server_for
+from smsbatch.writer_pool import PgWriter
+
+pytestmark = pytest.mark.postgres
+TOKEN = "pg-writer-token"
+URL = "https://hooks.example.com/sms"
+
+
+@pytest.fixture
+def engine_name():
+    return "postgres"
+
+
+def sids(db_path):
+    store = Store(db_path)
+    try:
+        return {row[0] for row in store.conn.execute("SELECT sid FROM messages")}
+    finally:
+        store.close()
+
+
+def add(sid, phone="+15550001111", body="hi"):
+    return lambda store: store.add_message(sid, phone, "+15550000000", body, T0, Rules())
+
+
+def test_a_burst_with_a_text_that_cannot_be_stored_stores_the_others_once_run_again(db_path):
+    """A body PostgreSQL refuses (NUL) fails the burst's one transaction: nothing of it is
+    stored and on_done says so; run again text by text (as the server does), the others are
+    stored and only the bad one fails."""
+    writer = PgWriter(db_path, 4.0)
+    done, outcome = threading.Event(), []
+    texts = [add(f"SM{i}", body="bad\x00text" if i == 2 else "hi") for i in range(5)]
+    with writer.burst(lambda failed: (outcome.append(failed), done.set())):
+        assert all(writer.submit(work) is None for work in texts)  # kept, not run
+    assert done.wait(5) and outcome == [True] and sids(db_path) == set()
+    results = {}
+
+    def again(i):
+        try:
+            results[i] = writer.submit(texts[i]).duplicate
+        except StoreError as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=again, args=(i,)) for i in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    writer.close()
+    assert isinstance(results.pop(2), StoreError) and results == {0: False, 1: False, 3: False, 4: False}
+    assert sids(db_path) == {"SM0", "SM1", "SM3", "SM4"}
+
+
+def test_a_write_that_raised_inside_the_group_is_never_committed_half_done(db_path):
+    """A write whose store transaction raised (and whose caller swallowed it, like a
+    MessageSid another host stored meanwhile) cannot be undone alone: the whole group
+    is rolled back rather than committing what it wrote before raising."""
+    writer = PgWriter(db_path, 4.0)
+
+    def half_done(store):
+        try:
+            with store.transaction() as conn:
+                conn.execute("INSERT INTO opt_outs (phone, scope, since, keyword) VALUES (?, ?, ?, ?)",
+                             ("+15550009999", "*", T0, "STOP"))
+                raise ValueError("changed its mind")
+        except ValueError:
+            return "swallowed"
+
+    done, outcome = threading.Event(), []
+    with writer.burst(lambda failed: (outcome.append(failed), done.set())):
+        writer.submit(add("SM1"))
+        writer.submit(half_done)
+    assert done.wait(5) and outcome == [True]
+    writer.close()
+    store = Store(db_path)
+    try:
+        assert store.conn.execute("SELECT count(*) FROM opt_outs").fetchone()[0] == 0
+    finally:
+        store.close()
+    assert sids(db_path) == set()
+
+
+def test_a_locked_conversation_fails_its_text_at_the_deadline_and_delays_no_other(db_path):
+    """Another host holds a conversation's lock: that text fails at its deadline (StoreBusy,
+    then a 503), /health says why meanwhile, and a text of another conversation is stored
+    while it waits (another committer, another connection)."""
+    writer = PgWriter(db_path, 4.0)
+    holder = Store(db_path)
+    try:
+        with holder.transaction():
+            holder.conn.execute(f"SELECT {holder.db.conversation_lock}", ("+15550001111", "+15550000000"))
+            failed = {}
+
+            def locked():
+                start = time.monotonic()
+                try:
+                    writer.submit(add("SM1"), start + 1.5)
+                except StoreBusy as exc:
+                    failed["after"], failed["error"] = time.monotonic() - start, exc
+
+            thread = threading.Thread(target=locked)
+            thread.start()
+            time.sleep(0.3)  # the locked text is waiting
+            assert writer.submit(add("SM2", phone="+15550002222")).duplicate is False
+            time.sleep(1.0)
+            assert "waited" in (writer.trouble() or "")
+            thread.join(5)
+    finally:
+        holder.close()
+    writer.close()
+    assert 1.0 <= failed["after"] < 2.5 and sids(db_path) == {"SM2"}
+
+
+def test_a_burst_over_http_with_a_bad_text_answers_the_others_200(db_path):
+    """Through the real server: requests that arrive together share a transaction; one text
+    PostgreSQL cannot store is not acknowledged, and every other is answered 200 and stored."""
+    app = make_app(Settings(db_path=db_path, twilio_auth_token=TOKEN, public_url=URL))
+    server = make_server_for(app, "127.0.0.1", 0, threads=4)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    validator = RequestValidator(TOKEN)
+    socks = []
+    try:
+        requests = []
+        for i in range(8):
+            params = {"MessageSid": f"SM{i:032d}", "AccountSid": "AC" + "0" * 32, "From": f"+1555000{i % 3:04d}", "To": "+15550000000",
+                      "Body": "bad\x00text" if i == 5 else f"text {i}", "NumMedia": "0"}
+            body = urlencode(params).encode()
+            requests.append(b"POST /sms HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                            b"X-Twilio-Signature: " + validator.compute_signature(URL, params).encode() +
+                            b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+            socks.append(socket.create_connection(("127.0.0.1", server.server_port), timeout=10))
+        for sock, request in zip(socks, requests):  # all at once: whole in the same round of the server
+            sock.sendall(request)
+        statuses = [int(_read_all(sock).split(b" ", 2)[1]) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+        server.shutdown()
+        server.server_close()
+    assert statuses[5] != 200 and statuses[:5] + statuses[6:] == [200] * 7
+    assert sids(db_path) == {f"SM{i:032d}" for i in range(8) if i != 5}
+
+
+def _read_all(sock):
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
