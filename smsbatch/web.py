@@ -27,7 +27,7 @@ from smsbatch.metrics import WebMetrics
 from smsbatch.rejections import Rejections, printable
 from smsbatch.server import make_server_for
 from smsbatch.sms import status_callback_url
-from smsbatch.webform import MAX_BODY, FormParams, Refused, media_urls, parse_form, well_formed
+from smsbatch.webform import MAX_BODY, FormParams, Refused, inbound_wrong, media_urls, parse_form, well_formed
 from smsbatch.writer import WEB_BUSY_TIMEOUT, Writer
 
 __all__ = ["app", "make_app", "make_server_for", "MAX_BODY", "FormParams"]  # re-exported
@@ -196,7 +196,7 @@ class Webhook:
         """POST /sms: check, store, answer empty TwiML. Raises: Reject (503 if not stored)."""
         params = parse_form(environ)
         self.check_signature(environ, params, self.settings.public_url)
-        wrong = well_formed(params)
+        wrong = inbound_wrong(params)
         if wrong:
             raise Reject("400 Bad Request", wrong)
         sid, phone = params.one("MessageSid"), params.one("From").strip()
