@@ -362,26 +362,38 @@ def make_app(settings, clock=time.time, insecure=False):
     return Webhook(settings, clock=clock, insecure=insecure)
 
 
-def app(environ, start_response):
-    """`smsbatch.web:app` for gunicorn, uwsgi and the like: settings from the environment.
+def default_app():
+    """The app `smsbatch.web:app` names, built once from the environment.
 
     Raises:
-        ConfigError: a setting is wrong, or TWILIO_AUTH_TOKEN is not set.
+        ConfigError: a setting is wrong, TWILIO_AUTH_TOKEN is not set (there is no
+            --insecure-no-signature here), or SMSBATCH_PUBLIC_URL is not.
     """
     global _default_app
-    if _default_app is None:
-        with _default_lock:
-            if _default_app is None:
+    with _default_lock:
+        if _default_app is None:
+            try:
                 settings = Settings.from_env()
-                try:
-                    _default_app = make_app(settings)
-                except ConfigError as exc:  # there is no --insecure-no-signature here
-                    raise ConfigError(f"{exc}: set TWILIO_AUTH_TOKEN in the WSGI server's environment") from None
-                if settings.alert_webhook_url:  # as `serve`: whoever is up notices that no processor runs
-                    from smsbatch.alerts import Alerter, watch_stalls
+                built = make_app(settings)
+            except ConfigError as exc:
+                raise ConfigError(f"smsbatch.web:app: {exc} (settings come from the WSGI server's "
+                                  "environment)") from None
+            if settings.alert_webhook_url:  # as `serve`: whoever is up notices that no processor runs
+                from smsbatch.alerts import Alerter, watch_stalls
 
-                    watch_stalls(settings, Alerter.for_settings(settings), threading.Event())
-    return _default_app(environ, start_response)
+                watch_stalls(settings, Alerter.for_settings(settings), threading.Event())
+            _default_app = built
+    return _default_app
+
+
+def __getattr__(name):
+    """`smsbatch.web:app` for gunicorn, uwsgi and the like. Built when the server loads it
+    (`from smsbatch.web import app`, getattr), not at the first request: a missing or wrong
+    setting stops the server from starting (gunicorn: "Worker failed to boot") instead of
+    answering every request 500."""
+    if name == "app":
+        return default_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 _default_app = None
