@@ -223,7 +223,8 @@ class Webhook:
                 log.error("webhook: could not store MessageSid %s: %s", sid, exc)
             raise Reject("503 Service Unavailable", "could not store the message; try again") from None
         if added is not None:  # None inside a burst: stored at its COMMIT, before this answer goes out
-            log.debug("stored %s in batch %s%s", sid, added.batch_id, " (repeat)" if added.duplicate else "",
+            repeat = " (repeat of a pruned text)" if added.batch_id is None else " (repeat)"
+            log.debug("stored %s in batch %s%s", sid, added.batch_id, repeat if added.duplicate else "",
                       extra={"batch_id": added.batch_id, "our_number": to})
         return "200 OK", [("Content-Type", "text/xml")], TWIML_EMPTY
 
