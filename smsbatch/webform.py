@@ -34,7 +34,8 @@ INBOUND_FIELDS = {name: re.compile(shape) for name, shape in {
     **{f"{side}{part}": SHORT for side in ("From", "To") for part in ("City", "State", "Zip", "Country")},
     **{f"MediaUrl{i}": MEDIA_URL for i in range(MAX_MEDIA)},
     **{f"MediaContentType{i}": r"[A-Za-z0-9.-]{1,64}/[A-Za-z0-9.+-]{1,127}" for i in range(MAX_MEDIA)},
-    "ProfileName": r"[^\x00-\x1f]{0,256}",  # a person's chosen name: RESPLIT guards it "WaId": r"[0-9]{1,20}", "MessageType": r"[a-z_]{1,32}",
+    "ProfileName": r"[^\x00-\x1f]{0,256}",  # a person's chosen name: RESPLIT guards it
+    "WaId": r"[0-9]{1,20}", "MessageType": r"[a-z_]{1,32}",
     "Forwarded": r"true|false", "FrequentlyForwarded": r"true|false",
 }.items()}
 # What a re-split must leave inside some field's value (see inbound_wrong): a field pair
