@@ -389,3 +389,20 @@ def test_the_forms_twilio_sends_are_accepted(server, db_path):
     answers = [exchange(server.server_port, [signed_request(params)])[0] for params in texts]
     assert answers == [200] * len(texts)
     assert stored(db_path) == {params["MessageSid"] for params in texts}
+
+
+# -- round 3, M7: `smsbatch.web:app` refuses to start, saying what is missing ----------------
+
+
+@pytest.mark.parametrize("settings, says, not_said", [
+    ({"TWILIO_AUTH_TOKEN": "a-token"}, "SMSBATCH_PUBLIC_URL is not set", "TWILIO_AUTH_TOKEN"),
+    ({"SMSBATCH_PUBLIC_URL": URL}, "TWILIO_AUTH_TOKEN is not set", "SMSBATCH_PUBLIC_URL"),
+    ({"TWILIO_AUTH_TOKEN": "a-token", "SMSBATCH_PUBLIC_URL": "https://[::1/sms"}, "SMSBATCH_PUBLIC_URL", "TWILIO"),
+])
+def test_the_wsgi_app_fails_when_loaded_naming_only_what_is_wrong(db_path, store, settings, says, not_said):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SMSBATCH_", "TWILIO_"))}
+    env.update(SMSBATCH_DB=db_path, **settings)
+    done = subprocess.run([sys.executable, "-c", "from smsbatch.web import app"], env=env, capture_output=True,
+                          text=True, timeout=30)
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode != 0 and says in last and not_said not in last, done.stderr
