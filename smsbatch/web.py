@@ -27,7 +27,8 @@ from smsbatch.metrics import WebMetrics
 from smsbatch.rejections import Rejections, printable
 from smsbatch.server import make_server_for
 from smsbatch.sms import status_callback_url
-from smsbatch.webform import MAX_BODY, FormParams, Refused, inbound_wrong, media_urls, parse_form, well_formed
+from smsbatch.webform import (MAX_BODY, FormParams, Refused, inbound_wrong, media_urls, parse_form, resplit_trace,
+                              well_formed)
 from smsbatch.writer import WEB_BUSY_TIMEOUT, Writer
 
 __all__ = ["app", "make_app", "make_server_for", "MAX_BODY", "FormParams"]  # re-exported
@@ -238,7 +239,7 @@ class Webhook:
         params = parse_form(environ)
         if self.validator is not None:
             self.check_signature(environ, params, status_callback_url(self.settings.public_url))
-        wrong = well_formed(params)
+        wrong = well_formed(params) or resplit_trace(params)
         if wrong:
             raise Reject("400 Bad Request", wrong)
         sid, status = params.one("MessageSid"), params.one("MessageStatus").strip().lower()

@@ -160,7 +160,14 @@ def inbound_wrong(params):
             return f"unknown field {printable_name(name)}"
         if not shape.fullmatch(value):
             return f"{name} is not as Twilio sends it"
-        if RESPLIT.search(value):
+    return resplit_trace(params)
+
+
+def resplit_trace(params):
+    """Why this form is a re-split (a field's value holds RESPLIT: see inbound_wrong), or
+    None. Also for delivery receipts, whose MessageSid a re-split would change the same way."""
+    for name, values in params.items():
+        if RESPLIT.search(values[0]):
             return f"{name} holds another field's name and value"
     return None
 

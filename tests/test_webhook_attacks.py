@@ -406,3 +406,15 @@ def test_the_wsgi_app_fails_when_loaded_naming_only_what_is_wrong(db_path, store
                           text=True, timeout=30)
     last = done.stderr.strip().splitlines()[-1]
     assert done.returncode != 0 and says in last and not_said not in last, done.stderr
+
+
+def test_a_delivery_receipt_carrying_a_re_split_is_refused(server, db_path):
+    """A receipt whose value holds `MessageSid<id>`: what a re-split moving the receipt onto
+    another reply must leave behind."""
+    from smsbatch.sms import status_callback_url
+
+    receipt = {"MessageSid": "SM" + "1" * 32, "AccountSid": "AC" + "0" * 32, "To": "+15553330001",
+               "MessageStatus": "deliveredMessageSidSM" + "2" * 32, "From": "+15550000000"}
+    request = signed_request(receipt, path="/sms/status", url=status_callback_url(URL))
+    status, _, body = exchange(server.server_port, [request])
+    assert status == 400 and b"MessageStatus holds another field" in body, (status, body)
