@@ -39,9 +39,11 @@ INBOUND_FIELDS = {name: re.compile(shape) for name, shape in {
     "Forwarded": r"true|false", "FrequentlyForwarded": r"true|false",
 }.items()}
 # What a re-split must leave inside some field's value (see inbound_wrong): a field pair
-# `From<address>` followed by the next field's name (or ending the value), or a whole
-# `MessageSid<id>`. No person types either; Twilio never sends one outside the Body.
-RESPLIT = re.compile(r"From" + ADDRESS + r"(?=[A-Z]|$)|MessageSid(?:SM|MM)[0-9a-f]{32}")
+# `From<address>` followed by the next field's name (a capital: any name, even one Twilio
+# adds later), or a whole `MessageSid<id>`; in a field other than the Body, also
+# `From<address>` ending the value. No person types these; Twilio sends none of them.
+RESPLIT = re.compile(r"From" + ADDRESS + r"(?=[A-Z])|MessageSid(?:SM|MM)[0-9a-f]{32}")
+RESPLIT_END = re.compile(r"From" + ADDRESS + r"\Z")
 
 
 class Refused(Exception):
@@ -148,7 +150,9 @@ def inbound_wrong(params):
     inside it (names start with a capital; `SM`/`MM` begin no name). RESPLIT finds it in
     any value, the Body too. A forgery that keeps the real MessageSid is a duplicate, or
     changes From: then the real `From<address>` lies inside a value (the same reasoning),
-    followed by the next real field's name or ending that value, which RESPLIT finds too.
+    followed by the next real field's name or ending that value, which RESPLIT (and
+    RESPLIT_END) find too. That value is never the Body ending there: the forged From
+    would then have no place before the next real field, which sorts after From.
     Only the Body is free-form; every other field has a shape of its own.
     """
     wrong = well_formed(params)
@@ -167,7 +171,7 @@ def resplit_trace(params):
     """Why this form is a re-split (a field's value holds RESPLIT: see inbound_wrong), or
     None. Also for delivery receipts, whose MessageSid a re-split would change the same way."""
     for name, values in params.items():
-        if RESPLIT.search(values[0]):
+        if RESPLIT.search(values[0]) or (name != "Body" and RESPLIT_END.search(values[0])):
             return f"{name} holds another field's name and value"
     return None
 

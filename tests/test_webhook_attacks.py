@@ -384,7 +384,7 @@ def test_the_forms_twilio_sends_are_accepted(server, db_path):
                     ProfileName="Ana María (Bäckerei) 😀", WaId="15553330004", MessageType="text",
                     SmsStatus="received", NumSegments="1", ApiVersion="2010-04-01")
     stop = dict(twilio_sms(5), Body="STOP", OptOutType="STOP")
-    short_code = dict(form(6), From="72345")
+    short_code = dict(form(6), From="72345", Body="call me back, From+15553330006")
     texts = [twilio_sms(1), mms, whatsapp, stop, short_code]
     answers = [exchange(server.server_port, [signed_request(params)])[0] for params in texts]
     assert answers == [200] * len(texts)
