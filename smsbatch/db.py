@@ -174,8 +174,9 @@ class Store(BatchLife, OperatorActions, OperatorReports):
 
     def _lock_and_find(self, conn, phone, our_number, sid):
         """Take the conversation's lock (Database.conversation_lock) and look for the sid, in
-        one statement; a pruned text's sid (pruned_sids) is found as (None,). The look may miss a text another writer stored while this one waited
-        for the lock: the INSERT ... ON CONFLICT (sid) then finds it (see add_message)."""
+        one statement; a pruned text's sid (pruned_sids) is found as (None,). The look may
+        miss a text another writer stored while this one waited for the lock: the
+        INSERT ... ON CONFLICT (sid) then finds it (see add_message)."""
         lock = self.db.conversation_lock
         find = ("(SELECT batch_id FROM messages WHERE sid = ?),"
                 " (SELECT count(*) FROM pruned_sids WHERE sid = ?)")
