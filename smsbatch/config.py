@@ -149,7 +149,7 @@ class Settings:
             twilio_from_number=g("TWILIO_FROM_NUMBER", ""),
             twilio_messaging_service_sid=g("TWILIO_MESSAGING_SERVICE_SID", ""),
             twilio_base_url=g("SMSBATCH_TWILIO_BASE_URL", ""),
-            public_url=g("SMSBATCH_PUBLIC_URL", ""),
+            public_url=_public_url(g("SMSBATCH_PUBLIC_URL", "")),
             retry_base_seconds=_number(env, "SMSBATCH_RETRY_BASE_SECONDS", 30.0),
             max_attempts=_number(env, "SMSBATCH_MAX_ATTEMPTS", 5, int, 1),
             ai_timeout_seconds=_number(env, "SMSBATCH_AI_TIMEOUT_SECONDS", 30.0, float, 0.1),
@@ -260,16 +260,19 @@ class Settings:
     def secrets(self):
         """Every configured secret, in each form a provider's error text could echo it:
         the OpenAI key (also inside "Bearer ..."), the Twilio auth token, HTTP Basic auth's
-        base64 of sid:token, and any password inside a base URL or the database's URL."""
+        base64 of sid:token, any password inside a base URL or the database's URL, and
+        SMSBATCH_PUBLIC_URL's password and query string (a webhook key Twilio quotes back
+        when it refuses the StatusCallback built from it)."""
         import base64
-        from urllib.parse import urlsplit
+        from urllib.parse import parse_qsl, urlsplit
 
         found = [self.openai_api_key, self.twilio_auth_token, self.anon_key, self.metrics_token,
                  self.alert_webhook_url]
         if self.twilio_auth_token:
             basic = base64.b64encode(f"{self.twilio_account_sid}:{self.twilio_auth_token}".encode()).decode()
             found += [basic, basic.rstrip("=")]  # unpadded too: where the padding was dropped
-        for url in (self.openai_base_url, self.twilio_base_url, self.db_path):  # db_path: a PostgreSQL URL
+        for url in (self.openai_base_url, self.twilio_base_url, self.db_path,  # db_path: a PostgreSQL URL
+                    self.public_url):
             try:
                 found.append(urlsplit(url or "").password or "")
             except ValueError:
@@ -277,6 +280,9 @@ class Settings:
         if self.alert_webhook_url:  # a chat webhook's path and query are its secret (hooks.slack.com/services/...)
             parts = urlsplit(self.alert_webhook_url)
             found += [parts.path.strip("/"), parts.query, parts.password or ""]
+        if self.public_url:  # the whole query, and each value alone (quoted in another order)
+            query = urlsplit(self.public_url).query
+            found += [query] + [value for _, value in parse_qsl(query)]
         return tuple(s for s in found if s)
 
 
@@ -343,6 +349,25 @@ def _alert_url(raw):
         ok = False
     if not ok:
         raise ConfigError(f"SMSBATCH_ALERT_WEBHOOK_URL must be an http(s) URL, not {display_secret_url(url)!r}")
+    return url
+
+
+def _public_url(raw):
+    """SMSBATCH_PUBLIC_URL: an http(s) URL with a host, or empty (not set). Checked here so
+    that a typo is one error line for every command, never a traceback where it is used."""
+    from urllib.parse import urlsplit
+
+    url = raw.strip()
+    if not url:
+        return ""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError for a port out of range or not a number
+    except ValueError as exc:  # the reason, not the URL: its query or password may be a secret
+        raise ConfigError(f"SMSBATCH_PUBLIC_URL cannot be read as a URL ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"SMSBATCH_PUBLIC_URL must be the http(s) URL of the webhook, such as "
+                          f"https://example.com/sms, not {display_url(url, masked=True)!r}")
     return url
 
 

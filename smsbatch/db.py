@@ -29,7 +29,7 @@ LATE_REASON = "found in Twilio's message log, older than SMSBATCH_MAX_AGE_SECOND
 
 @dataclass(frozen=True)
 class Added:
-    """What storing one inbound text did."""
+    """What storing one inbound text did. batch_id is None for a duplicate of a pruned text."""
 
     batch_id: str
     duplicate: bool
@@ -174,13 +174,18 @@ class Store(BatchLife, OperatorActions, OperatorReports):
 
     def _lock_and_find(self, conn, phone, our_number, sid):
         """Take the conversation's lock (Database.conversation_lock) and look for the sid, in
-        one statement. The look may miss a text another writer stored while this one waited
-        for the lock: the INSERT ... ON CONFLICT (sid) then finds it (see add_message)."""
+        one statement; a pruned text's sid (pruned_sids) is found as (None,). The look may
+        miss a text another writer stored while this one waited for the lock: the
+        INSERT ... ON CONFLICT (sid) then finds it (see add_message)."""
         lock = self.db.conversation_lock
+        find = ("(SELECT batch_id FROM messages WHERE sid = ?),"
+                " (SELECT count(*) FROM pruned_sids WHERE sid = ?)")
         if lock is None:
-            return conn.execute("SELECT batch_id FROM messages WHERE sid = ?", (sid,)).fetchone()
-        row = conn.execute(f"SELECT {lock}, (SELECT batch_id FROM messages WHERE sid = ?)",
-                           (phone, our_number, sid)).fetchone()
+            row = conn.execute(f"SELECT 0, {find}", (sid, sid)).fetchone()
+        else:
+            row = conn.execute(f"SELECT {lock}, {find}", (phone, our_number, sid, sid)).fetchone()
+        if row[2]:  # pruned (db_ops.prune): still a duplicate, in no batch any more
+            return (None,)
         return None if row[1] is None else (row[1],)
 
     def _batch_for(self, conn, phone, our_number, scope, body, at, rules, kind, carrier_kind, expired, answered):

@@ -373,6 +373,10 @@ class OperatorActions:
         if not ids:
             return
         marks = placeholders(ids)
+        # Twilio's signatures carry no time: the pruned texts' MessageSids keep a captured
+        # request's replay a duplicate (add_message).
+        conn.execute("INSERT INTO pruned_sids (sid, received_at) SELECT sid, received_at FROM messages"
+                     f" WHERE batch_id IN ({marks}) ON CONFLICT (sid) DO NOTHING", ids)
         # children first; a conversation whose (stale) open-batch pointer goes is simply recreated
         # by its next text
         for table, column in (("conversations", "open_batch"), ("outbound", "batch_id"),

@@ -250,6 +250,12 @@ def _v10_tables(real):
         episode  {real} NOT NULL,
         sent_at  {real} NOT NULL
     )""",
+        # The MessageSid of every pruned text (pruned_sids, db_ops.prune): a captured webhook
+        # request stays validly signed for ever, and this keeps its replay a duplicate.
+        f"""CREATE TABLE pruned_sids (
+        sid          TEXT PRIMARY KEY,
+        received_at  {real} NOT NULL
+    )""",
         # /metrics reads totals on every scrape: covering indexes keep that to a few ms on 50,000
         # texts (bench/bench_metrics.py) instead of scans of rows that hold prompts and bodies.
         "CREATE INDEX batches_usage ON batches(state, first_at, ai_requests, prompt_tokens, completion_tokens)",

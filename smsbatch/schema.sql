@@ -203,3 +203,12 @@ CREATE TABLE IF NOT EXISTS alerts (
     episode  REAL NOT NULL,
     sent_at  REAL NOT NULL
 );
+
+-- The MessageSid of every text `prune` deleted, and when it came: no number, no body. Twilio's
+-- signatures carry no time, so a captured webhook request stays valid for ever; this keeps
+-- its replay a duplicate (add_message) after the text itself is gone. Kept for ever (about
+-- 60 bytes a text).
+CREATE TABLE IF NOT EXISTS pruned_sids (
+    sid          TEXT PRIMARY KEY,
+    received_at  REAL NOT NULL
+);

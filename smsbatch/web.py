@@ -27,7 +27,8 @@ from smsbatch.metrics import WebMetrics
 from smsbatch.rejections import Rejections, printable
 from smsbatch.server import make_server_for
 from smsbatch.sms import status_callback_url
-from smsbatch.webform import MAX_BODY, FormParams, Refused, media_urls, parse_form, well_formed
+from smsbatch.webform import (MAX_BODY, FormParams, Refused, inbound_wrong, media_urls, parse_form, resplit_trace,
+                              well_formed)
 from smsbatch.writer import WEB_BUSY_TIMEOUT, Writer
 
 __all__ = ["app", "make_app", "make_server_for", "MAX_BODY", "FormParams"]  # re-exported
@@ -194,7 +195,9 @@ class Webhook:
         """POST /sms: check, store, answer empty TwiML. Raises: Reject (503 if not stored)."""
         params = parse_form(environ)
         self.check_signature(environ, params, self.settings.public_url)
-        wrong = well_formed(params)
+        # The shapes keep a re-split of a signed request from passing; unsigned (local
+        # testing, --insecure-no-signature), any form could be sent anyway.
+        wrong = inbound_wrong(params) if self.validator is not None else well_formed(params)
         if wrong:
             raise Reject("400 Bad Request", wrong)
         sid, phone = params.one("MessageSid"), params.one("From").strip()
@@ -221,7 +224,8 @@ class Webhook:
                 log.error("webhook: could not store MessageSid %s: %s", sid, exc)
             raise Reject("503 Service Unavailable", "could not store the message; try again") from None
         if added is not None:  # None inside a burst: stored at its COMMIT, before this answer goes out
-            log.debug("stored %s in batch %s%s", sid, added.batch_id, " (repeat)" if added.duplicate else "",
+            repeat = " (repeat of a pruned text)" if added.batch_id is None else " (repeat)"
+            log.debug("stored %s in batch %s%s", sid, added.batch_id, repeat if added.duplicate else "",
                       extra={"batch_id": added.batch_id, "our_number": to})
         return "200 OK", [("Content-Type", "text/xml")], TWIML_EMPTY
 
@@ -235,7 +239,7 @@ class Webhook:
         params = parse_form(environ)
         if self.validator is not None:
             self.check_signature(environ, params, status_callback_url(self.settings.public_url))
-        wrong = well_formed(params)
+        wrong = well_formed(params) or resplit_trace(params)
         if wrong:
             raise Reject("400 Bad Request", wrong)
         sid, status = params.one("MessageSid"), params.one("MessageStatus").strip().lower()
@@ -360,26 +364,38 @@ def make_app(settings, clock=time.time, insecure=False):
     return Webhook(settings, clock=clock, insecure=insecure)
 
 
-def app(environ, start_response):
-    """`smsbatch.web:app` for gunicorn, uwsgi and the like: settings from the environment.
+def default_app():
+    """The app `smsbatch.web:app` names, built once from the environment.
 
     Raises:
-        ConfigError: a setting is wrong, or TWILIO_AUTH_TOKEN is not set.
+        ConfigError: a setting is wrong, TWILIO_AUTH_TOKEN is not set (there is no
+            --insecure-no-signature here), or SMSBATCH_PUBLIC_URL is not.
     """
     global _default_app
-    if _default_app is None:
-        with _default_lock:
-            if _default_app is None:
+    with _default_lock:
+        if _default_app is None:
+            try:
                 settings = Settings.from_env()
-                try:
-                    _default_app = make_app(settings)
-                except ConfigError as exc:  # there is no --insecure-no-signature here
-                    raise ConfigError(f"{exc}: set TWILIO_AUTH_TOKEN in the WSGI server's environment") from None
-                if settings.alert_webhook_url:  # as `serve`: whoever is up notices that no processor runs
-                    from smsbatch.alerts import Alerter, watch_stalls
+                built = make_app(settings)
+            except ConfigError as exc:
+                raise ConfigError(f"smsbatch.web:app: {exc} (settings come from the WSGI server's "
+                                  "environment)") from None
+            if settings.alert_webhook_url:  # as `serve`: whoever is up notices that no processor runs
+                from smsbatch.alerts import Alerter, watch_stalls
 
-                    watch_stalls(settings, Alerter.for_settings(settings), threading.Event())
-    return _default_app(environ, start_response)
+                watch_stalls(settings, Alerter.for_settings(settings), threading.Event())
+            _default_app = built
+    return _default_app
+
+
+def __getattr__(name):
+    """`smsbatch.web:app` for gunicorn, uwsgi and the like. Built when the server loads it
+    (`from smsbatch.web import app`, getattr), not at the first request: a missing or wrong
+    setting stops the server from starting (gunicorn: "Worker failed to boot") instead of
+    answering every request 500."""
+    if name == "app":
+        return default_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 _default_app = None

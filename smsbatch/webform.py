@@ -4,7 +4,8 @@ Twilio's signature joins the sorted field names and values with no separator, so
 same signature covers every way of re-splitting that text into fields
 (`MessageSid=SM…&NumMedia=0` and `MessageSid=SM…NumMedia0`). What a re-split request
 cannot keep is the shape of Twilio's fields: each sent once, its identifiers exactly
-`SM`/`MM`/`AC` and 32 hex digits. Those are checked here (well_formed).
+`SM`/`MM`/`AC` and 32 hex digits. Those are checked here (well_formed), and for an inbound
+text every field by name (inbound_wrong, below: why a re-split cannot pass it).
 """
 
 import re
@@ -17,6 +18,32 @@ MAX_FIELDS = 100
 MAX_MEDIA = 10  # Twilio sends at most 10 media per message
 MESSAGE_SID = re.compile(r"(SM|MM)[0-9a-f]{32}")
 ACCOUNT_SID = re.compile(r"AC[0-9a-f]{32}")
+ADDRESS = r"(?:whatsapp:)?\+?[0-9]{3,15}"  # From/To: E.164, a short code, or WhatsApp's
+# A short Twilio-made text (FromCity, ToZip, SmsStatus, ...): no '+' or ':' (a sender's
+# address), no '=' or '&'.
+SHORT = r"[^\x00-\x1f+:=&]{0,64}"
+MEDIA_URL = r"https?://[A-Za-z0-9.-]+(?::[0-9]{1,5})?(?:/[A-Za-z0-9._~%/-]*)?"
+# Twilio's documented inbound-message fields (Messaging webhooks; WhatsApp's extras): name
+# -> the whole value's shape. Body is the one free-form field. Any other name is refused.
+INBOUND_FIELDS = {name: re.compile(shape) for name, shape in {
+    "MessageSid": MESSAGE_SID.pattern, "SmsMessageSid": MESSAGE_SID.pattern, "SmsSid": MESSAGE_SID.pattern,
+    "AccountSid": ACCOUNT_SID.pattern, "MessagingServiceSid": r"MG[0-9a-f]{32}",
+    "From": ADDRESS, "To": ADDRESS, "Body": r"(?s:.*)",
+    "NumMedia": r"[0-9]{1,2}", "NumSegments": r"[0-9]{1,2}", "ReferralNumMedia": r"[0-9]{1,2}",
+    "SmsStatus": r"[a-z_]{1,32}", "ApiVersion": r"[0-9]{4}-[0-9]{2}-[0-9]{2}", "OptOutType": r"[A-Za-z]{0,16}",
+    **{f"{side}{part}": SHORT for side in ("From", "To") for part in ("City", "State", "Zip", "Country")},
+    **{f"MediaUrl{i}": MEDIA_URL for i in range(MAX_MEDIA)},
+    **{f"MediaContentType{i}": r"[A-Za-z0-9.-]{1,64}/[A-Za-z0-9.+-]{1,127}" for i in range(MAX_MEDIA)},
+    "ProfileName": r"[^\x00-\x1f]{0,256}",  # a person's chosen name: RESPLIT guards it
+    "WaId": r"[0-9]{1,20}", "MessageType": r"[a-z_]{1,32}",
+    "Forwarded": r"true|false", "FrequentlyForwarded": r"true|false",
+}.items()}
+# What a re-split must leave inside some field's value (see inbound_wrong): a field pair
+# `From<address>` followed by the next field's name (a capital: any name, even one Twilio
+# adds later), or a whole `MessageSid<id>`; in a field other than the Body, also
+# `From<address>` ending the value. No person types these; Twilio sends none of them.
+RESPLIT = re.compile(r"From" + ADDRESS + r"(?=[A-Z])|MessageSid(?:SM|MM)[0-9a-f]{32}")
+RESPLIT_END = re.compile(r"From" + ADDRESS + r"\Z")
 
 
 class Refused(Exception):
@@ -111,6 +138,47 @@ def well_formed(params):
         if not shape.fullmatch(params.one(name)):
             return f"{name} is not {said} and 32 hex digits"
     return None
+
+
+def inbound_wrong(params):
+    """Why this inbound-text form is not one Twilio sent (well_formed, an unknown field, a
+    field of the wrong shape, a re-split's trace), or None. Cheap: one fullmatch per field.
+
+    Why a re-split cannot pass. The signed text is the sorted `name value` pairs joined. A
+    forgery that stores a new text needs a MessageSid of its own, so the real
+    `MessageSid<id>` must end up inside another field's value: no field name can start
+    inside it (names start with a capital; `SM`/`MM` begin no name). RESPLIT finds it in
+    any value, the Body too. A forgery that keeps the real MessageSid is a duplicate, or
+    changes From: then the real `From<address>` lies inside a value (the same reasoning),
+    followed by the next real field's name or ending that value, which RESPLIT (and
+    RESPLIT_END) find too. That value is never the Body ending there: the forged From
+    would then have no place before the next real field, which sorts after From.
+    Only the Body is free-form; every other field has a shape of its own.
+    """
+    wrong = well_formed(params)
+    if wrong:
+        return wrong
+    for name, values in params.items():
+        shape, value = INBOUND_FIELDS.get(name), values[0]
+        if shape is None:
+            return f"unknown field {printable_name(name)}"
+        if not shape.fullmatch(value):
+            return f"{name} is not as Twilio sends it"
+    return resplit_trace(params)
+
+
+def resplit_trace(params):
+    """Why this form is a re-split (a field's value holds RESPLIT: see inbound_wrong), or
+    None. Also for delivery receipts, whose MessageSid a re-split would change the same way."""
+    for name, values in params.items():
+        if RESPLIT.search(values[0]) or (name != "Body" and RESPLIT_END.search(values[0])):
+            return f"{name} holds another field's name and value"
+    return None
+
+
+def printable_name(name):
+    """A field name for a one-line reason: short, with control characters made visible."""
+    return ascii(name[:40])
 
 
 def media_urls(params):

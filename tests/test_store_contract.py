@@ -253,6 +253,20 @@ def test_prune_keeps_a_batch_retried_before_it(store):
     assert rows(store, "SELECT state FROM batches WHERE id = ?", (batch_id,)) == [("queued",)]
 
 
+def test_a_pruned_texts_sid_stays_a_duplicate_with_nothing_else_kept(store):
+    """A captured webhook request stays validly signed for ever: after prune its MessageSid
+    is still a duplicate, and the tombstone holds only the sid and when the text came."""
+    failed_batch(store)
+    [(sid, body)] = rows(store, "SELECT sid, body FROM messages")
+    assert store.prune(T0 + 10_000)["texts"] == 1
+    assert rows(store, "SELECT * FROM pruned_sids") == [(sid, T0)]
+    again = store.add_message(sid, ME, US, body, T0 + 20_000, Rules())
+    assert again.duplicate and again.batch_id is None
+    assert rows(store, "SELECT count(*) FROM messages") == [(0,)]
+    assert rows(store, "SELECT count(*) FROM batches") == [(0,)]
+    assert not store.add_message("SM" + "9" * 32, ME, US, "new", T0 + 20_000, Rules()).duplicate
+
+
 # -- receipts and outages -----------------------------------------------------------
 
 

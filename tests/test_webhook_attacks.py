@@ -306,3 +306,115 @@ def test_receipts_go_to_status_before_the_query_and_verify_through_a_real_server
         server.server_close()
     row = store.conn.execute("SELECT status FROM outbound WHERE sid = ?", (message["sid"],)).fetchone()
     assert row["status"] == "delivered"
+
+
+# -- round 3, M4: every inbound field has Twilio's shape; a re-split cannot keep them --------
+
+VICTIM, NEW_SID = "+15557770000", "SM" + "e" * 32
+
+
+def signed_string(params):
+    """What Twilio signs (besides the URL): the sorted names and values, joined."""
+    return "".join(k + params[k] for k in sorted(params))
+
+
+def post_forgery(port, captured, forged):
+    """Post `forged` with the signature Twilio gave `captured` (checked to still match)."""
+    assert signed_string(forged) == signed_string(captured)
+    signature = RequestValidator(TOKEN).compute_signature(URL, captured)
+    assert RequestValidator(TOKEN).validate(URL, forged, signature)  # validly signed
+    return exchange(port, [raw_post(urlencode(forged).encode(), signature)])
+
+
+def phones(db_path):
+    return {row[0] for row in sqlite3.connect(db_path).execute("SELECT phone FROM messages")}
+
+
+def test_a_re_split_whose_tail_field_is_one_twilio_sends_is_refused(server, db_path):
+    """The round-3 forgery with its tail named ToZip, a field Twilio does send: the real
+    From and MessageSid end up inside ToZip, which no Twilio-made ToZip holds."""
+    captured = form(1, Body="hiFrom" + VICTIM + "MessageSid" + NEW_SID + "To+15550000000ToZip")
+    signed = signed_string(captured)
+    tail = signed[signed.index("ToZip") + len("ToZip"):]
+    forged = {"AccountSid": captured["AccountSid"], "Body": "hi", "From": VICTIM, "MessageSid": NEW_SID,
+              "To": "+15550000000", "ToZip": tail}
+    status, _, body = post_forgery(server.server_port, captured, forged)
+    assert status == 400 and b"ToZip" in body, (status, body)
+    assert NEW_SID not in stored(db_path) and VICTIM not in phones(db_path)
+
+
+def test_a_re_split_that_hides_the_real_fields_in_the_body_is_refused(server, db_path):
+    """A WhatsApp user's ProfileName (a field after From and MessageSid) spells the forged
+    fields; the forged Body swallows the real From, MessageSid and NumMedia up to it."""
+    us, them = "whatsapp:+15550000000", "whatsapp:+15553330001"
+    profile = "xFromwhatsapp:" + VICTIM + "MessageSid" + NEW_SID + "NumMedia0ProfileNameBob"
+    captured = form(2, From=them, To=us, ProfileName=profile)
+    forged = {"AccountSid": captured["AccountSid"],
+              "Body": captured["Body"] + "From" + them + "MessageSid" + captured["MessageSid"] + "NumMedia0"
+                      + "ProfileName" + "x",
+              "From": "whatsapp:" + VICTIM, "MessageSid": NEW_SID, "NumMedia": "0", "ProfileName": "Bob", "To": us}
+    status, _, body = post_forgery(server.server_port, captured, forged)
+    assert status == 400 and b"Body" in body, (status, body)
+    assert NEW_SID not in stored(db_path) and phones(db_path) == set()
+
+
+def test_a_field_twilio_does_not_send_is_refused_even_when_signed(server, db_path):
+    status, _, body = exchange(server.server_port, [signed_request(form(3, Note="hello"))])
+    assert status == 400 and b"unknown field 'Note'" in body and stored(db_path) == set()
+
+
+def twilio_sms(n):
+    """An inbound SMS with every field Twilio sends (as bench/bench_webhook.py's twilio_form)."""
+    sid = f"SM{n:032x}"
+    return {"ToCountry": "US", "ToState": "CA", "SmsMessageSid": sid, "NumMedia": "0", "ToCity": "",
+            "FromZip": "94105", "SmsSid": sid, "FromState": "CA", "SmsStatus": "received",
+            "FromCity": "SAN FRANCISCO", "Body": "From +1 555 000 1111: is my order on its way? MessageSid?",
+            "FromCountry": "US", "To": "+15550000000", "ToZip": "", "NumSegments": "1", "MessageSid": sid,
+            "AccountSid": "AC" + "0" * 32, "From": f"+1555333{n:04d}", "ApiVersion": "2010-04-01",
+            "MessagingServiceSid": "MG" + "a" * 32}
+
+
+def test_the_forms_twilio_sends_are_accepted(server, db_path):
+    """An SMS with the geographic fields, a picture message, a WhatsApp text (ProfileName,
+    WaId), a short code and STOP with Advanced Opt-Out: all stored."""
+    mms = dict(twilio_sms(2), MessageSid="MM" + "2" * 32, NumMedia="1", Body="",
+               MediaUrl0=f"https://api.twilio.com/2010-04-01/Accounts/AC{'0' * 32}/Messages/MM{'2' * 32}"
+                         f"/Media/ME{'3' * 32}", MediaContentType0="image/svg+xml")
+    whatsapp = dict(form(4, From="whatsapp:+15553330004", To="whatsapp:+15550000000"),
+                    ProfileName="Ana María (Bäckerei) 😀", WaId="15553330004", MessageType="text",
+                    SmsStatus="received", NumSegments="1", ApiVersion="2010-04-01")
+    stop = dict(twilio_sms(5), Body="STOP", OptOutType="STOP")
+    short_code = dict(form(6), From="72345", Body="call me back, From+15553330006")
+    texts = [twilio_sms(1), mms, whatsapp, stop, short_code]
+    answers = [exchange(server.server_port, [signed_request(params)])[0] for params in texts]
+    assert answers == [200] * len(texts)
+    assert stored(db_path) == {params["MessageSid"] for params in texts}
+
+
+# -- round 3, M7: `smsbatch.web:app` refuses to start, saying what is missing ----------------
+
+
+@pytest.mark.parametrize("settings, says, not_said", [
+    ({"TWILIO_AUTH_TOKEN": "a-token"}, "SMSBATCH_PUBLIC_URL is not set", "TWILIO_AUTH_TOKEN"),
+    ({"SMSBATCH_PUBLIC_URL": URL}, "TWILIO_AUTH_TOKEN is not set", "SMSBATCH_PUBLIC_URL"),
+    ({"TWILIO_AUTH_TOKEN": "a-token", "SMSBATCH_PUBLIC_URL": "https://[::1/sms"}, "SMSBATCH_PUBLIC_URL", "TWILIO"),
+])
+def test_the_wsgi_app_fails_when_loaded_naming_only_what_is_wrong(db_path, store, settings, says, not_said):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SMSBATCH_", "TWILIO_"))}
+    env.update(SMSBATCH_DB=db_path, **settings)
+    done = subprocess.run([sys.executable, "-c", "from smsbatch.web import app"], env=env, capture_output=True,
+                          text=True, timeout=30)
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode != 0 and says in last and not_said not in last, done.stderr
+
+
+def test_a_delivery_receipt_carrying_a_re_split_is_refused(server, db_path):
+    """A receipt whose value holds `MessageSid<id>`: what a re-split moving the receipt onto
+    another reply must leave behind."""
+    from smsbatch.sms import status_callback_url
+
+    receipt = {"MessageSid": "SM" + "1" * 32, "AccountSid": "AC" + "0" * 32, "To": "+15553330001",
+               "MessageStatus": "deliveredMessageSidSM" + "2" * 32, "From": "+15550000000"}
+    request = signed_request(receipt, path="/sms/status", url=status_callback_url(URL))
+    status, _, body = exchange(server.server_port, [request])
+    assert status == 400 and b"MessageStatus holds another field" in body, (status, body)
