@@ -117,6 +117,9 @@ def base_env(twilio, db_path):
         "TWILIO_FROM_NUMBER": OUR_NUMBER, "SMSBATCH_TWILIO_BASE_URL": twilio.url,
         "SMSBATCH_PUBLIC_URL": PUBLIC_URL, "SMSBATCH_QUIET_SECONDS": "0.3", "SMSBATCH_MAX_WAIT_SECONDS": "1",
         "SMSBATCH_SMS_TIMEOUT_SECONDS": "5",
+        # the replies must quote every text (checked below): a budget that fits a phone's 16
+        # texts, so a batch that folded in a later one is never cut to the default 3 segments
+        "SMSBATCH_MAX_SEGMENTS": "10",
     })
     return env
 
