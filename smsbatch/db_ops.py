@@ -197,14 +197,7 @@ class OperatorActions:
             NotFound: the person is not on hold.
         """
         with self.transaction() as conn:
-            # DELETE ... RETURNING: of two releases at once, one ends the hold, the other finds none
-            hold = conn.execute("DELETE FROM holds WHERE phone = ? RETURNING phone, since, reason",
-                                (phone,)).fetchone()
-            if hold is None:
-                raise NotFound(f"{phone} is not on hold")
-            self._hold_waiting(conn, "phone", phone, hold, now)
-            held = conn.execute("SELECT * FROM batches WHERE phone = ? AND state = 'held' AND completed_at >= ?"
-                                " ORDER BY seq" + self.db.for_update, (phone, hold["since"])).fetchall()
+            hold, held = self._end_hold(conn, "holds", "phone", "phone", phone, now, f"{phone} is not on hold")
             requeued = self._answer_held(conn, held, now) if answer_pending else []
             texts = sum(r["message_count"] for r in held)
             what = f"{texts} text(s) that came meanwhile " + ("answered" if answer_pending else "not answered")
@@ -212,6 +205,25 @@ class OperatorActions:
                          (phone, now, what if held else None))
         return dict(hold) | {"held_batches": len(held), "held_texts": sum(r["message_count"] for r in held),
                              "held_ids": [r["id"] for r in held]}, requeued
+
+    def _end_hold(self, conn, table, key, column, value, now, missing):
+        """End the hold in `table` keyed `key` = `value` (a person's, or a pause of one of our
+        numbers: batches' `column` holds the same value): the texts still waiting end held too.
+        Returns (the hold, the batches that ended held during it, locked).
+
+        Raises:
+            NotFound: `missing`, no such hold.
+        """
+        assert (table, key, column) in (("holds", "phone", "phone"), ("number_holds", "number", "our_number"))
+        # DELETE ... RETURNING: of two releases at once, one ends the hold, the other finds none
+        hold = conn.execute(f"DELETE FROM {table} WHERE {key} = ? RETURNING {key}, since, reason",
+                            (value,)).fetchone()
+        if hold is None:
+            raise NotFound(missing)
+        self._hold_waiting(conn, column, value, hold, now)
+        held = conn.execute(f"SELECT * FROM batches WHERE {column} = ? AND state = 'held' AND completed_at >= ?"
+                            " ORDER BY seq" + self.db.for_update, (value, hold["since"])).fetchall()
+        return hold, held
 
     def _hold_waiting(self, conn, column, value, hold, now):
         """Texts that came during the hold (of a person: `column` phone, or of one of our
@@ -275,14 +287,8 @@ class OperatorActions:
             NotFound: the number is not paused.
         """
         with self.transaction() as conn:
-            # DELETE ... RETURNING: of two releases at once, one ends the pause, the other finds none
-            hold = conn.execute("DELETE FROM number_holds WHERE number = ? RETURNING number, since, reason",
-                                (number,)).fetchone()
-            if hold is None:
-                raise NotFound(f"our number {number} is not paused")
-            self._hold_waiting(conn, "our_number", number, hold, now)
-            held = conn.execute("SELECT * FROM batches WHERE our_number = ? AND state = 'held' AND completed_at >= ?"
-                                " ORDER BY seq" + self.db.for_update, (number, hold["since"])).fetchall()
+            hold, held = self._end_hold(conn, "number_holds", "number", "our_number", number, now,
+                                        f"our number {number} is not paused")
             free = [row for row in held if self._on_hold(conn, row["phone"]) is None]
             requeued = self._answer_held(conn, free, now) if answer_pending else []
         return dict(hold) | {"held_batches": len(held), "held_texts": sum(r["message_count"] for r in held),

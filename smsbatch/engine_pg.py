@@ -33,10 +33,6 @@ UNAVAILABLE = (pgerrors.AdminShutdown, pgerrors.CannotConnectNow, pgerrors.ReadO
                pgerrors.IdleInTransactionSessionTimeout)
 
 
-class StaleConnection(StoreUnavailable):
-    """A pooled connection the server had dropped: found at BEGIN, so nothing ran on it."""
-
-
 def translate(exc):
     """The neutral error for a psycopg error (the original stays as its __cause__)."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -175,10 +171,9 @@ class Database:
     for_update = " FOR UPDATE"
     skip_locked = " FOR UPDATE SKIP LOCKED"
 
-    def __init__(self, url, busy_timeout, durable=True, raw=None):
+    def __init__(self, url, busy_timeout, durable=True):
         self.path, self.busy_timeout, self.durable = url, busy_timeout, durable
-        self._raw = raw if raw is not None else _open(url, durable, busy_timeout)
-        self._owned = raw is None
+        self._raw = _open(url, durable, busy_timeout)
         self.conn = Connection(self)
         self.deadline = None  # monotonic time; set by the webhook: every statement ends before it
         self._in_transaction = False
@@ -187,8 +182,6 @@ class Database:
     def raw(self):
         """The psycopg connection, opened again if it was lost while no transaction ran."""
         if self._raw.broken or self._raw.closed:
-            if not self._owned:
-                raise StoreUnavailable("the connection to the database was lost")
             if not self._in_transaction:  # never in the middle of a transaction: it is lost, and says so
                 log.info("reconnecting to %s", shown_target(self.path))
                 self._raw = _open(self.path, self.durable, self.busy_timeout)
@@ -202,15 +195,14 @@ class Database:
 
     def may_retry(self, raw, sql):
         """True if a statement that failed may run again on a new connection: a read, outside
-        any transaction, on an own connection the server dropped (a restart, a failover)."""
-        return self._owned and raw.broken and not self._in_transaction and sql.lstrip()[:6].upper() == "SELECT"
+        any transaction, on a connection the server dropped (a restart, a failover)."""
+        return raw.broken and not self._in_transaction and sql.lstrip()[:6].upper() == "SELECT"
 
     def exists(self):
         return True
 
     def close(self):
-        if self._owned:
-            self._raw.close()
+        self._raw.close()
 
     # -- dialect ------------------------------------------------------------------
 
@@ -255,8 +247,7 @@ class Database:
 
     def _begin(self, begin):
         """Send BEGIN (and what goes with it). If it finds that the server dropped the
-        connection, nothing has run yet: an own connection tries once more on a new one; a
-        pooled one raises StaleConnection (the pool lends another)."""
+        connection, nothing has run yet: once more on a new one."""
         raw = self.raw()
         try:
             raw.execute(begin)
@@ -264,8 +255,6 @@ class Database:
         except psycopg.OperationalError as exc:
             if not raw.broken:
                 raise translate(exc) from exc
-            if not self._owned:
-                raise StaleConnection(translate(exc)) from exc
         raw = self.raw()
         try:
             raw.execute(begin)
@@ -288,7 +277,7 @@ class Database:
     def begin(self, seconds):
         """BEGIN a transaction that end() ends; every statement in it (lock waits included)
         gives up after `seconds`. BEGIN and its settings are one round trip. If the server
-        dropped this (own) connection, nothing has run yet: once more on a new one.
+        dropped this connection, nothing has run yet: once more on a new one.
         Raises: StoreError (nothing begun)."""
         ms = max(1, int(seconds * 1000))
         sql = f"BEGIN; SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms}"
@@ -297,7 +286,7 @@ class Database:
             try:
                 raw.execute(sql)
             except psycopg.OperationalError:
-                if not (self._owned and raw.broken):
+                if not raw.broken:
                     raise
                 self.raw().execute(sql)
         except psycopg.Error as exc:

@@ -14,7 +14,7 @@ requests again on pool threads (submit()), and those are retried one transaction
 so one bad text cannot lose the others. Every 200 still comes only after its COMMIT.
 
 Measured with bench/run.py pg (2 cores, shared): one transaction per text on a pool served
-418 req/s against SQLite's 2,597; see docs/notes-pgperf.md for the figures with this writer.
+418 req/s against SQLite's 2,597; the figures with this writer are in docs/several-hosts.md.
 """
 
 import logging

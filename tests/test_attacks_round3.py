@@ -412,7 +412,7 @@ for _ in range(3):
 
 
 def test_the_wsgi_app_without_a_public_url_refuses_to_start_rather_than_500_every_request(db_path, store):
-    """docs/notes-webhook.md: `smsbatch.web:app` under gunicorn and the like refuses to start when
+    """docs/troubleshooting.md: `smsbatch.web:app` under gunicorn and the like refuses to start when
     TWILIO_AUTH_TOKEN is set and SMSBATCH_PUBLIC_URL is not. It is built at the first request
     instead: the server starts, and every request is a 500 with a full traceback in the log,
     not rate-limited (M7's symptom), whose message also says to set TWILIO_AUTH_TOKEN, which is set."""
