@@ -211,17 +211,17 @@ class TwilioLog:
                 log.warning("backfill: text %s: a media item without a valid SID was left out", sid)
         return urls[:twilio_fields.MAX_MEDIA]
 
-    def replies(self, from_, since):
-        """The messages we sent from `from_` since `since`, by the number they went to:
-        {to: [reply, ...]}, a reply being a dict of sid, to, at, body, status
-        (twilio_fields.reply). Records that cannot be read are passed over.
+    def replies(self, from_, since, to=None):
+        """The messages we sent from `from_` since `since` (to `to` only, when given), by the
+        number they went to: {to: [reply, ...]}, a reply being a dict of sid, to, at, body,
+        status (twilio_fields.reply). Records that cannot be read are passed over.
 
         Raises: PagingStopped, DeliveryError.
         """
         sent = {}
         base = self._client.api.base_url
-        for raw in self.pages(self._messages_url() + ".json", {"From": from_, "PageSize": PAGE_SIZE}, "messages",
-                              base):
+        params = {"From": from_, "PageSize": PAGE_SIZE} | ({"To": to} if to else {})
+        for raw in self.pages(self._messages_url() + ".json", params, "messages", base):
             direction = raw.get("direction") if isinstance(raw, dict) else None
             if not (isinstance(direction, str) and direction.startswith("outbound")):
                 continue
