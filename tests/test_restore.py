@@ -149,6 +149,9 @@ def test_an_operator_retry_finds_a_reply_sent_by_hand_meanwhile(env, db_path, tw
     assert report["skipped"] == 1 and report["sent"] == 0
     assert twilio_standin.bodies_to(PERSON) == ["Refund done. -- Ann"]
     assert by_hand["sid"] in batch_of(db_path, batch_id)["last_error"]
+    # Retried again: that reply is now on record, so the batch is answered (the operator's call).
+    assert invoke(["retry", batch_id, "--now", repr(T0 + 500)], env=env).exit_code == 0
+    assert process(env, T0 + 500)["sent"] == 1 and len(twilio_standin.bodies_to(PERSON)) == 2
 
 
 def test_a_retried_stored_reply_is_looked_up_once(env, db_path, twilio_standin):
