@@ -164,3 +164,17 @@ def test_a_retried_stored_reply_is_looked_up_once(env, db_path, twilio_standin):
     assert invoke(["retry", batch_id, "--now", repr(T0 + 600)], env=env).exit_code == 0
     assert process(env, T0 + 600)["sent"] == 1
     assert len(twilio_standin.listed) == 1 and log_checks(twilio_standin) == []
+
+
+def test_the_store_ends_an_answered_batch_and_logs_its_reply_at_once(store):
+    """Store.finish_answered: the move and the reply in one transaction, and nothing at all
+    from a processor that lost its claim."""
+    batch_id = add(store, PERSON, "hello?", T0 - 600).batch_id
+    [batch], _ = store.claim_due(T0, 10, 30.0, 3600.0)
+    reply = {"sid": "SM" + "a" * 32, "at": T0 - 500, "body": "Hi! -- Ann", "status": "delivered"}
+    assert not store.finish_answered(dict(batch, claim="not-ours"), reply, T0, "answered already: x")
+    assert store.reply_sids(PERSON) == set() and store.get_batch(batch_id)["state"] == State.PROCESSING
+    assert store.finish_answered(batch, reply, T0, "answered already: x")
+    assert store.get_batch(batch_id)["state"] == State.SKIPPED and store.reply_sids(PERSON) == {reply["sid"]}
+    history = store.history(PERSON, US, "another", T0, 10)
+    assert [(h[1], h[2]) for h in history] == [("user", "hello?"), ("assistant", "Hi! -- Ann")]
