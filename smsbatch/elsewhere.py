@@ -23,13 +23,13 @@ def find_reply(store, twilio_log, batch):
     """
     phone, last = batch["phone"], batch["last_at"]
     try:
-        replies = twilio_log.replies(batch["our_number"], last, to=phone)
+        replies = twilio_log.replies_to(batch["our_number"], phone, last)
     except PagingStopped as exc:
         raise DeliveryError(f"could not read Twilio's log for an earlier reply: {exc}", transient=True) from None
     except DeliveryError as exc:
         raise DeliveryError(f"could not check Twilio's log for an earlier reply: {exc}",
                             transient=exc.transient) from None
-    return answered_by(store, {"phone": phone, "at": last}, replies.get(phone, ()))
+    return answered_by(store, {"phone": phone, "at": last}, replies)
 
 
 def reason(reply):

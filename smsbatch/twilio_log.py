@@ -211,17 +211,17 @@ class TwilioLog:
                 log.warning("backfill: text %s: a media item without a valid SID was left out", sid)
         return urls[:twilio_fields.MAX_MEDIA]
 
-    def replies(self, from_, since, to=None):
-        """The messages we sent from `from_` since `since` (to `to` only, when given), by the
-        number they went to: {to: [reply, ...]}, a reply being a dict of sid, to, at, body,
-        status (twilio_fields.reply). Records that cannot be read are passed over.
+    def replies(self, from_, since):
+        """The messages we sent from `from_` since `since`, by the number they went to:
+        {to: [reply, ...]}, a reply being a dict of sid, to, at, body, status
+        (twilio_fields.reply). Records that cannot be read are passed over.
 
         Raises: PagingStopped, DeliveryError.
         """
         sent = {}
         base = self._client.api.base_url
-        params = {"From": from_, "PageSize": PAGE_SIZE} | ({"To": to} if to else {})
-        for raw in self.pages(self._messages_url() + ".json", params, "messages", base):
+        for raw in self.pages(self._messages_url() + ".json", {"From": from_, "PageSize": PAGE_SIZE}, "messages",
+                              base):
             direction = raw.get("direction") if isinstance(raw, dict) else None
             if not (isinstance(direction, str) and direction.startswith("outbound")):
                 continue
@@ -252,3 +252,29 @@ class TwilioLog:
                 log.warning("backfill: the messaging service lists a number that is not one: %s",
                             visible(item.get("phone_number") if isinstance(item, dict) else item, 40))
         return numbers
+
+    def replies_to(self, from_, to, since):
+        """Our messages from `from_` to `to` sent since `since` (Twilio lists them newest
+        first by the date they were sent, so reading stops at the first sent before it): a list
+        of replies (twilio_fields.reply). Records that cannot be read are passed over.
+
+        Raises: PagingStopped, DeliveryError.
+        """
+        found = []
+        params = {"From": from_, "To": to, "PageSize": PAGE_SIZE}
+        for raw in self.pages(self._messages_url() + ".json", params, "messages", self._client.api.base_url):
+            if not isinstance(raw, dict):
+                continue
+            at = _any_date(raw)
+            if at is not None and at < since:
+                break  # newest first: the rest were sent before
+            direction = raw.get("direction")
+            if not (isinstance(direction, str) and direction.startswith("outbound")):
+                continue
+            try:
+                reply = twilio_fields.reply(raw)
+            except twilio_fields.BadField:
+                continue
+            if reply["to"] == to:
+                found.append(reply)
+        return found
