@@ -13,6 +13,10 @@ MAX_TEXT_BYTES = 64 * 1024
 TYPING_FLOOR = 1.0  # seconds: nobody sends two texts closer together than this
 TAIL = 2.6  # means past the floor: an exponential tail's 93rd percentile (ln(1/0.074))
 PRIOR_GAPS = 3  # how many gaps the fixed quiet period's pace counts for
+# A batch answered this long after it became due is stale (is_stale): Twilio's log is asked
+# for a reply we have no record of before it is answered. Normal batches are answered seconds
+# after they become due; restored, copied, retried or long-delayed ones are not.
+STALE_AFTER_SECONDS = 120.0
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,14 @@ def due_at(rules, first_at, last_at, count, urgent, quiet=None):
         return last_at
     quiet = rules.quiet_seconds if quiet is None else quiet
     return min(last_at + quiet, first_at + rules.max_wait_seconds)
+
+
+def is_stale(batch, now, after=STALE_AFTER_SECONDS):
+    """Is this batch (a dict of its row) being answered more than `after` seconds after it
+    became due: its last text plus its quiet period (the latest it can have been due)? Then it
+    may have been answered elsewhere meanwhile (a restored backup, a copy of the database, a
+    reply by hand in Twilio's console), and Twilio's log is asked first."""
+    return now - (batch["last_at"] + (batch["quiet_seconds"] or 0.0)) > after
 
 
 def gaps_between(times):

@@ -229,9 +229,26 @@ class BatchLife:
         text the backfill found: the AI sees it as history, and its SID is not taken for
         another batch's reply. A reply already logged is left as it is."""
         with self.transaction() as conn:
-            conn.execute("INSERT INTO outbound (sid, batch_id, phone, our_number, body, source, sent_at, status)"
-                         " VALUES (?, ?, ?, ?, ?, 'ai', ?, ?) ON CONFLICT (sid) DO NOTHING",
-                         (reply["sid"], batch_id, phone, our_number, reply["body"], reply["at"], reply["status"]))
+            self._log_found_reply(conn, reply, batch_id, phone, our_number)
+
+    @staticmethod
+    def _log_found_reply(conn, reply, batch_id, phone, our_number):
+        conn.execute("INSERT INTO outbound (sid, batch_id, phone, our_number, body, source, sent_at, status)"
+                     " VALUES (?, ?, ?, ?, ?, 'ai', ?, ?) ON CONFLICT (sid) DO NOTHING",
+                     (reply["sid"], batch_id, phone, our_number, reply["body"], reply["at"], reply["status"]))
+
+    def finish_answered(self, batch, reply, now, reason):
+        """End a claimed batch *skipped* because Twilio's log shows `reply` (a dict of sid, at,
+        body, status), which this database has no record of, answered it already; log that
+        reply as the batch's, in the same transaction (the AI sees it as history).
+
+        Returns False if this processor no longer holds the lease (nothing is written).
+        """
+        with self.transaction() as conn:
+            if not self._finish(conn, batch, State.SKIPPED, now, reason):
+                return False
+            self._log_found_reply(conn, reply, batch["id"], batch["phone"], batch["our_number"])
+            return True
 
     def known_numbers(self):
         """Every number of ours that people have written to."""

@@ -16,7 +16,7 @@ import traceback
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
-from smsbatch import ai, batching, delivery, segments
+from smsbatch import ai, batching, delivery, elsewhere, segments
 from smsbatch.alerts import Alerter
 from smsbatch.config import FAULT_POINT
 from smsbatch.db import State, Store
@@ -26,6 +26,7 @@ from smsbatch.errors import (CannotReconcile, ConfigError, DeliveryError, Invali
                              redact, visible)
 from smsbatch.inputs import check_phone, iso_time
 from smsbatch.lease import Leases, calibrate
+from smsbatch.twilio_log import TwilioLog
 
 log = logging.getLogger("smsbatch.processor")
 POLL_SECONDS = 1.0  # with --for, new work is picked up within about this long
@@ -170,7 +171,8 @@ class Processor:
             return self._reconcile(store, batch)
         if batch["attempts"] > s.max_attempts:
             return self._finish(store, batch, State.FAILED, f"gave up after {s.max_attempts} attempts")
-        if stored_reply(batch) is not None and batch["send_started_at"] is not None:
+        looked = stored_reply(batch) is not None and batch["send_started_at"] is not None
+        if looked:  # Twilio's log is asked here already: _answered_elsewhere need not ask again
             sid = self._earlier_send(store, batch)
             if sid:  # the reply went out after all: record it, never send it twice
                 return "sent" if store.mark_sent(batch, sid, self.clock(), found=True) else "taken_over"
@@ -183,6 +185,9 @@ class Processor:
             return self._finish(store, batch, State.SKIPPED, "not the AI_SMS_TEST_NUMBER")
         if batch["attempts"] > 1 and store.fold_if_answered(batch, self.clock(), s):
             return "superseded"  # a retry overtaken by a newer reply that covered it
+        outcome = None if looked else self._answered_elsewhere(store, batch)
+        if outcome is not None:
+            return outcome
         fault_point("before_ai")
         reply = stored_reply(batch)
         reused = reply is not None
@@ -211,6 +216,26 @@ class Processor:
             store.note(batch, self.clock(), f"could not check whether the earlier send went out ({exc}); "
                        "sending, as the operator retried it")
             return None
+
+    def _answered_elsewhere(self, store, batch):
+        """A stale batch (batching.is_stale) may have been answered from another database (a
+        restored backup, a copy) or by hand in Twilio's console: with a sender whose log can be
+        read, ask it first (smsbatch.elsewhere). Returns the outcome when the batch must not be
+        answered now: skipped (that reply found, and logged as the batch's), or retrying/failed
+        when Twilio cannot be asked (never sent blind); None to answer it."""
+        if not (getattr(self.sender, "reads_log", False) and batching.is_stale(batch, self.clock())):
+            return None
+        try:
+            reply = self._call(store, "sms", elsewhere.find_reply, store, TwilioLog(self.sender), batch)
+        except DeliveryError as exc:
+            return self._failed_attempt(store, batch, exc)
+        if reply is None:
+            return None
+        reason = elsewhere.reason(reply)
+        if not store.finish_answered(batch, reply, self.clock(), reason):
+            return "taken_over"
+        log.warning("batch %s: %s; not answered again", batch["id"], reason, extra=context(batch))
+        return State.SKIPPED.value
 
     def _ask_ai(self, store, batch):
         """The AI's one reply to the batch's texts, with the conversation so far.

@@ -58,6 +58,7 @@ class TwilioSender:
 
     name = "twilio"
     takes_fence = True  # send(..., fence=): asked right before the request is written
+    reads_log = True  # its message log can be read (twilio_log.TwilioLog): stale batches are checked there
 
     def __init__(self, settings):
         self.settings = settings

@@ -292,3 +292,29 @@ class TwilioLog:
                 log.warning("backfill: the messaging service lists a number that is not one: %s",
                             visible(item.get("phone_number") if isinstance(item, dict) else item, 40))
         return numbers
+
+    def replies_to(self, from_, to, since):
+        """Our messages from `from_` to `to` sent since `since` (Twilio lists them newest
+        first by the date they were sent, so reading stops at the first sent before it): a list
+        of replies (twilio_fields.reply). Records that cannot be read are passed over.
+
+        Raises: PagingStopped, DeliveryError.
+        """
+        found = []
+        params = {"From": from_, "To": to, "PageSize": PAGE_SIZE}
+        for raw in self.pages(self._messages_url() + ".json", params, "messages", self._client.api.base_url):
+            if not isinstance(raw, dict):
+                continue
+            at = _any_date(raw)
+            if at is not None and at < since:
+                break  # newest first: the rest were sent before
+            direction = raw.get("direction")
+            if not (isinstance(direction, str) and direction.startswith("outbound")):
+                continue
+            try:
+                reply = twilio_fields.reply(raw)
+            except twilio_fields.BadField:
+                continue
+            if reply["to"] == to:
+                found.append(reply)
+        return found
