@@ -41,7 +41,8 @@ def populate(db_path, env):
     app.writer.close()
     # A text during A's AI call: that reply is superseded, the next one covers both.
     late = TextMeanwhile(db_path, A, lambda n: "one more" if n == 1 else None, T0 + 40)
-    assert offline_processor(settings, Clock(T0 + 30), late).run().counts["superseded"] == 1
+    # one batch at a time: the first AI call is A's, so the text lands during A's own answer
+    assert offline_processor(settings, Clock(T0 + 30), late).run(concurrency=1).counts["superseded"] == 1
     for args in (["process", "--now", str(T0 + 60), "--ai", "offline", "--json"],
                  ["hold", B, "--reason", "angry customer", "--now", str(T0 + 70)],
                  ["hold", C, "--now", str(T0 + 71)], ["release", C, "--now", str(T0 + 72)],
