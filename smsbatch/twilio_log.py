@@ -238,20 +238,12 @@ class TwilioLog:
         sent, oldest = {}, until
         base = self._client.api.base_url
         try:
-            for raw in self.pages(self._messages_url() + ".json", {"From": from_, "PageSize": PAGE_SIZE},
-                                  "messages", base):
-                at = _any_date(raw) if isinstance(raw, dict) else None
-                if at is not None and at < since:
-                    break  # newest first: the rest were sent before
+            records = self.pages(self._messages_url() + ".json", {"From": from_, "PageSize": PAGE_SIZE}, "messages",
+                                 base)
+            for at, reply in _sent_since(records, since):
                 oldest = oldest if at is None else min(oldest, at)
-                direction = raw.get("direction") if isinstance(raw, dict) else None
-                if not (isinstance(direction, str) and direction.startswith("outbound")):
-                    continue
-                try:
-                    reply = twilio_fields.reply(raw)
-                except twilio_fields.BadField:
-                    continue
-                sent.setdefault(reply["to"], []).append(reply)
+                if reply is not None:
+                    sent.setdefault(reply["to"], []).append(reply)
         except PagingStopped as exc:
             if exc.everything:
                 raise
@@ -300,21 +292,24 @@ class TwilioLog:
 
         Raises: PagingStopped, DeliveryError.
         """
-        found = []
         params = {"From": from_, "To": to, "PageSize": PAGE_SIZE}
-        for raw in self.pages(self._messages_url() + ".json", params, "messages", self._client.api.base_url):
-            if not isinstance(raw, dict):
-                continue
-            at = _any_date(raw)
-            if at is not None and at < since:
-                break  # newest first: the rest were sent before
-            direction = raw.get("direction")
-            if not (isinstance(direction, str) and direction.startswith("outbound")):
-                continue
-            try:
-                reply = twilio_fields.reply(raw)
-            except twilio_fields.BadField:
-                continue
-            if reply["to"] == to:
-                found.append(reply)
-        return found
+        records = self.pages(self._messages_url() + ".json", params, "messages", self._client.api.base_url)
+        return [reply for _, reply in _sent_since(records, since) if reply is not None and reply["to"] == to]
+
+
+def _sent_since(records, since):
+    """(date, reply) for each record of Twilio's log (newest first by the date sent) until the
+    first sent before `since`: the reply (twilio_fields.reply) if it is one of ours that reads,
+    else None; the date if the record has one."""
+    for raw in records:
+        at = _any_date(raw) if isinstance(raw, dict) else None
+        if at is not None and at < since:
+            return  # newest first: the rest were sent before
+        direction = raw.get("direction") if isinstance(raw, dict) else None
+        if not (isinstance(direction, str) and direction.startswith("outbound")):
+            yield at, None
+            continue
+        try:
+            yield at, twilio_fields.reply(raw)
+        except twilio_fields.BadField:
+            yield at, None
