@@ -161,10 +161,7 @@ class OperatorActions:
         stored). Holding someone already held keeps the start and updates the reason.
         Returns the hold (phone, since, reason)."""
         with self.transaction() as conn:
-            conn.execute(
-                "INSERT INTO holds (phone, since, reason) VALUES (?, ?, ?)"
-                " ON CONFLICT (phone) DO UPDATE SET reason = coalesce(excluded.reason, holds.reason)",
-                (phone, now, reason))
+            _start_hold(conn, "holds", "phone", phone, reason, now)
             conn.execute("INSERT INTO hold_log (phone, at, kind, reason) VALUES (?, ?, 'hold', ?)", (phone, now, reason))
             return dict(self._on_hold(conn, phone))
 
@@ -262,10 +259,7 @@ class OperatorActions:
         release_number. Pausing it again keeps the start and updates the reason.
         Returns the pause (number, since, reason)."""
         with self.transaction() as conn:
-            conn.execute(
-                "INSERT INTO number_holds (number, since, reason) VALUES (?, ?, ?)"
-                " ON CONFLICT (number) DO UPDATE SET reason = coalesce(excluded.reason, number_holds.reason)",
-                (number, now, reason))
+            _start_hold(conn, "number_holds", "number", number, reason, now)
             return dict(self._number_on_hold(conn, number))
 
     def number_holds(self):
@@ -393,6 +387,14 @@ class OperatorActions:
 # Replies sent by hand (no batch) before the cutoff, to people neither held nor opted out.
 _MANUAL_PRUNABLE = ("batch_id IS NULL AND sent_at < ? AND phone NOT IN (SELECT phone FROM holds)"
                     " AND phone NOT IN (SELECT phone FROM opt_outs)")
+
+
+def _start_hold(conn, table, key, value, reason, now):
+    """Hold a person (holds.phone) or pause one of our numbers (number_holds.number); holding
+    again keeps the start and updates the reason (a reason not given keeps the old one)."""
+    assert (table, key) in (("holds", "phone"), ("number_holds", "number"))  # names of ours, never input
+    conn.execute(f"INSERT INTO {table} ({key}, since, reason) VALUES (?, ?, ?) ON CONFLICT ({key})"
+                 f" DO UPDATE SET reason = coalesce(excluded.reason, {table}.reason)", (value, now, reason))
 
 
 def _chunks(items, size=500):

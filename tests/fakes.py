@@ -81,9 +81,9 @@ class StandIn:
         cls.raw(handler, status, json.dumps(payload).encode())
 
     @staticmethod
-    def raw(handler, status, body):
+    def raw(handler, status, body, content_type="application/json"):
         handler.send_response(status)
-        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Type", content_type)
         handler.send_header("Content-Length", str(len(body)))
         handler.end_headers()
         handler.wfile.write(body)
@@ -562,12 +562,7 @@ class WebPage(StandIn):
 
     def dispatch(self, handler, method):
         self.take(self.read_body(handler))
-        body = b"<html><body>welcome</body></html>"
-        handler.send_response(200)
-        handler.send_header("Content-Type", "text/html")
-        handler.send_header("Content-Length", str(len(body)))
-        handler.end_headers()
-        handler.wfile.write(body)
+        self.raw(handler, 200, b"<html><body>welcome</body></html>", "text/html")
 
 
 class ChatHook(StandIn):
@@ -578,12 +573,7 @@ class ChatHook(StandIn):
     def dispatch(self, handler, method):
         action = self.take(self.read_body(handler))
         status = action if isinstance(action, int) else 200
-        body = b"ok" if status == 200 else b"server error"
-        handler.send_response(status)
-        handler.send_header("Content-Type", "text/plain")
-        handler.send_header("Content-Length", str(len(body)))
-        handler.end_headers()
-        handler.wfile.write(body)
+        self.raw(handler, status, b"ok" if status == 200 else b"server error", "text/plain")
 
     @property
     def texts(self):
