@@ -91,6 +91,28 @@ class Burst:
         self.deadline = min(self.deadline, deadline)
 
 
+class Bursting:
+    """What both webhook writers (Writer here, writer_pool.PgWriter) share: the writes a
+    thread submits inside its burst() block are collected, not run."""
+
+    _burst = None
+
+    def in_burst(self):
+        """True inside this thread's burst(): a write that fails there is run again."""
+        burst = self._burst
+        return burst is not None and burst.thread == threading.get_ident()
+
+    @contextmanager
+    def _collect(self, on_done):
+        """The burst of this thread's writes until the block ends."""
+        burst = Burst(on_done)
+        self._burst = burst
+        try:
+            yield burst
+        finally:
+            self._burst = None
+
+
 class _Job:
     """One pool thread's write, waiting for whoever holds the connection to run it."""
 
@@ -104,7 +126,7 @@ class _Job:
         self.result, self.error, self.done = result, error, True
 
 
-class Writer:
+class Writer(Bursting):
     """The webhook's writes, on one shared connection, many texts per transaction.
 
     The server's accepting thread hands over the writes of the requests that arrived
@@ -127,7 +149,6 @@ class Writer:
         self._lock = threading.Lock()  # held by whoever uses the connection
         self._waiting = collections.deque()  # thread-safe append/popleft: no lock of its own
         self._store = None
-        self._burst = None
         self._commits = queue.SimpleQueue()  # bursts for the committer thread
         self._committer = None
         self._committer_lock = threading.Lock()
@@ -147,9 +168,8 @@ class Writer:
         """
         if deadline is None:
             deadline = time.monotonic() + self.busy_timeout
-        burst = self._burst
-        if burst is not None and burst.thread == threading.get_ident():
-            return burst.run(work, deadline)
+        if self.in_burst():
+            return self._burst.run(work, deadline)
         job = _Job(work, deadline)
         self._waiting.append(job)
         # The committer may hold the connection while it waits for the database lock: wait
@@ -170,11 +190,6 @@ class Writer:
             raise job.error
         return job.result
 
-    def in_burst(self):
-        """True inside this thread's burst(): a write that fails there is run again."""
-        burst = self._burst
-        return burst is not None and burst.thread == threading.get_ident()
-
     @contextmanager
     def burst(self, on_done):
         """Until the block ends, every submit() of this thread is kept, not run, and
@@ -188,12 +203,8 @@ class Writer:
 
         The caller must not let an answer of a request that wrote out before on_done.
         """
-        burst = Burst(on_done)
-        self._burst = burst
-        try:
+        with self._collect(on_done) as burst:
             yield burst
-        finally:
-            self._burst = None
         if not burst.works:
             on_done(False)
             return

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 
 from smsbatch.db import Store
 from smsbatch.engine import StoreBusy, StoreError, connect
-from smsbatch.writer import REQUEST_WAIT_LIMIT, TROUBLE_MEMORY, WAITING_TOO_LONG, Burst
+from smsbatch.writer import REQUEST_WAIT_LIMIT, TROUBLE_MEMORY, WAITING_TOO_LONG, Burst, Bursting
 
 log = logging.getLogger("smsbatch.web")
 PROBE_SECONDS = 1.0  # /health: how long a probe of the database may take once a write failed
@@ -82,13 +82,12 @@ class _Job:
         self.done.set()
 
 
-class PgWriter:
+class PgWriter(Bursting):
     """The Writer interface web.Webhook uses, for PostgreSQL: see the module's docstring."""
 
     def __init__(self, url, busy_timeout):
         self.url, self.busy_timeout = url, busy_timeout
         self._queue = queue.SimpleQueue()  # Burst and _Job items for the committer; None stops it
-        self._burst = None
         self._committers = []
         self._committer_lock = threading.Lock()
         self._probe = None  # /health's connection, when the last write failed
@@ -119,23 +118,14 @@ class PgWriter:
             raise job.error
         return job.result
 
-    def in_burst(self):
-        """True inside this thread's burst(): a write that fails there is run again."""
-        burst = self._burst
-        return burst is not None and burst.thread == threading.get_ident()
-
     @contextmanager
     def burst(self, on_done):
         """Until the block ends, every submit() of this thread is kept, not run; then the
         committer runs them in one transaction and calls on_done(failed): False once they
         are committed, True if nothing of them is (the requests must be run again).
         The same contract as smsbatch.writer.Writer.burst."""
-        burst = Burst(on_done)
-        self._burst = burst
-        try:
+        with self._collect(on_done) as burst:
             yield burst
-        finally:
-            self._burst = None
         if not burst.works:
             on_done(False)
             return
