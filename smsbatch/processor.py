@@ -441,10 +441,15 @@ class Processor:
                 return report
             return self._run(report, limit, concurrency, seconds, stop)
         finally:
-            try:
-                self.store().note_run(host, self.clock(), finished=True)
-            except StoreError as exc:  # the run's own outcome matters more than this note
-                log.warning("could not record the end of this run: %s", exc)
+            self._note_run(host, finished=True)
+
+    def _note_run(self, host, finished=False):
+        """Record that this run still goes on (or ended): /health and status tell a stopped
+        processor by it. A database away for a moment is no reason to end the run."""
+        try:
+            self.store().note_run(host, self.clock(), finished=finished)
+        except StoreError as exc:  # the run's own outcome matters more than this note
+            log.warning("could not record that this run %s: %s", "ended" if finished else "goes on", exc)
 
     def _run(self, report, limit, concurrency, seconds, stop):
         if seconds:  # a long run: have the clients ready before the first batch needs them
@@ -458,7 +463,7 @@ class Processor:
             while not stop.is_set():
                 if time.monotonic() - noted >= STILL_RUNNING_EVERY:
                     noted = time.monotonic()
-                    self.store().note_run(self.leases.holder.rsplit(":", 1)[0], self.clock())
+                    self._note_run(self.leases.holder.rsplit(":", 1)[0])
                 # With --for, nothing new is claimed past the deadline: finish what is in hand.
                 claiming = not seconds or time.monotonic() < deadline
                 room = min(concurrency - len(inflight), limit - report.claimed) if claiming else 0
@@ -482,7 +487,10 @@ class Processor:
                 stop.wait(min(left, self._idle_wait()))
             for future in wait(inflight).done:
                 report.add(future.result())
-        report.undelivered = self.follow_deliveries()
+        try:
+            report.undelivered = self.follow_deliveries()
+        except (StoreUnavailable, StoreBusy) as exc:  # the batches are done; the next run checks
+            log.warning("could not check replies' delivery now (%s); the next run does", exc)
         report.ai_calls = getattr(self.responder, "calls", 0) - calls_before
         report.add_usage(ai.Usage(self.usage.requests - usage_before.requests,
                                   self.usage.prompt_tokens - usage_before.prompt_tokens,

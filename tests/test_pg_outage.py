@@ -114,7 +114,8 @@ def test_dropped_and_refused_connections_lose_nothing_and_everything_reconnects(
                 "SELECT count(*) FROM batches WHERE state NOT IN ('sent', 'skipped', 'superseded')"
             ).fetchone()[0] == 0, 30), ["the processors did not answer everything after the outage"] + [
                 p.stderr.read()[-3000:] for p in procs if p.poll() is not None]
-            assert [p.poll() for p in procs] == [None, None], "a processor died"
+            # running still, or its `--for 60` ended on its own (a slow machine): never a failure
+            assert [p.poll() for p in procs] in ([None, None], [None, 0], [0, None], [0, 0]), "a processor died"
             assert all(s.poll() is None for s, _ in servers), "a webhook died"
         finally:
             for proc in procs:
