@@ -1,51 +1,33 @@
 """The store: connection setup, migrations, transactions, storing texts, state moves, claiming.
 
 Every SQL statement lives in the store. Store is one class assembled from this module and
-three others, each a mixin of methods on the same connection: db_life (one batch's life,
+four others, each a mixin of methods on the same connection: db_intake (storing inbound
+texts, with the decisions in smsbatch.intake), db_life (one batch's life,
 the backfill), db_ops (operators' actions: retry, hold, send, prune, backup) and db_report
 (what operators read: status, show, stats, delivery receipts). The states and their allowed
 moves are in smsbatch.states.
 """
 
-import json
 import os
 import secrets
-from dataclasses import dataclass
 
-from smsbatch import batching, engine, migrations
+from smsbatch import engine, migrations
+from smsbatch.db_intake import Intake
 from smsbatch.db_life import BatchLife
 from smsbatch.db_ops import OperatorActions
 from smsbatch.db_report import OperatorReports
 from smsbatch.engine import StoreConflict
 from smsbatch.errors import InvalidTransition, NotFound, SmsbatchError
+# Added, ID_ALPHABET, LATE_REASON and new_id are imported from here by the rest of smsbatch, as before.
+from smsbatch.intake import ID_ALPHABET, LATE_REASON, Added, new_id  # noqa: F401
 # State, PENDING and TRANSITIONS are imported from here by the rest of smsbatch, as before.
 from smsbatch.states import CLAIM_MOVES, CLAIMABLE, PENDING, TRANSITIONS, State, placeholders
 
 SCHEMA_VERSION = migrations.LATEST
-ID_ALPHABET = "23456789abcdefghjkmnpqrstuvwxyz"  # no 0/o, 1/l/i: easy to read aloud and type
 BUSY_TIMEOUT_SECONDS = 30.0
-LATE_REASON = "found in Twilio's message log, older than SMSBATCH_MAX_AGE_SECONDS: not answered late"
 
 
-@dataclass(frozen=True)
-class Added:
-    """What storing one inbound text did. batch_id is None for a duplicate of a pruned text."""
-
-    batch_id: str
-    duplicate: bool
-    kind: str
-
-
-class _Duplicate(Exception):
-    """Rolls back add_message's transaction: another writer stored the same MessageSid."""
-
-
-def new_id():
-    """A short random batch id such as 'b7k2mq9xza'."""
-    return "".join(secrets.choice(ID_ALPHABET) for _ in range(10))
-
-
-class Store(BatchLife, OperatorActions, OperatorReports):
+class Store(Intake, BatchLife, OperatorActions, OperatorReports):
     """One database connection (SQLite file or PostgreSQL, see smsbatch.engine) and the
     statements smsbatch runs on it. Not thread-safe."""
 
@@ -129,160 +111,6 @@ class Store(BatchLife, OperatorActions, OperatorReports):
                                 f"({SCHEMA_VERSION}): upgrade smsbatch")
         if version != SCHEMA_VERSION:
             raise SmsbatchError(f"database {self.shown} is not ready: run `smsbatch migrate` first")
-
-    # -- inbound ----------------------------------------------------------------
-
-    def add_message(self, sid, phone, our_number, body, received_at, rules, media=(), carrier_kind=None,
-                    scope=None, expired=False, answered=None):
-        """Store one inbound text exactly once and put it in its conversation's open batch.
-
-        A conversation is the person (`phone`) and the number they wrote to (`our_number`).
-        Opt-out/opt-in keywords update the opt-out list for `scope` (batching.opt_out_scope;
-        default our_number) and get a batch of their own, skipped at once, so they never
-        reach the AI. `carrier_kind` ('opt_out'/'opt_in') is Twilio's own verdict
-        (OptOutType), for keywords configured in Twilio. `expired`: a text found too late to
-        answer (the backfill) is stored in a batch of its own, expired at once. `answered`: a
-        text found already answered (the backfill: our reply after it is in Twilio's log) is
-        stored in a batch of its own, skipped at once, with this reason.
-
-        The text and its batch are one transaction, serialised per conversation by the
-        database (Database.conversation_lock; one open batch per conversation is also a
-        unique index). A MessageSid stored meanwhile by another writer (a second webhook,
-        the backfill) is a duplicate, never an error.
-        """
-        kind = carrier_kind or (batching.keyword_kind(body) if not media else None)
-        scope = scope or our_number
-        try:
-            with self.transaction() as conn:
-                seen = self._lock_and_find(conn, phone, our_number, sid)
-                if seen:
-                    return Added(seen[0], True, kind or "text")
-                batch_id, kind = self._batch_for(conn, phone, our_number, scope, body, received_at, rules, kind,
-                                                 carrier_kind, expired, answered)
-                stored = conn.execute(
-                    "INSERT INTO messages (sid, phone, our_number, body, media, kind, received_at, batch_id)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (sid) DO NOTHING",
-                    (sid, phone, our_number, body, json.dumps(list(media)) if media else None,
-                     kind or "text", received_at, batch_id),
-                ).rowcount
-                if not stored:  # stored by another writer since the check: undo this transaction
-                    raise _Duplicate
-        except _Duplicate:
-            seen = self.conn.execute("SELECT batch_id FROM messages WHERE sid = ?", (sid,)).fetchone()
-            return Added(seen[0], True, kind or "text")
-        return Added(batch_id, False, kind or "text")
-
-    def _lock_and_find(self, conn, phone, our_number, sid):
-        """Take the conversation's lock (Database.conversation_lock) and look for the sid, in
-        one statement; a pruned text's sid (pruned_sids) is found as (None,). The look may
-        miss a text another writer stored while this one waited for the lock: the
-        INSERT ... ON CONFLICT (sid) then finds it (see add_message)."""
-        lock = self.db.conversation_lock
-        find = ("(SELECT batch_id FROM messages WHERE sid = ?),"
-                " (SELECT count(*) FROM pruned_sids WHERE sid = ?)")
-        if lock is None:
-            row = conn.execute(f"SELECT 0, {find}", (sid, sid)).fetchone()
-        else:
-            row = conn.execute(f"SELECT {lock}, {find}", (phone, our_number, sid, sid)).fetchone()
-        if row[2]:  # pruned (db_ops.prune): still a duplicate, in no batch any more
-            return (None,)
-        return None if row[1] is None else (row[1],)
-
-    def _batch_for(self, conn, phone, our_number, scope, body, at, rules, kind, carrier_kind, expired, answered):
-        """(The batch a new text goes in, opening or closing batches as needed; the text's kind)."""
-        yes = body.strip().strip(".!").upper() == "YES"
-        if kind == "opt_in" and yes and not carrier_kind and not self._opted_out(conn, phone, scope):
-            kind = None  # "yes" answering the AI's question is a text, not a re-subscription
-        if kind:
-            return self._add_keyword(conn, phone, our_number, scope, body, at, kind), kind
-        if answered:
-            return self._insert_batch(conn, phone, our_number, at, State.SKIPPED, None, reason=answered), kind
-        if expired:
-            return self._insert_batch(conn, phone, our_number, at, State.EXPIRED, None, reason=LATE_REASON), kind
-        urgent = batching.is_urgent(body, rules.urgent_keywords)
-        return self._join_open(conn, phone, our_number, at, urgent, rules), kind
-
-    def _add_keyword(self, conn, phone, our_number, scope, body, at, kind):
-        word = body.strip().upper()
-        if kind == "opt_out":
-            conn.execute(
-                "INSERT INTO opt_outs (phone, scope, since, keyword) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT (phone, scope) DO UPDATE SET since = excluded.since, keyword = excluded.keyword",
-                (phone, scope, at, word),
-            )
-        else:  # opting back in also lifts an opt-out kept from schema 1, which covered every number
-            conn.execute("DELETE FROM opt_outs WHERE phone = ? AND scope IN (?, '*')", (phone, scope))
-        return self._insert_batch(
-            conn, phone, our_number, at, State.SKIPPED, None, reason=f"keyword {word}: not for the AI"
-        )
-
-    def _join_open(self, conn, phone, our_number, at, urgent, rules):
-        # Locked (PostgreSQL): a claim cannot close this batch between this read and the update.
-        row = conn.execute(
-            "SELECT b.id, b.first_at, b.last_at, b.message_count, b.urgent FROM conversations c"
-            " JOIN batches b ON b.id = c.open_batch WHERE c.phone = ? AND c.our_number = ? AND b.state = 'open'"
-            + self.db.for_update,
-            (phone, our_number),
-        ).fetchone()
-        quiet = self._quiet(conn, phone, at, rules)
-        if row is None:
-            due = batching.due_at(rules, at, at, 1, urgent, quiet)
-            state = State.QUEUED if rules.max_messages <= 1 else State.OPEN
-            batch_id = self._insert_batch(conn, phone, our_number, at, state, due, urgent=urgent, quiet=quiet)
-            conn.execute(
-                "INSERT INTO conversations (phone, our_number, open_batch) VALUES (?, ?, ?)"
-                " ON CONFLICT (phone, our_number) DO UPDATE SET open_batch = excluded.open_batch",
-                (phone, our_number, batch_id),
-            )
-            return batch_id
-        first, last = min(row["first_at"], at), max(row["last_at"], at)
-        count, urgent = row["message_count"] + 1, bool(row["urgent"]) or urgent
-        conn.execute(
-            "UPDATE batches SET message_count = ?, first_at = ?, last_at = ?, urgent = ?, due_at = ?,"
-            " quiet_seconds = ? WHERE id = ? AND state = 'open'",
-            (count, first, last, int(urgent), batching.due_at(rules, first, last, count, urgent, quiet),
-             quiet, row["id"]),
-        )
-        if count >= rules.max_messages:  # a full batch closes: the next text opens a new one
-            self._move(conn, row["id"], State.QUEUED, at, f"full: {count} texts")
-        return row["id"]
-
-    def quiet_now(self, phone, now, rules):
-        """The quiet period this person's next text would get now (fixed, or fitted to their pace)."""
-        return self._quiet(self.conn, phone, now, rules)
-
-    def _quiet(self, conn, phone, at, rules):
-        """The quiet period after the phone's text at `at`: fixed, or (adaptive) fitted to the
-        gaps between its latest texts up to `at` (batching.quiet_for). Reads at most
-        `adaptive_window` index entries of messages_phone: no scan, whatever the history."""
-        if not rules.adaptive:
-            return rules.quiet_seconds
-        # One row for the whole window: half the cost of fetching its rows one by one.
-        joined = conn.execute(
-            f"SELECT {self.db.group_concat('received_at')} FROM (SELECT received_at FROM messages WHERE phone = ?"
-            " AND received_at <= ? ORDER BY received_at DESC LIMIT ?) w", (phone, at, rules.adaptive_window - 1),
-        ).fetchone()[0]
-        times = list(map(float, joined.split(","))) if joined else []
-        return batching.quiet_for(batching.gaps_between(times + [at]), rules)
-
-    def _insert_batch(self, conn, phone, our_number, at, state, due, urgent=False, reason=None, quiet=None):
-        final = due is None
-        for _ in range(5):
-            batch_id = new_id()
-            # ON CONFLICT (id): a random id already taken is picked again, without an error
-            # (which would end a PostgreSQL transaction)
-            if conn.execute(
-                "INSERT INTO batches (id, phone, our_number, state, message_count, first_at, last_at,"
-                " urgent, due_at, last_error, completed_at, created_at, quiet_seconds)"
-                " VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
-                (batch_id, phone, our_number, state, at, at, int(urgent), due, reason if final else None,
-                 at if final else None, at, quiet),
-            ).rowcount:
-                break
-        else:
-            raise SmsbatchError("could not pick a unique batch id")  # pragma: no cover
-        self._record(conn, batch_id, at, None, state, reason or "first text")
-        return batch_id
 
     # -- state moves ------------------------------------------------------------
 

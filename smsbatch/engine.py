@@ -11,12 +11,15 @@ errors below, so the webhook, the processor and the commands need not know the e
 
 A Database offers:
     conn                  execute(sql, params) with `?` placeholders -> cursor (fetchone,
-                          fetchall, iteration, rowcount); rows by name and by index
+                          fetchall, iteration, rowcount); rows by name and by index;
+                          execute_all([(sql, params), ...]) -> their results, in one round
+                          trip on PostgreSQL
     transaction()         context manager: one transaction (SQLite: BEGIN IMMEDIATE)
     durable_transaction() the same, committed so that it survives power loss
-    conversation_lock     an SQL expression of (phone, our_number) that serialises the writers
-                          of one conversation until the transaction ends, or None (SQLite:
-                          the write lock already does)
+    lock_conversations(pairs)  the statements that serialise the writers of these
+                          conversations ((phone, our_number) pairs) until the transaction
+                          ends, in an order that cannot deadlock; none on SQLite (the write
+                          lock already does)
     for_update, skip_locked  clauses appended to a SELECT that locks the rows it reads
     greatest(a, b), day(column), group_concat(column)  dialect words
     now()                 the database's clock (epoch seconds)

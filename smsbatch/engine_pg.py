@@ -126,6 +126,8 @@ class Connection:
 
     def execute(self, sql, parameters=()):
         database = self._database
+        if database.pending_begin is not None:
+            database.send_begin()
         raw = database.raw()
         try:
             return Result(database.cursor(raw).execute(to_psycopg(sql), tuple(parameters)), sql)
@@ -135,7 +137,48 @@ class Connection:
                 return Result(database.cursor(raw).execute(to_psycopg(sql), tuple(parameters)), sql)
             raise translate(exc) from exc
 
+    def execute_all(self, statements):
+        """[(sql, parameters), ...] sent to the server together, in ONE round trip (one
+        simple-protocol query, the values bound on this side by psycopg's ClientCursor, which
+        quotes them), inside the current transaction; their results, in order. Each statement
+        still takes its own snapshot (READ COMMITTED), after the one before it ended: a read
+        after a lock sees what the lock's holder committed. A failing statement raises, and
+        the rest do not run. A BEGIN that Database.begin() left pending goes first, in the
+        same round trip."""
+        if not statements:
+            return []
+        database = self._database
+        begin = database.pending_begin
+        head = [begin] if begin else []
+        sql = "; ".join(head + [to_psycopg(q) for q, _ in statements])
+        parameters = tuple(v for _, values in statements for v in values)
+        for attempt in (1, 2):
+            raw = database.raw()
+            cursor = database.client_cursor(raw)
+            try:
+                cursor.execute(sql, parameters)
+                break
+            except psycopg.Error as exc:
+                if begin and attempt == 1 and raw.broken:
+                    continue  # the server dropped the connection: nothing ran; once more on a new one
+                database.pending_begin = None
+                raise translate(exc) from exc
+        if begin:
+            database.pending_begin, database.in_transaction = None, True
+            for _ in range(begin.count(";") + 1):  # BEGIN and its SET LOCALs: no results wanted
+                cursor.nextset()
+        try:
+            results = [Result(cursor, statements[0][0])]
+            for query, _ in statements[1:]:
+                cursor.nextset()
+                results.append(Result(cursor, query))
+        except psycopg.Error as exc:
+            raise translate(exc) from exc
+        return results
+
     def executemany(self, sql, seq):
+        if self._database.pending_begin is not None:
+            self._database.send_begin()
         raw = self._database.raw()
         try:
             with raw.cursor() as cursor:
@@ -176,13 +219,15 @@ class Database:
         self._raw = _open(url, durable, busy_timeout)
         self.conn = Connection(self)
         self.deadline = None  # monotonic time; set by the webhook: every statement ends before it
-        self._in_transaction = False
+        self.in_transaction = False  # a transaction is open on the server
+        self.pending_begin = None  # a BEGIN begin() has not sent yet (sent with the next statement)
         self._cursor = None
+        self._client_cursor = None
 
     def raw(self):
         """The psycopg connection, opened again if it was lost while no transaction ran."""
         if self._raw.broken or self._raw.closed:
-            if not self._in_transaction:  # never in the middle of a transaction: it is lost, and says so
+            if not self.in_transaction:  # never in the middle of a transaction: it is lost, and says so
                 log.info("reconnecting to %s", shown_target(self.path))
                 self._raw = _open(self.path, self.durable, self.busy_timeout)
         return self._raw
@@ -193,10 +238,16 @@ class Database:
             self._cursor = raw.cursor(row_factory=tuple_row)
         return self._cursor
 
+    def client_cursor(self, raw):
+        """The cursor for Connection.execute_all (several statements, one round trip)."""
+        if self._client_cursor is None or self._client_cursor.connection is not raw:
+            self._client_cursor = psycopg.ClientCursor(raw, row_factory=tuple_row)
+        return self._client_cursor
+
     def may_retry(self, raw, sql):
         """True if a statement that failed may run again on a new connection: a read, outside
         any transaction, on a connection the server dropped (a restart, a failover)."""
-        return raw.broken and not self._in_transaction and sql.lstrip()[:6].upper() == "SELECT"
+        return raw.broken and not self.in_transaction and sql.lstrip()[:6].upper() == "SELECT"
 
     def exists(self):
         return True
@@ -219,8 +270,17 @@ class Database:
     def group_concat(column):
         return f"string_agg(CAST({column} AS text), ',')"
 
-    # Serialises the writers of one conversation (phone, our number) until the transaction ends.
-    conversation_lock = "pg_advisory_xact_lock(hashtext(?), hashtext(?))"
+    @staticmethod
+    def lock_conversations(conversations):
+        """The statements that serialise the writers of these conversations ((phone, our
+        number) pairs) until the transaction ends: one advisory lock each, all in one
+        statement, taken in the order of their keys (a volatile function in the select list
+        runs after the ORDER BY), so that two transactions locking several conversations
+        never wait for each other in a circle."""
+        values = ", ".join(["(?, ?)"] * len(conversations))
+        return [("SELECT pg_advisory_xact_lock(a, b) FROM (SELECT hashtext(p) a, hashtext(n) b"
+                 f" FROM (VALUES {values}) v(p, n)) k GROUP BY a, b ORDER BY a, b",
+                 [v for conversation in conversations for v in conversation])]
 
     def now(self):
         """The database server's clock (epoch seconds): the one clock every host shares."""
@@ -236,7 +296,7 @@ class Database:
             left = max(1, int((self.deadline - time.monotonic()) * 1000))
             begin += f"; SET LOCAL statement_timeout = {left}; SET LOCAL lock_timeout = {left}"
         raw = self._begin(begin)
-        self._in_transaction = True
+        self.in_transaction = True
         try:
             yield self.conn
         except BaseException:
@@ -271,16 +331,21 @@ class Database:
             if how == "COMMIT":
                 raise translate(exc) from exc
         finally:
-            self._in_transaction = False
+            self.in_transaction = False
 
     # the webhook's group commit (smsbatch.writer_pool): many texts in one transaction
     def begin(self, seconds):
         """BEGIN a transaction that end() ends; every statement in it (lock waits included)
-        gives up after `seconds`. BEGIN and its settings are one round trip. If the server
-        dropped this connection, nothing has run yet: once more on a new one.
+        gives up after `seconds`. Nothing is sent yet: BEGIN and its settings go with the
+        first statement (Connection.execute_all: in the same round trip).
         Raises: StoreError (nothing begun)."""
         ms = max(1, int(seconds * 1000))
-        sql = f"BEGIN; SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms}"
+        self.pending_begin = f"BEGIN; SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms}"
+
+    def send_begin(self):
+        """Send a BEGIN begin() left pending (a statement is about to run alone). If the
+        server dropped this connection, nothing has run yet: once more on a new one."""
+        sql, self.pending_begin = self.pending_begin, None
         raw = self.raw()
         try:
             try:
@@ -291,17 +356,20 @@ class Database:
                 self.raw().execute(sql)
         except psycopg.Error as exc:
             raise translate(exc) from exc
-        self._in_transaction = True
+        self.in_transaction = True
 
     def end(self, commit):
         """COMMIT (or ROLLBACK) what begin() began. Raises: StoreError if it was not committed
         (a COMMIT that the server turned into a ROLLBACK, a statement having failed, too)."""
+        if self.pending_begin is not None:  # nothing was sent: nothing to end
+            self.pending_begin = None
+            return
         try:
             status = self._raw.execute("COMMIT" if commit else "ROLLBACK").statusmessage
         except psycopg.Error as exc:
             raise translate(exc) from exc
         finally:
-            self._in_transaction = False
+            self.in_transaction = False
         if commit and status != "COMMIT":
             raise StoreError("the transaction was rolled back")
 
@@ -316,7 +384,7 @@ class Database:
     def snapshot(self):
         """A read-only transaction: every read inside sees one moment; nothing is written."""
         raw = self._begin("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        self._in_transaction = True
+        self.in_transaction = True
         try:
             yield self.conn
         finally:

@@ -44,6 +44,24 @@ class Connection(sqlite3.Connection):
         except sqlite3.Error as exc:
             raise translate(exc) from exc
 
+    def execute_all(self, statements):
+        """[(sql, parameters), ...] run in turn; their results (read whole), in order. (On
+        PostgreSQL one round trip for them all; here every statement is a function call.)"""
+        return [_Result(self.execute(sql, parameters)) for sql, parameters in statements]
+
+
+class _Result:
+    """A statement's rows read at once, so the next statement may run before they are used."""
+
+    __slots__ = ("rowcount", "_rows")
+
+    def __init__(self, cursor):
+        self._rows = cursor.fetchall()
+        self.rowcount = cursor.rowcount
+
+    def fetchall(self):
+        return self._rows
+
 
 class Database:
     """One SQLite connection and what smsbatch needs of it. Not thread-safe."""
@@ -97,9 +115,11 @@ class Database:
     def group_concat(column):
         return f"group_concat({column})"
 
-    # A conversation's writers need no lock of their own: inside transaction() this
-    # connection holds the file's write lock.
-    conversation_lock = None
+    @staticmethod
+    def lock_conversations(conversations):
+        """No statements: inside transaction() this connection holds the file's write lock,
+        which serialises every writer, those of these conversations among them."""
+        return []
 
     def now(self):
         """The database's clock: with SQLite every process shares this host's."""

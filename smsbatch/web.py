@@ -23,6 +23,7 @@ from smsbatch.config import Settings, display_url
 from smsbatch.db import Store
 from smsbatch.engine import is_postgres
 from smsbatch.errors import ConfigError, SmsbatchError
+from smsbatch.intake import Text
 from smsbatch.metrics import WebMetrics
 from smsbatch.rejections import Rejections, printable
 from smsbatch.server import make_server_for
@@ -213,10 +214,7 @@ class Webhook:
         # The wait for the lock counts from when the request was whole (the server says when).
         deadline = environ.get("smsbatch.received", time.monotonic()) + self.writer.busy_timeout
         try:
-            added = self.writer.submit(
-                lambda store: store.add_message(sid, phone, to, body, clock(), rules, media, carrier, scope),
-                deadline
-            )
+            added = self.writer.submit(Text(sid, phone, to, body, clock(), rules, media, carrier, scope), deadline)
         except SmsbatchError as exc:
             # Never acknowledge a lost text. A failed burst is run again (see Writer.burst):
             # only the last word is worth a line.

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from smsbatch.db import Store
 from smsbatch.engine import StoreBusy, StoreError
 from smsbatch.engine_sqlite import plain_connection
+from smsbatch.intake import Text
 
 log = logging.getLogger("smsbatch.web")
 WEB_BUSY_TIMEOUT = 4.0  # longest a text waits for the lock: its 503 comes well inside Twilio's 15 s
@@ -70,6 +71,22 @@ class WebStore(Store):
         except StoreError as exc:
             log.error("webhook: could not commit a burst of texts: %s", exc)
             return False
+
+
+def run_works(store, works):
+    """Run writes in order inside one transaction; their results. Texts that come together
+    are stored together (Store.add_texts: a few statements for all of them)."""
+    results, texts = [], []
+    for work in [*works, None]:
+        if isinstance(work, Text):
+            texts.append(work)
+            continue
+        if texts:
+            results += store.add_texts(texts)
+            texts = []
+        if work is not None:
+            results.append(work(store))
+    return results
 
 
 class Burst:
@@ -281,8 +298,7 @@ class Writer(Bursting):
         finally:
             self._lock_wait_since = None
         try:
-            for work in works:
-                work(store)
+            run_works(store, works)
         except Exception:
             store.end_group(commit=False)  # one of them failed: each runs again alone
             return False
@@ -343,7 +359,7 @@ class Writer(Bursting):
         finally:
             self._lock_wait_since = None
         try:
-            results = [job.work(store) for job in group]
+            results = run_works(store, [job.work for job in group])
         except Exception:
             store.end_group(commit=False)  # one of them failed: they run alone next
             return

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 
 from smsbatch.db import Store
 from smsbatch.engine import StoreBusy, StoreError, connect
-from smsbatch.writer import REQUEST_WAIT_LIMIT, TROUBLE_MEMORY, WAITING_TOO_LONG, Burst, Bursting
+from smsbatch.writer import REQUEST_WAIT_LIMIT, TROUBLE_MEMORY, WAITING_TOO_LONG, Burst, Bursting, run_works
 
 log = logging.getLogger("smsbatch.web")
 PROBE_SECONDS = 1.0  # /health: how long a probe of the database may take once a write failed
@@ -224,7 +224,7 @@ class PgWriter(Bursting):
             store = committer.open()
             store.begin_group(deadline)
             try:
-                results = [work(store) for work in works]
+                results = run_works(store, works)
             except BaseException:
                 store.end_group(commit=False)
                 raise

@@ -104,7 +104,7 @@ def test_a_locked_conversation_fails_its_text_at_the_deadline_and_delays_no_othe
     holder = Store(db_path)
     try:
         with holder.transaction():
-            holder.conn.execute(f"SELECT {holder.db.conversation_lock}", ("+15550001111", "+15550000000"))
+            holder.conn.execute_all(holder.db.lock_conversations([("+15550001111", "+15550000000")]))
             failed = {}
 
             def locked():

@@ -329,7 +329,7 @@ def test_through_a_real_server_a_request_waiting_for_a_lock_does_not_hold_up_oth
     store = Store(db_path)
     try:
         with store.transaction() as conn:  # another host is storing a text of +1555...0001 right now
-            conn.execute(f"SELECT {store.db.conversation_lock}", ("+15550000001", US)).fetchall()
+            conn.execute_all(store.db.lock_conversations([("+15550000001", US)]))
             waiting = threading.Thread(target=post, args=("+15550000001", "SM" + "1" * 32))
             waiting.start()
             time.sleep(0.2)  # it is waiting for the lock now

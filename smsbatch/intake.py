@@ -1,0 +1,214 @@
+"""Where inbound texts go: pure decisions, no I/O.
+
+The store (smsbatch.db_intake) reads what it knows of the texts' conversations (`Facts`),
+hands them to a `Plan` with the texts in arrival order, and writes what the plan decided:
+new batches, batches joined (and closed when full), texts, opt-out changes, each move
+checked against states.TRANSITIONS. A plan covers many texts at once (the webhook stores
+the texts that arrived together in one transaction), so each decision also sees the texts
+planned before it: a second text of a person joins the batch the first one opened, a YES
+after a STOP in the same group is a re-subscription, the adaptive quiet period counts the
+earlier texts' times.
+"""
+
+import json
+import secrets
+from dataclasses import dataclass, field
+
+from smsbatch import batching
+from smsbatch.errors import InvalidTransition
+from smsbatch.states import TRANSITIONS, State
+
+ID_ALPHABET = "23456789abcdefghjkmnpqrstuvwxyz"  # no 0/o, 1/l/i: easy to read aloud and type
+LATE_REASON = "found in Twilio's message log, older than SMSBATCH_MAX_AGE_SECONDS: not answered late"
+
+
+@dataclass(frozen=True)
+class Added:
+    """What storing one inbound text did. batch_id is None for a duplicate of a pruned text."""
+
+    batch_id: str
+    duplicate: bool
+    kind: str
+
+
+@dataclass
+class Text:
+    """One inbound text to store. Calling it stores it (the webhook's writers run their
+    writes as `work(store)`; texts that arrived together are stored together, see
+    Store.add_texts). `carrier_kind`: Twilio's own opt-out verdict; `scope`: what an opt-out
+    covers (batching.opt_out_scope; default our_number); `expired`/`answered`: the backfill's
+    verdicts (stored in a batch of their own, never answered)."""
+
+    sid: str
+    phone: str
+    our_number: str
+    body: str
+    at: float
+    rules: batching.Rules
+    media: tuple = ()
+    carrier_kind: str = None
+    scope: str = None
+    expired: bool = False
+    answered: str = None
+
+    def __post_init__(self):
+        self.scope = self.scope or self.our_number
+        self.media = tuple(self.media or ())
+
+    def __call__(self, store):
+        return store.add_texts([self])[0]
+
+    @property
+    def conversation(self):
+        return self.phone, self.our_number
+
+    @property
+    def media_json(self):
+        return json.dumps(list(self.media)) if self.media else None
+
+
+def new_id():
+    """A short random batch id such as 'b7k2mq9xza'."""
+    return "".join(secrets.choice(ID_ALPHABET) for _ in range(10))
+
+
+@dataclass
+class OpenBatch:
+    """A batch this plan writes: an open batch read (locked) by the store, or one it opens."""
+
+    id: str
+    first_at: float
+    last_at: float
+    count: int
+    urgent: bool
+    state: State = State.OPEN
+    quiet: float = None
+    created: bool = False  # opened by this plan (inserted), not read from the database
+    phone: str = None  # (created ones) the conversation, and when its first text came
+    our_number: str = None
+    created_at: float = None
+    reason: str = None  # why a batch created final (skipped, expired) is
+    rules: batching.Rules = None  # the rules of the latest text in it (when it closes)
+    moves: list = field(default_factory=list)  # (at, from, to, reason) this plan made
+
+
+@dataclass
+class Facts:
+    """What the store read for one text before any of the plan's texts were written."""
+
+    seen: tuple = None  # (batch_id,) if this MessageSid is stored ((None,) if pruned)
+    opted_out: bool = False  # the phone has opted out of the text's scope
+    recent: tuple = ()  # the phone's latest received_at up to the text (adaptive: its window)
+
+
+class Plan:
+    """Decisions for texts in arrival order; afterwards the writes they need.
+
+    `open_batches`: {(phone, our_number): OpenBatch} read (locked) by the store. `make_id`:
+    makes a batch id. After add() for every text: `batches` (every batch written: created
+    ones to insert, final ones among them for keyword, late or answered texts; read ones to
+    update), `stored` (texts to insert, with their batch id and kind),
+    `opt_changes` ((kind 'opt_out'/'opt_in', phone, scope, at, word), in order),
+    `conversations` ({conversation: batch id} whose open batch changed).
+    """
+
+    def __init__(self, open_batches, make_id=new_id):
+        self.open = dict(open_batches)
+        self.make_id = make_id
+        self.batches, self.stored = {}, []
+        self.opt_changes, self.conversations = [], {}
+        self._sids = {}  # sid: batch id, for a text that comes twice in one plan
+        self._opted = {}  # (phone, scope): opted out?, as changed by this plan's keywords
+        self._times = {}  # phone: received_at of this plan's texts so far
+
+    def add(self, text, facts):
+        """Decide where `text` goes; returns its Added."""
+        if facts.seen is not None:
+            return Added(facts.seen[0], True, self._kind(text) or "text")
+        if text.sid in self._sids:
+            return Added(self._sids[text.sid], True, self._kind(text) or "text")
+        kind = self._kind(text)
+        if kind == "opt_in" and not text.carrier_kind and _is_yes(text.body) \
+                and not self._opted.get((text.phone, text.scope), facts.opted_out):
+            kind = None  # "yes" answering the AI's question is a text, not a re-subscription
+        if kind:
+            batch_id = self._keyword(text, kind)
+        elif text.answered:
+            batch_id = self._final_batch(text, State.SKIPPED, text.answered)
+        elif text.expired:
+            batch_id = self._final_batch(text, State.EXPIRED, LATE_REASON)
+        else:
+            batch_id = self._join(text, facts)
+        self._times.setdefault(text.phone, []).append(text.at)
+        self._sids[text.sid] = batch_id
+        self.stored.append((text, batch_id, kind or "text"))
+        return Added(batch_id, False, kind or "text")
+
+    @staticmethod
+    def _kind(text):
+        return text.carrier_kind or (batching.keyword_kind(text.body) if not text.media else None)
+
+    def _keyword(self, text, kind):
+        word = text.body.strip().upper()
+        self.opt_changes.append((kind, text.phone, text.scope, text.at, word))
+        self._opted[(text.phone, text.scope)] = kind == "opt_out"
+        return self._final_batch(text, State.SKIPPED, f"keyword {word}: not for the AI")
+
+    def _final_batch(self, text, state, reason):
+        batch = self._new(text, state, False, None, reason=reason)
+        batch.moves.append((text.at, None, state, reason))
+        self.batches[batch.id] = batch
+        return batch.id
+
+    def _join(self, text, facts):
+        """The text joins its conversation's open batch, or opens one."""
+        rules, at = text.rules, text.at
+        urgent = batching.is_urgent(text.body, rules.urgent_keywords)
+        quiet = self._quiet(text, facts)
+        batch = self.open.get(text.conversation)
+        if batch is None:
+            state = State.QUEUED if rules.max_messages <= 1 else State.OPEN
+            batch = self._new(text, state, urgent, quiet, rules=rules)
+            batch.moves.append((at, None, state, "first text"))
+            self.batches[batch.id] = batch
+            self.open[text.conversation] = batch
+            self.conversations[text.conversation] = batch.id
+            return batch.id
+        batch.first_at, batch.last_at = min(batch.first_at, at), max(batch.last_at, at)
+        batch.count, batch.urgent, batch.quiet = batch.count + 1, batch.urgent or urgent, quiet
+        batch.rules = rules
+        self.batches[batch.id] = batch
+        if batch.count >= rules.max_messages:  # a full batch closes: the next text opens a new one
+            self._move(batch, State.QUEUED, at, f"full: {batch.count} texts")
+            del self.open[text.conversation]
+        return batch.id
+
+    def _new(self, text, state, urgent, quiet, rules=None, reason=None):
+        return OpenBatch(self.make_id(), text.at, text.at, 1, urgent, state, quiet, created=True, rules=rules,
+                         reason=reason, phone=text.phone, our_number=text.our_number, created_at=text.at)
+
+    @staticmethod
+    def _move(batch, to, at, reason):
+        if to not in TRANSITIONS[batch.state]:
+            raise InvalidTransition(f"batch {batch.id} cannot move from {batch.state.value} to {to.value}")
+        batch.moves.append((at, batch.state, to, reason))
+        batch.state = to
+
+    def _quiet(self, text, facts):
+        """The quiet period after this text: fixed, or fitted to the gaps between the
+        person's latest texts up to it (batching.quiet_for), this plan's earlier ones included."""
+        rules = text.rules
+        if not rules.adaptive:
+            return rules.quiet_seconds
+        earlier = [t for t in self._times.get(text.phone, ()) if t <= text.at]
+        window = sorted([*facts.recent, *earlier])[-(rules.adaptive_window - 1):] if rules.adaptive_window > 1 else []
+        return batching.quiet_for(batching.gaps_between(window + [text.at]), rules)
+
+    @staticmethod
+    def due_at(batch):
+        """When a batch this plan wrote closes (batching.due_at)."""
+        return batching.due_at(batch.rules, batch.first_at, batch.last_at, batch.count, batch.urgent, batch.quiet)
+
+
+def _is_yes(body):
+    return body.strip().strip(".!").upper() == "YES"
