@@ -36,7 +36,8 @@ def test_a_version_1_database_upgrades_with_every_text_batch_and_opt_out_intact(
     for batch_id, phone, state, count, extra in BATCHES:
         row = batches[batch_id]
         assert (row["phone"], row["our_number"], row["state"], row["message_count"]) == (phone, US, state, count)
-        assert all(row[k] == v for k, v in extra.items())
+        # step 11: an open or never-tried queued batch's due_at was its closing time
+        assert all(row["closes_at" if k == "due_at" else k] == v for k, v in extra.items())
     texts = {r["sid"]: (r["phone"], r["body"], r["kind"], r["batch_id"]) for r in conn.execute("SELECT * FROM messages")}
     assert texts == {sid: (phone, body, kind, b) for sid, phone, body, kind, b in MESSAGES}
     # The opt-out of version 1 covered every number, and still does.
@@ -132,7 +133,7 @@ def test_postgresql_has_the_same_tables_and_columns_as_sqlite(db_path, pg_url):
         assert postgres.db.tables() == sqlite.db.tables()
         indexes = "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema() AND indexname LIKE 'batches_%'"
         names = {r[0] for r in postgres.conn.execute(indexes)}
-        assert {"batches_one_open", "batches_one_claim", "batches_state_due"} <= names
+        assert {"batches_one_open", "batches_one_claim", "batches_state_acts_at"} <= names
         # times are double precision: a 4-byte real would round today's epoch to 128 s
         postgres.conn.execute("INSERT INTO holds (phone, since) VALUES ('+1', ?)", (T + 0.25,))
         assert postgres.conn.execute("SELECT since FROM holds").fetchone()[0] == T + 0.25

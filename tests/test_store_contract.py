@@ -129,7 +129,7 @@ def test_claims_move_through_transitions_and_are_recorded(store):
     [batch_id] = due_batches(store, 1)
     assert store.claim_due(T0 + 1, 10, LEASE, MAX_AGE) == ([], 0)  # not due yet
     claimed, _ = store.claim_due(T0 + 60, 10, LEASE, MAX_AGE, holder="h:1")
-    assert [(c["id"], c["state"], c["attempts"], c["due_at"]) for c in claimed] == \
+    assert [(c["id"], c["state"], c["attempts"], c["lease_expires_at"]) for c in claimed] == \
         [(batch_id, "processing", 1, T0 + 60 + LEASE)]
     assert rows(store, "SELECT from_state, to_state FROM batch_events WHERE batch_id = ? ORDER BY id",
                 (batch_id,))[-1] == ("open", "processing")
@@ -190,7 +190,7 @@ def test_leases_renew_only_the_holders_claims(store):
     claimed, _ = store.claim_due(T0 + 60, 2, LEASE, MAX_AGE)
     renewed = store.renew_claims([claimed[0]["claim"]], T0 + 100, T0 + 61)
     assert renewed == {(claimed[0]["claim"], claimed[0]["id"]), (claimed[1]["claim"], claimed[1]["id"])}
-    assert rows(store, "SELECT DISTINCT due_at FROM batches") == [(T0 + 100,)]
+    assert rows(store, "SELECT DISTINCT lease_expires_at FROM batches") == [(T0 + 100,)]
     assert store.claim_due(T0 + 99, 2, LEASE, MAX_AGE) == ([], 0)  # lease still running
 
 
