@@ -51,7 +51,7 @@ def build_backlog(path, count, seed=7):
     with store.transaction() as conn:
         conn.executemany(
             "INSERT INTO batches (id, phone, our_number, state, message_count, first_at, last_at, urgent,"
-            " due_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            " closes_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
     store.conn.execute("ANALYZE")
     store.close()
 

@@ -45,7 +45,7 @@ def build(path):
                              -0.0079, "USD"))
     with store.transaction() as conn:
         conn.executemany("INSERT INTO batches (id, phone, our_number, state, message_count, first_at, last_at,"
-                         " completed_at, prompt, ai_requests, prompt_tokens, completion_tokens, due_at, created_at)"
+                         " completed_at, prompt, ai_requests, prompt_tokens, completion_tokens, closes_at, created_at)"
                          " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", [b + (b[5],) for b in batches])
         conn.executemany("INSERT INTO messages (sid, phone, our_number, body, received_at, batch_id)"
                          " VALUES (?, ?, ?, ?, ?, ?)", messages)

@@ -14,7 +14,7 @@ Rounds alternate:
 
 Measured: to the reply reaching the Twilio stand-in (the other processor's AI answer
 included: the stand-in answers at once); to the other processor's claim; and, for
-freezes, from the lease's end (batches.due_at, which nobody renews any more) to the
+freezes, from the lease's end (batches.lease_expires_at, which nobody renews any more) to the
 claim, i.e. how long an expired lease lies unnoticed.
 
 Targets: kill -> reply within 5 s (the issue's bound, with an instant AI). Anchors from job
@@ -80,7 +80,7 @@ def one_round(store, openai, twilio, procs, env, n, freeze):
     hit, hit_wall = time.monotonic(), time.time()
     if not freeze:
         victim.wait()
-    lease_end = store.get_batch(added.batch_id)["due_at"]  # nobody renews it any more
+    lease_end = store.get_batch(added.batch_id)["lease_expires_at"]  # nobody renews it any more
     wait(lambda: twilio.bodies_to(phone))
     replied = time.monotonic()
     claimed_at = store.get_batch(added.batch_id)["started_at"]
@@ -109,7 +109,7 @@ def run(runs=KILLS, **_):
                           note="SIGSTOP: alive, not renewing; as a dead processor on another host"),
                    Figure("takeover", "freeze -> takeover (claim)", "s")),
     }
-    stale = Figure("takeover", "stale lease -> takeover", "s", note="lease end (due_at) to the claim")
+    stale = Figure("takeover", "stale lease -> takeover", "s", note="lease end (lease_expires_at) to the claim")
     with tempdir("takeover") as folder, f.FakeOpenAI() as openai, f.FakeTwilio() as twilio:
         db = fresh_db(folder, "takeover.db")
         env = env_for(db, openai, twilio)

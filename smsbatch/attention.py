@@ -9,7 +9,8 @@ although batches wait (cron or the timer stopped).
 from collections import namedtuple
 
 IDLE_PROCESSOR_SECONDS = 180.0  # no processor run for 3 minutes while batches wait
-# A batch's due_at is when a processor must act (closing time, retry time, lease expiry).
+# A pending batch's moment to act (states.acts_at: closing time, retry time or lease expiry)
+# is when a processor must act on it.
 # A run every minute acts within seconds of it; a batch waiting behind another of the same
 # person waits one AI answer more. Past this much, it is stuck.
 STUCK_AFTER_SECONDS = 300.0
@@ -28,7 +29,8 @@ def needed(facts, now):
     """Why a person is needed now, as Reasons (code, one line); empty when nobody is.
 
     `facts`: outages (providers in an announced outage), pending (batches not finished),
-    earliest_due_at (the earliest due_at of those, or None), last_run_at (when a processor
+    earliest_due_at (the earliest moment a processor had to act on one of those,
+    states.acts_at, or None), last_run_at (when a processor
     last began or ended a run, or None); epoch seconds.
     """
     reasons = [Reason("outage", f"the {provider} provider is failing (announced outage)")

@@ -21,7 +21,7 @@ from smsbatch.errors import InvalidTransition, NotFound, SmsbatchError
 # Added, ID_ALPHABET, LATE_REASON and new_id are imported from here by the rest of smsbatch, as before.
 from smsbatch.intake import ID_ALPHABET, LATE_REASON, Added, new_id  # noqa: F401
 # State, PENDING and TRANSITIONS are imported from here by the rest of smsbatch, as before.
-from smsbatch.states import CLAIM_MOVES, CLAIMABLE, PENDING, TRANSITIONS, State, placeholders
+from smsbatch.states import CLAIM_MOVES, PENDING, PENDING_SQL, TRANSITIONS, State, acts_at, placeholders
 
 SCHEMA_VERSION = migrations.LATEST
 BUSY_TIMEOUT_SECONDS = 30.0
@@ -156,7 +156,7 @@ class Store(Intake, BatchLife, OperatorActions, OperatorReports):
         """One move of a batch by the processor holding it: applied only while the claim is
         still this processor's and the batch is in one of `states`; the claim ends with it.
         Returns False (nothing changed) if the lease was lost."""
-        assignments = "claim = NULL" + (f", {assignments}" if assignments else "")
+        assignments = "claim = NULL, lease_expires_at = NULL" + (f", {assignments}" if assignments else "")
         return self._move(conn, batch["id"], to, now, reason, assignments, values, claim=batch["claim"],
                           expect=[State(x).value for x in states])
 
@@ -193,21 +193,25 @@ class Store(Intake, BatchLife, OperatorActions, OperatorReports):
 
     def _claim(self, conn, now, limit, lease, holder, node):
         """Pick and claim (compare-and-set on each row's state, moves from CLAIM_MOVES)."""
+        # Due: the moment to act (acts_at: closing time, retry time or a lease's end, whichever
+        # the batch's state and claim make it) has come; found by batches_state_acts_at.
         picked = conn.execute(
-            f"SELECT seq, id, state, attempts FROM batches b WHERE state IN ({placeholders(CLAIMABLE)})"
-            " AND due_at <= ? AND NOT EXISTS (SELECT 1 FROM batches o"
+            f"SELECT seq, id, state, attempts FROM batches b WHERE {PENDING_SQL}"
+            f" AND {acts_at()} <= ? AND NOT EXISTS (SELECT 1 FROM batches o"
             " WHERE o.phone = b.phone AND o.our_number = b.our_number AND o.seq != b.seq"
-            f" AND o.state IN ({placeholders(PENDING)}) AND (o.claim IS NOT NULL"
-            " OR b.claim IS NULL AND o.due_at <= ? AND o.seq < b.seq))"
-            " ORDER BY due_at LIMIT ?" + self.db.skip_locked,
-            (*[x.value for x in CLAIMABLE], now, *[x.value for x in PENDING], now, limit),
+            f" AND o.{PENDING_SQL} AND (o.claim IS NOT NULL"
+            f" OR b.claim IS NULL AND {acts_at('o')} <= ? AND o.seq < b.seq))"
+            f" ORDER BY {acts_at()} LIMIT ?" + self.db.skip_locked,
+            (now, now, limit),
         ).fetchall()
         if not picked:
             return []
         token = secrets.token_hex(8)
         to_state = " ".join(f"WHEN '{s.value}' THEN '{t.value}'" for s, t in CLAIM_MOVES.items())
         rows = conn.execute(
-            "UPDATE batches SET claim = ?, due_at = ?, started_at = ?, claimed_at = coalesce(claimed_at, ?),"
+            # the retry (if any) is being made: retry_at is spent
+            "UPDATE batches SET claim = ?, lease_expires_at = ?, retry_at = NULL, started_at = ?,"
+            " claimed_at = coalesce(claimed_at, ?),"
             f" holder = ?, holder_node = ?, heartbeat_at = ?, state = CASE state {to_state} END,"
             f" attempts = attempts + 1 WHERE {' OR '.join(['(seq = ? AND state = ?)'] * len(picked))} RETURNING *",
             (token, now + lease, now, now, holder, node, now, *[v for c in picked for v in (c["seq"], c["state"])]),
@@ -226,7 +230,7 @@ class Store(Intake, BatchLife, OperatorActions, OperatorReports):
         pairs renewed. A batch another processor took over, or that ended, is not renewed."""
         with self.transaction() as conn:
             rows = conn.execute(
-                f"UPDATE batches SET due_at = ?, heartbeat_at = ? WHERE claim IN ({placeholders(claims)})"
+                f"UPDATE batches SET lease_expires_at = ?, heartbeat_at = ? WHERE claim IN ({placeholders(claims)})"
                 " AND state IN ('processing', 'sending') RETURNING claim, id",
                 (due, now, *claims),
             ).fetchall()
@@ -237,13 +241,14 @@ class Store(Intake, BatchLife, OperatorActions, OperatorReports):
         that `alive(holder)` says are gone. Returns how many were freed."""
         rows = self.conn.execute(
             "SELECT id, claim, holder FROM batches WHERE state = 'processing' AND claim IS NOT NULL"
-            " AND due_at > ? AND holder_node = ?", (now, node)).fetchall()
+            " AND lease_expires_at > ? AND holder_node = ?", (now, node)).fetchall()
         dead = [r for r in rows if r["holder"] and not alive(r["holder"])]
         if not dead:
             return 0
         with self.transaction() as conn:
             for row in dead:
-                conn.execute("UPDATE batches SET due_at = ? WHERE id = ? AND claim = ? AND state = 'processing'",
+                conn.execute("UPDATE batches SET lease_expires_at = ? WHERE id = ? AND claim = ?"
+                             " AND state = 'processing'",
                              (now, row["id"], row["claim"]))
         return len(dead)
 
@@ -259,21 +264,21 @@ class Store(Intake, BatchLife, OperatorActions, OperatorReports):
     def _expire(self, conn, now, max_age):
         """Expire open/queued batches too old to answer. Returns how many."""
         rows = conn.execute(
-            # +due_at: search by last_at (index batches_state_last), so the sweep reads only
+            # +acts_at: search by last_at (index batches_state_last), so the sweep reads only
             # batches old enough to expire, not every due one (flat with a large backlog).
-            "SELECT seq, id, state FROM batches WHERE state IN ('open', 'queued') AND +due_at <= ? AND last_at < ?"
+            f"SELECT seq, id, state FROM batches WHERE state IN ('open', 'queued') AND +{acts_at()} <= ?"
+            " AND last_at < ?"
             # a batch an operator requeued is answered, however old its texts
             " AND retried_at IS NULL" + self.db.skip_locked,
             (now, now - max_age),
         ).fetchall()
         reason = "not answered: older than SMSBATCH_MAX_AGE_SECONDS"
         return sum(self._move(conn, row["id"], State.EXPIRED, now, reason,
-                              "due_at = NULL, claim = NULL, completed_at = ?, last_error = ?", (now, reason),
+                              "retry_at = NULL, claim = NULL, lease_expires_at = NULL, completed_at = ?,"
+                              " last_error = ?", (now, reason),
                               expect=("open", "queued")) for row in rows)
 
     def next_due(self):
-        """The earliest due_at among pending batches, or None."""
-        row = self.conn.execute(
-            "SELECT min(due_at) FROM batches WHERE state IN ('open', 'queued', 'processing', 'sending')"
-        ).fetchone()
+        """The earliest moment a processor must act on a pending batch (acts_at), or None."""
+        row = self.conn.execute(f"SELECT min({acts_at()}) FROM batches WHERE {PENDING_SQL}").fetchone()
         return row[0]

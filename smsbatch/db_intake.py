@@ -208,7 +208,7 @@ def _opt_change(kind, phone, scope, at, word):
 
 
 _INSERT_BATCHES = ("INSERT INTO batches (id, phone, our_number, state, message_count, first_at, last_at, urgent,"
-                   " due_at, last_error, completed_at, created_at, quiet_seconds) VALUES {}"
+                   " closes_at, last_error, completed_at, created_at, quiet_seconds) VALUES {}"
                    " ON CONFLICT (id) DO NOTHING")
 
 
@@ -216,12 +216,12 @@ def _batch_row(b):
     """A batch this plan opened, as it stands after the plan's texts."""
     final = b.reason is not None
     return (b.id, b.phone, b.our_number, b.state.value, b.count, b.first_at, b.last_at, int(b.urgent),
-            None if final else Plan.due_at(b), b.reason, b.created_at if final else None, b.created_at, b.quiet)
+            None if final else Plan.closes_at(b), b.reason, b.created_at if final else None, b.created_at, b.quiet)
 
 
 def _update_batch(b):
     """An open batch joined (and closed, if full): a compare-and-set on its state."""
-    return ("UPDATE batches SET message_count = ?, first_at = ?, last_at = ?, urgent = ?, due_at = ?,"
+    return ("UPDATE batches SET message_count = ?, first_at = ?, last_at = ?, urgent = ?, closes_at = ?,"
             " quiet_seconds = ?, state = ? WHERE id = ? AND state = 'open'",
-            (b.count, b.first_at, b.last_at, int(b.urgent), Plan.due_at(b), b.quiet, b.state.value, b.id))
+            (b.count, b.first_at, b.last_at, int(b.urgent), Plan.closes_at(b), b.quiet, b.state.value, b.id))
 

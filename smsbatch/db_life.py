@@ -2,9 +2,8 @@
 
 from smsbatch import batching, segments
 from smsbatch.config import HEARTBEAT_LEASE_SECONDS
-from smsbatch.db_ops import held_reason
 from smsbatch.inputs import iso_time
-from smsbatch.states import State
+from smsbatch.states import SendFacts, State, before_send, covered_by_answered
 
 
 class BatchLife:
@@ -66,97 +65,103 @@ class BatchLife:
             )
 
     def begin_send(self, batch, response, now, settings, reused=False):
-        """Commit the reply as *sending* before Twilio is called.
-
-        In the same transaction: a STOP that arrived meanwhile skips the batch; a newer
-        batch of the same conversation that is already answered (this one was backing
-        off) takes this batch's texts, since a late, stale reply helps nobody; and (with
-        `supersede`) a newer unclaimed batch written after this one was claimed takes
-        its texts so the next reply covers both. `reused`: the reply is one stored earlier
-        (an operator's retry), not a new answer. Returns the state the batch is now in, or
-        None if this processor no longer holds the lease.
+        """Commit the reply as *sending* before Twilio is called, unless states.before_send
+        says the batch goes elsewhere (skipped: opted out; held; superseded: its texts fold
+        into a newer batch). The facts it needs are read and its verdict applied in one
+        transaction, the rows it looks at locked (PostgreSQL). `reused`: the reply is one
+        stored earlier (an operator's retry), not a new answer. Returns the state the batch is
+        now in, or None if this processor no longer holds the lease.
         """
         with self.durable_transaction() as conn:  # the mark that keeps a reply from going out twice
             if not self._holds(conn, batch, State.PROCESSING):
                 return None
-            scope = batching.opt_out_scope(batch["our_number"], settings.twilio_messaging_service_sid)
-            if self._opted_out(conn, batch["phone"], scope):
-                self._finish(conn, batch, State.SKIPPED, now, error="opted out before the reply was sent")
-                return State.SKIPPED
-            hold = self._hold_for(conn, batch["phone"], batch["our_number"])  # the person's, or our number's
-            if hold is not None:
-                self._finish(conn, batch, State.HELD, now, error=held_reason(hold, "before the reply was sent"))
-                return State.HELD
-            rules = batching.Rules.from_settings(settings)
-            if self._fold_into_answered(conn, batch, now, settings):
-                return State.SUPERSEDED
-            if settings.supersede and batch["fold_depth"] < settings.max_supersede:
-                # Only texts written after this batch was first claimed supersede it (a batch
-                # closed by max messages is not held back by texts that were already waiting).
-                newer = conn.execute(
-                    "SELECT * FROM batches WHERE phone = ? AND our_number = ? AND state IN ('open', 'queued')"
-                    " AND seq > ? AND created_at >= ? ORDER BY seq LIMIT 1" + self.db.for_update,
-                    (batch["phone"], batch["our_number"], batch["seq"], batch["claimed_at"]),
-                ).fetchone()
-                if newer:
-                    self._fold(conn, batch, newer, now, rules)
-                    return State.SUPERSEDED
-            how = "sending the stored reply again (no new AI call)" if reused else "AI answered; sending"
-            self._move(conn, batch["id"], State.SENDING, now, how,
-                       "response_text = ?, send_started_at = ?, due_at = ?",
-                       (response, now, now + HEARTBEAT_LEASE_SECONDS), claim=batch["claim"])
-        return State.SENDING
+            facts, rows = self._send_facts(conn, batch, settings)
+            verdict = before_send(batch, facts, settings, reused)
+            if verdict.state == State.SUPERSEDED:
+                self._fold(conn, batch, rows[verdict.into], now, batching.Rules.from_settings(settings),
+                           verdict.reason)
+            elif verdict.state == State.SENDING:
+                # the lease of a send in flight (renewed by heartbeats like any other)
+                self._move(conn, batch["id"], State.SENDING, now, verdict.reason,
+                           "response_text = ?, send_started_at = ?, lease_expires_at = ?",
+                           (response, now, now + HEARTBEAT_LEASE_SECONDS), claim=batch["claim"])
+            else:
+                self._finish(conn, batch, verdict.state, now, error=verdict.reason)
+        return verdict.state
+
+    def _send_facts(self, conn, batch, settings):
+        """What states.before_send looks at (SendFacts), and the rows it may name ({id: row}),
+        locked until the transaction ends (PostgreSQL) so that the verdict cannot go stale."""
+        scope = batching.opt_out_scope(batch["our_number"], settings.twilio_messaging_service_sid)
+        answered = self._answered_after(conn, batch)
+        # Only texts written after this batch was first claimed supersede it (a batch closed by
+        # max messages is not held back by texts that were already waiting).
+        newer = conn.execute(
+            "SELECT * FROM batches WHERE phone = ? AND our_number = ? AND state IN ('open', 'queued')"
+            " AND seq > ? AND created_at >= ? ORDER BY seq LIMIT 1" + self.db.for_update,
+            (batch["phone"], batch["our_number"], batch["seq"], batch["claimed_at"]),
+        ).fetchone()
+        facts = SendFacts(
+            opted_out=self._opted_out(conn, batch["phone"], scope),
+            hold=self._hold_for(conn, batch["phone"], batch["our_number"]),  # the person's, or our number's
+            answered=answered and answered["id"],
+            answered_between=self._between(conn, batch, answered) if answered else 0,
+            newer=newer and newer["id"])
+        return facts, {row["id"]: row for row in (answered, newer) if row}
 
     def fold_if_answered(self, batch, now, settings):
         """Before answering an older batch (it was backing off): if a newer batch of the
-        conversation already went out with these texts in its prompt, fold into it instead
-        of sending a stale reply. Returns True if folded."""
+        conversation already went out with these texts in its prompt (states.covered_by_answered),
+        fold into it instead of sending a stale reply. Returns True if folded."""
         with self.transaction() as conn:
-            return self._holds(conn, batch, State(batch["state"])) and self._fold_into_answered(
-                conn, batch, now, settings)
+            if not self._holds(conn, batch, State(batch["state"])):
+                return False
+            answered = self._answered_after(conn, batch)
+            facts = SendFacts(answered=answered and answered["id"],
+                              answered_between=self._between(conn, batch, answered) if answered else 0)
+            if not covered_by_answered(batch, facts, settings.history_messages):
+                return False
+            self._fold(conn, batch, answered, now, batching.Rules.from_settings(settings))
+            return True
 
-    def _fold_into_answered(self, conn, batch, now, settings):
-        if batch["retried_at"] is not None:  # an operator asked for this one to be answered
-            return False
-        answered = conn.execute(
+    def _answered_after(self, conn, batch):
+        """The newest batch of the conversation after this one already sending or sent, locked; or None."""
+        return conn.execute(
             "SELECT * FROM batches WHERE phone = ? AND our_number = ? AND seq > ? AND state IN ('sending', 'sent')"
             " ORDER BY seq DESC LIMIT 1" + self.db.for_update,
             (batch["phone"], batch["our_number"], batch["seq"]),
         ).fetchone()
-        if answered is None or not self._in_prompt_of(conn, batch, answered, settings.history_messages):
-            return False
-        self._fold(conn, batch, answered, now, batching.Rules.from_settings(settings))
-        return True
 
     @staticmethod
-    def _in_prompt_of(conn, batch, answered, history):
-        """Were this batch's texts in the newer batch's prompt (within its history window)?"""
-        between = conn.execute(
+    def _between(conn, batch, answered):
+        """Texts (of other batches) and replies from this batch's first text to the answered
+        batch's first: how far back in that batch's prompt history this batch's texts were."""
+        return conn.execute(
             "SELECT (SELECT count(*) FROM messages WHERE phone = ? AND our_number = ? AND kind = 'text'"
             " AND batch_id != ? AND received_at >= ? AND received_at <= ?) + (SELECT count(*) FROM outbound"
             " WHERE phone = ? AND our_number = ? AND sent_at >= ? AND sent_at <= ?)",
             (batch["phone"], batch["our_number"], answered["id"], batch["first_at"], answered["first_at"],
              batch["phone"], batch["our_number"], batch["first_at"], answered["first_at"]),
         ).fetchone()[0]
-        return 0 < between <= history
 
-    def _fold(self, conn, batch, newer, now, rules):
+    def _fold(self, conn, batch, newer, now, rules, reason=None):
         conn.execute("UPDATE messages SET batch_id = ? WHERE batch_id = ?", (newer["id"], batch["id"]))
         first = min(newer["first_at"], batch["first_at"])
         count = newer["message_count"] + batch["message_count"]
         urgent = bool(newer["urgent"] or batch["urgent"])
-        due = newer["due_at"]
-        if newer["state"] == State.OPEN:
-            due = batching.due_at(rules, first, newer["last_at"], count, urgent, newer["quiet_seconds"])
+        closes = newer["closes_at"]
+        if newer["state"] == State.OPEN:  # still collecting: it closes by its new first text and count
+            closes = batching.due_at(rules, first, newer["last_at"], count, urgent, newer["quiet_seconds"])
         conn.execute(
-            "UPDATE batches SET message_count = ?, first_at = ?, urgent = ?, due_at = ?,"
+            "UPDATE batches SET message_count = ?, first_at = ?, urgent = ?, closes_at = ?,"
             f" fold_depth = {self.db.greatest('fold_depth', '?')} WHERE id = ?",
-            (count, first, int(urgent), due, batch["fold_depth"] + 1, newer["id"]),
+            (count, first, int(urgent), closes, batch["fold_depth"] + 1, newer["id"]),
         )
         self._record(conn, newer["id"], now, newer["state"], newer["state"],
                      f"took the {batch['message_count']} text(s) of batch {batch['id']}")
-        self._move(conn, batch["id"], State.SUPERSEDED, now, f"folded into batch {newer['id']}",
-                   "superseded_by = ?, due_at = NULL, claim = NULL, completed_at = ?, last_error = NULL",
+        self._move(conn, batch["id"], State.SUPERSEDED, now, reason or f"folded into batch {newer['id']}",
+                   "superseded_by = ?, retry_at = NULL, claim = NULL, lease_expires_at = NULL, completed_at = ?,"
+                   " last_error = NULL",
                    (newer["id"], now))
 
     def mark_sent(self, batch, provider_sid, now, found=False):
@@ -168,7 +173,7 @@ class BatchLife:
         with self.transaction() as conn:
             moved = self._update_held(
                 conn, batch, State.SENT, now, how,
-                "provider_sid = ?, sent_at = ?, completed_at = ?, due_at = NULL, last_error = NULL",
+                "provider_sid = ?, sent_at = ?, completed_at = ?, retry_at = NULL, last_error = NULL",
                 (provider_sid, now, now), (State.PROCESSING,) if found else (State.SENDING,))
             if moved:
                 row = conn.execute("SELECT provider_sid, id, phone, our_number, response_text, sent_at FROM batches"
@@ -196,20 +201,20 @@ class BatchLife:
             return self._finish(conn, batch, state, now, error)
 
     def _finish(self, conn, batch, state, now, error):
-        return self._update_held(conn, batch, state, now, error, "last_error = ?, completed_at = ?, due_at = NULL",
+        return self._update_held(conn, batch, state, now, error, "last_error = ?, completed_at = ?, retry_at = NULL",
                                  (error, now))
 
     def requeue(self, batch, due, error, now):
         """Put a claimed batch back in the queue to try again at `due` (backoff)."""
         with self.transaction() as conn:
             return self._update_held(conn, batch, State.QUEUED, now, f"{error}; next try at {iso_time(due)}",
-                                     "due_at = ?, last_error = ?", (due, error))
+                                     "retry_at = ?, last_error = ?", (due, error))
 
     def release_sending(self, batch, due, error, now):
         """Leave a batch in *sending* (outcome unknown) to be reconciled at `due`."""
         with self.transaction() as conn:
             return self._update_held(conn, batch, State.SENDING, now, f"{error}; checking at {iso_time(due)}",
-                                     "due_at = ?, last_error = ?", (due, error), (State.SENDING,))
+                                     "retry_at = ?, last_error = ?", (due, error), (State.SENDING,))
 
     def _holds(self, conn, batch, state):
         """Does this processor's claim still hold the batch, in `state`? The row stays locked

@@ -32,8 +32,8 @@ class OperatorActions:
                 raise InvalidTransition(why)
             fresh_note = "; its stored reply is dropped (--fresh)" if fresh else ""
             self._move(conn, batch_id, State.QUEUED, now, f"requeued by an operator (smsbatch retry){fresh_note}",
-                       "due_at = ?, attempts = 0, claim = NULL, last_error = NULL, completed_at = NULL,"
-                       " retried_at = ?, response_text = CASE WHEN ? = 1 THEN NULL ELSE response_text END",
+                       "retry_at = ?, attempts = 0, claim = NULL, lease_expires_at = NULL, last_error = NULL,"
+                       " completed_at = NULL, retried_at = ?, response_text = CASE WHEN ? = 1 THEN NULL ELSE response_text END",
                        (now, now, int(fresh)), expect=[s.value for s in RETRYABLE])
         return self.get_batch(batch_id)
 
@@ -77,12 +77,12 @@ class OperatorActions:
     def _in_flight_and_cost(self, now):
         """Who holds each batch in flight and when it last renewed; what the AI cost in all."""
         rows = self.conn.execute(
-            "SELECT id, state, holder, heartbeat_at, due_at FROM batches"
+            "SELECT id, state, holder, heartbeat_at, lease_expires_at FROM batches"
             " WHERE state IN ('processing', 'sending') AND claim IS NOT NULL ORDER BY seq LIMIT 100"
         ).fetchall()
         in_flight = [dict(r) | {"renewed_seconds_ago": None if r["heartbeat_at"] is None
                                 else round(now - r["heartbeat_at"], 1),
-                                "lease_left_seconds": round(r["due_at"] - now, 1)} for r in rows]
+                                "lease_left_seconds": round(r["lease_expires_at"] - now, 1)} for r in rows]
         cost = self.conn.execute(
             "SELECT coalesce(sum(ai_requests), 0), coalesce(sum(prompt_tokens), 0),"
             " coalesce(sum(completion_tokens), 0) FROM batches"
@@ -132,16 +132,8 @@ class OperatorActions:
             NotFound: no such batch.
         """
         batch = self.get_batch(batch_id)
-        why = retry_refusal(batch, self._holds_keyword(self.conn, batch_id))
-        if why:
-            return why
-        if self._on_hold(self.conn, batch["phone"]):
-            return (f"batch {batch_id}: {batch['phone']} is on hold; `smsbatch release {batch['phone']}` first "
-                    "(--answer-pending answers what came meanwhile)")
-        if self._number_on_hold(self.conn, batch["our_number"]):
-            return (f"batch {batch_id}: our number {batch['our_number']} is paused; `smsbatch release --number "
-                    f"{batch['our_number']}` first (--answer-pending answers what came meanwhile)")
-        return None
+        return retry_refusal(batch, self._holds_keyword(self.conn, batch_id),
+                             hold=self._hold_for(self.conn, batch["phone"], batch["our_number"]))
 
     def retry_candidates(self, states, since):
         """Batches that ended in one of `states` at or after `since`, oldest first, without
@@ -235,7 +227,8 @@ class OperatorActions:
         reason = f"came while {during}, not answered at its release (smsbatch retry to answer it){why}"
         for row in waiting:  # a claim that came first leaves its batch to begin_send, which sees the hold
             self._move(conn, row["id"], State.HELD, now, reason,
-                       "due_at = NULL, claim = NULL, completed_at = ?, last_error = ?", (now, reason),
+                       "retry_at = NULL, claim = NULL, lease_expires_at = NULL, completed_at = ?,"
+                       " last_error = ?", (now, reason),
                        expect=("open", "queued"))
 
     def _answer_held(self, conn, held, now):
@@ -243,8 +236,8 @@ class OperatorActions:
         for row in newest.values():
             # the stored reply, if any, predates the texts folded in: ask the AI afresh
             self._move(conn, row["id"], State.QUEUED, now, "released: answering the texts that came while held",
-                       "due_at = ?, attempts = 0, claim = NULL, last_error = NULL, completed_at = NULL,"
-                       " retried_at = ?, response_text = NULL", (now, now))
+                       "retry_at = ?, attempts = 0, claim = NULL, lease_expires_at = NULL, last_error = NULL,"
+                       " completed_at = NULL, retried_at = ?, response_text = NULL", (now, now))
         for row in held:
             target = newest[(row["phone"], row["our_number"])]
             if row["id"] != target["id"]:
@@ -405,14 +398,4 @@ def _chunks(items, size=500):
 def _add(totals, counts):
     for key, n in counts.items():
         totals[key] += n
-
-
-def held_reason(hold, when=""):
-    """A batch's last_error when it ends held (a person's hold, or a pause of our number:
-    find_hold_for): the operator's reason, if they gave one."""
-    why = f": {hold['reason']}" if hold["reason"] else ""
-    when = " " + when if when else ""
-    if "number" in hold:
-        return f"our number {hold['number']} paused{when} (smsbatch release --number {hold['number']} to end it){why}"
-    return f"on hold{when} (smsbatch release to end it){why}"
 

@@ -3,7 +3,7 @@
 import json
 
 from smsbatch import delivery, outages
-from smsbatch.states import PENDING, placeholders
+from smsbatch.states import PENDING_SQL, acts_at, placeholders
 
 NO_RECEIPT = "no_receipt"  # a reply Twilio has sent no status for yet
 REJECTIONS_KEPT_SECONDS = 86400  # rejection counts older than a day are dropped as new ones arrive
@@ -91,12 +91,10 @@ class OperatorReports:
                 " RETURNING sid, batch_id, status, error_code", (now, *delivery.PROBLEMS))]
 
     def health(self, now):
-        """Pending count, the oldest pending batch's age and the earliest due_at among them
-        (when a processor had to act first), from one cheap query."""
+        """Pending count, the oldest pending batch's age and the earliest moment a processor
+        had to act on one of them (states.acts_at), from one cheap query."""
         row = self.conn.execute(
-            f"SELECT count(*), min(first_at), min(due_at) FROM batches WHERE state IN ({placeholders(PENDING)})",
-            [s.value for s in PENDING],
-        ).fetchone()
+            f"SELECT count(*), min(first_at), min({acts_at()}) FROM batches WHERE {PENDING_SQL}").fetchone()
         return {"pending": row[0], "oldest_pending_age_seconds": None if row[1] is None else round(now - row[1], 1),
                 "earliest_due_at": row[2]}
 
@@ -188,10 +186,9 @@ class OperatorReports:
             row.update(failing_since=changes["failing_since"], last_failure_at=now, last_error=error)
             return (event, row) if event else None
 
-    def _healthy_lately(self, provider, now, within=60.0):
-        row = self.conn.execute(
-            "SELECT failing_since, last_ok_at FROM provider_health WHERE provider = ?", (provider,)).fetchone()
-        return row is not None and row[0] is None and row[1] is not None and now - row[1] < within
+    def _healthy_lately(self, provider, now):
+        return outages.healthy_lately(self.conn.execute(
+            "SELECT failing_since, last_ok_at FROM provider_health WHERE provider = ?", (provider,)).fetchone(), now)
 
     def provider_health(self):
         """Every provider's health row, failing ones with failing_since set."""
@@ -205,10 +202,10 @@ class OperatorReports:
 
     def next_retry(self):
         """The batch retried soonest: queued again after a failed attempt, or a send to check
-        again. (due_at, batch id), or None."""
+        again. (retry_at, batch id), or None."""
         row = self.conn.execute(
-            "SELECT due_at, id FROM batches WHERE (state = 'queued' AND attempts > 0"
-            " OR state = 'sending' AND claim IS NULL) AND due_at IS NOT NULL ORDER BY due_at LIMIT 1"
+            "SELECT retry_at, id FROM batches WHERE (state = 'queued' AND attempts > 0"
+            " OR state = 'sending' AND claim IS NULL) AND retry_at IS NOT NULL ORDER BY retry_at LIMIT 1"
         ).fetchone()
         return None if row is None else (row[0], row[1])
 
@@ -330,8 +327,8 @@ class OperatorReports:
         """Batches that have been due for `after` seconds or more with no processor acting on
         them: (how many, the earliest due time), or None when there are none."""
         row = self.conn.execute(
-            f"SELECT count(*), min(due_at) FROM batches WHERE state IN ({placeholders(PENDING)}) AND due_at <= ?",
-            [*(s.value for s in PENDING), now - after]).fetchone()
+            f"SELECT count(*), min({acts_at()}) FROM batches WHERE {PENDING_SQL} AND {acts_at()} <= ?",
+            (now - after,)).fetchone()
         return (row[0], row[1]) if row[0] else None
 
     def claim_alert(self, event, episode, now):

@@ -205,7 +205,7 @@ class Plan:
         return batching.quiet_for(batching.gaps_between(window + [text.at]), rules)
 
     @staticmethod
-    def due_at(batch):
+    def closes_at(batch):
         """When a batch this plan wrote closes (batching.due_at)."""
         return batching.due_at(batch.rules, batch.first_at, batch.last_at, batch.count, batch.urgent, batch.quiet)
 

@@ -266,7 +266,38 @@ def _v10_tables(real):
 
 V10 = Step(sqlite=_V10 + _v10_tables("REAL"), postgres=_V10 + _v10_tables("double precision"))
 
-STEPS = {2: V2, 3: V3, 4: V4, 5: V5, 6: V6, 7: V7, 8: V8, 9: V9, 10: V10}
+
+# Version 11, issue 14: batches.due_at meant three things by state (an open or queued batch's
+# closing time, a failed attempt's retry time, a claim's lease expiry); each gets a column of
+# its own. Every pending batch gets exactly the one its due_at meant, so the moment a processor
+# must act (coalesce(lease_expires_at, retry_at, closes_at), states.acts_at) is what due_at was
+# and nothing becomes claimable that was not. A queued batch's due_at was its closing time
+# unless it was tried before (attempts) or requeued by an operator (retried_at); a batch
+# in *sending* without a claim waits to be checked again; processing (even without a claim:
+# step 10 dropped a second claim, leaving the lease to run out) or claimed: a lease.
+def _v11(real):
+    return (
+        f"ALTER TABLE batches ADD COLUMN closes_at {real}",
+        f"ALTER TABLE batches ADD COLUMN retry_at {real}",
+        f"ALTER TABLE batches ADD COLUMN lease_expires_at {real}",
+        "UPDATE batches SET closes_at = due_at WHERE state = 'open'"
+        " OR state = 'queued' AND attempts = 0 AND retried_at IS NULL",
+        "UPDATE batches SET retry_at = due_at WHERE state = 'queued' AND (attempts > 0 OR retried_at IS NOT NULL)"
+        " OR state = 'sending' AND claim IS NULL",
+        "UPDATE batches SET lease_expires_at = due_at WHERE state = 'processing'"
+        " OR state = 'sending' AND claim IS NOT NULL",
+        "DROP INDEX batches_state_due",  # SQLite drops no column an index uses
+        "ALTER TABLE batches DROP COLUMN due_at",
+        # What batches_state_due was to due_at: the claim, the processor's idle wait, /health
+        # and the stall alert find pending batches by state and the moment a processor must act
+        # on them, in that order (per state: SQLite's ORDER BY ... LIMIT stops early, no stats needed).
+        "CREATE INDEX batches_state_acts_at ON batches (state, (coalesce(lease_expires_at, retry_at, closes_at)))",
+    )
+
+
+V11 = Step(sqlite=_v11("REAL"), postgres=_v11("double precision"))
+
+STEPS = {2: V2, 3: V3, 4: V4, 5: V5, 6: V6, 7: V7, 8: V8, 9: V9, 10: V10, 11: V11}
 LATEST = max(STEPS)
 PG_BASELINE = 9  # schema_pg.sql: today's schema at version 9; later steps carry a `postgres` variant
 

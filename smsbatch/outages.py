@@ -3,6 +3,14 @@ rules on its health row (no I/O). The store keeps the row (Store.record_provider
 what these say under a row lock, so the announcement is made once however many processors run."""
 
 
+def healthy_lately(row, now, within=60.0):
+    """Did the provider's last call work less than `within` seconds ago, with no failure since
+    (`row`: failing_since, last_ok_at; None when there is none)? Then another success changes
+    nothing worth writing (Store.record_provider only reads)."""
+    return row is not None and row["failing_since"] is None and row["last_ok_at"] is not None \
+        and now - row["last_ok_at"] < within
+
+
 def after_call(row, now, error, alert_after):
     """What one call to a provider changes in its health row.
 

@@ -20,12 +20,12 @@ from smsbatch import ai, batching, delivery, elsewhere, segments
 from smsbatch.alerts import Alerter
 from smsbatch.config import FAULT_POINT
 from smsbatch.db import State, Store
-from smsbatch.db_ops import held_reason
 from smsbatch.engine import StoreBusy, StoreError, StoreUnavailable
 from smsbatch.errors import (CannotReconcile, ConfigError, DeliveryError, InvalidInput, LeaseLost, hide_numbers,
                              redact, visible)
 from smsbatch.inputs import check_phone, iso_time
 from smsbatch.lease import Leases, calibrate
+from smsbatch.states import held_reason
 from smsbatch.twilio_log import TwilioLog
 
 log = logging.getLogger("smsbatch.processor")
@@ -145,7 +145,7 @@ class Processor:
         self.usage = ai.Usage()  # what the AI calls of this processor cost, so far
         self._usage_lock = threading.Lock()
         self.alerter = alerter or Alerter.for_settings(settings)  # SMSBATCH_ALERT_WEBHOOK_URL
-        self._next_due = 0.0  # the earliest due_at the last claim saw; None: nothing pending
+        self._next_due = 0.0  # the earliest moment to act the last claim saw (Store.next_due); None: nothing pending
 
     def store(self):
         if not hasattr(self._local, "store"):

@@ -96,7 +96,7 @@ def _header(info, width):
     counts, now = info["counts"], info["now"]
     finished = [s for s in counts if s not in PENDING]
     retry = info["next_retry"]
-    nxt = "none" if retry is None else f"in {age(retry['due_at'] - now)} ({retry['batch_id']})"
+    nxt = "none" if retry is None else f"in {age(retry['retry_at'] - now)} ({retry['batch_id']})"
     top = Text(f"smsbatch {iso_time(now)}  ") + _agent(info)
     if top.cell_len + len(SETTINGS_HERE) <= width:  # the mode is this shell's settings, not a running process's
         top += Text(SETTINGS_HERE, style="dim")

@@ -148,7 +148,7 @@ def status(store, settings, now, latest):
     info |= {
         "now": now,
         "agent": {"enabled": settings.enabled, "test_number": settings.test_number or None},
-        "next_retry": None if retry is None else {"due_at": retry[0], "batch_id": retry[1]},
+        "next_retry": None if retry is None else {"retry_at": retry[0], "batch_id": retry[1]},
         "providers": providers,
         "outages": store.outages(),
         "paused_numbers": store.number_holds(),  # our numbers on hold: texts stored, not answered

@@ -18,9 +18,12 @@ CREATE TABLE IF NOT EXISTS batches (
     first_at        REAL NOT NULL,            -- epoch seconds of the first text
     last_at         REAL NOT NULL,            -- epoch seconds of the latest text
     urgent          INTEGER NOT NULL DEFAULT 0,
-    -- The next moment a processor must act: closing time while open, retry time
-    -- while queued, lease expiry while processing or sending; NULL when finished.
-    due_at          REAL,
+    -- When a processor must next act on a pending batch is the first of these that is set
+    -- (states.acts_at, index batches_state_acts_at): its lease's end while claimed, else its retry
+    -- time, else its closing time.
+    closes_at       REAL,                     -- an open (or queued) batch closes: it may be answered
+    retry_at        REAL,                     -- a failed attempt, or a send to check, may be tried again
+    lease_expires_at REAL,                    -- the claim's holder owns it until then (the database's clock)
     claim           TEXT,                     -- token of the current lease holder
     attempts        INTEGER NOT NULL DEFAULT 0,
     claimed_at      REAL,                     -- first claimed: texts after this are "late"
@@ -44,7 +47,8 @@ CREATE TABLE IF NOT EXISTS batches (
     prompt_tokens   INTEGER NOT NULL DEFAULT 0, -- tokens billed, every answer received for it
     completion_tokens INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS batches_state_due ON batches(state, due_at);
+-- claim, idle wait, /health: pending batches by the moment a processor must act (states.acts_at)
+CREATE INDEX IF NOT EXISTS batches_state_acts_at ON batches (state, (coalesce(lease_expires_at, retry_at, closes_at)));
 CREATE INDEX IF NOT EXISTS batches_state_last ON batches(state, last_at);  -- expiry sweep: O(expired), not O(backlog)
 CREATE INDEX IF NOT EXISTS batches_conversation ON batches(phone, our_number);  -- no state: claiming does not rewrite it
 CREATE INDEX IF NOT EXISTS batches_superseded_by ON batches(superseded_by) WHERE superseded_by IS NOT NULL;  -- prune

@@ -107,10 +107,10 @@ def test_store_gives_each_person_their_own_quiet_period_and_records_it(store):
     texts(store, SLOW, [0, 13, 26, 39])  # 3 gaps of 13 s, the last ending in the open batch
     add(store, NEW, "hi", T0, rules=ON)
     by_phone = {r["phone"]: r for r in store.conn.execute(
-        "SELECT phone, last_at, due_at, quiet_seconds, state FROM batches WHERE state = 'open'")}
+        "SELECT phone, last_at, closes_at, quiet_seconds, state FROM batches WHERE state = 'open'")}
     fast, slow, new = by_phone[FAST], by_phone[SLOW], by_phone[NEW]
-    assert fast["quiet_seconds"] == quiet([1.5] * 4) < 10 and fast["due_at"] == fast["last_at"] + fast["quiet_seconds"]
-    assert new["quiet_seconds"] == 10.0 and new["due_at"] == T0 + 10
+    assert fast["quiet_seconds"] == quiet([1.5] * 4) < 10 and fast["closes_at"] == fast["last_at"] + fast["quiet_seconds"]
+    assert new["quiet_seconds"] == 10.0 and new["closes_at"] == T0 + 10
     assert slow["quiet_seconds"] > 10
     latest = {r["phone"]: r for r in store.status(T0 + 40, latest=10)["latest"]}
     assert latest[FAST]["quiet_seconds"] == fast["quiet_seconds"]  # status --json shows it
@@ -122,7 +122,7 @@ def test_a_slow_typer_is_not_cut_off_once_their_pace_is_known(store):
     store.claim_due(T0 + 100, 10, 300, 3600)
     later = texts(store, SLOW, [0, 14], rules, start=T0 + 200)
     batch = store.get_batch(later[-1].batch_id)
-    assert batch["quiet_seconds"] == 20.0 and batch["due_at"] == T0 + 214 + 20
+    assert batch["quiet_seconds"] == 20.0 and batch["closes_at"] == T0 + 214 + 20
     assert store.claim_due(T0 + 214 + 13, 10, 300, 3600)[0] == []  # 13 s after: still waiting
     third = add(store, SLOW, "and", T0 + 227, rules=rules)
     assert {a.batch_id for a in later} == {third.batch_id}
@@ -135,7 +135,7 @@ def test_a_burst_that_crosses_max_wait_closes_at_max_wait(store):
     burst = texts(store, SLOW, [0, 15, 30, 40], rules)
     batch = store.get_batch(burst[-1].batch_id)
     assert batch["message_count"] == 4 and batch["quiet_seconds"] == 20.0
-    assert batch["due_at"] == T0 + 45  # first text + max wait, not last + 20
+    assert batch["closes_at"] == T0 + 45  # first text + max wait, not last + 20
 
 
 @pytest.mark.sqlite_only  # reads SQLite itself (PRAGMA, trace callback, a shell line)
@@ -206,7 +206,9 @@ def test_a_version_1_database_upgrades_with_every_text_batch_and_opt_out_intact(
     assert result.exit_code == 0, result.output
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-    assert conn.execute(f"SELECT {', '.join(v1_columns)} FROM batches ORDER BY 1").fetchall() == before["batches"]
+    # step 11: the sent batch had no due_at, the open one's was its closing time
+    kept = ["closes_at" if c == "due_at" else c for c in v1_columns]
+    assert conn.execute(f"SELECT {', '.join(kept)} FROM batches ORDER BY 1").fetchall() == before["batches"]
     assert {r[0] for r in conn.execute("SELECT quiet_seconds FROM batches")} == {None}
     assert conn.execute("SELECT * FROM messages ORDER BY 1").fetchall() == before["messages"]
     assert conn.execute("SELECT phone FROM opt_outs").fetchall() == [("+15554449999",)]

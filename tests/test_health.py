@@ -47,7 +47,7 @@ def test_a_provider_outage_needs_a_person_and_says_nothing_of_it(db_path, store)
 
 def test_a_batch_stuck_past_its_deadline_needs_a_person(db_path, store):
     add(store, "+15551110002", "hi", T0)  # due when its quiet period ends, a few seconds on
-    due = store.conn.execute("SELECT due_at FROM batches").fetchone()[0]
+    due = store.conn.execute("SELECT closes_at FROM batches").fetchone()[0]
     store.note_run("host-a", due + attention.STUCK_AFTER_SECONDS)  # runs go on, but it is never taken
     assert both(db_path, due + attention.STUCK_AFTER_SECONDS - 1)[:2] == (200, 200)
     assert both(db_path, due + attention.STUCK_AFTER_SECONDS + 1)[:2] == (200, 503)

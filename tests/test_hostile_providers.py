@@ -76,9 +76,9 @@ def test_a_garbled_ai_answer_is_retried_with_backoff_like_a_5xx(fast, store, clo
     first = real_processor(fast, clock).run()
     row = state(store, batch)
     assert first.counts["retrying"] == 1 and first.counts.get("error", 0) == 0
-    assert row["state"] == "queued" and T0 + 20 + 15 <= row["due_at"] <= T0 + 20 + 30
+    assert row["state"] == "queued" and T0 + 20 + 15 <= row["retry_at"] <= T0 + 20 + 30
     assert "without a readable chat completion" in row["last_error"]
-    clock.now = row["due_at"]
+    clock.now = row["retry_at"]
     assert real_processor(fast, clock).run().counts["sent"] == 1
     assert len(twilio_standin.sent) == 1 and state(store, batch)["attempts"] == 2
 
@@ -108,7 +108,7 @@ def test_a_bug_in_a_twilio_call_is_an_error_left_to_its_lease_not_a_maybe_sent(f
     assert "Traceback" in caplog.text and "TypeError: unsupported operand" in caplog.text
     row = state(store, batch)
     # Still *sending* under its lease (not released as "outcome unknown" with a backoff):
-    assert row["state"] == "sending" and row["due_at"] == T0 + 20 + HEARTBEAT_LEASE_SECONDS and row["last_error"] is None
+    assert row["state"] == "sending" and row["lease_expires_at"] == T0 + 20 + HEARTBEAT_LEASE_SECONDS and row["last_error"] is None
     assert twilio_standin.sent == [] and twilio_standin.requests == []
     clock.now = T0 + 21 + fast.lease  # the lease ends: asked Twilio (not sent), then sent once
     assert real_processor(fast, clock).run().counts["sent"] == 1
@@ -125,7 +125,7 @@ def test_twilio_answering_garbage_after_accepting_is_a_genuine_unknown(fast, sto
     assert real_processor(fast, clock).run().counts["retrying"] == 1
     row = state(store, batch)
     assert row["state"] == "sending" and "could not be read; outcome unknown" in row["last_error"]
-    clock.now = row["due_at"]
+    clock.now = row["retry_at"]
     assert real_processor(fast, clock).run().counts["sent"] == 1
     assert len(twilio_standin.sent) == 1  # found at Twilio, not sent twice
 

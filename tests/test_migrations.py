@@ -36,7 +36,8 @@ def test_a_version_1_database_upgrades_with_every_text_batch_and_opt_out_intact(
     for batch_id, phone, state, count, extra in BATCHES:
         row = batches[batch_id]
         assert (row["phone"], row["our_number"], row["state"], row["message_count"]) == (phone, US, state, count)
-        assert all(row[k] == v for k, v in extra.items())
+        # step 11: an open or never-tried queued batch's due_at was its closing time
+        assert all(row["closes_at" if k == "due_at" else k] == v for k, v in extra.items())
     texts = {r["sid"]: (r["phone"], r["body"], r["kind"], r["batch_id"]) for r in conn.execute("SELECT * FROM messages")}
     assert texts == {sid: (phone, body, kind, b) for sid, phone, body, kind, b in MESSAGES}
     # The opt-out of version 1 covered every number, and still does.
@@ -132,10 +133,74 @@ def test_postgresql_has_the_same_tables_and_columns_as_sqlite(db_path, pg_url):
         assert postgres.db.tables() == sqlite.db.tables()
         indexes = "SELECT indexname FROM pg_indexes WHERE schemaname = current_schema() AND indexname LIKE 'batches_%'"
         names = {r[0] for r in postgres.conn.execute(indexes)}
-        assert {"batches_one_open", "batches_one_claim", "batches_state_due"} <= names
+        assert {"batches_one_open", "batches_one_claim", "batches_state_acts_at"} <= names
         # times are double precision: a 4-byte real would round today's epoch to 128 s
         postgres.conn.execute("INSERT INTO holds (phone, since) VALUES ('+1', ?)", (T + 0.25,))
         assert postgres.conn.execute("SELECT since FROM holds").fetchone()[0] == T + 0.25
     finally:
         sqlite.close()
         postgres.close()
+
+
+# Schema 10 batches, one of each meaning batches.due_at had: (id, state, attempts, claim,
+# retried_at, due_at, the column step 11 puts due_at in). Each batch is its own conversation.
+V10_BATCHES = [
+    ("open000001", "open", 0, None, None, T + 10, "closes_at"),  # still collecting: closes in 10 s
+    ("full000001", "queued", 0, None, None, T - 5, "closes_at"),  # closed full, due
+    ("backoff001", "queued", 2, None, None, T + 30, "retry_at"),  # a failed attempt backing off
+    ("requeued01", "queued", 0, None, T - 100, T - 100, "retry_at"),  # an operator's `retry`
+    ("live000001", "processing", 1, "c1", None, T + 60, "lease_expires_at"),  # a live lease
+    ("dead000001", "processing", 1, "c2", None, T - 1, "lease_expires_at"),  # its holder died
+    ("noclaim001", "processing", 1, None, None, T + 40, "lease_expires_at"),  # claim dropped by step 10
+    ("sending001", "sending", 1, "c3", None, T + 60, "lease_expires_at"),  # a send in flight
+    ("tocheck001", "sending", 1, None, None, T + 20, "retry_at"),  # a send to check again
+    ("sent000001", "sent", 1, None, None, None, None),
+    ("held000001", "held", 0, None, None, None, None),
+]
+MEANINGS = ("closes_at", "retry_at", "lease_expires_at")
+
+
+@pytest.mark.engines
+def test_a_version_10_database_upgrades_to_11_with_each_due_at_in_the_column_of_its_meaning(
+        request, tmp_path, engine_name):
+    """Step 11 splits batches.due_at by what it meant in each batch's state: every batch keeps
+    its closing time, retry time or lease, and exactly the batches claimable before are
+    claimable after, at every moment."""
+    if engine_name == "postgres":  # schema_pg.sql (version 9), then step 10
+        path = request.getfixturevalue("pg_url")
+    else:  # a new SQLite database starts at the latest version: build a released one, as in the field
+        path = str(tmp_path / "v10.db")
+        make_v1_database(path)
+    store = Store(path)
+    store.db.migrate(10)
+    assert store.version() == 10
+    with store.transaction() as conn:
+        for n, (batch_id, state, attempts, claim, retried_at, due, _) in enumerate(V10_BATCHES):
+            conn.execute("INSERT INTO batches (id, phone, our_number, state, message_count, first_at, last_at,"
+                         " attempts, claim, retried_at, due_at, created_at) VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?)",
+                         (batch_id, f"+1555222{n:04d}", US, state, T - 60, T - 50, attempts, claim, retried_at, due,
+                          T - 60))
+        conn.execute("INSERT INTO conversations (phone, our_number, open_batch) VALUES (?, ?, ?)",
+                     ("+15552220000", US, "open000001"))
+    # what schema 10 claimed at each moment: a pending batch whose due_at had come
+    moments = (T, T + 15, T + 25, T + 35, T + 45, T + 65)
+    before = {at: {r[0] for r in store.conn.execute(
+        "SELECT id FROM batches WHERE state IN ('open', 'queued', 'processing', 'sending') AND due_at <= ?", (at,))}
+        for at in moments}
+    earliest = store.conn.execute("SELECT min(due_at) FROM batches WHERE state IN ('open', 'queued',"
+                                  " 'processing', 'sending')").fetchone()[0]
+    assert store.migrate() == (10, SCHEMA_VERSION)
+    assert "due_at" not in store.db.columns("batches")
+    got = {r["id"]: r for r in map(dict, store.conn.execute("SELECT * FROM batches"))}
+    for batch_id, state, attempts, claim, retried_at, due, meaning in V10_BATCHES:
+        row = got[batch_id]
+        assert (row["state"], row["claim"]) == (state, claim)
+        assert {m: row[m] for m in MEANINGS} == {m: due if m == meaning else None for m in MEANINGS}, batch_id
+    assert store.next_due() == earliest  # the processor's idle wait: the same next moment to act
+    claimed = set()
+    for at in moments:  # a lease long enough that nothing claimed here is claimed again
+        rows, expired = store.claim_due(at, 100, 10_000.0, 86400.0, holder="h:1")
+        assert expired == 0
+        assert {r["id"] for r in rows} == before[at] - claimed, at
+        claimed |= before[at]
+    store.close()

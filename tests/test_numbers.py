@@ -102,12 +102,12 @@ def test_an_unreadable_prompt_file_is_retried_with_backoff_and_named(tmp_path, r
     with caplog.at_level(logging.WARNING, logger="smsbatch.processor"):
         assert real_processor(settings, clock).run().counts["retrying"] == 1
     batch = store.get_batch(batch_id)
-    assert batch["state"] == State.QUEUED and batch["due_at"] > clock.now and batch["claim"] is None
+    assert batch["state"] == State.QUEUED and batch["retry_at"] > clock.now and batch["claim"] is None
     assert batch["last_error"].startswith(f"cannot read the system prompt {bad}: 'utf-8' codec")
     assert f"batch {batch_id}: cannot read the system prompt {bad}" in caplog.text
     assert "Traceback" not in caplog.text and openai_standin.requests == []
     bad.write_text("You sell bicycles.")  # fixed: the next attempt reads it again
-    clock.now = batch["due_at"]
+    clock.now = batch["retry_at"]
     assert real_processor(settings, clock).run().counts["sent"] == 1
     assert openai_standin.calls[-1][0]["content"] == "You sell bicycles."
 

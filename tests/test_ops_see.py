@@ -228,7 +228,7 @@ def test_status_says_when_the_agent_is_paused_or_in_test_number_mode(db_path, ex
 def test_status_json_has_agent_next_retry_and_outages(troubled, db_path):
     info = json.loads(invoke(["status", "--json", "--now", str(T0 + 120)], env_for(db_path)).output)
     assert info["agent"] == {"enabled": True, "test_number": None}
-    assert info["next_retry"] == {"due_at": T0 + 130, "batch_id": troubled[1]}
+    assert info["next_retry"] == {"retry_at": T0 + 130, "batch_id": troubled[1]}
     assert [o["provider"] for o in info["outages"]] == ["ai"] and info["outages"][0]["since"] == T0
 
 

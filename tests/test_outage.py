@@ -53,7 +53,7 @@ def assert_backoff(rows, at, attempts):
     ceiling = BASE * 2 ** (attempts - 1)
     for row in rows:
         assert row["attempts"] == attempts
-        assert ceiling / 2 <= row["due_at"] - at <= ceiling, (row["due_at"] - at, ceiling)
+        assert ceiling / 2 <= row["retry_at"] - at <= ceiling, (row["retry_at"] - at, ceiling)
 
 
 def assert_answered_once(rows, twilio):
@@ -78,9 +78,9 @@ def test_ai_outage_500_then_429_then_timeouts_then_recovery(fast, db_path, opena
         assert all(error in r["last_error"] for r in rows), [r["last_error"] for r in rows]
         assert_backoff(rows, at, attempts)
         # Not a moment early: one second before the first is due, nothing is claimed.
-        earliest = min(r["due_at"] for r in rows)
+        earliest = min(r["retry_at"] for r in rows)
         assert tick(fast, store, batches, earliest - 1)[0].claimed == 0
-        at = max(r["due_at"] for r in rows)
+        at = max(r["retry_at"] for r in rows)
     report, rows = tick(fast, store, batches, at)
     assert report.counts["sent"] == n
     assert_answered_once(rows, twilio_standin)
@@ -121,7 +121,7 @@ def test_twilio_outage_every_kind_then_recovery(fast, db_path, openai_standin, t
         assert all(error in r["last_error"] for r in rows), [r["last_error"] for r in rows]
         assert_backoff(rows, at, attempts)
         assert twilio_standin.list_script == [] and twilio_standin.script == []
-        at = max(r["due_at"] for r in rows)
+        at = max(r["retry_at"] for r in rows)
     # Only the last stage's messages reached Twilio; recovery finds them instead of resending.
     assert len(twilio_standin.sent) == n
     report, rows = tick(fast, store, batches, at)
@@ -144,7 +144,7 @@ def test_outage_longer_than_the_attempts_fails_then_retry_answers_once(fast, db_
     at = now
     for _ in range(3):
         report, [row] = tick(settings, store, {PHONES[0]: batch}, at)
-        at = row["due_at"] or at
+        at = row["retry_at"] or at
     assert report.counts["failed"] == 1 and row["state"] == "failed" and row["attempts"] == 3
     assert "503" in row["last_error"] and "after 3 attempts" in row["last_error"]
     assert tick(settings, store, {PHONES[0]: batch}, at + 3600)[0].claimed == 0  # dead, not retried by itself

@@ -116,12 +116,12 @@ def test_ai_outage_backs_off_then_answers_once(fast, store, clock, openai_standi
     assert run(fast, clock, T0 + 10).counts["retrying"] == 1
     first = store.get_batch(batch)
     assert first["state"] == "queued" and "500" in first["last_error"]
-    assert 15 <= first["due_at"] - (T0 + 10) <= 30  # base 30 s, jittered
-    assert run(fast, clock, first["due_at"] - 1).claimed == 0  # not before the backoff
-    assert run(fast, clock, first["due_at"]).counts["retrying"] == 1
+    assert 15 <= first["retry_at"] - (T0 + 10) <= 30  # base 30 s, jittered
+    assert run(fast, clock, first["retry_at"] - 1).claimed == 0  # not before the backoff
+    assert run(fast, clock, first["retry_at"]).counts["retrying"] == 1
     second = store.get_batch(batch)
-    assert 30 <= second["due_at"] - first["due_at"] <= 60
-    assert run(fast, clock, second["due_at"]).counts["sent"] == 1
+    assert 30 <= second["retry_at"] - first["retry_at"] <= 60
+    assert run(fast, clock, second["retry_at"]).counts["sent"] == 1
     assert store.get_batch(batch)["attempts"] == 3 and len(twilio_standin.sent) == 1
 
 
@@ -139,7 +139,7 @@ def test_gives_up_after_max_attempts(fast, store, clock, openai_standin):
     settings = fast.replace(max_attempts=2)
     batch = add(store, A, "hi", T0).batch_id
     run(settings, clock, T0 + 10)
-    report = run(settings, clock, store.get_batch(batch)["due_at"])
+    report = run(settings, clock, store.get_batch(batch)["retry_at"])
     row = store.get_batch(batch)
     assert report.counts["failed"] == 1 and row["state"] == "failed" and row["attempts"] == 2
     assert "after 2 attempts" in row["last_error"]
@@ -248,7 +248,7 @@ def test_twilio_5xx_is_checked_before_sending_again(fast, store, clock, twilio_s
     row = store.get_batch(batch)
     assert row["state"] == "sending"
     twilio_standin.record({"To": A, "From": "+15550000000", "Body": row["response_text"]}, at=T0 + 10)
-    assert run(fast, clock, row["due_at"]).counts["sent"] == 1
+    assert run(fast, clock, row["retry_at"]).counts["sent"] == 1
     assert len(twilio_standin.requests) == 1 and len(twilio_standin.sent) == 1
 
 
@@ -262,7 +262,7 @@ def test_reconcile_gives_up_as_unknown_after_max_attempts(fast, store, clock, tw
     at = T0 + 11 + settings.lease
     for _ in range(2):
         outcomes.append(run(settings, clock, at).as_dict())
-        at = store.get_batch(batch)["due_at"]
+        at = store.get_batch(batch)["retry_at"]
     assert outcomes[0]["retrying"] == 1 and outcomes[1]["unknown"] == 1
     assert store.get_batch(batch)["state"] == "unknown" and twilio_standin.sent == []
 
@@ -403,7 +403,7 @@ def test_a_send_waiting_to_be_checked_does_not_hold_back_newer_texts(fast, store
     assert store.get_batch(first)["state"] == "sending"
     add(store, A, "URGENT: pipe burst", T0 + 11)
     assert run(fast, clock, T0 + 11).counts["sent"] == 1  # not held behind the backoff
-    report = run(fast, clock, store.get_batch(first)["due_at"])
+    report = run(fast, clock, store.get_batch(first)["retry_at"])
     assert report.counts["superseded"] == 1 and len(twilio_standin.sent) == 1
 
 

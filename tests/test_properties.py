@@ -339,8 +339,13 @@ def invariants(store, sender):
             assert b["message_count"] == len(inside), (b, inside)
         if any(t["kind"] != "text" for t in inside):
             assert b["state"] == "skipped" and len(inside) == 1, (b, inside)
+        # each time column has its one meaning: a waiting batch closes or is retried at some
+        # time and holds no lease; a claimed one has a lease's end
         if b["state"] in ("open", "queued"):
-            assert b["due_at"] is not None
+            assert (b["closes_at"] if b["retry_at"] is None else b["retry_at"]) is not None, b
+            assert b["lease_expires_at"] is None and b["claim"] is None, b
+        if b["claim"] is not None:
+            assert b["lease_expires_at"] is not None and b["retry_at"] is None, b
     # No text answered twice, no batch answered twice, every SMS recorded, none to an opted-out phone.
     seen = set()
     for batch_id, sids, opted_out in sender.answered:

@@ -56,7 +56,7 @@ def test_heartbeat_renews_every_held_batch_and_records_holder(store, clock):
     leases.renew()
     for row in rows:
         batch = store.get_batch(row["id"])
-        assert batch["due_at"] == T0 + 17 and batch["heartbeat_at"] == T0 + 13
+        assert batch["lease_expires_at"] == T0 + 17 and batch["heartbeat_at"] == T0 + 13
         assert leases.holds(batch)
     status = store.status(T0 + 14)
     assert [(r["holder"], r["renewed_seconds_ago"]) for r in status["in_flight"]] == [("elsewhere:1", 1.0)] * 2
@@ -87,7 +87,7 @@ def test_a_batch_taken_over_is_lost_to_its_old_holder(store, clock):
     assert taken["id"] == row["id"] and taken["claim"] != row["claim"]
     leases.renew()  # the old holder wakes: its renewal finds nothing of its own
     assert not leases.holds(row)
-    assert store.get_batch(row["id"])["due_at"] == T0 + 19  # the new holder's lease untouched
+    assert store.get_batch(row["id"])["lease_expires_at"] == T0 + 19  # the new holder's lease untouched
 
 
 def test_renewals_stop_at_the_hold_limit(store, clock):
@@ -95,7 +95,7 @@ def test_renewals_stop_at_the_hold_limit(store, clock):
     mono.now += 31
     clock.now = T0 + 41
     leases.renew()
-    assert store.get_batch(row["id"])["due_at"] == T0 + 14 and not leases.holds(row)
+    assert store.get_batch(row["id"])["lease_expires_at"] == T0 + 14 and not leases.holds(row)
 
 
 def test_a_dead_holder_on_this_machine_is_seen_at_once(store, clock, settings):
@@ -113,7 +113,7 @@ def test_a_dead_holder_on_this_machine_is_seen_at_once(store, clock, settings):
             store.begin_send(row, "the reply", T0 + 10, settings)
     leases = Leases(store.path, clock, hold_limit=60)
     assert leases.free_dead(store, T0 + 11) == 1
-    due = {name: store.get_batch(b)["due_at"] for name, b in batches.items()}
+    due = {name: store.get_batch(b)["lease_expires_at"] for name, b in batches.items()}
     assert due == {"dead": T0 + 11, "alive": T0 + 14, "elsewhere": T0 + 14, "sending": T0 + 14}
 
 
@@ -175,7 +175,7 @@ def test_trickling_twilio_is_cut_off_at_our_deadline_and_counts_as_maybe_sent(fa
     assert 1.3 < took < 2.5, f"the send took {took:.1f} s"
     row = store.get_batch(batch)
     assert report.counts["retrying"] == 1 and row["state"] == "sending" and "outcome unknown" in row["last_error"]
-    clock.now = row["due_at"] + 1
+    clock.now = row["retry_at"] + 1
     assert real_processor(settings, clock).run().counts["sent"] == 1
     assert len(twilio_standin.sent) == 1 and store.get_batch(batch)["provider_sid"] == twilio_standin.sent[0]["sid"]
 

@@ -294,7 +294,7 @@ def sizes(path):
 def test_a_large_prune_gives_the_space_back_and_says_how_much(db_path, store):
     for n in range(600):
         add(store, f"+1555333{n:04d}", "x" * 1500, T0 - 200 * 86400 + n)
-    store.conn.execute("UPDATE batches SET state = 'skipped', completed_at = first_at, due_at = NULL")
+    store.conn.execute("UPDATE batches SET state = 'skipped', completed_at = first_at, closes_at = NULL")
     store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     before = sizes(db_path)
     result = invoke(["prune", "--older-than", "90d", "--now", repr(T0), "--json"], env_for(db_path))
@@ -308,7 +308,7 @@ def test_a_large_prune_gives_the_space_back_and_says_how_much(db_path, store):
 def test_a_small_prune_leaves_the_file_and_says_how_to_shrink_it(db_path, store):
     for n in range(200):
         add(store, f"+1555333{n:04d}", "x" * 1500, T0 - (200 if n < 20 else 1) * 86400 + n)
-    store.conn.execute("UPDATE batches SET state = 'skipped', completed_at = first_at, due_at = NULL")
+    store.conn.execute("UPDATE batches SET state = 'skipped', completed_at = first_at, closes_at = NULL")
     result = invoke(["prune", "--older-than", "90d", "--now", repr(T0)], env_for(db_path))
     assert result.exit_code == 0 and "deleted 20 batches" in result.output
     assert "free for new texts; `smsbatch prune --vacuum` gives it back to the disk" in result.output

@@ -129,7 +129,7 @@ def test_claims_move_through_transitions_and_are_recorded(store):
     [batch_id] = due_batches(store, 1)
     assert store.claim_due(T0 + 1, 10, LEASE, MAX_AGE) == ([], 0)  # not due yet
     claimed, _ = store.claim_due(T0 + 60, 10, LEASE, MAX_AGE, holder="h:1")
-    assert [(c["id"], c["state"], c["attempts"], c["due_at"]) for c in claimed] == \
+    assert [(c["id"], c["state"], c["attempts"], c["lease_expires_at"]) for c in claimed] == \
         [(batch_id, "processing", 1, T0 + 60 + LEASE)]
     assert rows(store, "SELECT from_state, to_state FROM batch_events WHERE batch_id = ? ORDER BY id",
                 (batch_id,))[-1] == ("open", "processing")
@@ -190,8 +190,42 @@ def test_leases_renew_only_the_holders_claims(store):
     claimed, _ = store.claim_due(T0 + 60, 2, LEASE, MAX_AGE)
     renewed = store.renew_claims([claimed[0]["claim"]], T0 + 100, T0 + 61)
     assert renewed == {(claimed[0]["claim"], claimed[0]["id"]), (claimed[1]["claim"], claimed[1]["id"])}
-    assert rows(store, "SELECT DISTINCT due_at FROM batches") == [(T0 + 100,)]
+    assert rows(store, "SELECT DISTINCT lease_expires_at FROM batches") == [(T0 + 100,)]
     assert store.claim_due(T0 + 99, 2, LEASE, MAX_AGE) == ([], 0)  # lease still running
+
+
+def test_a_live_lease_is_not_taken_for_a_closing_time(store):
+    """A claimed batch keeps the closing time it had (long past) beside its lease: the claim,
+    the next moment to act and the lease left read the lease, never the closing time."""
+    [batch_id] = due_batches(store, 1)
+    closes = store.get_batch(batch_id)["closes_at"]
+    assert closes == T0 + 30
+    claimed, _ = store.claim_due(T0 + 60, 1, LEASE, MAX_AGE)
+    row = store.get_batch(batch_id)
+    assert (row["closes_at"], row["retry_at"], row["lease_expires_at"]) == (closes, None, T0 + 60 + LEASE)
+    assert store.claim_due(T0 + 60 + LEASE - 0.5, 1, LEASE, MAX_AGE) == ([], 0)  # closed long ago, but held
+    assert store.next_due() == T0 + 60 + LEASE
+    assert [r["lease_left_seconds"] for r in store.status(T0 + 61)["in_flight"]] == [LEASE - 1]
+    store.renew_claims([claimed[0]["claim"]], T0 + 200, T0 + 62)
+    assert store.get_batch(batch_id)["closes_at"] == closes  # a heartbeat moves the lease only
+    assert store.claim_due(T0 + 199, 1, LEASE, MAX_AGE) == ([], 0)
+    [taken], _ = store.claim_due(T0 + 200, 1, LEASE, MAX_AGE)  # its holder stopped renewing
+    assert taken["id"] == batch_id and taken["claim"] != claimed[0]["claim"]
+
+
+def test_a_retry_time_is_kept_apart_from_the_closing_time_and_the_lease(store):
+    """A failed attempt backs off: retry_at says when, the lease is over; a claim spends it."""
+    [batch_id] = due_batches(store, 1)
+    [row], _ = store.claim_due(T0 + 60, 1, LEASE, MAX_AGE)
+    assert store.requeue(row, T0 + 500, "AI returned HTTP 500", T0 + 61)
+    row = store.get_batch(batch_id)
+    assert (row["state"], row["closes_at"], row["retry_at"], row["lease_expires_at"]) == \
+        ("queued", T0 + 30, T0 + 500, None)
+    assert store.next_retry() == (T0 + 500, batch_id) and store.next_due() == T0 + 500
+    assert store.claim_due(T0 + 499, 1, LEASE, MAX_AGE) == ([], 0)  # closed long ago, but backing off
+    [again], _ = store.claim_due(T0 + 500, 1, LEASE, MAX_AGE)
+    assert (again["retry_at"], again["lease_expires_at"]) == (None, T0 + 500 + LEASE)
+    assert store.next_retry() is None
 
 
 def test_old_batches_expire_once_among_several_claimers(store, other):
