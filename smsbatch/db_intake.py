@@ -117,7 +117,7 @@ class Intake:
         recent = "NULL"
         if window > 0:
             # Reads at most `window` index entries of messages_phone per text: no scan, whatever the history.
-            recent = (f"(SELECT {self.db.group_concat('received_at')} FROM (SELECT received_at FROM messages"
+            recent = (f"(SELECT {self.db.join_times('received_at')} FROM (SELECT received_at FROM messages"
                       " WHERE phone = t.phone AND received_at <= t.at ORDER BY received_at DESC LIMIT ?) w)")
         params = [v for i, t in enumerate(texts) for v in (i, t.sid, t.phone, t.scope, t.at)]
         return (f"WITH t(k, sid, phone, scope, at) AS (VALUES {values})"
@@ -164,8 +164,9 @@ class Intake:
                   for b in plan.batches.values() for at, was, to, reason in b.moves]
         writes = {
             "opt_outs": [_opt_change(*change) for change in plan.opt_changes],
-            "created": _rows(_INSERT_BATCHES, [_batch_row(b) for b in created], per),
+            # a full batch closes before the batch that follows it opens (one open batch each)
             "joined": [_update_batch(b) for b in joined],
+            "created": _rows(_INSERT_BATCHES, [_batch_row(b) for b in created], per),
             "conversations": _rows(
                 "INSERT INTO conversations (phone, our_number, open_batch) VALUES {}"
                 " ON CONFLICT (phone, our_number) DO UPDATE SET open_batch = excluded.open_batch",

@@ -21,7 +21,7 @@ A Database offers:
                           ends, in an order that cannot deadlock; none on SQLite (the write
                           lock already does)
     for_update, skip_locked  clauses appended to a SELECT that locks the rows it reads
-    greatest(a, b), day(column), group_concat(column)  dialect words
+    greatest(a, b), day(column), join_times(column)  dialect words
     now()                 the database's clock (epoch seconds)
     version(), migrate(), columns(table), write_blocked(seconds), check_writable(),
     copy_to(path), exists(), close()

@@ -267,7 +267,9 @@ class Database:
         return f"to_char(to_timestamp({column}) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
 
     @staticmethod
-    def group_concat(column):
+    def join_times(column):
+        """The column's times (epoch seconds) joined by commas, each exact (a double
+        precision as text is the shortest exact form, extra_float_digits being 1 by default)."""
         return f"string_agg(CAST({column} AS text), ',')"
 
     @staticmethod
