@@ -343,3 +343,27 @@ def test_through_a_real_server_a_request_waiting_for_a_lock_does_not_hold_up_oth
         server.shutdown()
         server.server_close()
         app.drain()
+
+
+def test_values_written_into_a_round_trip_come_back_exactly_and_nul_is_refused(db_path):
+    """Connection.execute_all writes values into its one query as literals: whatever a
+    customer typed (quotes, backslashes, a comment opener, bidi controls) comes back as it
+    was, numbers keep their exact value (a negative one cannot start a comment), and a NUL,
+    which libpq would silently cut the string at, is refused."""
+    from smsbatch.engine import StoreError
+
+    store = Store(db_path)
+    try:
+        hostile = ["it's", "back\\slash\\", "'; DROP TABLE messages; --", "\u202eevil\u202c", "$$ $x$ ?", "ü✓"]
+        numbers = [-1.5, 1800000000.1234567, -7, 0.1 + 0.2, 2 ** 40]
+        rows = store.conn.execute_all([("SELECT " + ", ".join(["?"] * len(hostile)), hostile),
+                                       ("SELECT 1 - ?, " + ", ".join(["CAST(? AS double precision)"] * 4),
+                                        [numbers[0], *numbers[1:]])])
+        assert list(rows[0].fetchall()[0]) == hostile
+        back = rows[1].fetchall()[0]
+        assert float(back[0]) == 2.5 and list(back[1:]) == numbers[1:]
+        with pytest.raises(StoreError, match="NUL"):
+            store.conn.execute_all([("SELECT ?", ["bad\x00text"])])
+        assert store.conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 0
+    finally:
+        store.close()
