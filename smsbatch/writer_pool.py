@@ -30,7 +30,7 @@ from smsbatch.writer import REQUEST_WAIT_LIMIT, TROUBLE_MEMORY, WAITING_TOO_LONG
 log = logging.getLogger("smsbatch.web")
 PROBE_SECONDS = 1.0  # /health: how long a probe of the database may take once a write failed
 MAX_GROUP = 256  # most texts in one transaction (more wait for the next COMMIT)
-COMMITTERS = 1  # committer threads, each with a connection: one waits for the server while another runs
+COMMITTERS = 2  # committer threads, each with a connection: one waits for the server (or another host's lock) while another runs
 
 
 class GroupStore(Store):
