@@ -24,6 +24,19 @@ from smsbatch.intake import ID_ALPHABET, LATE_REASON, Added, new_id  # noqa: F40
 from smsbatch.states import CLAIM_MOVES, PENDING, PENDING_SQL, TRANSITIONS, State, acts_at, placeholders
 
 SCHEMA_VERSION = migrations.LATEST
+# The batches a claim takes (parameters: now, now, limit): due, that is the moment to act
+# (acts_at: closing time, retry time or a lease's end, whichever the batch's state and claim
+# make it) has come, found in that order by batches_state_acts_at (SQLite) or
+# batches_pending_acts_at (PostgreSQL); and no other batch of the conversation claimed, nor an
+# older one due and unclaimed (its texts are answered first).
+CANDIDATES = (
+    f"SELECT seq, id, state, attempts FROM batches b WHERE {PENDING_SQL}"
+    f" AND {acts_at()} <= ? AND NOT EXISTS (SELECT 1 FROM batches o"
+    " WHERE o.phone = b.phone AND o.our_number = b.our_number AND o.seq != b.seq"
+    f" AND o.{PENDING_SQL} AND (o.claim IS NOT NULL"
+    f" OR b.claim IS NULL AND {acts_at('o')} <= ? AND o.seq < b.seq))"
+    f" ORDER BY {acts_at()} LIMIT ?"
+)
 BUSY_TIMEOUT_SECONDS = 30.0
 
 
@@ -193,17 +206,7 @@ class Store(Intake, BatchLife, OperatorActions, OperatorReports):
 
     def _claim(self, conn, now, limit, lease, holder, node):
         """Pick and claim (compare-and-set on each row's state, moves from CLAIM_MOVES)."""
-        # Due: the moment to act (acts_at: closing time, retry time or a lease's end, whichever
-        # the batch's state and claim make it) has come; found by batches_state_acts_at.
-        picked = conn.execute(
-            f"SELECT seq, id, state, attempts FROM batches b WHERE {PENDING_SQL}"
-            f" AND {acts_at()} <= ? AND NOT EXISTS (SELECT 1 FROM batches o"
-            " WHERE o.phone = b.phone AND o.our_number = b.our_number AND o.seq != b.seq"
-            f" AND o.{PENDING_SQL} AND (o.claim IS NOT NULL"
-            f" OR b.claim IS NULL AND {acts_at('o')} <= ? AND o.seq < b.seq))"
-            f" ORDER BY {acts_at()} LIMIT ?" + self.db.skip_locked,
-            (now, now, limit),
-        ).fetchall()
+        picked = conn.execute(CANDIDATES + self.db.skip_locked, (now, now, limit)).fetchall()
         if not picked:
             return []
         token = secrets.token_hex(8)

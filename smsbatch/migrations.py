@@ -295,7 +295,13 @@ def _v11(real):
     )
 
 
-V11 = Step(sqlite=_v11("REAL"), postgres=_v11("double precision"))
+# PostgreSQL also gets the moment to act across all pending states in one order: the claim's
+# ORDER BY ... LIMIT then walks this index and stops early, where (state, acts_at) made the
+# planner anti-join and sort the whole backlog (100,000 due batches: 200-260 ms a claim, 5 ms
+# with it). SQLite would only pick it after an ANALYZE, which smsbatch never runs.
+_PG_PENDING_ACTS_AT = ("CREATE INDEX batches_pending_acts_at ON batches ((coalesce(lease_expires_at, retry_at,"
+                       " closes_at))) WHERE state IN ('open', 'queued', 'processing', 'sending')")
+V11 = Step(sqlite=_v11("REAL"), postgres=_v11("double precision") + (_PG_PENDING_ACTS_AT,))
 
 STEPS = {2: V2, 3: V3, 4: V4, 5: V5, 6: V6, 7: V7, 8: V8, 9: V9, 10: V10, 11: V11}
 LATEST = max(STEPS)

@@ -367,3 +367,28 @@ def test_values_written_into_a_round_trip_come_back_exactly_and_nul_is_refused(d
         assert store.conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 0
     finally:
         store.close()
+
+
+def test_a_claim_walks_the_due_batches_in_order_instead_of_sorting_the_backlog(db_path):
+    """With thousands due, the claim's candidates come from batches_pending_acts_at in the
+    order of the moment to act, stopping at the limit: no sort of the whole backlog (on
+    100,000 due batches that sort cost 200-260 ms a claim; bench/bench_claim.py)."""
+    from smsbatch.db import CANDIDATES
+    from smsbatch.engine_pg import _inline
+
+    store = Store(db_path)
+    try:
+        rows = [(f"b{i:09d}", f"+1555{i:07d}", "+15550000000", "open", 1, T0 - 60 - i % 50, T0 - 60 - i % 50, 0,
+                 T0 - 50 - i % 50, T0 - 60) for i in range(5000)]
+        store.conn.executemany(
+            "INSERT INTO batches (id, phone, our_number, state, message_count, first_at, last_at, urgent,"
+            " closes_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        store.conn.execute("ANALYZE batches")
+        raw = store.db.raw()
+        plan = "\n".join(r[0] for r in raw.execute(
+            "EXPLAIN " + _inline(raw, [(CANDIDATES + store.db.skip_locked, (T0, T0, 4))]).decode()).fetchall())
+        assert "batches_pending_acts_at" in plan and "Sort" not in plan, plan
+        claimed, _ = store.claim_due(T0, 4, 300, 3600)
+        assert [r["closes_at"] for r in claimed] == [T0 - 99] * 4  # the earliest due first
+    finally:
+        store.close()
