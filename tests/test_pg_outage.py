@@ -115,7 +115,8 @@ def test_dropped_and_refused_connections_lose_nothing_and_everything_reconnects(
             ).fetchone()[0] == 0, 30), ["the processors did not answer everything after the outage"] + [
                 p.stderr.read()[-3000:] for p in procs if p.poll() is not None]
             # running still, or its `--for 60` ended on its own (a slow machine): never a failure
-            assert [p.poll() for p in procs] in ([None, None], [None, 0], [0, None], [0, 0]), "a processor died"
+            assert [p.poll() for p in procs] in ([None, None], [None, 0], [0, None], [0, 0]), (
+                ["a processor died"] + [p.stderr.read()[-3000:] for p in procs if p.poll()])
             assert all(s.poll() is None for s, _ in servers), "a webhook died"
         finally:
             for proc in procs:
