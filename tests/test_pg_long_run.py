@@ -11,6 +11,7 @@ brings the server back, so nothing is timed.
 """
 
 import logging
+import socket
 import threading
 
 import pytest
@@ -43,8 +44,6 @@ class Relay(Proxy):
         self.refuse, self.drop, self.opened = set(), {}, 0
 
     def _accept(self):
-        import socket
-
         while True:
             try:
                 client, _ = self.listener.accept()
@@ -60,6 +59,26 @@ class Relay(Proxy):
             threading.Thread(target=self._client_side, args=(client, server, cut_at), daemon=True).start()
             threading.Thread(target=self._pipe, args=(server, client), daemon=True).start()
 
+    @staticmethod
+    def _end(*sockets):
+        """Close both ends so that the other side sees it at once: shutdown first, since a close
+        alone leaves the connection open while another thread still waits in recv on it."""
+        for s in sockets:
+            for end in (lambda: s.shutdown(socket.SHUT_RDWR), s.close):
+                try:
+                    end()
+                except OSError:
+                    pass
+
+    @classmethod
+    def _pipe(cls, source, sink):
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        cls._end(source, sink)
+
     def _client_side(self, client, server, cut_at):
         """Relay what the client writes; with `cut_at`, close both ends instead of passing on its
         cut_at-th query (a message of type P or Q: the start-up packets begin with their length)."""
@@ -72,11 +91,7 @@ class Relay(Proxy):
                 server.sendall(data)
         except OSError:
             pass
-        for s in (client, server):
-            try:
-                s.close()
-            except OSError:
-                pass
+        self._end(client, server)
 
 
 def through(relay, db_path):
