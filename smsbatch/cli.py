@@ -17,7 +17,7 @@ from smsbatch import cli_ops, cli_traces
 from smsbatch.cli_common import (EXIT_SOME_FAILED, PHONE, SID, TEXT, TIME, WHEN, Finite, LoggedGroup,
                                  backfill_runs, emit_json, note, open_store, read_text_file, settings_from,
                                  warn_if_not_the_deployments_db)
-from smsbatch.engine import shown_target
+from smsbatch.engine import StoreBusy, StoreUnavailable, shown_target
 from smsbatch.errors import SmsbatchError
 
 @click.group(cls=LoggedGroup)
@@ -131,7 +131,7 @@ def ingest(ctx, phone, our_number, body, sid, at, jsonl, now, as_json):
 def process(ctx, now, limit, seconds, concurrency, system_prompt_file, ai, sms, as_json):
     """Answer due batches: one AI reply each, sent by SMS (run by cron every minute)."""
     from smsbatch.lease import DatabaseClock, calibrate
-    from smsbatch.processor import Clock, Processor
+    from smsbatch.processor import Clock, DatabaseAway, Processor
 
     changes = {k: v for k, v in (("ai", ai), ("sms", sms)) if v}
     if system_prompt_file is not None:
@@ -144,26 +144,33 @@ def process(ctx, now, limit, seconds, concurrency, system_prompt_file, ai, sms, 
         raise click.ClickException(
             "missing " + ", ".join(missing) + " (or use --ai offline --sms console for the stand-ins)"
         )
-    open_store(settings).close()
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    # A long run (--for) waits out a database that is away or busy (a restart, a failover), at its
+    # start too, for up to its --for; a cron run ends with one line (exit 1) and cron runs the next.
+    away, waits_until = DatabaseAway(), (time.monotonic() + seconds if seconds else None)
+    away.wait_out(lambda: open_store(settings).close(), "opening the database", waits_until, stop)
     from smsbatch.ai import make_responder
     from smsbatch.sms import make_sender
 
     clock = Clock(now, advancing=bool(seconds)) if now is not None else DatabaseClock()
     sender = make_sender(settings)
-    processor = Processor(settings.db_path, settings, make_responder(settings), sender, clock=clock)
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    if processor.alerter.active:  # before this run counts as one: had none run while batches waited?
-        from smsbatch.alerts import notice_stall
-
-        notice_stall(processor.store(), processor.alerter, clock(), settings.alert_after_seconds)
+    processor = Processor(settings.db_path, settings, make_responder(settings), sender, clock=clock, away=away)
     warn_if_not_the_deployments_db(settings)
-    calibrate(clock, processor.store(), force=True)  # the backfill's turn is kept on the database's clock too
-    backfilled = periodic_backfill(processor.store(), sender, settings, clock(), stop)
+
+    def prepare():  # each step may run again: the stall alert is claimed once, backfilled texts stored once
+        if processor.alerter.active:  # before this run counts as one: had none run while batches waited?
+            from smsbatch.alerts import notice_stall
+
+            notice_stall(processor.store(), processor.alerter, clock(), settings.alert_after_seconds)
+        calibrate(clock, processor.store(), force=True)  # the backfill's turn is kept on the database's clock too
+        return periodic_backfill(processor.store(), sender, settings, clock(), stop)
+
+    backfilled = away.wait_out(prepare, "starting the run", waits_until, stop)
     report = processor.run(limit=limit, concurrency=concurrency, seconds=seconds, stop=stop)
     report.backfilled = backfilled
-    prune_after_run(settings, clock())
+    prune_after_run(settings, clock(), long_run=bool(seconds))
     processor.alerter.wait()  # alerts still going out: a few seconds at most (alerts.WAIT_AT_END)
     if as_json:
         emit_json(report.as_dict())
@@ -179,10 +186,22 @@ def process(ctx, now, limit, seconds, concurrency, system_prompt_file, ai, sms, 
         ctx.exit(EXIT_SOME_FAILED)
 
 
-def prune_after_run(settings, now):
-    """SMSBATCH_RETENTION_DAYS: each run deletes a bounded number of batches older than that."""
+def prune_after_run(settings, now, long_run=False):
+    """SMSBATCH_RETENTION_DAYS: each run deletes a bounded number of batches older than that.
+    A long run (--for) whose database is away at its end leaves it to the next run (one warning
+    line); a cron run ends with the one-line error, as for any other step."""
     if not settings.retention_days:
         return
+    try:
+        _prune(settings, now)
+    except (StoreUnavailable, StoreBusy) as exc:
+        if not long_run:
+            raise
+        logging.getLogger("smsbatch.processor").warning("could not prune old batches now (%s); the next run does",
+                                                        exc)
+
+
+def _prune(settings, now):
     from smsbatch.ops import PRUNE_PER_RUN
 
     age = settings.retention_days * 86400

@@ -191,9 +191,13 @@ class Connection:
         try:
             return Result(database.cursor(raw).execute(to_psycopg(sql), tuple(parameters)), sql)
         except psycopg.Error as exc:
-            if database.may_retry(raw, sql):  # a read on a connection the server dropped: once more
-                raw = database.raw()
-                return Result(database.cursor(raw).execute(to_psycopg(sql), tuple(parameters)), sql)
+            if not database.may_retry(raw, sql):
+                raise translate(exc) from exc
+        # a read on a connection the server dropped: once more, on a new one
+        raw = database.raw()
+        try:
+            return Result(database.cursor(raw).execute(to_psycopg(sql), tuple(parameters)), sql)
+        except psycopg.Error as exc:  # dropped again: the database is away, said as StoreUnavailable
             raise translate(exc) from exc
 
     def execute_all(self, statements):
@@ -245,11 +249,16 @@ class Connection:
 
 def _open(url, durable, busy_timeout):
     """A new autocommit connection set up for smsbatch. Raises: StoreUnavailable, SmsbatchError."""
+    raw = None
     try:
         raw = psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT, row_factory=_rows)
+        # The server may drop the new connection before it is set up (a restart, a failover,
+        # pg_terminate_backend): that is the database being away too, not a bug.
+        configure(raw, durable, busy_timeout)
     except psycopg.Error as exc:
+        if raw is not None:
+            raw.close()
         raise StoreUnavailable(f"cannot connect to {shown_target(url)}: {translate(exc)}") from None
-    configure(raw, durable, busy_timeout)
     return raw
 
 
@@ -370,15 +379,27 @@ class Database:
         try:
             raw.execute(begin)
             return raw
-        except psycopg.OperationalError as exc:
+        except psycopg.Error as exc:
             if not raw.broken:
+                self._abandon(raw)
                 raise translate(exc) from exc
         raw = self.raw()
         try:
             raw.execute(begin)
         except psycopg.Error as exc:
+            self._abandon(raw)
             raise translate(exc) from exc
         return raw
+
+    @staticmethod
+    def _abandon(raw):
+        """Roll back what a failed BEGIN left open: its BEGIN may have run and a setting sent
+        with it failed, and an aborted transaction would refuse every later statement."""
+        if not raw.broken:
+            try:
+                raw.execute("ROLLBACK")
+            except psycopg.Error:
+                pass  # nothing more to do: the connection is lost, and reopened at the next use
 
     def _end(self, raw, how):
         """COMMIT or ROLLBACK. Raises: StoreError (COMMIT only: a lost connection's
@@ -411,8 +432,10 @@ class Database:
             except psycopg.OperationalError:
                 if not raw.broken:
                     raise
-                self.raw().execute(sql)
+                raw = self.raw()
+                raw.execute(sql)
         except psycopg.Error as exc:
+            self._abandon(raw)
             raise translate(exc) from exc
         self.in_transaction = True
 

@@ -129,10 +129,51 @@ def stored_reply(batch):
     return batch["response_text"] if batch["retried_at"] is not None else None
 
 
+class DatabaseAway:
+    """A long run's view of a database that is away or busy (a restart, a failover): each
+    step that needs it is tried again after POLL_SECONDS, and the outage is told once, in one
+    warning line, however many rounds it lasts (and once more, at info, when it is over)."""
+
+    def __init__(self):
+        self.since = None  # monotonic time of the first failure of this outage; None: it answers
+
+    def failed(self, what, exc):
+        if self.since is None:
+            self.since = time.monotonic()
+            log.warning("database unavailable (%s) while %s; waiting for it, trying again every %g s",
+                        exc, what, POLL_SECONDS)
+
+    def answered(self):
+        if self.since is not None:
+            log.info("the database answers again after %s", _span(time.monotonic() - self.since))
+            self.since = None
+
+    def wait_out(self, step, what, deadline, stop):
+        """step(), returning what it returns. With a `deadline` (a long run's end, monotonic), a
+        database that is away or busy is waited out: told once, tried again every POLL_SECONDS
+        until it answers, or until the deadline or `stop` (a SIGTERM) comes, and then its error
+        is raised. Without one (a cron run) the first failure is raised: the run ends with one
+        line (exit 1), and cron starts the next. `step` must be safe to run again after a failure.
+
+        Raises: StoreUnavailable, StoreBusy."""
+        stop = stop or threading.Event()
+        while True:
+            try:
+                result = step()
+            except (StoreUnavailable, StoreBusy) as exc:
+                if deadline is None or stop.is_set() or time.monotonic() + POLL_SECONDS > deadline:
+                    raise
+                self.failed(what, exc)
+                stop.wait(POLL_SECONDS)
+                continue
+            self.answered()
+            return result
+
+
 class Processor:
     """Answers batches. Each worker thread gets its own SQLite connection."""
 
-    def __init__(self, db_path, settings, responder, sender, clock=time.time, rng=None, alerter=None):
+    def __init__(self, db_path, settings, responder, sender, clock=time.time, rng=None, alerter=None, away=None):
         self.db_path = db_path
         self.settings = settings
         self.responder = responder
@@ -146,6 +187,7 @@ class Processor:
         self._usage_lock = threading.Lock()
         self.alerter = alerter or Alerter.for_settings(settings)  # SMSBATCH_ALERT_WEBHOOK_URL
         self._next_due = 0.0  # the earliest moment to act the last claim saw (Store.next_due); None: nothing pending
+        self.away = away or DatabaseAway()  # a long run's database outage, told once
 
     def store(self):
         if not hasattr(self._local, "store"):
@@ -434,12 +476,17 @@ class Processor:
         stop = stop or threading.Event()
         report = RunReport(paused=not self.settings.enabled)
         host = self.leases.holder.rsplit(":", 1)[0]
-        calibrate(self.clock, self.store(), force=True)
-        self.store().note_run(host, self.clock())
+        deadline = time.monotonic() + seconds
+
+        def start():
+            calibrate(self.clock, self.store(), force=True)  # leases are on the database's clock
+            self.store().note_run(host, self.clock())
+
+        self.away.wait_out(start, "starting the run", deadline if seconds else None, stop)
         try:
             if report.paused:
                 return report
-            return self._run(report, limit, concurrency, seconds, stop)
+            return self._run(report, limit, concurrency, deadline if seconds else None, stop)
         finally:
             self._note_run(host, finished=True)
 
@@ -451,10 +498,13 @@ class Processor:
         except StoreError as exc:  # the run's own outcome matters more than this note
             log.warning("could not record that this run %s: %s", "ended" if finished else "goes on", exc)
 
-    def _run(self, report, limit, concurrency, seconds, stop):
-        if seconds:  # a long run: have the clients ready before the first batch needs them
+    def _run(self, report, limit, concurrency, deadline, stop):
+        """The rounds; `deadline` (monotonic) is a long run's end, None for a cron run."""
+        long_run = deadline is not None
+        if long_run:  # a long run: have the clients ready before the first batch needs them
             threading.Thread(target=self._warm, name="smsbatch-warm", daemon=True).start()
-        deadline = time.monotonic() + seconds
+        else:
+            deadline = time.monotonic()
         calls_before = getattr(self.responder, "calls", 0)
         usage_before = dataclasses.replace(self.usage)
         with self.leases.running(), ThreadPoolExecutor(concurrency, thread_name_prefix="smsbatch") as pool:
@@ -465,11 +515,11 @@ class Processor:
                     noted = time.monotonic()
                     self._note_run(self.leases.holder.rsplit(":", 1)[0])
                 # With --for, nothing new is claimed past the deadline: finish what is in hand.
-                claiming = not seconds or time.monotonic() < deadline
+                claiming = not long_run or time.monotonic() < deadline
                 room = min(concurrency - len(inflight), limit - report.claimed) if claiming else 0
                 claimed = 0
                 if room > 0:
-                    rows, expired = self._claim_or_wait(room, long_run=bool(seconds))
+                    rows, expired = self._claim_or_wait(room, long_run)
                     report.claimed += len(rows)
                     report.expired += expired
                     claimed = len(rows)
@@ -499,15 +549,18 @@ class Processor:
 
     def _claim_or_wait(self, room, long_run):
         """claim(room); in a long run (--for) a database that is away or busy is waited out
-        (the connection reopens by itself when it is back) instead of ending the run."""
+        (the connection reopens by itself when it is back) instead of ending the run: nothing is
+        claimed this round, and the round's wait (_idle_wait, or the batches in hand) is the
+        POLL_SECONDS before the next try."""
         try:
-            return self.claim(room)
+            rows = self.claim(room)
         except (StoreUnavailable, StoreBusy) as exc:
             if not long_run:
                 raise
-            log.warning("cannot claim batches now (%s); trying again", exc)
-            time.sleep(POLL_SECONDS)
+            self.away.failed("claiming batches", exc)
             return [], 0
+        self.away.answered()
+        return rows
 
     def _warm(self):
         for provider in (self.responder, self.sender):

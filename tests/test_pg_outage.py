@@ -115,14 +115,15 @@ def test_dropped_and_refused_connections_lose_nothing_and_everything_reconnects(
             ).fetchone()[0] == 0, 30), ["the processors did not answer everything after the outage"] + [
                 p.stderr.read()[-3000:] for p in procs if p.poll() is not None]
             # running still, or its `--for 60` ended on its own (a slow machine): never a failure
-            assert [p.poll() for p in procs] in ([None, None], [None, 0], [0, None], [0, 0]), "a processor died"
+            assert [p.poll() for p in procs] in ([None, None], [None, 0], [0, None], [0, 0]), (
+                ["a processor died"] + [p.stderr.read()[-3000:] for p in procs if p.poll()])
             assert all(s.poll() is None for s, _ in servers), "a webhook died"
-        finally:
-            for proc in procs:
-                _, err = stop(proc)
-                assert "Traceback" not in err, err[-3000:]
+        finally:  # every process stopped before any is judged: none is left running after a failure
+            errs = [stop(proc)[1] for proc in procs]
             for proc, _ in servers:
                 stop(proc)
+            for err in errs:
+                assert "Traceback" not in err, err[-3000:]
         for i in range(2):
             log = (tmp_path / f"serve{i}.log").read_text()
             assert "Traceback" not in log, log[-3000:]
