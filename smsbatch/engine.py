@@ -71,17 +71,29 @@ def shown_target(target):
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
+def _engine_pg(target):
+    """smsbatch.engine_pg, or the one-line error naming the extra (psycopg or psycopg_pool missing)."""
+    try:
+        from smsbatch import engine_pg
+    except ImportError:
+        raise SmsbatchError(f"{shown_target(target)} is a PostgreSQL database: {INSTALL_POSTGRES}") from None
+    return engine_pg
+
+
 def connect(target, busy_timeout, durable=True):
     """Open the database `target` names with its engine. Raises: SmsbatchError."""
     if is_postgres(target):
-        try:
-            from smsbatch import engine_pg
-        except ImportError:
-            raise SmsbatchError(f"{shown_target(target)} is a PostgreSQL database: {INSTALL_POSTGRES}") from None
-        return engine_pg.Database(str(target), busy_timeout, durable)
+        return _engine_pg(target).Database(str(target), busy_timeout, durable)
     from smsbatch import engine_sqlite
 
     return engine_sqlite.Database(str(target), busy_timeout, durable)
+
+
+def connect_pool(target, size, busy_timeout):
+    """A pool of `size` connections to the PostgreSQL database `target` for several threads
+    (engine_pg.Pool: `connection(deadline)` lends one as a Database; `connect(deadline)` the
+    same, given back by its close(); `close()`). Raises: SmsbatchError."""
+    return _engine_pg(target).Pool(str(target), size, busy_timeout)
 
 
 class Row:

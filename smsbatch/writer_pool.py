@@ -1,11 +1,13 @@
-"""The webhook's write path on PostgreSQL: group commit on one dedicated connection.
+"""The webhook's write path on PostgreSQL: group commit, each group on a pooled connection.
 
 Like the SQLite webhook (smsbatch.writer.Writer), with the same interface (burst, submit,
 in_burst, trouble, close), so web.py need not know the engine: the server hands over the
 writes of requests that arrived together (burst()), and one committer thread runs them,
-with everything else that queued meanwhile, in ONE transaction on its own connection:
-one BEGIN, one COMMIT (one WAL flush, synchronous_commit on) for the lot, and no pool
-check per text. Each text still takes its conversation's advisory lock and is deduplicated
+with everything else that queued meanwhile, in ONE transaction on a connection lent by
+the writer's engine_pg.Pool for that group: one BEGIN, one COMMIT (one WAL flush,
+synchronous_commit on) for the lot, and one loan per group, not per text. The pool opens
+the connections in the background and replaces one the server dropped (/health's probe
+borrows one too). Each text still takes its conversation's advisory lock and is deduplicated
 by MessageSid inside that transaction, so several hosts may write the same database.
 
 A group that fails (one text's write raised, the connection was lost, the deadline came)
@@ -24,7 +26,7 @@ import time
 from contextlib import contextmanager
 
 from smsbatch.db import Store
-from smsbatch.engine import StoreBusy, StoreError, connect
+from smsbatch.engine import StoreBusy, StoreError, connect_pool
 from smsbatch.intake import Text
 from smsbatch.writer import REQUEST_WAIT_LIMIT, TROUBLE_MEMORY, WAITING_TOO_LONG, Burst, Bursting, run_works
 
@@ -91,8 +93,7 @@ class PgWriter(Bursting):
         self._queue = _Queue()  # Burst and _Job items for the committers
         self._committers = []
         self._committer_lock = threading.Lock()
-        self._probe = None  # /health's connection, when the last write failed
-        self._probe_lock = threading.Lock()
+        self._pool = None  # engine_pg.Pool: the committers' connections and /health's probe's, opened at first use
         self._committed_at = 0.0  # monotonic time of the last COMMIT
         self._failed = (0.0, "")  # (monotonic time, why) of the last write that failed
         self._busy_since = {}  # {committer thread: monotonic time its current transaction began}
@@ -159,8 +160,17 @@ class PgWriter(Bursting):
         end = time.monotonic() + timeout
         for committer in committers:
             committer.join(max(0.0, end - time.monotonic()))
-        with self._probe_lock:
-            self._drop_probe()
+        with self._committer_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+
+    def _connections(self):
+        """The pool (opened now if not yet): a connection for each committer and one for the probe."""
+        with self._committer_lock:
+            if self._pool is None:
+                self._pool = connect_pool(self.url, COMMITTERS + 1, self.busy_timeout)
+            return self._pool
 
     # -- the committer thread ----------------------------------------------------------
 
@@ -174,8 +184,8 @@ class PgWriter(Bursting):
 
     def _commit_loop(self):
         """One committer: what it may take from the queue (_Queue.take), one transaction at
-        a time, on its connection, until the queue is closed and empty (close())."""
-        committer, given = _Committer(self.url, self.busy_timeout), self._queue
+        a time, on a connection it borrows for each, until the queue is closed and empty (close())."""
+        committer, given = _Committer(self._connections()), self._queue
         try:
             while (items := given.take(committer, MAX_GROUP)) is not None:
                 self._commit(committer, items)
@@ -215,7 +225,7 @@ class PgWriter(Bursting):
         """works in one transaction; their results once committed, else None."""
         self._busy_since[committer] = time.monotonic()
         try:
-            store = committer.open()
+            store = committer.open(deadline)
             store.begin_group(deadline)
             try:
                 results = run_works(store, works)
@@ -230,6 +240,7 @@ class PgWriter(Bursting):
             log.debug("webhook: a group of %d writes failed; each runs again alone", len(works), exc_info=True)
             return None
         finally:
+            committer.release()
             self._busy_since.pop(committer, None)
         self._committed_at = time.monotonic()
         return results
@@ -240,7 +251,7 @@ class PgWriter(Bursting):
             return job.finish(error=StoreBusy("the database did not store the text before its deadline"))
         self._busy_since[committer] = time.monotonic()
         try:
-            store = committer.open()
+            store = committer.open(job.deadline)
             store.db.deadline = job.deadline
             try:
                 result = job.work(store)
@@ -251,6 +262,7 @@ class PgWriter(Bursting):
                 self._note_failure(exc)
             return job.finish(error=exc)
         finally:
+            committer.release()
             self._busy_since.pop(committer, None)
         self._committed_at = time.monotonic()
         job.finish(result)
@@ -261,23 +273,13 @@ class PgWriter(Bursting):
     # -- /health's probe -----------------------------------------------------------------
 
     def _reachable(self):
-        """True if the database takes a write now (the probe writes nothing)."""
-        with self._probe_lock:
-            try:
-                if self._probe is None:
-                    self._probe = connect(self.url, PROBE_SECONDS)
-                return self._probe.write_blocked(PROBE_SECONDS) is None
-            except StoreError:
-                self._drop_probe()
-                return False
-
-    def _drop_probe(self):
-        if self._probe is not None:
-            try:
-                self._probe.close()
-            except StoreError:
-                pass
-            self._probe = None
+        """True if the database takes a write now (the probe writes nothing), on a connection
+        of the pool (it has one more than the committers)."""
+        try:
+            with self._connections().connection(time.monotonic() + PROBE_SECONDS) as database:
+                return database.write_blocked(PROBE_SECONDS) is None
+        except StoreError:
+            return False
 
 
 class _Queue:
@@ -339,24 +341,25 @@ class _Queue:
 
 
 class _Committer:
-    """A committer thread's connection, opened on first use (Database reopens a lost one)."""
+    """A committer thread's connection: one of the pool's, lent for a group (or a job) from
+    open() to release() (the pool replaces one the server dropped)."""
 
-    def __init__(self, url, busy_timeout):
-        self.url, self.busy_timeout, self.store = url, busy_timeout, None
+    def __init__(self, pool):
+        self.pool, self.store = pool, None
 
-    def open(self):
-        """The GroupStore on this committer's connection. Raises: StoreError."""
-        if self.store is None:
-            self.store = GroupStore.on(connect(self.url, self.busy_timeout))
+    def open(self, deadline):
+        """A GroupStore on a connection of the pool, waiting for one until `deadline`.
+        Raises: StoreError."""
+        self.store = GroupStore.on(self.pool.connect(deadline))
         return self.store
 
-    def close(self):
-        if self.store is not None:
-            try:
-                self.store.close()
-            except StoreError:
-                pass
-            self.store = None
+    def release(self):
+        """Give the connection back (nothing if open() failed)."""
+        store, self.store = self.store, None
+        if store is not None:
+            store.close()
+
+    close = release
 
 
 def _size(item):

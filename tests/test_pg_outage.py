@@ -19,7 +19,10 @@ import pytest
 
 from conftest import POSTGRES_URL, wait_for
 from fakes import FakeTwilio, message_sid
+from smsbatch.batching import Rules
 from smsbatch.db import Store
+from smsbatch.engine import StoreError
+from smsbatch.writer_pool import PgWriter
 from test_load import base_env, post, start_server, stop
 from test_pg_live import check
 from test_pg_races import params
@@ -130,3 +133,43 @@ def test_dropped_and_refused_connections_lose_nothing_and_everything_reconnects(
         assert len(refused) >= 2
         check(store, twilio, posted, twins=[])
     store.close()
+
+
+def test_a_text_fails_within_its_deadline_while_connections_are_refused_and_the_pool_recovers(own_database):
+    """The webhook's writer with the database refusing connections: a text fails (a
+    StoreError: a 503) within its deadline and /health's probe says why; once the database
+    takes connections again the pool opens new ones by itself and texts are stored; close()
+    leaves no connection to the database."""
+    admin, name, db_url = own_database
+    store = Store(db_url)
+    store.migrate()
+    store.close()
+    writer = PgWriter(db_url, 4.0)
+
+    def text(sid):
+        return lambda store: store.add_message(sid, "+15550001111", "+15550000000", "hi", 1.8e9, Rules())
+
+    try:
+        assert writer.submit(text("SM1")).duplicate is False
+        admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
+        assert drop_connections(admin, name) > 0
+        started = time.monotonic()
+        with pytest.raises(StoreError):
+            writer.submit(text("SM2"), started + 4.0)
+        assert time.monotonic() - started < 4.5, f"failed after {time.monotonic() - started:.1f} s"
+        assert "could not be stored" in (writer.trouble() or "")
+
+        admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+
+        def stored():
+            try:
+                return writer.submit(text("SM2"), time.monotonic() + 4.0).duplicate is False
+            except StoreError:
+                return False
+
+        assert wait_for(stored, 20)
+        assert writer.trouble() is None
+    finally:
+        writer.close()
+    assert wait_for(lambda: admin.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s",
+                                          (name,)).fetchone()[0] == 0, 5)

@@ -4,12 +4,12 @@ transaction, and what happens when one of them cannot be stored."""
 import socket
 import threading
 import time
-from urllib.parse import urlencode
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 from twilio.request_validator import RequestValidator
 
-from conftest import T0
+from conftest import POSTGRES_URL, T0, wait_for
 from smsbatch.batching import Rules
 from smsbatch.config import Settings
 from smsbatch.db import Store
@@ -162,3 +162,75 @@ def _read_all(sock):
     while chunk := sock.recv(65536):
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def sessions(db_path):
+    """{pid: state} of the sessions of this test's URL (its application_name) but this one."""
+    import psycopg
+
+    name = parse_qs(urlsplit(db_path).query)["application_name"][0]
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
+        return dict(admin.execute("SELECT pid, state FROM pg_stat_activity WHERE application_name = %s"
+                                  " AND pid <> pg_backend_pid()", (name,)).fetchall())
+
+
+def terminate(pids):
+    import psycopg
+
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
+        for pid in pids:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+
+def pid_and(work):
+    """work, returning also the backend pid of the connection it ran on."""
+    return lambda store: (store.conn.execute("SELECT pg_backend_pid()").fetchone()[0], work(store))
+
+
+def burst_of(writer, works):
+    """works handed over as one burst; True once they are committed."""
+    done, outcome = threading.Event(), []
+    with writer.burst(lambda failed: (outcome.append(failed), done.set())):
+        for work in works:
+            writer.submit(work)
+    assert done.wait(10)
+    return outcome == [False]
+
+
+def test_the_committers_connections_come_from_the_pool_and_one_the_server_dropped_is_replaced(db_path):
+    """The writer's connections are its pool's (COMMITTERS + 1 for the probe, opened in the
+    background), and the texts run on them; the server ending every one of them (a restart,
+    pg_terminate_backend) fails no text: the group and the lone text run on new ones, and the
+    pool opens new ones in place of every dropped one."""
+    from smsbatch.writer_pool import COMMITTERS
+
+    writer = PgWriter(db_path, 4.0)
+    try:
+        pid, result = writer.submit(pid_and(add("SM1")))
+        assert result.duplicate is False
+        assert burst_of(writer, [add(f"SM{i}", phone=f"+1555000{i:04d}") for i in range(2, 12)])
+        assert wait_for(lambda: len(sessions(db_path)) == COMMITTERS + 1, 5), sessions(db_path)
+        old = sessions(db_path)
+        assert pid in old and all(state == "idle" for state in old.values())  # lent per group, given back
+
+        terminate(old)
+        assert wait_for(lambda: not set(sessions(db_path)) & set(old), 5)
+        assert burst_of(writer, [add(f"SM{i}", phone=f"+1555000{i:04d}") for i in range(12, 16)])
+        pid, result = writer.submit(pid_and(add("SM16")))
+        assert result.duplicate is False and pid not in old
+        assert writer.trouble() is None
+        assert wait_for(lambda: len(sessions(db_path)) == COMMITTERS + 1, 5), sessions(db_path)
+        assert not set(sessions(db_path)) & set(old)
+    finally:
+        writer.close()
+    assert sids(db_path) == {f"SM{i}" for i in range(1, 17)}
+
+
+def test_closing_the_writer_closes_its_pool(db_path):
+    """close(): no connection of the writer is left on the server, the probe's included."""
+    writer = PgWriter(db_path, 4.0)
+    assert writer.submit(add("SM1")).duplicate is False
+    assert writer._reachable()  # the probe borrows one too
+    assert wait_for(lambda: len(sessions(db_path)) > 0, 5)
+    writer.close()
+    assert wait_for(lambda: sessions(db_path) == {}, 5), sessions(db_path)

@@ -404,23 +404,25 @@ def test_space_is_measured_and_reclaimed(store):
 
 
 def test_no_driver_is_imported_outside_its_engine():
-    """One seam: sqlite3 only in engine_sqlite, psycopg only in engine_pg."""
+    """One seam: sqlite3 only in engine_sqlite, psycopg and psycopg_pool only in engine_pg."""
     import pathlib
     import re
 
     package = pathlib.Path(__file__).parent.parent / "smsbatch"
     for path in package.glob("*.py"):
         text = path.read_text()
-        for driver, home in (("sqlite3", "engine_sqlite.py"), ("psycopg", "engine_pg.py")):
+        for driver, home in (("sqlite3", "engine_sqlite.py"), ("psycopg", "engine_pg.py"),
+                             ("psycopg_pool", "engine_pg.py")):
             if path.name != home:
                 assert not re.search(rf"^\s*(import|from) {driver}\b", text, re.M), f"{path.name} imports {driver}"
 
 
-def test_a_postgresql_url_without_the_driver_is_one_line_naming_the_extra(tmp_path):
+@pytest.mark.parametrize("missing", ["psycopg", "psycopg_pool"])
+def test_a_postgresql_url_without_the_driver_is_one_line_naming_the_extra(tmp_path, missing):
     import subprocess
     import sys
 
-    code = ("import sys; sys.modules['psycopg'] = None; from smsbatch.cli import cli;"
+    code = (f"import sys; sys.modules[{missing!r}] = None; from smsbatch.cli import cli;"
             " cli(['--db', 'postgresql://u:secretpw@db.example/smsbatch', 'status'])")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 1 and run.stderr.count("\n") == 1, run.stderr
