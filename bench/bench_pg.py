@@ -7,6 +7,8 @@ webhook   `smsbatch serve` under wrk (16 connections, pre-signed bodies, every o
           of its own at the same time. Every stored text is checked against what wrk sent.
           Both engines acknowledge durably: SQLite synchronous=FULL (group commit),
           PostgreSQL synchronous_commit=on (one transaction per text).
+backlog   claiming 16 at a time (each then finished) with 1,000 and with 100,000 batches due, as
+          the `claim` part does on SQLite (bench_claim.py)
 claim     four `smsbatch process --ai offline --sms console` at once on 400 due batches
           (one text each): batches/s for the four together, and the median claim-to-finish
           time of one batch (completed_at - started_at, stamped by the processors).
@@ -261,6 +263,25 @@ def claim(admin_url, runs):
     return [*rate.values(), *each.values(), xacts]
 
 
+def backlog(admin_url, runs):
+    """Claiming with a backlog on PostgreSQL, as the `claim` part measures it on SQLite
+    (bench_claim: claim 16 at a time and finish each, 1,000 vs 100,000 due)."""
+    from bench_claim import TARGET_RATIO, build_backlog, measure
+
+    rates = {n: Figure("pg", f"claim 16 at a time, {n:,} due, PostgreSQL", "batches/s") for n in (1000, 100000)}
+    ratio = Figure("pg", "claim, 100,000 / 1,000 due, PostgreSQL", "x", target=TARGET_RATIO)
+    for n in range(runs):
+        for count, figure in rates.items():
+            with Scratch(admin_url) as scratch:
+                seed(scratch.url, 0)
+                build_backlog(scratch.url, count)
+                figure.values.append(measure(scratch.url, 16))
+        ratio.values.append(rates[100000].values[-1] / rates[1000].values[-1])
+        log(f"pg backlog run {n + 1}/{runs}: {rates[1000].values[-1]:.0f} batches/s with 1,000 due, "
+            f"{rates[100000].values[-1]:.0f} with 100,000")
+    return [*rates.values(), ratio]
+
+
 def idle_transactions(admin_url, seconds):
     """(transactions, rows read) of one `process --for seconds` with nothing due, on a new database."""
     with Scratch(admin_url) as scratch:
@@ -308,4 +329,4 @@ def run(runs=None, seconds=5.0, **_):
         figure.note = f"NOT MEASURED: no PostgreSQL server at {admin_url.split('@')[-1]} ({exc})"
         return [figure]
     log(f"pg: server {admin_url.split('@')[-1]}; T0 {T0:.0f}; {CONNECTIONS} wrk connections per serve")
-    return webhook(admin_url, runs, seconds) + claim(admin_url, runs) + idle(admin_url, runs)
+    return webhook(admin_url, runs, seconds) + claim(admin_url, runs) + backlog(admin_url, runs) + idle(admin_url, runs)
