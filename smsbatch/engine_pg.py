@@ -122,7 +122,7 @@ def _literal(value, escape, encoding):
         return f"'{value!r}'::float8".replace("inf", "Infinity").replace("nan", "NaN").encode()
     if kind is float or kind is int or isinstance(value, (int, float)):
         text = repr(value).encode()
-        return b"(" + text + b")" if value < 0 else text
+        return b"(" + text + b")" if text.startswith(b"-") else text  # -0.0 too: `a - -0.0`
     if isinstance(value, str):
         return _literal(str(value), escape, encoding)
     raise TypeError(f"cannot write {kind.__name__} into SQL")

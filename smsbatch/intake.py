@@ -11,6 +11,7 @@ earlier texts' times.
 """
 
 import json
+import re
 import secrets
 from dataclasses import dataclass, field
 
@@ -18,6 +19,10 @@ from smsbatch import batching
 from smsbatch.errors import InvalidTransition
 from smsbatch.states import TRANSITIONS, State
 
+# What no database here can store in a text column: NUL (PostgreSQL refuses it, libpq would cut
+# the string there) and lone surrogates (not UTF-8). A body holding them is stored with each one
+# replaced by U+FFFD, on both engines, rather than refused: Twilio does not send a text again.
+UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 ID_ALPHABET = "23456789abcdefghjkmnpqrstuvwxyz"  # no 0/o, 1/l/i: easy to read aloud and type
 LATE_REASON = "found in Twilio's message log, older than SMSBATCH_MAX_AGE_SECONDS: not answered late"
 
@@ -52,6 +57,7 @@ class Text:
     answered: str = None
 
     def __post_init__(self):
+        self.body = storable(self.body)
         self.scope = self.scope or self.our_number
         self.media = tuple(self.media or ())
 
@@ -65,6 +71,11 @@ class Text:
     @property
     def media_json(self):
         return json.dumps(list(self.media)) if self.media else None
+
+
+def storable(body):
+    """`body` with what cannot be stored (UNSTORABLE) replaced by U+FFFD."""
+    return UNSTORABLE.sub("\ufffd", body) if UNSTORABLE.search(body) else body
 
 
 def new_id():
@@ -171,7 +182,8 @@ class Plan:
             batch = self._new(text, state, urgent, quiet, rules=rules)
             batch.moves.append((at, None, state, "first text"))
             self.batches[batch.id] = batch
-            self.open[text.conversation] = batch
+            if state == State.OPEN:  # a batch of one text is closed at once: the next opens another
+                self.open[text.conversation] = batch
             self.conversations[text.conversation] = batch.id
             return batch.id
         batch.first_at, batch.last_at = min(batch.first_at, at), max(batch.last_at, at)
