@@ -18,7 +18,7 @@ from smsbatch.config import Settings
 from smsbatch.intake import Text
 from smsbatch.writer import run_works
 from smsbatch.writer_pool import GroupStore
-from test_intake import _outcome, _trace
+from test_intake import _trace, store_both_ways
 
 A, B, C, US = "+15551230001", "+15551230002", "+15551230003", "+15550000000"
 
@@ -247,14 +247,7 @@ def test_groups_larger_than_a_statement_store_what_texts_one_at_a_time_store(sto
         texts.append(t)
     alone = fresh(str(tmp_path / "alone.db"))
     try:
-        singles = [alone.add_texts([t])[0] for t in texts]
-        grouped, i = [], 0
-        while i < len(texts):
-            size = rng.randint(101, 260)
-            grouped += store.add_texts(texts[i:i + size])
-            i += size
-        assert [(a.duplicate, a.kind) for a in grouped] == [(a.duplicate, a.kind) for a in singles]
-        assert _outcome(store) == _outcome(alone)
+        store_both_ways(store, alone, texts, rng, (101, 260))
     finally:
         alone.close()
 

@@ -136,21 +136,27 @@ def _outcome(store):
 def test_a_group_stores_exactly_what_the_same_texts_one_at_a_time_store(store, tmp_path, seed):
     """Grouped (as the webhook's committers store them) and one transaction per text (as
     before): the same batches, states, times, quiet periods, history and opt-outs."""
-    texts, rng = _trace(seed), random.Random(seed)
     alone = Store(str(tmp_path / "alone.db"))
     alone.migrate()
     try:
-        singles = [alone.add_texts([t])[0] for t in texts]
-        grouped, i = [], 0
-        while i < len(texts):
-            size = rng.randint(1, 20)
-            grouped += store.add_texts(texts[i:i + size])
-            i += size
-        assert [(a.duplicate, a.kind) for a in grouped] == [(a.duplicate, a.kind) for a in singles]
-        assert _outcome(store) == _outcome(alone)
+        grouped = store_both_ways(store, alone, _trace(seed), random.Random(seed), (1, 20))
         assert sum(a.duplicate for a in grouped) > 0 and any(a.kind == "opt_out" for a in grouped)
     finally:
         alone.close()
+
+
+def store_both_ways(store, alone, texts, rng, sizes):
+    """`texts` into `alone` one transaction each, into `store` in groups of random `sizes`
+    (lowest, highest); asserts both stored the same (_outcome). Returns the groups' Added."""
+    singles = [alone.add_texts([t])[0] for t in texts]
+    grouped, i = [], 0
+    while i < len(texts):
+        size = rng.randint(*sizes)
+        grouped += store.add_texts(texts[i:i + size])
+        i += size
+    assert [(a.duplicate, a.kind) for a in grouped] == [(a.duplicate, a.kind) for a in singles]
+    assert _outcome(store) == _outcome(alone)
+    return grouped
 
 
 @pytest.mark.engines
