@@ -12,7 +12,7 @@ import pytest
 from conftest import T0
 from smsbatch.batching import Rules
 from smsbatch.db import Store
-from smsbatch.engine import StoreBusy, StoreError
+from smsbatch.engine import StoreError
 from smsbatch.ingest import ingest_lines
 from smsbatch.config import Settings
 from smsbatch.intake import Text
