@@ -27,6 +27,8 @@ A Database offers:
     copy_to(path), exists(), close()
 """
 
+import importlib.util
+
 from smsbatch.errors import SmsbatchError
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
@@ -76,7 +78,11 @@ def _engine_pg(target):
     try:
         from smsbatch import engine_pg
     except ImportError:
-        raise SmsbatchError(f"{shown_target(target)} is a PostgreSQL database: {INSTALL_POSTGRES}") from None
+        engine_pg = None
+    # psycopg_pool is imported only when a pool is made (the webhook), but checked here: an
+    # install without it is not the extra, whichever command runs first
+    if engine_pg is None or importlib.util.find_spec("psycopg_pool") is None:
+        raise SmsbatchError(f"{shown_target(target)} is a PostgreSQL database: {INSTALL_POSTGRES}")
     return engine_pg
 
 

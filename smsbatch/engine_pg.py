@@ -19,7 +19,6 @@ from importlib import resources
 
 import psycopg
 import psycopg.errors as pgerrors
-import psycopg_pool
 from psycopg.pq import Escaping
 from psycopg.rows import tuple_row
 
@@ -52,28 +51,8 @@ def translate(exc):
 
 
 @functools.lru_cache(maxsize=1024)
-def to_psycopg(sql):
-    """The store's SQL with `?` placeholders as psycopg's `%s` (a literal % doubled);
-    nothing inside quotes is touched."""
-    out, quote = [], None
-    for ch in sql:
-        if quote:
-            if ch == quote:
-                quote = None
-            out.append("%%" if ch == "%" else ch)
-        elif ch in "'\"":
-            quote = ch
-            out.append(ch)
-        elif ch == "?":
-            out.append("%s")
-        else:
-            out.append("%%" if ch == "%" else ch)
-    return "".join(out)
-
-
-@functools.lru_cache(maxsize=1024)
 def _split(sql):
-    """The store's SQL cut at its `?` placeholders (none inside quotes), as bytes."""
+    """The store's SQL cut at its `?` placeholders (nothing inside quotes is one)."""
     parts, quote, start = [], None, 0
     for i, ch in enumerate(sql):
         if quote:
@@ -81,10 +60,21 @@ def _split(sql):
         elif ch in "'\"":
             quote = ch
         elif ch == "?":
-            parts.append(sql[start:i].encode())
+            parts.append(sql[start:i])
             start = i + 1
-    parts.append(sql[start:].encode())
+    parts.append(sql[start:])
     return tuple(parts)
+
+
+@functools.lru_cache(maxsize=1024)
+def to_psycopg(sql):
+    """The store's SQL with `?` placeholders as psycopg's `%s` (a literal % doubled)."""
+    return "%s".join(part.replace("%", "%%") for part in _split(sql))
+
+
+@functools.lru_cache(maxsize=1024)
+def _split_bytes(sql):
+    return tuple(part.encode() for part in _split(sql))
 
 
 def _inline(raw, statements, begin=None):
@@ -96,7 +86,7 @@ def _inline(raw, statements, begin=None):
     escape, encoding = Escaping(raw.pgconn).escape_literal, raw.info.encoding
     out = [begin.encode(), b"; "] if begin else []
     for n, (sql, values) in enumerate(statements):
-        parts = _split(sql)
+        parts = _split_bytes(sql)
         if len(parts) != len(values) + 1:
             raise StoreError(f"{len(values)} values for {len(parts) - 1} placeholders")
         if n:
@@ -433,21 +423,9 @@ class Database:
         self.pending_begin = f"BEGIN; SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms}"
 
     def send_begin(self):
-        """Send a BEGIN begin() left pending (a statement is about to run alone). If the
-        server dropped this connection, nothing has run yet: once more on a new one."""
+        """Send a BEGIN begin() left pending (a statement is about to run alone)."""
         sql, self.pending_begin = self.pending_begin, None
-        raw = self.raw()
-        try:
-            try:
-                raw.execute(sql)
-            except psycopg.OperationalError:
-                if not raw.broken:
-                    raise
-                raw = self.raw()
-                raw.execute(sql)
-        except psycopg.Error as exc:
-            self._abandon(raw)
-            raise translate(exc) from exc
+        self._begin(sql)
         self.in_transaction = True
 
     def end(self, commit):
@@ -591,6 +569,9 @@ class Pool:
         self.url, self.size, self.busy_timeout, self.durable = url, size, busy_timeout, durable
         self._lent = 0  # connections lent now: a PoolTimeout with all of them lent means busy, not down
         self._lock = threading.Lock()
+        import psycopg_pool  # only the webhook has a pool: `process` from cron does not load it
+
+        self._lib = psycopg_pool
         self._pool = psycopg_pool.ConnectionPool(
             url, kwargs=_connect_kwargs(), min_size=size, max_size=size, open=False, name="smsbatch",
             configure=lambda raw: configure(raw, durable, busy_timeout), max_lifetime=POOL_MAX_LIFETIME,
@@ -620,11 +601,11 @@ class Pool:
             raise StoreBusy("the deadline passed before a connection to the database was free")
         try:
             raw = self._pool.getconn(left)
-        except psycopg_pool.PoolTimeout:
+        except self._lib.PoolTimeout:
             if self._lent >= self.size:
                 raise StoreBusy(f"every connection to the database was in use for {left:.1f} s") from None
             raise StoreUnavailable(f"cannot connect to {shown_target(self.url)} (none within {left:.1f} s)") from None
-        except psycopg_pool.PoolClosed:
+        except self._lib.PoolClosed:
             raise StoreUnavailable("the connection pool is closed") from None
         with self._lock:
             self._lent += 1
@@ -643,7 +624,7 @@ class Pool:
         while True:
             raw = self.getconn(deadline)
             try:
-                psycopg_pool.ConnectionPool.check_connection(raw)
+                self._pool.check_connection(raw)
                 return raw
             except psycopg.Error:
                 self.putconn(raw)
