@@ -109,6 +109,20 @@ class Bursting:
 
     _burst = None
 
+    def submit(self, work, deadline=None):
+        """Run work(store) and return what it returns, once committed: inside the calling
+        thread's burst if it is in one (returns None at once, see burst()), else on its own
+        (the writer's _submit_alone), within `deadline` (monotonic; default busy_timeout from now).
+
+        Raises:
+            SmsbatchError (StoreError among them): nothing of `work` was stored.
+        """
+        if deadline is None:
+            deadline = time.monotonic() + self.busy_timeout
+        if self.in_burst():
+            return self._burst.run(work, deadline)
+        return self._submit_alone(work, deadline)
+
     def in_burst(self):
         """True inside this thread's burst(): a write that fails there is run again."""
         burst = self._burst
@@ -168,20 +182,9 @@ class Writer(Bursting):
         self._failed = (0.0, "")  # (monotonic time, why) of the last write that failed
         self._lock_wait_since = None  # a write is waiting for the database lock since then
 
-    def submit(self, work, deadline=None):
-        """Run work(store) and return what it returns, once committed: inside the calling
-        thread's burst if it is in one, else grouped with other threads' writes, waiting
-        for the database lock until `deadline` (monotonic; default busy_timeout from now).
-
-        Inside a burst it returns None at once (see burst()).
-
-        Raises:
-            SmsbatchError (StoreError among them): nothing of `work` was stored.
-        """
-        if deadline is None:
-            deadline = time.monotonic() + self.busy_timeout
-        if self.in_burst():
-            return self._burst.run(work, deadline)
+    def _submit_alone(self, work, deadline):
+        """Bursting.submit outside a burst: grouped with other threads' writes, waiting for
+        the database lock until `deadline`."""
         job = _Job(work, deadline)
         self._waiting.append(job)
         # The committer may hold the connection while it waits for the database lock: wait

@@ -100,18 +100,8 @@ class PgWriter(Bursting):
 
     # -- what the webhook calls ------------------------------------------------------
 
-    def submit(self, work, deadline=None):
-        """Run work(store) and return what it returns, once committed: inside the calling
-        thread's burst if it is in one (returns None at once, see burst()), else in its own
-        transaction, waiting until `deadline` (monotonic; default busy_timeout from now).
-
-        Raises:
-            SmsbatchError (StoreError among them): nothing of `work` was stored.
-        """
-        if deadline is None:
-            deadline = time.monotonic() + self.busy_timeout
-        if self.in_burst():
-            return self._burst.run(work, deadline)
+    def _submit_alone(self, work, deadline):
+        """Bursting.submit outside a burst: a committer runs it with whatever else is queued."""
         job = _Job(work, deadline)
         self._hand_over(job)
         if not job.done.wait(max(0.0, deadline - time.monotonic()) + REQUEST_WAIT_LIMIT):
