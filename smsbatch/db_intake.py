@@ -81,7 +81,7 @@ class Intake:
                 if len(texts) > 1:
                     return [added for text in texts for added in self.add_texts([text])]
                 found = self.conn.execute("SELECT batch_id FROM messages WHERE sid = ?", (texts[0].sid,)).fetchone()
-                return [Added(found[0] if found else None, True, Plan._kind(texts[0]) or "text")]
+                return [Added(found[0] if found else None, True, texts[0].stated_kind or "text")]
         raise SmsbatchError("could not pick a unique batch id")  # pragma: no cover
 
     def quiet_now(self, phone, now, rules):

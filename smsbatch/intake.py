@@ -65,6 +65,12 @@ class Text:
         return store.add_texts([self])[0]
 
     @property
+    def stated_kind(self):
+        """'opt_out'/'opt_in' by Twilio's verdict, else by its keyword (a text with pictures is
+        never a keyword), or None."""
+        return self.carrier_kind or (batching.keyword_kind(self.body) if not self.media else None)
+
+    @property
     def conversation(self):
         return self.phone, self.our_number
 
@@ -135,10 +141,10 @@ class Plan:
     def add(self, text, facts):
         """Decide where `text` goes; returns its Added."""
         if facts.seen is not None:
-            return Added(facts.seen[0], True, self._kind(text) or "text")
+            return Added(facts.seen[0], True, text.stated_kind or "text")
         if text.sid in self._sids:
-            return Added(self._sids[text.sid], True, self._kind(text) or "text")
-        kind = self._kind(text)
+            return Added(self._sids[text.sid], True, text.stated_kind or "text")
+        kind = text.stated_kind
         if kind == "opt_in" and not text.carrier_kind and _is_yes(text.body) \
                 and not self._opted.get((text.phone, text.scope), facts.opted_out):
             kind = None  # "yes" answering the AI's question is a text, not a re-subscription
@@ -154,10 +160,6 @@ class Plan:
         self._sids[text.sid] = batch_id
         self.stored.append((text, batch_id, kind or "text"))
         return Added(batch_id, False, kind or "text")
-
-    @staticmethod
-    def _kind(text):
-        return text.carrier_kind or (batching.keyword_kind(text.body) if not text.media else None)
 
     def _keyword(self, text, kind):
         word = text.body.strip().upper()

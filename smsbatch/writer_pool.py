@@ -306,9 +306,8 @@ class _Queue:
     def take(self, committer, limit):
         """The next group for `committer` (about `limit` texts at most), waiting for one;
         None once closed and empty."""
+        self.done(committer)  # its last group is written
         with self._changed:
-            if self._writing.pop(committer, None):
-                self._changed.notify_all()
             while True:
                 taken, left, mine, busy, size = [], collections.deque(), set(), set(), 0
                 for other in self._writing.values():
