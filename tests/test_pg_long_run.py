@@ -11,7 +11,6 @@ brings the server back, so nothing is timed.
 """
 
 import logging
-import socket
 import threading
 
 import pytest
@@ -33,65 +32,7 @@ def engine_name():
     return "postgres"
 
 
-class Relay(Proxy):
-    """A Proxy that can also spoil chosen connections (numbered from 1 in the order they are
-    opened): `refuse` ones are closed at once (a server turning connections away); `drop`
-    ({connection: n}) ones are cut at their n-th query, the connection itself made (the server
-    dropping it, as pg_terminate_backend or a restart does; query 1 is its setup, configure)."""
-
-    def __init__(self, target_port):
-        super().__init__(target_port)
-        self.refuse, self.drop, self.opened = set(), {}, 0
-
-    def _accept(self):
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            self.opened += 1
-            if not self.up or self.opened in self.refuse:
-                client.close()
-                continue
-            server = socket.create_connection(("127.0.0.1", self.target_port))
-            self.pairs.append((client, server))
-            cut_at = self.drop.get(self.opened)
-            threading.Thread(target=self._client_side, args=(client, server, cut_at), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(server, client), daemon=True).start()
-
-    @staticmethod
-    def _end(*sockets):
-        """Close both ends so that the other side sees it at once: shutdown first, since a close
-        alone leaves the connection open while another thread still waits in recv on it."""
-        for s in sockets:
-            for end in (lambda: s.shutdown(socket.SHUT_RDWR), s.close):
-                try:
-                    end()
-                except OSError:
-                    pass
-
-    @classmethod
-    def _pipe(cls, source, sink):
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        cls._end(source, sink)
-
-    def _client_side(self, client, server, cut_at):
-        """Relay what the client writes; with `cut_at`, close both ends instead of passing on its
-        cut_at-th query (a message of type P or Q: the start-up packets begin with their length)."""
-        queries = 0
-        try:
-            while data := client.recv(65536):
-                queries += data[:1] in (b"P", b"Q")
-                if cut_at is not None and queries >= cut_at:
-                    break
-                server.sendall(data)
-        except OSError:
-            pass
-        self._end(client, server)
+Relay = Proxy  # with its `refuse` and `drop`: connections spoiled one by one
 
 
 def through(relay, db_path):

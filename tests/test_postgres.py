@@ -223,13 +223,18 @@ def test_twin_first_texts_on_two_webhooks_land_in_one_batch(db_path):
 
 class Proxy:
     """A TCP relay to the PostgreSQL server that can be cut (every connection dropped, new
-    ones refused) and restored: the database unreachable for seconds, as in a restart."""
+    ones refused) and restored: the database unreachable for seconds, as in a restart. It can
+    also spoil chosen connections (numbered from 1 in the order they are opened): `refuse`
+    ones are closed at once (a server turning connections away); `drop` ({connection: n})
+    ones are cut at their n-th query, the connection itself made (the server dropping it, as
+    pg_terminate_backend or a restart does; query 1 is its setup, configure)."""
 
     def __init__(self, target_port):
         self.target_port = target_port
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.up, self.pairs = True, []
+        self.refuse, self.drop, self.opened = set(), {}, 0
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self):
@@ -238,26 +243,49 @@ class Proxy:
                 client, _ = self.listener.accept()
             except OSError:
                 return
-            if not self.up:
+            self.opened += 1
+            if not self.up or self.opened in self.refuse:
                 client.close()
                 continue
             server = socket.create_connection(("127.0.0.1", self.target_port))
             self.pairs.append((client, server))
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            cut_at = self.drop.get(self.opened)
+            threading.Thread(target=self._client_side, args=(client, server, cut_at), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client), daemon=True).start()
 
     @staticmethod
-    def _pipe(source, sink):
+    def _end(*sockets):
+        """Close both ends so that the other side sees it at once: shutdown first, since a close
+        alone leaves the connection open while another thread still waits in recv on it."""
+        for s in sockets:
+            for end in (lambda: s.shutdown(socket.SHUT_RDWR), s.close):
+                try:
+                    end()
+                except OSError:
+                    pass
+
+    @classmethod
+    def _pipe(cls, source, sink):
         try:
             while data := source.recv(65536):
                 sink.sendall(data)
         except OSError:
             pass
-        for s in (source, sink):
-            try:
-                s.close()
-            except OSError:
-                pass
+        cls._end(source, sink)
+
+    def _client_side(self, client, server, cut_at):
+        """Relay what the client writes; with `cut_at`, close both ends instead of passing on its
+        cut_at-th query (a message of type P or Q: the start-up packets begin with their length)."""
+        queries = 0
+        try:
+            while data := client.recv(65536):
+                queries += data[:1] in (b"P", b"Q")
+                if cut_at is not None and queries >= cut_at:
+                    break
+                server.sendall(data)
+        except OSError:
+            pass
+        self._end(client, server)
 
     def cut(self):
         self.up = False
