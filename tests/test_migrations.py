@@ -161,6 +161,11 @@ MEANINGS = ("closes_at", "retry_at", "lease_expires_at")
 
 
 @pytest.mark.engines
+KEPT_COLUMNS = {"messages": "sid, phone, our_number, body, kind, received_at, batch_id",
+                "opt_outs": "phone, scope, since, keyword",
+                "batch_events": "batch_id, at, from_state, to_state, reason"}
+
+
 def test_a_version_10_database_upgrades_to_11_with_each_due_at_in_the_column_of_its_meaning(
         request, tmp_path, engine_name):
     """Step 11 splits batches.due_at by what it meant in each batch's state: every batch keeps
@@ -182,6 +187,12 @@ def test_a_version_10_database_upgrades_to_11_with_each_due_at_in_the_column_of_
                           T - 60))
         conn.execute("INSERT INTO conversations (phone, our_number, open_batch) VALUES (?, ?, ?)",
                      ("+15552220000", US, "open000001"))
+        conn.execute("INSERT INTO messages (sid, phone, our_number, body, kind, received_at, batch_id)"
+                     " VALUES ('SMv10', '+15552220000', ?, 'still here?', 'text', ?, 'open000001')", (US, T - 50))
+        conn.execute("INSERT INTO opt_outs (phone, scope, since, keyword) VALUES ('+15552229999', ?, ?, 'STOP')",
+                     (US, T - 70))
+    kept = {table: sorted(map(tuple, store.conn.execute(f"SELECT {columns} FROM {table}")))
+            for table, columns in KEPT_COLUMNS.items()}
     # what schema 10 claimed at each moment: a pending batch whose due_at had come
     moments = (T, T + 15, T + 25, T + 35, T + 45, T + 65)
     before = {at: {r[0] for r in store.conn.execute(
@@ -191,6 +202,9 @@ def test_a_version_10_database_upgrades_to_11_with_each_due_at_in_the_column_of_
                                   " 'processing', 'sending')").fetchone()[0]
     assert store.migrate() == (10, SCHEMA_VERSION)
     assert "due_at" not in store.db.columns("batches")
+    for table, rows in kept.items():  # every text, opt-out and history row as it was
+        assert sorted(map(tuple, store.conn.execute(f"SELECT {KEPT_COLUMNS[table]} FROM {table}"))) == rows, table
+    assert store.is_opted_out("+15552229999", US)
     got = {r["id"]: r for r in map(dict, store.conn.execute("SELECT * FROM batches"))}
     for batch_id, state, attempts, claim, retried_at, due, meaning in V10_BATCHES:
         row = got[batch_id]
