@@ -160,12 +160,12 @@ V10_BATCHES = [
 MEANINGS = ("closes_at", "retry_at", "lease_expires_at")
 
 
-@pytest.mark.engines
 KEPT_COLUMNS = {"messages": "sid, phone, our_number, body, kind, received_at, batch_id",
                 "opt_outs": "phone, scope, since, keyword",
                 "batch_events": "batch_id, at, from_state, to_state, reason"}
 
 
+@pytest.mark.engines
 def test_a_version_10_database_upgrades_to_11_with_each_due_at_in_the_column_of_its_meaning(
         request, tmp_path, engine_name):
     """Step 11 splits batches.due_at by what it meant in each batch's state: every batch keeps
