@@ -417,8 +417,8 @@ class Database:
     def begin(self, seconds):
         """BEGIN a transaction that end() ends; every statement in it (lock waits included)
         gives up after `seconds`. Nothing is sent yet: BEGIN and its settings go with the
-        first statement (Connection.execute_all: in the same round trip).
-        Raises: StoreError (nothing begun)."""
+        first statement (Connection.execute_all: in the same round trip), which raises
+        StoreError if it cannot begin."""
         ms = max(1, int(seconds * 1000))
         self.pending_begin = f"BEGIN; SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms}"
 
