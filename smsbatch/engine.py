@@ -13,7 +13,9 @@ A Database offers:
     conn                  execute(sql, params) with `?` placeholders -> cursor (fetchone,
                           fetchall, iteration, rowcount); rows by name and by index;
                           execute_all([(sql, params), ...]) -> their results, in one round
-                          trip on PostgreSQL
+                          trip on PostgreSQL (where a statement may be a Named one,
+                          prepared once per connection)
+    prepares              True if execute_all takes Named statements (PostgreSQL)
     transaction()         context manager: one transaction (SQLite: BEGIN IMMEDIATE)
     durable_transaction() the same, committed so that it survives power loss
     lock_conversations(pairs)  the statements that serialise the writers of these
@@ -51,6 +53,19 @@ class StoreConflict(StoreError):
 class StoreUnavailable(StoreError):
     """The database cannot be reached or written now (server down, connection lost,
     read-only file): the same request may work once it is back."""
+
+
+class Named:
+    """A statement of a fixed shape that an engine able to (PostgreSQL: `Database.prepares`)
+    prepares once per connection and runs by name: its parsing and planning are paid once,
+    not at every group of texts. `types` are its parameters' ($1, $2, ...) SQL types; a
+    Python list is given for an array type. Used as the sql of a (sql, parameters)
+    statement in Connection.execute_all."""
+
+    __slots__ = ("name", "types", "sql")
+
+    def __init__(self, name, types, sql):
+        self.name, self.types, self.sql = name, tuple(types), sql
 
 
 def is_postgres(target):

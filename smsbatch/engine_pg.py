@@ -14,6 +14,7 @@ import logging
 import math
 import threading
 import time
+import weakref
 from contextlib import contextmanager
 from importlib import resources
 
@@ -23,7 +24,7 @@ from psycopg.pq import Escaping
 from psycopg.rows import tuple_row
 
 from smsbatch import migrations
-from smsbatch.engine import Row, StoreBusy, StoreConflict, StoreError, StoreUnavailable, shown_target
+from smsbatch.engine import Named, Row, StoreBusy, StoreConflict, StoreError, StoreUnavailable, shown_target
 from smsbatch.errors import SmsbatchError
 
 log = logging.getLogger("smsbatch.engine_pg")
@@ -113,9 +114,57 @@ def _literal(value, escape, encoding):
     if kind is float or kind is int or isinstance(value, (int, float)):
         text = repr(value).encode()
         return b"(" + text + b")" if text.startswith(b"-") else text  # -0.0 too: `a - -0.0`
+    if kind is list:  # a Named statement's array parameter (its type is cast in _execute_sql)
+        return b"ARRAY[" + b", ".join([_literal(v, escape, encoding) for v in value]) + b"]"
     if isinstance(value, str):
         return _literal(str(value), escape, encoding)
     raise TypeError(f"cannot write {kind.__name__} into SQL")
+
+
+# The Named statements prepared on each connection: {psycopg connection: set of names}, or
+# None for a connection where a round trip that prepared some failed: PREPARE is not undone
+# by a rollback, so which of them ran is read back from the server (pg_prepared_statements).
+_PREPARED = weakref.WeakKeyDictionary()
+
+
+@functools.lru_cache(maxsize=64)
+def _execute_sql(named):
+    """`EXECUTE name(?::type, ...)` for a Named statement (each value cast: an empty array has no type of its own)."""
+    return f"EXECUTE {named.name}(" + ", ".join(f"?::{t}" for t in named.types) + ")"
+
+
+# Named statements run with their generic plan (planned once): left to itself (`auto`),
+# PostgreSQL keeps planning each run anew when the generic plan's estimate (10 rows an array)
+# exceeds that of a group of fewer texts. Their shapes make every row an index search.
+_GENERIC, _AUTO = ("SET LOCAL plan_cache_mode = force_generic_plan", ()), ("SET LOCAL plan_cache_mode = DEFAULT", ())
+
+
+def _by_name(raw, statements):
+    """(what to send, how many leading statements give no result wanted, names prepared):
+    statements with each Named one as its EXECUTE, preceded by the PREPAREs this
+    connection lacks, and run with generic plans."""
+    if not any(isinstance(sql, Named) for sql, _ in statements):
+        return statements, 0, ()
+    have = _prepared(raw)
+    prepares, out = {}, []
+    for sql, values in statements:
+        if isinstance(sql, Named):
+            if sql.name not in have and sql.name not in prepares:
+                prepares[sql.name] = (f"PREPARE {sql.name}({', '.join(sql.types)}) AS {sql.sql}", ())
+            sql = _execute_sql(sql)
+        out.append((sql, values))
+    lead = [_GENERIC, *prepares.values()]
+    return lead + out + [_AUTO], len(lead), set(prepares)
+
+
+def _prepared(raw):
+    """The names prepared on `raw` (read from the server if not known)."""
+    if raw not in _PREPARED:
+        _PREPARED[raw] = set()
+    elif _PREPARED[raw] is None:
+        rows = raw.execute("SELECT name FROM pg_prepared_statements").fetchall()
+        _PREPARED[raw] = {row[0] for row in rows}
+    return _PREPARED[raw]
 
 
 def _rows(cursor):
@@ -206,21 +255,26 @@ class Connection:
         database = self._database
         begin = database.pending_begin
         for attempt in (1, 2):
-            raw = database.raw()
-            query = _inline(raw, statements, begin)
-            cursor = database.client_cursor(raw)
+            raw, prepared = database.raw(), ()
             try:
-                cursor.execute(query)
+                sent, lead, prepared = _by_name(raw, statements)
+                query = _inline(raw, sent, begin)
+                database.client_cursor(raw).execute(query)
                 break
             except psycopg.Error as exc:
                 if begin and attempt == 1 and raw.broken:
                     continue  # the server dropped the connection: nothing ran; once more on a new one
                 database.pending_begin = None
+                if prepared:
+                    _PREPARED[raw] = None  # some of them may have run before the failure
                 raise translate(exc) from exc
+        if prepared:
+            _PREPARED[raw] |= prepared
+        cursor = database.client_cursor(raw)
+        for _ in range((begin.count(";") + 1 if begin else 0) + lead):  # BEGIN, settings, PREPAREs
+            cursor.nextset()
         if begin:
             database.pending_begin, database.in_transaction = None, True
-            for _ in range(begin.count(";") + 1):  # BEGIN and its SET LOCALs: no results wanted
-                cursor.nextset()
         try:
             results = [Result(cursor, statements[0][0])]
             for query, _ in statements[1:]:
@@ -270,10 +324,17 @@ def configure(raw, durable, busy_timeout):
                 (f"{int(busy_timeout * 1000)}ms", "on" if durable else "off", IDLE_IN_TRANSACTION))
 
 
+_LOCK_CONVERSATIONS = Named(
+    "smsbatch_lock_conversations", ("text[]", "text[]"),
+    "SELECT pg_advisory_xact_lock(a, b) FROM (SELECT hashtext(p) a, hashtext(n) b"
+    " FROM unnest($1, $2) v(p, n)) k GROUP BY a, b ORDER BY a, b")
+
+
 class Database:
     """One PostgreSQL connection and what smsbatch needs of it. Not thread-safe."""
 
     engine = "postgres"
+    prepares = True  # Connection.execute_all takes engine.Named statements
     for_update = " FOR UPDATE"
     skip_locked = " FOR UPDATE SKIP LOCKED"
 
@@ -345,10 +406,7 @@ class Database:
         statement, taken in the order of their keys (a volatile function in the select list
         runs after the ORDER BY), so that two transactions locking several conversations
         never wait for each other in a circle."""
-        values = ", ".join(["(?, ?)"] * len(conversations))
-        return [("SELECT pg_advisory_xact_lock(a, b) FROM (SELECT hashtext(p) a, hashtext(n) b"
-                 f" FROM (VALUES {values}) v(p, n)) k GROUP BY a, b ORDER BY a, b",
-                 [v for conversation in conversations for v in conversation])]
+        return [(_LOCK_CONVERSATIONS, [[c[0] for c in conversations], [c[1] for c in conversations]])]
 
     def now(self):
         """The database server's clock (epoch seconds): the one clock every host shares."""
@@ -652,6 +710,10 @@ class PooledDatabase(Database):
                 log.info("replacing a dropped connection to %s", shown_target(self.path))
             self._raw = self._pool.working(self._deadline)
         return self._raw
+
+    def renew(self, deadline):
+        """Keep the loan for another use: a dropped connection is swapped until `deadline`."""
+        self._deadline = deadline
 
     def close(self):
         raw, self._raw = self._raw, None

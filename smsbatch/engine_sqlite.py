@@ -67,6 +67,7 @@ class Database:
     """One SQLite connection and what smsbatch needs of it. Not thread-safe."""
 
     engine = "sqlite"
+    prepares = False  # in-process statements: VALUES lists cost nothing to send (sqlite3 caches what it parsed)
     for_update = ""  # BEGIN IMMEDIATE: a transaction that writes holds the whole file
     skip_locked = ""
 
