@@ -108,3 +108,145 @@ def test_a_statement_error_after_the_prepares_then_texts_on_the_same_connection(
             c.execute_all(store.db.lock_conversations([(A, US)]) + [("SELECT 1/0", ())])
     assert store.add_texts([text("SM1"), text("SM2", phone=B)])[1].duplicate is False
     assert count(store) == 2 and conn is store.conn
+
+
+# -- what a connection prepared, dropped by someone else --------------------------------
+
+
+def names_and(work):
+    """work, returning also the backend pid and the names prepared on its connection after it."""
+    def run(store):
+        result = work(store)
+        return store.conn.execute("SELECT pg_backend_pid()").fetchone()[0], prepared(store), result
+    return run
+
+
+def test_a_committers_kept_connection_the_server_dropped_is_replaced_and_prepares_again(db_path):
+    """The server ends a committer's kept connection between groups (pg_terminate_backend):
+    the next text is stored, with no failure left for /health, on a new connection that
+    prepares its statements anew."""
+    writer = PgWriter(db_path, 4.0)
+    try:
+        pids = set()
+        for i in (1, 2, 3):
+            pid, names, result = writer.submit(names_and(text(f"SM{i}")))
+            assert result.duplicate is False and names == NAMES
+            pids.add(pid)
+        terminate(pids)  # the committers' kept connections
+        time.sleep(0.05)
+        for i in range(4, 7):
+            new, names, result = writer.submit(names_and(text(f"SM{i}")))
+            assert new not in pids and result.duplicate is False and names == NAMES
+        assert burst_of(writer, [text("SM7"), text("SM8", phone=B)])
+        assert writer.trouble() is None
+    finally:
+        writer.close()
+    assert sids(db_path) == {f"SM{i}" for i in range(1, 9)}
+
+
+@pytest.mark.parametrize("statement", ["DEALLOCATE ALL", "DISCARD ALL", "DEALLOCATE smsbatch_text_facts"])
+def test_prepared_statements_dropped_by_someone_else_are_prepared_again(store, statement):
+    """What the connection prepared is gone (a pooler's DISCARD ALL, a DEALLOCATE run on
+    it): the next texts fail at most once, then are stored; the connection does not stay
+    useless."""
+    assert store.add_message("SM1", A, US, "hi", T0, Rules()).duplicate is False
+    store.conn.execute(statement)
+    outcomes = []
+    for i in (2, 3):
+        try:
+            outcomes.append(store.add_message(f"SM{i}", A, US, "hi", T0 + i, Rules()).duplicate)
+        except Exception as exc:  # noqa: BLE001 - what it raised is the finding
+            outcomes.append(repr(exc))
+    assert outcomes[-1] is False, outcomes
+    assert prepared(store) == NAMES
+
+
+def test_a_migration_while_a_connection_holds_prepared_reads_leaves_them_working(store):
+    """A schema change under a connection's prepared reads (a column added and dropped, an
+    index replaced, as steps 10-11 do): the server plans them again; the texts are stored."""
+    assert store.add_message("SM1", A, US, "hi", T0, Rules()).duplicate is False
+    other = Store(store.path)
+    try:
+        for sql in ("ALTER TABLE batches ADD COLUMN extra double precision",
+                    "ALTER TABLE messages ADD COLUMN extra text",
+                    "ALTER TABLE batches DROP COLUMN extra",
+                    "DROP INDEX messages_number", "CREATE INDEX messages_number ON messages(our_number)"):
+            other.conn.execute(sql)
+    finally:
+        other.close()
+    assert store.add_message("SM2", A, US, "hi", T0 + 1, Rules(adaptive=True)).duplicate is False
+    assert store.add_message("SM1", A, US, "hi", T0, Rules()).duplicate is True
+
+
+def test_a_column_type_a_prepared_read_returns_changed_by_a_migration(store):
+    """A migration that changes the type of a column a prepared read returns (here
+    batches.message_count integer -> bigint): PostgreSQL refuses to run the prepared
+    statement again ("cached plan must not change result type"); the connection must
+    recover (prepare again), not fail every text until it is retired."""
+    assert store.add_message("SM1", A, US, "hi", T0, Rules()).duplicate is False
+    other = Store(store.path)
+    try:
+        other.conn.execute("ALTER TABLE batches ALTER COLUMN message_count TYPE bigint")
+    finally:
+        other.close()
+    outcomes = []
+    for i in (2, 3):
+        try:
+            outcomes.append(store.add_message(f"SM{i}", A, US, "hi", T0 + i, Rules()).duplicate)
+        except Exception as exc:  # noqa: BLE001 - what it raised is the finding
+            outcomes.append(repr(exc))
+    assert outcomes[-1] is False, outcomes
+
+
+@pytest.mark.parametrize("change", ["DEALLOCATE ALL", "ALTER TABLE batches ALTER COLUMN message_count TYPE bigint"])
+def test_the_webhook_stores_every_text_after_its_connections_prepared_reads_went_stale(db_path, change):
+    """The committers' kept connections hold prepared reads that go stale (dropped on the
+    server; a schema change of a column they return): no text is refused for it, and the
+    failure leaves no trouble for /health."""
+    writer = PgWriter(db_path, 4.0)
+    try:
+        pids = {writer.submit(names_and(text(f"SM{i}", phone=B)))[0] for i in range(4)}
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
+            if change.startswith("DEALLOCATE"):
+                # as a pooler or an operator would on those very sessions: here through the writer
+                for _ in range(6):
+                    writer.submit(lambda store: store.conn.execute(change))
+            else:
+                schema = db_path.split("search_path%3D")[1]
+                admin.execute(f"SET search_path = {schema}")
+                admin.execute(change)
+        failed = []
+        for i in range(10, 16):
+            try:
+                writer.submit(text(f"SM{i}"))
+            except Exception as exc:  # noqa: BLE001 - what it raised is the finding
+                failed.append(repr(exc))
+        assert burst_of(writer, [text("SM16"), text("SM17", phone=B)])
+        assert failed == []
+        assert writer.trouble() is None
+    finally:
+        writer.close()
+    assert pids and {f"SM{i}" for i in range(10, 18)} <= sids(db_path)
+
+
+@pytest.mark.parametrize("change", ["DEALLOCATE ALL", "ALTER TABLE batches ALTER COLUMN message_count TYPE bigint"])
+def test_a_group_whose_prepared_reads_went_stale_is_stored_at_its_first_try(db_path, change):
+    """The webhook's group (its BEGIN in the same round trip as the reads): stale prepared
+    reads are dropped and prepared again in the same call; the group is not failed for them."""
+    from smsbatch.writer_pool import GroupStore
+
+    store = GroupStore(db_path)
+    try:
+        store.add_message("SM1", A, US, "hi", T0, Rules())
+        other = Store(db_path)
+        try:
+            (store if change.startswith("DEALLOCATE") else other).conn.execute(change)
+        finally:
+            other.close()
+        store.begin_group(time.monotonic() + 2)
+        added = store.add_texts([text("SM2"), text("SM3", phone=B)])
+        store.end_group(commit=True)
+        assert [a.duplicate for a in added] == [False, False] and prepared(store) == NAMES
+        assert count(store) == 3
+    finally:
+        store.close()
