@@ -250,3 +250,53 @@ def test_a_group_whose_prepared_reads_went_stale_is_stored_at_its_first_try(db_p
         assert count(store) == 3
     finally:
         store.close()
+
+
+# -- hostile values and group sizes: the same as SQLite -----------------------------------
+
+
+def _hostile(seed, n):
+    """Texts with quotes, backslashes, bidi and control characters, long bodies, repeats,
+    keywords, adaptive and fixed rules mixed, times a little out of order."""
+    rng = random.Random(seed)
+    odd = ["'", "''", "\\", "\\'", '"', "$1", "$$", "%s", "?", "\u202e", "\u2066", "\x01", "\x7f", "\t\n", "é", "😀"]
+    phones = [A, B, f"+1555{rng.choice(odd)}0003", "+1555'0004\\", "+1555\u202e0005"]
+    numbers = [US, "+1555000'0009", "+1555000\\0008"]
+    words = ["hi", "STOP", "START", "yes", "URGENT", "x" * 5000, "'; DROP TABLE messages; --", "\\x00"]
+    rules = [Rules(max_messages=4, adaptive=True), Rules(max_messages=6), Rules(adaptive=True, adaptive_window=3)]
+    out = []
+    for i in range(n):
+        sid = f"SM{seed}{rng.choice(odd)}{rng.randrange(i + 1) if rng.random() < 0.1 else i:020d}"
+        out.append(Text(sid, rng.choice(phones), rng.choice(numbers), rng.choice(words) + rng.choice(odd),
+                        T0 + i * 3 + rng.uniform(-5, 5), rng.choice(rules)))
+    return out
+
+
+@pytest.mark.parametrize("sizes", [(1, 1), (200, 200), (1, 250)])
+def test_groups_of_hostile_texts_store_what_sqlite_stores_one_at_a_time(store, tmp_path, sizes):
+    """One text, 200 (two chunks of ROWS_PER_STATEMENT) or any number a group: the prepared
+    reads (arrays of quoted values, the LIMIT of the adaptive window) decide as SQLite does."""
+    alone = Store(str(tmp_path / "alone.db"))
+    alone.migrate()
+    try:
+        grouped = store_both_ways(store, alone, _hostile(sum(sizes), 400), random.Random(1), sizes)
+        assert any(a.duplicate for a in grouped) and any(a.kind == "opt_out" for a in grouped)
+    finally:
+        alone.close()
+
+
+def test_the_quiet_period_read_alone_matches_sqlite(store, tmp_path):
+    """quiet_now: the facts' read alone, outside any transaction (its own implicit one),
+    with the adaptive window's LIMIT: the same quiet period as SQLite."""
+    alone = Store(str(tmp_path / "alone.db"))
+    alone.migrate()
+    try:
+        rules = Rules(adaptive=True)
+        texts = [text(f"SM{i}", at=T0 + i * 40 + (i % 3) * 7, rules=rules) for i in range(30)]
+        store.add_texts(texts)
+        alone.add_texts(texts)
+        for now in (T0 + 1300, T0 + 5000):
+            assert store.quiet_now(A, now, rules) == pytest.approx(alone.quiet_now(A, now, rules), abs=1e-4)
+        assert store.conn.execute("SHOW plan_cache_mode").fetchone()[0] == "auto"
+    finally:
+        alone.close()
