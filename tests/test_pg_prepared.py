@@ -300,3 +300,59 @@ def test_the_quiet_period_read_alone_matches_sqlite(store, tmp_path):
         assert store.conn.execute("SHOW plan_cache_mode").fetchone()[0] == "auto"
     finally:
         alone.close()
+
+
+# -- the generic plans: index searches, whatever the tables hold ---------------------------
+
+
+def _fill(store, people):
+    """`people` conversations, each with an open batch and 4 texts, one in 10 opted out,
+    added in bulk after the connection planned its reads on empty tables, and never analysed."""
+    for table in ("batches", "conversations", "messages", "opt_outs", "pruned_sids"):
+        store.conn.execute(f"ALTER TABLE {table} SET (autovacuum_enabled = false)")
+    store.conn.execute(
+        "INSERT INTO batches (id, phone, our_number, state, message_count, first_at, last_at, created_at)"
+        " SELECT 'b' || g, '+1666' || g, ?, 'open', 4, ? + g, ? + g + 30, ? + g FROM generate_series(1, ?) g",
+        (US, T0, T0, T0, people))
+    store.conn.execute("INSERT INTO conversations (phone, our_number, open_batch)"
+                       " SELECT '+1666' || g, ?, 'b' || g FROM generate_series(1, ?) g", (US, people))
+    store.conn.execute(
+        "INSERT INTO messages (sid, phone, our_number, body, media, kind, received_at, batch_id)"
+        " SELECT 'SMbulk' || g || '_' || k, '+1666' || g, ?, repeat('x', 200), '[]', 'text', ? + g + k * 10,"
+        " 'b' || g FROM generate_series(1, ?) g, generate_series(0, 3) k", (US, T0, people))
+    store.conn.execute("INSERT INTO opt_outs (phone, scope, since, keyword)"
+                       " SELECT '+1666' || g, ?, ?, 'STOP' FROM generate_series(1, ?, 10) g", (US, T0, people))
+
+
+def _buffers(store, sql):
+    """Shared buffers (hit and read) an EXPLAIN ANALYZE of `sql` touched, under the generic plan."""
+    raw = store.db.raw()
+    raw.execute("BEGIN")
+    try:
+        raw.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        plan = raw.execute(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}").fetchone()[0][0]["Plan"]
+    finally:
+        raw.execute("ROLLBACK")
+    return plan["Shared Hit Blocks"] + plan["Shared Read Blocks"], plan
+
+
+def test_the_prepared_reads_generic_plans_are_index_searches_on_unanalysed_tables(store):
+    store.add_texts([text("SM1", rules=Rules(adaptive=True))])  # prepared and planned on empty tables
+    assert prepared(store) == NAMES
+    people = 5000
+    _fill(store, people)
+    phones = [f"+1666{g}" for g in range(1, people, people // 10)]
+    arr = "ARRAY[" + ", ".join(f"'{p}'" for p in phones) + "]::text[]"
+    us = "ARRAY[" + ", ".join(f"'{US}'" for _ in phones) + "]::text[]"
+    sids_ = "ARRAY[" + ", ".join(f"'SMbulk{p[5:]}_1'" for p in phones) + "]::text[]"
+    ats = "ARRAY[" + ", ".join(str(T0 + 10**6) for _ in phones) + "]::double precision[]"
+    table_pages = count(store, "SELECT pg_relation_size('messages') / 8192 + pg_relation_size('batches') / 8192")
+    facts, plan = _buffers(store, f"EXECUTE smsbatch_text_facts({sids_}, {arr}, {us}, {ats}, 19)")
+    assert plan["Actual Rows"] == len(phones)
+    opened, plan2 = _buffers(store, f"EXECUTE smsbatch_open_batches({arr}, {us})")
+    assert plan2["Actual Rows"] == len(phones)
+    locks, _ = _buffers(store, f"EXECUTE smsbatch_lock_conversations({arr}, {us})")
+    # about a dozen index pages a text for the facts (4 lookups), a few for its open batch
+    assert facts <= 20 * len(phones) and opened <= 10 * len(phones), (facts, opened, table_pages)
+    assert table_pages > 10 * (facts + opened) / len(phones)
+    assert locks < 10
