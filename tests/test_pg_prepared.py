@@ -356,3 +356,13 @@ def test_the_prepared_reads_generic_plans_are_index_searches_on_unanalysed_table
     assert facts <= 20 * len(phones) and opened <= 10 * len(phones), (facts, opened, table_pages)
     assert table_pages > 10 * (facts + opened) / len(phones)
     assert locks < 10
+
+
+def test_an_adaptive_window_beyond_32_bits_is_a_limit_as_before(store):
+    """SMSBATCH_ADAPTIVE_WINDOW has no upper bound (config: a whole number, at least 2): the
+    facts' LIMIT was a bigint literal before it became the prepared read's parameter; a window
+    of 2**31 or more must not refuse every text ("integer out of range")."""
+    rules = Rules(adaptive=True, adaptive_window=2**31 + 1)
+    assert store.add_message("SM1", A, US, "hi", T0, rules).duplicate is False
+    assert store.add_message("SM2", A, US, "hi", T0 + 30, rules).duplicate is False
+    assert count(store) == 2
