@@ -206,7 +206,7 @@ class Intake:
 @functools.lru_cache(maxsize=4)
 def _named_facts(join_times):
     return Named(
-        "smsbatch_text_facts", ("text[]", "text[]", "text[]", "double precision[]", "integer"),
+        "smsbatch_text_facts", ("text[]", "text[]", "text[]", "double precision[]", "bigint"),
         "SELECT t.k, (SELECT m.batch_id FROM messages m WHERE m.sid = t.sid),"
         " (SELECT count(*) FROM pruned_sids p WHERE p.sid = t.sid),"
         " (SELECT count(*) FROM opt_outs o WHERE o.phone = t.phone AND o.scope IN (t.scope, '*')),"

@@ -66,6 +66,10 @@ class Named:
 
     def __init__(self, name, types, sql):
         self.name, self.types, self.sql = name, tuple(types), sql
+        NAMED.add(name)
+
+
+NAMED = set()  # every Named statement's name: what an engine may deallocate to prepare again
 
 
 def is_postgres(target):

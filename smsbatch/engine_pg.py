@@ -24,7 +24,7 @@ from psycopg.pq import Escaping
 from psycopg.rows import tuple_row
 
 from smsbatch import migrations
-from smsbatch.engine import Named, Row, StoreBusy, StoreConflict, StoreError, StoreUnavailable, shown_target
+from smsbatch.engine import NAMED as _NAMED, Named, Row, StoreBusy, StoreConflict, StoreError, StoreUnavailable, shown_target
 from smsbatch.errors import SmsbatchError
 
 log = logging.getLogger("smsbatch.engine_pg")
@@ -125,6 +125,11 @@ def _literal(value, escape, encoding):
 # None for a connection where a round trip that prepared some failed: PREPARE is not undone
 # by a rollback, so which of them ran is read back from the server (pg_prepared_statements).
 _PREPARED = weakref.WeakKeyDictionary()
+# Errors of an EXECUTE after which the connection's prepared statements are not what
+# _PREPARED says: dropped by something else (26000: a DEALLOCATE, a pooler's DISCARD ALL), or
+# planned for a column type a schema change replaced (0A000: "cached plan must not change
+# result type", until it is deallocated). Its Named statements are deallocated and prepared again.
+_STALE = ("26000", "0A000")
 
 
 @functools.lru_cache(maxsize=64)
@@ -158,13 +163,28 @@ def _by_name(raw, statements):
 
 
 def _prepared(raw):
-    """The names prepared on `raw` (read from the server if not known)."""
+    """The names prepared on `raw` (read from the server if not known; after a stale one,
+    none: those of ours it has are deallocated)."""
     if raw not in _PREPARED:
         _PREPARED[raw] = set()
-    elif _PREPARED[raw] is None:
+    elif _PREPARED[raw] is None or _PREPARED[raw] is _STALE:
         rows = raw.execute("SELECT name FROM pg_prepared_statements").fetchall()
-        _PREPARED[raw] = {row[0] for row in rows}
+        names = {row[0] for row in rows}
+        if _PREPARED[raw] is _STALE:
+            for name in names & _NAMED:
+                raw.execute(f"DEALLOCATE {name}")
+            names -= _NAMED
+        _PREPARED[raw] = names
     return _PREPARED[raw]
+
+
+def _rolled_back(raw):
+    """True if a ROLLBACK of `raw`'s transaction went through."""
+    try:
+        raw.execute("ROLLBACK")
+        return True
+    except psycopg.Error:
+        return False
 
 
 def _rows(cursor):
@@ -255,7 +275,7 @@ class Connection:
         database = self._database
         begin = database.pending_begin
         for attempt in (1, 2):
-            raw, prepared = database.raw(), ()
+            raw, prepared, lead = database.raw(), (), 0
             try:
                 sent, lead, prepared = _by_name(raw, statements)
                 query = _inline(raw, sent, begin)
@@ -264,8 +284,12 @@ class Connection:
             except psycopg.Error as exc:
                 if begin and attempt == 1 and raw.broken:
                     continue  # the server dropped the connection: nothing ran; once more on a new one
+                if lead and exc.sqlstate in _STALE:
+                    _PREPARED[raw] = _STALE
+                    if begin and attempt == 1 and _rolled_back(raw):
+                        continue  # only this round trip ran in its transaction: once more, prepared anew
                 database.pending_begin = None
-                if prepared:
+                if prepared and _PREPARED[raw] is not _STALE:
                     _PREPARED[raw] = None  # some of them may have run before the failure
                 raise translate(exc) from exc
         if prepared:
