@@ -23,13 +23,17 @@ in READ COMMITTED), so it sees every text another writer of these conversations 
 
 import functools
 
-from smsbatch.engine import Named
+from smsbatch.engine import Named, StoreConflict
 from smsbatch.errors import SmsbatchError
-from smsbatch.intake import Added, Facts, OpenBatch, Plan, Text
+from smsbatch.intake import Added, Facts, Memory, OpenBatch, Plan, Text
 from smsbatch.states import State
 
 ID_ATTEMPTS = 5
 ROWS_PER_STATEMENT = 100  # keeps a statement's parameters few (SQLite allows 32,766)
+
+
+class GuessedWrong(SmsbatchError):
+    """A fact add_texts_guessed planned with was not so: nothing of the group is stored."""
 
 
 class _Duplicate(Exception):
@@ -87,6 +91,27 @@ class Intake:
                 return [Added(found[0] if found else None, True, texts[0].stated_kind or "text")]
         raise SmsbatchError("could not pick a unique batch id")  # pragma: no cover
 
+    def add_texts_guessed(self, texts, facts, open_batches):
+        """Store `texts` in ONE round trip, BEGIN to COMMIT, planned from guessed facts
+        (intake.Memory.guess) instead of read ones; PostgreSQL only (Database.prepares). The
+        database's transaction is begun (Database.begin) and is over when this returns or
+        raises. Every guess is checked by the server in the same transaction (_GUARD, and
+        the writes' compare-and-sets: see _guarded_writes); a wrong one raises GuessedWrong
+        with nothing stored. Returns their Added, and remembers the plan (last_intake).
+        Raises: GuessedWrong, StoreError."""
+        conversations = sorted({text.conversation for text in texts})
+        was = {b.id: (b.count, b.first_at, b.last_at, int(b.urgent)) for b in open_batches.values()}
+        plan = Plan(open_batches)
+        added = [plan.add(text, fact) for text, fact in zip(texts, facts)]
+        statements = self.db.lock_conversations(conversations) + [_guard(texts, facts)]
+        statements += _guarded_writes(plan, was)
+        try:
+            self.conn.execute_all(statements, commit=True)
+        except StoreConflict as exc:
+            raise GuessedWrong(str(exc)) from None
+        self.last_intake = (texts, facts, plan)
+        return added
+
     def quiet_now(self, phone, now, rules):
         """The quiet period this person's next text would get now (fixed, or fitted to their pace)."""
         probe = Text("", phone, "", "", now, rules)
@@ -107,6 +132,7 @@ class Intake:
         plan = Plan(self._open_batches(results[len(chunks):]))
         added = [plan.add(text, fact) for text, fact in zip(texts, facts)]
         self._write(conn, plan, per)
+        self.last_intake = (texts, facts, plan)
         return added
 
     def _read_facts(self, conn, texts):
@@ -169,24 +195,14 @@ class Intake:
         while its row is locked)."""
         created = [b for b in plan.batches.values() if b.created]
         joined = [b for b in plan.batches.values() if not b.created]
-        events = [(b.id, at, None if was is None else was.value, to.value, reason)
-                  for b in plan.batches.values() for at, was, to, reason in b.moves]
         writes = {
             "opt_outs": [_opt_change(*change) for change in plan.opt_changes],
             # a full batch closes before the batch that follows it opens (one open batch each)
             "joined": [_update_batch(b) for b in joined],
             "created": _rows(_INSERT_BATCHES, [_batch_row(b) for b in created], per),
-            "conversations": _rows(
-                "INSERT INTO conversations (phone, our_number, open_batch) VALUES {}"
-                " ON CONFLICT (phone, our_number) DO UPDATE SET open_batch = excluded.open_batch",
-                [(*conversation, batch_id) for conversation, batch_id in plan.conversations.items()], per),
-            "stored": _rows(
-                "INSERT INTO messages (sid, phone, our_number, body, media, kind, received_at, batch_id)"
-                " VALUES {} ON CONFLICT (sid) DO NOTHING",
-                [(t.sid, t.phone, t.our_number, t.body, t.media_json, kind, t.at, batch_id)
-                 for t, batch_id, kind in plan.stored], per),
-            "events": _rows("INSERT INTO batch_events (batch_id, at, from_state, to_state, reason) VALUES {}",
-                            events, per),
+            "conversations": _conversation_rows(plan, per),
+            "stored": _rows(_INSERT_MESSAGES, _message_rows(plan), per),
+            "events": _rows(_INSERT_EVENTS, _event_rows(plan), per),
         }
         results = iter(conn.execute_all([statement for group in writes.values() for statement in group]))
         counts = {name: [next(results).rowcount for _ in group] for name, group in writes.items()}
@@ -227,6 +243,51 @@ _OPEN_BATCHES = Named(
     " FROM batches b WHERE b.id = c.open_batch AND b.state = 'open' FOR UPDATE) b")
 
 
+# What add_texts_guessed guessed, checked by the server: no MessageSid of the group pruned, and
+# each adaptive person's latest times ($5: the window) exactly those guessed (rows of $2-$4:
+# person, rank from the newest, time). A check that fails divides by zero: the transaction
+# aborts, and engine_pg says StoreConflict.
+_GUARD = Named(
+    "smsbatch_guessed", ("text[]", "text[]", "bigint[]", "double precision[]", "text[]", "bigint"),
+    "SELECT 1 / (NOT EXISTS (SELECT 1 FROM pruned_sids WHERE sid = ANY($1))"
+    " AND NOT EXISTS (SELECT 1 FROM (SELECT p.phone, w.r, w.at FROM unnest($5) p(phone)"
+    " CROSS JOIN LATERAL (SELECT received_at AS at, row_number() OVER (ORDER BY received_at DESC) AS r"
+    " FROM (SELECT received_at FROM messages WHERE phone = p.phone ORDER BY received_at DESC LIMIT $6) x) w) a"
+    " FULL JOIN unnest($2, $3, $4) e(phone, r, at) ON a.phone = e.phone AND a.r = e.r"
+    " WHERE a.at IS DISTINCT FROM e.at))::integer")
+
+
+def _guard(texts, facts):
+    people, window = {}, 0
+    for text, fact in zip(texts, facts):
+        if text.rules.adaptive:
+            people[text.phone] = fact.recent
+            window = max(window, Memory.window(text.rules))
+    rows = [(phone, rank, at) for phone, recent in people.items() for rank, at in enumerate(recent, 1)]
+    return _GUARD, [[t.sid for t in texts], [r[0] for r in rows], [r[1] for r in rows],
+                    [float(r[2]) for r in rows], list(people), window]
+
+
+def _guarded_writes(plan, was):
+    """The plan's writes, each checked by the server: a joined batch by a compare-and-set on
+    everything the plan read of it (`was`: count, first and last time, urgent), a new batch
+    by the one-open-batch index and its id's uniqueness, a text by its MessageSid's."""
+    statements = [
+        ("WITH j AS (UPDATE batches SET message_count = ?, first_at = ?, last_at = ?, urgent = ?, closes_at = ?,"
+         " quiet_seconds = ?, state = ? WHERE id = ? AND state = 'open' AND message_count = ? AND first_at = ?"
+         " AND last_at = ? AND urgent = ? RETURNING 1) SELECT 1 / count(*) FROM j",
+         (b.count, b.first_at, b.last_at, int(b.urgent), Plan.closes_at(b), b.quiet, b.state.value, b.id,
+          *was[b.id]))
+        for b in plan.batches.values() if not b.created]
+    created = [_batch_row(b) for b in plan.batches.values() if b.created]
+    per = ROWS_PER_STATEMENT
+    statements += _rows(_INSERT_BATCHES.replace(" ON CONFLICT (id) DO NOTHING", ""), created, per)
+    statements += _conversation_rows(plan, per)
+    statements += _rows(_INSERT_MESSAGES.replace(" ON CONFLICT (sid) DO NOTHING", ""), _message_rows(plan), per)
+    statements += _rows(_INSERT_EVENTS, _event_rows(plan), per)
+    return statements
+
+
 def _rows(sql, rows, per):
     """Statements of `sql` with `VALUES {}` filled with up to `per` rows each, with their parameters."""
     statements = []
@@ -244,6 +305,27 @@ def _opt_change(kind, phone, scope, at, word):
                 (phone, scope, at, word))
     # opting back in also lifts an opt-out kept from schema 1, which covered every number
     return "DELETE FROM opt_outs WHERE phone = ? AND scope IN (?, '*')", (phone, scope)
+
+
+_INSERT_MESSAGES = ("INSERT INTO messages (sid, phone, our_number, body, media, kind, received_at, batch_id)"
+                    " VALUES {} ON CONFLICT (sid) DO NOTHING")
+_INSERT_EVENTS = "INSERT INTO batch_events (batch_id, at, from_state, to_state, reason) VALUES {}"
+
+
+def _conversation_rows(plan, per):
+    return _rows("INSERT INTO conversations (phone, our_number, open_batch) VALUES {}"
+                 " ON CONFLICT (phone, our_number) DO UPDATE SET open_batch = excluded.open_batch",
+                 [(*conversation, batch_id) for conversation, batch_id in plan.conversations.items()], per)
+
+
+def _message_rows(plan):
+    return [(t.sid, t.phone, t.our_number, t.body, t.media_json, kind, t.at, batch_id)
+            for t, batch_id, kind in plan.stored]
+
+
+def _event_rows(plan):
+    return [(b.id, at, None if was is None else was.value, to.value, reason)
+            for b in plan.batches.values() for at, was, to, reason in b.moves]
 
 
 _INSERT_BATCHES = ("INSERT INTO batches (id, phone, our_number, state, message_count, first_at, last_at, urgent,"

@@ -44,7 +44,7 @@ def translate(exc):
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if isinstance(exc, BUSY):
         return StoreBusy(text)
-    if isinstance(exc, pgerrors.IntegrityError):
+    if isinstance(exc, (pgerrors.IntegrityError, pgerrors.DivisionByZero)):  # the latter: a check (1 / 0) failed
         return StoreConflict(text)
     if isinstance(exc, UNAVAILABLE + (psycopg.OperationalError, psycopg.InterfaceError)):
         return StoreUnavailable(text)
@@ -141,15 +141,16 @@ def _execute_sql(named):
 # Named statements run with their generic plan (planned once): left to itself (`auto`),
 # PostgreSQL keeps planning each run anew when the generic plan's estimate (10 rows an array)
 # exceeds that of a group of fewer texts. Their shapes make every row an index search.
+_COMMIT = ("COMMIT", ())
 _GENERIC, _AUTO = ("SET LOCAL plan_cache_mode = force_generic_plan", ()), ("SET LOCAL plan_cache_mode = DEFAULT", ())
 
 
-def _by_name(raw, statements):
+def _by_name(raw, statements, commit=False):
     """(what to send, how many leading statements give no result wanted, names prepared):
     statements with each Named one as its EXECUTE, preceded by the PREPAREs this
-    connection lacks, and run with generic plans."""
+    connection lacks, and run with generic plans; then the COMMIT if `commit`."""
     if not any(isinstance(sql, Named) for sql, _ in statements):
-        return statements, 0, ()
+        return statements + [_COMMIT] if commit else statements, 0, ()
     have = _prepared(raw)
     prepares, out = {}, []
     for sql, values in statements:
@@ -159,7 +160,7 @@ def _by_name(raw, statements):
             sql = _execute_sql(sql)
         out.append((sql, values))
     lead = [_GENERIC, *prepares.values()]
-    return lead + out + [_AUTO], len(lead), set(prepares)
+    return lead + out + [_COMMIT if commit else _AUTO], len(lead), set(prepares)
 
 
 def _prepared(raw):
@@ -263,21 +264,34 @@ class Connection:
         except psycopg.Error as exc:  # dropped again: the database is away, said as StoreUnavailable
             raise translate(exc) from exc
 
-    def execute_all(self, statements):
+    def execute_all(self, statements, commit=False):
         """[(sql, parameters), ...] sent to the server together, in ONE round trip (one
         simple-protocol query, the values written in as literals, strings quoted by libpq),
         inside the current transaction; their results, in order. Each statement still takes
         its own snapshot (READ COMMITTED), after the one before it ended: a read after a lock
         sees what the lock's holder committed. A failing statement raises, and the rest do
-        not run. A BEGIN that Database.begin() left pending goes first, in the same round trip."""
+        not run. A BEGIN that Database.begin() left pending goes first, in the same round trip.
+        `commit`: the transaction's COMMIT goes last, in the same round trip; when anything
+        fails, the transaction is rolled back before this raises."""
         if not statements:
             return []
+        try:
+            return self._execute_all(list(statements), commit)
+        except StoreError:
+            raw = self._database._raw
+            if commit and raw is not None and not raw.broken:
+                _rolled_back(raw)  # the failed statement left the transaction aborted, not ended
+            if commit:
+                self._database.in_transaction = False
+            raise
+
+    def _execute_all(self, statements, commit):
         database = self._database
         begin = database.pending_begin
         for attempt in (1, 2):
             raw, prepared, lead = database.raw(), (), 0
             try:
-                sent, lead, prepared = _by_name(raw, statements)
+                sent, lead, prepared = _by_name(raw, statements, commit)
                 query = _inline(raw, sent, begin)
                 database.client_cursor(raw).execute(query)
                 break
@@ -306,6 +320,8 @@ class Connection:
                 results.append(Result(cursor, query))
         except psycopg.Error as exc:
             raise translate(exc) from exc
+        if commit:
+            database.in_transaction = False
         return results
 
     def executemany(self, sql, seq):

@@ -10,6 +10,7 @@ after a STOP in the same group is a re-subscription, the adaptive quiet period c
 earlier texts' times.
 """
 
+import collections
 import json
 import re
 import secrets
@@ -226,3 +227,105 @@ class Plan:
 
 def _is_yes(body):
     return body.strip().strip(".!").upper() == "YES"
+
+
+class Memory:
+    """What this process last wrote of each conversation, to guess a group's facts without
+    reading them first (the webhook on PostgreSQL: Store.add_texts_guessed, one round trip).
+
+    A guess is only a guess: the store's statements check on the server that every fact the
+    plan rests on is what it was guessed to be (an open batch by a compare-and-set on what
+    the plan read of it, no open batch by the one-open-batch index, a MessageSid not yet
+    stored by its unique key, not pruned, the person's latest times equal to those guessed),
+    and a wrong guess rolls the whole group back, to be stored the ordinary way. Unknown
+    conversations are guessed new (no open batch, no earlier texts). An open batch past its
+    closing time is no guess (a processor may have claimed it), nor a conversation or person
+    whose guess was wrong within FORGET_SECONDS (another host writes it too, or a text came
+    out of order). Keywords and the backfill's late or answered texts are never guessed.
+    Bounded: the SIZE conversations and people most recently written. Thread-safe enough
+    for two committers: each writes its own conversations (writer_pool._Queue); a person
+    with two of our numbers may be guessed wrong, which only costs the ordinary way."""
+
+    SIZE = 10_000
+    FORGET_SECONDS = 30.0
+
+    def __init__(self, size=SIZE):
+        self.size = size
+        self._open = collections.OrderedDict()  # conversation: (OpenBatch fields, closes_at) or None
+        self._recent = collections.OrderedDict()  # phone: (window, latest times, newest first)
+        self._wrong = {}  # conversation or phone: monotonic time its guess was last wrong
+
+    def guess(self, texts, now):
+        """(facts of each text, {conversation: OpenBatch}) to plan `texts` with, or None
+        when one of them cannot be guessed. `now`: monotonic time (FORGET_SECONDS)."""
+        opens, facts = {}, []
+        for text in texts:
+            if text.stated_kind or text.expired or text.answered or self._was_wrong(text, now):
+                return None
+            conversation = text.conversation
+            if conversation not in opens:
+                known = self._open.get(conversation)
+                if known is not None:
+                    fields, closes_at = known
+                    if text.at >= closes_at:
+                        return None
+                    known = OpenBatch(*fields)
+                opens[conversation] = known
+            recent = self._recent_for(text)
+            if recent is None:
+                return None
+            facts.append(Facts(None, False, recent))
+        return facts, {c: b for c, b in opens.items() if b is not None}
+
+    def _was_wrong(self, text, now):
+        return any(now - self._wrong.get(key, -self.FORGET_SECONDS) < self.FORGET_SECONDS
+                   for key in (text.conversation, text.phone))
+
+    def _recent_for(self, text):
+        """The person's latest times the plan needs (adaptive rules), or None if unknown for sure."""
+        rules = text.rules
+        if not rules.adaptive:
+            return ()
+        window, times = self._recent.get(text.phone, (Memory.window(rules), ()))
+        if window != Memory.window(rules) or (times and times[0] > text.at):
+            return None  # learned for another window, or a text older than one stored: read them
+        return times
+
+    @staticmethod
+    def window(rules):
+        """How many of a person's latest times a plan reads (the store's facts: the window minus one)."""
+        return max(rules.adaptive_window - 1, 0)
+
+    def learn(self, texts, facts, plan):
+        """After `plan` was committed: what it left of the texts' conversations and people."""
+        last = {}
+        for text, fact in zip(texts, facts):
+            if text.phone not in last or text.at >= last[text.phone][0].at:
+                last[text.phone] = (text, fact)
+        for text in texts:
+            batch = plan.open.get(text.conversation)
+            known = None
+            if batch is not None:
+                known = ((batch.id, batch.first_at, batch.last_at, batch.count, batch.urgent, State.OPEN,
+                          batch.quiet), Plan.closes_at(batch) if batch.rules else batch.last_at)
+            self._put(self._open, text.conversation, known)
+        for phone, (text, fact) in last.items():
+            if text.rules.adaptive:
+                window = Memory.window(text.rules)
+                times = sorted({*fact.recent, *(t.at for t in texts if t.phone == phone)}, reverse=True)
+                self._put(self._recent, phone, (window, tuple(times[:window])))
+
+    def forget(self, texts, now):
+        """The guess for these texts was wrong (or their group failed): no guess for a while."""
+        for text in texts:
+            self._open.pop(text.conversation, None)
+            self._recent.pop(text.phone, None)
+            self._wrong[text.conversation] = self._wrong[text.phone] = now
+        if len(self._wrong) > self.size:
+            self._wrong = {k: at for k, at in self._wrong.items() if now - at < self.FORGET_SECONDS}
+
+    def _put(self, table, key, value):
+        table[key] = value
+        table.move_to_end(key)
+        while len(table) > self.size:
+            table.popitem(last=False)

@@ -27,7 +27,8 @@ from contextlib import contextmanager
 
 from smsbatch.db import Store
 from smsbatch.engine import StoreBusy, StoreError, connect_pool
-from smsbatch.intake import Text
+from smsbatch.db_intake import GuessedWrong
+from smsbatch.intake import Memory, Text
 from smsbatch.writer import REQUEST_WAIT_LIMIT, TROUBLE_MEMORY, WAITING_TOO_LONG, Burst, Bursting, run_works
 
 log = logging.getLogger("smsbatch.web")
@@ -98,6 +99,7 @@ class PgWriter(Bursting):
         self._committed_at = 0.0  # monotonic time of the last COMMIT
         self._failed = (0.0, "")  # (monotonic time, why) of the last write that failed
         self._busy_since = {}  # {committer thread: monotonic time its current transaction began}
+        self._memory = Memory()  # what the committers wrote last of each conversation (one round trip a group)
 
     # -- what the webhook calls ------------------------------------------------------
 
@@ -217,24 +219,48 @@ class PgWriter(Bursting):
         self._busy_since[committer] = time.monotonic()
         try:
             store = committer.open(deadline)
-            store.begin_group(deadline)
-            try:
-                results = run_works(store, works)
-            except BaseException:
-                store.end_group(commit=False)
-                raise
-            store.end_group(commit=True)
+            store.last_intake = None
+            results = self._run_guessed(store, works, deadline)
+            if results is None:
+                store.begin_group(deadline)
+                try:
+                    results = run_works(store, works)
+                except BaseException:
+                    store.end_group(commit=False)
+                    raise
+                store.end_group(commit=True)
+            if store.last_intake is not None:
+                self._memory.learn(*store.last_intake)
         except StoreError as exc:
             committer.release()  # the pool checks it, and replaces it if the server dropped it
+            self._memory.forget([w for w in works if isinstance(w, Text)], time.monotonic())
             self._note_failure(exc)
             return None
         except Exception:  # a text's own fault: each runs again alone, and fails alone
+            self._memory.forget([w for w in works if isinstance(w, Text)], time.monotonic())
             log.debug("webhook: a group of %d writes failed; each runs again alone", len(works), exc_info=True)
             return None
         finally:
             self._busy_since.pop(committer, None)
         self._committed_at = time.monotonic()
         return results
+
+    def _run_guessed(self, store, works, deadline):
+        """A group of texts only, stored in one round trip from what this writer remembers
+        of their conversations (intake.Memory, Store.add_texts_guessed); None if it could not
+        be guessed, or was guessed wrong (nothing stored: the group goes the ordinary way).
+        Raises: StoreError (the group failed)."""
+        if not all(isinstance(work, Text) for work in works):
+            return None
+        guess = self._memory.guess(works, time.monotonic())
+        if guess is None:
+            return None
+        store.db.begin(deadline - time.monotonic())
+        try:
+            return store.add_texts_guessed(works, *guess)
+        except GuessedWrong:
+            self._memory.forget(works, time.monotonic())
+            return None
 
     def _run_alone(self, committer, job):
         """One job in a transaction of its own (Store's), within its deadline."""
