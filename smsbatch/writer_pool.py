@@ -100,6 +100,7 @@ class PgWriter(Bursting):
         self._failed = (0.0, "")  # (monotonic time, why) of the last write that failed
         self._busy_since = {}  # {committer thread: monotonic time its current transaction began}
         self._memory = Memory()  # what the committers wrote last of each conversation (one round trip a group)
+        self.guesses = collections.Counter()  # groups stored from a guess ("right"), or the ordinary way after one ("wrong")
 
     # -- what the webhook calls ------------------------------------------------------
 
@@ -257,10 +258,13 @@ class PgWriter(Bursting):
             return None
         store.db.begin(deadline - time.monotonic())
         try:
-            return store.add_texts_guessed(works, *guess)
+            added = store.add_texts_guessed(works, *guess)
         except GuessedWrong:
+            self.guesses["wrong"] += 1
             self._memory.forget(works, time.monotonic())
             return None
+        self.guesses["right"] += 1
+        return added
 
     def _run_alone(self, committer, job):
         """One job in a transaction of its own (Store's), within its deadline."""
