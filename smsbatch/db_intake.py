@@ -19,6 +19,12 @@ though statements of new lengths are parsed anew).
 
 Each read runs after the locks were taken (PostgreSQL takes a new snapshot per statement
 in READ COMMITTED), so it sees every text another writer of these conversations committed.
+
+The PostgreSQL webhook goes further when it can (add_texts_guessed): it plans from what it
+remembers of the conversations (intake.Memory) instead of reading first, and sends the
+BEGIN, the locks, a check of every guess and the writes, each write checked by the server
+too, and the COMMIT in ONE round trip. A guess found wrong aborts that transaction, so
+nothing of it is stored, and the group is then stored the ordinary way above.
 """
 
 import functools

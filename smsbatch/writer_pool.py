@@ -10,6 +10,13 @@ after a failure, or every KEEP_SECONDS); the pool opens the connections in the b
 and replaces one the server dropped (/health's probe borrows one too). Each text still takes its conversation's advisory lock and is deduplicated
 by MessageSid inside that transaction, so several hosts may write the same database.
 
+A group of texts of conversations this writer wrote before (or never saw: guessed new) is
+stored in ONE round trip, BEGIN to COMMIT, from what it remembers of them (intake.Memory,
+Store.add_texts_guessed), every guess checked by the server in that transaction; a wrong
+guess stores nothing and the group is stored the ordinary way (reads, then writes, then
+COMMIT: three round trips). Measured (bench/run.py pg, 2 cores): one `serve` went from
+0.61x to 0.78x the SQLite webhook's texts a second.
+
 A group that fails (one text's write raised, the connection was lost, the deadline came)
 stores nothing; then every burst in it is handed back to the server, which runs its
 requests again on pool threads (submit()), and those are retried one transaction per text,
