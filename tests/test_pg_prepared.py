@@ -151,14 +151,20 @@ def test_prepared_statements_dropped_by_someone_else_are_prepared_again(store, s
     useless."""
     assert store.add_message("SM1", A, US, "hi", T0, Rules()).duplicate is False
     store.conn.execute(statement)
+    outcomes = two_more_texts(store)
+    assert outcomes[-1] is False, outcomes
+    assert prepared(store) == NAMES
+
+
+def two_more_texts(store):
+    """Whether SM2 and SM3 were duplicates, or what storing each raised."""
     outcomes = []
     for i in (2, 3):
         try:
             outcomes.append(store.add_message(f"SM{i}", A, US, "hi", T0 + i, Rules()).duplicate)
         except Exception as exc:  # noqa: BLE001 - what it raised is the finding
             outcomes.append(repr(exc))
-    assert outcomes[-1] is False, outcomes
-    assert prepared(store) == NAMES
+    return outcomes
 
 
 def test_a_migration_while_a_connection_holds_prepared_reads_leaves_them_working(store):
@@ -189,12 +195,7 @@ def test_a_column_type_a_prepared_read_returns_changed_by_a_migration(store):
         other.conn.execute("ALTER TABLE batches ALTER COLUMN message_count TYPE bigint")
     finally:
         other.close()
-    outcomes = []
-    for i in (2, 3):
-        try:
-            outcomes.append(store.add_message(f"SM{i}", A, US, "hi", T0 + i, Rules()).duplicate)
-        except Exception as exc:  # noqa: BLE001 - what it raised is the finding
-            outcomes.append(repr(exc))
+    outcomes = two_more_texts(store)
     assert outcomes[-1] is False, outcomes
 
 
