@@ -97,10 +97,10 @@ class Intake:
                 return [Added(found[0] if found else None, True, texts[0].stated_kind or "text")]
         raise SmsbatchError("could not pick a unique batch id")  # pragma: no cover
 
-    def add_texts_guessed(self, texts, facts, open_batches):
+    def add_texts_guessed(self, texts, facts, open_batches, seconds):
         """Store `texts` in ONE round trip, BEGIN to COMMIT, planned from guessed facts
-        (intake.Memory.guess) instead of read ones; PostgreSQL only (Database.prepares). The
-        database's transaction is begun (Database.begin) and is over when this returns or
+        (intake.Memory.guess) instead of read ones; PostgreSQL only (Database.prepares). Every
+        statement gives up after `seconds`; the transaction is over when this returns or
         raises. Every guess is checked by the server in the same transaction (_GUARD, and
         the writes' compare-and-sets: see _guarded_writes); a wrong one raises GuessedWrong
         with nothing stored. Returns their Added, and remembers the plan (last_intake).
@@ -111,6 +111,7 @@ class Intake:
         added = [plan.add(text, fact) for text, fact in zip(texts, facts)]
         statements = self.db.lock_conversations(conversations) + [_guard(texts, facts)]
         statements += _guarded_writes(plan, was)
+        self.db.begin(seconds)
         try:
             self.conn.execute_all(statements, commit=True)
         except StoreConflict as exc:

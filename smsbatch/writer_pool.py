@@ -263,9 +263,8 @@ class PgWriter(Bursting):
         guess = self._memory.guess(works, time.monotonic())
         if guess is None:
             return None
-        store.db.begin(deadline - time.monotonic())
         try:
-            added = store.add_texts_guessed(works, *guess)
+            added = store.add_texts_guessed(works, *guess, deadline - time.monotonic())
         except GuessedWrong:
             self.guesses["wrong"] += 1
             self._memory.forget(works, time.monotonic())

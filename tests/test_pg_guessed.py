@@ -56,8 +56,7 @@ def guessed(store, memory, texts, now=0.0):
     """What the writer does: store `texts` from memory's guess in one round trip; the
     store's Added, or GuessedWrong (then nothing is stored)."""
     facts, opens = memory.guess(texts, now)
-    store.db.begin(5.0)
-    added = store.add_texts_guessed(texts, facts, opens)
+    added = store.add_texts_guessed(texts, facts, opens, 5.0)
     memory.learn(*store.last_intake)
     return added
 
