@@ -39,6 +39,19 @@ def guessed(store, memory, texts, now=0.0):
     return added
 
 
+def stored(store, memory, texts, now=0.0):
+    """What the writer does: guessed when it can (and right), else the ordinary way; 'guessed'/'read'."""
+    if memory.guess(texts, now) is not None:
+        try:
+            guessed(store, memory, texts, now)
+            return "guessed"
+        except GuessedWrong:
+            memory.forget(texts, now)
+    store.add_texts(texts)
+    memory.learn(*store.last_intake)
+    return "read"
+
+
 def count(store, sql, *params):
     return store.conn.execute(sql, params).fetchone()[0]
 
@@ -87,3 +100,75 @@ def test_one_text_a_batch_through_the_writer_matches_each_text_alone(db_path, tm
         writer.close()
         pg.close()
         alone.close()
+
+
+def test_a_restarted_webhook_fills_an_open_batch_it_never_saw_instead_of_orphaning_it(store, db_path):
+    """No setting changed: two texts a batch, the person's open batch holds one text, the
+    webhook restarts (memory empty) and two more texts come in one group. Guessed new, the
+    plan opens a batch and fills it in the group: inserted queued, nothing for the
+    one-open-batch index to refuse; the old open batch would lose its conversation's pointer."""
+    two = Rules(max_messages=2)
+    other = Store(db_path)
+    batch = other.add_texts([text(1, T0, rules=two)])[0].batch_id
+    other.close()
+    group = [text(2, T0 + 1, rules=two), text(3, T0 + 2, rules=two)]
+    try:
+        added = guessed(store, Memory(), group)
+    except GuessedWrong:
+        added = store.add_texts(group)
+    assert added[0].batch_id == batch and added[1].batch_id != batch
+    assert count(store, "SELECT state FROM batches WHERE id = ?", batch) == "queued"
+    assert count(store, "SELECT count(*) FROM batches WHERE state = 'open'") == 1
+
+
+def test_a_group_of_more_than_a_statements_rows_of_texts_and_conversations(store, tmp_path):
+    """250 texts of 130 people, guessed new, then 130 more joining: what each alone stores."""
+    alone = fresh(str(tmp_path / "alone.db"))
+    memory = Memory()
+    try:
+        rules = Rules(max_messages=3, adaptive=True)
+        first = [text(i, T0 + i * 0.01, phone=f"+1555000{i % 130:04d}", rules=rules) for i in range(250)]
+        second = [text(1000 + i, T0 + 10 + i * 0.01, phone=f"+1555000{i:04d}", rules=rules) for i in range(130)]
+        for t in first + second:
+            alone.add_texts([t])
+        assert stored(store, memory, first) == "guessed"
+        stored(store, memory, second)
+        assert _outcome(store) == _outcome(alone)
+    finally:
+        alone.close()
+
+
+def test_one_messagesid_twice_in_a_guessed_group_is_stored_once(store):
+    added = guessed(store, Memory(), [text(1, T0), text(1, T0), text(2, T0 + 1)])
+    assert [a.duplicate for a in added] == [False, True, False]
+    assert count(store, "SELECT count(*) FROM messages") == 2
+    assert count(store, "SELECT message_count FROM batches") == 2
+
+
+def test_a_conversation_locked_by_another_session_fails_the_group_within_its_deadline(db_path):
+    """Another host holds the conversation's lock (its transaction hangs): the one round trip
+    must give up at the group's deadline, not wait for the lock forever; the text is then
+    stored once the lock is free."""
+    writer = PgWriter(db_path, 0.5)
+    holder = psycopg.connect(POSTGRES_URL, autocommit=True)
+    try:
+        assert burst_of(writer, [text(1, T0, rules=Rules())])  # remembered: the next is guessed
+        holder.execute("SELECT pg_advisory_lock(hashtext(%s), hashtext(%s))", (A, US))
+        started = time.monotonic()
+        done, outcome = threading.Event(), []
+        with writer.burst(lambda failed: (outcome.append(failed), done.set())):
+            writer.submit(text(2, T0 + 1, rules=Rules()))
+        assert done.wait(5)
+        assert time.monotonic() - started < 2.0
+        assert outcome == [True]
+        holder.execute("SELECT pg_advisory_unlock_all()")
+        assert burst_of(writer, [text(2, T0 + 1, rules=Rules())])
+        store = Store(db_path)
+        try:
+            assert count(store, "SELECT count(*) FROM messages") == 2
+            assert count(store, "SELECT message_count FROM batches") == 2
+        finally:
+            store.close()
+    finally:
+        holder.close()
+        writer.close()
