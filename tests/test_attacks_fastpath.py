@@ -172,3 +172,64 @@ def test_a_conversation_locked_by_another_session_fails_the_group_within_its_dea
     finally:
         holder.close()
         writer.close()
+
+
+def _backend_waiting_on_advisory_lock(admin, timeout=3.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        row = admin.execute("SELECT pid FROM pg_stat_activity WHERE wait_event = 'advisory'"
+                            " AND query LIKE '%%smsbatch_guessed%%'").fetchone()
+        if row:
+            return row[0]
+        time.sleep(0.01)
+    raise AssertionError("no guessed round trip waits on the lock")
+
+
+@pytest.mark.parametrize("release_first", [False, True])
+def test_the_connection_dropped_during_the_one_round_trip_neither_loses_nor_doubles(db_path, release_first):
+    """The writer's backend is ended while its round trip (BEGIN..COMMIT) waits on the
+    conversation's lock: the group runs again on a new connection; the text is stored once,
+    and joins the batch its first text opened."""
+    writer = PgWriter(db_path, 3.0)
+    holder = psycopg.connect(POSTGRES_URL, autocommit=True)
+    admin = psycopg.connect(POSTGRES_URL, autocommit=True)
+    try:
+        assert burst_of(writer, [text(1, T0, rules=Rules())])
+        holder.execute("SELECT pg_advisory_lock(hashtext(%s), hashtext(%s))", (A, US))
+        done, outcome = threading.Event(), []
+        with writer.burst(lambda failed: (outcome.append(failed), done.set())):
+            writer.submit(text(2, T0 + 1, rules=Rules()))
+        pid = _backend_waiting_on_advisory_lock(admin)
+        if release_first:
+            holder.execute("SELECT pg_advisory_unlock_all()")
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        holder.execute("SELECT pg_advisory_unlock_all()")
+        assert done.wait(5)
+        if outcome == [True]:  # the group failed: the webhook runs the request again alone
+            assert burst_of(writer, [text(2, T0 + 1, rules=Rules())])
+        store = Store(db_path)
+        try:
+            assert count(store, "SELECT count(*) FROM messages") == 2
+            assert count(store, "SELECT count(*) FROM batches") == 1
+            assert count(store, "SELECT message_count FROM batches") == 2
+        finally:
+            store.close()
+    finally:
+        admin.close()
+        holder.close()
+        writer.close()
+
+
+def test_a_hold_released_between_two_guessed_groups(store):
+    """Held: a person put on hold, a text guessed new, the hold released (the open batch
+    ends held): the next text is not put blind into the held batch."""
+    memory = Memory()
+    store.hold(A, "check", T0 - 1)
+    batch = guessed(store, memory, [text(1, T0, rules=Rules())])[0].batch_id
+    store.release(A, T0 + 0.5)
+    assert count(store, "SELECT state FROM batches WHERE id = ?", batch) == "held"
+    with pytest.raises(GuessedWrong):
+        guessed(store, memory, [text(2, T0 + 1, rules=Rules())])
+    assert count(store, "SELECT count(*) FROM messages") == 1
+    added = store.add_texts([text(2, T0 + 1, rules=Rules())])[0]
+    assert added.batch_id != batch
