@@ -233,3 +233,41 @@ def test_a_hold_released_between_two_guessed_groups(store):
     assert count(store, "SELECT count(*) FROM messages") == 1
     added = store.add_texts([text(2, T0 + 1, rules=Rules())])[0]
     assert added.batch_id != batch
+
+
+@pytest.mark.parametrize("seed", [11, 12])
+def test_restarts_and_small_batches_through_the_writer_store_what_each_text_alone_stores(db_path, tmp_path, seed):
+    """Two texts a batch, urgent words, a text now and then older than the one before; the
+    webhook restarted now and then (its memory empty) while open batches remain: the same
+    batches, states, times and history as each text alone."""
+    import random
+
+    rng = random.Random(seed)
+    rules = Rules(max_messages=2, adaptive=rng.random() < 0.5)
+    people = [f"+1555124{k:04d}" for k in range(4)]
+    texts, at = [], T0
+    for i in range(48):
+        at += rng.uniform(0.2, 3)
+        texts.append(Text(f"SM{seed:02d}{i:030d}", rng.choice(people), US, rng.choice(["hi", "ok", "URGENT pls"]),
+                          at - (rng.uniform(1, 3) if rng.random() < 0.1 else 0), rules))
+    alone = fresh(str(tmp_path / "alone.db"))
+    writer = PgWriter(db_path, 5.0)
+    try:
+        for t in texts:
+            alone.add_texts([t])
+        i = 0
+        while i < len(texts):
+            if rng.random() < 0.25:
+                writer.close()
+                writer = PgWriter(db_path, 5.0)
+            size = rng.randint(1, 4)
+            assert burst_of(writer, texts[i:i + size])
+            i += size
+        store = Store(db_path)
+        try:
+            assert _outcome(store) == _outcome(alone)
+        finally:
+            store.close()
+    finally:
+        writer.close()
+        alone.close()
