@@ -110,6 +110,7 @@ class Intake:
         plan = Plan(open_batches)
         added = [plan.add(text, fact) for text, fact in zip(texts, facts)]
         statements = self.db.lock_conversations(conversations) + [_guard(texts, facts)]
+        statements += _no_open_batch(c for c in conversations if c not in open_batches)
         statements += _guarded_writes(plan, was)
         self.db.begin(seconds)
         try:
@@ -273,6 +274,19 @@ def _guard(texts, facts):
     rows = [(phone, rank, at) for phone, recent in people.items() for rank, at in enumerate(recent, 1)]
     return _GUARD, [[t.sid for t in texts], [r[0] for r in rows], [r[1] for r in rows],
                     [float(r[2]) for r in rows], list(people), window]
+
+
+def _no_open_batch(conversations):
+    """The check that these conversations, guessed to have no open batch, have none. The
+    one-open-batch index alone would not catch it where the plan inserts no open batch (one
+    text a batch, or one it filled in this group): the ordinary way would join that batch."""
+    conversations = list(conversations)
+    if not conversations:
+        return []
+    values = ", ".join(["(?, ?)"] * len(conversations))
+    return [(f"SELECT 1 / (NOT EXISTS (SELECT 1 FROM (VALUES {values}) v(phone, our_number) JOIN batches b"
+             " ON b.phone = v.phone AND b.our_number = v.our_number AND b.state = 'open'))::integer",
+             [v for conversation in conversations for v in conversation])]
 
 
 def _guarded_writes(plan, was):
