@@ -109,8 +109,8 @@ class Intake:
         was = {b.id: (b.count, b.first_at, b.last_at, int(b.urgent)) for b in open_batches.values()}
         plan = Plan(open_batches)
         added = [plan.add(text, fact) for text, fact in zip(texts, facts)]
-        statements = self.db.lock_conversations(conversations) + [_guard(texts, facts)]
-        statements += _no_open_batch(c for c in conversations if c not in open_batches)
+        statements = self.db.lock_conversations(conversations)
+        statements += [_guard(texts, facts, [c for c in conversations if c not in open_batches])]
         statements += _guarded_writes(plan, was)
         self.db.begin(seconds)
         try:
@@ -251,13 +251,18 @@ _OPEN_BATCHES = Named(
     " FROM batches b WHERE b.id = c.open_batch AND b.state = 'open' FOR UPDATE) b")
 
 
-# What add_texts_guessed guessed, checked by the server: no MessageSid of the group pruned, and
-# each adaptive person's latest times ($5: the window) exactly those guessed (rows of $2-$4:
-# person, rank from the newest, time). A check that fails divides by zero: the transaction
-# aborts, and engine_pg says StoreConflict.
+# What add_texts_guessed guessed, checked by the server: no MessageSid of the group pruned;
+# each adaptive person's latest times ($6: the window) exactly those guessed (rows of $2-$4:
+# person, rank from the newest, time; $5 the people); no open batch in the conversations
+# guessed to have none ($7, $8: the one-open-batch index alone would not say so where the plan
+# inserts no open batch: one text a batch, or a batch it filled). A check that fails divides
+# by zero: the transaction aborts, and engine_pg says StoreConflict.
 _GUARD = Named(
-    "smsbatch_guessed", ("text[]", "text[]", "bigint[]", "double precision[]", "text[]", "bigint"),
+    "smsbatch_guessed", ("text[]", "text[]", "bigint[]", "double precision[]", "text[]", "bigint",
+                         "text[]", "text[]"),
     "SELECT 1 / (NOT EXISTS (SELECT 1 FROM pruned_sids WHERE sid = ANY($1))"
+    " AND NOT EXISTS (SELECT 1 FROM unnest($7, $8) v(phone, our_number) WHERE EXISTS (SELECT 1 FROM batches b"
+    " WHERE b.phone = v.phone AND b.our_number = v.our_number AND b.state = 'open'))"
     " AND NOT EXISTS (SELECT 1 FROM (SELECT p.phone, w.r, w.at FROM unnest($5) p(phone)"
     " CROSS JOIN LATERAL (SELECT received_at AS at, row_number() OVER (ORDER BY received_at DESC) AS r"
     " FROM (SELECT received_at FROM messages WHERE phone = p.phone ORDER BY received_at DESC LIMIT $6) x) w) a"
@@ -265,7 +270,7 @@ _GUARD = Named(
     " WHERE a.at IS DISTINCT FROM e.at))::integer")
 
 
-def _guard(texts, facts):
+def _guard(texts, facts, none_open):
     people, window = {}, 0
     for text, fact in zip(texts, facts):
         if text.rules.adaptive:
@@ -273,20 +278,8 @@ def _guard(texts, facts):
             window = max(window, Memory.window(text.rules))
     rows = [(phone, rank, at) for phone, recent in people.items() for rank, at in enumerate(recent, 1)]
     return _GUARD, [[t.sid for t in texts], [r[0] for r in rows], [r[1] for r in rows],
-                    [float(r[2]) for r in rows], list(people), window]
-
-
-def _no_open_batch(conversations):
-    """The check that these conversations, guessed to have no open batch, have none. The
-    one-open-batch index alone would not catch it where the plan inserts no open batch (one
-    text a batch, or one it filled in this group): the ordinary way would join that batch."""
-    conversations = list(conversations)
-    if not conversations:
-        return []
-    values = ", ".join(["(?, ?)"] * len(conversations))
-    return [(f"SELECT 1 / (NOT EXISTS (SELECT 1 FROM (VALUES {values}) v(phone, our_number) JOIN batches b"
-             " ON b.phone = v.phone AND b.our_number = v.our_number AND b.state = 'open'))::integer",
-             [v for conversation in conversations for v in conversation])]
+                    [float(r[2]) for r in rows], list(people), window,
+                    [c[0] for c in none_open], [c[1] for c in none_open]]
 
 
 def _guarded_writes(plan, was):

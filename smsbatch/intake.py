@@ -14,6 +14,7 @@ import collections
 import json
 import re
 import secrets
+import threading
 from dataclasses import dataclass, field
 
 from smsbatch import batching
@@ -247,9 +248,9 @@ class Memory:
     closing time is no guess (a processor may have claimed it), nor a conversation or person
     whose guess was wrong within FORGET_SECONDS (another host writes it too, or a text came
     out of order). Keywords and the backfill's late or answered texts are never guessed.
-    Bounded: the SIZE conversations and people most recently written. Thread-safe enough
-    for two committers: each writes its own conversations (writer_pool._Queue); a person
-    with two of our numbers may be guessed wrong, which only costs the ordinary way."""
+    Bounded: the SIZE conversations and people most recently written. Thread-safe (the
+    webhook's two committers share one); a person with two of our numbers written by both
+    at once may be guessed wrong, which only costs the ordinary way."""
 
     SIZE = 10_000
     FORGET_SECONDS = 30.0
@@ -259,10 +260,15 @@ class Memory:
         self._open = collections.OrderedDict()  # conversation: (OpenBatch fields, closes_at) or None
         self._recent = collections.OrderedDict()  # phone: (window, latest times, newest first)
         self._wrong = {}  # conversation or phone: monotonic time its guess was last wrong
+        self._lock = threading.Lock()
 
     def guess(self, texts, now):
         """(facts of each text, {conversation: OpenBatch}) to plan `texts` with, or None
         when one of them cannot be guessed. `now`: monotonic time (FORGET_SECONDS)."""
+        with self._lock:
+            return self._guess(texts, now)
+
+    def _guess(self, texts, now):
         opens, facts = {}, []
         for text in texts:
             if text.stated_kind or text.expired or text.answered or self._was_wrong(text, now):
@@ -303,6 +309,10 @@ class Memory:
 
     def learn(self, texts, facts, plan):
         """After `plan` was committed: what it left of the texts' conversations and people."""
+        with self._lock:
+            self._learn(texts, facts, plan)
+
+    def _learn(self, texts, facts, plan):
         last = {}
         for text, fact in zip(texts, facts):
             if text.phone not in last or text.at >= last[text.phone][0].at:
@@ -322,6 +332,10 @@ class Memory:
 
     def forget(self, texts, now):
         """The guess for these texts was wrong (or their group failed): no guess for a while."""
+        with self._lock:
+            self._forget(texts, now)
+
+    def _forget(self, texts, now):
         for text in texts:
             self._open.pop(text.conversation, None)
             self._recent.pop(text.phone, None)

@@ -237,8 +237,6 @@ class PgWriter(Bursting):
                     store.end_group(commit=False)
                     raise
                 store.end_group(commit=True)
-            if store.last_intake is not None:
-                self._memory.learn(*store.last_intake)
         except StoreError as exc:
             committer.release()  # the pool checks it, and replaces it if the server dropped it
             self._memory.forget([w for w in works if isinstance(w, Text)], time.monotonic())
@@ -251,6 +249,12 @@ class PgWriter(Bursting):
         finally:
             self._busy_since.pop(committer, None)
         self._committed_at = time.monotonic()
+        if store.last_intake is not None:  # committed: what the next groups may guess from
+            try:
+                self._memory.learn(*store.last_intake)
+            except Exception:  # a bug here must not stop the committer: those texts are stored
+                log.exception("webhook: remembering a group failed; its conversations are not guessed")
+                self._memory.forget(store.last_intake[0], time.monotonic())
         return results
 
     def _run_guessed(self, store, works, deadline):

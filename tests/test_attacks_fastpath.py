@@ -33,8 +33,7 @@ def text(sid, at, phone=A, body="hi", rules=ADAPTIVE, ours=US, **kw):
 
 def guessed(store, memory, texts, now=0.0):
     facts, opens = memory.guess(texts, now)
-    store.db.begin(5.0)
-    added = store.add_texts_guessed(texts, facts, opens)
+    added = store.add_texts_guessed(texts, facts, opens, 5.0)
     memory.learn(*store.last_intake)
     return added
 
