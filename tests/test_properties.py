@@ -29,6 +29,7 @@ from smsbatch.ai import OfflineResponder
 from smsbatch.batching import Rules
 from smsbatch.config import Settings
 from smsbatch.db import PENDING, Store
+from smsbatch.intake import storable
 from smsbatch.processor import Processor
 from smsbatch.sms import ConsoleSender
 from smsbatch.web import MAX_BODY, make_app
@@ -226,12 +227,13 @@ def test_webhook_never_500_never_unsigned_rows_signed_stored_once(copies):
             return
         form = dict(parse_qsl(body.decode(), keep_blank_values=True))
         if statuses[0].startswith("200"):
-            # acknowledged means kept, exactly as sent (first copy wins for a repeated MessageSid)
+            # acknowledged means kept, exactly as sent (first copy wins for a repeated MessageSid),
+            # but for what no database here can hold (a NUL: U+FFFD in its place, intake.storable)
             row = store.conn.execute("SELECT phone, body FROM messages WHERE sid = ?",
                                      (form["MessageSid"].strip(),)).fetchone()
             assert row is not None and added <= 1
             if added:
-                assert (row["phone"], row["body"]) == (form["From"].strip(), form.get("Body", ""))
+                assert (row["phone"], row["body"]) == (form["From"].strip(), storable(form.get("Body", "")))
         else:
             assert statuses[0].startswith("400") and added == 0, statuses
         if request["kind"] == "good":
