@@ -255,14 +255,15 @@ _OPEN_BATCHES = Named(
 # each adaptive person's latest times ($6: the window) exactly those guessed (rows of $2-$4:
 # person, rank from the newest, time; $5 the people); no open batch in the conversations
 # guessed to have none ($7, $8: the one-open-batch index alone would not say so where the plan
-# inserts no open batch: one text a batch, or a batch it filled). A check that fails divides
-# by zero: the transaction aborts, and engine_pg says StoreConflict.
+# inserts no open batch: one text a batch, or a batch it filled). Each row is looked up by an
+# index search (LATERAL ... LIMIT 1: an EXISTS would become a hash join over every open batch).
+# A check that fails divides by zero: the transaction aborts, and engine_pg says StoreConflict.
 _GUARD = Named(
     "smsbatch_guessed", ("text[]", "text[]", "bigint[]", "double precision[]", "text[]", "bigint",
                          "text[]", "text[]"),
     "SELECT 1 / (NOT EXISTS (SELECT 1 FROM pruned_sids WHERE sid = ANY($1))"
-    " AND NOT EXISTS (SELECT 1 FROM unnest($7, $8) v(phone, our_number) WHERE EXISTS (SELECT 1 FROM batches b"
-    " WHERE b.phone = v.phone AND b.our_number = v.our_number AND b.state = 'open'))"
+    " AND NOT EXISTS (SELECT 1 FROM unnest($7, $8) v(phone, our_number) CROSS JOIN LATERAL (SELECT 1 FROM batches b"
+    " WHERE b.phone = v.phone AND b.our_number = v.our_number AND b.state = 'open' LIMIT 1) o)"
     " AND NOT EXISTS (SELECT 1 FROM (SELECT p.phone, w.r, w.at FROM unnest($5) p(phone)"
     " CROSS JOIN LATERAL (SELECT received_at AS at, row_number() OVER (ORDER BY received_at DESC) AS r"
     " FROM (SELECT received_at FROM messages WHERE phone = p.phone ORDER BY received_at DESC LIMIT $6) x) w) a"

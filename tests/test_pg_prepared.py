@@ -367,3 +367,23 @@ def test_an_adaptive_window_beyond_32_bits_is_a_limit_as_before(store):
     assert store.add_message("SM1", A, US, "hi", T0, rules).duplicate is False
     assert store.add_message("SM2", A, US, "hi", T0 + 30, rules).duplicate is False
     assert count(store) == 2
+
+
+def test_the_guessed_groups_check_is_index_searches_on_unanalysed_tables(store):
+    """The one-round-trip group's check (db_intake._GUARD), planned on empty tables: with
+    5,000 open batches it must look each conversation up, not hash every open batch (an
+    EXISTS did: 4,500 rows a group, 1.1 ms)."""
+    from smsbatch.intake import Memory
+
+    memory = Memory()
+    first = [text("SM1", rules=Rules(adaptive=True))]
+    store.add_texts_guessed(first, *memory.guess(first, 0.0), 5.0)  # prepared, planned on empty tables
+    _fill(store, 5000)
+    phones = [f"+1777{g}" for g in range(10)]  # new people: no texts, no open batch
+    arr = "ARRAY[" + ", ".join(f"'{p}'" for p in phones) + "]::text[]"
+    us = "ARRAY[" + ", ".join(f"'{US}'" for _ in phones) + "]::text[]"
+    sids_ = "ARRAY[" + ", ".join(f"'SMnew{p}'" for p in phones) + "]::text[]"
+    none = "ARRAY[]::text[], ARRAY[]::bigint[], ARRAY[]::double precision[]"
+    checked, plan = _buffers(store, f"EXECUTE smsbatch_guessed({sids_}, {none}, {arr}, 19, {arr}, {us})")
+    assert plan["Actual Rows"] == 1
+    assert checked <= 10 * len(phones), checked
