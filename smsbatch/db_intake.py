@@ -109,8 +109,11 @@ class Intake:
         was = {b.id: (b.count, b.first_at, b.last_at, int(b.urgent)) for b in open_batches.values()}
         plan = Plan(open_batches)
         added = [plan.add(text, fact) for text, fact in zip(texts, facts)]
-        statements = self.db.lock_conversations(conversations)
-        statements += [_guard(texts, facts, [c for c in conversations if c not in open_batches])]
+        # A conversation guessed to have no open batch, where the plan inserts an open one: the
+        # one-open-batch index refuses it if one exists. Elsewhere the check must look.
+        inserted_open = {(b.phone, b.our_number) for b in plan.batches.values() if b.created and b.state is State.OPEN}
+        unsure = [c for c in conversations if c not in open_batches and c not in inserted_open]
+        statements = self.db.lock_conversations(conversations) + [_guard(texts, facts, unsure)]
         statements += _guarded_writes(plan, was)
         self.db.begin(seconds)
         try:
