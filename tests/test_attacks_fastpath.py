@@ -15,6 +15,7 @@ from smsbatch.db_intake import GuessedWrong
 from smsbatch.intake import Memory, Text
 from smsbatch.writer_pool import PgWriter
 from test_intake import _outcome
+from test_pg_guessed import assert_stored_as_alone
 from test_pg_writer import burst_of
 
 pytestmark = pytest.mark.postgres
@@ -250,23 +251,15 @@ def test_restarts_and_small_batches_through_the_writer_store_what_each_text_alon
         texts.append(Text(f"SM{seed:02d}{i:030d}", rng.choice(people), US, rng.choice(["hi", "ok", "URGENT pls"]),
                           at - (rng.uniform(1, 3) if rng.random() < 0.1 else 0), rules))
     alone = fresh(str(tmp_path / "alone.db"))
-    writer = PgWriter(db_path, 5.0)
+    writer = [PgWriter(db_path, 5.0)]
+
+    def now_and_then_restarted():
+        if rng.random() < 0.25:
+            writer[0].close()
+            writer[0] = PgWriter(db_path, 5.0)
+        return writer[0]
     try:
-        for t in texts:
-            alone.add_texts([t])
-        i = 0
-        while i < len(texts):
-            if rng.random() < 0.25:
-                writer.close()
-                writer = PgWriter(db_path, 5.0)
-            size = rng.randint(1, 4)
-            assert burst_of(writer, texts[i:i + size])
-            i += size
-        store = Store(db_path)
-        try:
-            assert _outcome(store) == _outcome(alone)
-        finally:
-            store.close()
+        assert_stored_as_alone(db_path, alone, texts, rng, (1, 4), now_and_then_restarted)
     finally:
-        writer.close()
+        writer[0].close()
         alone.close()

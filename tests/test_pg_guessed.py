@@ -61,6 +61,24 @@ def guessed(store, memory, texts, now=0.0):
     return added
 
 
+def assert_stored_as_alone(db_path, alone, texts, rng, sizes, next_writer):
+    """`texts` into `alone` one transaction each, and into `db_path` in bursts of random
+    `sizes` (lowest, highest), each through the PgWriter next_writer() gives; asserts both
+    stored the same (test_intake._outcome)."""
+    for t in texts:
+        alone.add_texts([t])
+    i = 0
+    while i < len(texts):
+        size = rng.randint(*sizes)
+        assert burst_of(next_writer(), texts[i:i + size])
+        i += size
+    store = Store(db_path)
+    try:
+        assert _outcome(store) == _outcome(alone)
+    finally:
+        store.close()
+
+
 def count(store, sql, *params):
     return store.conn.execute(sql, params).fetchone()[0]
 
@@ -76,18 +94,7 @@ def test_texts_through_the_writer_store_exactly_what_each_text_alone_stores(db_p
     alone.migrate()
     writers = [PgWriter(db_path, 5.0), PgWriter(db_path, 5.0)]
     try:
-        for t in texts:
-            alone.add_texts([t])
-        i = 0
-        while i < len(texts):
-            size = rng.randint(1, 6)
-            assert burst_of(writers[rng.random() < 0.3], texts[i:i + size])
-            i += size
-        store = Store(db_path)
-        try:
-            assert _outcome(store) == _outcome(alone)
-        finally:
-            store.close()
+        assert_stored_as_alone(db_path, alone, texts, rng, (1, 6), lambda: writers[rng.random() < 0.3])
         guesses = writers[0].guesses + writers[1].guesses
         assert guesses["right"] >= 2 and guesses["wrong"] >= 1, guesses
     finally:
