@@ -327,7 +327,8 @@ class Memory:
         for phone, (text, fact) in last.items():
             if text.rules.adaptive:
                 window = Memory.window(text.rules)
-                times = sorted({*fact.recent, *(t.at for t in texts if t.phone == phone)}, reverse=True)
+                # the texts stored (not a repeated MessageSid), each time as often as it is stored
+                times = sorted([*fact.recent, *(t.at for t, _, _ in plan.stored if t.phone == phone)], reverse=True)
                 self._put(self._recent, phone, (window, tuple(times[:window])))
 
     def forget(self, texts, now):

@@ -22,7 +22,7 @@ import threading
 import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
@@ -175,15 +175,35 @@ class DatabaseCollector(Collector):
                     "X-Twilio-Signature in the last hour (every host)", rows=[(rejected,)])
 
 
+class GuessCollector:
+    """smsbatch_webhook_guessed_groups_total{outcome}: groups of texts the PostgreSQL webhook
+    stored in one round trip from what it remembered ("right"), or the ordinary way after
+    the server found a guess wrong ("wrong": another host writes the same conversations, a
+    processor claimed their batches, texts came out of order)."""
+
+    def __init__(self, guesses):
+        self.guesses = guesses
+
+    def collect(self):
+        family = CounterMetricFamily("smsbatch_webhook_guessed_groups", "Groups of texts this webhook stored in one"
+                                     " round trip from what it remembered (right), or the ordinary way after the"
+                                     " server found a guess wrong (wrong)", labels=["outcome"])
+        for outcome in ("right", "wrong"):
+            family.add_metric([outcome], self.guesses.get(outcome, 0))
+        yield family
+
+
 class WebMetrics:
     """The registry behind one app's /metrics: the database collector, this process's
     request counts and latency, and the process collector (CPU, memory, open files)."""
 
-    def __init__(self, settings, route_label, clock=time.time, unwritten_rejections=None):
+    def __init__(self, settings, route_label, clock=time.time, unwritten_rejections=None, guesses=None):
         self.token = settings.metrics_token
         self.route_label = route_label  # request path -> one of a fixed set of routes
         self.registry = CollectorRegistry()
         self.registry.register(DatabaseCollector(settings, clock, unwritten_rejections))
+        if guesses is not None:  # the PostgreSQL writer's: {"right": n, "wrong": n}
+            self.registry.register(GuessCollector(guesses))
         ProcessCollector(registry=self.registry)
         self.requests = Counter("smsbatch_webhook_requests", "HTTP requests answered by this process, by route "
                                 "and answer code", ["route", "code"], registry=self.registry)

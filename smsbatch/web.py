@@ -116,7 +116,8 @@ class Webhook:
         else:
             self.writer = Writer(settings.db_path, WEB_BUSY_TIMEOUT)
         self.rejections = Rejections(self.writer.submit, clock)
-        self.metrics = WebMetrics(settings, self.route_label, clock, self.rejections.unwritten)
+        self.metrics = WebMetrics(settings, self.route_label, clock, self.rejections.unwritten,
+                                  getattr(self.writer, "guesses", None))
         self._routes = None  # path -> metrics label (route_label)
         # Behind a proxy the webhook may live under a prefix (https://host/shop/sms/).
         public_path = urlparse(settings.public_url).path.rstrip("/") if settings.public_url else ""

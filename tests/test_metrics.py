@@ -253,3 +253,21 @@ def test_without_a_token_a_real_serve_answers_metrics_and_warns_off_loopback(db_
         proc.wait(10)
     log = open(tmp_path / "serve.log").read()
     assert ("GET /metrics answers anyone who reaches" in log) == warned, log
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("engine_name", ["postgres", "sqlite"])
+def test_the_postgresql_webhook_counts_its_guessed_groups(db_path, engine_name):
+    """smsbatch_webhook_guessed_groups_total{outcome}: a person's texts stored in one round
+    trip each (a new conversation, then its open batch) count as right; SQLite has no such groups."""
+    app = make_app(Settings(db_path=db_path, twilio_auth_token="webhook-test-token",
+                            public_url="https://hooks.example.com/sms"), clock=lambda: T0)
+    try:
+        for n in range(3):
+            body, headers = signed(form(MessageSid=f"SM{n:032d}"))
+            assert call(app, body=body, headers=headers)[0] == 200
+        found = samples(scrape(app))
+    finally:
+        app.drain()
+    right = value(found, "smsbatch_webhook_guessed_groups_total", outcome="right")
+    assert right == (3 if engine_name == "postgres" else None)

@@ -211,3 +211,12 @@ def test_a_wrong_guess_leaves_no_transaction_open_and_the_connection_works(store
                                                (store.conn.execute("SELECT pg_backend_pid()").fetchone()[0],))}
     assert "idle in transaction (aborted)" not in states and "idle in transaction" not in states
     assert store.add_texts([text(2, T0 + 1)])[0].batch_id
+
+
+def test_texts_at_the_same_moment_are_remembered_as_often_as_they_are_stored(store):
+    """Two texts of a person at one time are two times in the person's pace, not one: the
+    third text's guess must still be right."""
+    memory = Memory()
+    for n in range(3):
+        guessed(store, memory, [text(n, T0)])
+    assert count(store, "SELECT message_count FROM batches") == 3
