@@ -299,9 +299,9 @@ def _guarded_writes(plan, was):
         for b in plan.batches.values() if not b.created]
     created = [_batch_row(b) for b in plan.batches.values() if b.created]
     per = ROWS_PER_STATEMENT
-    statements += _rows(_INSERT_BATCHES.replace(" ON CONFLICT (id) DO NOTHING", ""), created, per)
+    statements += _rows(_INSERT_BATCHES_CHECKED, created, per)
     statements += _conversation_rows(plan, per)
-    statements += _rows(_INSERT_MESSAGES.replace(" ON CONFLICT (sid) DO NOTHING", ""), _message_rows(plan), per)
+    statements += _rows(_INSERT_MESSAGES_CHECKED, _message_rows(plan), per)
     statements += _rows(_INSERT_EVENTS, _event_rows(plan), per)
     return statements
 
@@ -325,8 +325,11 @@ def _opt_change(kind, phone, scope, at, word):
     return "DELETE FROM opt_outs WHERE phone = ? AND scope IN (?, '*')", (phone, scope)
 
 
-_INSERT_MESSAGES = ("INSERT INTO messages (sid, phone, our_number, body, media, kind, received_at, batch_id)"
-                    " VALUES {} ON CONFLICT (sid) DO NOTHING")
+# The guessed writes use the _CHECKED forms: a MessageSid or batch id already stored must
+# raise (the guess was wrong), not be skipped in silence as the ordinary way's rowcounts allow.
+_INSERT_MESSAGES_CHECKED = ("INSERT INTO messages (sid, phone, our_number, body, media, kind, received_at, batch_id)"
+                            " VALUES {}")
+_INSERT_MESSAGES = _INSERT_MESSAGES_CHECKED + " ON CONFLICT (sid) DO NOTHING"
 _INSERT_EVENTS = "INSERT INTO batch_events (batch_id, at, from_state, to_state, reason) VALUES {}"
 
 
@@ -346,9 +349,9 @@ def _event_rows(plan):
             for b in plan.batches.values() for at, was, to, reason in b.moves]
 
 
-_INSERT_BATCHES = ("INSERT INTO batches (id, phone, our_number, state, message_count, first_at, last_at, urgent,"
-                   " closes_at, last_error, completed_at, created_at, quiet_seconds) VALUES {}"
-                   " ON CONFLICT (id) DO NOTHING")
+_INSERT_BATCHES_CHECKED = ("INSERT INTO batches (id, phone, our_number, state, message_count, first_at, last_at,"
+                           " urgent, closes_at, last_error, completed_at, created_at, quiet_seconds) VALUES {}")
+_INSERT_BATCHES = _INSERT_BATCHES_CHECKED + " ON CONFLICT (id) DO NOTHING"
 
 
 def _batch_row(b):
