@@ -122,14 +122,16 @@ def _literal(value, escape, encoding):
 
 
 # The Named statements prepared on each connection: {psycopg connection: set of names}, or
-# None for a connection where a round trip that prepared some failed: PREPARE is not undone
-# by a rollback, so which of them ran is read back from the server (pg_prepared_statements).
+# _UNKNOWN for a connection where a round trip that prepared some failed: PREPARE is not undone
+# by a rollback, so which of them ran is read back from the server (pg_prepared_statements);
+# or _REDO after a stale one (see _STALE_CODES): ours are deallocated, to be prepared again.
 _PREPARED = weakref.WeakKeyDictionary()
+_UNKNOWN, _REDO = "unknown", "redo"
 # Errors of an EXECUTE after which the connection's prepared statements are not what
 # _PREPARED says: dropped by something else (26000: a DEALLOCATE, a pooler's DISCARD ALL), or
 # planned for a column type a schema change replaced (0A000: "cached plan must not change
 # result type", until it is deallocated). Its Named statements are deallocated and prepared again.
-_STALE = ("26000", "0A000")
+_STALE_CODES = ("26000", "0A000")
 
 
 @functools.lru_cache(maxsize=64)
@@ -168,10 +170,10 @@ def _prepared(raw):
     none: those of ours it has are deallocated)."""
     if raw not in _PREPARED:
         _PREPARED[raw] = set()
-    elif _PREPARED[raw] is None or _PREPARED[raw] is _STALE:
+    elif _PREPARED[raw] in (_UNKNOWN, _REDO):
         rows = raw.execute("SELECT name FROM pg_prepared_statements").fetchall()
         names = {row[0] for row in rows}
-        if _PREPARED[raw] is _STALE:
+        if _PREPARED[raw] == _REDO:
             for name in names & _NAMED:
                 raw.execute(f"DEALLOCATE {name}")
             names -= _NAMED
@@ -272,7 +274,10 @@ class Connection:
         sees what the lock's holder committed. A failing statement raises, and the rest do
         not run. A BEGIN that Database.begin() left pending goes first, in the same round trip.
         `commit`: the transaction's COMMIT goes last, in the same round trip; when anything
-        fails, the transaction is rolled back before this raises."""
+        fails, the transaction is rolled back before this raises. A round trip with a BEGIN
+        whose connection was lost is sent once more on a new connection; with `commit` its
+        COMMIT may have run, so its statements must fail if run twice (add_texts_guessed's
+        INSERTs of MessageSids and batch ids, its compare-and-sets)."""
         if not statements:
             return []
         try:
@@ -297,14 +302,17 @@ class Connection:
                 break
             except psycopg.Error as exc:
                 if begin and attempt == 1 and raw.broken:
-                    continue  # the server dropped the connection: nothing ran; once more on a new one
-                if lead and exc.sqlstate in _STALE:
-                    _PREPARED[raw] = _STALE
+                    # The server dropped the connection: nothing of it was committed, unless its
+                    # COMMIT went with it (`commit`) and ran before the answer was lost; once more
+                    # on a new connection (see execute_all: such a second run must refuse itself).
+                    continue
+                if lead and exc.sqlstate in _STALE_CODES:
+                    _PREPARED[raw] = _REDO
                     if begin and attempt == 1 and _rolled_back(raw):
                         continue  # only this round trip ran in its transaction: once more, prepared anew
                 database.pending_begin = None
-                if prepared and _PREPARED[raw] is not _STALE:
-                    _PREPARED[raw] = None  # some of them may have run before the failure
+                if prepared and _PREPARED[raw] != _REDO:
+                    _PREPARED[raw] = _UNKNOWN  # some of them may have run before the failure
                 raise translate(exc) from exc
         if prepared:
             _PREPARED[raw] |= prepared

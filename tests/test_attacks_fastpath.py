@@ -263,3 +263,44 @@ def test_restarts_and_small_batches_through_the_writer_store_what_each_text_alon
     finally:
         writer[0].close()
         alone.close()
+
+
+def test_a_connection_lost_after_the_one_round_trips_commit_stores_nothing_twice(store):
+    """The server ran the whole round trip, COMMIT included, and the connection was lost
+    before its answer came: execute_all sends it once more on a new connection (it cannot
+    tell this from a drop before anything ran). That second run must refuse itself (the
+    MessageSids' plain INSERTs), so the group goes the ordinary way and finds its text stored."""
+    memory = Memory()
+    batch = guessed(store, memory, [text(1, T0, rules=Rules())])[0].batch_id
+    database, real = store.db, store.db.client_cursor
+    admin = psycopg.connect(POSTGRES_URL, autocommit=True)
+    runs = []
+
+    class DroppedAfterRunning:
+        def __init__(self, cursor):
+            self.cursor = cursor
+
+        def execute(self, query):
+            self.cursor.execute(query)  # everything ran, the COMMIT too
+            runs.append(query)
+            raw = self.cursor.connection
+            admin.execute("SELECT pg_terminate_backend(%s)", (raw.info.backend_pid,))
+            try:
+                raw.execute("SELECT 1")  # how the client finds out: the connection is broken now
+            except psycopg.OperationalError as exc:
+                database.client_cursor = real
+                raise exc
+            raise AssertionError("the backend was not terminated")
+
+    database.client_cursor = lambda raw: DroppedAfterRunning(real(raw))
+    try:
+        with pytest.raises(GuessedWrong):
+            guessed(store, memory, [text(2, T0 + 1, rules=Rules())])
+    finally:
+        database.client_cursor = real
+        admin.close()
+    assert len(runs) == 1
+    assert count(store, "SELECT count(*) FROM messages") == 2
+    assert count(store, "SELECT message_count FROM batches WHERE id = ?", batch) == 2
+    added = store.add_texts([text(2, T0 + 1, rules=Rules())])[0]
+    assert added.duplicate and added.batch_id == batch
