@@ -241,8 +241,9 @@ class Memory:
 
     A guess is only a guess: the store's statements check on the server that every fact the
     plan rests on is what it was guessed to be (an open batch by a compare-and-set on what
-    the plan read of it, no open batch by the one-open-batch index, a MessageSid not yet
-    stored by its unique key, not pruned, the person's latest times equal to those guessed),
+    the plan read of it, no open batch by the one-open-batch index where the plan opens one
+    and by a look-up where it does not, a MessageSid not yet stored by its unique key, not
+    pruned, the person's latest times equal to those guessed),
     and a wrong guess rolls the whole group back, to be stored the ordinary way. Unknown
     conversations are guessed new (no open batch, no earlier texts). An open batch past its
     closing time is no guess (a processor may have claimed it), nor a conversation or person

@@ -185,7 +185,7 @@ class PgWriter(Bursting):
 
     def _commit_loop(self):
         """One committer: what it may take from the queue (_Queue.take), one transaction at
-        a time, on a connection it borrows for each, until the queue is closed and empty (close())."""
+        a time, on the connection it keeps (_Committer), until the queue is closed and empty (close())."""
         committer, given = _Committer(self._connections()), self._queue
         try:
             while (items := given.take(committer, MAX_GROUP)) is not None:
