@@ -282,11 +282,11 @@ class Connection:
             return []
         try:
             return self._execute_all(list(statements), commit)
-        except StoreError:
-            raw = self._database._raw
-            if commit and raw is not None and not raw.broken:
-                _rolled_back(raw)  # the failed statement left the transaction aborted, not ended
-            if commit:
+        except BaseException:  # a StoreError, or a value that cannot be written (before anything was sent)
+            if commit:  # the transaction is over whatever failed: none left open, no BEGIN left pending
+                raw, self._database.pending_begin = self._database._raw, None
+                if raw is not None and not raw.broken:
+                    _rolled_back(raw)  # a failed statement left the transaction aborted, not ended
                 self._database.in_transaction = False
             raise
 

@@ -304,3 +304,18 @@ def test_a_connection_lost_after_the_one_round_trips_commit_stores_nothing_twice
     assert count(store, "SELECT message_count FROM batches WHERE id = ?", batch) == 2
     added = store.add_texts([text(2, T0 + 1, rules=Rules())])[0]
     assert added.duplicate and added.batch_id == batch
+
+
+def test_a_value_that_cannot_be_written_leaves_no_begin_pending_on_the_kept_connection(store, monkeypatch):
+    """add_texts_guessed is over when it raises, whatever it raised: the committer keeps its
+    connection for the next groups, and a BEGIN left pending would be sent inside the next
+    transaction (with that group's stale timeouts)."""
+    import smsbatch.db_intake as db_intake
+    real = db_intake._guarded_writes
+    monkeypatch.setattr(db_intake, "_guarded_writes", lambda plan, was: real(plan, was) + [("SELECT ?", (object(),))])
+    with pytest.raises(TypeError):
+        guessed(store, Memory(), [text(1, T0)])
+    assert store.db.pending_begin is None and not store.db.in_transaction
+    monkeypatch.undo()
+    assert store.add_texts([text(1, T0)])[0].batch_id
+    assert count(store, "SELECT count(*) FROM messages") == 1
