@@ -189,7 +189,10 @@ class PgWriter(Bursting):
         committer, given = _Committer(self._connections()), self._queue
         try:
             while (items := given.take(committer, MAX_GROUP)) is not None:
-                self._commit(committer, items)
+                try:
+                    self._commit(committer, items)
+                except Exception:  # a bug (every failure of a write is handled inside): keep the committer, none replaces it
+                    log.exception("webhook: a committer failed on a group; it goes on with the next")
         finally:
             given.done(committer)
             committer.close()
@@ -270,11 +273,15 @@ class PgWriter(Bursting):
         try:
             added = store.add_texts_guessed(works, *guess, deadline - time.monotonic())
         except GuessedWrong:
-            self.guesses["wrong"] += 1
+            self._count_guess("wrong")
             self._memory.forget(works, time.monotonic())
             return None
-        self.guesses["right"] += 1
+        self._count_guess("right")
         return added
+
+    def _count_guess(self, outcome):
+        with self._committer_lock:  # two committers count
+            self.guesses[outcome] += 1
 
     def _run_alone(self, committer, job):
         """One job in a transaction of its own (Store's), within its deadline."""
