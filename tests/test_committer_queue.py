@@ -3,6 +3,7 @@ never two groups of one conversation at once, and one person's texts in the orde
 Pure threading, no database: the committers' transactions are tested in test_pg_writer.py."""
 
 import threading
+import time
 
 from conftest import T0
 from smsbatch.batching import Rules
@@ -47,3 +48,17 @@ def test_a_committer_waits_until_the_conversation_is_free_and_close_ends_it():
     assert phones(got[0]) == [["A"]]
     queue.close()
     assert queue.take("one", limit=10) is None
+
+
+def test_the_standby_takes_only_what_has_waited_its_patience():
+    """The first committer takes at once; the standby (patience) only what the first has left
+    waiting that long (it is held up by a lock another host holds), and waits for it."""
+    queue = _Queue()
+    queue.put(burst("A"))
+    assert phones(queue.take("first", limit=10)) == [["A"]]  # "first" is now writing A
+    queue.put(burst("B"))
+    started = time.monotonic()
+    assert phones(queue.take("standby", limit=10, patience=0.2)) == [["B"]]
+    assert time.monotonic() - started >= 0.19  # B had to wait 0.2 s for it
+    queue.put(burst("C"))
+    assert phones(queue.take("first", limit=10)) == [["C"]]  # at once
