@@ -15,7 +15,7 @@ stored in ONE round trip, BEGIN to COMMIT, from what it remembers of them (intak
 Store.add_texts_guessed), every guess checked by the server in that transaction; a wrong
 guess stores nothing and the group is stored the ordinary way (reads, then writes, then
 COMMIT: three round trips). Measured (bench/run.py pg, 2 cores): one `serve` went from
-0.61x to 0.81x the SQLite webhook's texts a second.
+0.61x to 0.87-0.89x the SQLite webhook's texts a second.
 
 A group that fails (one text's write raised, the connection was lost, the deadline came)
 stores nothing; then every burst in it is handed back to the server, which runs its
