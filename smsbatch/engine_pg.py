@@ -122,11 +122,11 @@ def _literal(value, escape, encoding):
 
 
 # The Named statements prepared on each connection: {psycopg connection: set of names}, or
-# _UNKNOWN for a connection where a round trip that prepared some failed: PREPARE is not undone
-# by a rollback, so which of them ran is read back from the server (pg_prepared_statements);
-# or _REDO after a stale one (see _STALE_CODES): ours are deallocated, to be prepared again.
+# _RESYNC where that is not known: a round trip that prepared some failed (PREPARE is not undone
+# by a rollback), or one of them went stale (_STALE_CODES). Then those of ours the server has
+# (pg_prepared_statements) are deallocated and prepared again at the next use.
 _PREPARED = weakref.WeakKeyDictionary()
-_UNKNOWN, _REDO = "unknown", "redo"
+_RESYNC = "resync"
 # Errors of an EXECUTE after which the connection's prepared statements are not what
 # _PREPARED says: dropped by something else (26000: a DEALLOCATE, a pooler's DISCARD ALL), or
 # planned for a column type a schema change replaced (0A000: "cached plan must not change
@@ -166,18 +166,14 @@ def _by_name(raw, statements, commit=False):
 
 
 def _prepared(raw):
-    """The names prepared on `raw` (read from the server if not known; after a stale one,
-    none: those of ours it has are deallocated)."""
+    """The names prepared on `raw` (none of ours after _RESYNC: those it has are deallocated)."""
     if raw not in _PREPARED:
         _PREPARED[raw] = set()
-    elif _PREPARED[raw] in (_UNKNOWN, _REDO):
-        rows = raw.execute("SELECT name FROM pg_prepared_statements").fetchall()
-        names = {row[0] for row in rows}
-        if _PREPARED[raw] == _REDO:
-            for name in names & _NAMED:
-                raw.execute(f"DEALLOCATE {name}")
-            names -= _NAMED
-        _PREPARED[raw] = names
+    elif _PREPARED[raw] == _RESYNC:
+        for row in raw.execute("SELECT name FROM pg_prepared_statements").fetchall():
+            if row[0] in _NAMED:
+                raw.execute(f"DEALLOCATE {row[0]}")
+        _PREPARED[raw] = set()
     return _PREPARED[raw]
 
 
@@ -306,13 +302,12 @@ class Connection:
                     # COMMIT went with it (`commit`) and ran before the answer was lost; once more
                     # on a new connection (see execute_all: such a second run must refuse itself).
                     continue
-                if lead and exc.sqlstate in _STALE_CODES:
-                    _PREPARED[raw] = _REDO
-                    if begin and attempt == 1 and _rolled_back(raw):
-                        continue  # only this round trip ran in its transaction: once more, prepared anew
+                stale = lead and exc.sqlstate in _STALE_CODES
+                if stale or prepared:  # stale, or some PREPAREs may have run before the failure
+                    _PREPARED[raw] = _RESYNC
+                if stale and begin and attempt == 1 and _rolled_back(raw):
+                    continue  # only this round trip ran in its transaction: once more, prepared anew
                 database.pending_begin = None
-                if prepared and _PREPARED[raw] != _REDO:
-                    _PREPARED[raw] = _UNKNOWN  # some of them may have run before the failure
                 raise translate(exc) from exc
         if prepared:
             _PREPARED[raw] |= prepared
