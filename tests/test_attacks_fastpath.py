@@ -56,6 +56,15 @@ def count(store, sql, *params):
     return store.conn.execute(sql, params).fetchone()[0]
 
 
+def counts(db_path, *queries):
+    """Each query's one value, read on a connection of its own."""
+    store = Store(db_path)
+    try:
+        return [count(store, sql) for sql in queries]
+    finally:
+        store.close()
+
+
 def fresh(path):
     s = Store(path)
     s.migrate()
@@ -163,12 +172,7 @@ def test_a_conversation_locked_by_another_session_fails_the_group_within_its_dea
         assert outcome == [True]
         holder.execute("SELECT pg_advisory_unlock_all()")
         assert burst_of(writer, [text(2, T0 + 1, rules=Rules())])
-        store = Store(db_path)
-        try:
-            assert count(store, "SELECT count(*) FROM messages") == 2
-            assert count(store, "SELECT message_count FROM batches") == 2
-        finally:
-            store.close()
+        assert counts(db_path, "SELECT count(*) FROM messages", "SELECT message_count FROM batches") == [2, 2]
     finally:
         holder.close()
         writer.close()
@@ -207,13 +211,8 @@ def test_the_connection_dropped_during_the_one_round_trip_neither_loses_nor_doub
         assert done.wait(5)
         if outcome == [True]:  # the group failed: the webhook runs the request again alone
             assert burst_of(writer, [text(2, T0 + 1, rules=Rules())])
-        store = Store(db_path)
-        try:
-            assert count(store, "SELECT count(*) FROM messages") == 2
-            assert count(store, "SELECT count(*) FROM batches") == 1
-            assert count(store, "SELECT message_count FROM batches") == 2
-        finally:
-            store.close()
+        assert counts(db_path, "SELECT count(*) FROM messages", "SELECT count(*) FROM batches",
+                      "SELECT message_count FROM batches") == [2, 1, 2]
     finally:
         admin.close()
         holder.close()
