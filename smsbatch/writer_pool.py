@@ -248,14 +248,13 @@ class PgWriter(Bursting):
                     store.end_group(commit=False)
                     raise
                 store.end_group(commit=True)
-        except StoreError as exc:
-            committer.release()  # the pool checks it, and replaces it if the server dropped it
+        except Exception as exc:  # nothing of the group is stored: what was remembered of it may be wrong
             self._memory.forget([w for w in works if isinstance(w, Text)], time.monotonic())
-            self._note_failure(exc)
-            return None
-        except Exception:  # a text's own fault: each runs again alone, and fails alone
-            self._memory.forget([w for w in works if isinstance(w, Text)], time.monotonic())
-            log.debug("webhook: a group of %d writes failed; each runs again alone", len(works), exc_info=True)
+            if isinstance(exc, StoreError):
+                committer.release()  # the pool checks it, and replaces it if the server dropped it
+                self._note_failure(exc)
+            else:  # a text's own fault: each runs again alone, and fails alone
+                log.debug("webhook: a group of %d writes failed; each runs again alone", len(works), exc_info=True)
             return None
         finally:
             self._busy_since.pop(committer, None)
@@ -342,8 +341,9 @@ class _Queue:
     def __init__(self):
         self._items = collections.deque()  # (monotonic time put, item)
         self._writing = {}  # committer: the conversations of the group it is writing
-        self._changed = threading.Condition()  # wakes the committers that take at once
-        self._aged = threading.Condition(self._changed._lock)  # the standby: it looks every STANDBY_SECONDS
+        lock = threading.Lock()
+        self._changed = threading.Condition(lock)  # wakes the committers that take at once
+        self._aged = threading.Condition(lock)  # the standby: it looks every STANDBY_SECONDS
         self._closed = False
 
     def put(self, item):
