@@ -290,13 +290,7 @@ def _guarded_writes(plan, was):
     """The plan's writes, each checked by the server: a joined batch by a compare-and-set on
     everything the plan read of it (`was`: count, first and last time, urgent), a new batch
     by the one-open-batch index and its id's uniqueness, a text by its MessageSid's."""
-    statements = [
-        ("WITH j AS (UPDATE batches SET message_count = ?, first_at = ?, last_at = ?, urgent = ?, closes_at = ?,"
-         " quiet_seconds = ?, state = ? WHERE id = ? AND state = 'open' AND message_count = ? AND first_at = ?"
-         " AND last_at = ? AND urgent = ? RETURNING 1) SELECT 1 / count(*) FROM j",
-         (b.count, b.first_at, b.last_at, int(b.urgent), Plan.closes_at(b), b.quiet, b.state.value, b.id,
-          *was[b.id]))
-        for b in plan.batches.values() if not b.created]
+    statements = [_checked_update(*_update_batch(b), was[b.id]) for b in plan.batches.values() if not b.created]
     created = [_batch_row(b) for b in plan.batches.values() if b.created]
     per = ROWS_PER_STATEMENT
     statements += _rows(_INSERT_BATCHES_CHECKED, created, per)
@@ -359,6 +353,13 @@ def _batch_row(b):
     final = b.reason is not None
     return (b.id, b.phone, b.our_number, b.state.value, b.count, b.first_at, b.last_at, int(b.urgent),
             None if final else Plan.closes_at(b), b.reason, b.created_at if final else None, b.created_at, b.quiet)
+
+
+def _checked_update(sql, params, was):
+    """_update_batch's compare-and-set, on what the plan read of the batch too (`was`), made
+    to fail on the server (1 / 0) when it matches no row."""
+    return (f"WITH j AS ({sql} AND message_count = ? AND first_at = ? AND last_at = ? AND urgent = ?"
+            " RETURNING 1) SELECT 1 / count(*) FROM j", (*params, *was))
 
 
 def _update_batch(b):
