@@ -7,8 +7,15 @@ passes (408). Whole requests are answered by that thread at once; if the app off
 transaction. A slow client therefore holds only a buffer, never a thread, and a
 request split over many TCP segments is served like any other. The pool threads only
 run writes that must wait for the database lock. It never imports the app.
+
+HTTP/1.1 connections are kept open for the client's next request (keep-alive: a proxy
+in front, such as Caddy or nginx with `keepalive`, then opens no connection per text).
+A kept connection with no request under way is closed after KEEP_ALIVE_SECONDS, longer
+than the proxies keep theirs idle, so that they close first and never send a text into
+our close. Answers that close the connection say HTTP/1.0, as before.
 """
 
+import collections
 import errno
 import io
 import logging
@@ -31,18 +38,28 @@ MAX_CONNECTIONS = 4096  # most open client connections, whatever the descriptor 
 RESERVED_FDS = 64  # descriptors kept for the database, its WAL, logs and the pool's sockets
 ACCEPT_PAUSE = 0.05  # seconds without accept() after EMFILE/ENFILE (else it fails in a loop)
 SEND_TIMEOUT = 2.0  # a pool thread's sendall of one small answer
+# An idle kept-alive connection is closed after this: longer than a proxy keeps its idle
+# connections to us (nginx's upstream keepalive_timeout 60 s, Go's 90 s, Caddy's 2 min), so
+# the proxy closes first. Closing under it could lose a POST it sent at that instant
+# (proxies do not resend a POST), and Twilio does not send a failed webhook again.
+KEEP_ALIVE_SECONDS = 150.0
 
 
 class LeanServerHandler(ServerHandler):
     """wsgiref's ServerHandler, sending the status line, Date and Server in one piece
-    (the date text is made once a second) instead of three writes."""
+    (the date text is made once a second) instead of three writes. `keep_alive`: the
+    request allows it; `kept` says whether the answer kept it (HTTP/1.1 with a length)."""
 
     _date = (0, "")
+    keep_alive = kept = False
 
     def send_preamble(self):
         """Status line, Date and Server headers in one write."""
         if not (self.origin_server and self.client_is_modern()):
             return super().send_preamble()
+        # Without a Content-Length the end of the answer is the connection's close.
+        self.kept = self.keep_alive and "Content-Length" in self.headers
+        self.http_version = "1.1" if self.kept else "1.0"
         now = int(time.time())
         second, date = LeanServerHandler._date
         if second != now:
@@ -60,6 +77,8 @@ class QuietHandler(WSGIRequestHandler):
     """wsgiref's handler for a request already read whole, answering into memory (the
     server sends the answer once it may go out), without a stderr line per request.
     The environ carries `smsbatch.received`: the monotonic time the request was whole."""
+
+    keep = False  # the answer keeps the connection open for the next request
 
     def __init__(self, request, client_address, server, raw=b"", received=None):
         self.raw, self.received = raw, received
@@ -122,7 +141,10 @@ class QuietHandler(WSGIRequestHandler):
         handler = LeanServerHandler(self.rfile, self.wfile, self.get_stderr(), self.get_environ(),
                                     multithread=False)
         handler.request_handler = self
+        handler.keep_alive = self.request_version == "HTTP/1.1" and not self.server.stopping and \
+            "close" not in (self.headers.get("Connection") or "").lower()
         handler.run(self.server.get_app())
+        self.keep = handler.kept
 
 
 class PlainHeaders:
@@ -151,15 +173,19 @@ class PlainHeaders:
 
 
 class Connection:
-    """A client connection whose request is still arriving."""
+    """A client connection: its request arriving (`buffer`), being answered, or kept idle
+    for the next one. `request`: the whole request being answered (the buffer keeps what
+    came after it: the next request, if the client sent it already)."""
 
-    __slots__ = ("sock", "address", "buffer", "deadline", "received", "watched")
+    __slots__ = ("sock", "address", "buffer", "request", "deadline", "received", "watched", "keep")
 
     def __init__(self, sock, address, deadline):
         self.sock, self.address, self.deadline = sock, address, deadline
         self.buffer = bytearray()
+        self.request = b""
         self.received = None
         self.watched = False  # registered with the selector (most requests are whole at accept())
+        self.keep = False  # the answer being sent keeps the connection for the next request
 
 
 class SelectorWSGIServer(WSGIServer):
@@ -185,11 +211,17 @@ class SelectorWSGIServer(WSGIServer):
     accept_max = 64  # most connections taken (and committed together) per wake-up
     request_deadline = REQUEST_DEADLINE
 
+    keep_alive_seconds = KEEP_ALIVE_SECONDS
+
     def __init__(self, address, handler, threads=16):
         self.jobs = queue.SimpleQueue()
         self.workers = []  # server_close() runs if binding fails, before any worker exists
-        self.conns = {}  # fd -> Connection, oldest (earliest deadline) first
+        self.conns = {}  # fd -> Connection whose request is arriving, oldest (earliest deadline) first
+        self.idle = {}  # fd -> Connection kept for its next request, oldest first
+        self.kept = collections.deque()  # connections answered and kept, for this thread to watch again
+        self.stopping = False  # server_close() began: answers close their connections
         self.selector = None
+        self._waker = None
         super().__init__(address, handler)
         if hasattr(socket, "TCP_DEFER_ACCEPT"):  # Linux: wake accept() once the request has data
             try:
@@ -199,6 +231,12 @@ class SelectorWSGIServer(WSGIServer):
         self.socket.setblocking(False)
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.socket, selectors.EVENT_READ, None)
+        # Answers sent by other threads (committed groups, pool threads) wake select() through this.
+        self._waker = socket.socketpair()
+        for end in self._waker:
+            end.setblocking(False)
+        self.selector.register(self._waker[0], selectors.EVENT_READ, self._waker)
+        self._main = threading.current_thread()  # replaced by serve_forever's
         self.max_connections = connection_cap()
         self._held = 0  # whole requests not yet answered (committing, or in the pool)
         self._held_lock = threading.Lock()
@@ -216,6 +254,7 @@ class SelectorWSGIServer(WSGIServer):
     def serve_forever(self, poll_interval=0.5):
         """Accept, read and answer until shutdown()."""
         self._stopped.clear()
+        self._main = threading.current_thread()
         try:
             while not self._stop:
                 self.step(poll_interval)
@@ -231,18 +270,22 @@ class SelectorWSGIServer(WSGIServer):
     def step(self, poll_interval=0.5):
         """Wait for activity (at most poll_interval), then read and answer what is whole."""
         now = time.monotonic()
-        timeout = poll_interval
-        if self.conns:
-            timeout = min(timeout, max(0.0, next(iter(self.conns.values())).deadline - now))
+        timeout = 0.0 if self.kept else poll_interval
+        for waiting in (self.conns, self.idle):
+            if waiting:
+                timeout = min(timeout, max(0.0, next(iter(waiting.values())).deadline - now))
         if self._paused_until:
             timeout = min(timeout, max(0.0, self._paused_until - now))
         ready = []
         for key, _ in self.selector.select(timeout):
             if key.data is None:
                 self._accept(ready)
-            elif key.data.sock.fileno() in self.conns:
+            elif key.data is self._waker:
+                self._drain_waker()
+            elif key.data.sock.fileno() in self.conns or key.data.sock.fileno() in self.idle:
                 self._receive(key.data, ready)
         now = time.monotonic()
+        self._watch_kept(now, ready)
         if self._paused_until and now >= self._paused_until:
             self._paused_until = 0.0
             self.selector.register(self.socket, selectors.EVENT_READ, None)
@@ -290,49 +333,96 @@ class SelectorWSGIServer(WSGIServer):
         self._paused_until = time.monotonic() + ACCEPT_PAUSE
 
     def open_connections(self):
-        """Client connections open now: still arriving, plus those not yet answered."""
-        return len(self.conns) + self._held
+        """Client connections open now: arriving, kept (idle, or answered and about to be
+        watched again), and not yet answered."""
+        return len(self.conns) + len(self.idle) + len(self.kept) + self._held
 
     def _shed_oldest(self):
-        if self.conns:
-            self._close(next(iter(self.conns.values())))
+        """Close the connection that has waited longest: an idle kept one first."""
+        for waiting in (self.idle, self.conns):
+            if waiting:
+                self._close(next(iter(waiting.values())))
+                return
 
     def _receive(self, conn, ready):
         """Read what has arrived; True while the request is still incomplete."""
+        fd = conn.sock.fileno()
+        if fd in self.idle:  # its next request begins: it has REQUEST_DEADLINE from now to arrive
+            del self.idle[fd]
+            conn.deadline = time.monotonic() + self.request_deadline
+            self.conns[fd] = conn
         try:
             data = conn.sock.recv(RECV_BYTES)
         except (BlockingIOError, InterruptedError):
             return True
         except OSError:
             data = b""
-        if not data:  # the client went away before its request was whole
+        if not data:  # the client went away (or closed a kept connection) before a request was whole
             self._close(conn)
             return False
         conn.buffer += data
+        return self._examine(conn, ready)
+
+    def _examine(self, conn, ready):
+        """Take the request out of the buffer if it is whole (ready), refuse it if it is
+        bad; True while it is still incomplete."""
         verdict = examine(conn.buffer, getattr(self.get_app(), "max_body", DEFAULT_MAX_BODY))
         if verdict is None:
             return True
         self._forget(conn)
-        if verdict is True:
+        if isinstance(verdict, tuple):
+            self._refuse(conn, *verdict)
+        else:  # the end of the request: what follows is the client's next one
+            conn.request, conn.buffer = bytes(conn.buffer[:verdict]), conn.buffer[verdict:]
             conn.received = time.monotonic()
             ready.append(conn)
-        else:
-            self._refuse(conn, *verdict)
         return False
 
+    def _watch_kept(self, now, ready):
+        """Watch again the connections whose answers kept them (sent by any thread): idle
+        until their next request, or that request at once if the client sent it already."""
+        while self.kept:
+            conn = self.kept.popleft()
+            if self.stopping:
+                self._close(conn)
+                continue
+            fd = conn.sock.fileno()
+            if conn.buffer:
+                conn.deadline = now + self.request_deadline
+                self.conns[fd] = conn
+                if not self._examine(conn, ready):
+                    continue
+            else:
+                conn.deadline = now + self.keep_alive_seconds
+                self.idle[fd] = conn
+            self.selector.register(conn.sock, selectors.EVENT_READ, conn)
+            conn.watched = True
+
+    def _drain_waker(self):
+        try:
+            while self._waker[0].recv(4096):
+                pass
+        except OSError:  # nothing more to read
+            pass
+
     def _expire(self, now):
-        late = []
-        for conn in self.conns.values():
-            if conn.deadline > now:
-                break
-            late.append(conn)
-        for conn in late:
-            self._forget(conn)
-            self._refuse(conn, "408 Request Timeout", "the request did not arrive in time")
+        for waiting, refuse in ((self.conns, True), (self.idle, False)):
+            late = []
+            for conn in waiting.values():
+                if conn.deadline > now:
+                    break
+                late.append(conn)
+            for conn in late:
+                if refuse:
+                    self._forget(conn)
+                    self._refuse(conn, "408 Request Timeout", "the request did not arrive in time")
+                else:  # kept idle too long: closed without a word, as HTTP/1.1 allows
+                    self._close(conn)
 
     def _forget(self, conn):
         """Stop watching a connection (it is answered, refused or closed next)."""
-        if self.conns.pop(conn.sock.fileno(), None) is not None and conn.watched:
+        fd = conn.sock.fileno()
+        if (self.conns.pop(fd, None) or self.idle.pop(fd, None)) is not None and conn.watched:
             conn.watched = False
             self.selector.unregister(conn.sock)
 
@@ -341,6 +431,7 @@ class SelectorWSGIServer(WSGIServer):
         conn.sock.close()
 
     def _refuse(self, conn, status, reason):
+        conn.keep = False  # its answer says Connection: close
         target = bytes(conn.buffer[:300]).split(b"\n", 1)[0].split(b" ")[1:2] or [b"?"]
         self._refusals.warning("webhook: rejected %s %s: %s", status[:3], printable(target[0].decode("latin-1")), reason)
         body = (reason + "\n").encode()
@@ -385,19 +476,32 @@ class SelectorWSGIServer(WSGIServer):
     def _run(self, conn):
         """Answer a request that was read whole, into memory."""
         try:
-            handler = self.RequestHandlerClass(conn.sock, conn.address, self, bytes(conn.buffer), conn.received)
+            handler = self.RequestHandlerClass(conn.sock, conn.address, self, conn.request, conn.received)
+            conn.keep = getattr(handler, "keep", False)
             return handler.wfile.getvalue()
         except Exception:
+            conn.keep = False
             self.handle_error(conn.sock, conn.address)
             return b""
 
     def _send(self, conn, answer):
+        """Send an answer (from any thread); then close the connection, or hand it back to
+        the selecting thread for the next request."""
         try:
             conn.sock.sendall(answer)
-        except OSError:
-            pass  # gone, or not reading (a small answer fits any socket buffer)
-        finally:
+        except OSError:  # gone, or not reading (a small answer fits any socket buffer)
+            conn.keep = False
+        if not conn.keep or self.stopping:
             self.shutdown_request(conn.sock)
+            return
+        if conn.sock.gettimeout() != 0.0:  # a pool thread's send timeout: back to non-blocking
+            conn.sock.setblocking(False)
+        self.kept.append(conn)
+        if threading.current_thread() is not self._main:
+            try:
+                self._waker[1].send(b"\0")
+            except OSError:  # its buffer is full: select() is woken already
+                pass
 
     def _work(self):
         while True:
@@ -414,15 +518,21 @@ class SelectorWSGIServer(WSGIServer):
     def server_close(self):
         """Close the listening socket and every connection still arriving; requests
         being committed or waiting in the pool may finish (at most their deadline)."""
+        self.stopping = True  # answers from now on close their connections
         drain = getattr(self.get_app(), "drain", None)
         if drain is not None:  # let its last commits finish and their answers go out
             drain()
         for _ in self.workers:
             self.jobs.put(None)
-        for conn in list(self.conns.values()):
+        for conn in [*self.conns.values(), *self.idle.values()]:
             self._close(conn)
+        while self.kept:
+            self.shutdown_request(self.kept.popleft().sock)
         if self.selector is not None:
             self.selector.close()
+        if self._waker is not None:
+            for end in self._waker:
+                end.close()
         super().server_close()
         deadline = time.monotonic() + REQUEST_DEADLINE + 1.0
         for worker in self.workers:
@@ -431,8 +541,9 @@ class SelectorWSGIServer(WSGIServer):
 
 
 def examine(buffer, max_body):
-    """None while the request in `buffer` is incomplete, True once it is whole (headers
-    and Content-Length bytes of body), else (status, reason) to refuse it with at once."""
+    """None while the request at the start of `buffer` is incomplete, its length once it
+    is whole (headers and Content-Length bytes of body), else (status, reason) to refuse
+    it with at once."""
     end, start = header_end(buffer)
     if end < 0:
         return ("431 Request Header Fields Too Large", "header block too large") if len(buffer) > MAX_HEAD else None
@@ -456,7 +567,7 @@ def examine(buffer, max_body):
         length = int(value)
     if length > max_body:
         return "413 Content Too Large", f"body over {max_body} bytes"
-    return True if len(buffer) - start >= length else None
+    return start + length if len(buffer) - start >= length else None
 
 
 def header_end(buffer):

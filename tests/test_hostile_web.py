@@ -44,21 +44,34 @@ def signed_request(params, path="/sms", url=URL):
 
 
 def exchange(port, pieces, timeout=5.0, pause=0.05):
-    """Send `pieces` (separate TCP segments, `pause` apart), read the answer until close.
-    Returns (status, headers text, body)."""
+    """Send `pieces` (separate TCP segments, `pause` apart), read the answer (its
+    Content-Length, else until close). Returns (status, headers text, body)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for i, piece in enumerate(pieces):
             if i:
                 time.sleep(pause)
             sock.sendall(piece)
-        data = b""
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+        return read_answer(sock, head_only=bool(pieces) and pieces[0].startswith(b"HEAD "))
+
+
+def read_answer(sock, head_only=False):
+    """One HTTP answer from `sock`: (status, headers text, body), the body by its
+    Content-Length (none after a HEAD: `head_only`), or up to the close without one."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
+    lengths = [line.split(b":", 1)[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")]
+    want = 0 if head_only else int(lengths[0]) if lengths else None
+    while want is None or len(body) < want:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
     return int(head.split()[1]), head.decode("latin-1"), body
 
 

@@ -1,0 +1,167 @@
+"""HTTP/1.1 keep-alive: a client (a proxy in front, wrk) sends its texts on one connection.
+Every text on a kept connection is stored and answered in order, pipelined requests
+included; the connection closes when the client asks, after HTTP/1.0, after a refusal, and
+when it has been idle too long; a slow next request still gets its 408; idle kept
+connections are the first shed at the descriptor cap. Real sockets, a real server, on
+both engines (on PostgreSQL the answers leave from the committer's thread)."""
+
+import socket
+import threading
+import time
+
+import pytest
+
+from conftest import T0
+from smsbatch.config import Settings
+from smsbatch.db import Store
+from smsbatch.web import make_app, make_server_for
+from test_hostile_web import TOKEN, URL, form, read_answer, signed_request
+
+pytestmark = pytest.mark.engines
+
+
+@pytest.fixture
+def server(db_path):
+    """A real server on port 0 (in this process), signatures checked against URL."""
+    app = make_app(Settings(db_path=db_path, twilio_auth_token=TOKEN, public_url=URL), clock=lambda: T0)
+    server = make_server_for(app, "127.0.0.1", 0, threads=4)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def stored(db_path):
+    store = Store(db_path)
+    try:
+        return {row[0] for row in store.conn.execute("SELECT sid FROM messages")}
+    finally:
+        store.close()
+
+
+def connect(server):
+    sock = socket.create_connection(("127.0.0.1", server.server_port), timeout=5)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def closed_within(sock, seconds):
+    """True if the server closes `sock` within `seconds` (and sent nothing more)."""
+    sock.settimeout(seconds)
+    try:
+        return sock.recv(1) == b""
+    except TimeoutError:
+        return False
+
+
+def sids(*numbers):
+    return {form(n)["MessageSid"] for n in numbers}
+
+
+def test_texts_sent_one_after_another_on_one_connection_are_each_stored(server, db_path):
+    with connect(server) as sock:
+        for n in range(3):
+            sock.sendall(signed_request(form(n)))
+            status, head, body = read_answer(sock)
+            assert (status, head.split()[0], body) == (200, "HTTP/1.1", b'<?xml version="1.0" encoding="UTF-8"?>'
+                                                                          b"<Response/>")
+        assert not closed_within(sock, 0.3)  # still open for the next one
+    assert stored(db_path) == sids(0, 1, 2)
+
+
+def test_pipelined_texts_are_answered_in_order_even_split_between_segments(server, db_path):
+    first, second, third = (signed_request(form(n, Body=f"text {n}")) for n in range(3))
+    with connect(server) as sock:
+        sock.sendall(first + second + third[:30])  # two whole and the start of a third, at once
+        time.sleep(0.1)
+        sock.sendall(third[30:])
+        stream = b""
+        while stream.count(b"<Response/>") < 3:  # the three answers, which may come in one segment
+            chunk = sock.recv(65536)
+            assert chunk, "closed before the third answer"
+            stream += chunk
+    assert stream.count(b"HTTP/1.1 200 OK\r\n") == 3
+    assert stored(db_path) == sids(0, 1, 2)
+
+
+def test_a_pipelined_request_after_a_refused_one_is_not_read(server, db_path):
+    """A 400 closes the connection: what followed it in the buffer is not taken as a request."""
+    bad = b"GET /health HTTP/1.1\r\nHost : x\r\n\r\n"  # a space before the colon: 400, and close
+    with connect(server) as sock:
+        sock.sendall(bad + signed_request(form(1)))
+        status, head, _ = read_answer(sock)
+        assert status == 400 and head.startswith("HTTP/1.0")
+        assert closed_within(sock, 2)
+    assert stored(db_path) == set()
+
+
+@pytest.mark.parametrize("request_line, header", [("HTTP/1.1", "Connection: close\r\n"), ("HTTP/1.1", "Connection: Close\r\n"),
+                                                   ("HTTP/1.0", "")])
+def test_the_connection_closes_when_the_client_asks_or_speaks_http_1_0(server, db_path, request_line, header):
+    raw = signed_request(form(1)).replace(b"HTTP/1.1\r\n", f"{request_line}\r\n{header}".encode(), 1)
+    with connect(server) as sock:
+        sock.sendall(raw)
+        status, head, _ = read_answer(sock)
+        assert status == 200 and head.startswith("HTTP/1.0 ")
+        assert closed_within(sock, 2)
+    assert stored(db_path) == sids(1)
+
+
+def test_an_idle_kept_connection_is_closed_without_a_word_after_its_time(server, db_path):
+    server.keep_alive_seconds = 0.3
+    with connect(server) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_answer(sock)[0] == 200
+        started = time.monotonic()
+        assert closed_within(sock, 3)  # no 408: nothing was asked
+        assert 0.25 <= time.monotonic() - started < 2
+
+
+def test_a_next_request_that_never_ends_gets_its_408_on_time(server, db_path):
+    server.request_deadline = 0.3  # a kept connection idles for KEEP_ALIVE_SECONDS, a request has this
+    with connect(server) as sock:
+        sock.sendall(signed_request(form(1)))
+        assert read_answer(sock)[0] == 200
+        time.sleep(0.5)  # idle longer than a request may take: still kept
+        sock.sendall(b"POST /sms HTTP/1.1\r\nHost: x\r\n")  # and then nothing
+        started = time.monotonic()
+        status, head, _ = read_answer(sock)
+        assert status == 408 and 0.25 <= time.monotonic() - started < 2
+        assert closed_within(sock, 2)
+    assert stored(db_path) == sids(1)
+
+
+def test_idle_kept_connections_are_shed_first_at_the_descriptor_cap(server, db_path):
+    server.max_connections = 4
+    kept = []
+    try:
+        for _ in range(4):
+            sock = connect(server)
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_answer(sock)[0] == 200
+            kept.append(sock)
+        with connect(server) as sock:
+            sock.sendall(signed_request(form(7)))
+            assert read_answer(sock)[0] == 200
+        assert closed_within(kept[0], 2)  # the oldest idle one made room
+        kept[-1].sendall(signed_request(form(8)))  # the newest is still served
+        assert read_answer(kept[-1])[0] == 200
+    finally:
+        for sock in kept:
+            sock.close()
+    assert stored(db_path) == sids(7, 8)
+
+
+def test_stopping_the_server_closes_kept_connections(db_path):
+    app = make_app(Settings(db_path=db_path, twilio_auth_token=TOKEN, public_url=URL), clock=lambda: T0)
+    server = make_server_for(app, "127.0.0.1", 0, threads=2)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    with connect(server) as sock:
+        sock.sendall(signed_request(form(1)))
+        assert read_answer(sock)[0] == 200
+        server.shutdown()
+        server.server_close()
+        assert closed_within(sock, 2)
+    assert stored(db_path) == sids(1)
