@@ -346,11 +346,6 @@ class SelectorWSGIServer(WSGIServer):
 
     def _receive(self, conn, ready):
         """Read what has arrived; True while the request is still incomplete."""
-        fd = conn.sock.fileno()
-        if fd in self.idle:  # its next request begins: it has REQUEST_DEADLINE from now to arrive
-            del self.idle[fd]
-            conn.deadline = time.monotonic() + self.request_deadline
-            self.conns[fd] = conn
         try:
             data = conn.sock.recv(RECV_BYTES)
         except (BlockingIOError, InterruptedError):
@@ -360,6 +355,11 @@ class SelectorWSGIServer(WSGIServer):
         if not data:  # the client went away (or closed a kept connection) before a request was whole
             self._close(conn)
             return False
+        fd = conn.sock.fileno()
+        if fd in self.idle:  # its next request begins: it has REQUEST_DEADLINE from now to arrive
+            del self.idle[fd]
+            conn.deadline = time.monotonic() + self.request_deadline
+            self.conns[fd] = conn
         conn.buffer += data
         return self._examine(conn, ready)
 
@@ -395,8 +395,11 @@ class SelectorWSGIServer(WSGIServer):
             else:
                 conn.deadline = now + self.keep_alive_seconds
                 self.idle[fd] = conn
-            self.selector.register(conn.sock, selectors.EVENT_READ, conn)
-            conn.watched = True
+            # The client may have sent its next request already (pipelined, or answered from
+            # this thread): read it now rather than one select() later.
+            if self._receive(conn, ready):
+                self.selector.register(conn.sock, selectors.EVENT_READ, conn)
+                conn.watched = True
 
     def _drain_waker(self):
         try:
