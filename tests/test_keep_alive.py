@@ -2,20 +2,28 @@
 Every text on a kept connection is stored and answered in order, pipelined requests
 included; the connection closes when the client asks, after HTTP/1.0, after a refusal, and
 when it has been idle too long; a slow next request still gets its 408; idle kept
-connections are the first shed at the descriptor cap. Real sockets, a real server, on
-both engines (on PostgreSQL the answers leave from the committer's thread)."""
+connections are the first shed at the descriptor cap; Caddy in front keeps its connections.
+Real sockets, a real server, on both engines (on PostgreSQL the answers leave from the
+committer's thread)."""
 
+import http.client
+import os
+import shutil
 import socket
+import subprocess
 import threading
 import time
+from urllib.parse import urlencode
 
 import pytest
+from twilio.request_validator import RequestValidator
 
 from conftest import T0
 from smsbatch.config import Settings
 from smsbatch.db import Store
 from smsbatch.web import make_app, make_server_for
-from test_hostile_web import TOKEN, URL, form, read_answer, signed_request
+from test_deploy import free_port, wait_for
+from test_hostile_web import TOKEN, URL, form, read_answer, signed_request, start_serve
 
 pytestmark = pytest.mark.engines
 
@@ -165,3 +173,47 @@ def test_stopping_the_server_closes_kept_connections(db_path):
         server.server_close()
         assert closed_within(sock, 2)
     assert stored(db_path) == sids(1)
+
+
+def established_to(port):
+    """How many TCP connections to local `port` are established now (/proc/net/tcp)."""
+    with open("/proc/net/tcp") as table:
+        rows = [line.split() for line in table.readlines()[1:]]
+    return sum(1 for row in rows if int(row[1].split(":")[1], 16) == port and row[3] == "01")
+
+
+@pytest.mark.skipif(shutil.which("caddy") is None, reason="caddy not installed")
+def test_texts_through_caddy_are_stored_on_connections_it_keeps(db_path, tmp_path):
+    """deploy/Caddyfile in front of a real `smsbatch serve`: Caddy keeps its connections to
+    serve (its default, idle 2 min, below serve's KEEP_ALIVE_SECONDS); every text is stored once."""
+    if db_path.startswith("postgres"):
+        pytest.skip("the proxy is the same on both engines")
+    Store(db_path).migrate()
+    proc, serve_port = start_serve(db_path, tmp_path / "serve.log")
+    port = free_port()
+    text = open(os.path.join(os.path.dirname(__file__), "..", "deploy", "Caddyfile")).read()
+    text = text.replace("sms.example.com {", f"{{\n\tadmin off\n\tauto_https off\n}}\nhttp://127.0.0.1:{port} {{")
+    (tmp_path / "Caddyfile").write_text(text.replace("127.0.0.1:8080", f"127.0.0.1:{serve_port}"))
+    env = dict(os.environ, HOME=str(tmp_path), XDG_DATA_HOME=str(tmp_path), XDG_CONFIG_HOME=str(tmp_path))
+    caddy = subprocess.Popen(["caddy", "run", "--config", str(tmp_path / "Caddyfile"), "--adapter", "caddyfile"],
+                             env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        wait_for(port, caddy)
+        statuses = []
+        for n in range(20):
+            params = form(n)
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("POST", "/sms", body=urlencode(params), headers={
+                "Content-Type": "application/x-www-form-urlencoded",
+                "X-Twilio-Signature": RequestValidator(TOKEN).compute_signature(URL, params)})
+            statuses.append(conn.getresponse().status)
+            conn.close()
+        assert statuses == [200] * 20
+        assert 1 <= established_to(serve_port) <= 2  # kept by Caddy for its next texts, not one per text
+    finally:
+        caddy.terminate()
+        caddy.wait(timeout=30)
+        proc.terminate()
+        proc.wait(timeout=10)
+    assert stored(db_path) == sids(*range(20))
+    assert "Traceback" not in open(tmp_path / "serve.log").read()
