@@ -188,7 +188,9 @@ def test_texts_through_caddy_are_stored_on_connections_it_keeps(tmp_path):
     serve (its default, idle 2 min, below serve's KEEP_ALIVE_SECONDS); every text is stored once.
     On SQLite only: the proxy's side is the same on both engines."""
     db_path = str(tmp_path / "smsbatch.db")
-    Store(db_path).migrate()
+    store = Store(db_path)
+    store.migrate()
+    store.close()
     proc, serve_port = start_serve(db_path, tmp_path / "serve.log")
     port = free_port()
     text = open(os.path.join(os.path.dirname(__file__), "..", "deploy", "Caddyfile")).read()
