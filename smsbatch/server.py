@@ -576,10 +576,14 @@ def examine(buffer, max_body):
 def header_end(buffer):
     """(end of the header block, start of the body) in buffer, or (-1, -1) if not there
     yet. Lines may end in CRLF or, from hand-typed clients, LF alone."""
-    crlf = buffer.find(b"\r\n\r\n")
+    # The block ends at the first empty line as QuietHandler.parse_request reads it: "\r\n"
+    # or "\n" after a "\n", whatever ended the line before (so "\n\r\n" too). Were the two
+    # to disagree, a kept connection's next request would be framed as more headers of
+    # this one: swallowed, never stored nor answered.
+    crlf = buffer.find(b"\n\r\n")
     lf = buffer.find(b"\n\n")
     if crlf >= 0 and (lf < 0 or crlf < lf):
-        return crlf, crlf + 4
+        return crlf, crlf + 3
     if lf >= 0:
         return lf, lf + 2
     return -1, -1
