@@ -306,11 +306,15 @@ class SelectorWSGIServer(WSGIServer):
             if self._out_of_fds:
                 self._out_of_fds = False
                 log.warning("webhook: accepting connections again (%d open)", self.open_connections())
-            if self.open_connections() >= self.max_connections:
+            # Requests taken whole this wake-up (ready) hold descriptors too, and once answered
+            # stay open, kept: count them. Kept idle connections may outnumber the cap (it is
+            # lowered after EMFILE): shed until there is room, and close the new client only
+            # when every other connection is being answered.
+            while self.open_connections() + len(ready) >= self.max_connections and self._sheddable():
                 self._shed_oldest()
-                if self.open_connections() >= self.max_connections:  # all being answered
-                    sock.close()
-                    continue
+            if self.open_connections() + len(ready) >= self.max_connections:  # all being answered
+                sock.close()
+                continue
             sock.setblocking(False)
             conn = Connection(sock, address, time.monotonic() + self.request_deadline)
             self.conns[sock.fileno()] = conn
@@ -327,7 +331,9 @@ class SelectorWSGIServer(WSGIServer):
             self._out_of_fds = True
             log.warning("webhook: out of file descriptors (%s) with %d connections open; closing the "
                         "slowest, at most %d from now on", exc.strerror, open_now, self.max_connections)
-        while self.conns and self.open_connections() >= self.max_connections:
+        # Idle kept connections hold descriptors too (and are shed first): with only those
+        # open, shedding nothing would leave accept() failing until they idle out (150 s).
+        while self._sheddable() and self.open_connections() >= self.max_connections:
             self._shed_oldest()
         self.selector.unregister(self.socket)
         self._paused_until = time.monotonic() + ACCEPT_PAUSE
@@ -338,11 +344,18 @@ class SelectorWSGIServer(WSGIServer):
         return len(self.conns) + len(self.idle) + len(self.kept) + self._held
 
     def _shed_oldest(self):
-        """Close the connection that has waited longest: an idle kept one first."""
-        for waiting in (self.idle, self.conns):
-            if waiting:
-                self._close(next(iter(waiting.values())))
-                return
+        """Close the connection that has waited longest: an idle kept one first, then one
+        answered and kept but not yet watched again (idle too: else a client arriving in the
+        same wake-up as their answers found no room), then the slowest still arriving."""
+        if self.idle:
+            self._close(next(iter(self.idle.values())))
+        elif self.kept:  # in no dict nor the selector; whichever thread answered is done with it
+            self.kept.popleft().sock.close()
+        elif self.conns:
+            self._close(next(iter(self.conns.values())))
+
+    def _sheddable(self):
+        return bool(self.idle or self.kept or self.conns)
 
     def _receive(self, conn, ready):
         """Read what has arrived; True while the request is still incomplete."""
@@ -576,10 +589,14 @@ def examine(buffer, max_body):
 def header_end(buffer):
     """(end of the header block, start of the body) in buffer, or (-1, -1) if not there
     yet. Lines may end in CRLF or, from hand-typed clients, LF alone."""
-    crlf = buffer.find(b"\r\n\r\n")
+    # The block ends at the first empty line as QuietHandler.parse_request reads it: "\r\n"
+    # or "\n" after a "\n", whatever ended the line before (so "\n\r\n" too). Were the two
+    # to disagree, a kept connection's next request would be framed as more headers of
+    # this one: swallowed, never stored nor answered.
+    crlf = buffer.find(b"\n\r\n")
     lf = buffer.find(b"\n\n")
     if crlf >= 0 and (lf < 0 or crlf < lf):
-        return crlf, crlf + 4
+        return crlf, crlf + 3
     if lf >= 0:
         return lf, lf + 2
     return -1, -1
