@@ -156,7 +156,7 @@ def test_trickling_ai_is_cut_off_at_our_deadline(fast, store, clock, openai_stan
     clock.now = T0 + 10
     report = real_processor(settings, clock).run()
     took = time.monotonic() - openai_standin.times[0]  # from the request's arrival (imports not counted)
-    assert 1.3 < took < 2.5, f"the call took {took:.1f} s"
+    assert 1.3 < took < 3.5, f"the call took {took:.1f} s"  # 20 s uncut; slack for 2 busy cores
     row = store.get_batch(batch)
     assert report.counts["retrying"] == 1 and "timed out" in row["last_error"] and twilio_standin.sent == []
     assert row["ai_requests"] == 1
@@ -172,7 +172,7 @@ def test_trickling_twilio_is_cut_off_at_our_deadline_and_counts_as_maybe_sent(fa
     batch = add(store, A, "hi", clock.now - 30).batch_id
     report = real_processor(settings, clock).run()
     took = time.monotonic() - twilio_standin.times[0]
-    assert 1.3 < took < 2.5, f"the send took {took:.1f} s"
+    assert 1.3 < took < 3.5, f"the send took {took:.1f} s"  # 20 s uncut; slack for 2 busy cores
     row = store.get_batch(batch)
     assert report.counts["retrying"] == 1 and row["state"] == "sending" and "outcome unknown" in row["last_error"]
     clock.now = row["retry_at"] + 1
