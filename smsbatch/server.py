@@ -264,7 +264,7 @@ class SelectorWSGIServer(WSGIServer):
 
     def _watch_kept(self, now, ready):
         """Watch again the connections whose answers kept them (sent by any thread): idle
-        until their next request, or that request at once if the client sent it already."""
+        until their next request, or that request at once if it came with the last one."""
         while self.kept:
             conn = self.kept.popleft()
             if self.stopping:
@@ -279,11 +279,8 @@ class SelectorWSGIServer(WSGIServer):
             else:
                 conn.deadline = now + self.keep_alive_seconds
                 self.idle[fd] = conn
-            # The client may have sent its next request already (pipelined, or answered from
-            # this thread): read it now rather than one select() later.
-            if self._receive(conn, ready):
-                self.selector.register(conn.sock, selectors.EVENT_READ, conn)
-                conn.watched = True
+            self.selector.register(conn.sock, selectors.EVENT_READ, conn)
+            conn.watched = True
 
     def _drain_waker(self):
         try:
@@ -353,8 +350,10 @@ class SelectorWSGIServer(WSGIServer):
             if failed:
                 self.jobs.put(conn)
             else:
-                self._send(conn, answer)
+                self._send(conn, answer, wake=False)
                 self._hold(-1)
+        if held and not failed:
+            self._wake()  # once for the whole group: a wake-up per answer cost the selecting thread
 
     def _hold(self, n):
         with self._held_lock:
@@ -371,9 +370,9 @@ class SelectorWSGIServer(WSGIServer):
             self.handle_error(conn.sock, conn.address)
             return b""
 
-    def _send(self, conn, answer):
+    def _send(self, conn, answer, wake=True):
         """Send an answer (from any thread); then close the connection, or hand it back to
-        the selecting thread for the next request."""
+        the selecting thread for the next request (`wake`: wake it now)."""
         try:
             conn.sock.sendall(answer)
         except OSError:  # gone, or not reading (a small answer fits any socket buffer)
@@ -384,6 +383,11 @@ class SelectorWSGIServer(WSGIServer):
         if conn.sock.gettimeout() != 0.0:  # a pool thread's send timeout: back to non-blocking
             conn.sock.setblocking(False)
         self.kept.append(conn)
+        if wake:
+            self._wake()
+
+    def _wake(self):
+        """Wake the selecting thread (from another) to watch the kept connections again."""
         if threading.current_thread() is not self._main:
             try:
                 self._waker[1].send(b"\0")
