@@ -255,23 +255,22 @@ _OPEN_BATCHES = Named(
 
 
 # What add_texts_guessed guessed, checked by the server: no MessageSid of the group pruned;
-# each adaptive person's latest times ($6: the window) exactly those guessed (rows of $2-$4:
-# person, rank from the newest, time; $5 the people); no open batch in the conversations
-# guessed to have none ($7, $8: the one-open-batch index alone would not say so where the plan
-# inserts no open batch: one text a batch, or a batch it filled). Each row is looked up by an
-# index search (LATERAL ... LIMIT 1: an EXISTS would become a hash join over every open batch).
-# A check that fails divides by zero: the transaction aborts, and engine_pg says StoreConflict.
+# each adaptive person's latest times ($6: the window), newest first, exactly those guessed
+# (person $5[i]'s are $4[$2[i]:$3[i]], an empty slice for none); no open batch in the
+# conversations guessed to have none ($7, $8: the one-open-batch index alone would not say so
+# where the plan inserts no open batch: one text a batch, or a batch it filled). Each row is
+# looked up by an index search (LATERAL ... LIMIT 1: an EXISTS would become a hash join over
+# every open batch). A check that fails divides by zero: the transaction aborts, and engine_pg
+# says StoreConflict. (The times compared as arrays: measured, a ranked FULL JOIN of the rows
+# made this check most of the server's work for a group.)
 _GUARD = Named(
-    "smsbatch_guessed", ("text[]", "text[]", "bigint[]", "double precision[]", "text[]", "bigint",
+    "smsbatch_guessed", ("text[]", "integer[]", "integer[]", "double precision[]", "text[]", "bigint",
                          "text[]", "text[]"),
     "SELECT 1 / (NOT EXISTS (SELECT 1 FROM pruned_sids WHERE sid = ANY($1))"
     " AND NOT EXISTS (SELECT 1 FROM unnest($7, $8) v(phone, our_number) CROSS JOIN LATERAL (SELECT 1 FROM batches b"
     " WHERE b.phone = v.phone AND b.our_number = v.our_number AND b.state = 'open' LIMIT 1) o)"
-    " AND NOT EXISTS (SELECT 1 FROM (SELECT p.phone, w.r, w.at FROM unnest($5) p(phone)"
-    " CROSS JOIN LATERAL (SELECT received_at AS at, row_number() OVER (ORDER BY received_at DESC) AS r"
-    " FROM (SELECT received_at FROM messages WHERE phone = p.phone ORDER BY received_at DESC LIMIT $6) x) w) a"
-    " FULL JOIN unnest($2, $3, $4) e(phone, r, at) ON a.phone = e.phone AND a.r = e.r"
-    " WHERE a.at IS DISTINCT FROM e.at))::integer")
+    " AND NOT EXISTS (SELECT 1 FROM unnest($5, $2, $3) p(phone, lo, hi) WHERE ARRAY(SELECT received_at"
+    " FROM messages WHERE phone = p.phone ORDER BY received_at DESC LIMIT $6) IS DISTINCT FROM $4[p.lo:p.hi]))::integer")
 
 
 def _guard(texts, facts, none_open):
@@ -280,9 +279,12 @@ def _guard(texts, facts, none_open):
         if text.rules.adaptive:
             people[text.phone] = fact.recent
             window = max(window, Memory.window(text.rules))
-    rows = [(phone, rank, at) for phone, recent in people.items() for rank, at in enumerate(recent, 1)]
-    return _GUARD, [[t.sid for t in texts], [r[0] for r in rows], [r[1] for r in rows],
-                    [float(r[2]) for r in rows], list(people), window,
+    times, first, last = [], [], []
+    for recent in people.values():  # each person's slice of `times` (lo > hi: none)
+        first.append(len(times) + 1)
+        times += [float(at) for at in recent]
+        last.append(len(times))
+    return _GUARD, [[t.sid for t in texts], first, last, times, list(people), window,
                     [c[0] for c in none_open], [c[1] for c in none_open]]
 
 

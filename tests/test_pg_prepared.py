@@ -383,7 +383,8 @@ def test_the_guessed_groups_check_is_index_searches_on_unanalysed_tables(store):
     arr = "ARRAY[" + ", ".join(f"'{p}'" for p in phones) + "]::text[]"
     us = "ARRAY[" + ", ".join(f"'{US}'" for _ in phones) + "]::text[]"
     sids_ = "ARRAY[" + ", ".join(f"'SMnew{p}'" for p in phones) + "]::text[]"
-    none = "ARRAY[]::text[], ARRAY[]::bigint[], ARRAY[]::double precision[]"
+    slices = ", ".join(["1"] * len(phones)) + "]::integer[], ARRAY[" + ", ".join(["0"] * len(phones))
+    none = f"ARRAY[{slices}]::integer[], ARRAY[]::double precision[]"  # each person's times: an empty slice
     checked, plan = _buffers(store, f"EXECUTE smsbatch_guessed({sids_}, {none}, {arr}, 19, {arr}, {us})")
     assert plan["Actual Rows"] == 1
     assert checked <= 10 * len(phones), checked
