@@ -359,18 +359,25 @@ def test_nginx_really_forwards_only_the_webhook_paths(tmp_path, recorder):
         proc.wait(timeout=30)
 
 
-@pytest.mark.skipif(shutil.which("caddy") is None, reason="caddy not installed")
-def test_caddy_really_forwards_only_the_webhook_paths(tmp_path, recorder):
-    """The Caddyfile run by Caddy itself, on plain HTTP (no certificate to obtain here)."""
+def start_caddy(tmp_path, upstream_port):
+    """deploy/Caddyfile run by Caddy itself on plain HTTP (no certificate to obtain here), in
+    front of 127.0.0.1:`upstream_port`; (process, its port) once it listens."""
     port = free_port()
     text = open(os.path.join(DEPLOY, "Caddyfile")).read()
     text = text.replace("sms.example.com {", f"{{\n\tadmin off\n\tauto_https off\n}}\nhttp://127.0.0.1:{port} {{")
-    (tmp_path / "Caddyfile").write_text(text.replace("127.0.0.1:8080", f"127.0.0.1:{recorder.port}"))
+    (tmp_path / "Caddyfile").write_text(text.replace("127.0.0.1:8080", f"127.0.0.1:{upstream_port}"))
     env = dict(os.environ, HOME=str(tmp_path), XDG_DATA_HOME=str(tmp_path), XDG_CONFIG_HOME=str(tmp_path))
     proc = subprocess.Popen(["caddy", "run", "--config", str(tmp_path / "Caddyfile"), "--adapter", "caddyfile"],
                             env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    wait_for(port, proc)
+    return proc, port
+
+
+@pytest.mark.skipif(shutil.which("caddy") is None, reason="caddy not installed")
+def test_caddy_really_forwards_only_the_webhook_paths(tmp_path, recorder):
+    """The Caddyfile run by Caddy itself, on plain HTTP (no certificate to obtain here)."""
+    proc, port = start_caddy(tmp_path, recorder.port)
     try:
-        wait_for(port, proc)
         assert_only_webhooks_pass(port, recorder)
     finally:
         proc.terminate()

@@ -7,10 +7,8 @@ Real sockets, a real server, on both engines (on PostgreSQL the answers leave fr
 committer's thread)."""
 
 import http.client
-import os
 import shutil
 import socket
-import subprocess
 import threading
 import time
 from urllib.parse import urlencode
@@ -22,22 +20,10 @@ from conftest import T0
 from smsbatch.config import Settings
 from smsbatch.db import Store
 from smsbatch.web import make_app, make_server_for
-from test_deploy import free_port, wait_for
-from test_hostile_web import TOKEN, URL, form, read_answer, signed_request, start_serve
+from test_deploy import start_caddy
+from test_hostile_web import TOKEN, URL, form, read_answer, server, signed_request, start_serve  # noqa: F401
 
 pytestmark = pytest.mark.engines
-
-
-@pytest.fixture
-def server(db_path):
-    """A real server on port 0 (in this process), signatures checked against URL."""
-    app = make_app(Settings(db_path=db_path, twilio_auth_token=TOKEN, public_url=URL), clock=lambda: T0)
-    server = make_server_for(app, "127.0.0.1", 0, threads=4)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
 
 
 def stored(db_path):
@@ -192,15 +178,8 @@ def test_texts_through_caddy_are_stored_on_connections_it_keeps(tmp_path):
     store.migrate()
     store.close()
     proc, serve_port = start_serve(db_path, tmp_path / "serve.log")
-    port = free_port()
-    text = open(os.path.join(os.path.dirname(__file__), "..", "deploy", "Caddyfile")).read()
-    text = text.replace("sms.example.com {", f"{{\n\tadmin off\n\tauto_https off\n}}\nhttp://127.0.0.1:{port} {{")
-    (tmp_path / "Caddyfile").write_text(text.replace("127.0.0.1:8080", f"127.0.0.1:{serve_port}"))
-    env = dict(os.environ, HOME=str(tmp_path), XDG_DATA_HOME=str(tmp_path), XDG_CONFIG_HOME=str(tmp_path))
-    caddy = subprocess.Popen(["caddy", "run", "--config", str(tmp_path / "Caddyfile"), "--adapter", "caddyfile"],
-                             env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    caddy, port = start_caddy(tmp_path, serve_port)
     try:
-        wait_for(port, caddy)
         statuses = []
         for n in range(20):
             params = form(n)
