@@ -2,14 +2,11 @@
 connection, or with many. Real sockets, a real server (in this process, or an OS process
 when its descriptor limit matters); every text answered 200 is stored exactly once."""
 
-import resource
 import socket
-import subprocess
-import sys
 
 import pytest
 
-from test_hostile_web import SERVE_UNCAPPED, TOKEN, URL, exchange, form, read_answer, signed_request
+from test_hostile_web import exchange, form, read_answer, signed_request, start_uncapped
 from test_keep_alive import connect, server, sids, stored  # noqa: F401 (server: the fixture)
 
 pytestmark = pytest.mark.engines
@@ -34,16 +31,9 @@ def test_accept_failing_with_emfile_sheds_idle_kept_connections(db_path, tmp_pat
     """Connections kept idle after their answer hold descriptors for KEEP_ALIVE_SECONDS.
     When accept() meets EMFILE with only such connections open, they must be shed, or no
     new client (Twilio) is accepted until they time out."""
-
-    def limit():
-        resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
-
-    with open(tmp_path / "serve.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-c", SERVE_UNCAPPED, db_path, TOKEN, URL], stdout=subprocess.PIPE,
-                                stderr=log, text=True, preexec_fn=limit)
+    proc, port = start_uncapped(db_path, tmp_path / "serve.log")
     kept = []
     try:
-        port = int(proc.stdout.readline())
         for _ in range(160):  # more than the descriptors: each is answered, then kept idle
             sock = socket.create_connection(("127.0.0.1", port), timeout=5)
             sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")

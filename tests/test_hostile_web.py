@@ -315,18 +315,23 @@ server.serve_forever(0.05)
 """
 
 
-def test_accept_failing_with_emfile_is_logged_once_and_texts_are_still_answered(db_path, tmp_path):
+def start_uncapped(db_path, log_path, descriptors=128):
+    """SERVE_UNCAPPED in an OS process allowed `descriptors` open files; (process, port)."""
     import resource
 
     def limit():
-        resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (descriptors, descriptors))
 
-    with open(tmp_path / "serve.log", "w") as log:
+    with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-c", SERVE_UNCAPPED, db_path, TOKEN, URL], stdout=subprocess.PIPE,
                                 stderr=log, text=True, preexec_fn=limit)
+    return proc, int(proc.stdout.readline())
+
+
+def test_accept_failing_with_emfile_is_logged_once_and_texts_are_still_answered(db_path, tmp_path):
+    proc, port = start_uncapped(db_path, tmp_path / "serve.log")
     idle = []
     try:
-        port = int(proc.stdout.readline())
         for _ in range(300):
             sock = socket.create_connection(("127.0.0.1", port), timeout=5)
             sock.sendall(b"P")
