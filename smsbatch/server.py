@@ -241,6 +241,12 @@ class SelectorWSGIServer(WSGIServer):
             return False
         fd = conn.sock.fileno()
         if fd in self.idle:  # its next request begins: it has REQUEST_DEADLINE from now to arrive
+            # Empty lines before a request line are ignored (RFC 9112 2.2: some clients end a
+            # body with a CRLF that Content-Length does not count): they begin no request, so
+            # the connection stays idle instead of getting a 408, and no 400 follows.
+            data = data.lstrip(b"\r\n")
+            if not data:
+                return True
             del self.idle[fd]
             conn.deadline = time.monotonic() + self.request_deadline
             self.conns[fd] = conn
@@ -257,7 +263,8 @@ class SelectorWSGIServer(WSGIServer):
         if isinstance(verdict, tuple):
             self._refuse(conn, *verdict)
         else:  # the end of the request: what follows is the client's next one
-            conn.request, conn.buffer = bytes(conn.buffer[:verdict]), conn.buffer[verdict:]
+            # Minus empty lines (see _receive): a CRLF after the body is no next request.
+            conn.request, conn.buffer = bytes(conn.buffer[:verdict]), conn.buffer[verdict:].lstrip(b"\r\n")
             conn.received = time.monotonic()
             ready.append(conn)
         return False

@@ -78,3 +78,24 @@ def test_a_new_text_is_served_while_more_idle_kept_connections_than_the_cap_are_
         for sock in burst:
             sock.close()
     assert stored(db_path) == sids(1)
+
+
+@pytest.mark.parametrize("later", [False, True], ids=["crlf-with-the-body", "crlf-alone-later"])
+def test_an_empty_line_after_a_body_does_not_cost_the_next_text(server, db_path, later):
+    """Some clients end a POST body with a CRLF that Content-Length does not count, and
+    RFC 9112 2.2 says a server SHOULD ignore empty lines before a request line. On a kept
+    connection that CRLF comes before the next text: it must not make that text a 400
+    (Twilio does not send it again), nor give the idle connection a request deadline (408)."""
+    import time
+
+    server.request_deadline = 0.3
+    with connect(server) as sock:
+        sock.sendall(signed_request(form(1)) + (b"" if later else b"\r\n"))
+        assert read_answer(sock)[0] == 200
+        if later:
+            sock.sendall(b"\r\n")
+        time.sleep(0.6)  # longer than a request may take: the connection is idle, not mid-request
+        sock.sendall(signed_request(form(2)))
+        status, _, body = read_answer(sock)
+        assert status == 200 and b"<Response/>" in body
+    assert stored(db_path) == sids(1, 2)
