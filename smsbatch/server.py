@@ -414,18 +414,22 @@ class SelectorWSGIServer(WSGIServer):
                 self._hold(-1)
 
     def server_close(self):
-        """Close the listening socket and every connection still arriving; requests
-        being committed or waiting in the pool may finish (at most their deadline)."""
+        """Close the listening socket, every connection still arriving and every kept one;
+        requests being committed or waiting in the pool may finish (at most their
+        deadline), their connections closed once answered."""
         self.stopping = True  # answers from now on close their connections
+        # Kept connections are closed before the wait for the last commits: no one reads
+        # them any more, and a proxy that sees the close sends its next text elsewhere
+        # instead of into a connection reset when the wait ends.
+        for conn in [*self.conns.values(), *self.idle.values()]:
+            self._close(conn)
+        while self.kept:
+            self.shutdown_request(self.kept.popleft().sock)
         drain = getattr(self.get_app(), "drain", None)
         if drain is not None:  # let its last commits finish and their answers go out
             drain()
         for _ in self.workers:
             self.jobs.put(None)
-        for conn in [*self.conns.values(), *self.idle.values()]:
-            self._close(conn)
-        while self.kept:
-            self.shutdown_request(self.kept.popleft().sock)
         if self.selector is not None:
             self.selector.close()
         if self._waker is not None:
@@ -436,6 +440,8 @@ class SelectorWSGIServer(WSGIServer):
         for worker in self.workers:
             if worker is not threading.current_thread():
                 worker.join(max(0.0, deadline - time.monotonic()))
+        while self.kept:  # kept by an answer that checked `stopping` just before it was set
+            self.shutdown_request(self.kept.popleft().sock)
 
 
 def connection_cap():

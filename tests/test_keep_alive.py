@@ -198,3 +198,38 @@ def test_texts_through_caddy_are_stored_on_connections_it_keeps(tmp_path):
         proc.wait(timeout=10)
     assert stored(db_path) == sids(*range(20))
     assert "Traceback" not in open(tmp_path / "serve.log").read()
+
+
+def test_stopping_closes_idle_kept_connections_before_waiting_for_the_last_commits():
+    """server_close() waits for the app's last commits (drain). A kept connection left open
+    meanwhile is read by no one: a text the proxy sends on it then is neither answered nor
+    refused, only reset at the close. Closed first, the proxy sees the close before it
+    would send, and opens a new connection (refused: safe to try elsewhere)."""
+    from smsbatch.server import make_server_for as plain_server
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "3")])
+        return [b"ok\n"]
+
+    drained = threading.Event()
+
+    class Draining:
+        def __call__(self, environ, start_response):
+            return app(environ, start_response)
+
+        def drain(self):
+            time.sleep(1.5)  # the last COMMIT waiting for the database lock
+            drained.set()
+
+    server = plain_server(Draining(), "127.0.0.1", 0, threads=1)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    with connect(server) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_answer(sock)[0] == 200
+        server.shutdown()
+        closing = threading.Thread(target=server.server_close)
+        closing.start()
+        try:
+            assert closed_within(sock, 1.0) and not drained.is_set()
+        finally:
+            closing.join(10)
