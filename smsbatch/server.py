@@ -29,7 +29,7 @@ from smsbatch.rejections import RateLimitedLog, printable
 from smsbatch.wsgi_request import QuietHandler, examine
 
 log = logging.getLogger("smsbatch.web")
-REQUEST_DEADLINE = 5.0  # seconds from accept() for the whole request (headers and body)
+REQUEST_DEADLINE = 5.0  # seconds for a whole request (headers and body): from accept(), or from its first byte on a kept connection
 DEFAULT_MAX_BODY = 1024 * 1024  # for apps that do not say (the webhook's max_body is 64 KiB)
 RECV_BYTES = 64 * 1024
 MAX_CONNECTIONS = 4096  # most open client connections, whatever the descriptor limit
@@ -63,9 +63,10 @@ class SelectorWSGIServer(WSGIServer):
     """wsgiref's server with one thread that accepts, reads and answers (see the module).
 
     Open connections are capped below the process's descriptor limit (RLIMIT_NOFILE):
-    at the cap, or when accept() fails with EMFILE/ENFILE, the oldest connection still
-    sending its request (the slowest) is closed first. EMFILE/ENFILE is logged once
-    per episode and accept() pauses briefly instead of failing in a loop.
+    at the cap, or when accept() fails with EMFILE/ENFILE, connections are closed: the
+    oldest kept idle first, then the oldest still sending its request (the slowest).
+    EMFILE/ENFILE is logged once per episode and accept() pauses briefly instead of
+    failing in a loop.
 
     Measured on 2 cores (bench/run.py webhook): handing every connection to a pool
     thread cost about 200 us of CPU per request in thread switches and GIL hand-offs,
