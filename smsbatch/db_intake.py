@@ -262,9 +262,10 @@ _OPEN_BATCHES = Named(
 # looked up by an index search (LATERAL ... LIMIT 1: an EXISTS would become a hash join over
 # every open batch). A check that fails divides by zero: the transaction aborts, and engine_pg
 # says StoreConflict. (The times compared as arrays: measured, a ranked FULL JOIN of the rows
-# made this check most of the server's work for a group.)
+# made this check most of the server's work for a group.) `_v2`: its parameters' types changed,
+# and a session an older smsbatch prepared the old shape in must not run this one by that name.
 _GUARD = Named(
-    "smsbatch_guessed", ("text[]", "integer[]", "integer[]", "double precision[]", "text[]", "bigint",
+    "smsbatch_guessed_v2", ("text[]", "integer[]", "integer[]", "double precision[]", "text[]", "bigint",
                          "text[]", "text[]"),
     "SELECT 1 / (NOT EXISTS (SELECT 1 FROM pruned_sids WHERE sid = ANY($1))"
     " AND NOT EXISTS (SELECT 1 FROM unnest($7, $8) v(phone, our_number) CROSS JOIN LATERAL (SELECT 1 FROM batches b"

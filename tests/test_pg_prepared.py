@@ -385,6 +385,6 @@ def test_the_guessed_groups_check_is_index_searches_on_unanalysed_tables(store):
     sids_ = "ARRAY[" + ", ".join(f"'SMnew{p}'" for p in phones) + "]::text[]"
     slices = ", ".join(["1"] * len(phones)) + "]::integer[], ARRAY[" + ", ".join(["0"] * len(phones))
     none = f"ARRAY[{slices}]::integer[], ARRAY[]::double precision[]"  # each person's times: an empty slice
-    checked, plan = _buffers(store, f"EXECUTE smsbatch_guessed({sids_}, {none}, {arr}, 19, {arr}, {us})")
+    checked, plan = _buffers(store, f"EXECUTE smsbatch_guessed_v2({sids_}, {none}, {arr}, 19, {arr}, {us})")
     assert plan["Actual Rows"] == 1
     assert checked <= 10 * len(phones), checked
