@@ -287,7 +287,8 @@ def test_nginx_forwards_exactly_the_webhook_paths_and_only_posts():
     locations = nginx_locations(text)
     assert set(locations) == WEBHOOK_PATHS
     for body in locations.values():
-        assert "limit_except POST { deny all; }" in body and "proxy_pass http://127.0.0.1:8080;" in body
+        assert "limit_except POST { deny all; }" in body and "proxy_pass http://smsbatch;" in body
+    assert re.search(r"upstream smsbatch \{\s*server 127\.0\.0\.1:8080;", text)
     active = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
     assert sum("proxy_pass" in line for line in active) == 3
     assert "location / { return 404; }" in text and "metrics" not in "".join(active)
@@ -336,13 +337,13 @@ def assert_only_webhooks_pass(port, recorder):
     assert sorted((m, p) for m, p, _ in recorder.seen) == sorted(("POST", p) for p in WEBHOOK_PATHS)
 
 
-@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx not installed")
-def test_nginx_really_forwards_only_the_webhook_paths(tmp_path, recorder):
-    """The snippet run by nginx itself (TLS left out: the listening port is plain HTTP here)."""
+def start_nginx(tmp_path, upstream_port):
+    """deploy/nginx.conf run by nginx itself (TLS left out: the listening port is plain HTTP
+    here), in front of 127.0.0.1:`upstream_port`; (process, its port) once it listens."""
     port = free_port()
     snippet = open(os.path.join(DEPLOY, "nginx.conf")).read()
     snippet = re.sub(r"\n\s*listen .*", "", snippet).replace("    server_name", f"    listen 127.0.0.1:{port};\n    server_name")
-    snippet = re.sub(r"\n\s*ssl_certificate.*", "", snippet).replace("127.0.0.1:8080", f"127.0.0.1:{recorder.port}")
+    snippet = re.sub(r"\n\s*ssl_certificate.*", "", snippet).replace("127.0.0.1:8080", f"127.0.0.1:{upstream_port}")
     temp = "".join(f"{kind}_temp_path {tmp_path}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     (tmp_path / "nginx.conf").write_text(
         f"daemon off;\npid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\nevents {{}}\n"
@@ -351,8 +352,15 @@ def test_nginx_really_forwards_only_the_webhook_paths(tmp_path, recorder):
                            timeout=30)
     assert check.returncode == 0, check.stderr
     proc = subprocess.Popen(["nginx", "-c", str(tmp_path / "nginx.conf")], stderr=subprocess.PIPE, text=True)
+    wait_for(port, proc)
+    return proc, port
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx not installed")
+def test_nginx_really_forwards_only_the_webhook_paths(tmp_path, recorder):
+    """The snippet run by nginx itself (TLS left out: the listening port is plain HTTP here)."""
+    proc, port = start_nginx(tmp_path, recorder.port)
     try:
-        wait_for(port, proc)
         assert_only_webhooks_pass(port, recorder)
     finally:
         proc.terminate()

@@ -2,7 +2,7 @@
 Every text on a kept connection is stored and answered in order, pipelined requests
 included; the connection closes when the client asks, after HTTP/1.0, after a refusal, and
 when it has been idle too long; a slow next request still gets its 408; idle kept
-connections are the first shed at the descriptor cap; Caddy in front keeps its connections.
+connections are the first shed at the descriptor cap; Caddy or nginx in front keeps its connections.
 Real sockets, a real server, on both engines (on PostgreSQL the answers leave from the
 committer's thread)."""
 
@@ -20,7 +20,7 @@ from conftest import T0
 from smsbatch.config import Settings
 from smsbatch.db import Store
 from smsbatch.web import make_app, make_server_for
-from test_deploy import start_caddy
+from test_deploy import start_caddy, start_nginx
 from test_hostile_web import TOKEN, URL, form, read_answer, server, signed_request, start_serve  # noqa: F401
 
 pytestmark = pytest.mark.engines
@@ -168,17 +168,20 @@ def established_to(port):
     return sum(1 for row in rows if int(row[1].split(":")[1], 16) == port and row[3] == "01")
 
 
-@pytest.mark.skipif(shutil.which("caddy") is None, reason="caddy not installed")
-def test_texts_through_caddy_are_stored_on_connections_it_keeps(tmp_path):
-    """deploy/Caddyfile in front of a real `smsbatch serve`: Caddy keeps its connections to
-    serve (its default, idle 2 min, below serve's KEEP_ALIVE_SECONDS); every text is stored once.
-    On SQLite only: the proxy's side is the same on both engines."""
+@pytest.mark.parametrize("proxy", ["caddy", "nginx"])
+def test_texts_through_the_shipped_proxies_are_stored_on_connections_they_keep(tmp_path, proxy):
+    """deploy/Caddyfile or deploy/nginx.conf in front of a real `smsbatch serve`: the proxy
+    keeps its connections to serve (Caddy's default idle 2 min, the nginx upstream's 60 s: below
+    serve's KEEP_ALIVE_SECONDS); every text is stored once. On SQLite only: the proxy's side is
+    the same on both engines."""
+    if shutil.which(proxy) is None:
+        pytest.skip(f"{proxy} not installed")
     db_path = str(tmp_path / "smsbatch.db")
     store = Store(db_path)
     store.migrate()
     store.close()
     proc, serve_port = start_serve(db_path, tmp_path / "serve.log")
-    caddy, port = start_caddy(tmp_path, serve_port)
+    front, port = (start_caddy if proxy == "caddy" else start_nginx)(tmp_path, serve_port)
     try:
         statuses = []
         for n in range(20):
@@ -190,10 +193,10 @@ def test_texts_through_caddy_are_stored_on_connections_it_keeps(tmp_path):
             statuses.append(conn.getresponse().status)
             conn.close()
         assert statuses == [200] * 20
-        assert 1 <= established_to(serve_port) <= 2  # kept by Caddy for its next texts, not one per text
+        assert 1 <= established_to(serve_port) <= 2  # kept by the proxy for its next texts, not one per text
     finally:
-        caddy.terminate()
-        caddy.wait(timeout=30)
+        front.terminate()
+        front.wait(timeout=30)
         proc.terminate()
         proc.wait(timeout=10)
     assert stored(db_path) == sids(*range(20))
