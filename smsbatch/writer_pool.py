@@ -374,15 +374,17 @@ class _Queue:
                 for other in self._writing.values():
                     busy |= other
                 for at, item in self._items:
-                    conversations = _conversations(item)
-                    if size < limit and not conversations & busy and now - at >= patience:
+                    conversations, young = _conversations(item), now - at < patience
+                    if size < limit and not conversations & busy and not young:
                         taken.append(item)
                         mine |= conversations
                         size += _size(item)
                     else:
                         left.append((at, item))
                         busy |= conversations  # later texts of these wait behind it
-                        wait = min(wait, max(at + patience - now, 0.001))
+                        if young:  # left only for its age: look again when it is old enough
+                            wait = min(wait, max(at + patience - now, 0.001))
+                        # (behind a busy conversation: done() wakes the first committer, the standby looks every `patience`)
                 if taken:
                     self._items, self._writing[committer] = left, mine
                     return taken
