@@ -325,11 +325,13 @@ class Memory:
                 known = ((batch.id, batch.first_at, batch.last_at, batch.count, batch.urgent, State.OPEN,
                           batch.quiet), Plan.closes_at(batch) if batch.rules else batch.last_at)
             self._put(self._open, text.conversation, known)
+        stored = collections.defaultdict(list)  # phone: times of its texts stored (not a repeated MessageSid)
+        for t, _, _ in plan.stored:
+            stored[t.phone].append(t.at)
         for phone, (text, fact) in last.items():
             if text.rules.adaptive:
                 window = Memory.window(text.rules)
-                # the texts stored (not a repeated MessageSid), each time as often as it is stored
-                times = sorted([*fact.recent, *(t.at for t, _, _ in plan.stored if t.phone == phone)], reverse=True)
+                times = sorted([*fact.recent, *stored[phone]], reverse=True)  # each time as often as stored
                 self._put(self._recent, phone, (window, tuple(times[:window])))
 
     def forget(self, texts, now):
