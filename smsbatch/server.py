@@ -182,8 +182,8 @@ class SelectorWSGIServer(WSGIServer):
             # stay open, kept: count them. Kept idle connections may outnumber the cap (it is
             # lowered after EMFILE): shed until there is room, and close the new client only
             # when every other connection is being answered.
-            while self.open_connections() + len(ready) >= self.max_connections and self._sheddable():
-                self._shed_oldest()
+            while self.open_connections() + len(ready) >= self.max_connections and self._shed_oldest():
+                pass
             if self.open_connections() + len(ready) >= self.max_connections:  # all being answered
                 sock.close()
                 continue
@@ -205,8 +205,8 @@ class SelectorWSGIServer(WSGIServer):
                         "slowest, at most %d from now on", exc.strerror, open_now, self.max_connections)
         # Idle kept connections hold descriptors too (and are shed first): with only those
         # open, shedding nothing would leave accept() failing until they idle out (150 s).
-        while self._sheddable() and self.open_connections() >= self.max_connections:
-            self._shed_oldest()
+        while self.open_connections() >= self.max_connections and self._shed_oldest():
+            pass
         self.selector.unregister(self.socket)
         self._paused_until = time.monotonic() + ACCEPT_PAUSE
 
@@ -218,16 +218,17 @@ class SelectorWSGIServer(WSGIServer):
     def _shed_oldest(self):
         """Close the connection that has waited longest: an idle kept one first, then one
         answered and kept but not yet watched again (idle too: else a client arriving in the
-        same wake-up as their answers found no room), then the slowest still arriving."""
+        same wake-up as their answers found no room), then the slowest still arriving.
+        False if there is none (every connection is being answered)."""
         if self.idle:
             self._close(next(iter(self.idle.values())))
         elif self.kept:  # in no dict nor the selector; whichever thread answered is done with it
-            self.kept.popleft().sock.close()
+            self.shutdown_request(self.kept.popleft().sock)
         elif self.conns:
             self._close(next(iter(self.conns.values())))
-
-    def _sheddable(self):
-        return bool(self.idle or self.kept or self.conns)
+        else:
+            return False
+        return True
 
     def _receive(self, conn, ready):
         """Read what has arrived; True while the request is still incomplete."""
@@ -298,18 +299,11 @@ class SelectorWSGIServer(WSGIServer):
             pass
 
     def _expire(self, now):
-        for waiting, refuse in ((self.conns, True), (self.idle, False)):
-            late = []
-            for conn in waiting.values():
-                if conn.deadline > now:
-                    break
-                late.append(conn)
-            for conn in late:
-                if refuse:
-                    self._forget(conn)
-                    self._refuse(conn, "408 Request Timeout", "the request did not arrive in time")
-                else:  # kept idle too long: closed without a word, as HTTP/1.1 allows
-                    self._close(conn)
+        for conn in _late(self.conns, now):
+            self._forget(conn)
+            self._refuse(conn, "408 Request Timeout", "the request did not arrive in time")
+        for conn in _late(self.idle, now):  # kept idle too long: closed without a word, as HTTP/1.1 allows
+            self._close(conn)
 
     def _forget(self, conn):
         """Stop watching a connection (it is answered, refused or closed next)."""
@@ -424,8 +418,7 @@ class SelectorWSGIServer(WSGIServer):
         # instead of into a connection reset when the wait ends.
         for conn in [*self.conns.values(), *self.idle.values()]:
             self._close(conn)
-        while self.kept:
-            self.shutdown_request(self.kept.popleft().sock)
+        self._close_kept()
         drain = getattr(self.get_app(), "drain", None)
         if drain is not None:  # let its last commits finish and their answers go out
             drain()
@@ -441,8 +434,21 @@ class SelectorWSGIServer(WSGIServer):
         for worker in self.workers:
             if worker is not threading.current_thread():
                 worker.join(max(0.0, deadline - time.monotonic()))
-        while self.kept:  # kept by an answer that checked `stopping` just before it was set
+        self._close_kept()  # kept by an answer that checked `stopping` just before it was set
+
+    def _close_kept(self):
+        while self.kept:
             self.shutdown_request(self.kept.popleft().sock)
+
+
+def _late(waiting, now):
+    """The connections of `waiting` (earliest deadline first) whose deadline has passed."""
+    late = []
+    for conn in waiting.values():
+        if conn.deadline > now:
+            break
+        late.append(conn)
+    return late
 
 
 def connection_cap():
