@@ -20,6 +20,7 @@ from importlib import resources
 
 import psycopg
 import psycopg.errors as pgerrors
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import Escaping
 from psycopg.rows import tuple_row
 
@@ -33,6 +34,15 @@ CONNECT_TIMEOUT = 4  # seconds to reach the server: a text's 503 still comes wit
 IDLE_IN_TRANSACTION = "60s"  # a frozen process cannot hold row locks longer than this
 POOL_MAX_LIFETIME = 30 * 60.0  # a pooled connection is replaced after this (server-side memory; a moved DNS name)
 POOL_RECONNECT_TIMEOUT = 10.0  # the pool retries a failed connect (backoff 1, 2, 4 s...) this long, then on demand
+# A server that vanishes without closing its connections (its host lost in a failover, a cut
+# network) leaves a statement waiting forever: statement_timeout is the server's, and the
+# kernel's defaults notice after 2 h of keepalive silence, or some 15 min of retransmitting.
+# So the kernel gives up on a connection whose server has not acknowledged what was sent
+# for 10 s, or answered 3 probes 2 s apart after 5 s of silence: the statement raises
+# StoreUnavailable and the next one reconnects. A live server's kernel answers the probes,
+# so a long statement is not cut. A URL that sets one of these keeps its own.
+NETWORK_TIMEOUTS = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
+                    "tcp_user_timeout": 10_000}
 BUSY = (pgerrors.LockNotAvailable, pgerrors.QueryCanceled, pgerrors.SerializationFailure,
         pgerrors.DeadlockDetected)
 UNAVAILABLE = (pgerrors.AdminShutdown, pgerrors.CannotConnectNow, pgerrors.ReadOnlySqlTransaction,
@@ -342,7 +352,7 @@ def _open(url, durable, busy_timeout):
     """A new autocommit connection set up for smsbatch. Raises: StoreUnavailable, SmsbatchError."""
     raw = None
     try:
-        raw = psycopg.connect(url, **_connect_kwargs())
+        raw = psycopg.connect(url, **_connect_kwargs(url))
         # The server may drop the new connection before it is set up (a restart, a failover,
         # pg_terminate_backend): that is the database being away too, not a bug.
         configure(raw, durable, busy_timeout)
@@ -353,8 +363,10 @@ def _open(url, durable, busy_timeout):
     return raw
 
 
-def _connect_kwargs():
-    return {"autocommit": True, "connect_timeout": CONNECT_TIMEOUT, "row_factory": _rows}
+def _connect_kwargs(url):
+    given = conninfo_to_dict(url)
+    timeouts = {key: value for key, value in NETWORK_TIMEOUTS.items() if key not in given}
+    return {"autocommit": True, "connect_timeout": CONNECT_TIMEOUT, "row_factory": _rows, **timeouts}
 
 
 def configure(raw, durable, busy_timeout):
@@ -674,7 +686,7 @@ class Pool:
 
         self._lib = psycopg_pool
         self._pool = psycopg_pool.ConnectionPool(
-            url, kwargs=_connect_kwargs(), min_size=size, max_size=size, open=False, name="smsbatch",
+            url, kwargs=_connect_kwargs(url), min_size=size, max_size=size, open=False, name="smsbatch",
             configure=lambda raw: configure(raw, durable, busy_timeout), max_lifetime=POOL_MAX_LIFETIME,
             reconnect_timeout=POOL_RECONNECT_TIMEOUT, num_workers=2)
         self._pool.open(wait=False)  # connects in the background: a server down now is not an error yet

@@ -229,9 +229,9 @@ class Proxy:
     ones are cut at their n-th query, the connection itself made (the server dropping it, as
     pg_terminate_backend or a restart does; query 1 is its setup, configure)."""
 
-    def __init__(self, target_port):
+    def __init__(self, target_port, host="127.0.0.1"):
         self.target_port = target_port
-        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener = socket.create_server((host, 0))
         self.port = self.listener.getsockname()[1]
         self.up, self.pairs = True, []
         self.refuse, self.drop, self.opened = set(), {}, 0
