@@ -4,11 +4,9 @@ and what an idle processor costs the database.
 webhook   `smsbatch serve` under wrk (16 connections, pre-signed bodies, every one a new
           MessageSid; bench_webhook's helpers) on a fresh SQLite file, on a fresh PostgreSQL
           database with one instance, and with two instances on two ports, each under a wrk
-          of its own at the same time: on the machine's shared cores, and again with each
-          instance a host of its own (bench/hosts.py: a CPU cgroup of half a core each,
-          the rest for PostgreSQL and wrk). Every stored text is checked against what wrk
-          sent. Both engines acknowledge durably: SQLite synchronous=FULL (group commit),
-          PostgreSQL synchronous_commit=on (one COMMIT a group).
+          of its own at the same time. Every stored text is checked against what wrk sent.
+          Both engines acknowledge durably: SQLite synchronous=FULL (group commit),
+          PostgreSQL synchronous_commit=on (one transaction per text).
 backlog   claiming 16 at a time (each then finished) with 1,000 and with 100,000 batches due, as
           the `claim` part does on SQLite (bench_claim.py)
 claim     four `smsbatch process --ai offline --sms console` at once on 400 due batches
@@ -19,9 +17,8 @@ idle      `smsbatch process --for 10` and `--for 20` with nothing due, each on a
           the two runs over 10 s; pg_stat_database.xact_commit, where each statement outside
           a transaction is one), the rows they read (tup_returned), and a whole short run.
 
-Targets (issue 14): one webhook on PostgreSQL >= 0.8x SQLite; two hosts >= 1.3x one (on
-shared cores the ratio is shown without a target: see bench/hosts.py); an idle processor
-about one query a second at most.
+Targets (issue 14): one webhook on PostgreSQL >= 0.8x SQLite; two instances >= 1.3x one;
+an idle processor about one query a second at most.
 
 The server: SMSBATCH_BENCH_POSTGRES_URL, else SMSBATCH_TEST_POSTGRES_URL, else
 postgresql://postgres@127.0.0.1:5432/postgres; each measurement makes a database of its
@@ -30,19 +27,16 @@ own there (smsbatch_bench_*) and drops it.
     python bench/run.py pg [--runs 1] [--seconds 5]
 """
 
-import contextlib
 import os
 import secrets
 import shutil
 import statistics
 import subprocess
-import threading
 import time
 from urllib.parse import urlsplit, urlunsplit
 
 from bench_webhook import CONNECTIONS, INSTALL_HINT, MAX_RATE, run_wrk, start_server, twilio_form
 from common import T0, Figure, clean_env, log, smsbatch_cmd, stop_process, tempdir
-from hosts import Host, cgroup_root
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 WEBHOOK_RATIO, TWO_INSTANCES_RATIO, IDLE_QPS = 0.8, 1.3, 1.0
@@ -133,31 +127,28 @@ def settle(db, limit=10.0):
         store.close()
 
 
-def webhook_run(db, folder, bodies, seconds, instances, hosts=False):
-    """Instances of `serve` on `db`, each under its own wrk at once, each in a Host of its
-    own if `hosts`. Returns (req/s, p99 ms, texts stored, problems)."""
-    with contextlib.ExitStack() as stack:
-        servers = []
-        for i in range(instances):  # each its own folder: its own serve.stderr
-            os.makedirs(os.path.join(folder, str(i)))
-            cmd = smsbatch_cmd() + ["--db", db, "serve", "--host", "127.0.0.1", "--port", "0"]
-            if hosts:
-                cmd = stack.enter_context(Host()).wrap(cmd)
-            servers.append(start_server(db, os.path.join(folder, str(i)), None, cmd))
-        results = [None] * instances
-        try:
-            def load(i):
-                results[i] = run_wrk(servers[i][1], bodies[i][0], seconds, 1)
+def webhook_run(db, folder, bodies, seconds, instances):
+    """Instances of `serve` on `db`, each under its own wrk at once. Returns (req/s, p99 ms, problems)."""
+    servers = []
+    for i in range(instances):  # each its own folder: its own serve.stderr
+        os.makedirs(os.path.join(folder, str(i)))
+        servers.append(start_server(db, os.path.join(folder, str(i)), None))
+    results = [None] * instances
+    try:
+        import threading
 
-            threads = [threading.Thread(target=load, args=(i,)) for i in range(instances)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            settle(db)  # requests wrk sent just before it stopped are still being stored
-        finally:
-            for proc, _ in servers:
-                stop_process(proc)
+        def load(i):
+            results[i] = run_wrk(servers[i][1], bodies[i][0], seconds, 1)
+
+        threads = [threading.Thread(target=load, args=(i,)) for i in range(instances)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        settle(db)  # requests wrk sent just before it stopped are still being stored
+    finally:
+        for proc, _ in servers:
+            stop_process(proc)
     expected = set().union(*(sent_sids(r, first) for r, (_, first) in zip(results, bodies)))
     stored = stored_sids(db)
     rate = sum(r["completed"] / (r["duration_us"] / 1e6) for r in results)
@@ -171,30 +162,16 @@ def webhook_run(db, folder, bodies, seconds, instances, hosts=False):
     return rate, p99, len(stored), problems
 
 
-# The webhook's cases: (instances, each in a Host of its own), in the order each run measures them.
-CASES = {
-    "sqlite": "SQLite, 1 serve",
-    "pg1": "PostgreSQL, 1 serve",
-    "pg2": "PostgreSQL, 2 serve, shared cores",
-    "host1": "PostgreSQL, 1 host (1 serve, half a core)",
-    "host2": "PostgreSQL, 2 hosts (2 serve, half a core each)",
-}
-
-
 def webhook(admin_url, runs, seconds):
-    rps = {k: Figure("pg", f"webhook {v}", "req/s") for k, v in CASES.items()}
-    p99 = {k: Figure("pg", f"webhook {v} p99", "ms") for k, v in CASES.items()}
+    names = {"sqlite": "SQLite, 1 serve", "pg1": "PostgreSQL, 1 serve", "pg2": "PostgreSQL, 2 serve (2 ports)"}
+    rps = {k: Figure("pg", f"webhook {v}", "req/s") for k, v in names.items()}
+    p99 = {k: Figure("pg", f"webhook {v} p99", "ms") for k, v in names.items()}
     ratio1 = Figure("pg", "webhook PostgreSQL / SQLite (1 serve)", "x", target=WEBHOOK_RATIO)
-    shared = Figure("pg", "webhook PostgreSQL 2 serve / 1 serve, shared cores", "x")
-    ratio2 = Figure("pg", "webhook PostgreSQL 2 hosts / 1 host", "x", target=TWO_INSTANCES_RATIO)
-    figures = [*rps.values(), *p99.values(), ratio1, shared, ratio2]
+    ratio2 = Figure("pg", "webhook PostgreSQL 2 serve / 1 serve", "x", target=TWO_INSTANCES_RATIO)
+    figures = [*rps.values(), *p99.values(), ratio1, ratio2]
     if shutil.which("wrk") is None:
         ratio1.note = "NOT MEASURED: " + INSTALL_HINT
         return figures
-    kind, why = cgroup_root()
-    cases = list(CASES) if kind else ["sqlite", "pg1", "pg2"]
-    if not kind:
-        ratio2.note = f"NOT MEASURED: {why}"
     problems = []
     with tempdir("pgbodies") as folder:
         count = int(MAX_RATE * seconds)
@@ -202,8 +179,7 @@ def webhook(admin_url, runs, seconds):
         for path, first in bodies:
             write_bodies(path, first, count)
         for n in range(runs):
-            for key in cases:
-                instances, hosts = (2 if key.endswith("2") else 1), key.startswith("host")
+            for key in ("sqlite", "pg1", "pg2"):
                 with tempdir("pgwebhook") as work:
                     if key == "sqlite":
                         rate, late, stored, trouble = webhook_run(os.path.join(work, "webhook.db"), work, bodies,
@@ -211,20 +187,16 @@ def webhook(admin_url, runs, seconds):
                     else:
                         with Scratch(admin_url) as scratch:
                             rate, late, stored, trouble = webhook_run(scratch.url, work, bodies, seconds,
-                                                                      instances, hosts)
+                                                                      1 if key == "pg1" else 2)
                 rps[key].values.append(rate)
                 p99[key].values.append(late)
-                problems += [f"{CASES[key]} run {n + 1}: {t}" for t in trouble]
-                log(f"pg webhook {CASES[key]} run {n + 1}/{runs}: {rate:,.0f} req/s, p99 {late:.1f} ms, "
+                problems += [f"{names[key]} run {n + 1}: {t}" for t in trouble]
+                log(f"pg webhook {names[key]} run {n + 1}/{runs}: {rate:,.0f} req/s, p99 {late:.1f} ms, "
                     f"{stored:,} texts stored{'; ' + '; '.join(trouble) if trouble else ', all as sent'}")
             ratio1.values.append(rps["pg1"].values[-1] / rps["sqlite"].values[-1])
-            shared.values.append(rps["pg2"].values[-1] / rps["pg1"].values[-1])
-            if kind:
-                ratio2.values.append(rps["host2"].values[-1] / rps["host1"].values[-1])
+            ratio2.values.append(rps["pg2"].values[-1] / rps["pg1"].values[-1])
     ratio1.note = "db check: " + ("; ".join(problems) if problems else
                                   "every stored text is one wrk sent, every one sent is stored; all 200")
-    shared.note = ("no target: on this machine's shared cores it is the CPU one serve leaves idle "
-                   "(bench/hosts.py); the target is checked with hosts of their own")
     return figures
 
 
