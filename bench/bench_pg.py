@@ -129,12 +129,11 @@ def settle(db, limit=10.0):
 
 def webhook_run(db, folder, bodies, seconds, instances):
     """Instances of `serve` on `db`, each under its own wrk at once. Returns (req/s, p99 ms, problems)."""
-    servers = []
-    for i in range(instances):  # each its own folder: its own serve.stderr
-        os.makedirs(os.path.join(folder, str(i)))
-        servers.append(start_server(db, os.path.join(folder, str(i)), None))
-    results = [None] * instances
-    try:
+    servers, results = [], [None] * instances
+    try:  # every serve started is stopped, whatever fails (a second one not starting, Ctrl-C)
+        for i in range(instances):  # each its own folder: its own serve.stderr
+            os.makedirs(os.path.join(folder, str(i)))
+            servers.append(start_server(db, os.path.join(folder, str(i)), None))
         import threading
 
         def load(i):

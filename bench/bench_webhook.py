@@ -69,18 +69,21 @@ def start_server(db, folder, threads, cmd=None, extra_env=None):
             cmd += ["--threads", str(threads)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errfile, env=env)
     errfile.close()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with open(errpath) as f:
-            for line in f:
-                if "listening on http://" in line:
-                    port = int(line.rsplit(":", 1)[1].split("/")[0])
-                    return proc, port
-        if proc.poll() is not None:
-            raise RuntimeError("smsbatch serve exited: " + open(errpath).read())
-        time.sleep(0.02)
-    stop_process(proc)
-    raise RuntimeError("smsbatch serve did not start within 30 s")
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with open(errpath) as f:
+                for line in f:
+                    if "listening on http://" in line:
+                        port = int(line.rsplit(":", 1)[1].split("/")[0])
+                        return proc, port
+            if proc.poll() is not None:
+                raise RuntimeError("smsbatch serve exited: " + open(errpath).read())
+            time.sleep(0.02)
+        raise RuntimeError("smsbatch serve did not start within 30 s")
+    except BaseException:  # also KeyboardInterrupt: never leave a serve running (or its cgroup populated)
+        stop_process(proc)
+        raise
 
 
 def run_wrk(port, bodies, seconds, wrk_threads):
