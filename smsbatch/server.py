@@ -218,14 +218,21 @@ class SelectorWSGIServer(WSGIServer):
     def _shed_oldest(self):
         """Close the connection that has waited longest: an idle kept one first, then one
         answered and kept but not yet watched again (idle too: else a client arriving in the
-        same wake-up as their answers found no room), then the slowest still arriving.
+        same wake-up as their answers found no room), then the slowest still arriving, and
+        last a kept one whose client already sent (pipelined) the start of its next request.
         False if there is none (every connection is being answered)."""
+        # Kept ones are in no dict nor the selector; whichever thread answered is done with
+        # them. Others append to `kept` meanwhile: look at a copy (made under the GIL at once).
+        empty = next((conn for conn in list(self.kept) if not conn.buffer), None)
         if self.idle:
             self._close(next(iter(self.idle.values())))
-        elif self.kept:  # in no dict nor the selector; whichever thread answered is done with it
-            self.shutdown_request(self.kept.popleft().sock)
+        elif empty is not None:
+            self.kept.remove(empty)
+            self.shutdown_request(empty.sock)
         elif self.conns:
             self._close(next(iter(self.conns.values())))
+        elif self.kept:
+            self.shutdown_request(self.kept.popleft().sock)
         else:
             return False
         return True

@@ -236,3 +236,33 @@ def test_stopping_closes_idle_kept_connections_before_waiting_for_the_last_commi
             assert closed_within(sock, 1.0) and not drained.is_set()
         finally:
             closing.join(10)
+
+
+def test_at_the_cap_a_kept_connection_holding_a_pipelined_text_is_shed_last():
+    """At the descriptor cap a connection is closed to make room. One answered and kept whose
+    client already sent its next text (pipelined, whole in its buffer) must not go while an
+    empty kept one or a slow arriving one can: closing it loses a text the client sent."""
+    from smsbatch.server import Connection, make_server_for as plain_server
+
+    server = plain_server(lambda environ, start_response: [], "127.0.0.1", 0, threads=1)
+    pairs = [socket.socketpair() for _ in range(3)]
+    try:
+        pipelined, empty, arriving = (Connection(ours, None, time.monotonic() + 5) for ours, _ in pairs)
+        pipelined.buffer += b"POST /sms HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+        arriving.buffer += b"POST /sms HTT"
+        server.kept.extend([pipelined, empty])  # pipelined the older: the first a plain FIFO would shed
+        server.conns[arriving.sock.fileno()] = arriving
+
+        def shed_one():
+            assert server._shed_oldest()
+            return [i for i, (_, theirs) in enumerate(pairs) if closed_within(theirs, 0.5)]
+
+        assert shed_one() == [1]  # the empty kept one
+        assert shed_one() == [1, 2]  # then the slowest arriving
+        assert shed_one() == [0, 1, 2]  # the pipelined text last
+        assert not server._shed_oldest()
+    finally:
+        server.server_close()
+        for pair in pairs:
+            for end in pair:
+                end.close()
