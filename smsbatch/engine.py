@@ -3,8 +3,8 @@
 A target is an SQLite file path (the default: nothing to install) or a PostgreSQL URL
 (`postgresql://...` or `postgres://...`, with `pip install 'smsbatch[postgres]'`).
 `connect(target)` opens it with its engine module — smsbatch.engine_sqlite or
-smsbatch.engine_pg — and returns a Database. Nothing outside those two modules imports
-a driver: the store (smsbatch.db and its mixins) runs its SQL through Database.conn and
+smsbatch.engine_pg — and returns a Database (`connect_pool` a pool of them, for the webhook:
+smsbatch.engine_pg_pool). Nothing outside those modules imports a driver: the store (smsbatch.db and its mixins) runs its SQL through Database.conn and
 asks the Database for the few things the engines do differently (transactions, locks,
 the schema version, a handful of dialect words). Driver errors come out as the neutral
 errors below, so the webhook, the processor and the commands need not know the engine.
@@ -116,9 +116,12 @@ def connect(target, busy_timeout, durable=True):
 
 def connect_pool(target, size, busy_timeout):
     """A pool of `size` connections to the PostgreSQL database `target` for several threads
-    (engine_pg.Pool: `connection(deadline)` lends one as a Database; `connect(deadline)` the
-    same, given back by its close(); `close()`). Raises: SmsbatchError."""
-    return _engine_pg(target).Pool(str(target), size, busy_timeout)
+    (engine_pg_pool.Pool: `connection(deadline)` lends one as a Database; `connect(deadline)`
+    the same, given back by its close(); `close()`). Raises: SmsbatchError."""
+    _engine_pg(target)
+    from smsbatch import engine_pg_pool
+
+    return engine_pg_pool.Pool(str(target), size, busy_timeout)
 
 
 class Row:

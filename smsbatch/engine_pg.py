@@ -1,6 +1,6 @@
 """The PostgreSQL engine: psycopg 3, for several hosts on one database.
 
-The only module that imports psycopg (and psycopg_pool: Pool, the webhook's connections). Connections are in autocommit mode and every
+With engine_pg_pool (the webhook's connections), the only modules that import psycopg. Connections are in autocommit mode and every
 transaction is an explicit `transaction()` block (READ COMMITTED, PostgreSQL's default):
 rows a decision rests on are read `FOR UPDATE`, claims `FOR UPDATE SKIP LOCKED`, and the
 writers of one conversation are serialised by a transaction-scoped advisory lock. The
@@ -12,7 +12,6 @@ lost (server restart, failover) is opened again at the next transaction.
 import functools
 import logging
 import math
-import threading
 import time
 import weakref
 from contextlib import contextmanager
@@ -32,8 +31,6 @@ log = logging.getLogger("smsbatch.engine_pg")
 MIGRATE_LOCK = 0x736D7362  # "smsb": pg_advisory_xact_lock key that serialises `migrate` across hosts
 CONNECT_TIMEOUT = 4  # seconds to reach the server: a text's 503 still comes within its deadline
 IDLE_IN_TRANSACTION = "60s"  # a frozen process cannot hold row locks longer than this
-POOL_MAX_LIFETIME = 30 * 60.0  # a pooled connection is replaced after this (server-side memory; a moved DNS name)
-POOL_RECONNECT_TIMEOUT = 10.0  # the pool retries a failed connect (backoff 1, 2, 4 s...) this long, then on demand
 # A server that vanishes without closing its connections (its host lost in a failover, a cut
 # network) leaves a statement waiting forever: statement_timeout is the server's, and the
 # kernel's defaults notice after 2 h of keepalive silence, or some 15 min of retransmitting.
@@ -352,7 +349,7 @@ def _open(url, durable, busy_timeout):
     """A new autocommit connection set up for smsbatch. Raises: StoreUnavailable, SmsbatchError."""
     raw = None
     try:
-        raw = psycopg.connect(url, **_connect_kwargs(url))
+        raw = psycopg.connect(url, **connect_kwargs(url))
         # The server may drop the new connection before it is set up (a restart, a failover,
         # pg_terminate_backend): that is the database being away too, not a bug.
         configure(raw, durable, busy_timeout)
@@ -363,7 +360,8 @@ def _open(url, durable, busy_timeout):
     return raw
 
 
-def _connect_kwargs(url):
+def connect_kwargs(url):
+    """psycopg.connect's keyword arguments for `url` (the pool's too)."""
     given = conninfo_to_dict(url)
     timeouts = {key: value for key, value in NETWORK_TIMEOUTS.items() if key not in given}
     return {"autocommit": True, "connect_timeout": CONNECT_TIMEOUT, "row_factory": _rows, **timeouts}
@@ -667,110 +665,3 @@ class Database:
     def copy_to(self, path):
         raise SmsbatchError("backup copies an SQLite file; for PostgreSQL use pg_dump "
                             "(e.g. pg_dump -Fc -f smsbatch.dump DBNAME)")
-
-
-class Pool:
-    """Connections to one database for several threads (the webhook's committers and its
-    /health probe), kept by psycopg_pool: `size` of them opened and set up (configure())
-    in the background; one the server dropped is discarded when given back and another
-    opened, with a backoff while the server is down (1, 2, 4 s... for POOL_RECONNECT_TIMEOUT,
-    then again at the next request); each replaced after POOL_MAX_LIFETIME. Every connect
-    is bounded by CONNECT_TIMEOUT, every wait for a connection by the caller's deadline.
-    `connection(deadline)` lends one as a Database until the block ends. Thread-safe."""
-
-    def __init__(self, url, size, busy_timeout, durable=True):
-        self.url, self.size, self.busy_timeout, self.durable = url, size, busy_timeout, durable
-        self._lent = 0  # connections lent now: a PoolTimeout with all of them lent means busy, not down
-        self._lock = threading.Lock()
-        import psycopg_pool  # only the webhook has a pool: `process` from cron does not load it
-
-        self._lib = psycopg_pool
-        self._pool = psycopg_pool.ConnectionPool(
-            url, kwargs=_connect_kwargs(url), min_size=size, max_size=size, open=False, name="smsbatch",
-            configure=lambda raw: configure(raw, durable, busy_timeout), max_lifetime=POOL_MAX_LIFETIME,
-            reconnect_timeout=POOL_RECONNECT_TIMEOUT, num_workers=2)
-        self._pool.open(wait=False)  # connects in the background: a server down now is not an error yet
-
-    @contextmanager
-    def connection(self, deadline):
-        """A Database on a pooled connection until the block ends (then given back), waiting
-        for one until `deadline` (monotonic). No check per loan (it would cost a round trip):
-        a connection found dropped is swapped for a working one (PooledDatabase.raw).
-        Raises: StoreBusy (every connection in use until the deadline), StoreUnavailable."""
-        database = self.connect(deadline)
-        try:
-            yield database
-        finally:
-            database.close()
-
-    def connect(self, deadline):
-        """connection() without the block: the Database's close() gives the connection back."""
-        return PooledDatabase(self, self.getconn(deadline), deadline)
-
-    def getconn(self, deadline):
-        """A connection of the pool (give it back with putconn). Raises: StoreBusy, StoreUnavailable."""
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise StoreBusy("the deadline passed before a connection to the database was free")
-        try:
-            raw = self._pool.getconn(left)
-        except self._lib.PoolTimeout:
-            if self._lent >= self.size:
-                raise StoreBusy(f"every connection to the database was in use for {left:.1f} s") from None
-            raise StoreUnavailable(f"cannot connect to {shown_target(self.url)} (none within {left:.1f} s)") from None
-        except self._lib.PoolClosed:
-            raise StoreUnavailable("the connection pool is closed") from None
-        with self._lock:
-            self._lent += 1
-        return raw
-
-    def putconn(self, raw):
-        """Give a connection back: the pool keeps it, or discards a broken one and opens another."""
-        with self._lock:
-            self._lent -= 1
-        self._pool.putconn(raw)
-
-    def working(self, deadline):
-        """A connection that answers (an empty query), for one the server dropped: the others
-        idle in the pool were likely dropped too (a restart): each found dead is given back,
-        until one answers or the deadline. Raises: StoreBusy, StoreUnavailable."""
-        while True:
-            raw = self.getconn(deadline)
-            try:
-                self._pool.check_connection(raw)
-                return raw
-            except psycopg.Error:
-                self.putconn(raw)
-
-    def close(self, timeout=5.0):
-        """Close every connection (one still lent is closed when given back)."""
-        self._pool.close(timeout)
-
-
-class PooledDatabase(Database):
-    """A Database on a connection a Pool lent (Pool.connection): a connection the server
-    dropped is swapped for a working one of the pool's while no transaction runs, within
-    the loan's deadline; close() gives it back."""
-
-    def __init__(self, pool, raw, deadline):
-        self._pool, self._deadline = pool, deadline
-        self._setup(pool.url, pool.busy_timeout, pool.durable, raw)
-
-    def raw(self):
-        raw = self._raw
-        if (raw is None or raw.broken or raw.closed) and not self.in_transaction:
-            if raw is not None:
-                self._raw = None
-                self._pool.putconn(raw)  # the pool discards it and opens another
-                log.info("replacing a dropped connection to %s", shown_target(self.path))
-            self._raw = self._pool.working(self._deadline)
-        return self._raw
-
-    def renew(self, deadline):
-        """Keep the loan for another use: a dropped connection is swapped until `deadline`."""
-        self._deadline = deadline
-
-    def close(self):
-        raw, self._raw = self._raw, None
-        if raw is not None:
-            self._pool.putconn(raw)

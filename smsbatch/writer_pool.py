@@ -4,7 +4,7 @@ Like the SQLite webhook (smsbatch.writer.Writer), with the same interface (burst
 in_burst, trouble, close), so web.py need not know the engine: the server hands over the
 writes of requests that arrived together (burst()), and one committer thread runs them,
 with everything else that queued meanwhile, in ONE transaction on a connection of the
-writer's engine_pg.Pool: one BEGIN, one COMMIT (one WAL flush, synchronous_commit on) for
+writer's engine_pg_pool.Pool: one BEGIN, one COMMIT (one WAL flush, synchronous_commit on) for
 the lot. Each committer keeps the connection it borrowed for its next groups (given back
 after a failure, or every KEEP_SECONDS); the pool opens the connections in the background
 and replaces one the server dropped (/health's probe borrows one too). Each text still takes its conversation's advisory lock and is deduplicated
@@ -107,7 +107,7 @@ class PgWriter(Bursting):
         self._queue = _Queue()  # Burst and _Job items for the committers
         self._committers = []
         self._committer_lock = threading.Lock()
-        self._pool = None  # engine_pg.Pool: the committers' connections and /health's probe's, opened at first use
+        self._pool = None  # engine_pg_pool.Pool: the committers' connections and /health's probe's, opened at first use
         self._committed_at = 0.0  # monotonic time of the last COMMIT
         self._failed = (0.0, "")  # (monotonic time, why) of the last write that failed
         self._busy_since = {}  # {committer thread: monotonic time its current transaction began}

@@ -32,7 +32,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLIENT = r"""
 import json, sys, threading, time
 from smsbatch.engine import StoreError
-from smsbatch.engine_pg import Database, Pool
+from smsbatch.engine_pg import Database
+from smsbatch.engine_pg_pool import Pool
 
 url = sys.argv[1]
 database, pool = Database(url, 5.0), Pool(url, 1, 5.0)
