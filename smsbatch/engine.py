@@ -78,18 +78,48 @@ def is_postgres(target):
 
 
 def shown_target(target):
-    """The target as it may be printed: a URL's password is replaced by ***."""
+    """The target as it may be printed: a URL's password (in its user part, or a `password`
+    or `sslpassword` parameter) is replaced by ***. Every URL libpq takes is shown: several
+    hosts with their ports too (urllib's `port` raises on `h1:5432,h2:5432`)."""
     target = str(target)
     if not is_postgres(target):
         return target
     from urllib.parse import urlsplit, urlunsplit
 
     parts = urlsplit(target)
-    if parts.password is None:
+    netloc, query = parts.netloc, parts.query
+    if parts.password is not None:
+        userinfo, _, hosts = netloc.rpartition("@")
+        netloc = f"{userinfo.partition(':')[0]}:***@{hosts}"
+    if query:
+        query = "&".join(f"{key}=***" if _secret_key(key) else f"{key}{eq}{value}"
+                         for key, eq, value in (p.partition("=") for p in query.split("&")))
+    if (netloc, query) == (parts.netloc, parts.query):
         return target
-    host = parts.hostname or ""
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def hide_secrets(text, target):
+    """`text` (a driver's words about `target`) without `target`'s passwords: libpq quotes a
+    URL it cannot parse whole, or the part of it that holds the password."""
+    text, target = str(text), str(target)
+    if not is_postgres(target):
+        return text
+    from urllib.parse import unquote, urlsplit
+
+    text = text.replace(target, shown_target(target))
+    parts = urlsplit(target)
+    secrets = [parts.password] + [value for key, _, value in (p.partition("=") for p in parts.query.split("&"))
+                                  if _secret_key(key)]
+    for secret in {form for secret in secrets if secret for form in (secret, unquote(secret))}:
+        text = text.replace(secret, "***")
+    return text
+
+
+def _secret_key(key):
+    from urllib.parse import unquote
+
+    return unquote(key) in ("password", "sslpassword")
 
 
 def _engine_pg(target):

@@ -24,7 +24,8 @@ from psycopg.pq import Escaping
 from psycopg.rows import tuple_row
 
 from smsbatch import migrations
-from smsbatch.engine import NAMED as _NAMED, Named, Row, StoreBusy, StoreConflict, StoreError, StoreUnavailable, shown_target
+from smsbatch.engine import (NAMED as _NAMED, Named, Row, StoreBusy, StoreConflict, StoreError, StoreUnavailable,
+                             hide_secrets, shown_target)
 from smsbatch.errors import SmsbatchError
 
 log = logging.getLogger("smsbatch.engine_pg")
@@ -356,13 +357,18 @@ def _open(url, durable, busy_timeout):
     except psycopg.Error as exc:
         if raw is not None:
             raw.close()
-        raise StoreUnavailable(f"cannot connect to {shown_target(url)}: {translate(exc)}") from None
+        raise StoreUnavailable(f"cannot connect to {shown_target(url)}: {hide_secrets(translate(exc), url)}") from None
     return raw
 
 
 def connect_kwargs(url):
-    """psycopg.connect's keyword arguments for `url` (the pool's too)."""
-    given = conninfo_to_dict(url)
+    """psycopg.connect's keyword arguments for `url` (the pool's too). A URL libpq cannot
+    parse is given them all: connecting says what is wrong with it, where that is handled
+    (raising here, Pool() would raise psycopg's error, the password in its text)."""
+    try:
+        given = conninfo_to_dict(url)
+    except psycopg.Error:
+        given = {}
     timeouts = {key: value for key, value in NETWORK_TIMEOUTS.items() if key not in given}
     return {"autocommit": True, "connect_timeout": CONNECT_TIMEOUT, "row_factory": _rows, **timeouts}
 
