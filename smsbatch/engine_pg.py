@@ -38,7 +38,10 @@ IDLE_IN_TRANSACTION = "60s"  # a frozen process cannot hold row locks longer tha
 # So the kernel gives up on a connection whose server has not acknowledged what was sent
 # for 10 s, or answered 3 probes 2 s apart after 5 s of silence: the statement raises
 # StoreUnavailable and the next one reconnects. A live server's kernel answers the probes,
-# so a long statement is not cut. A URL that sets one of these keeps its own.
+# so a long statement is not cut; but a live server that reads nothing for 10 s while more is
+# sent than the sockets' buffers hold (a pipelined executemany of many MB behind a lock wait)
+# is given up too (Linux applies tcp_user_timeout to zero-window probes). A URL that sets one
+# of these keeps its own; a pg_service.conf does not (these are given explicitly).
 NETWORK_TIMEOUTS = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3,
                     "tcp_user_timeout": 10_000}
 BUSY = (pgerrors.LockNotAvailable, pgerrors.QueryCanceled, pgerrors.SerializationFailure,
