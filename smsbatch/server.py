@@ -36,6 +36,12 @@ MAX_CONNECTIONS = 4096  # most open client connections, whatever the descriptor 
 RESERVED_FDS = 64  # descriptors kept for the database, its WAL, logs and the pool's sockets
 ACCEPT_PAUSE = 0.05  # seconds without accept() after EMFILE/ENFILE (else it fails in a loop)
 SEND_TIMEOUT = 2.0  # a pool thread's sendall of one small answer
+# A request whose write is not committed LATE_GRACE after its deadline is answered 503 by the
+# selecting thread, whatever the committing thread is doing: a database that vanished (no
+# answer until the kernel gives up, 10-15 s) must not hold the answer past Twilio's patience.
+# (Its deadline is 4 s after it arrived: the 503 comes within 5 s.) A COMMIT that lands after
+# that stores the text all the same: answered 503, not lost; Twilio does not send it again.
+LATE_GRACE = 0.5
 # An idle kept-alive connection is closed after this: longer than a proxy keeps its idle
 # connections to us (nginx's upstream keepalive_timeout 60 s, Go's 90 s, Caddy's 2 min), so
 # the proxy closes first. Closing under it could lose a POST it sent at that instant
@@ -91,6 +97,7 @@ class SelectorWSGIServer(WSGIServer):
         self.conns = {}  # fd -> Connection whose request is arriving, oldest (earliest deadline) first
         self.idle = {}  # fd -> Connection kept for its next request, oldest first
         self.kept = collections.deque()  # connections answered and kept, for this thread to watch again
+        self.held = collections.deque()  # _Held answers waiting for their COMMIT (this thread's only)
         self.stopping = False  # server_close() began: answers close their connections
         self.selector = None
         self._waker = None
@@ -148,6 +155,8 @@ class SelectorWSGIServer(WSGIServer):
                 timeout = min(timeout, max(0.0, next(iter(waiting.values())).deadline - now))
         if self._paused_until:
             timeout = min(timeout, max(0.0, self._paused_until - now))
+        if self.held:
+            timeout = min(timeout, max(0.0, min(held.late for held in self.held) - now))
         ready = []
         for key, _ in self.selector.select(timeout):
             if key.data is None:
@@ -162,6 +171,7 @@ class SelectorWSGIServer(WSGIServer):
             self._paused_until = 0.0
             self.selector.register(self.socket, selectors.EVENT_READ, None)
         self._expire(now)
+        self._answer_late(now)
         if ready:
             self._answer(ready)
 
@@ -325,7 +335,7 @@ class SelectorWSGIServer(WSGIServer):
 
     def _refuse(self, conn, status, reason):
         conn.keep = False  # its answer says Connection: close
-        target = bytes(conn.buffer[:300]).split(b"\n", 1)[0].split(b" ")[1:2] or [b"?"]
+        target = bytes((conn.request or conn.buffer)[:300]).split(b"\n", 1)[0].split(b" ")[1:2] or [b"?"]
         self._refusals.warning("webhook: rejected %s %s: %s", status[:3], printable(target[0].decode("latin-1")), reason)
         body = (reason + "\n").encode()
         head = (f"HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\n"
@@ -333,14 +343,25 @@ class SelectorWSGIServer(WSGIServer):
         self._send(conn, head + body)
 
     def _answer(self, ready):
-        """Answer whole requests; those that wrote are sent only once committed."""
+        """Answer whole requests; those that wrote are sent only once committed. Reads
+        (GET, HEAD: /health, /metrics) go to the pool threads if the app says they may wait
+        (`offload_reads`: a database across a network), so that this thread goes on reading texts."""
         app = self.get_app()
+        if getattr(app, "offload_reads", False):
+            writes = []
+            for conn in ready:
+                if conn.request.split(b" ", 1)[0] in (b"GET", b"HEAD"):
+                    self._hold(1)
+                    self.jobs.put(conn)
+                else:
+                    writes.append(conn)
+            ready = writes
         burst = getattr(app, "burst", None)
         if burst is None:
             for conn in ready:
                 self._send(conn, self._run(conn))
             return
-        held = []
+        held = _Held()
         self._hold(len(ready))
         with burst(lambda failed: self._after_commit(held, failed)) as state:
             for conn in ready:
@@ -350,19 +371,35 @@ class SelectorWSGIServer(WSGIServer):
                     self._send(conn, answer)
                     self._hold(-1)
                 else:
-                    held.append((conn, answer))
+                    held.answers.append((conn, answer))
+        if held.answers:
+            held.late = state.deadline + LATE_GRACE
+            self.held.append(held)
 
     def _after_commit(self, held, failed):
         """The burst's writes are committed (send the answers) or not (the pool runs
-        those requests again, each waiting for the lock until its own deadline)."""
-        for conn, answer in held:
+        those requests again, each waiting for the lock until its own deadline); unless
+        they were answered 503 meanwhile, too late (_answer_late)."""
+        answers = held.take()
+        for conn, answer in answers:
             if failed:
                 self.jobs.put(conn)
             else:
                 self._send(conn, answer, wake=False)
                 self._hold(-1)
-        if held and not failed:
+        if answers and not failed:
             self._wake()  # once for the whole group: a wake-up per answer cost the selecting thread
+
+    def _answer_late(self, now):
+        """503 for the held answers whose COMMIT has not come LATE_GRACE after their deadline."""
+        while self.held and not self.held[0].answers:  # committed (or taken): most are, in order
+            self.held.popleft()
+        for held in [held for held in self.held if held.late <= now]:
+            self.held.remove(held)
+            answers = held.take()
+            for conn, _ in answers:
+                self._refuse(conn, "503 Service Unavailable", "the database did not store the text in time")
+                self._hold(-1)
 
     def _hold(self, n):
         with self._held_lock:
@@ -446,6 +483,22 @@ class SelectorWSGIServer(WSGIServer):
     def _close_kept(self):
         while self.kept:
             self.shutdown_request(self.kept.popleft().sock)
+
+
+class _Held:
+    """The answers of one burst's requests (conn, answer), waiting for its COMMIT: sent by the
+    thread that committed it, or 503 at `late` by the selecting thread if it has not come by
+    then. Whichever takes them first sends them; the other finds none."""
+
+    __slots__ = ("answers", "late", "_lock")
+
+    def __init__(self):
+        self.answers, self.late, self._lock = [], float("inf"), threading.Lock()
+
+    def take(self):
+        with self._lock:
+            answers, self.answers = self.answers, []
+        return answers
 
 
 def _late(waiting, now):

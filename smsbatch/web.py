@@ -40,6 +40,10 @@ CARRIER_KINDS = {"STOP": "opt_out", "START": "opt_in"}  # OptOutType; HELP is an
 # Longer than any of our own commits (milliseconds), far shorter than a text's 4 s wait.
 WRITE_PROBE_SECONDS = 0.05
 HEALTH_BUSY_TIMEOUT = 0.5  # a WAL reader waits only in rare recovery moments: never long
+# /health waits this long for its look at the database, then says it cannot store: a server
+# that vanished answers nothing until the kernel gives up (10-15 s, engine_pg.NETWORK_TIMEOUTS),
+# and a load balancer must hear at once that this host cannot store texts.
+HEALTH_SECONDS = 2.0
 MIN_FREE_BYTES = 1024 * 1024  # less free disk than this: a COMMIT may fail (SQLITE_FULL)
 
 
@@ -128,6 +132,12 @@ class Webhook:
         self.status_paths = {"/status"} | {p + "/status" for p in self.sms_paths}
         self._health_store = None
         self._health_lock = threading.Lock()
+        self._check = None  # _Check: /health's look at the database, on a thread of its own
+        # The server runs reads (/health, /metrics) on its pool threads, not on the thread that
+        # reads the texts: on PostgreSQL a read can wait on the network (a server that vanished).
+        # A local SQLite file answers them at once, as before.
+        self.offload_reads = is_postgres(settings.db_path)
+        self._check_lock = threading.Lock()
 
     def burst(self, on_done):
         """Commit the writes of one burst of requests in one transaction (see
@@ -285,19 +295,35 @@ class Webhook:
 
         Reads through a connection of its own and never waits for the write lock: whether a
         text can be stored comes from the writer's last attempts, the file system, and a
-        probe that gives up after WRITE_PROBE_SECONDS if another process holds the lock."""
+        probe that gives up after WRITE_PROBE_SECONDS if another process holds the lock.
+        A look at the database that has not answered within HEALTH_SECONDS means it cannot
+        store (a server that vanished answers nothing for 10-15 s)."""
         strict = parse_qs(query).get("strict", [""])[-1].lower() in ("1", "true", "yes")
-        try:
-            reasons = self._attention()
-        except Exception as exc:  # unreadable: nothing can be stored either, and someone must look
-            self.rejections.log.warning("webhook: /health cannot read the database: %s", printable(exc))
-            reasons, trouble = ["unreadable"], "unreadable"
-        else:
-            trouble = self.writer.trouble() or unwritable(self.settings.db_path) or self._probe_write()
+        reasons, trouble = self._checked(HEALTH_SECONDS)
         info = {"can_store": trouble is None, "person_needed": bool(reasons)}
         info["ok"] = info["can_store"] and not (strict and info["person_needed"])
         status = "200 OK" if info["ok"] else "503 Service Unavailable"
         return status, [("Content-Type", "application/json")], json.dumps(info).encode()
+
+    def _checked(self, seconds):
+        """(why a person is needed, why texts cannot be stored or None), waited for `seconds`
+        at most. One look at a time: a /health that comes while one still waits waits for it."""
+        with self._check_lock:
+            if self._check is None or self._check.done.is_set():
+                self._check = _Check(self._look)
+            check = self._check
+        if check.done.wait(seconds):
+            return check.result
+        self.rejections.log.warning("webhook: /health: the database did not answer within %g s", seconds)
+        return ["unreadable"], f"the database did not answer within {seconds:g} s"
+
+    def _look(self):
+        try:
+            reasons = self._attention()
+            return reasons, self.writer.trouble() or unwritable(self.settings.db_path) or self._probe_write()
+        except Exception as exc:  # unreadable: nothing can be stored either, and someone must look
+            self.rejections.log.warning("webhook: /health cannot read the database: %s", printable(exc))
+            return ["unreadable"], "unreadable"
 
     def _probe_write(self):
         """None if the write lock can be had now, else why not (the probe writes nothing)."""
@@ -321,6 +347,21 @@ class Webhook:
                 self._health_store.close()
                 self._health_store = None
                 raise
+
+
+class _Check:
+    """work() on a thread of its own; `done` is set once `result` holds what it returned."""
+
+    def __init__(self, work):
+        self.result, self.done = None, threading.Event()
+
+        def run():
+            try:
+                self.result = work()
+            finally:
+                self.done.set()
+
+        threading.Thread(target=run, name="smsbatch-health", daemon=True).start()
 
 
 # A Host header: a name or IPv4 address (RFC 3986 reg-name characters) or a bracketed IPv6

@@ -15,10 +15,18 @@ import secrets
 import shutil
 import subprocess
 import sys
+import threading
+import time
+import urllib.request
+from urllib.error import HTTPError
 from urllib.parse import urlsplit
 
 import pytest
 
+from conftest import wait_for
+from fakes import FakeTwilio
+from smsbatch.db import Store
+from test_load import base_env, post, start_server, stop
 from test_postgres import Proxy
 
 pytestmark = pytest.mark.postgres
@@ -71,8 +79,8 @@ def ip(*args, namespace=None):
 
 @pytest.fixture
 def namespace():
-    """(namespace, our end of its veth, our address): a network namespace joined to this one
-    by a veth pair on a /30 of its own."""
+    """(namespace, our end of its veth, our address, its address): a network namespace joined
+    to this one by a veth pair on a /30 of its own."""
     if os.geteuid() != 0 or shutil.which("ip") is None:
         pytest.skip("needs root and iproute2's `ip` to make a network namespace")
     tag = secrets.token_hex(3)
@@ -90,14 +98,14 @@ def namespace():
         ip("link", "set", ours, "up")
         ip("addr", "add", f"{there}/30", "dev", theirs, namespace=name)
         ip("link", "set", theirs, "up", namespace=name)
-        yield name, ours, here
+        yield name, ours, here, there
     finally:
         subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)  # takes the veth pair along
         subprocess.run(["ip", "link", "del", ours], capture_output=True, timeout=10)
 
 
 def test_a_server_that_vanishes_is_given_up_within_seconds_and_reconnected_after(pg_url, namespace):
-    name, ours, here = namespace
+    name, ours, here, _ = namespace
     port = urlsplit(pg_url).port
     proxy = Proxy(port, host=here)
     url = pg_url.replace(f"{urlsplit(pg_url).hostname}:{port}", f"{here}:{proxy.port}", 1)
@@ -157,3 +165,104 @@ def test_every_connection_asks_for_the_timeouts_and_a_url_keeps_its_own(pg_url):
 
     assert options(pg_url) == (1, 5, 10_000)
     assert options(pg_url + "&keepalives_idle=30&tcp_user_timeout=20000") == (1, 30, 20_000)
+
+
+
+# A relay inside the namespace: listens on its address (argv[1]), passes each connection on to
+# argv[2]:argv[3], prints its port. `serve` outside reaches the database through it, so every
+# packet of its connections crosses the veth.
+RELAY = r"""
+import socket, sys, threading
+listener = socket.create_server((sys.argv[1], 0))
+print(listener.getsockname()[1], flush=True)
+
+def pipe(source, sink):
+    try:
+        while data := source.recv(65536):
+            sink.sendall(data)
+    except OSError:
+        pass
+    for s in (source, sink):
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+while True:
+    client, _ = listener.accept()
+    server = socket.create_connection((sys.argv[2], int(sys.argv[3])))
+    threading.Thread(target=pipe, args=(client, server), daemon=True).start()
+    threading.Thread(target=pipe, args=(server, client), daemon=True).start()
+"""
+
+
+def test_serve_answers_503_within_5_s_and_health_at_once_while_the_server_has_vanished(pg_url, namespace, tmp_path):
+    """The webhook, a real `serve`, its database reached across the veth: the veth goes down
+    (every packet lost, no error anywhere). Texts held for a COMMIT that cannot come are
+    answered 503 within 5 s (server.LATE_GRACE), a text arriving meanwhile too, and /health
+    says it cannot store within HEALTH_SECONDS, without holding the texts up. When the network
+    is back, texts are stored again by themselves; every text answered 200 is stored once."""
+    name, ours, here, there = namespace
+    Store(pg_url).migrate()
+    port = urlsplit(pg_url).port
+    proxy = Proxy(port, host=here)
+    relay = subprocess.Popen(["ip", "netns", "exec", name, sys.executable, "-c", RELAY, there, here, str(proxy.port)],
+                             stdout=subprocess.PIPE, text=True)
+    url = pg_url.replace(f"{urlsplit(pg_url).hostname}:{port}", f"{there}:{relay.stdout.readline().strip()}", 1)
+    answered = {}
+
+    def text(n):
+        started = time.monotonic()
+        status = post(host, web_port, FakeTwilio.TOKEN, form(n))
+        answered[n] = (status, time.monotonic() - started)
+        return status
+
+    with FakeTwilio() as twilio:
+        server, web_url = start_server(base_env(twilio, url), tmp_path / "serve.log")
+        host, web_port = urlsplit(web_url).hostname, urlsplit(web_url).port
+        try:
+            assert wait_for(lambda: text(1) == 200, timeout=20), answered
+            assert text(2) == 200 and text(3) == 200
+            ip("link", "set", ours, "down")  # from now on every packet to the database is lost
+            checks = {}
+
+            def check_health():
+                started = time.monotonic()
+                checks["health"] = (health(web_url), time.monotonic() - started)
+
+            threads = [threading.Thread(target=text, args=(4,)), threading.Thread(target=check_health)]
+            for thread in threads:
+                thread.start()
+            time.sleep(0.5)  # /health is looking (or has said so) when the next text comes
+            threads.append(threading.Thread(target=text, args=(5,)))
+            threads[-1].start()
+            for thread in threads:
+                thread.join(30)
+            for n in (4, 5):
+                assert answered[n][0] == 503 and answered[n][1] < 5.0, answered
+            (status, body), took = checks["health"]
+            assert status == 503 and json.loads(body)["can_store"] is False and took < 3.0, checks
+            ip("link", "set", ours, "up")  # back: the dead connections are given up, or resume
+            assert wait_for(lambda: text(6) == 200, timeout=40), answered
+        finally:
+            stop(server)
+            relay.kill()
+            relay.wait(10)
+            proxy.close()
+    stored = {row[0] for row in Store(pg_url).conn.execute("SELECT sid FROM messages")}
+    assert {form(n)["MessageSid"] for n, (status, _) in answered.items() if status == 200} <= stored
+    assert len(stored) == len(Store(pg_url).conn.execute("SELECT sid FROM messages").fetchall())
+
+
+def form(n):
+    sid = f"SM{n:032x}"
+    return {"MessageSid": sid, "SmsSid": sid, "AccountSid": FakeTwilio.ACCOUNT, "From": f"+1555300{n:04d}",
+            "To": "+15550000000", "Body": f"text {n}", "NumMedia": "0"}
+
+
+def health(web_url):
+    try:
+        with urllib.request.urlopen(web_url.rsplit("/", 1)[0] + "/health", timeout=20) as response:
+            return response.status, response.read().decode()
+    except HTTPError as exc:
+        return exc.code, exc.read().decode()
