@@ -17,8 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
-from urllib.error import HTTPError
 from urllib.parse import urlsplit
 
 import pytest
@@ -27,6 +25,7 @@ from conftest import wait_for
 from fakes import FakeTwilio
 from smsbatch.db import Store
 from test_load import base_env, post, start_server, stop
+from test_pg_outage import health
 from test_postgres import Proxy
 
 pytestmark = pytest.mark.postgres
@@ -258,11 +257,3 @@ def form(n):
     sid = f"SM{n:032x}"
     return {"MessageSid": sid, "SmsSid": sid, "AccountSid": FakeTwilio.ACCOUNT, "From": f"+1555300{n:04d}",
             "To": "+15550000000", "Body": f"text {n}", "NumMedia": "0"}
-
-
-def health(web_url):
-    try:
-        with urllib.request.urlopen(web_url.rsplit("/", 1)[0] + "/health", timeout=20) as response:
-            return response.status, response.read().decode()
-    except HTTPError as exc:
-        return exc.code, exc.read().decode()
