@@ -21,6 +21,7 @@ from smsbatch import attention, delivery
 from smsbatch.batching import Rules, opt_out_scope
 from smsbatch.config import Settings, display_url
 from smsbatch.db import Store
+from smsbatch.deadline import Look, LookTimedOut
 from smsbatch.engine import is_postgres
 from smsbatch.errors import ConfigError, SmsbatchError
 from smsbatch.intake import Text
@@ -132,12 +133,13 @@ class Webhook:
         self.status_paths = {"/status"} | {p + "/status" for p in self.sms_paths}
         self._health_store = None
         self._health_lock = threading.Lock()
-        self._check = None  # _Check: /health's look at the database, on a thread of its own
+        # /health's look at the database, on a thread of its own, waited for HEALTH_SECONDS
+        # after it began at most: every /health during a longer wait is answered at once.
+        self._look = Look(self._look_once, HEALTH_SECONDS, "smsbatch-health")
         # The server runs reads (/health, /metrics) on its pool threads, not on the thread that
         # reads the texts: on PostgreSQL a read can wait on the network (a server that vanished).
         # A local SQLite file answers them at once, as before.
         self.offload_reads = is_postgres(settings.db_path)
-        self._check_lock = threading.Lock()
 
     def burst(self, on_done):
         """Commit the writes of one burst of requests in one transaction (see
@@ -296,28 +298,22 @@ class Webhook:
         Reads through a connection of its own and never waits for the write lock: whether a
         text can be stored comes from the writer's last attempts, the file system, and a
         probe that gives up after WRITE_PROBE_SECONDS if another process holds the lock.
-        A look at the database that has not answered within HEALTH_SECONDS means it cannot
-        store (a server that vanished answers nothing for 10-15 s)."""
+        A look at the database that has not answered HEALTH_SECONDS after it began means it
+        cannot store (a server that vanished answers nothing for 10-15 s): one look at a time,
+        and a /health that comes later than that during the look is answered at once."""
         strict = parse_qs(query).get("strict", [""])[-1].lower() in ("1", "true", "yes")
-        reasons, trouble = self._checked(HEALTH_SECONDS)
+        try:
+            reasons, trouble = self._look()
+        except LookTimedOut:
+            self.rejections.log.warning("webhook: /health: the database did not answer within %g s", HEALTH_SECONDS)
+            reasons, trouble = ["unreadable"], f"the database did not answer within {HEALTH_SECONDS:g} s"
         info = {"can_store": trouble is None, "person_needed": bool(reasons)}
         info["ok"] = info["can_store"] and not (strict and info["person_needed"])
         status = "200 OK" if info["ok"] else "503 Service Unavailable"
         return status, [("Content-Type", "application/json")], json.dumps(info).encode()
 
-    def _checked(self, seconds):
-        """(why a person is needed, why texts cannot be stored or None), waited for `seconds`
-        at most. One look at a time: a /health that comes while one still waits waits for it."""
-        with self._check_lock:
-            if self._check is None or self._check.done.is_set():
-                self._check = _Check(self._look)
-            check = self._check
-        if check.done.wait(seconds):
-            return check.result
-        self.rejections.log.warning("webhook: /health: the database did not answer within %g s", seconds)
-        return ["unreadable"], f"the database did not answer within {seconds:g} s"
-
-    def _look(self):
+    def _look_once(self):
+        """(why a person is needed, why texts cannot be stored or None): one look at the database."""
         try:
             reasons = self._attention()
             return reasons, self.writer.trouble() or unwritable(self.settings.db_path) or self._probe_write()
@@ -347,21 +343,6 @@ class Webhook:
                 self._health_store.close()
                 self._health_store = None
                 raise
-
-
-class _Check:
-    """work() on a thread of its own; `done` is set once `result` holds what it returned."""
-
-    def __init__(self, work):
-        self.result, self.done = None, threading.Event()
-
-        def run():
-            try:
-                self.result = work()
-            finally:
-                self.done.set()
-
-        threading.Thread(target=run, name="smsbatch-health", daemon=True).start()
 
 
 # A Host header: a name or IPv4 address (RFC 3986 reg-name characters) or a bracketed IPv6
