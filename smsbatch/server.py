@@ -36,6 +36,11 @@ MAX_CONNECTIONS = 4096  # most open client connections, whatever the descriptor 
 RESERVED_FDS = 64  # descriptors kept for the database, its WAL, logs and the pool's sockets
 ACCEPT_PAUSE = 0.05  # seconds without accept() after EMFILE/ENFILE (else it fails in a loop)
 SEND_TIMEOUT = 2.0  # a pool thread's sendall of one small answer
+# Reads (GET, HEAD: /health, /metrics) run on threads of their own when the app offloads them,
+# never on the pool threads that run again the texts of a failed burst: reads waiting on a
+# database that does not answer (or a flood of them) held every pool thread, and those texts
+# waited behind them for their answer.
+READ_THREADS = 4
 # A request whose write is not committed LATE_GRACE after its deadline is answered 503 by the
 # selecting thread, whatever the committing thread is doing: a database that vanished (no
 # answer until the kernel gives up, 10-15 s) must not hold the answer past Twilio's patience.
@@ -92,7 +97,8 @@ class SelectorWSGIServer(WSGIServer):
     keep_alive_seconds = KEEP_ALIVE_SECONDS
 
     def __init__(self, address, handler, threads=16):
-        self.jobs = queue.SimpleQueue()
+        self.jobs = queue.SimpleQueue()  # requests run again after their burst failed
+        self.reads = queue.SimpleQueue()  # reads the app offloads (offload_reads)
         self.workers = []  # server_close() runs if binding fails, before any worker exists
         self.conns = {}  # fd -> Connection whose request is arriving, oldest (earliest deadline) first
         self.idle = {}  # fd -> Connection kept for its next request, oldest first
@@ -125,8 +131,10 @@ class SelectorWSGIServer(WSGIServer):
         self._stop = False
         self._stopped = threading.Event()
         self._stopped.set()
-        self.workers = [threading.Thread(target=self._work, name=f"smsbatch-web-{i}", daemon=True)
+        self.workers = [threading.Thread(target=self._work, args=(self.jobs,), name=f"smsbatch-web-{i}", daemon=True)
                         for i in range(threads)]
+        self.workers += [threading.Thread(target=self._work, args=(self.reads,), name=f"smsbatch-read-{i}",
+                                          daemon=True) for i in range(READ_THREADS)]
         for worker in self.workers:
             worker.start()
 
@@ -352,7 +360,7 @@ class SelectorWSGIServer(WSGIServer):
             for conn in ready:
                 if conn.request.split(b" ", 1)[0] in (b"GET", b"HEAD"):
                     self._hold(1)
-                    self.jobs.put(conn)
+                    self.reads.put(conn)
                 else:
                     writes.append(conn)
             ready = writes
@@ -440,9 +448,9 @@ class SelectorWSGIServer(WSGIServer):
             except OSError:  # its buffer is full: select() is woken already
                 pass
 
-    def _work(self):
+    def _work(self, jobs):
         while True:
-            conn = self.jobs.get()
+            conn = jobs.get()
             if conn is None:
                 return
             try:
@@ -466,8 +474,8 @@ class SelectorWSGIServer(WSGIServer):
         drain = getattr(self.get_app(), "drain", None)
         if drain is not None:  # let its last commits finish and their answers go out
             drain()
-        for _ in self.workers:
-            self.jobs.put(None)
+        for worker in self.workers:
+            (self.reads if worker.name.startswith("smsbatch-read-") else self.jobs).put(None)
         if self.selector is not None:
             self.selector.close()
         if self._waker is not None:
