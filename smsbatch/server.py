@@ -17,6 +17,8 @@ our close. Answers that close the connection say HTTP/1.0, as before.
 
 import collections
 import errno
+import heapq
+import itertools
 import logging
 import queue
 import selectors
@@ -103,7 +105,8 @@ class SelectorWSGIServer(WSGIServer):
         self.conns = {}  # fd -> Connection whose request is arriving, oldest (earliest deadline) first
         self.idle = {}  # fd -> Connection kept for its next request, oldest first
         self.kept = collections.deque()  # connections answered and kept, for this thread to watch again
-        self.held = collections.deque()  # _Held answers waiting for their COMMIT (this thread's only)
+        self.held = []  # heap of (late, n, _Held): answers waiting for their COMMIT (this thread's only)
+        self._held_order = itertools.count()
         self.stopping = False  # server_close() began: answers close their connections
         self.selector = None
         self._waker = None
@@ -164,7 +167,7 @@ class SelectorWSGIServer(WSGIServer):
         if self._paused_until:
             timeout = min(timeout, max(0.0, self._paused_until - now))
         if self.held:
-            timeout = min(timeout, max(0.0, min(held.late for held in self.held) - now))
+            timeout = min(timeout, max(0.0, self.held[0][0] - now))
         ready = []
         for key, _ in self.selector.select(timeout):
             if key.data is None:
@@ -381,8 +384,7 @@ class SelectorWSGIServer(WSGIServer):
                 else:
                     held.answers.append((conn, answer))
         if held.answers:
-            held.late = state.deadline + LATE_GRACE
-            self.held.append(held)
+            heapq.heappush(self.held, (state.deadline + LATE_GRACE, next(self._held_order), held))
 
     def _after_commit(self, held, failed):
         """The burst's writes are committed (send the answers) or not (the pool runs
@@ -399,13 +401,12 @@ class SelectorWSGIServer(WSGIServer):
             self._wake()  # once for the whole group: a wake-up per answer cost the selecting thread
 
     def _answer_late(self, now):
-        """503 for the held answers whose COMMIT has not come LATE_GRACE after their deadline."""
-        while self.held and not self.held[0].answers:  # committed (or taken): most are, in order
-            self.held.popleft()
-        for held in [held for held in self.held if held.late <= now]:
-            self.held.remove(held)
-            answers = held.take()
-            for conn, _ in answers:
+        """503 for the held answers whose COMMIT has not come LATE_GRACE after their deadline.
+        The heap's top is the earliest `late`; committed groups (answers taken) leave it as
+        they reach the top (most come in order): no scan of every group held at each step."""
+        while self.held and (self.held[0][0] <= now or not self.held[0][2].answers):
+            _, _, held = heapq.heappop(self.held)
+            for conn, _ in held.take():
                 self._refuse(conn, "503 Service Unavailable", "the database did not store the text in time")
                 self._hold(-1)
 
@@ -495,13 +496,13 @@ class SelectorWSGIServer(WSGIServer):
 
 class _Held:
     """The answers of one burst's requests (conn, answer), waiting for its COMMIT: sent by the
-    thread that committed it, or 503 at `late` by the selecting thread if it has not come by
-    then. Whichever takes them first sends them; the other finds none."""
+    thread that committed it, or 503 at its late time by the selecting thread if it has not come
+    by then. Whichever takes them first sends them; the other finds none."""
 
-    __slots__ = ("answers", "late", "_lock")
+    __slots__ = ("answers", "_lock")
 
     def __init__(self):
-        self.answers, self.late, self._lock = [], float("inf"), threading.Lock()
+        self.answers, self._lock = [], threading.Lock()
 
     def take(self):
         with self._lock:
