@@ -61,7 +61,7 @@ class Connection:
     for the next one. `request`: the whole request being answered (the buffer keeps what
     came after it: the next request, if the client sent it already)."""
 
-    __slots__ = ("sock", "address", "buffer", "request", "deadline", "received", "watched", "keep")
+    __slots__ = ("sock", "address", "buffer", "request", "deadline", "received", "watched", "keep", "answered")
 
     def __init__(self, sock, address, deadline):
         self.sock, self.address, self.deadline = sock, address, deadline
@@ -70,6 +70,7 @@ class Connection:
         self.received = None
         self.watched = False  # registered with the selector (most requests are whole at accept())
         self.keep = False  # the answer being sent keeps the connection for the next request
+        self.answered = None  # the app's environ["smsbatch.answered"] for the answer held for its COMMIT
 
 
 class SelectorWSGIServer(WSGIServer):
@@ -395,6 +396,7 @@ class SelectorWSGIServer(WSGIServer):
             if failed:
                 self.jobs.put(conn)
             else:
+                self._answered(conn, None)
                 self._send(conn, answer, wake=False)
                 self._hold(-1)
         if answers and not failed:
@@ -407,8 +409,19 @@ class SelectorWSGIServer(WSGIServer):
         while self.held and (self.held[0][0] <= now or not self.held[0][2].answers):
             _, _, held = heapq.heappop(self.held)
             for conn, _ in held.take():
+                self._answered(conn, "503 Service Unavailable")
                 self._refuse(conn, "503 Service Unavailable", "the database did not store the text in time")
                 self._hold(-1)
+
+    def _answered(self, conn, instead):
+        """Tell the app the held answer goes out now (`instead`: the status sent in its place),
+        through the callable it left in environ["smsbatch.answered"] (the webhook counts it then)."""
+        answered, conn.answered = conn.answered, None
+        if answered is not None:
+            try:
+                answered(instead)
+            except Exception:
+                log.exception("webhook: counting an answer failed")
 
     def _hold(self, n):
         with self._held_lock:
@@ -416,9 +429,11 @@ class SelectorWSGIServer(WSGIServer):
 
     def _run(self, conn):
         """Answer a request that was read whole, into memory."""
+        conn.answered = None
         try:
             handler = self.RequestHandlerClass(conn.sock, conn.address, self, conn.request, conn.received)
             conn.keep = getattr(handler, "keep", False)
+            conn.answered = getattr(handler, "answered", None)
             return handler.wfile.getvalue()
         except Exception:
             conn.keep = False

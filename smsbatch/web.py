@@ -152,6 +152,8 @@ class Webhook:
 
     def __call__(self, environ, start_response):
         started = environ.get("smsbatch.received") or time.monotonic()
+        burst = self.writer.current_burst()
+        writes = burst.writes if burst is not None else 0
         try:
             status, headers, body = self.route(environ)
         except Refused as exc:
@@ -164,7 +166,15 @@ class Webhook:
             log.exception("webhook: unexpected error")
             status, headers, body = "500 Internal Server Error", [("Content-Type", "text/plain")], b"error\n"
         headers.append(("Content-Length", str(len(body))))
-        self.metrics.observe(environ.get("PATH_INFO", ""), status, time.monotonic() - started)
+        path = environ.get("PATH_INFO", "")
+        if burst is not None and burst.writes != writes:
+            # This answer waits for the burst's COMMIT: counted when the server sends it, or a
+            # 503 in its place (its COMMIT too late); not at all if the burst fails (the
+            # request is run again, and counted then).
+            environ["smsbatch.answered"] = lambda instead: self.metrics.observe(
+                path, instead or status, time.monotonic() - started)
+        else:
+            self.metrics.observe(path, status, time.monotonic() - started)
         start_response(status, headers)
         return [b""] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
 

@@ -125,8 +125,12 @@ class Bursting:
 
     def in_burst(self):
         """True inside this thread's burst(): a write that fails there is run again."""
+        return self.current_burst() is not None
+
+    def current_burst(self):
+        """This thread's Burst while in its burst() block, else None."""
         burst = self._burst
-        return burst is not None and burst.thread == threading.get_ident()
+        return burst if burst is not None and burst.thread == threading.get_ident() else None
 
     @contextmanager
     def _collect(self, on_done):

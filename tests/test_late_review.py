@@ -234,3 +234,41 @@ def test_the_rerun_of_a_failed_burst_does_not_wait_behind_slow_reads():
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_text_whose_burst_failed_is_counted_once_as_what_it_was_answered(tmp_path):
+    """SQLite, another process holding the write lock past the text's deadline: its burst
+    fails, the pool runs it again, it is answered 503. /metrics counted it twice (a 200 when
+    its burst ran, then the 503); it counts what the client was sent, once."""
+    import http.client
+    import sqlite3
+
+    from smsbatch.config import Settings
+    from smsbatch.db import Store
+    from smsbatch.web import make_app
+
+    path = str(tmp_path / "smsbatch.db")
+    Store(path).migrate()
+    server = make_server_for(make_app(Settings(db_path=path), insecure=True), "127.0.0.1", 0, threads=2)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    port = server.server_address[1]
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # the write lock, held past the text's 4 s
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+        conn.request("POST", "/sms", body=f"MessageSid=SM{'1' * 32}&From=%2B15551112222&To=%2B15550000000&Body=hi"
+                     f"&AccountSid=AC{'0' * 32}", headers={"Content-Type": "application/x-www-form-urlencoded"})
+        response = conn.getresponse()
+        assert response.status == 503, response.read()
+        response.read()
+        holder.execute("ROLLBACK")
+        conn.request("GET", "/metrics")
+        page = conn.getresponse().read().decode()
+        lines = [line for line in page.splitlines() if line.startswith("smsbatch_webhook_requests_total{")
+                 and 'route="/sms"' in line]
+        assert lines == ['smsbatch_webhook_requests_total{code="503",route="/sms"} 1.0'], lines
+        conn.close()
+    finally:
+        holder.close()
+        server.shutdown()
+        server.server_close()

@@ -78,6 +78,11 @@ class Vanishing:
         self.proxy.close()
 
 
+def counted(page, route, code):
+    match = re.search(rf'^smsbatch_webhook_requests_total\{{code="{code}",route="{route}"\}} (\S+)$', page, re.M)
+    return int(float(match.group(1))) if match else 0
+
+
 @pytest.fixture
 def vanishing(pg_url, namespace, tmp_path):  # noqa: F811
     with FakeTwilio() as twilio:
@@ -89,6 +94,18 @@ def vanishing(pg_url, namespace, tmp_path):  # noqa: F811
             yield setup
         finally:
             setup.close()
+
+
+def test_texts_the_server_answers_503_late_are_counted_503_not_200(vanishing):
+    """smsbatch_webhook_requests_total{route="/sms",code} counts what Twilio was answered:
+    a text answered 503 by the late path (its COMMIT never came) is no 200."""
+    vanishing.down()
+    assert vanishing.text(2) == 503
+    vanishing.up()
+    assert wait_for(lambda: vanishing.text(3) == 200, timeout=40), vanishing.answers
+    page = vanishing.get("/metrics")[1]
+    seen = {code: sum(1 for _, status, _ in vanishing.answers if status == code) for code in (200, 503)}
+    assert (counted(page, "/sms", 200), counted(page, "/sms", 503)) == (seen[200], seen[503]), vanishing.answers
 
 
 def test_scrapes_and_health_are_answered_within_seconds_while_the_database_is_gone(vanishing):
