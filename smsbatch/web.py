@@ -120,7 +120,8 @@ class Webhook:
             self.writer = PgWriter(settings.db_path, WEB_BUSY_TIMEOUT)
         else:
             self.writer = Writer(settings.db_path, WEB_BUSY_TIMEOUT)
-        self.rejections = Rejections(self.writer.submit, clock)
+        # Rejection counts are added to what is stored: wait for how their write ended (patient).
+        self.rejections = Rejections(lambda work, deadline: self.writer.submit(work, deadline, patient=True), clock)
         self.metrics = WebMetrics(settings, self.route_label, clock, self.rejections.unwritten,
                                   getattr(self.writer, "guesses", None))
         self._routes = None  # path -> metrics label (route_label)

@@ -3,6 +3,7 @@ across a network namespace's veth, taken down: tests/test_pg_vanish.py's set-up)
 /metrics counts for the texts answered 503 by the server, and how /health and /metrics
 behave on the pool threads while the database answers nothing. Needs root and `ip`."""
 
+import http.client
 import re
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import threading
 import time
 import urllib.request
 from urllib.error import HTTPError
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import pytest
 
@@ -156,3 +157,24 @@ def test_health_answers_within_3_s_under_a_flood_of_health_checks_while_the_data
     late = [took for at, took in latencies if at > stop_at - 4]  # past the first look's 2 s
     assert late and max(late) < 3.0, (len(latencies), sorted(late)[-5:])
     assert threads <= baseline + 3, (baseline, threads)  # one look at a time
+
+
+def test_a_blip_in_the_network_does_not_count_a_forged_signature_twice(vanishing):
+    """The rejection counts' write is given up on after ANSWER_GRACE like a text's (0.5 s past
+    its 1 s deadline) while its COMMIT is still on the way; the link back, the COMMIT lands, and
+    the counts kept for the next flush were added again: 2 for 1 forged request."""
+    vanishing.down()
+    conn = http.client.HTTPConnection(vanishing.host, vanishing.port, timeout=20)
+    conn.request("POST", "/sms", body=urlencode(form(9)), headers={
+        "Content-Type": "application/x-www-form-urlencoded", "X-Twilio-Signature": "forged"})
+    response = conn.getresponse()
+    response.read()
+    conn.close()
+    assert response.status == 403
+    time.sleep(3.0)  # the counts' write went out within 1 s (FLUSH_EVERY), unanswered since
+    vanishing.up()
+    assert wait_for(lambda: vanishing.text(3) == 200, timeout=40), vanishing.answers
+    time.sleep(4)  # a flush of counts kept after a write given up on would have come by now
+    lines = [line for line in vanishing.get("/metrics")[1].splitlines()
+             if line.startswith("smsbatch_rejected_signatures_last_hour")]
+    assert lines == ["smsbatch_rejected_signatures_last_hour 1.0"], lines
