@@ -7,10 +7,16 @@ caller at the deadline whatever the call is doing; the abandoned thread can fini
 reading, but it can no longer *send*: every request a call makes passes `before_write()`,
 which refuses once the call was given up on or the fence (the caller's proof that it
 still holds the batch's lease) fails.
+
+`Look`: a read of the database for the webhook's /health and /metrics, one at a time on a
+thread of its own, waited for at most a few seconds after it began: a server that vanished
+answers nothing until the kernel gives up (10-15 s), and every request that comes meanwhile
+is answered at once instead of holding a pool thread for the whole wait.
 """
 
 import contextvars
 import threading
+import time
 
 from smsbatch.errors import LeaseLost
 
@@ -104,3 +110,53 @@ def call(fn, seconds, fence=None, state=None):
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
+
+
+class LookTimedOut(Exception):
+    """A Look had no answer `seconds` after it began."""
+
+
+class Look:
+    """`work()` run on a thread of its own, one run at a time: a caller that comes while a run
+    is under way shares it, and waits until `seconds` after that run BEGAN, never longer. So
+    with a database that does not answer, the first callers wait `seconds`, and every later
+    one is answered at once until the run ends (then the next caller starts another).
+    Thread-safe."""
+
+    def __init__(self, work, seconds, name="smsbatch-look"):
+        self.work, self.seconds, self.name = work, seconds, name
+        self._lock = threading.Lock()
+        self._run = None  # _Run under way, or the last one (ended)
+
+    def __call__(self):
+        """What work() returned (or raised).
+
+        Raises:
+            LookTimedOut: the run under way began `seconds` ago and has not ended.
+        """
+        with self._lock:
+            run = self._run
+            if run is None or run.done.is_set():
+                run = self._run = _Run(self.work, self.name)
+        if not run.done.wait(max(0.0, run.began + self.seconds - time.monotonic())):
+            raise LookTimedOut(f"no answer within {self.seconds:g} s")
+        if run.error is not None:
+            raise run.error
+        return run.result
+
+
+class _Run:
+    """One run of a Look's work: `done` is set once `result` or `error` holds how it ended."""
+
+    def __init__(self, work, name):
+        self.began, self.result, self.error, self.done = time.monotonic(), None, None, threading.Event()
+
+        def run():
+            try:
+                self.result = work()
+            except BaseException as exc:  # handed to the callers
+                self.error = exc
+            finally:
+                self.done.set()
+
+        threading.Thread(target=run, name=name, daemon=True).start()

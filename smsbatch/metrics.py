@@ -28,10 +28,15 @@ from prometheus_client.registry import Collector
 
 from smsbatch.config import E164
 from smsbatch.db import Store
+from smsbatch.deadline import Look
 from smsbatch.states import State
 
 log = logging.getLogger("smsbatch.web")
 SCRAPE_BUSY_TIMEOUT = 0.5  # a WAL reader waits only in rare recovery moments: never long
+# A scrape waits this long (after the read under way began) for the database, then says it
+# could not read it: a server that vanished answers nothing for 10-15 s, and scrapes waiting
+# on it one after another held the server's pool threads (and /health behind them).
+SCRAPE_SECONDS = 2.0
 MAX_NUMBER_LABELS = 50  # business numbers beyond these are summed under "other"
 PROVIDERS = ("ai", "sms")
 ENCODINGS = ("GSM-7", "UCS-2")
@@ -64,11 +69,11 @@ class DatabaseCollector(Collector):
         self.trust_shape = not self.numbers and bool(settings.twilio_auth_token)
         self._store = None
         self._lock = threading.Lock()
+        self._look = Look(lambda: self._read(self.clock()), SCRAPE_SECONDS, "smsbatch-scrape")
 
     def collect(self):
-        now = self.clock()
         try:
-            data = self._read(now)
+            now, data = self._look()  # one read at a time, on a thread of its own
         except Exception as exc:
             log.warning("/metrics: could not read the database: %s", exc)
             yield gauge("smsbatch_database_readable", "1 if the database could be read for this scrape",
@@ -82,7 +87,7 @@ class DatabaseCollector(Collector):
         yield from self._activity(data["activity"], data["rejected"])
 
     def _read(self, now):
-        """Everything the families need, read under one lock through the scrape's own connection."""
+        """(now, everything the families need), read under one lock through the scrape's own connection."""
         with self._lock:
             if self._store is None:
                 self._store = Store.open_ready(self.settings.db_path, SCRAPE_BUSY_TIMEOUT)
@@ -95,7 +100,7 @@ class DatabaseCollector(Collector):
                 raise
         if self.unwritten_rejections is not None:
             data["rejected"] += self.unwritten_rejections(now - 3600)[0]
-        return data
+        return now, data
 
     def number_label(self, number):
         """A business number as a label: listed (SMSBATCH_NUMBERS, else TWILIO_FROM_NUMBER), or

@@ -17,6 +17,8 @@ our close. Answers that close the connection say HTTP/1.0, as before.
 
 import collections
 import errno
+import heapq
+import itertools
 import logging
 import queue
 import selectors
@@ -36,6 +38,11 @@ MAX_CONNECTIONS = 4096  # most open client connections, whatever the descriptor 
 RESERVED_FDS = 64  # descriptors kept for the database, its WAL, logs and the pool's sockets
 ACCEPT_PAUSE = 0.05  # seconds without accept() after EMFILE/ENFILE (else it fails in a loop)
 SEND_TIMEOUT = 2.0  # a pool thread's sendall of one small answer
+# Reads (GET, HEAD: /health, /metrics) run on threads of their own when the app offloads them,
+# never on the pool threads that run again the texts of a failed burst: reads waiting on a
+# database that does not answer (or a flood of them) held every pool thread, and those texts
+# waited behind them for their answer.
+READ_THREADS = 4
 # A request whose write is not committed LATE_GRACE after its deadline is answered 503 by the
 # selecting thread, whatever the committing thread is doing: a database that vanished (no
 # answer until the kernel gives up, 10-15 s) must not hold the answer past Twilio's patience.
@@ -54,7 +61,7 @@ class Connection:
     for the next one. `request`: the whole request being answered (the buffer keeps what
     came after it: the next request, if the client sent it already)."""
 
-    __slots__ = ("sock", "address", "buffer", "request", "deadline", "received", "watched", "keep")
+    __slots__ = ("sock", "address", "buffer", "request", "deadline", "received", "watched", "keep", "answered")
 
     def __init__(self, sock, address, deadline):
         self.sock, self.address, self.deadline = sock, address, deadline
@@ -63,6 +70,7 @@ class Connection:
         self.received = None
         self.watched = False  # registered with the selector (most requests are whole at accept())
         self.keep = False  # the answer being sent keeps the connection for the next request
+        self.answered = None  # the app's environ["smsbatch.answered"] for the answer held for its COMMIT
 
 
 class SelectorWSGIServer(WSGIServer):
@@ -92,12 +100,14 @@ class SelectorWSGIServer(WSGIServer):
     keep_alive_seconds = KEEP_ALIVE_SECONDS
 
     def __init__(self, address, handler, threads=16):
-        self.jobs = queue.SimpleQueue()
+        self.jobs = queue.SimpleQueue()  # requests run again after their burst failed
+        self.reads = queue.SimpleQueue()  # reads the app offloads (offload_reads)
         self.workers = []  # server_close() runs if binding fails, before any worker exists
         self.conns = {}  # fd -> Connection whose request is arriving, oldest (earliest deadline) first
         self.idle = {}  # fd -> Connection kept for its next request, oldest first
         self.kept = collections.deque()  # connections answered and kept, for this thread to watch again
-        self.held = collections.deque()  # _Held answers waiting for their COMMIT (this thread's only)
+        self.held = []  # heap of (late, n, _Held): answers waiting for their COMMIT (this thread's only)
+        self._held_order = itertools.count()
         self.stopping = False  # server_close() began: answers close their connections
         self.selector = None
         self._waker = None
@@ -125,8 +135,10 @@ class SelectorWSGIServer(WSGIServer):
         self._stop = False
         self._stopped = threading.Event()
         self._stopped.set()
-        self.workers = [threading.Thread(target=self._work, name=f"smsbatch-web-{i}", daemon=True)
+        self.workers = [threading.Thread(target=self._work, args=(self.jobs,), name=f"smsbatch-web-{i}", daemon=True)
                         for i in range(threads)]
+        self.workers += [threading.Thread(target=self._work, args=(self.reads,), name=f"smsbatch-read-{i}",
+                                          daemon=True) for i in range(READ_THREADS)]
         for worker in self.workers:
             worker.start()
 
@@ -156,7 +168,7 @@ class SelectorWSGIServer(WSGIServer):
         if self._paused_until:
             timeout = min(timeout, max(0.0, self._paused_until - now))
         if self.held:
-            timeout = min(timeout, max(0.0, min(held.late for held in self.held) - now))
+            timeout = min(timeout, max(0.0, self.held[0][0] - now))
         ready = []
         for key, _ in self.selector.select(timeout):
             if key.data is None:
@@ -352,7 +364,7 @@ class SelectorWSGIServer(WSGIServer):
             for conn in ready:
                 if conn.request.split(b" ", 1)[0] in (b"GET", b"HEAD"):
                     self._hold(1)
-                    self.jobs.put(conn)
+                    self.reads.put(conn)
                 else:
                     writes.append(conn)
             ready = writes
@@ -373,8 +385,7 @@ class SelectorWSGIServer(WSGIServer):
                 else:
                     held.answers.append((conn, answer))
         if held.answers:
-            held.late = state.deadline + LATE_GRACE
-            self.held.append(held)
+            heapq.heappush(self.held, (state.deadline + LATE_GRACE, next(self._held_order), held))
 
     def _after_commit(self, held, failed):
         """The burst's writes are committed (send the answers) or not (the pool runs
@@ -385,21 +396,32 @@ class SelectorWSGIServer(WSGIServer):
             if failed:
                 self.jobs.put(conn)
             else:
+                self._answered(conn, None)
                 self._send(conn, answer, wake=False)
                 self._hold(-1)
         if answers and not failed:
             self._wake()  # once for the whole group: a wake-up per answer cost the selecting thread
 
     def _answer_late(self, now):
-        """503 for the held answers whose COMMIT has not come LATE_GRACE after their deadline."""
-        while self.held and not self.held[0].answers:  # committed (or taken): most are, in order
-            self.held.popleft()
-        for held in [held for held in self.held if held.late <= now]:
-            self.held.remove(held)
-            answers = held.take()
-            for conn, _ in answers:
+        """503 for the held answers whose COMMIT has not come LATE_GRACE after their deadline.
+        The heap's top is the earliest `late`; committed groups (answers taken) leave it as
+        they reach the top (most come in order): no scan of every group held at each step."""
+        while self.held and (self.held[0][0] <= now or not self.held[0][2].answers):
+            _, _, held = heapq.heappop(self.held)
+            for conn, _ in held.take():
+                self._answered(conn, "503 Service Unavailable")
                 self._refuse(conn, "503 Service Unavailable", "the database did not store the text in time")
                 self._hold(-1)
+
+    def _answered(self, conn, instead):
+        """Tell the app the held answer goes out now (`instead`: the status sent in its place),
+        through the callable it left in environ["smsbatch.answered"] (the webhook counts it then)."""
+        answered, conn.answered = conn.answered, None
+        if answered is not None:
+            try:
+                answered(instead)
+            except Exception:
+                log.exception("webhook: counting an answer failed")
 
     def _hold(self, n):
         with self._held_lock:
@@ -407,9 +429,11 @@ class SelectorWSGIServer(WSGIServer):
 
     def _run(self, conn):
         """Answer a request that was read whole, into memory."""
+        conn.answered = None
         try:
             handler = self.RequestHandlerClass(conn.sock, conn.address, self, conn.request, conn.received)
             conn.keep = getattr(handler, "keep", False)
+            conn.answered = getattr(handler, "answered", None)
             return handler.wfile.getvalue()
         except Exception:
             conn.keep = False
@@ -440,9 +464,9 @@ class SelectorWSGIServer(WSGIServer):
             except OSError:  # its buffer is full: select() is woken already
                 pass
 
-    def _work(self):
+    def _work(self, jobs):
         while True:
-            conn = self.jobs.get()
+            conn = jobs.get()
             if conn is None:
                 return
             try:
@@ -466,8 +490,8 @@ class SelectorWSGIServer(WSGIServer):
         drain = getattr(self.get_app(), "drain", None)
         if drain is not None:  # let its last commits finish and their answers go out
             drain()
-        for _ in self.workers:
-            self.jobs.put(None)
+        for worker in self.workers:
+            (self.reads if worker.name.startswith("smsbatch-read-") else self.jobs).put(None)
         if self.selector is not None:
             self.selector.close()
         if self._waker is not None:
@@ -487,13 +511,13 @@ class SelectorWSGIServer(WSGIServer):
 
 class _Held:
     """The answers of one burst's requests (conn, answer), waiting for its COMMIT: sent by the
-    thread that committed it, or 503 at `late` by the selecting thread if it has not come by
-    then. Whichever takes them first sends them; the other finds none."""
+    thread that committed it, or 503 at its late time by the selecting thread if it has not come
+    by then. Whichever takes them first sends them; the other finds none."""
 
-    __slots__ = ("answers", "late", "_lock")
+    __slots__ = ("answers", "_lock")
 
     def __init__(self):
-        self.answers, self.late, self._lock = [], float("inf"), threading.Lock()
+        self.answers, self._lock = [], threading.Lock()
 
     def take(self):
         with self._lock:

@@ -21,6 +21,7 @@ from smsbatch import attention, delivery
 from smsbatch.batching import Rules, opt_out_scope
 from smsbatch.config import Settings, display_url
 from smsbatch.db import Store
+from smsbatch.deadline import Look, LookTimedOut
 from smsbatch.engine import is_postgres
 from smsbatch.errors import ConfigError, SmsbatchError
 from smsbatch.intake import Text
@@ -119,7 +120,8 @@ class Webhook:
             self.writer = PgWriter(settings.db_path, WEB_BUSY_TIMEOUT)
         else:
             self.writer = Writer(settings.db_path, WEB_BUSY_TIMEOUT)
-        self.rejections = Rejections(self.writer.submit, clock)
+        # Rejection counts are added to what is stored: wait for how their write ended (patient).
+        self.rejections = Rejections(lambda work, deadline: self.writer.submit(work, deadline, patient=True), clock)
         self.metrics = WebMetrics(settings, self.route_label, clock, self.rejections.unwritten,
                                   getattr(self.writer, "guesses", None))
         self._routes = None  # path -> metrics label (route_label)
@@ -132,12 +134,13 @@ class Webhook:
         self.status_paths = {"/status"} | {p + "/status" for p in self.sms_paths}
         self._health_store = None
         self._health_lock = threading.Lock()
-        self._check = None  # _Check: /health's look at the database, on a thread of its own
+        # /health's look at the database, on a thread of its own, waited for HEALTH_SECONDS
+        # after it began at most: every /health during a longer wait is answered at once.
+        self._look = Look(self._look_once, HEALTH_SECONDS, "smsbatch-health")
         # The server runs reads (/health, /metrics) on its pool threads, not on the thread that
         # reads the texts: on PostgreSQL a read can wait on the network (a server that vanished).
         # A local SQLite file answers them at once, as before.
         self.offload_reads = is_postgres(settings.db_path)
-        self._check_lock = threading.Lock()
 
     def burst(self, on_done):
         """Commit the writes of one burst of requests in one transaction (see
@@ -150,6 +153,8 @@ class Webhook:
 
     def __call__(self, environ, start_response):
         started = environ.get("smsbatch.received") or time.monotonic()
+        burst = self.writer.current_burst()
+        writes = burst.writes if burst is not None else 0
         try:
             status, headers, body = self.route(environ)
         except Refused as exc:
@@ -162,7 +167,15 @@ class Webhook:
             log.exception("webhook: unexpected error")
             status, headers, body = "500 Internal Server Error", [("Content-Type", "text/plain")], b"error\n"
         headers.append(("Content-Length", str(len(body))))
-        self.metrics.observe(environ.get("PATH_INFO", ""), status, time.monotonic() - started)
+        path = environ.get("PATH_INFO", "")
+        if burst is not None and burst.writes != writes:
+            # This answer waits for the burst's COMMIT: counted when the server sends it, or a
+            # 503 in its place (its COMMIT too late); not at all if the burst fails (the
+            # request is run again, and counted then).
+            environ["smsbatch.answered"] = lambda instead: self.metrics.observe(
+                path, instead or status, time.monotonic() - started)
+        else:
+            self.metrics.observe(path, status, time.monotonic() - started)
         start_response(status, headers)
         return [b""] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
 
@@ -296,28 +309,22 @@ class Webhook:
         Reads through a connection of its own and never waits for the write lock: whether a
         text can be stored comes from the writer's last attempts, the file system, and a
         probe that gives up after WRITE_PROBE_SECONDS if another process holds the lock.
-        A look at the database that has not answered within HEALTH_SECONDS means it cannot
-        store (a server that vanished answers nothing for 10-15 s)."""
+        A look at the database that has not answered HEALTH_SECONDS after it began means it
+        cannot store (a server that vanished answers nothing for 10-15 s): one look at a time,
+        and a /health that comes later than that during the look is answered at once."""
         strict = parse_qs(query).get("strict", [""])[-1].lower() in ("1", "true", "yes")
-        reasons, trouble = self._checked(HEALTH_SECONDS)
+        try:
+            reasons, trouble = self._look()
+        except LookTimedOut:
+            self.rejections.log.warning("webhook: /health: the database did not answer within %g s", HEALTH_SECONDS)
+            reasons, trouble = ["unreadable"], f"the database did not answer within {HEALTH_SECONDS:g} s"
         info = {"can_store": trouble is None, "person_needed": bool(reasons)}
         info["ok"] = info["can_store"] and not (strict and info["person_needed"])
         status = "200 OK" if info["ok"] else "503 Service Unavailable"
         return status, [("Content-Type", "application/json")], json.dumps(info).encode()
 
-    def _checked(self, seconds):
-        """(why a person is needed, why texts cannot be stored or None), waited for `seconds`
-        at most. One look at a time: a /health that comes while one still waits waits for it."""
-        with self._check_lock:
-            if self._check is None or self._check.done.is_set():
-                self._check = _Check(self._look)
-            check = self._check
-        if check.done.wait(seconds):
-            return check.result
-        self.rejections.log.warning("webhook: /health: the database did not answer within %g s", seconds)
-        return ["unreadable"], f"the database did not answer within {seconds:g} s"
-
-    def _look(self):
+    def _look_once(self):
+        """(why a person is needed, why texts cannot be stored or None): one look at the database."""
         try:
             reasons = self._attention()
             return reasons, self.writer.trouble() or unwritable(self.settings.db_path) or self._probe_write()
@@ -347,21 +354,6 @@ class Webhook:
                 self._health_store.close()
                 self._health_store = None
                 raise
-
-
-class _Check:
-    """work() on a thread of its own; `done` is set once `result` holds what it returned."""
-
-    def __init__(self, work):
-        self.result, self.done = None, threading.Event()
-
-        def run():
-            try:
-                self.result = work()
-            finally:
-                self.done.set()
-
-        threading.Thread(target=run, name="smsbatch-health", daemon=True).start()
 
 
 # A Host header: a name or IPv4 address (RFC 3986 reg-name characters) or a bracketed IPv6

@@ -109,10 +109,14 @@ class Bursting:
 
     _burst = None
 
-    def submit(self, work, deadline=None):
+    def submit(self, work, deadline=None, patient=False):
         """Run work(store) and return what it returns, once committed: inside the calling
         thread's burst if it is in one (returns None at once, see burst()), else on its own
         (the writer's _submit_alone), within `deadline` (monotonic; default busy_timeout from now).
+        `patient`: no client waits for the answer (the rejection counts' thread): a PgWriter
+        waits for how the write ended (REQUEST_WAIT_LIMIT past the deadline at most), not only
+        its ANSWER_GRACE, so that a write still being committed is not written again by its
+        caller (an added count, counted twice).
 
         Raises:
             SmsbatchError (StoreError among them): nothing of `work` was stored.
@@ -121,12 +125,16 @@ class Bursting:
             deadline = time.monotonic() + self.busy_timeout
         if self.in_burst():
             return self._burst.run(work, deadline)
-        return self._submit_alone(work, deadline)
+        return self._submit_alone(work, deadline, patient)
 
     def in_burst(self):
         """True inside this thread's burst(): a write that fails there is run again."""
+        return self.current_burst() is not None
+
+    def current_burst(self):
+        """This thread's Burst while in its burst() block, else None."""
         burst = self._burst
-        return burst is not None and burst.thread == threading.get_ident()
+        return burst if burst is not None and burst.thread == threading.get_ident() else None
 
     @contextmanager
     def _collect(self, on_done):
@@ -182,9 +190,10 @@ class Writer(Bursting):
         self._failed = (0.0, "")  # (monotonic time, why) of the last write that failed
         self._lock_wait_since = None  # a write is waiting for the database lock since then
 
-    def _submit_alone(self, work, deadline):
+    def _submit_alone(self, work, deadline, patient=False):
         """Bursting.submit outside a burst: grouped with other threads' writes, waiting for
-        the database lock until `deadline`."""
+        the database lock until `deadline` (whoever runs a job finishes it by then: `patient`
+        changes nothing here)."""
         job = _Job(work, deadline)
         self._waiting.append(job)
         # The committer may hold the connection while it waits for the database lock: wait

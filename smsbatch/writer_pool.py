@@ -117,14 +117,17 @@ class PgWriter(Bursting):
 
     # -- what the webhook calls ------------------------------------------------------
 
-    def _submit_alone(self, work, deadline):
+    def _submit_alone(self, work, deadline, patient=False):
         """Bursting.submit outside a burst: a committer runs it with whatever else is queued."""
         job = _Job(work, deadline)
         self._hand_over(job)
         # A committer stuck on a server that vanished (until the kernel gives up, 10-15 s) must
         # not hold this request past its deadline: 503 then (server.LATE_GRACE, the same grace).
         # A late run is skipped (_commit: items past their deadline), or stores the text anyway.
-        if not job.done.wait(max(0.0, deadline - time.monotonic()) + ANSWER_GRACE):
+        # A caller no client waits for (`patient`) waits for how it ended instead: given up on
+        # while its COMMIT was under way, the rejection counts were written again, twice in all.
+        grace = REQUEST_WAIT_LIMIT if patient else ANSWER_GRACE
+        if not job.done.wait(max(0.0, deadline - time.monotonic()) + grace):
             raise StoreBusy("the database did not store the text before its deadline")
         if job.error is not None:
             raise job.error

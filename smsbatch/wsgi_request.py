@@ -18,6 +18,12 @@ class LeanServerHandler(ServerHandler):
 
     _date = (0, "")
     keep_alive = kept = False
+    app_environ = None  # the environ the app was given (close() drops self.environ)
+
+    def setup_environ(self):
+        """wsgiref's, keeping the environ the app is given (see QuietHandler.handle)."""
+        super().setup_environ()
+        self.app_environ = self.environ
 
     def send_preamble(self):
         """Status line, Date and Server headers in one write."""
@@ -42,9 +48,11 @@ class LeanServerHandler(ServerHandler):
 class QuietHandler(WSGIRequestHandler):
     """wsgiref's handler for a request already read whole, answering into memory (the
     server sends the answer once it may go out), without a stderr line per request.
-    The environ carries `smsbatch.received`: the monotonic time the request was whole."""
+    The environ carries `smsbatch.received`: the monotonic time the request was whole; the app
+    may put `smsbatch.answered` in it (see handle())."""
 
     keep = False  # the answer keeps the connection open for the next request
+    answered = None  # environ["smsbatch.answered"], if the app left one
 
     def __init__(self, request, client_address, server, raw=b"", received=None):
         self.raw, self.received = raw, received
@@ -111,6 +119,9 @@ class QuietHandler(WSGIRequestHandler):
             "close" not in (self.headers.get("Connection") or "").lower()
         handler.run(self.server.get_app())
         self.keep = handler.kept
+        # An app whose answer waits for a COMMIT may leave a callable here: the server calls it
+        # when it sends that answer (None), or a 503 in its place ("503 Service Unavailable").
+        self.answered = (handler.app_environ or {}).get("smsbatch.answered")
 
 
 class PlainHeaders:
