@@ -48,7 +48,7 @@ READ_THREADS = 4
 # answer until the kernel gives up, 10-15 s) must not hold the answer past Twilio's patience.
 # (Its deadline is 4 s after it arrived: the 503 comes within 5 s.) A COMMIT that lands after
 # that stores the text all the same: answered 503, not lost; Twilio does not send it again.
-LATE_GRACE = 0.5
+LATE_GRACE = 0.5  # an app may say its own (`late_grace`: the webhook on SQLite waits longer)
 # An idle kept-alive connection is closed after this: longer than a proxy keeps its idle
 # connections to us (nginx's upstream keepalive_timeout 60 s, Go's 90 s, Caddy's 2 min), so
 # the proxy closes first. Closing under it could lose a POST it sent at that instant
@@ -385,7 +385,8 @@ class SelectorWSGIServer(WSGIServer):
                 else:
                     held.answers.append((conn, answer))
         if held.answers:
-            heapq.heappush(self.held, (state.deadline + LATE_GRACE, next(self._held_order), held))
+            late = state.deadline + getattr(app, "late_grace", LATE_GRACE)
+            heapq.heappush(self.held, (late, next(self._held_order), held))
 
     def _after_commit(self, held, failed):
         """The burst's writes are committed (send the answers) or not (the pool runs

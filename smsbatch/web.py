@@ -27,7 +27,7 @@ from smsbatch.errors import ConfigError, SmsbatchError
 from smsbatch.intake import Text
 from smsbatch.metrics import WebMetrics
 from smsbatch.rejections import Rejections, printable
-from smsbatch.server import make_server_for
+from smsbatch.server import LATE_GRACE, make_server_for
 from smsbatch.sms import status_callback_url
 from smsbatch.webform import (MAX_BODY, FormParams, Refused, inbound_wrong, media_urls, parse_form, resplit_trace,
                               well_formed)
@@ -40,6 +40,7 @@ TWIML_EMPTY = b'<?xml version="1.0" encoding="UTF-8"?><Response/>'
 CARRIER_KINDS = {"STOP": "opt_out", "START": "opt_in"}  # OptOutType; HELP is an ordinary text
 # Longer than any of our own commits (milliseconds), far shorter than a text's 4 s wait.
 WRITE_PROBE_SECONDS = 0.05
+SQLITE_LATE_GRACE = 8.0  # see Webhook.late_grace
 HEALTH_BUSY_TIMEOUT = 0.5  # a WAL reader waits only in rare recovery moments: never long
 # /health waits this long for its look at the database, then says it cannot store: a server
 # that vanished answers nothing until the kernel gives up (10-15 s, engine_pg.NETWORK_TIMEOUTS),
@@ -141,6 +142,11 @@ class Webhook:
         # reads the texts: on PostgreSQL a read can wait on the network (a server that vanished).
         # A local SQLite file answers them at once, as before.
         self.offload_reads = is_postgres(settings.db_path)
+        # How long past its deadline a text's COMMIT may come before the server answers it 503
+        # (server.LATE_GRACE): on PostgreSQL 0.5 s (a server that vanished: 503 within 5 s); on
+        # SQLite a late COMMIT is a slow disk, not a lost server, and it stores the text: it still
+        # answers 200, up to 12 s after the text came, inside Twilio's 15 s.
+        self.late_grace = LATE_GRACE if is_postgres(settings.db_path) else SQLITE_LATE_GRACE
 
     def burst(self, on_done):
         """Commit the writes of one burst of requests in one transaction (see

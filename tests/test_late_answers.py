@@ -69,3 +69,31 @@ def test_a_text_whose_commit_never_comes_is_answered_503_after_its_deadline_and_
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_an_app_may_give_its_commits_longer_and_the_webhook_on_sqlite_does(tmp_path):
+    """A late COMMIT on SQLite is a slow disk, not a server that vanished, and it stores the
+    text: the webhook gives it until 12 s after the text came (inside Twilio's 15 s) before 503."""
+    from smsbatch.config import Settings
+    from smsbatch.web import SQLITE_LATE_GRACE, make_app
+
+    app = NeverCommits(deadline_in=0.5)
+    app.late_grace = 3.0
+    server = make_server_for(app, "127.0.0.1", 0, threads=2)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        results = {}
+        post = threading.Thread(target=lambda: results.update(post=ask(server.server_address[1], "POST", "/sms")))
+        post.start()
+        time.sleep(1.5)  # past deadline + LATE_GRACE, inside deadline + late_grace
+        app.commit_late()
+        post.join(10)
+        assert results["post"][:2] == (200, b"ok\n"), results
+    finally:
+        server.shutdown()
+        server.server_close()
+    webhook = make_app(Settings(db_path=str(tmp_path / "s.db"), twilio_auth_token="t", public_url="https://x.example/sms"))
+    try:
+        assert webhook.late_grace == SQLITE_LATE_GRACE and 4.0 + SQLITE_LATE_GRACE < 15
+    finally:
+        webhook.drain()
