@@ -91,25 +91,14 @@ def call(fn, seconds, fence=None, state=None):
     state.fence = fence
     context = contextvars.copy_context()
     context.run(_CALL.set, state)
-    outcome = {}
-    done = threading.Event()
-
-    def run():
-        try:
-            outcome["value"] = context.run(fn)
-        except BaseException as exc:  # handed to the caller below
-            outcome["error"] = exc
-        finally:
-            done.set()
-
-    threading.Thread(target=run, name="smsbatch-call", daemon=True).start()
-    if not done.wait(seconds):
+    run = _Run(lambda: context.run(fn), "smsbatch-call")
+    if not run.done.wait(seconds):
         written = state.abandon()
-        if not done.is_set():
+        if not run.done.is_set():
             raise DeadlineExceeded(seconds, written)
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
+    if run.error is not None:
+        raise run.error
+    return run.result
 
 
 class LookTimedOut(Exception):
@@ -146,7 +135,8 @@ class Look:
 
 
 class _Run:
-    """One run of a Look's work: `done` is set once `result` or `error` holds how it ended."""
+    """work() on a thread of its own (a call(), or a Look's run): `done` is set once `result`
+    or `error` holds how it ended."""
 
     def __init__(self, work, name):
         self.began, self.result, self.error, self.done = time.monotonic(), None, None, threading.Event()
