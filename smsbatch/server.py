@@ -102,7 +102,7 @@ class SelectorWSGIServer(WSGIServer):
     def __init__(self, address, handler, threads=16):
         self.jobs = queue.SimpleQueue()  # requests run again after their burst failed
         self.reads = queue.SimpleQueue()  # reads the app offloads (offload_reads)
-        self.workers = []  # server_close() runs if binding fails, before any worker exists
+        self.workers, self._worker_queues = [], []  # server_close() runs if binding fails, before any worker exists
         self.conns = {}  # fd -> Connection whose request is arriving, oldest (earliest deadline) first
         self.idle = {}  # fd -> Connection kept for its next request, oldest first
         self.kept = collections.deque()  # connections answered and kept, for this thread to watch again
@@ -135,10 +135,10 @@ class SelectorWSGIServer(WSGIServer):
         self._stop = False
         self._stopped = threading.Event()
         self._stopped.set()
-        self.workers = [threading.Thread(target=self._work, args=(self.jobs,), name=f"smsbatch-web-{i}", daemon=True)
-                        for i in range(threads)]
-        self.workers += [threading.Thread(target=self._work, args=(self.reads,), name=f"smsbatch-read-{i}",
-                                          daemon=True) for i in range(READ_THREADS)]
+        self._worker_queues = [self.jobs] * threads + [self.reads] * READ_THREADS  # each worker's, in order
+        self.workers = [threading.Thread(target=self._work, args=(jobs,), daemon=True,
+                                         name=f"smsbatch-{'read' if jobs is self.reads else 'web'}-{i}")
+                        for i, jobs in enumerate(self._worker_queues)]
         for worker in self.workers:
             worker.start()
 
@@ -243,12 +243,13 @@ class SelectorWSGIServer(WSGIServer):
         same wake-up as their answers found no room), then the slowest still arriving, and
         last a kept one whose client already sent (pipelined) the start of its next request.
         False if there is none (every connection is being answered)."""
+        if self.idle:
+            self._close(next(iter(self.idle.values())))
+            return True
         # Kept ones are in no dict nor the selector; whichever thread answered is done with
         # them. Others append to `kept` meanwhile: look at a copy (made under the GIL at once).
         empty = next((conn for conn in list(self.kept) if not conn.buffer), None)
-        if self.idle:
-            self._close(next(iter(self.idle.values())))
-        elif empty is not None:
+        if empty is not None:
             self.kept.remove(empty)
             self.shutdown_request(empty.sock)
         elif self.conns:
@@ -491,8 +492,8 @@ class SelectorWSGIServer(WSGIServer):
         drain = getattr(self.get_app(), "drain", None)
         if drain is not None:  # let its last commits finish and their answers go out
             drain()
-        for worker in self.workers:
-            (self.reads if worker.name.startswith("smsbatch-read-") else self.jobs).put(None)
+        for jobs in self._worker_queues:  # one stop for each worker
+            jobs.put(None)
         if self.selector is not None:
             self.selector.close()
         if self._waker is not None:
