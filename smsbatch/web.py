@@ -115,7 +115,8 @@ class Webhook:
                                   "Twilio (signatures are checked against it)")
         elif not insecure:
             raise ConfigError("TWILIO_AUTH_TOKEN is not set: refusing unsigned webhooks")
-        if is_postgres(settings.db_path):
+        remote = is_postgres(settings.db_path)  # a database across a network: PostgreSQL
+        if remote:
             from smsbatch.writer_pool import PgWriter
 
             self.writer = PgWriter(settings.db_path, WEB_BUSY_TIMEOUT)
@@ -141,12 +142,12 @@ class Webhook:
         # The server runs reads (/health, /metrics) on its pool threads, not on the thread that
         # reads the texts: on PostgreSQL a read can wait on the network (a server that vanished).
         # A local SQLite file answers them at once, as before.
-        self.offload_reads = is_postgres(settings.db_path)
+        self.offload_reads = remote
         # How long past its deadline a text's COMMIT may come before the server answers it 503
         # (server.LATE_GRACE): on PostgreSQL 0.5 s (a server that vanished: 503 within 5 s); on
         # SQLite a late COMMIT is a slow disk, not a lost server, and it stores the text: it still
         # answers 200, up to 12 s after the text came, inside Twilio's 15 s.
-        self.late_grace = LATE_GRACE if is_postgres(settings.db_path) else SQLITE_LATE_GRACE
+        self.late_grace = LATE_GRACE if remote else SQLITE_LATE_GRACE
 
     def burst(self, on_done):
         """Commit the writes of one burst of requests in one transaction (see
