@@ -92,8 +92,7 @@ def shown_target(target):
         userinfo, _, hosts = netloc.rpartition("@")
         netloc = f"{userinfo.partition(':')[0]}:***@{hosts}"
     if query:
-        query = "&".join(f"{key}=***" if _secret_key(key) else f"{key}{eq}{value}"
-                         for key, eq, value in (p.partition("=") for p in query.split("&")))
+        query = "&".join(f"{key}=***" if secret else f"{key}{eq}{value}" for key, eq, value, secret in _params(query))
     if (netloc, query) == (parts.netloc, parts.query):
         return target
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
@@ -109,17 +108,18 @@ def hide_secrets(text, target):
 
     text = text.replace(target, shown_target(target))
     parts = urlsplit(target)
-    secrets = [parts.password] + [value for key, _, value in (p.partition("=") for p in parts.query.split("&"))
-                                  if _secret_key(key)]
+    secrets = [parts.password] + [value for _, _, value, secret in _params(parts.query) if secret]
     for secret in {form for secret in secrets if secret for form in (secret, unquote(secret))}:
         text = text.replace(secret, "***")
     return text
 
 
-def _secret_key(key):
+def _params(query):
+    """(key, "=" or "", value, whether it is a secret) for each parameter of a URL's query."""
     from urllib.parse import unquote
 
-    return unquote(key) in ("password", "sslpassword")
+    return [(key, eq, value, unquote(key) in ("password", "sslpassword"))
+            for key, eq, value in (part.partition("=") for part in query.split("&"))]
 
 
 def _engine_pg(target):
