@@ -7,7 +7,7 @@ import socket
 import pytest
 
 from test_hostile_web import exchange, form, read_answer, signed_request, start_uncapped
-from test_keep_alive import connect, server, sids, stored  # noqa: F401 (server: the fixture)
+from test_keep_alive import HEALTH, asking_health, connect, server, sids, stored  # noqa: F401 (server: the fixture)
 
 pytestmark = pytest.mark.engines
 
@@ -36,7 +36,7 @@ def test_accept_failing_with_emfile_sheds_idle_kept_connections(db_path, tmp_pat
     try:
         for _ in range(160):  # more than the descriptors: each is answered, then kept idle
             sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.sendall(HEALTH)
             kept.append(sock)
         status, _, body = exchange(port, [signed_request(form(1))], timeout=3)
         assert status == 200 and b"<Response/>" in body
@@ -60,9 +60,7 @@ def test_a_new_text_is_served_while_more_idle_kept_connections_than_the_cap_are_
     burst = []
     try:
         for _ in range(10):
-            sock = connect(server)
-            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-            burst.append(sock)
+            burst.append(asking_health(server))
         threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
         for sock in burst:  # answered (or refused at the cap), and the answered kept
             sock.settimeout(2)

@@ -40,6 +40,16 @@ def connect(server):
     return sock
 
 
+HEALTH = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def asking_health(server):
+    """A new connection to `server` that has sent GET /health (its answer not read)."""
+    sock = connect(server)
+    sock.sendall(HEALTH)
+    return sock
+
+
 def closed_within(sock, seconds):
     """True if the server closes `sock` within `seconds` (and sent nothing more)."""
     sock.settimeout(seconds)
@@ -105,7 +115,7 @@ def test_the_connection_closes_when_the_client_asks_or_speaks_http_1_0(server, d
 def test_an_idle_kept_connection_is_closed_without_a_word_after_its_time(server, db_path):
     server.keep_alive_seconds = 0.3
     with connect(server) as sock:
-        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(HEALTH)
         assert read_answer(sock)[0] == 200
         started = time.monotonic()
         assert closed_within(sock, 3)  # no 408: nothing was asked
@@ -131,8 +141,7 @@ def test_idle_kept_connections_are_shed_first_at_the_descriptor_cap(server, db_p
     kept = []
     try:
         for _ in range(4):
-            sock = connect(server)
-            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock = asking_health(server)
             assert read_answer(sock)[0] == 200
             kept.append(sock)
         with connect(server) as sock:
@@ -227,7 +236,7 @@ def test_stopping_closes_idle_kept_connections_before_waiting_for_the_last_commi
     server = plain_server(Draining(), "127.0.0.1", 0, threads=1)
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     with connect(server) as sock:
-        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(HEALTH)
         assert read_answer(sock)[0] == 200
         server.shutdown()
         closing = threading.Thread(target=server.server_close)
